@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Creates ./.venv (if missing) with torch and ringattn's dependencies, then (re)builds ringattn._C.
+# Sourced by scripts/test.sh, scripts/demo.sh and .ci/run; safe to run repeatedly (ninja rebuilds
+# only what changed).
+#   RINGATTN_TORCH   torch requirement to install (default torch==2.14.1: a CUDA 13 build, so the
+#                    CUDA kernels compile even on a machine without a GPU; any torch>=2.11 works)
+#   RINGATTN_CUDA    auto|0|1 (see setup.py)
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv"
+  "$PY" -m venv .venv
+fi
+VPY="$ROOT/.venv/bin/python"
+pip_q() { "$VPY" -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
+if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
+  echo "[setup] installing ${RINGATTN_TORCH:-torch==2.14.1} (from local disk where available)"
+  pip_q "${RINGATTN_TORCH:-torch==2.14.1}"
+fi
+"$VPY" -c "import torch" || { echo "[setup] torch failed to install"; exit 1; }
+need=()
+for mod in numpy pytest pytest_timeout ninja setuptools wheel tqdm; do
+  "$VPY" -c "import $mod" >/dev/null 2>&1 || need+=("${mod//_/-}")
+done
+if command -v mpirun >/dev/null 2>&1 && ! "$VPY" -c "import mpi4py" >/dev/null 2>&1; then need+=(mpi4py); fi
+if [ ${#need[@]} -gt 0 ]; then
+  echo "[setup] installing ${need[*]}"
+  pip_q "${need[@]}"
+fi
+echo "[setup] building ringattn._C (RINGATTN_CUDA=${RINGATTN_CUDA:-auto})"
+start=$(date +%s)
+if ! "$VPY" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e . >.venv/build.log 2>&1; then
+  grep -v "^WARNING: Location" .venv/build.log | tail -40
+  echo "[setup] build FAILED (full log: .venv/build.log)"
+  exit 1
+fi
+grep -E "^ringattn:" .venv/build.log || true
+echo "[setup] build done in $(( $(date +%s) - start )) s"
