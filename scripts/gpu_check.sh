@@ -57,11 +57,16 @@ if [ "${GPU_CHECK_SKIP_BENCH:-0}" != 1 ]; then
   done
 fi
 
-tar czf "$OUT/results.tgz" -C "$OUT" results && rm -rf "$RES"
+tar czf "$OUT/results.tgz" -C "$OUT" results
 {
   echo "== ringattn gpu_check $(date -u +%Y-%m-%dT%H:%MZ) =="
   echo "build: ${build_s}s for $TORCH_CUDA_ARCH_LIST; MPS: $mps_started"
   echo "tests: $tests_line"
-  tar xzf "$OUT/results.tgz" -O --wildcards 'results/*.summary' 2>/dev/null || true
+  for f in "$RES"/bench_*.txt; do
+    [ -f "$f" ] || continue
+    echo "-- $(basename "$f" .txt) (last lines; full CSV/JSON in results.tgz)"
+    tail -n "${GPU_CHECK_TABLE_LINES:-25}" "$f"
+  done
 } | tee "$OUT/summary.txt"
+rm -rf "$RES"
 exit "$test_rc"
