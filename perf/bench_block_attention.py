@@ -11,8 +11,9 @@ ring step's backward receives). Baseline, same process: F.scaled_dot_product_att
 (is_causal / enable_gqa, torch's own kernel choice) forward, and its autograd backward.
 The math backend is timed only with --quick (it is the reference, not a contender).
 
-Timing: `--warmup` calls, then `--iters` calls each timed with its own pair of CUDA events
-(time.perf_counter on CPU); the median is reported (min too in the CSV).
+Timing: `--warmup` calls, then `--iters` calls queued back to back, each between its own pair
+of CUDA events, one synchronize at the end (GPU time; time.perf_counter on CPU); the median is
+reported (min too in the CSV).
 FLOPs (dense-equivalent, as flash-attention reports them): forward 4*B*Hq*S*S*D (two GEMMs,
 QK^T and PV, 2 flops per multiply-add), halved for causal; backward 2.5 x forward (five GEMMs).
 
@@ -47,20 +48,25 @@ def attention_flops(B, Hq, Sq, Sk, D, causal, op):
 
 
 def time_it(fn, device, warmup, iters):
-    """Median and min milliseconds of fn() over `iters` calls after `warmup` calls."""
+    """Median and min milliseconds of fn() over `iters` calls after `warmup` calls.
+
+    CUDA: the calls are queued back to back, each between its own pair of events, with one
+    synchronize at the end -- so the host runs ahead and the numbers are GPU time (Python
+    overhead shows only when it starves the GPU, as it would in real use)."""
     for _ in range(warmup):
         fn()
-    times = []
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        for _ in range(iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(iters)]
+        for start, end in events:
             start.record()
             fn()
             end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
+        torch.cuda.synchronize(device)
+        times = [start.elapsed_time(end) for start, end in events]
     else:
+        times = []
         for _ in range(iters):
             t0 = time.perf_counter()
             fn()
@@ -184,7 +190,7 @@ def main(argv=None):
         cudnn=torch.backends.cudnn.version() if device.type == "cuda" else None,
         available_backends=ba.available_backends(device), dtype=str(dtype),
         flops="fwd 4*B*Hq*S*S*D (halved if causal); bwd 2.5 x fwd",
-        timing=f"median of {args.iters} CUDA-event-timed calls after {args.warmup} warm-up calls",
+        timing=f"median of {args.iters} back-to-back CUDA-event-timed calls after {args.warmup} warm-up calls",
     )
     print(f"# {meta['date']}  {meta['device']}  torch {meta['torch']}  backends {meta['available_backends']}")
     rows = []

@@ -276,8 +276,9 @@ def _device_key(device) -> tuple[str, int | None]:
     return device.type, device.index
 
 
+@functools.lru_cache(maxsize=4096)
 def _case_problem(backend: str, case: _Case) -> str | None:
-    """Why `backend` cannot compute this case (None: it can)."""
+    """Why `backend` cannot compute this case (None: it can). Cached: called on every block."""
     if backend not in BACKENDS:
         return f"unknown backend (choose from {('auto',) + BACKENDS})"
     problem = _device_problem(backend, *_device_key(case.device))
@@ -410,6 +411,11 @@ def block_attn_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=
         grads = (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v))
     else:
         grads = _BACKWARD[backend](dout, q, k, v, out, lse, scale, case, (dq_out, dk_out, dv_out))
+        masked = _num_masked_rows(case.alignment, Sq, Sk)
+        if masked and backend != "math":
+            # Rows that see no key get dq = 0; the mem-efficient kernel leaves them unwritten
+            # (garbage, even NaN) with bottom_right and Sq > Sk (seen on torch 2.11, H100).
+            grads[0][:, :masked] = 0
     result = []
     for g, acc, ref in zip(grads, (dq_out, dk_out, dv_out), (q, k, v)):
         if acc is None:
@@ -569,14 +575,17 @@ def _kv_for(backend: str, k, v, hq: int):
     return _expand_kv(k, hq), _expand_kv(v, hq)
 
 
-def _kernel_bwd_inputs(dout, out, lse, dtype):
+def _kernel_bwd_inputs(dout, out, lse, q, case: _Case):
     """dout/out as contiguous (B, S, H, D) in q.dtype (same strides: cuDNN and mem-efficient read
-    O with dO's strides), lse fp32 with empty rows at +inf so exp(s - lse) is 0, never NaN."""
-    dout = _contiguous_as(dout, dtype)
-    out = _contiguous_as(out, dtype)
-    lse = lse.to(torch.float32)
-    lse = torch.where(lse == _NEG_INF, _POS_INF, lse)
-    return dout, out, lse
+    O with dO's strides), lse contiguous fp32. Rows this block masks completely get lse = +inf
+    (FA2's convention) so that any kernel that does visit them computes exp(s - lse) = 0."""
+    dout = _contiguous_as(dout, q.dtype)
+    out = _contiguous_as(out, q.dtype)
+    masked = _num_masked_rows(case.alignment, case.sq, case.sk)
+    if masked:
+        lse = lse.to(torch.float32, copy=True)
+        lse[:, :, :masked] = _POS_INF
+    return dout, out, _contiguous_as(lse, torch.float32)
 
 
 def _is_causal(case: _Case) -> bool:
@@ -598,7 +607,7 @@ def _cudnn_forward(q, k, v, scale, case):
 def _cudnn_backward(dout, q, k, v, out, lse, scale, case, accs):
     B, Sq, Hq, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
-    dout, out, lse = _kernel_bwd_inputs(dout, out, lse, q.dtype)
+    dout, out, lse = _kernel_bwd_inputs(dout, out, lse, q, case)
     q = _lastdim_contiguous(q)
     kk, vv = _kv_for("cudnn", k, v, Hq)
     philox = torch.empty((), dtype=torch.int64, device=q.device)  # unused: dropout_p = 0
@@ -623,7 +632,7 @@ def _flash_forward(q, k, v, scale, case):
 def _flash_backward(dout, q, k, v, out, lse, scale, case, accs):
     B, Sq, Hq, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
-    dout, out, lse = _kernel_bwd_inputs(dout, out, lse, q.dtype)
+    dout, out, lse = _kernel_bwd_inputs(dout, out, lse, q, case)
     q = _lastdim_contiguous(q)
     kk, vv = _kv_for("flash", k, v, Hq)
     # rng state (2,) and offset () as its forward returns them; unused with dropout_p = 0.
@@ -660,7 +669,7 @@ def _efficient_forward(q, k, v, scale, case):
 def _efficient_backward(dout, q, k, v, out, lse, scale, case, accs):
     B, Sq, Hq, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
-    dout, out, lse = _kernel_bwd_inputs(dout, out, lse, q.dtype)
+    dout, out, lse = _kernel_bwd_inputs(dout, out, lse, q, case)
     rows = _efficient_lse_rows(Sq)
     if rows != Sq:
         padded = torch.empty(B, Hq, rows, dtype=torch.float32, device=q.device)
@@ -729,7 +738,7 @@ def _flash_attn_forward(q, k, v, scale, case, interface=None):
 
 def _flash_attn_backward(dout, q, k, v, out, lse, scale, case, accs, interface=None):
     fa = interface or _flash_attn_interface()[0]
-    dout, out, lse = _kernel_bwd_inputs(dout, out, lse, q.dtype)
+    dout, out, lse = _kernel_bwd_inputs(dout, out, lse, q, case)
     q, k, v = _lastdim_contiguous(q), _lastdim_contiguous(k), _lastdim_contiguous(v)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     values = dict(dout=dout, q=q, k=k, v=v, out=out, softmax_lse=lse, dq=dq, dk=dk, dv=dv,

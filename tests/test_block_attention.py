@@ -482,6 +482,12 @@ def _resolve_or_skip(backend, q, k, causal):
     return backend
 
 
+def _poison_cuda_cache():
+    """Fill the caching allocator's free memory with NaN, so an output element a kernel leaves
+    unwritten shows up as NaN instead of passing by luck with a fresh zero page."""
+    torch.empty(256 << 20, dtype=torch.uint8, device="cuda").fill_(0xFF)  # 0xFFFF... is NaN
+
+
 def _err(a, b):
     fin = torch.isfinite(b)
     return (a.double()[fin] - b.double()[fin]).abs().max().item() if fin.any() else 0.0
@@ -503,6 +509,7 @@ def test_gpu_backend_matches_reference(backend, case, packed):
     chosen = _resolve_or_skip(backend, q, k, causal)
     if chosen is None:
         return
+    _poison_cuda_cache()
     out, lse = block_attn_forward(q, k, v, causal=causal, backend=backend)
     ref_out, ref_lse, ref_dq, ref_dk, ref_dv = reference_grads(q, k, v, dout, causal)
     lp_out, lp_lse, lp_dq, lp_dk, lp_dv = reference_grads(q, k, v, dout, causal, compute_dtype=dtype)
@@ -515,6 +522,7 @@ def test_gpu_backend_matches_reference(backend, case, packed):
     _assert_within_2x(f"{chosen} out", out, ref_out, lp_out, 1e-5)
     _assert_within_2x(f"{chosen} lse", lse, ref_lse, lp_lse, 1e-4)
     # Backward from the fp64 FINAL out/lse (what a ring step receives).
+    _poison_cuda_cache()
     dq, dk, dv = block_attn_backward(dout, q, k, v, ref_out.float(), ref_lse.float(), causal=causal,
                                      backend=backend)
     for name, got, ref, lowp, like in (("dq", dq, ref_dq, lp_dq, q), ("dk", dk, ref_dk, lp_dk, k),
@@ -540,6 +548,7 @@ def test_gpu_split_keys_ring_step(backend):
             _resolve_or_skip(backend, q, k[:, sl], c)
             if ba._case_problem(backend, ba._make_case(q, k[:, sl], c)) is not None:
                 pytest.skip(f"{backend} cannot do {c} with Sq != Sk")
+    _poison_cuda_cache()
     parts = [block_attn_forward(q, k[:, sl], v[:, sl], causal=c, backend=backend) for sl, c in blocks]
     lse = torch.logaddexp(parts[0][1], parts[1][1])  # B, H, S
     w = [torch.exp(p[1] - lse).transpose(1, 2).unsqueeze(-1) for p in parts]  # B, S, H, 1
@@ -550,6 +559,7 @@ def test_gpu_split_keys_ring_step(backend):
     _assert_within_2x("lse", lse, ref_lse, lp_lse, 1e-4)
     acc = [torch.zeros(x.shape, dtype=torch.float32, device="cuda") for x in (q, k, v)]
     for sl, c in blocks:
+        _poison_cuda_cache()
         block_attn_backward(dout, q, k[:, sl], v[:, sl], out, lse, causal=c, backend=backend,
                             dq_out=acc[0], dk_out=acc[1][:, sl], dv_out=acc[2][:, sl])
     for name, got, ref, lowp in (("dq", acc[0], ref_dq, lp_dq), ("dk", acc[1], ref_dk, lp_dk),
