@@ -1,0 +1,228 @@
+"""DeepSpeed integration: the 2-D (Ulysses x ring) attention and DeepSpeed-engine helpers.
+
+2-D sequence parallelism (algorithm="ulysses+ring" or "ulysses+token_ring" in
+ringattn.integrations.huggingface.apply_sequence_parallel): W = U x R ranks. Rank g of the group
+is Ulysses index i = g % U inside Ulysses group j = g // U (U consecutive ranks: the all-to-all
+stays inside a node) and ring index j inside ring group i (ranks i, i+U, i+2U, ...).
+
+    tokens:   ring layout (contiguous / zigzag) over R ring ranks gives segment Z_j;
+              Z_j split contiguously into U pieces (earlier ones bigger); rank (j, i) holds piece i
+    forward:  all-to-all inside the Ulysses group: (B, piece_i, H, D) -> (B, Z_j, H/U, D)
+              ring / TokenRing attention over the ring group on Z_j, for those H/U heads
+              all-to-all back: (B, Z_j, H/U, D) -> (B, piece_i, H, D)
+
+The all-to-all is DeepSpeed-Ulysses' `deepspeed.sequence.layer.DistributedAttention` when
+DeepSpeed is installed (pip install 'ringattn[deepspeed]'), otherwise ringattn's own
+torch.distributed.all_to_all_single version below (same math; also used when use_deepspeed=False).
+DeepSpeed's all-to-all needs equal pieces, so uneven pieces are padded to the longest before it
+and the padding rows are dropped before the ring (never attended to).
+
+DeepSpeed engines (ZeRO stage 1/2) train a model wrapped by apply_sequence_parallel unchanged;
+the engine averages gradients over its data-parallel ranks, which here include the sequence-
+parallel ranks, so compute the loss with
+`sequence_parallel_loss(logits, labels, grad_allreduce="mean")`. `deepspeed_config()` below
+gives a minimal config; launch/deepspeed.sh runs the demo under the `deepspeed` launcher.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+_GROUPS: dict = {}
+
+
+def deepspeed_available() -> bool:
+    try:
+        import deepspeed  # noqa: F401
+        from deepspeed.sequence.layer import DistributedAttention  # noqa: F401
+    except Exception:  # noqa: BLE001 - ImportError, or a broken accelerator probe
+        return False
+    return True
+
+
+def make_ulysses_ring_groups(ulysses_size: int, group=None):
+    """(ulysses_group, ring_group) of this rank for a 2-D split of `group` (default: the world).
+    Collective over the DEFAULT group: every process must call it (torch.distributed.new_group
+    requires it), in the same order. Groups are cached per (ranks, ulysses_size)."""
+    ranks = list(range(dist.get_world_size())) if group is None else dist.get_process_group_ranks(group)
+    w = len(ranks)
+    if ulysses_size < 1 or w % ulysses_size:
+        raise ValueError(f"ringattn: ulysses_size={ulysses_size} must divide the group's {w} ranks")
+    key = (tuple(ranks), ulysses_size)
+    if key not in _GROUPS:
+        u, r = ulysses_size, w // ulysses_size
+        me = dist.get_rank()
+        mine_u = mine_r = None
+        # Every process creates every group (new_group is collective), keeps its own.
+        for j in range(r):
+            members = ranks[j * u:(j + 1) * u]
+            g = dist.new_group(members)
+            if me in members:
+                mine_u = g
+        for i in range(u):
+            members = ranks[i::u]
+            g = dist.new_group(members)
+            if me in members:
+                mine_r = g
+        _GROUPS[key] = (mine_u, mine_r)
+    return _GROUPS[key]
+
+
+# ----------------------------------------------------------------------------------------------
+# ringattn's own Ulysses all-to-all (uneven pieces supported), differentiable.
+# ----------------------------------------------------------------------------------------------
+def _seq_to_heads(x: torch.Tensor, group, piece_lens: list[int]) -> torch.Tensor:
+    """(B, piece_i, H, D) on Ulysses rank i -> (B, sum(piece_lens), H/U, D): head block i of
+    every rank's piece, concatenated in rank order."""
+    u = len(piece_lens)
+    b, s, h, d = x.shape
+    hl = h // u
+    send = x.reshape(b, s, u, hl, d).permute(2, 0, 1, 3, 4).contiguous()  # (U, B, s, H/U, D): block c -> rank c
+    recv = x.new_empty(b * sum(piece_lens) * hl * d)
+    dist.all_to_all_single(recv, send.reshape(-1), output_split_sizes=[b * n * hl * d for n in piece_lens],
+                           input_split_sizes=[b * s * hl * d] * u, group=group)
+    parts = recv.split([b * n * hl * d for n in piece_lens])
+    return torch.cat([p.view(b, n, hl, d) for p, n in zip(parts, piece_lens)], dim=1)
+
+
+def _heads_to_seq(y: torch.Tensor, group, piece_lens: list[int], rank: int) -> torch.Tensor:
+    """Inverse of _seq_to_heads: (B, sum(piece_lens), H/U, D) -> (B, piece_rank, H, D)."""
+    u = len(piece_lens)
+    b, _, hl, d = y.shape
+    s = piece_lens[rank]
+    send = torch.cat([p.reshape(-1) for p in y.split(piece_lens, dim=1)])  # piece c -> rank c
+    recv = y.new_empty(u * b * s * hl * d)
+    dist.all_to_all_single(recv, send, output_split_sizes=[b * s * hl * d] * u,
+                           input_split_sizes=[b * n * hl * d for n in piece_lens], group=group)
+    return recv.view(u, b, s, hl, d).permute(1, 2, 0, 3, 4).reshape(b, s, u * hl, d)
+
+
+class _SeqToHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, piece_lens, rank):
+        ctx.group, ctx.piece_lens, ctx.rank = group, piece_lens, rank
+        return _seq_to_heads(x, group, piece_lens)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _heads_to_seq(g.contiguous(), ctx.group, ctx.piece_lens, ctx.rank), None, None, None
+
+
+class _HeadsToSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, group, piece_lens, rank):
+        ctx.group, ctx.piece_lens = group, piece_lens
+        return _heads_to_seq(y, group, piece_lens, rank)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _seq_to_heads(g.contiguous(), ctx.group, ctx.piece_lens), None, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# The 2-D attention.
+# ----------------------------------------------------------------------------------------------
+def _piece_lengths(plan, seg_len_local: int) -> list[int]:
+    """Lengths of the U pieces of this rank's ring segment (one tiny all-gather of lengths)."""
+    n = torch.tensor([seg_len_local], dtype=torch.int64,
+                     device="cuda" if dist.get_backend(plan.ulysses_group) == "nccl" else "cpu")
+    ns = [torch.zeros_like(n) for _ in range(plan.ulysses_size)]
+    dist.all_gather(ns, n, group=plan.ulysses_group)
+    return [int(t) for t in ns]
+
+
+def ulysses_ring_attention(q, k, v, *, plan, causal: bool = True, softmax_scale: float | None = None,
+                           use_deepspeed: bool | None = None):
+    """2-D sequence-parallel attention. q: (batch, piece, heads_q, head_dim); k, v: (batch, piece,
+    heads_kv, head_dim), this rank's piece as laid out by plan.shard. Returns (batch, piece,
+    heads_q, head_dim). Differentiable. `plan` is a SequenceParallelPlan with ulysses_size > 1."""
+    from ringattn.integrations.huggingface import _sp_module
+
+    sequence_parallel_attention, _, _ = _sp_module()
+    u = plan.ulysses_size
+    hq, hkv = q.shape[2], k.shape[2]
+    if hq % u or hkv % u:
+        raise ValueError(
+            f"ringattn: Ulysses over {u} ranks splits heads: heads_q={hq} and heads_kv={hkv} must both be "
+            f"multiples of {u} (choose ulysses_size dividing {hkv})"
+        )
+    if plan._seq_len is not None:
+        piece_lens = [plan.local_lengths(plan._seq_len)[plan.ring_rank * u + i] for i in range(u)]
+    else:
+        piece_lens = _piece_lengths(plan, q.shape[1])
+    if q.shape[1] != piece_lens[plan.ulysses_rank]:
+        raise ValueError(f"ringattn: got {q.shape[1]} tokens, expected {piece_lens[plan.ulysses_rank]} for this rank")
+
+    def ring(qs, ks, vs):  # (B, Z_j, H/U, D) -> same, over the ring group
+        return sequence_parallel_attention(
+            qs, ks, vs, causal=causal, softmax_scale=softmax_scale, group=plan.ring_group,
+            layout=plan.layout, backend=plan.backend, algorithm=plan.ring_algorithm,
+        )
+
+    want_ds = plan.use_deepspeed if use_deepspeed is None else use_deepspeed
+    if want_ds is None:
+        want_ds = deepspeed_available()
+    if want_ds:
+        return _ulysses_deepspeed(q, k, v, plan, piece_lens, ring)
+    args = (plan.ulysses_group, piece_lens, plan.ulysses_rank)
+    qs, ks, vs = (_SeqToHeads.apply(t.contiguous(), *args) for t in (q, k, v))
+    return _HeadsToSeq.apply(ring(qs, ks, vs).contiguous(), *args)
+
+
+def _ulysses_deepspeed(q, k, v, plan, piece_lens, ring):
+    """The same 2-D attention with DeepSpeed-Ulysses' DistributedAttention doing the all-to-all
+    (batch-first: scatter heads = dim 2, gather sequence = dim 1)."""
+    import deepspeed.comm as ds_comm
+    from deepspeed.sequence.layer import DistributedAttention
+
+    if not ds_comm.is_initialized():  # wraps the torch.distributed world already initialised
+        ds_comm.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+    pad = max(piece_lens)
+    s = q.shape[1]
+    if s < pad:  # DeepSpeed's all-to-all needs equal pieces: pad, and drop the pads below
+        q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, 0, 0, pad - s)) for t in (q, k, v))
+    valid = torch.cat([torch.arange(c * pad, c * pad + n) for c, n in enumerate(piece_lens)]).to(q.device)
+
+    def local_attention(qs, ks, vs, *args, **kwargs):  # (B, U*pad, H/U, D), pads inside
+        if len(valid) != qs.shape[1]:
+            qs, ks, vs = (t.index_select(1, valid) for t in (qs, ks, vs))
+            out = ring(qs, ks, vs)
+            return out.new_zeros(out.shape[0], pad * len(piece_lens), *out.shape[2:]).index_copy(1, valid, out)
+        return ring(qs.contiguous(), ks.contiguous(), vs.contiguous())
+
+    attn = DistributedAttention(local_attention, plan.ulysses_group, scatter_idx=2, gather_idx=1)
+    out = attn(q, k, v, 0)  # batch_dim_idx=0
+    return out[:, :s]
+
+
+# ----------------------------------------------------------------------------------------------
+# DeepSpeed engine helpers.
+# ----------------------------------------------------------------------------------------------
+def deepspeed_config(zero_stage: int = 1, micro_batch: int = 1, **extra) -> dict:
+    """Minimal DeepSpeed config for training a sequence-parallel model (fp32, client optimizer).
+
+    Every rank of the sequence-parallel group is also a data-parallel rank to DeepSpeed (which
+    averages gradients over them), hence sequence_parallel_loss(..., grad_allreduce="mean")."""
+    cfg = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    cfg.update(extra)
+    return cfg
+
+
+def initialize_engine(model, optimizer, zero_stage: int = 1, config: dict | None = None):
+    """deepspeed.initialize on an already-initialised torch.distributed world (any launcher:
+    torchrun, mpirun, the deepspeed launcher). Returns the engine."""
+    import deepspeed
+
+    if not dist.is_initialized():
+        raise RuntimeError("ringattn: initialise torch.distributed first (ringattn.distributed.init_distributed())")
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           config=config or deepspeed_config(zero_stage))
+    return engine

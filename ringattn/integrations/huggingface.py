@@ -1,0 +1,575 @@
+"""Sequence parallelism for Hugging Face Llama-style causal LMs (Llama, Mistral, Qwen2).
+
+    import ringattn.integrations.huggingface as rhf
+    model = rhf.apply_sequence_parallel(model, group=None, algorithm="auto", layout="zigzag")
+    batch = rhf.shard_batch(model, input_ids, labels)      # this rank's tokens, global positions,
+                                                            # labels shifted on the GLOBAL sequence
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    loss = rhf.sequence_parallel_loss(logits, batch["labels"], group=None)
+    loss.backward()      # then all-reduce (sum) the parameter gradients over the group, or let
+                         # DDP / DeepSpeed average them (grad_allreduce="mean", see below)
+
+How it plugs in: transformers' attention modules ask ``ALL_ATTENTION_FUNCTIONS`` for the function
+named by ``config._attn_implementation``. We register ``"ringattn_sp"`` there (and a matching
+entry in the mask registry) and switch the model to it with ``set_attn_implementation``: no
+private function is patched. The registered function receives this rank's Q/K/V after RoPE
+(``(batch, heads, seq_local, head_dim)``) and runs ringattn's sequence-parallel attention over the
+group, so every linear layer, norm, MLP and RoPE stays the model's own code.
+
+Every rank feeds its shard of the sequence. RoPE needs each token's GLOBAL position, so a
+forward pre-hook checks the shards collectively (one tiny all-gather per forward: lengths, batch
+sizes, flags) and fills in ``position_ids`` (or checks the ones given) for the layout.
+
+Refused with an error instead of computed wrongly: model families other than the ones listed in
+``SUPPORTED_MODEL_TYPES``, sliding-window layers, attention-logit softcapping, attention sinks,
+attention dropout, RoPE variants that depend on the sequence length (dynamic, longrope),
+padding masks (an ``attention_mask`` with zeros), custom 4-D masks, KV caches (generation), and
+``labels=`` passed to the model (its built-in loss would shift labels inside each shard).
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+ATTN_IMPLEMENTATION = "ringattn_sp"
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+ALGORITHMS = ("auto", "ring", "token_ring", "ulysses+ring", "ulysses+token_ring", "ulysses+auto")
+LAYOUTS = ("contiguous", "zigzag")
+# RoPE variants whose frequencies depend only on the position (not on the sequence length seen
+# by the forward): exact when each rank applies them to its own tokens' global positions.
+_POSITION_ONLY_ROPE = ("default", "linear", "llama3", "yarn")
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout bookkeeping shared by the HF wrapper, the 2-D (Ulysses x ring) mode and the demo.
+# ----------------------------------------------------------------------------------------------
+def split_sizes(n: int, parts: int) -> list[int]:
+    """n items in `parts` near-equal pieces, earlier pieces one bigger (ringattn's convention)."""
+    return [n // parts + (i < n % parts) for i in range(parts)]
+
+
+def layout_lengths(seq_len: int, world: int, layout: str) -> list[int]:
+    """Tokens each of `world` ranks holds for a global sequence of `seq_len` tokens."""
+    if layout == "contiguous":
+        return split_sizes(seq_len, world)
+    chunks = split_sizes(seq_len, 2 * world)  # zigzag: rank r holds chunks r and 2W-1-r
+    return [chunks[r] + chunks[2 * world - 1 - r] for r in range(world)]
+
+
+def _sp_module():
+    """ringattn's sequence-parallel entry points (imported on use: they may be absent in a
+    partial checkout, and importing this module must not need them)."""
+    import ringattn.sequence_parallel as sp
+
+    try:
+        import ringattn.layout as lay
+    except ImportError:  # pragma: no cover - depends on where the layout helpers live
+        lay = sp
+    shard = getattr(lay, "shard_sequence", None) or getattr(sp, "shard_sequence")
+    gather = getattr(lay, "gather_sequence", None) or getattr(sp, "gather_sequence")
+    return sp.sequence_parallel_attention, shard, gather
+
+
+@dataclasses.dataclass
+class SequenceParallelPlan:
+    """Who holds which tokens and how attention runs across ranks.
+
+    1-D (algorithm ring / token_ring / auto): the group's W ranks hold the sequence in `layout`.
+    2-D (algorithm ulysses+*): W = U x R ranks; SP rank g is ring index j = g // U and Ulysses
+    index i = g % U. The ring layout over the R ring ranks gives segment Z_j; inside the Ulysses
+    group j, Z_j is split contiguously into U pieces (earlier pieces bigger) and rank i holds
+    piece i. Attention: all-to-all over heads inside the Ulysses group (each rank then holds Z_j
+    for H/U heads), ring attention across the ring group, all-to-all back.
+    """
+
+    group: object  # torch.distributed ProcessGroup or None (= the default group)
+    algorithm: str
+    layout: str
+    backend: str = "auto"
+    ulysses_size: int = 1
+    use_deepspeed: bool | None = None  # 2-D mode: DeepSpeed's DistributedAttention if importable
+    ring_group: object = None
+    ulysses_group: object = None
+
+    def __post_init__(self):
+        _require_initialised(self.group)
+        self.world_size = dist.get_world_size(self.group)
+        self.rank = dist.get_rank(self.group)
+        if self.world_size % self.ulysses_size:
+            raise ValueError(
+                f"ringattn: ulysses_size={self.ulysses_size} does not divide the group's "
+                f"{self.world_size} ranks; choose a divisor of {self.world_size}"
+            )
+        self.ring_size = self.world_size // self.ulysses_size
+        self.ring_rank, self.ulysses_rank = divmod(self.rank, self.ulysses_size)
+        self.ring_algorithm = self.algorithm.split("+")[-1]
+        self._seq_len = None  # global length of the forward in flight (set by the pre-hook)
+
+    @property
+    def is_2d(self) -> bool:
+        return self.algorithm.startswith("ulysses+")
+
+    # -- who holds what --------------------------------------------------------------------
+    def local_lengths(self, seq_len: int) -> list[int]:
+        """Tokens held by each rank of the group (indexed by group rank)."""
+        if not self.is_2d:
+            return layout_lengths(seq_len, self.world_size, self.layout)
+        segs = layout_lengths(seq_len, self.ring_size, self.layout)
+        return [p for z in segs for p in split_sizes(z, self.ulysses_size)]
+
+    def _valid_length(self, seq_len: int) -> bool:
+        if self.layout == "zigzag" and min(split_sizes(seq_len, 2 * self.ring_size)) < 1:
+            return False
+        return min(self.local_lengths(seq_len)) >= 1
+
+    def min_seq_len(self) -> int:
+        return next(n for n in itertools.count(1) if self._valid_length(n))
+
+    def check_seq_len(self, seq_len: int):
+        if not self._valid_length(seq_len):
+            raise ValueError(
+                f"ringattn: a global sequence of {seq_len} tokens is too short for {self.world_size} "
+                f"ranks with layout={self.layout!r} (algorithm={self.algorithm!r}): every rank needs at "
+                f"least one token{' of each of its two zigzag chunks' if self.layout == 'zigzag' else ''}. "
+                f"Use a sequence of at least {self.min_seq_len()} tokens, fewer ranks, or layout='contiguous'."
+            )
+
+    def shard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """This rank's part of a full (global) tensor whose `dim` is the sequence."""
+        self.check_seq_len(x.shape[dim])
+        _, shard_sequence, _ = _sp_module()
+        if not self.is_2d:
+            return shard_sequence(x, dim=dim, group=self.group, layout=self.layout)
+        seg = shard_sequence(x, dim=dim, group=self.ring_group, layout=self.layout)
+        sizes = split_sizes(seg.shape[dim], self.ulysses_size)
+        return seg.narrow(dim, sum(sizes[: self.ulysses_rank]), sizes[self.ulysses_rank])
+
+    def gather(self, x_local: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """Inverse of shard (collective over the group; not differentiable)."""
+        _, _, gather_sequence = _sp_module()
+        if not self.is_2d:
+            return gather_sequence(x_local, dim=dim, group=self.group, layout=self.layout)
+        seg = _all_gather_uneven(x_local, dim, self.ulysses_group)
+        return gather_sequence(seg, dim=dim, group=self.ring_group, layout=self.layout)
+
+    def positions(self, seq_len: int, device=None) -> torch.Tensor:
+        """Global positions of this rank's tokens, shape (1, local_len)."""
+        return self.shard(torch.arange(seq_len, device=device).unsqueeze(0), dim=1)
+
+    # -- attention ---------------------------------------------------------------------------
+    def attention(self, q, k, v, *, causal: bool, softmax_scale: float | None):
+        """q: (batch, seq_local, heads_q, head_dim); k, v: (batch, seq_local, heads_kv, head_dim)."""
+        if self.is_2d:
+            from ringattn.integrations.deepspeed import ulysses_ring_attention
+
+            return ulysses_ring_attention(q, k, v, plan=self, causal=causal, softmax_scale=softmax_scale)
+        sequence_parallel_attention, _, _ = _sp_module()
+        return sequence_parallel_attention(
+            q, k, v, causal=causal, softmax_scale=softmax_scale, group=self.group,
+            layout=self.layout, backend=self.backend, algorithm=self.algorithm,
+        )
+
+
+def _all_gather_uneven(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """Concatenate along `dim` the (possibly different-length) tensors of every rank in group."""
+    n = torch.tensor([x.shape[dim]], device=x.device)
+    ns = [torch.zeros_like(n) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(ns, n, group=group)
+    ns = [int(t) for t in ns]
+    pad = list(x.shape)
+    pad[dim] = max(ns)
+    buf = x.new_zeros(pad)
+    buf.narrow(dim, 0, x.shape[dim]).copy_(x)
+    bufs = [torch.empty_like(buf) for _ in ns]
+    dist.all_gather(bufs, buf.contiguous(), group=group)
+    return torch.cat([b.narrow(dim, 0, m) for b, m in zip(bufs, ns)], dim=dim)
+
+
+def _require_initialised(group):
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "ringattn: torch.distributed is not initialised. Call "
+            "ringattn.distributed.init_distributed() (or torch.distributed.init_process_group) on "
+            "every rank before apply_sequence_parallel / shard_batch / sequence_parallel_loss, or "
+            "launch with launch/torchrun.sh, launch/mpirun.sh or launch/deepspeed.sh."
+        )
+    if group is not None and dist.get_rank(group) < 0:
+        raise RuntimeError(
+            f"ringattn: this process (global rank {dist.get_rank()}) is not a member of the group "
+            "passed as group=; pass a group that contains every rank calling the model"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks: what we refuse, with what to change.
+# ----------------------------------------------------------------------------------------------
+def _rope_type(config) -> str:
+    rp = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if isinstance(rp, dict) and isinstance(next(iter(rp.values()), None), dict):  # per layer type
+        types = {v.get("rope_type", v.get("type", "default")) for v in rp.values()}
+        bad = sorted(types - set(_POSITION_ONLY_ROPE))
+        return bad[0] if bad else "default"
+    return rp.get("rope_type", rp.get("type", "default")) if isinstance(rp, dict) else "default"
+
+
+def check_supported(model) -> None:
+    """Raise ValueError/TypeError naming what to change if `model` cannot run exactly under
+    ringattn's sequence parallelism. Returns None when it can."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("ringattn.integrations.huggingface needs transformers: pip install 'transformers>=5'") from e
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(
+            f"ringattn: apply_sequence_parallel expects a Hugging Face PreTrainedModel "
+            f"(LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, ...); got {type(model).__name__}"
+        )
+    cfg = model.config
+    name = type(model).__name__
+    mt = getattr(cfg, "model_type", None)
+    if mt not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"ringattn: {name} (model_type={mt!r}) is not supported by apply_sequence_parallel; "
+            f"supported families (checked exact against the single-process model): "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}. Other architectures are refused rather than run "
+            f"unchecked (different masks, position schemes or attention variants)."
+        )
+    if getattr(cfg, "is_encoder_decoder", False):
+        raise ValueError(f"ringattn: {name} is an encoder-decoder model; only decoder-only causal LMs are supported")
+    sw = getattr(cfg, "sliding_window", None)
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types is not None and any(t != "full_attention" for t in layer_types):
+        raise ValueError(
+            f"ringattn: {name} has non-full attention layers (config.layer_types = "
+            f"{sorted(set(layer_types))}); ringattn computes full causal attention only, so "
+            "sliding-window layers would silently see the whole past. Use a config without sliding "
+            "windows (Qwen2: use_sliding_window=False; Mistral: sliding_window=None)."
+        )
+    if sw is not None and layer_types is None:
+        raise ValueError(
+            f"ringattn: {name} has config.sliding_window={sw}; ringattn computes full causal "
+            "attention only and will not silently drop the window. Set config.sliding_window=None "
+            "(exact when every sequence is at most the window long) or don't wrap this model."
+        )
+    for attr in ("attn_logit_softcapping", "attention_logit_softcapping"):
+        if getattr(cfg, attr, None) is not None:
+            raise ValueError(f"ringattn: {name} uses attention-logit softcapping (config.{attr}); not supported")
+    if getattr(cfg, "attention_dropout", 0.0):
+        raise ValueError(
+            f"ringattn: {name} has config.attention_dropout={cfg.attention_dropout}; dropout on "
+            "attention probabilities is not implemented by ringattn's attention. Set it to 0.0."
+        )
+    rt = _rope_type(cfg)
+    if rt not in _POSITION_ONLY_ROPE:
+        raise ValueError(
+            f"ringattn: {name} uses RoPE type {rt!r}, whose frequencies depend on the sequence length "
+            f"each forward sees (each rank sees only its shard). Supported: {', '.join(_POSITION_ONLY_ROPE)}."
+        )
+    can_set = getattr(model, "_can_set_attn_implementation", None)
+    if can_set is not None and not can_set():
+        raise ValueError(
+            f"ringattn: {name} does not dispatch attention through transformers' AttentionInterface, "
+            "so ringattn cannot plug in without patching private code; not supported"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# The functions transformers dispatches to.
+# ----------------------------------------------------------------------------------------------
+def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """transformers attention-function signature. query: (batch, heads_q, seq_local, head_dim),
+    key/value: (batch, heads_kv, seq_local, head_dim), after RoPE. Returns ((batch, seq_local,
+    heads_q, head_dim), None)."""
+    plan = getattr(module, "_ringattn_plan", None)
+    if plan is None:
+        raise RuntimeError(
+            f"ringattn: {type(module).__name__} dispatched to {ATTN_IMPLEMENTATION!r} but was not prepared "
+            "by ringattn.integrations.huggingface.apply_sequence_parallel (call it on the whole model)"
+        )
+    if attention_mask is not None:
+        raise ValueError(
+            "ringattn: a custom attention mask reached the sequence-parallel attention; only plain causal "
+            "attention over the whole sequence is supported (no padding, packing or 4-D masks)"
+        )
+    for name in ("sliding_window", "softcap", "s_aux", "sinks"):
+        if kwargs.get(name) is not None:
+            what = {"s_aux": "attention sinks", "sinks": "attention sinks"}.get(name, name)
+            raise ValueError(f"ringattn: {type(module).__name__} asks for {what}={kwargs[name]!r}; not supported")
+    if dropout:
+        raise ValueError(f"ringattn: attention dropout {dropout} is not supported; set config.attention_dropout=0.0")
+    if kwargs.get("output_attentions"):
+        raise ValueError("ringattn: output_attentions=True needs the full L x L matrix, which is never formed")
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # -> (batch, seq_local, heads, head_dim)
+    if plan._seq_len is not None:
+        expected = plan.local_lengths(plan._seq_len)[plan.rank]
+        if q.shape[1] != expected:
+            raise ValueError(f"ringattn: attention got {q.shape[1]} tokens on rank {plan.rank}, expected {expected}")
+    out = plan.attention(q, k, v, causal=bool(causal), softmax_scale=scaling)
+    return out, None
+
+
+def _mask_forward(batch_size=None, q_length=None, kv_length=None, attention_mask=None, **kwargs):
+    """Mask-registry entry: the ring computes causality itself, so no mask is built. A 2-D
+    padding mask with zeros is refused (the pre-hook already refuses it collectively; this
+    guards direct calls of the inner model)."""
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError(
+            "ringattn: attention_mask has padding (zeros); sequence-parallel attention supports unpadded "
+            "sequences only. Pack or trim the batch so every token is real."
+        )
+    return None
+
+
+def _register_attention():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, _attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _mask_forward)
+
+
+# Flags each rank contributes to the collective input check (bit set = problem on that rank).
+_PADDING, _CACHE, _POSITIONS, _NO_INPUT = 1, 2, 4, 8
+_FLAG_TEXT = {
+    _PADDING: "attention_mask has padding (zeros): only unpadded sequences are supported; pack or trim the batch",
+    _CACHE: "past_key_values / use_cache=True: KV caching (generation) is not supported under sequence parallelism",
+    _POSITIONS: "position_ids differ from this rank's global positions for the layout; pass "
+                "shard_batch(...)['position_ids'] or leave position_ids=None",
+    _NO_INPUT: "neither input_ids nor inputs_embeds was given",
+}
+
+
+def _base_pre_hook(plan: SequenceParallelPlan):
+    def hook(module, args, kwargs):
+        x = args[0] if args else kwargs.get("input_ids")
+        if x is None:
+            x = kwargs.get("inputs_embeds")
+        if len(args) > 1:
+            raise TypeError("ringattn: pass the model's arguments by keyword (input_ids=..., position_ids=...)")
+        flags = 0
+        if x is None:
+            flags |= _NO_INPUT
+        am = kwargs.get("attention_mask")
+        if am is not None:
+            if am.dim() != 2 or not bool(am.all()):
+                flags |= _PADDING
+            else:
+                kwargs["attention_mask"] = None  # all ones: the same as no mask
+        if kwargs.get("past_key_values") is not None or kwargs.get("use_cache"):
+            flags |= _CACHE
+        kwargs["use_cache"] = False
+        seq_local, batch = (x.shape[1], x.shape[0]) if x is not None else (0, 0)
+        device = x.device if x is not None else torch.device("cpu")
+        if dist.get_backend(plan.group) == "nccl" and device.type != "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
+        info = torch.tensor([seq_local, batch, flags], dtype=torch.int64, device=device)
+        infos = [torch.zeros_like(info) for _ in range(plan.world_size)]
+        dist.all_gather(infos, info, group=plan.group)
+        infos = torch.stack(infos).cpu().tolist()
+        _raise_flags(infos, 2)
+        lens = [r[0] for r in infos]
+        seq_len = sum(lens)
+        if len({r[1] for r in infos}) != 1:
+            raise ValueError(
+                f"ringattn: ranks fed different batch sizes {[r[1] for r in infos]}; every rank must feed "
+                "its shard of the same batch (shard_batch)"
+            )
+        plan.check_seq_len(seq_len)
+        expected = plan.local_lengths(seq_len)
+        if lens != expected:
+            raise ValueError(
+                f"ringattn: mismatched shards: ranks hold {lens} tokens, but a {seq_len}-token sequence with "
+                f"layout={plan.layout!r} over {plan.world_size} ranks (algorithm={plan.algorithm!r}) puts "
+                f"{expected} on them. Shard with ringattn.integrations.huggingface.shard_batch(model, ...) "
+                "using the same layout and algorithm the model was wrapped with."
+            )
+        pos = plan.positions(seq_len, device=x.device).expand(batch, -1)
+        given = kwargs.get("position_ids")
+        if given is None:
+            kwargs["position_ids"] = pos
+        else:
+            bad = torch.tensor(
+                [0 if given.shape[-1] == pos.shape[-1] and bool((given == pos).all()) else _POSITIONS],
+                dtype=torch.int64, device=device,
+            )
+            bads = [torch.zeros_like(bad) for _ in range(plan.world_size)]
+            dist.all_gather(bads, bad, group=plan.group)
+            _raise_flags([[int(b)] for b in bads], 0)
+        plan._seq_len = seq_len
+        return args, kwargs
+
+    return hook
+
+
+def _raise_flags(rows, col):
+    problems = []
+    for bit, text in _FLAG_TEXT.items():
+        ranks = [r for r, row in enumerate(rows) if row[col] & bit]
+        if ranks:
+            problems.append(f"ranks {ranks}: {text}")
+    if problems:
+        raise ValueError("ringattn: sequence-parallel forward refused:\n  " + "\n  ".join(problems))
+
+
+def _top_pre_hook(module, args, kwargs):
+    if kwargs.get("labels") is not None:
+        raise ValueError(
+            "ringattn: don't pass labels= to a sequence-parallel model: its built-in loss shifts labels "
+            "inside each shard, which drops/misaligns the tokens at shard borders. Use "
+            "batch = shard_batch(model, input_ids, labels) and "
+            "sequence_parallel_loss(outputs.logits, batch['labels'])."
+        )
+    return args, kwargs
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+def apply_sequence_parallel(model, group=None, algorithm: str = "auto", layout: str = "zigzag", *,
+                            backend: str = "auto", ulysses_size: int | None = None,
+                            use_deepspeed: bool | None = None):
+    """Make `model` (a Llama / Mistral / Qwen2 causal LM) run its attention sequence-parallel over
+    `group` (default: the whole world). Returns the same model object, modified in place.
+
+    algorithm: "auto" | "ring" (K/V rotation) | "token_ring" (Q rotation) | "ulysses+ring" |
+      "ulysses+token_ring" (2-D: DeepSpeed-Ulysses all-to-all over heads inside groups of
+      `ulysses_size` consecutive ranks, ring across them; every rank of the default world must
+      call this, as it creates process groups).
+    layout: "zigzag" (balanced causal work) | "contiguous".
+    Every rank must call it with the same arguments. Sets config.use_cache=False.
+    """
+    _require_initialised(group)
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"ringattn: algorithm={algorithm!r}; choose one of {ALGORITHMS}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"ringattn: layout={layout!r}; choose one of {LAYOUTS}")
+    check_supported(model)
+    cfg = model.config
+    plan_kwargs = {}
+    if algorithm.startswith("ulysses+"):
+        from ringattn.integrations.deepspeed import make_ulysses_ring_groups
+
+        w = dist.get_world_size(group)
+        hkv = cfg.num_key_value_heads or cfg.num_attention_heads
+        u = ulysses_size or math.gcd(w, hkv)
+        if hkv % u or cfg.num_attention_heads % u:
+            raise ValueError(
+                f"ringattn: ulysses_size={u} must divide the number of key/value heads ({hkv}) and query "
+                f"heads ({cfg.num_attention_heads}); the all-to-all splits heads across the Ulysses group"
+            )
+        ug, rg = make_ulysses_ring_groups(u, group)
+        plan_kwargs = dict(ulysses_size=u, ulysses_group=ug, ring_group=rg, use_deepspeed=use_deepspeed)
+    elif ulysses_size not in (None, 1):
+        raise ValueError(f"ringattn: ulysses_size={ulysses_size} needs algorithm='ulysses+ring' or 'ulysses+token_ring'")
+    plan = SequenceParallelPlan(group=group, algorithm=algorithm, layout=layout, backend=backend, **plan_kwargs)
+
+    _register_attention()
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    else:  # pragma: no cover - older transformers
+        cfg._attn_implementation = ATTN_IMPLEMENTATION
+    if cfg._attn_implementation != ATTN_IMPLEMENTATION:
+        raise ValueError(f"ringattn: {type(model).__name__} did not accept attn_implementation={ATTN_IMPLEMENTATION!r}")
+    cfg.use_cache = False
+
+    n_attn = 0
+    for m in model.modules():
+        if hasattr(m, "num_key_value_groups") and hasattr(m, "layer_idx"):  # the attention modules
+            m._ringattn_plan = plan
+            n_attn += 1
+    if n_attn != cfg.num_hidden_layers:
+        raise ValueError(f"ringattn: found {n_attn} attention modules in {type(model).__name__}, expected {cfg.num_hidden_layers}")
+    for h in getattr(model, "_ringattn_hooks", []):
+        h.remove()
+    base = model.base_model
+    hooks = [base.register_forward_pre_hook(_base_pre_hook(plan), with_kwargs=True)]
+    if base is not model:
+        hooks.append(model.register_forward_pre_hook(_top_pre_hook, with_kwargs=True))
+    model._ringattn_hooks = hooks
+    model.ringattn_plan = plan
+    return model
+
+
+def get_plan(model_or_plan) -> SequenceParallelPlan:
+    if isinstance(model_or_plan, SequenceParallelPlan):
+        return model_or_plan
+    plan = getattr(model_or_plan, "ringattn_plan", None)
+    if plan is None:
+        module = getattr(model_or_plan, "module", None)  # DDP / DeepSpeed engine wrap the model
+        plan = getattr(module, "ringattn_plan", None)
+    if plan is None:
+        raise ValueError("ringattn: this model was not wrapped by apply_sequence_parallel")
+    return plan
+
+
+def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Next-token targets on the GLOBAL sequence: out[:, t] = labels[:, t+1], last = ignore_index
+    (what transformers' causal-LM loss does before its cross-entropy)."""
+    return F.pad(labels[:, 1:], (0, 1), value=ignore_index)
+
+
+def shard_batch(model_or_plan, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                *, ignore_index: int = -100) -> dict:
+    """Split a full batch (identical on every rank) into this rank's shard.
+
+    input_ids, labels: (batch, seq) GLOBAL tensors. Returns input_ids and position_ids (this
+    rank's tokens and their global positions) and, if labels are given, labels already shifted on
+    the global sequence (feed them to sequence_parallel_loss, never to the model)."""
+    plan = get_plan(model_or_plan)
+    out = {
+        "input_ids": plan.shard(input_ids, dim=1),
+        "position_ids": plan.positions(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1),
+    }
+    if labels is not None:
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"ringattn: labels {tuple(labels.shape)} must have input_ids' shape {tuple(input_ids.shape)}")
+        out["labels"] = plan.shard(shift_labels(labels, ignore_index), dim=1)
+    return out
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.scale, None
+
+
+def sequence_parallel_loss(logits: torch.Tensor, labels: torch.Tensor, group=None, *,
+                           ignore_index: int = -100, grad_allreduce: str = "sum") -> torch.Tensor:
+    """Mean token cross-entropy over the whole (global) sequence, equal to the single-process
+    causal-LM loss: sum over ranks of token losses / global count of valid tokens.
+
+    logits: (batch, seq_local, vocab); labels: (batch, seq_local) from shard_batch (already shifted).
+    The returned value is the global loss on every rank; its gradient reaches only this rank's
+    logits. Parameter gradients must then be summed over the group (grad_allreduce="sum", what
+    you do by hand), or, if your trainer AVERAGES gradients over the group (DDP, DeepSpeed),
+    pass grad_allreduce="mean": the backward is multiplied by the group size so the average is
+    the exact single-process gradient. (Pass the model's plan.group as group for 2-D mode's
+    whole group; None = the default group.)"""
+    _require_initialised(group)
+    if grad_allreduce not in ("sum", "mean"):
+        raise ValueError(f"ringattn: grad_allreduce={grad_allreduce!r}; use 'sum' or 'mean'")
+    if logits.shape[:2] != labels.shape:
+        raise ValueError(
+            f"ringattn: logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on (batch, seq_local); "
+            "use the labels returned by shard_batch for this rank"
+        )
+    local = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten().to(logits.device),
+                            ignore_index=ignore_index, reduction="sum")
+    stats = torch.stack([local.detach().double(), (labels != ignore_index).sum().double().to(local.device)])
+    dist.all_reduce(stats, group=group)
+    total, count = stats[0].float(), stats[1].clamp(min=1).float()
+    if grad_allreduce == "mean":
+        local = _ScaleGrad.apply(local, float(dist.get_world_size(group)))
+    # value: total / count on every rank; gradient: this rank's share only.
+    return (local + (total - local.detach())) / count
