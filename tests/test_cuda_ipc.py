@@ -382,7 +382,7 @@ def gpu_pool():
 def test_gpu_exchange(gpu_pool, world_size, pattern):
     stats = gpu_pool(world_size).run(_exchange_worker, "cuda", pattern, 40, 2, 11, timeout=300)
     assert all(s["capacity"] == _CAP1 for s in stats)
-    print(f"world={world_size} {pattern}: sync={stats[0]['sync']} bytes_sent(rank0)={stats[0]['bytes_sent']}")
+    print(f"world={world_size} {pattern}: sync={stats[0]['sync']} ({stats[0]['sync_detail']}) bytes_sent(rank0)={stats[0]['bytes_sent']}")
 
 
 @gpu

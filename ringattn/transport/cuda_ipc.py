@@ -244,20 +244,16 @@ class _MemopsSync:
         self._drv = drv
         dev = ctypes.c_int()
         drv.check(drv.cuDeviceGet(ctypes.byref(dev), device.index), "cuDeviceGet")
-        if drv.wait_symbol == "cuStreamWaitValue32":  # v1 API only: it is gated by a device attribute
-            ok = ctypes.c_int()
-            drv.check(
-                drv.cuDeviceGetAttribute(ctypes.byref(ok), _CU_DEVICE_ATTRIBUTE_CAN_USE_STREAM_MEM_OPS_V1, dev),
-                "cuDeviceGetAttribute(CAN_USE_STREAM_MEM_OPS_V1)",
-            )
-            if not ok.value:
-                raise RuntimeError("stream memory operations are disabled (v1 API, attribute 92 = 0)")
+        # Attribute 92 gates only the v1 entry points; recorded for diagnostics, the probe
+        # (_probe_sync) decides whether the ops really work.
+        attr = ctypes.c_int(-1)
+        drv.cuDeviceGetAttribute(ctypes.byref(attr), _CU_DEVICE_ATTRIBUTE_CAN_USE_STREAM_MEM_OPS_V1, dev)
         # torch runs on the device's primary context; driver calls need it current on this thread
         # (an autograd or user thread may have none). It is pushed per call only when it is not.
         ctx = ctypes.c_void_p()
         drv.check(drv.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")
         self._ctx = ctx.value
-        self.detail = f"{drv.wait_symbol}/{drv.write_symbol}, driver {drv.version}"
+        self.detail = f"{drv.wait_symbol}/{drv.write_symbol}, driver {drv.version}, attr92={attr.value}"
 
     def _call(self, fn, what, stream, tensor, offset, value):
         drv = self._drv
@@ -705,6 +701,7 @@ class CudaIpcTransport:
                 self.check = "host"
         self.device = self._backend.device
         self.sync = self._backend.sync.kind
+        self.sync_detail = self._backend.sync.detail
         self._layout: _Layout | None = None
         self._buf: torch.Tensor | None = None
         self._peer_bufs: list[torch.Tensor] | None = None
@@ -784,6 +781,7 @@ class CudaIpcTransport:
             "capacity": self.capacity,
             "slots": self.slots,
             "sync": self.sync,
+            "sync_detail": self.sync_detail,
         }
 
     # ---- posting ---------------------------------------------------------------------------
@@ -960,7 +958,7 @@ class CudaIpcTransport:
         """What each side posted and what the flags in this rank's buffer say (racy snapshot)."""
         lines = [
             f"CudaIpcTransport rank {self.rank}/{self.world_size} (global {self._global_ranks[self.rank]}) "
-            f"on {self.device}: sync={self.sync} check={self.check} slots={self.slots} capacity={self.capacity}"
+            f"on {self.device}: sync={self.sync} ({self.sync_detail}) check={self.check} slots={self.slots} capacity={self.capacity}"
         ]
         if self._buf is None:
             return lines[0] + " (no buffers: reserve() not called)"
