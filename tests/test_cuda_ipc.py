@@ -330,6 +330,23 @@ def test_sequence_and_layout_arithmetic():
     assert len(set(codes)) == len(codes), "two dtypes share a header code"
 
 
+def test_triton_fallback_kernels_compile_for_hopper():
+    """The fallback flag kernels compile for sm_90 (no GPU needed) with system-scope ordering."""
+    triton = pytest.importorskip("triton")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError:
+        pytest.skip("this Triton has no ASTSource/GPUTarget compile API")
+    write, wait = cuda_ipc._triton_kernels()
+    ptx = {}
+    for name, fn in [("write", write), ("wait", wait)]:
+        src = ASTSource(fn=fn, signature={"flag_ptr": "*i32", "value": "i32"}, constexprs={})
+        ptx[name] = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+    assert "sys.release" in ptx["write"] and "exch" in ptx["write"], ptx["write"]
+    assert "sys.acquire" in ptx["wait"] and "sub.s32" in ptx["wait"], ptx["wait"]  # cyclic int32 compare
+
+
 @pytest.mark.parametrize("world_size", [2, 3, 4])
 @pytest.mark.parametrize("pattern", ["ring", "bidir"])
 def test_sim_exchange(dist_pool, world_size, pattern):
