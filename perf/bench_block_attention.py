@@ -8,7 +8,8 @@ S = Sq = Sk in {4096, 16384}, causal and non-causal; for every backend that supp
 (ringattn.block_attention.available_backends) and for "auto" (which backend it picked is
 recorded): block_attn_forward, and block_attn_backward given the forward's out and lse (what a
 ring step's backward receives). Baseline, same process: F.scaled_dot_product_attention
-(is_causal / enable_gqa, torch's own kernel choice) forward, and its autograd backward.
+(is_causal / enable_gqa, torch's own kernel choice) forward with inputs requiring grad (so it
+writes the LSE too), and its autograd backward.
 The math backend is timed only with --quick (it is the reference, not a contender).
 
 Timing: `--warmup` calls, then `--iters` calls queued back to back, each between its own pair
@@ -120,11 +121,14 @@ def bench_config(cfg, dtype, device, args):
                lambda: ba.block_attn_backward(dout, q, k, v, out, lse, causal=causal, backend=impl))
         del out, lse
 
-    # Baseline: F.scaled_dot_product_attention with torch's own kernel choice, (B, H, S, D) views.
+    # Baseline: F.scaled_dot_product_attention with torch's own kernel choice on (B, H, S, D)
+    # views, inputs requiring grad so that its forward also writes the LSE (the training forward).
     qt, kt, vt = (x.transpose(1, 2).detach().requires_grad_() for x in (q, k, v))
-    sdpa = lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, enable_gqa=Hq != Hkv)  # noqa: E731
-    with torch.no_grad():
-        record("sdpa", "fwd", "", sdpa)
+
+    def sdpa():
+        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, enable_gqa=Hq != Hkv)
+
+    record("sdpa", "fwd", "", sdpa)
     y = sdpa()
     record("sdpa", "bwd", "", lambda: torch.autograd.grad(y, (qt, kt, vt), dout.transpose(1, 2),
                                                           retain_graph=True))
@@ -133,33 +137,20 @@ def bench_config(cfg, dtype, device, args):
 
 def summary_table(rows):
     """One line per config: TFLOP/s of each implementation, forward | backward."""
-    impls = []
-    for r in rows:
-        if r["impl"] not in impls:
-            impls.append(r["impl"])
-    auto_pick = {}
-    for r in rows:
-        if r["impl"] == "auto" and r["picked"]:
-            auto_pick[(r["S"], r["Hkv"], r["causal"])] = r["picked"]
-    col = lambda s: f"{s:>7}"  # noqa: E731
-    head = f"{'S':>6} {'Hq/Hkv':>7} {'causal':>6} |" + "".join(col(i[:7]) for i in impls) + " |" \
-        + "".join(col(i[:7]) for i in impls) + " | auto->"
-    lines = ["TFLOP/s (median)      forward" + " " * (7 * len(impls) - 7) + "| backward", head]
-    keys = []
-    for r in rows:
-        key = (r["S"], r["Hq"], r["Hkv"], r["causal"])
-        if key not in keys:
-            keys.append(key)
-    for S, Hq, Hkv, causal in keys:
-        cells = {}
-        for r in rows:
-            if (r["S"], r["Hq"], r["Hkv"], r["causal"]) == (S, Hq, Hkv, causal):
-                cells[(r["impl"], r["op"])] = r["tflops"] if r["tflops"] != "" else "-"
-        line = f"{S:>6} {f'{Hq}/{Hkv}':>7} {str(causal):>6} |"
-        line += "".join(col(cells.get((i, "fwd"), "-")) for i in impls) + " |"
-        line += "".join(col(cells.get((i, "bwd"), "-")) for i in impls)
-        line += f" | {auto_pick.get((S, Hkv, causal), '-')}"
-        lines.append(line)
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    cell = lambda x: f"{x:>8.3g}" if isinstance(x, float) else f"{x:>8}"  # noqa: E731
+    names = "".join(f"{i[:7]:>8}" for i in impls)
+    lines = [f"TFLOP/s, median ({len(impls)} implementations; '-' = unsupported or failed)",
+             f"{'S':>6} {'Hq/Hkv':>7} {'causal':>6} | forward{' ' * (8 * len(impls) - 7)} | backward",
+             f"{'':>6} {'':>7} {'':>6} |{names} |{names} | auto picked"]
+    for key in dict.fromkeys((r["S"], r["Hq"], r["Hkv"], r["causal"]) for r in rows):
+        mine = [r for r in rows if (r["S"], r["Hq"], r["Hkv"], r["causal"]) == key]
+        t = {(r["impl"], r["op"]): (r["tflops"] if r["tflops"] != "" else "-") for r in mine}
+        picked = next((r["picked"] for r in mine if r["impl"] == "auto" and r["picked"]), "-")
+        S, Hq, Hkv, causal = key
+        lines.append(f"{S:>6} {f'{Hq}/{Hkv}':>7} {str(causal):>6} |"
+                     + "".join(cell(t.get((i, "fwd"), "-")) for i in impls) + " |"
+                     + "".join(cell(t.get((i, "bwd"), "-")) for i in impls) + f" | {picked}")
     return "\n".join(lines)
 
 
@@ -190,7 +181,8 @@ def main(argv=None):
         cudnn=torch.backends.cudnn.version() if device.type == "cuda" else None,
         available_backends=ba.available_backends(device), dtype=str(dtype),
         flops="fwd 4*B*Hq*S*S*D (halved if causal); bwd 2.5 x fwd",
-        timing=f"median of {args.iters} back-to-back CUDA-event-timed calls after {args.warmup} warm-up calls",
+        timing=(f"median of {args.iters} back-to-back CUDA-event-timed calls after {args.warmup} "
+                "warm-up calls"),
     )
     print(f"# {meta['date']}  {meta['device']}  torch {meta['torch']}  backends {meta['available_backends']}")
     rows = []

@@ -39,7 +39,9 @@ whole attention -- what ring attention needs, as in ring-flash-attention -- and 
 block's share: with P = exp(scale * q k^T - lse) and delta = rowsum(dout * out),
   dS = P * (dout v^T - delta);  dq = scale * dS k;  dk = scale * dS^T q;  dv = P^T dout,
 dk/dv summed over each GQA group (Hkv heads). Summing the shares of all blocks gives the exact
-gradient. The fused kernels get `out` cast to q.dtype (they compute delta from it).
+gradient. The fused kernels get `out` cast to q.dtype (they compute delta from it). `lse` must
+be the true final lse: -inf only for rows that see no key anywhere. Rows this block masks
+completely get dq = 0 from every backend (the kernels are handed lse = +inf for them).
 
 Gradient dtype: every backend returns dq, dk, dv in the input dtype (q.dtype; math computes in
 fp32 and rounds once at the end; the fused kernels write q.dtype natively). To accumulate at full
