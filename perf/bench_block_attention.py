@@ -138,10 +138,10 @@ def bench_config(cfg, dtype, device, args):
 def summary_table(rows):
     """One line per config: TFLOP/s of each implementation, forward | backward."""
     impls = list(dict.fromkeys(r["impl"] for r in rows))
-    cell = lambda x: f"{x:>8.3g}" if isinstance(x, float) else f"{x:>8}"  # noqa: E731
-    names = "".join(f"{i[:7]:>8}" for i in impls)
+    cell = lambda x: f"{x:>9.3g}" if isinstance(x, float) else f"{x:>9}"  # noqa: E731
+    names = "".join(f"{i[:8]:>9}" for i in impls)
     lines = [f"TFLOP/s, median ({len(impls)} implementations; '-' = unsupported or failed)",
-             f"{'S':>6} {'Hq/Hkv':>7} {'causal':>6} | forward{' ' * (8 * len(impls) - 7)} | backward",
+             f"{'S':>6} {'Hq/Hkv':>7} {'causal':>6} | forward{' ' * (9 * len(impls) - 7)} | backward",
              f"{'':>6} {'':>7} {'':>6} |{names} |{names} | auto picked"]
     for key in dict.fromkeys((r["S"], r["Hq"], r["Hkv"], r["causal"]) for r in rows):
         mine = [r for r in rows if (r["S"], r["Hq"], r["Hkv"], r["causal"]) == key]
