@@ -261,6 +261,17 @@ def _mismatch_worker(backend: str, kind: str):
     return msg
 
 
+def _memops_worker():
+    """Which flag mechanism works here: the stream memory ops are the intended one."""
+    try:
+        t = _make("cuda", sync="memops")
+    except RuntimeError as e:
+        return f"memops unavailable: {e}"
+    detail = t.sync_detail
+    t.close()
+    return f"memops ok: {detail}"
+
+
 def _host_never_blocks_worker():
     """wait() returns at once although the peer sends a second later (device-side wait only)."""
     rank = dist.get_rank()
@@ -390,6 +401,15 @@ def gpu_pool():
     for p in _GPU_POOLS.values():
         p.close()
     _GPU_POOLS.clear()
+
+
+@gpu
+@needs_cuda
+def test_gpu_stream_memops_work(gpu_pool):
+    """cuStreamWaitValue32/WriteValue32 through ctypes pass the probe (else "auto" uses Triton)."""
+    out = gpu_pool(2).run(_memops_worker, timeout=180)
+    assert all(o.startswith("memops ok") for o in out), out
+    print(out[0])
 
 
 @gpu

@@ -194,6 +194,8 @@ class _CudaDriver:
         self.cuCtxGetCurrent = self._fn(("cuCtxGetCurrent",), [P(c_void_p)])
         self.cuCtxPushCurrent = self._fn(("cuCtxPushCurrent_v2", "cuCtxPushCurrent"), [c_void_p])
         self.cuCtxPopCurrent = self._fn(("cuCtxPopCurrent_v2", "cuCtxPopCurrent"), [P(c_void_p)])
+        self.cuCtxGetStreamPriorityRange = self._fn(("cuCtxGetStreamPriorityRange",), [P(c_int), P(c_int)])
+        self.cuStreamCreateWithPriority = self._fn(("cuStreamCreateWithPriority",), [P(c_void_p), c_uint, c_int])
         # CUresult cuStreamWaitValue32(CUstream, CUdeviceptr, cuuint32_t, unsigned int); cuda.h
         # (12.x) maps the name to the _v2 symbol, which needs no driver module parameter. The plain
         # symbol is the v1 API (gated by attribute 92); it is only a fallback for old drivers.
@@ -234,6 +236,55 @@ def _driver() -> _CudaDriver:
     return _DRIVER
 
 
+_PRIMARY_CTX: dict[int, int] = {}
+
+
+def _primary_ctx(device: torch.device) -> int:
+    """torch's context for `device` (the primary one), retained once per process."""
+    if device.index not in _PRIMARY_CTX:
+        drv = _driver()
+        dev, ctx = ctypes.c_int(), ctypes.c_void_p()
+        drv.check(drv.cuDeviceGet(ctypes.byref(dev), device.index), "cuDeviceGet")
+        drv.check(drv.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")
+        _PRIMARY_CTX[device.index] = ctx.value
+    return _PRIMARY_CTX[device.index]
+
+
+@contextlib.contextmanager
+def _ctx_current(ctx: int):
+    """Driver calls act on the current context: push torch's when this thread has another/none."""
+    drv = _driver()
+    cur = ctypes.c_void_p()
+    drv.check(drv.cuCtxGetCurrent(ctypes.byref(cur)), "cuCtxGetCurrent")
+    pushed = cur.value != ctx
+    if pushed:
+        drv.check(drv.cuCtxPushCurrent(ctx), "cuCtxPushCurrent")
+    try:
+        yield
+    finally:
+        if pushed:
+            popped = ctypes.c_void_p()
+            drv.cuCtxPopCurrent(ctypes.byref(popped))
+
+
+def _private_stream(device: torch.device, high_priority: bool):
+    """A non-blocking stream of our own (not from torch's pool of 32, which hands the same
+    stream out again: other code sharing a stream that is parked on a flag wait would stall)."""
+    try:
+        drv = _driver()
+        with _ctx_current(_primary_ctx(device)):
+            least, greatest = ctypes.c_int(), ctypes.c_int()
+            drv.check(drv.cuCtxGetStreamPriorityRange(ctypes.byref(least), ctypes.byref(greatest)), "cuCtxGetStreamPriorityRange")
+            handle = ctypes.c_void_p()
+            priority = greatest.value if high_priority else least.value
+            drv.check(drv.cuStreamCreateWithPriority(ctypes.byref(handle), 1, priority), "cuStreamCreateWithPriority")  # 1 = CU_STREAM_NON_BLOCKING
+    except (RuntimeError, OSError):  # no usable driver entry points: a pool stream is second best
+        return torch.cuda.Stream(device=device, priority=-1 if high_priority else 0)
+    # Never destroyed: events, the caching allocator's record_stream entries and peers' pending
+    # waits may refer to it; a transport costs a few streams per process.
+    return torch.cuda.ExternalStream(handle.value, device=device)
+
+
 class _MemopsSync:
     """Flag write / wait enqueued on a stream with cuStreamWriteValue32 / cuStreamWaitValue32."""
 
@@ -242,20 +293,18 @@ class _MemopsSync:
     def __init__(self, device: torch.device):
         drv = _driver()
         self._drv = drv
+        self._ctx = _primary_ctx(device)
         dev = ctypes.c_int()
         drv.check(drv.cuDeviceGet(ctypes.byref(dev), device.index), "cuDeviceGet")
         # Attribute 92 gates only the v1 entry points; recorded for diagnostics, the probe
         # (_probe_sync) decides whether the ops really work.
         attr = ctypes.c_int(-1)
         drv.cuDeviceGetAttribute(ctypes.byref(attr), _CU_DEVICE_ATTRIBUTE_CAN_USE_STREAM_MEM_OPS_V1, dev)
-        # torch runs on the device's primary context; driver calls need it current on this thread
-        # (an autograd or user thread may have none). It is pushed per call only when it is not.
-        ctx = ctypes.c_void_p()
-        drv.check(drv.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")
-        self._ctx = ctx.value
         self.detail = f"{drv.wait_symbol}/{drv.write_symbol}, driver {drv.version}, attr92={attr.value}"
 
     def _call(self, fn, what, stream, tensor, offset, value):
+        # torch runs on the device's primary context; driver calls need it current on this thread
+        # (an autograd or user thread may have none): pushed per call only when it is not.
         drv = self._drv
         cur = ctypes.c_void_p()
         drv.check(drv.cuCtxGetCurrent(ctypes.byref(cur)), "cuCtxGetCurrent")
@@ -345,7 +394,7 @@ def _probe_sync(sync, device: torch.device, timeout_s: float) -> None:
     probe = torch.zeros(4, dtype=torch.int32, device=device)
     torch.cuda.current_stream(device).synchronize()
     raw = probe.view(torch.uint8)
-    stream = torch.cuda.Stream(device=device)
+    stream = _private_stream(device, high_priority=False)  # if the probe hangs, only it is stuck
     big = 0xFFFFFFF0  # checks the unsigned 32-bit round trip
     sync.write(stream, raw, 0, big)
     sync.wait_geq(stream, raw, 0, big)
@@ -388,11 +437,10 @@ class _CudaBackend:
         props = torch.cuda.get_device_properties(device)
         self.device_id = str(getattr(props, "uuid", "")) or f"{props.name}:{getattr(props, 'pci_bus_id', device.index)}"
 
-    def new_stream(self):
+    def new_stream(self, high_priority: bool = True):
         # High priority: a copy that unblocks a peer should not queue behind long compute kernels.
-        # Pool streams are created cudaStreamNonBlocking, so a stream parked on a flag never stalls
-        # work on the legacy default stream.
-        return torch.cuda.Stream(device=self.device, priority=-1)
+        # Non-blocking: a stream parked on a flag never stalls the legacy default stream.
+        return _private_stream(self.device, high_priority)
 
     def current_stream(self):
         return torch.cuda.current_stream(self.device)
@@ -520,7 +568,7 @@ class _HostSimBackend:
         self.sync = _HostSimSync(timeout_s)
         self.device_id = "host"
 
-    def new_stream(self):
+    def new_stream(self, high_priority: bool = True):
         return _SimStream()
 
     def current_stream(self):
@@ -693,7 +741,7 @@ class CudaIpcTransport:
             with torch.cuda.device(device):
                 self._send_stream = self._backend.new_stream()
                 self._recv_stream = self._backend.new_stream()
-                self._debug_stream = torch.cuda.Stream(device=device)  # only ever reads flags
+                self._debug_stream = self._backend.new_stream(high_priority=False)  # only reads flags
         else:
             self._backend = _HostSimBackend(self.timeout_s)
             self._send_stream = self._recv_stream = self._debug_stream = _SimStream()
