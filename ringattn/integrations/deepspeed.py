@@ -25,6 +25,8 @@ gives a minimal config; launch/deepspeed.sh runs the demo under the `deepspeed` 
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -208,6 +210,7 @@ def deepspeed_config(zero_stage: int = 1, micro_batch: int = 1, **extra) -> dict
         "gradient_accumulation_steps": 1,
         "zero_optimization": {"stage": zero_stage},
         "zero_allow_untested_optimizer": True,
+        "gradient_clipping": 0.0,  # DeepSpeed's default clips at 1.0; off unless asked for
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -222,6 +225,11 @@ def initialize_engine(model, optimizer, zero_stage: int = 1, config: dict | None
 
     if not dist.is_initialized():
         raise RuntimeError("ringattn: initialise torch.distributed first (ringattn.distributed.init_distributed())")
+    # DeepSpeed's engine insists on LOCAL_RANK (torchrun and its own launcher set it; mpirun sets
+    # OMPI_COMM_WORLD_LOCAL_RANK; a process pool or a plain script sets neither).
+    if "LOCAL_RANK" not in os.environ and "OMPI_COMM_WORLD_LOCAL_RANK" not in os.environ:
+        os.environ["LOCAL_RANK"] = str(dist.get_rank() % max(torch.cuda.device_count(), 1)
+                                       if torch.cuda.is_available() else dist.get_rank())
     deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=config or deepspeed_config(zero_stage))

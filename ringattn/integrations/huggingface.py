@@ -458,6 +458,8 @@ def apply_sequence_parallel(model, group=None, algorithm: str = "auto", layout: 
         w = dist.get_world_size(group)
         hkv = cfg.num_key_value_heads or cfg.num_attention_heads
         u = ulysses_size or math.gcd(w, hkv)
+        if u < 1 or w % u:
+            raise ValueError(f"ringattn: ulysses_size={u} must divide the group's {w} ranks")
         if hkv % u or cfg.num_attention_heads % u:
             raise ValueError(
                 f"ringattn: ulysses_size={u} must divide the number of key/value heads ({hkv}) and query "

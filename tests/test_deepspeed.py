@@ -1,0 +1,107 @@
+"""DeepSpeed integration, on real gloo ranks (DeepSpeed's CPU accelerator falls back to gloo when
+oneCCL is absent, so ZeRO stage 1/2 engines run on a CPU-only machine).
+
+(a) A DeepSpeed engine (ZeRO 1 and 2, fp32, SGD) trains a model wrapped by apply_sequence_parallel:
+    after each step its parameters equal the single-process model trained on the full sequence.
+(b) 2-D mode: Ulysses all-to-all over heads (DeepSpeed's DistributedAttention, and ringattn's own
+    all-to-all) inside groups of 2 ranks x ring / TokenRing across 2 groups = 4 ranks: logits,
+    loss and gradients equal the single-process model's, for both layouts and uneven lengths.
+"""
+import pytest
+import torch
+import torch.distributed as dist
+
+pytest.importorskip("transformers")
+import test_huggingface as th  # noqa: E402  (tests/ is on sys.path; shares the tiny models)
+
+import ringattn.integrations.deepspeed as rds  # noqa: E402
+import ringattn.integrations.huggingface as rhf  # noqa: E402
+
+HAVE_DEEPSPEED = rds.deepspeed_available()
+needs_deepspeed = pytest.mark.skipif(not HAVE_DEEPSPEED, reason="deepspeed not installed (pip install 'ringattn[deepspeed]')")
+
+
+def _check_2d(use_deepspeed, seq_len):
+    out = {}
+    input_ids, labels = th.global_batch(seq_len)
+    for algorithm in ("ulysses+ring", "ulysses+token_ring"):
+        for layout in ("contiguous", "zigzag"):
+            model = th.tiny_model("llama")
+            ref = th.reference(model, input_ids, labels)
+            rhf.apply_sequence_parallel(model, algorithm=algorithm, layout=layout, ulysses_size=2,
+                                        use_deepspeed=use_deepspeed)
+            plan = model.ringattn_plan
+            assert (plan.ulysses_size, plan.ring_size) == (2, 2)
+            out[(algorithm, layout)] = th.compare(plan, ref, th.sp_step(model, input_ids, labels))
+    return out
+
+
+# 29 tokens: zigzag ring segments of 15 and 14 tokens, split 8+7 and 7+7 across the Ulysses pairs
+# (uneven pieces: DeepSpeed's equal-size all-to-all gets padded pieces); 32: all even.
+@pytest.mark.parametrize("seq_len", [29, 32])
+@pytest.mark.parametrize("use_deepspeed", [pytest.param(True, marks=needs_deepspeed), False],
+                         ids=["deepspeed_a2a", "ringattn_a2a"])
+def test_ulysses_ring_2d_matches_single_process(dist_pool, use_deepspeed, seq_len):
+    th.assert_close(dist_pool(4).run(_check_2d, use_deepspeed, seq_len, timeout=240))
+
+
+def _refuse_2d():
+    msgs = {}
+    msgs["heads"] = th._raises(lambda: rhf.apply_sequence_parallel(th.tiny_model("llama"), algorithm="ulysses+ring",
+                                                                  ulysses_size=4))
+    msgs["divisor"] = th._raises(lambda: rhf.apply_sequence_parallel(th.tiny_model("llama"), algorithm="ulysses+ring",
+                                                                    ulysses_size=3))
+    msgs["1d_with_ulysses"] = th._raises(lambda: rhf.apply_sequence_parallel(th.tiny_model("llama"), algorithm="ring",
+                                                                            ulysses_size=2))
+    model = rhf.apply_sequence_parallel(th.tiny_model("llama"), algorithm="ulysses+ring", layout="zigzag")
+    msgs["too_short"] = th._raises(lambda: rhf.shard_batch(model, th.global_batch(3)[0]))
+    return msgs
+
+
+def test_ulysses_refusals(dist_pool):
+    for msgs in dist_pool(4).run(_refuse_2d, timeout=120):
+        assert "ulysses_size=4 must divide the number of key/value heads (2)" in msgs["heads"], msgs["heads"]
+        assert "ulysses_size=3 must divide the group's 4 ranks" in msgs["divisor"], msgs["divisor"]
+        assert "needs algorithm='ulysses+ring'" in msgs["1d_with_ulysses"], msgs["1d_with_ulysses"]
+        assert "at least 4 tokens" in msgs["too_short"], msgs["too_short"]
+
+
+def _train_zero(stage, steps, seq_len, lr):
+    """DeepSpeed ZeRO engine on the wrapped model vs. the same SGD on one process."""
+    input_ids, labels = th.global_batch(seq_len)
+    model = th.tiny_model("llama")
+    ref = th.tiny_model("llama")  # identical weights (same seed)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=lr)
+    rhf.apply_sequence_parallel(model, algorithm="ring", layout="zigzag")
+    engine = rds.initialize_engine(model, torch.optim.SGD(model.parameters(), lr=lr), zero_stage=stage)
+    batch = rhf.shard_batch(model, input_ids, labels)
+    losses, errs = [], []
+    for _ in range(steps):
+        ref_opt.zero_grad()
+        ref_loss = ref(input_ids=input_ids, labels=labels).loss
+        ref_loss.backward()
+        ref_opt.step()
+        logits = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        # DeepSpeed averages gradients over its data-parallel ranks (= our SP ranks): "mean"
+        loss = rhf.sequence_parallel_loss(logits, batch["labels"], grad_allreduce="mean")
+        engine.backward(loss)
+        engine.step()
+        losses.append((loss.item(), ref_loss.item()))
+        ref_params = dict(ref.named_parameters())
+        errs.append(max((p.detach() - ref_params[n].detach()).abs().max().item()
+                        for n, p in engine.module.named_parameters()))
+    return {"losses": losses, "param_err": errs, "zero_stage": engine.zero_optimization_stage(),
+            "optimizer": type(engine.optimizer).__name__}
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("stage", [1, 2])
+def test_deepspeed_zero_trains_sequence_parallel_model(dist_pool, stage):
+    results = dist_pool(2).run(_train_zero, stage, 3, 23, 0.5, timeout=240)
+    for rank, r in enumerate(results):
+        assert r["zero_stage"] == stage and r["optimizer"] == "DeepSpeedZeroOptimizer", r
+        for step, (loss, ref_loss) in enumerate(r["losses"]):
+            assert abs(loss - ref_loss) < 1e-5, f"rank {rank} step {step}: loss {loss} vs {ref_loss}"
+        # after each SGD step (lr 0.5): parameters within fp32 rounding of the reference's
+        assert max(r["param_err"]) < 1e-5, f"rank {rank}: {r['param_err']}"
+        assert r["losses"][-1][0] < r["losses"][0][0]  # it trains
