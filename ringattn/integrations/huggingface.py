@@ -75,6 +75,38 @@ def _sp_module():
     return sp.sequence_parallel_attention, shard, gather
 
 
+def rank_lengths(seq_len: int, world: int, layout: str, ulysses_size: int = 1) -> list[int]:
+    """Tokens held by each of `world` ranks (1-D, or 2-D with `ulysses_size` > 1: see
+    SequenceParallelPlan)."""
+    if ulysses_size == 1:
+        return layout_lengths(seq_len, world, layout)
+    segs = layout_lengths(seq_len, world // ulysses_size, layout)
+    return [p for z in segs for p in split_sizes(z, ulysses_size)]
+
+
+def valid_seq_len(seq_len: int, world: int, layout: str, ulysses_size: int = 1) -> bool:
+    """Every rank gets at least one token (zigzag: at least one per chunk)."""
+    if layout == "zigzag" and min(split_sizes(seq_len, 2 * (world // ulysses_size))) < 1:
+        return False
+    return min(rank_lengths(seq_len, world, layout, ulysses_size)) >= 1
+
+
+def min_seq_len(world: int, layout: str, ulysses_size: int = 1) -> int:
+    return next(n for n in itertools.count(1) if valid_seq_len(n, world, layout, ulysses_size))
+
+
+def seq_len_error(seq_len: int, world: int, layout: str, algorithm: str = "auto", ulysses_size: int = 1) -> str | None:
+    """None if `seq_len` tokens can be split over `world` ranks, else the message saying what to change."""
+    if valid_seq_len(seq_len, world, layout, ulysses_size):
+        return None
+    return (
+        f"ringattn: a global sequence of {seq_len} tokens is too short for {world} ranks with "
+        f"layout={layout!r} (algorithm={algorithm!r}): every rank needs at least one token"
+        f"{' of each of its two zigzag chunks' if layout == 'zigzag' else ''}. Use a sequence of at "
+        f"least {min_seq_len(world, layout, ulysses_size)} tokens, fewer ranks, or layout='contiguous'."
+    )
+
+
 @dataclasses.dataclass
 class SequenceParallelPlan:
     """Who holds which tokens and how attention runs across ranks.
@@ -117,27 +149,15 @@ class SequenceParallelPlan:
     # -- who holds what --------------------------------------------------------------------
     def local_lengths(self, seq_len: int) -> list[int]:
         """Tokens held by each rank of the group (indexed by group rank)."""
-        if not self.is_2d:
-            return layout_lengths(seq_len, self.world_size, self.layout)
-        segs = layout_lengths(seq_len, self.ring_size, self.layout)
-        return [p for z in segs for p in split_sizes(z, self.ulysses_size)]
-
-    def _valid_length(self, seq_len: int) -> bool:
-        if self.layout == "zigzag" and min(split_sizes(seq_len, 2 * self.ring_size)) < 1:
-            return False
-        return min(self.local_lengths(seq_len)) >= 1
+        return rank_lengths(seq_len, self.world_size, self.layout, self.ulysses_size)
 
     def min_seq_len(self) -> int:
-        return next(n for n in itertools.count(1) if self._valid_length(n))
+        return min_seq_len(self.world_size, self.layout, self.ulysses_size)
 
     def check_seq_len(self, seq_len: int):
-        if not self._valid_length(seq_len):
-            raise ValueError(
-                f"ringattn: a global sequence of {seq_len} tokens is too short for {self.world_size} "
-                f"ranks with layout={self.layout!r} (algorithm={self.algorithm!r}): every rank needs at "
-                f"least one token{' of each of its two zigzag chunks' if self.layout == 'zigzag' else ''}. "
-                f"Use a sequence of at least {self.min_seq_len()} tokens, fewer ranks, or layout='contiguous'."
-            )
+        msg = seq_len_error(seq_len, self.world_size, self.layout, self.algorithm, self.ulysses_size)
+        if msg:
+            raise ValueError(msg)
 
     def shard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """This rank's part of a full (global) tensor whose `dim` is the sequence."""
