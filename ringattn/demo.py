@@ -176,6 +176,7 @@ def train(args, info) -> int:
 
         engine = initialize_engine(model, torch.optim.AdamW(params, lr=args.lr), zero_stage=args.deepspeed)
         step_fn = engine
+        comm.grad_bytes = -1  # DeepSpeed's own reduce-scatter / all-reduce: not counted here
     else:
         engine, step_fn = None, model
         opt = torch.optim.AdamW(params, lr=args.lr)

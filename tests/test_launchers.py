@@ -27,23 +27,45 @@ def test_detect_launcher():
     assert detect_launcher({}) == "single"
 
 
-@pytest.mark.parametrize("nproc", [1, 3])
-def test_torchrun_demo(nproc):
-    p = _run([os.path.join(ROOT, "launch", "torchrun.sh"), str(nproc), "-m", "ringattn.demo", "--quick"])
+def _demo_ok(p, nranks, launcher):
     assert p.returncode == 0, p.stdout + p.stderr
-    assert f"{nproc} ranks (torchrun, gloo)" in p.stdout
-    assert "demo OK" in p.stdout
+    assert f"{nranks} ranks ({launcher}, gloo)" in p.stdout, p.stdout
+    assert "demo OK" in p.stdout, p.stdout
+    assert "tokens/s" in p.stdout and "peak mem" in p.stdout  # the report the main job prints
+
+
+def test_torchrun_demo():
+    # 3 ranks: uneven shards (the --quick sequence of 256 tokens does not split evenly 6 ways)
+    p = _run([os.path.join(ROOT, "launch", "torchrun.sh"), "3", "-m", "ringattn.demo", "--quick"])
+    _demo_ok(p, 3, "torchrun")
+
+
+def test_spawned_demo():
+    # no launcher: the demo starts its own ranks (default 4; 2 here to keep the suite short)
+    p = _run([sys.executable, "-m", "ringattn.demo", "--quick", "--ranks", "2", "--algorithm", "token_ring"])
+    _demo_ok(p, 2, "spawn")
 
 
 def test_single_process_demo():
-    p = _run([sys.executable, "-m", "ringattn.demo", "--quick"])
-    assert p.returncode == 0, p.stdout + p.stderr
-    assert "1 ranks (single, gloo)" in p.stdout and "demo OK" in p.stdout
+    p = _run([sys.executable, "-m", "ringattn.demo", "--quick", "--ranks", "1"])
+    _demo_ok(p, 1, "single")
+
+
+def test_demo_refuses_too_short_sequence():
+    p = _run([sys.executable, "-m", "ringattn.demo", "--quick", "--ranks", "4", "--seq", "5"])
+    assert p.returncode != 0
+    assert "5 tokens is too short for 4 ranks" in p.stderr and "at least 8 tokens" in p.stderr, p.stderr
 
 
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="no mpirun (apt-get install openmpi-bin)")
 def test_mpirun_demo():
     pytest.importorskip("mpi4py")
-    p = _run([os.path.join(ROOT, "launch", "mpirun.sh"), "2", "-m", "ringattn.demo", "--quick"])
-    assert p.returncode == 0, p.stdout + p.stderr
-    assert "2 ranks (mpi, gloo)" in p.stdout and "demo OK" in p.stdout
+    p = _run([os.path.join(ROOT, "launch", "mpirun.sh"), "4", "-m", "ringattn.demo", "--quick"])
+    _demo_ok(p, 4, "mpi")
+
+
+def test_deepspeed_launcher_demo():
+    pytest.importorskip("deepspeed")
+    p = _run([os.path.join(ROOT, "launch", "deepspeed.sh"), "2", "--quick", "--deepspeed", "1"])
+    _demo_ok(p, 2, "deepspeed")
+    assert "DeepSpeed ZeRO-1" in p.stdout
