@@ -241,6 +241,9 @@ def _refusals():
     # a mask left all ones is accepted (the same as no mask), and the model still works after refusals
     ok = model(input_ids=b["input_ids"], attention_mask=torch.ones_like(b["input_ids"])).logits
     msgs["all_ones_mask_ok"] = tuple(ok.shape)
+    # and it can be unwrapped again (e.g. before save_pretrained): full-sequence forward works
+    rhf.remove_sequence_parallel(model)
+    msgs["unwrapped"] = (model.config._attn_implementation, tuple(model(input_ids=ids).logits.shape))
     return msgs
 
 
@@ -274,6 +277,7 @@ def test_refuses_clearly(refusals, case):
         for needle in REFUSALS[case]:
             assert needle in msgs[case], f"rank {rank} {case}: {needle!r} not in {msgs[case]!r}"
         assert msgs["all_ones_mask_ok"] == (2, 6, 96)
+        assert msgs["unwrapped"] == ("eager", (2, 12, 96))
 
 
 def test_refuses_uninitialised_group():

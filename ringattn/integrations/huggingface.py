@@ -491,6 +491,7 @@ def apply_sequence_parallel(model, group=None, algorithm: str = "auto", layout: 
         raise ValueError(f"ringattn: ulysses_size={ulysses_size} needs algorithm='ulysses+ring' or 'ulysses+token_ring'")
     plan = SequenceParallelPlan(group=group, algorithm=algorithm, layout=layout, backend=backend, **plan_kwargs)
 
+    previous = getattr(model, "_ringattn_previous_attn", None) or cfg._attn_implementation
     _register_attention()
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
@@ -514,7 +515,25 @@ def apply_sequence_parallel(model, group=None, algorithm: str = "auto", layout: 
     if base is not model:
         hooks.append(model.register_forward_pre_hook(_top_pre_hook, with_kwargs=True))
     model._ringattn_hooks = hooks
+    model._ringattn_previous_attn = previous
     model.ringattn_plan = plan
+    return model
+
+
+def remove_sequence_parallel(model, attn_implementation: str | None = None):
+    """Undo apply_sequence_parallel (e.g. before save_pretrained, whose config would otherwise
+    name "ringattn_sp"): removes the hooks and plans and restores the attention implementation
+    the model had (or `attn_implementation`). Returns the model."""
+    for h in getattr(model, "_ringattn_hooks", []):
+        h.remove()
+    for m in model.modules():
+        if hasattr(m, "_ringattn_plan"):
+            del m._ringattn_plan
+    impl = attn_implementation or getattr(model, "_ringattn_previous_attn", None) or "sdpa"
+    model.set_attn_implementation(impl)
+    for attr in ("_ringattn_hooks", "_ringattn_previous_attn", "ringattn_plan"):
+        if hasattr(model, attr):
+            delattr(model, attr)
     return model
 
 
