@@ -678,7 +678,8 @@ class CudaIpcTransport:
         sync: "memops" (cuStreamWaitValue32/WriteValue32), "triton" (spin kernels), or "auto"
             (memops, else triton); default env RINGATTN_IPC_SYNC or "auto".
         check: how a recv checks the sender's size+dtype header: "device" (async device assert:
-            a mismatch kills the CUDA context, data is never silently wrong), "host" (the host
+            a mismatch kills the CUDA context - under MPS possibly every client's - but data is
+            never silently wrong; rerun with "host" to see which message), "host" (the host
             waits for the message and raises a ValueError naming both sides: for debugging, it
             serialises), "none"; default env RINGATTN_IPC_CHECK or "device".
         timeout_s: deadline of every host-side wait (synchronize, reserve, close, check="host").
