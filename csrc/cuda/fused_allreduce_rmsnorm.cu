@@ -1,0 +1,453 @@
+// Fused AllReduce + residual + RMSNorm over PyTorch symmetric memory (TokenWeave, arXiv 2505.11329).
+//
+// One kernel on a few CTAs replaces all_reduce(x) -> x + residual -> rmsnorm:
+//   two-shot (P2P):  rank r sums its token shard over every peer's in-region (fp32), adds its
+//                    residual rows, normalises, and stores y (and, if asked, the new residual)
+//                    into every peer's out-region: reduce-scatter + norm + all-gather, one launch.
+//   one-shot (P2P):  every rank sums all rows over all peers and normalises locally (few tokens).
+//   multimem (NVLS): two-shot with multimem.ld_reduce / multimem.st on the multicast address
+//                    (Hopper behind an NVSwitch). Compiled for sm_90+; UNTESTED on hardware here
+//                    (the lent H100 reports no multicast); gated at run time on multicast_ptr != 0.
+// Buffers, peer pointers and signal pads come from torch.distributed._symmetric_memory; the
+// Python side (ringattn/tokenweave/fused_allreduce_rmsnorm.py) passes them in as integers, like
+// vLLM's custom all-reduce handle. Layout and protocol: fused_allreduce_rmsnorm.cuh.
+//
+// Synchronisation: block b of each rank meets block b of every peer at a start barrier (all
+// inputs written) and an end barrier (all peer reads and writes done). Each signal is a CAS
+// 0 -> signature with system-scope release, consumed by a CAS signature -> 0 with acquire, so the
+// pads are zero again after every call (CUDA-graph replay safe, no host reset). A barrier gives
+// up after timeout_ns (0 = never) and reports in the host-mapped status words instead of hanging.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <torch/all.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <type_traits>
+
+#include "fused_allreduce_rmsnorm.cuh"
+
+namespace ringattn::tokenweave {
+namespace {
+
+// ---- memory-model primitives (system scope: peers are other processes / other GPUs) --------
+
+__device__ __forceinline__ uint64_t globaltimer_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+__device__ __forceinline__ uint32_t cas_release_sys(uint32_t* addr, uint32_t cmp, uint32_t val) {
+  uint32_t old;
+  asm volatile("atom.release.sys.global.cas.b32 %0, [%1], %2, %3;" : "=r"(old) : "l"(addr), "r"(cmp), "r"(val) : "memory");
+  return old;
+}
+
+__device__ __forceinline__ uint32_t cas_acquire_sys(uint32_t* addr, uint32_t cmp, uint32_t val) {
+  uint32_t old;
+  asm volatile("atom.acquire.sys.global.cas.b32 %0, [%1], %2, %3;" : "=r"(old) : "l"(addr), "r"(cmp), "r"(val) : "memory");
+  return old;
+}
+
+__device__ __forceinline__ uint32_t exch_acquire_sys(uint32_t* addr, uint32_t val) {
+  uint32_t old;
+  asm volatile("atom.acquire.sys.global.exch.b32 %0, [%1], %2;" : "=r"(old) : "l"(addr), "r"(val) : "memory");
+  return old;
+}
+
+__device__ __forceinline__ uint32_t ld_relaxed_sys(const uint32_t* addr) {
+  uint32_t v;
+  asm volatile("ld.relaxed.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(addr) : "memory");
+  return v;
+}
+
+struct Status {
+  int32_t* words;  // host-mapped pinned int32[kStWords], or nullptr
+  __device__ void report(int32_t code, int rank, int block, int peer, uint32_t seen, uint32_t expected, int phase) const {
+    if (words == nullptr) return;
+    volatile int32_t* w = words;
+    w[kStRank] = rank;
+    w[kStBlock] = block;
+    w[kStPeer] = peer;
+    w[kStSeen] = static_cast<int32_t>(seen);
+    w[kStExpected] = static_cast<int32_t>(expected);
+    w[kStPhase] = phase;
+    __threadfence_system();
+    w[kStCode] = code;  // written last: the host polls this word
+  }
+};
+
+struct BarrierArgs {
+  uint32_t** signal_pads;  // world_size device pointers (peer pads), from signal_pad_ptrs_dev
+  int rank;
+  int world_size;
+  int slot;
+  uint32_t signature;
+  uint64_t timeout_ns;  // 0 = wait forever
+  Status status;
+};
+
+// Block `blockIdx.x` of this rank meets block `blockIdx.x` of every peer. Returns the block-wide
+// outcome: kOk, kTimeout or kSignatureMismatch. Thread t < world_size handles peer t.
+__device__ int32_t block_barrier(const BarrierArgs& a, int phase, int32_t* s_code) {
+  __threadfence_system();  // this block's prior writes (e.g. to peers) before the release below
+  if (threadIdx.x == 0) *s_code = kOk;
+  __syncthreads();
+  if (threadIdx.x < a.world_size) {
+    const int peer = threadIdx.x;
+    const uint64_t t0 = a.timeout_ns ? globaltimer_ns() : 0;
+    int32_t code = kOk;
+    // put: our signature into the peer's pad at [block][our rank]; spins while the previous
+    // signal there is not yet consumed.
+    uint32_t* dst = a.signal_pads[peer] + signal_index(a.slot, phase, blockIdx.x, a.rank, a.world_size);
+    while (cas_release_sys(dst, 0u, a.signature) != 0u) {
+      if (a.timeout_ns && globaltimer_ns() - t0 > a.timeout_ns) {
+        code = kTimeout;
+        a.status.report(kTimeout, a.rank, blockIdx.x, peer, ld_relaxed_sys(dst), a.signature, 2 * phase);
+        break;
+      }
+    }
+    // wait: the peer's signature in our pad at [block][peer]; consume it (reset to 0).
+    uint32_t* src = a.signal_pads[a.rank] + signal_index(a.slot, phase, blockIdx.x, peer, a.world_size);
+    while (code == kOk) {
+      const uint32_t seen = ld_relaxed_sys(src);
+      if (seen == a.signature) {
+        if (cas_acquire_sys(src, a.signature, 0u) == a.signature) break;
+      } else if (seen != 0u) {
+        exch_acquire_sys(src, 0u);  // keep the pads zero even on a mismatch
+        code = kSignatureMismatch;
+        a.status.report(kSignatureMismatch, a.rank, blockIdx.x, peer, seen, a.signature, 2 * phase + 1);
+      } else if (a.timeout_ns && globaltimer_ns() - t0 > a.timeout_ns) {
+        code = kTimeout;
+        a.status.report(kTimeout, a.rank, blockIdx.x, peer, 0u, a.signature, 2 * phase + 1);
+      }
+    }
+    if (code != kOk) atomicMax(s_code, code);
+  }
+  __syncthreads();
+  const int32_t out = *s_code;
+  __syncthreads();
+  return out;
+}
+
+// ---- element conversion and 16-byte / scalar global accesses --------------------------------
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+// Loads bypass L1 (ld.global.cg): peer rows are written by other processes during this kernel's
+// lifetime, so a stale L1 line must never serve them.
+template <typename T, int VEC>
+__device__ __forceinline__ Pack<T, VEC> load_cg(const T* p) {
+  Pack<T, VEC> out;
+  if constexpr (sizeof(T) * VEC == 16) {
+    const uint4 raw = __ldcg(reinterpret_cast<const uint4*>(p));
+    memcpy(&out, &raw, 16);
+  } else if constexpr (sizeof(T) * VEC == 4) {
+    const unsigned int raw = __ldcg(reinterpret_cast<const unsigned int*>(p));
+    memcpy(&out, &raw, 4);
+  } else {
+    static_assert(sizeof(T) * VEC == 2, "pack must be 2, 4 or 16 bytes");
+    const unsigned short raw = __ldcg(reinterpret_cast<const unsigned short*>(p));
+    memcpy(&out, &raw, 2);
+  }
+  return out;
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void store(T* p, const Pack<T, VEC>& v) {
+  *reinterpret_cast<Pack<T, VEC>*>(p) = v;
+}
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define RINGATTN_TW_HAS_MULTIMEM 1
+// 16 bytes reduced across every rank's copy of `p` (the multicast address), fp32 accumulation.
+template <typename T>
+__device__ __forceinline__ Pack<T, 16 / sizeof(T)> multimem_ld_reduce_add(const T* p) {
+  uint32_t r[4];
+  if constexpr (std::is_same_v<T, float>) {
+    asm volatile("multimem.ld_reduce.relaxed.sys.global.add.v4.f32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "l"(p) : "memory");
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile("multimem.ld_reduce.relaxed.sys.global.add.acc::f32.v4.bf16x2 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "l"(p) : "memory");
+  } else {
+    asm volatile("multimem.ld_reduce.relaxed.sys.global.add.acc::f32.v4.f16x2 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "l"(p) : "memory");
+  }
+  Pack<T, 16 / sizeof(T)> out;
+  memcpy(&out, r, 16);
+  return out;
+}
+
+// 16 bytes stored to every rank's copy of `p` (bitwise; the .f32 type only names the width).
+template <typename T>
+__device__ __forceinline__ void multimem_st(T* p, const Pack<T, 16 / sizeof(T)>& v) {
+  uint32_t r[4];
+  memcpy(r, &v, 16);
+  asm volatile("multimem.st.relaxed.sys.global.v4.f32 [%0], {%1,%2,%3,%4};" ::"l"(p), "r"(r[0]), "r"(r[1]), "r"(r[2]),
+               "r"(r[3])
+               : "memory");
+}
+#else
+#define RINGATTN_TW_HAS_MULTIMEM 0
+#endif
+
+__device__ __forceinline__ float block_sum(float v, float* s_warp) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (lane == 0) s_warp[warp] = v;
+  __syncthreads();
+  const int num_warps = blockDim.x >> 5;
+  v = lane < num_warps ? s_warp[lane] : 0.f;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  __syncthreads();  // s_warp is reused by the next row
+  return v;
+}
+
+struct KernelArgs {
+  char* const* buffer_ptrs;  // world_size peer buffer bases (device array)
+  char* multicast_ptr;       // multicast base (multimem mode) or nullptr
+  int64_t in_offset, out_offset, res_offset;  // byte offsets of the regions (same on every rank)
+  const void* residual;      // tokens x hidden (kResInFull) or shard_rows x hidden
+  void* residual_out;        // one-shot/no-gather: tokens x hidden or shard_rows x hidden (see res_out_full)
+  bool res_out_full;         // one-shot + gather: residual_out holds all tokens (else the shard rows)
+  void* y_out;               // one-shot only: tokens x hidden, local
+  const void* weight;        // hidden
+  int64_t tokens, hidden;
+  int64_t mode;
+  float eps;
+  BarrierArgs barrier;
+};
+
+// T: I/O dtype; Wt: weight dtype (T or float); VEC: elements per access (16 bytes, or 1).
+template <typename T, typename Wt, int VEC>
+__global__ void __launch_bounds__(kMaxThreads) fused_allreduce_rmsnorm_kernel(KernelArgs a) {
+  constexpr int kIters = kMaxElemsPerThread / VEC;
+  __shared__ float s_warp[32];
+  __shared__ int32_t s_code;
+  const int rank = a.barrier.rank, world = a.barrier.world_size;
+  const bool one_shot = a.mode & kOneShot;
+  const bool multimem = a.mode & kMultimem;
+  const bool res_in_full = a.mode & kResInFull;
+  const bool res_out_gather = a.mode & kResOutGather;
+  const int64_t H = a.hidden;
+  const int64_t begin = one_shot ? 0 : shard_begin(a.tokens, world, rank);
+  const int64_t end = one_shot ? a.tokens : shard_end(a.tokens, world, rank);
+  const int64_t my_begin = shard_begin(a.tokens, world, rank), my_end = shard_end(a.tokens, world, rank);
+
+  int32_t code = block_barrier(a.barrier, 0, &s_code);
+  if (code == kTimeout) return;  // a peer is missing: the end barrier would only time out again
+#if !RINGATTN_TW_HAS_MULTIMEM
+  if (multimem && code == kOk) {
+    if (threadIdx.x == 0) a.barrier.status.report(kMultimemUnsupported, rank, blockIdx.x, -1, 0, 0, 0);
+    code = kMultimemUnsupported;
+  }
+#endif
+  const T* residual = static_cast<const T*>(a.residual);
+  const Wt* weight = static_cast<const Wt*>(a.weight);
+  for (int64_t row = begin + blockIdx.x; code == kOk && row < end; row += gridDim.x) {
+    float vals[kMaxElemsPerThread];
+    float ss = 0.f;
+    const bool own_row = row >= my_begin && row < my_end;
+    const T* res_row = residual + (res_in_full ? row : row - my_begin) * H;
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      const int64_t col = (int64_t(it) * blockDim.x + threadIdx.x) * VEC;
+      if (col >= H) break;
+      float sum[VEC];
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) sum[j] = 0.f;
+      if (multimem) {
+#if RINGATTN_TW_HAS_MULTIMEM
+        if constexpr (sizeof(T) * VEC == 16) {
+          const auto p = multimem_ld_reduce_add<T>(reinterpret_cast<const T*>(a.multicast_ptr + a.in_offset) + row * H + col);
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) sum[j] = to_float(p.v[j]);
+        }
+#endif
+      } else {
+        // Peers in rank order on every rank, so the one-shot sums are bitwise identical everywhere.
+        for (int p = 0; p < world; ++p) {
+          const auto v = load_cg<T, VEC>(reinterpret_cast<const T*>(a.buffer_ptrs[p] + a.in_offset) + row * H + col);
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) sum[j] += to_float(v.v[j]);
+        }
+      }
+      const auto r = load_cg<T, VEC>(res_row + col);
+      Pack<T, VEC> nr;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        // the new residual is rounded to the I/O dtype and normalised as stored (= add_rmsnorm)
+        nr.v[j] = from_float<T>(sum[j] + to_float(r.v[j]));
+        const float f = to_float(nr.v[j]);
+        vals[it * VEC + j] = f;
+        ss += f * f;
+      }
+      // new residual rows
+      if (one_shot) {
+        if (a.res_out_full) store<T, VEC>(static_cast<T*>(a.residual_out) + row * H + col, nr);
+        else if (own_row) store<T, VEC>(static_cast<T*>(a.residual_out) + (row - my_begin) * H + col, nr);
+      } else if (res_out_gather) {
+        if (multimem) {
+#if RINGATTN_TW_HAS_MULTIMEM
+          if constexpr (sizeof(T) * VEC == 16) multimem_st<T>(reinterpret_cast<T*>(a.multicast_ptr + a.res_offset) + row * H + col, nr);
+#endif
+        } else {
+          for (int p = 0; p < world; ++p) store<T, VEC>(reinterpret_cast<T*>(a.buffer_ptrs[p] + a.res_offset) + row * H + col, nr);
+        }
+      } else {
+        store<T, VEC>(static_cast<T*>(a.residual_out) + (row - my_begin) * H + col, nr);
+      }
+    }
+    const float inv = 1.f / sqrtf(block_sum(ss, s_warp) / float(H) + a.eps);
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      const int64_t col = (int64_t(it) * blockDim.x + threadIdx.x) * VEC;
+      if (col >= H) break;
+      Pack<T, VEC> y;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) y.v[j] = from_float<T>(vals[it * VEC + j] * inv * to_float(weight[col + j]));
+      if (one_shot) {
+        store<T, VEC>(static_cast<T*>(a.y_out) + row * H + col, y);
+      } else if (multimem) {
+#if RINGATTN_TW_HAS_MULTIMEM
+        if constexpr (sizeof(T) * VEC == 16) multimem_st<T>(reinterpret_cast<T*>(a.multicast_ptr + a.out_offset) + row * H + col, y);
+#endif
+      } else {
+        for (int p = 0; p < world; ++p) store<T, VEC>(reinterpret_cast<T*>(a.buffer_ptrs[p] + a.out_offset) + row * H + col, y);
+      }
+    }
+  }
+  block_barrier(a.barrier, 1, &s_code);
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+}  // namespace
+
+// See csrc/fused_allreduce_rmsnorm.cpp for the schema and the argument contract.
+//   local_in:     tokens x hidden, this rank's in-region view (dtype, shape, device; partials)
+//   y_out:        tokens x hidden (two-shot: this rank's out-region view; one-shot: any tensor)
+//   residual:     tokens x hidden (mode & kResInFull) or shard_rows x hidden
+//   residual_out: tokens x hidden (gathered: the local res-region view; one-shot may use any) or shard_rows x hidden
+//   weight:       hidden, dtype of local_in or fp32
+void fused_allreduce_rmsnorm_cuda_(const at::Tensor& local_in, at::Tensor& y_out, const at::Tensor& residual,
+                                   at::Tensor& residual_out, const at::Tensor& weight, int64_t buffer_ptrs_dev,
+                                   int64_t signal_pad_ptrs_dev, int64_t multicast_ptr, int64_t rank, int64_t world_size,
+                                   int64_t in_offset, int64_t out_offset, int64_t res_offset, int64_t slot,
+                                   int64_t num_blocks, int64_t mode, double eps, int64_t timeout_ns, int64_t status_ptr) {
+  TORCH_CHECK(local_in.is_cuda() && local_in.dim() == 2 && local_in.is_contiguous(),
+              "local_in must be a contiguous CUDA tokens x hidden tensor, got ", local_in.sizes());
+  const int64_t T = local_in.size(0), H = local_in.size(1);
+  TORCH_CHECK(world_size >= 1 && world_size <= kMaxWorldSize, "world_size must be in [1, ", kMaxWorldSize, "], got ", world_size);
+  TORCH_CHECK(rank >= 0 && rank < world_size, "rank must be in [0, ", world_size, "), got ", rank);
+  TORCH_CHECK(slot >= 0 && slot < kNumSlots, "slot must be in [0, ", kNumSlots, "), got ", slot);
+  TORCH_CHECK(num_blocks >= 1 && num_blocks <= kMaxBlocks, "num_blocks must be in [1, ", kMaxBlocks, "], got ", num_blocks);
+  TORCH_CHECK(H >= 1 && H <= kMaxHidden, "hidden must be in [1, ", kMaxHidden, "], got ", H);
+  TORCH_CHECK(buffer_ptrs_dev != 0 && signal_pad_ptrs_dev != 0, "buffer_ptrs_dev and signal_pad_ptrs_dev must be set");
+  const bool one_shot = mode & kOneShot, multimem = mode & kMultimem;
+  const bool res_in_full = mode & kResInFull, gather = mode & kResOutGather;
+  TORCH_CHECK(!(one_shot && multimem), "one-shot and multimem modes are exclusive");
+  TORCH_CHECK(!one_shot || res_in_full, "the one-shot mode needs the full (tokens x hidden) residual");
+  TORCH_CHECK(!multimem || multicast_ptr != 0, "multimem mode needs multicast_ptr != 0");
+  const auto dt = local_in.scalar_type();
+  TORCH_CHECK(dt == at::kBFloat16 || dt == at::kHalf || dt == at::kFloat, "dtype must be bf16, fp16 or fp32, got ", dt);
+  const int64_t shard = shard_end(T, int(world_size), int(rank)) - shard_begin(T, int(world_size), int(rank));
+  auto check_rows = [&](const at::Tensor& t, const char* name, int64_t rows) {
+    TORCH_CHECK(t.device() == local_in.device(), name, " must be on ", local_in.device(), ", got ", t.device());
+    TORCH_CHECK(t.scalar_type() == dt, name, " must have dtype ", dt, ", got ", t.scalar_type());
+    TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == H, name, " must be (", rows, ", ", H, "), got ",
+                t.sizes());
+  };
+  check_rows(residual, "residual", res_in_full ? T : shard);
+  check_rows(residual_out, "residual_out", gather ? T : shard);
+  check_rows(y_out, "y_out", T);
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == H, "weight must have shape (", H, "), got ", weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == dt || weight.scalar_type() == at::kFloat, "weight must have dtype ", dt,
+              " or float32, got ", weight.scalar_type());
+  TORCH_CHECK(weight.is_contiguous() && weight.device() == local_in.device(), "weight must be contiguous on ",
+              local_in.device());
+  TORCH_CHECK(eps >= 0, "eps must be >= 0, got ", eps);
+  if (T == 0) return;  // every rank agrees on T: nobody launches, nobody waits
+
+  const c10::cuda::CUDAGuard guard(local_in.device());
+  const int64_t esize = local_in.element_size();
+  const int64_t vec = 16 / esize;
+  const bool vec_ok = H % vec == 0 && in_offset % 16 == 0 && out_offset % 16 == 0 && res_offset % 16 == 0 &&
+                      aligned16(residual.data_ptr()) && aligned16(residual_out.data_ptr()) && aligned16(y_out.data_ptr());
+  TORCH_CHECK(!multimem || vec_ok, "multimem mode needs 16-byte aligned rows (hidden * element size % 16 == 0)");
+  const int64_t lanes = vec_ok ? H / vec : H;
+  const int threads = int(std::min<int64_t>(kMaxThreads, (lanes + 31) / 32 * 32));
+
+  KernelArgs args;
+  args.buffer_ptrs = reinterpret_cast<char* const*>(buffer_ptrs_dev);
+  args.multicast_ptr = reinterpret_cast<char*>(multicast_ptr);
+  args.in_offset = in_offset;
+  args.out_offset = out_offset;
+  args.res_offset = res_offset;
+  args.residual = residual.data_ptr();
+  args.residual_out = residual_out.data_ptr();
+  args.res_out_full = one_shot && gather;  // two-shot gathers through res_offset instead
+  args.y_out = y_out.data_ptr();
+  args.weight = weight.data_ptr();
+  args.tokens = T;
+  args.hidden = H;
+  args.mode = mode;
+  args.eps = float(eps);
+  args.barrier.signal_pads = reinterpret_cast<uint32_t**>(signal_pad_ptrs_dev);
+  args.barrier.rank = int(rank);
+  args.barrier.world_size = int(world_size);
+  args.barrier.slot = int(slot);
+  args.barrier.signature = call_signature(T, H, int64_t(dt), mode, num_blocks);
+  args.barrier.timeout_ns = uint64_t(std::max<int64_t>(0, timeout_ns));
+  args.barrier.status.words = nullptr;
+  if (status_ptr != 0) {  // pinned host words -> their device address (the same under UVA)
+    void* dev = nullptr;
+    C10_CUDA_CHECK(cudaHostGetDevicePointer(&dev, reinterpret_cast<void*>(status_ptr), 0));
+    args.barrier.status.words = static_cast<int32_t*>(dev);
+  }
+
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  auto launch = [&](auto io_tag) {
+    using T_ = decltype(io_tag);
+    constexpr int kVec = 16 / sizeof(T_);
+    auto with_weight = [&](auto weight_tag) {
+      using W_ = decltype(weight_tag);
+      if (vec_ok) {
+        fused_allreduce_rmsnorm_kernel<T_, W_, kVec><<<int(num_blocks), threads, 0, stream>>>(args);
+      } else {
+        fused_allreduce_rmsnorm_kernel<T_, W_, 1><<<int(num_blocks), threads, 0, stream>>>(args);
+      }
+    };
+    if (weight.scalar_type() == at::kFloat) with_weight(float{});
+    else with_weight(T_{});
+  };
+  switch (dt) {
+    case at::kBFloat16: launch(__nv_bfloat16{}); break;
+    case at::kHalf: launch(__half{}); break;
+    default: launch(float{}); break;
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+TORCH_LIBRARY_IMPL(ringattn, CUDA, m) { m.impl("tw_fused_allreduce_rmsnorm_", &fused_allreduce_rmsnorm_cuda_); }
+
+}  // namespace ringattn::tokenweave

@@ -1,0 +1,489 @@
+"""fused_allreduce_rmsnorm: every path against an fp64 reference, the agreed fallback ladder, and
+bad inputs (clear errors, never a hang).
+
+Two tiers (style rule 10):
+- always (CPU, real gloo processes, world sizes 1-4): local, allreduce and rs_ag (gloo: torch's
+  reduce_scatter_tensor where this gloo has it, else all_reduce + slice, a test-only emulation),
+  and the fused kernel's protocol itself (two-shot, one-shot, residual layouts, signatures,
+  timeouts, self-resetting signal pads) through the CPU host-simulation kernel on shared memory
+  (needs a ringattn._C that has the tw op; skipped with a reason otherwise).
+- gpu (`pytest -m gpu tests/test_fused_allreduce_rmsnorm.py`, run by scripts/gpu_check.sh under
+  MPS): 2 and 4 processes sharing cuda:0 with TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES=1, every path
+  that can run there (symm one-shot and two-shot, rs_ag/allreduce over gloo, multimem only when
+  multicast exists), CUDA graph capture + replay, back-to-back calls on both slots, signal pads
+  zero after; integer-valued inputs so the all-reduce is exact.
+
+Tolerance ("2x PyTorch's own error" rule): the error of our y against the fp64 reference must be
+at most 2x the error of the same-dtype eager composition (all_reduce in dtype, add, RMSNorm) plus a
+floor of a few ulps of |y| (the composition can be exact by luck on small cases).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import tempfile
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from conftest import get_pool
+import importlib
+
+from ringattn.tokenweave import AllReduceRMSNorm, TokenWeaveConfig, TokenWeaveError
+
+# the module (the package re-exports a function of the same name)
+far = importlib.import_module("ringattn.tokenweave.fused_allreduce_rmsnorm")
+
+HAS_CUDA = torch.cuda.is_available()
+_ULP = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+def _has_tw_op(device_type="cpu") -> bool:
+    return far._op_has_kernel(device_type)
+
+
+needs_tw_op = pytest.mark.skipif(not _has_tw_op("cpu"), reason="ringattn._C predates the tw op (rebuild the extension)")
+
+
+# ---- inputs and reference (run inside the workers) ---------------------------------------------
+
+
+def make_inputs(seed, world, T, H, dtype, integer=False, device="cpu"):
+    """Every rank's partial x_r, the residual and the weight (identical on all ranks for a seed)."""
+    g = torch.Generator().manual_seed(seed)
+    if integer:  # small integers: sums are exact in every dtype
+        xs = [torch.randint(-4, 5, (T, H), generator=g).to(dtype) for _ in range(world)]
+        res = torch.randint(-4, 5, (T, H), generator=g).to(dtype)
+        w = torch.randint(1, 4, (H,), generator=g).to(dtype)
+    else:
+        xs = [torch.randn(T, H, generator=g).to(dtype) for _ in range(world)]
+        res = torch.randn(T, H, generator=g).to(dtype)
+        w = (1 + 0.5 * torch.randn(H, generator=g)).to(dtype)
+    return [t.to(device) for t in xs], res.to(device), w.to(device)
+
+
+def reference(xs, res, w, eps):
+    """fp64: r = sum(x_r) + residual; y = r / sqrt(mean(r^2) + eps) * w."""
+    r = sum(x.double() for x in xs) + res.double()
+    y = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + eps) * w.double()
+    return y, r
+
+
+def eager_same_dtype(xs, res, w, eps):
+    """What an unfused same-dtype composition computes (the error yardstick)."""
+    acc = xs[0].clone()
+    for x in xs[1:]:
+        acc = acc + x
+    r = acc + res
+    f = r.float()
+    y = (f * torch.rsqrt(f.pow(2).mean(-1, keepdim=True) + eps)).to(r.dtype) * w
+    return y, r
+
+
+def check_close(name, got, ref64, eager, dtype):
+    got64 = got.double().cpu()
+    ref64 = ref64.cpu()
+    err = (got64 - ref64).abs().max().item() if got64.numel() else 0.0
+    base = (eager.double().cpu() - ref64).abs().max().item() if got64.numel() else 0.0
+    # floor: a few ulps of |y|, plus the sum of squares over H in one fp32 accumulator (the C++
+    # add_rmsnorm sums sequentially, torch's mean pairwise: ~sqrt(H) ulps apart, seen at H=16385)
+    hidden = ref64.shape[-1] if ref64.dim() else 1
+    scale = ref64.abs().max().item() if ref64.numel() else 0.0
+    floor = (4 * _ULP[dtype] + 2.0**-23 * hidden**0.5) * scale + 1e-12
+    assert err <= 2 * base + floor, f"{name}: max err {err:.3e} > 2 x eager err {base:.3e} + floor {floor:.3e}"
+
+
+def run_case(h: AllReduceRMSNorm, seed, T, H, dtype, shard_in, shard_out, eps=1e-6, integer=False, device="cpu"):
+    """One call on this rank, checked against the fp64 reference. Returns the path taken."""
+    W, r = h.world_size, h.rank
+    xs, res, w = make_inputs(seed, W, T, H, dtype, integer, device)
+    b, e = far.shard_bounds(T, W, r)
+    res_in = res[b:e].clone() if shard_in else res
+    path = h.path_for(T, H, dtype, shard_in)
+    y, new_res = h(xs[r], res_in, w, eps, shard_residual_in=shard_in, shard_residual_out=shard_out)
+    y_ref, r_ref = reference(xs, res, w, eps)
+    y_eager, r_eager = eager_same_dtype(xs, res, w, eps)
+    tag = f"rank {r}/{W} path {path} T={T} H={H} {dtype} shard_in={shard_in} shard_out={shard_out}"
+    assert y.shape == (T, H) and y.dtype == dtype, f"{tag}: y {tuple(y.shape)} {y.dtype}"
+    check_close(f"{tag}: y", y, y_ref, y_eager, dtype)
+    if shard_out:
+        assert new_res.shape == (e - b, H), f"{tag}: residual shard {tuple(new_res.shape)} != {(e - b, H)}"
+        r_ref, r_eager = r_ref[b:e], r_eager[b:e]
+    else:
+        assert new_res.shape == (T, H), f"{tag}: residual {tuple(new_res.shape)}"
+    check_close(f"{tag}: residual", new_res, r_ref, r_eager, dtype)
+    if integer:
+        assert torch.equal(new_res.double().cpu(), r_ref.cpu()), f"{tag}: integer residual not exact"
+    return path
+
+
+# ---- CPU tier workers ----------------------------------------------------------------------------
+
+_LAYOUTS = [(False, False), (False, True), (True, True), (True, False)]
+_SHAPES = [(1, 8), (5, 33), (7, 96), (16, 64)]  # odd token counts and hidden sizes (33: scalar kernel path)
+
+
+def _w_paths(path, dtypes, symm_backend="cuda", one_shot_max_tokens=4):
+    """Every (shape, dtype, layout) on one forced path; returns the set of call paths taken."""
+    cfg = TokenWeaveConfig(path=path, symm_backend=symm_backend, one_shot_max_tokens=one_shot_max_tokens, timeout_s=20)
+    h = AllReduceRMSNorm(dist.group.WORLD, torch.device("cpu"), cfg)
+    taken = set()
+    for i, (T, H) in enumerate(_SHAPES):
+        for dtype in dtypes:
+            for shard_in, shard_out in _LAYOUTS:
+                taken.add(run_case(h, 1000 + i, T, H, dtype, shard_in, shard_out))
+    if path == "symm":
+        assert h.signal_pads_zero(), f"rank {h.rank}: signal pad not zero after the calls"
+    return sorted(taken), h.base_path, h.reason
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_collective_paths(world):
+    pool = get_pool(world)
+    if world == 1:
+        out = pool.run(_w_paths, None, [torch.float32, torch.bfloat16])
+        assert out[0][0] == ["local"] and out[0][1] == "local"
+        return
+    for path in ("allreduce", "rs_ag"):
+        out = pool.run(_w_paths, path, [torch.float32, torch.bfloat16], timeout=120)
+        assert all(o[0] == [path] for o in out), out
+    # no forced path on CPU tensors: the ladder falls to the gloo all-reduce and says why
+    out = pool.run(_w_paths, None, [torch.float32])
+    assert all(o[1] == "allreduce" and ("not on CUDA" in o[2] or "no fused kernel for this device" in o[2]) for o in out), out
+
+
+@needs_tw_op
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_fused_kernel_protocol_host_sim(world):
+    """The fused kernel's protocol (CPU host-simulation kernel over shared memory)."""
+    out = get_pool(world).run(_w_paths, "symm", [torch.float32, torch.bfloat16, torch.float16], "host-sim", timeout=180)
+    for taken, base, _ in out:
+        assert base == "symm"
+        assert taken == ["symm_oneshot", "symm_twoshot"], taken
+
+
+def _w_back_to_back_slots():
+    """Back-to-back calls alternating slots, growing the buffer on the way (host-sim)."""
+    cfg = TokenWeaveConfig(path="symm", symm_backend="host-sim", one_shot_max_tokens=2, timeout_s=20)
+    h = AllReduceRMSNorm(dist.group.WORLD, torch.device("cpu"), cfg)
+    for i, (T, H) in enumerate([(3, 16), (9, 40), (300, 1024), (2, 16), (33, 8)]):
+        xs, res, w = make_inputs(7 + i, h.world_size, T, H, torch.float32)
+        buf = h.input_buffer(T, H, torch.float32, slot=i % 2)
+        buf.copy_(xs[h.rank])  # the producer writes straight into the symmetric buffer
+        y, nr = h(buf, res, w, 1e-5, slot=i % 2, copy_out=False)
+        y_ref, r_ref = reference(xs, res, w, 1e-5)
+        assert torch.allclose(y.double(), y_ref, rtol=1e-5, atol=1e-5), f"call {i}"
+        assert torch.allclose(nr.double(), r_ref, rtol=1e-6, atol=1e-6), f"call {i}"
+    assert h.signal_pads_zero()
+    return len(h._old_ws)
+
+
+@needs_tw_op
+def test_back_to_back_slots_and_growth_host_sim():
+    grown = get_pool(3).run(_w_back_to_back_slots)
+    assert all(g >= 1 for g in grown), grown
+
+
+# ---- bad inputs ------------------------------------------------------------------------------------
+
+
+def _w_bad(kind, path, symm_backend="cuda"):
+    cfg = TokenWeaveConfig(path=path, symm_backend=symm_backend, timeout_s=3, one_shot_max_tokens=0)
+    h = AllReduceRMSNorm(dist.group.WORLD, torch.device("cpu"), cfg)
+    r = h.rank
+    T, H = 6, 16
+    xs, res, w = make_inputs(3, h.world_size, T, H, torch.float32)
+    x = xs[r]
+    if kind == "tokens" and r == 1:
+        x, res = x[:5], res[:5]
+    elif kind == "dtype" and r == 1:
+        x, res, w = x.double(), res.double(), w.double()
+    elif kind == "weight" and r == 0:
+        w = w[:-1]
+    elif kind == "skip" and r == 1:
+        return "skipped"
+    try:
+        h(x, res, w)
+    except (ValueError, TokenWeaveError) as e:
+        return f"{type(e).__name__}: {e}"
+    return "no error"
+
+
+@pytest.mark.parametrize("kind", ["tokens", "dtype", "weight"])
+def test_bad_input_collective_path_raises_on_every_rank(kind):
+    out = get_pool(2).run(_w_bad, kind, "allreduce", timeout=60)
+    assert all(o.startswith("ValueError") for o in out), out
+    if kind == "weight":
+        assert "weight must have shape (16,)" in out[0] and "rank(s) [0]" in out[1], out
+    else:
+        assert any("disagree" in o or "dtype" in o for o in out), out
+
+
+@needs_tw_op
+@pytest.mark.parametrize("kind", ["tokens", "skip"])
+def test_bad_input_fused_path_reports_not_hangs(kind):
+    """A mismatched call is caught by the signatures in the signal pads; a missing rank by the
+    barrier timeout (3 s here). Either way an error naming the peer, never a hang."""
+    out = get_pool(2).run(_w_bad, kind, "symm", "host-sim", timeout=60)
+    if kind == "tokens":
+        assert all("call mismatch across ranks" in o for o in out), out
+    else:
+        assert out[1] == "skipped" and "barrier timeout" in out[0] and "peer 1" in out[0], out
+
+
+def _w_config_mismatch():
+    cfg = TokenWeaveConfig(path="allreduce", max_ctas=2 + dist.get_rank())
+    try:
+        AllReduceRMSNorm(dist.group.WORLD, torch.device("cpu"), cfg)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_config_mismatch_raises_on_every_rank():
+    out = get_pool(2).run(_w_config_mismatch)
+    assert all("config differs across ranks" in o for o in out), out
+
+
+def _w_hidden_too_large():
+    cfg = TokenWeaveConfig(path="symm", symm_backend="host-sim")
+    h = AllReduceRMSNorm(dist.group.WORLD, torch.device("cpu"), cfg)
+    p = h.path_for(2, far.MAX_HIDDEN + 1, torch.float32)
+    run_case(h, 5, 2, far.MAX_HIDDEN + 1, torch.float32, False, False)
+    p64 = h.path_for(2, 64, torch.float64)
+    return p, p64, h.path_for(2, 64, torch.float32), h.path_for(100, 64, torch.float32)
+
+
+@needs_tw_op
+def test_kernel_limits_fall_back_and_say_so():
+    out = get_pool(2).run(_w_hidden_too_large)
+    assert all(o == ("allreduce", "allreduce", "symm_oneshot", "symm_twoshot") for o in out), out
+
+
+def test_module_function_world_size_one_without_dist():
+    xs, res, w = make_inputs(0, 1, 5, 12, torch.float32)
+    y, r = far.fused_allreduce_rmsnorm(xs[0], res, w, 1e-6)
+    y_ref, r_ref = reference(xs, res, w, 1e-6)
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(r.double(), r_ref, rtol=1e-6, atol=1e-6)
+    assert far.fused_allreduce_rmsnorm_path(5, 12) == "local"
+
+
+def test_shard_bounds_and_launch_config():
+    for T in range(0, 20):
+        for W in range(1, 9):
+            bounds = [far.shard_bounds(T, W, r) for r in range(W)]
+            assert bounds[0][0] == 0 and bounds[-1][1] == T
+            assert all(b[1] == n[0] for b, n in zip(bounds, bounds[1:]))
+            assert max(e - b for b, e in bounds) == -(-T // W)
+    assert far.num_blocks_for(1, 4, False, 4) == 1
+    assert far.num_blocks_for(1024, 4, False, 4) == 4
+    assert far.num_blocks_for(3, 2, True, 8) == 3
+
+
+# ---- GPU tier ----------------------------------------------------------------------------------------
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+def _gpu_worker(rank, world, init_file, fn_name, args, result_q):
+    """One rank on cuda:0 (ranks share the GPU: symmetric memory with overlapping devices, MPS)."""
+    os.environ["TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES"] = "1"
+    try:
+        torch.cuda.set_device(0)
+        dist.init_process_group(
+            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
+        )
+        result_q.put((rank, True, globals()[fn_name](*args)))
+    except BaseException:  # noqa: BLE001
+        result_q.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_gpu_world(world: int, fn_name: str, *args, timeout: float = 240.0):
+    """Spawn `world` processes on cuda:0, run fn on each; a hang or a crash fails naming the rank."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    init_file = tempfile.mktemp(prefix="ringattn_tw_gpu_")
+    procs = [ctx.Process(target=_gpu_worker, args=(r, world, init_file, fn_name, args, q)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results, errors = {}, {}
+    import queue as _queue
+    import time
+
+    deadline = time.monotonic() + timeout
+    while len(results) + len(errors) < world and time.monotonic() < deadline:
+        try:
+            r, ok, v = q.get(timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+        except _queue.Empty:
+            if errors and all(not p.is_alive() for i, p in enumerate(procs) if i not in results and i not in errors):
+                break
+            continue
+        (results if ok else errors)[r] = v
+    for i, p in enumerate(procs):
+        p.join(timeout=5 if i in results or i in errors else 1)
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=5)
+    missing = sorted(set(range(world)) - set(results) - set(errors))
+    if errors or missing:
+        msg = [f"{fn_name}{args} failed with {world} ranks on one GPU:"]
+        msg += [f"--- rank {r} raised:\n{errors[r]}" for r in sorted(errors)]
+        if missing:
+            msg.append(f"--- ranks {missing} did not finish within {timeout:.0f} s (hang or crash; exit codes "
+                       f"{[procs[r].exitcode for r in missing]})")
+        pytest.fail("\n".join(msg))
+    return [results[r] for r in range(world)]
+
+
+def _gpu_paths(path):
+    """Every shape/dtype/layout on `path` with integer inputs (exact all-reduce) + random inputs."""
+    dev = torch.device("cuda", 0)
+    cfg = TokenWeaveConfig(path=path, one_shot_max_tokens=8, timeout_s=30, max_ctas=4)
+    h = AllReduceRMSNorm(dist.group.WORLD, dev, cfg)
+    taken = set()
+    shapes = [(1, 8), (5, 33), (7, 4096), (64, 8192), (257, 4096), (1030, 1024), (3, 16384)]
+    for i, (T, H) in enumerate(shapes):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            for shard_in, shard_out in _LAYOUTS:
+                taken.add(run_case(h, 100 + i, T, H, dtype, shard_in, shard_out, integer=True, device=dev))
+                taken.add(run_case(h, 200 + i, T, H, dtype, shard_in, shard_out, integer=False, device=dev))
+    torch.cuda.synchronize()
+    pads = h.signal_pads_zero()
+    assert pads, f"rank {h.rank}: signal pads not zero after the calls"
+    return sorted(taken), h.describe()
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("path", [None, "symm", "allreduce", "rs_ag"])
+def test_gpu_paths(world, path):
+    out = run_gpu_world(world, "_gpu_paths", path)
+    taken, info = out[0]
+    print(f"world {world} path {path}: took {taken}; {info}")
+    if path in (None, "symm"):
+        assert info["base_path"] in ("symm", "multimem"), info
+        assert "symm_oneshot" in taken and ("symm_twoshot" in taken or "multimem" in taken), taken
+    else:
+        assert taken == [path], taken
+
+
+def _gpu_graph_and_back_to_back():
+    """Capture two fused calls (both slots) in a CUDA graph, replay with new inputs; then 200
+    back-to-back eager calls alternating slots and token counts; pads zero after."""
+    dev = torch.device("cuda", 0)
+    cfg = TokenWeaveConfig(path="symm", one_shot_max_tokens=16, timeout_s=30)
+    h = AllReduceRMSNorm(dist.group.WORLD, dev, cfg)
+    W, r = h.world_size, h.rank
+    dtype = torch.bfloat16
+    T, H = 96, 4096
+    h.reserve(T, H, dtype)
+    x0, x1 = h.input_buffer(T, H, dtype, 0), h.input_buffer(8, H, dtype, 1)
+    res0 = torch.zeros(T, H, dtype=dtype, device=dev)
+    res1 = torch.zeros(8, H, dtype=dtype, device=dev)
+    w = torch.ones(H, dtype=dtype, device=dev)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up outside capture
+        h(x0, res0, w, 1e-6, slot=0, copy_out=False)
+        h(x1, res1, w, 1e-6, slot=1, copy_out=False)
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    dist.barrier()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y0, nr0 = h(x0, res0, w, 1e-6, slot=0)
+        y1, nr1 = h(x1, res1, w, 1e-6, slot=1)
+    for it in range(5):
+        xs, res, ww = make_inputs(50 + it, W, T, H, dtype, integer=True, device=dev)
+        x0.copy_(xs[r])
+        res0.copy_(res)
+        w.copy_(ww)
+        xs1, res_1, _ = make_inputs(80 + it, W, 8, H, dtype, integer=True, device=dev)
+        x1.copy_(xs1[r])
+        res1.copy_(res_1)
+        torch.cuda.synchronize()
+        dist.barrier()  # every rank's inputs are in place before any replay reads them
+        g.replay()
+        torch.cuda.synchronize()
+        y_ref, r_ref = reference(xs, res, ww, 1e-6)
+        assert torch.equal(nr0.double(), r_ref), f"replay {it}: residual (slot 0) not exact"
+        check_close(f"replay {it} y0", y0, y_ref, eager_same_dtype(xs, res, ww, 1e-6)[0], dtype)
+        y1_ref, r1_ref = reference(xs1, res_1, ww, 1e-6)
+        assert torch.equal(nr1.double(), r1_ref), f"replay {it}: residual (slot 1) not exact"
+        check_close(f"replay {it} y1", y1, y1_ref, eager_same_dtype(xs1, res_1, ww, 1e-6)[0], dtype)
+        dist.barrier()
+    assert h.signal_pads_zero(), "pads not zero after graph replays"
+    # back-to-back eager calls, no host sync in between
+    outs = []
+    for i in range(200):
+        Ti = (3, 64, 513)[i % 3]
+        xs, res, ww = make_inputs(i % 7, W, Ti, 1024, dtype, integer=True, device=dev)
+        outs.append((Ti, i % 7, h(xs[r], res, ww, 1e-6, slot=i % 2)))
+    torch.cuda.synchronize()
+    for Ti, seed, (y, nr) in outs:
+        xs, res, ww = make_inputs(seed, W, Ti, 1024, dtype, integer=True, device=dev)
+        assert torch.equal(nr.double(), reference(xs, res, ww, 1e-6)[1]), f"back-to-back T={Ti} seed={seed}"
+    assert h.signal_pads_zero(), "pads not zero after back-to-back calls"
+    return "ok"
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("world", [2, 4])
+def test_gpu_graph_capture_and_back_to_back(world):
+    assert run_gpu_world(world, "_gpu_graph_and_back_to_back") == ["ok"] * world
+
+
+def _gpu_fallback_reasons(allow_overlap):
+    if not allow_overlap:
+        os.environ["TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES"] = "0"
+    h = AllReduceRMSNorm(dist.group.WORLD, torch.device("cuda", 0), TokenWeaveConfig())
+    return h.describe()
+
+
+@gpu
+@needs_cuda
+def test_gpu_ranks_that_cannot_share_memory_fall_back_and_say_why():
+    info = run_gpu_world(2, "_gpu_fallback_reasons", False)[0]
+    assert info["base_path"] == "allreduce" and "TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES" in info["reason"], info
+    info = run_gpu_world(2, "_gpu_fallback_reasons", True)[0]
+    print("multicast:", info["multicast"], info)
+    assert info["base_path"] in ("symm", "multimem"), info
+
+
+def _gpu_bad(kind):
+    dev = torch.device("cuda", 0)
+    h = AllReduceRMSNorm(dist.group.WORLD, dev, TokenWeaveConfig(path="symm", timeout_s=3, one_shot_max_tokens=0))
+    T = 64 if not (kind == "tokens" and h.rank == 1) else 63
+    x = torch.ones(T, 1024, dtype=torch.bfloat16, device=dev)
+    w = torch.ones(1024, dtype=torch.bfloat16, device=dev)
+    if kind == "skip" and h.rank == 1:
+        return "skipped"
+    try:
+        h(x, x.clone(), w)
+        torch.cuda.synchronize()
+        h(x, x.clone(), w)  # the status of the previous call is checked here
+    except TokenWeaveError as e:
+        return str(e)
+    return "no error"
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("kind", ["tokens", "skip"])
+def test_gpu_bad_input_reports_not_hangs(kind):
+    out = run_gpu_world(2, "_gpu_bad", kind, timeout=120)
+    if kind == "tokens":
+        assert all("call mismatch across ranks" in o for o in out), out
+    else:
+        assert "barrier timeout" in out[0] and "peer 1" in out[0], out
