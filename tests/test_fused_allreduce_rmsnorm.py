@@ -290,6 +290,7 @@ needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 
 def _gpu_worker(rank, world, init_file, fn_name, args, result_q):
+    """fn_name: a function of this module, or "module:function" (a test module on sys.path)."""
     """One rank on cuda:0 (ranks share the GPU: symmetric memory with overlapping devices, MPS)."""
     os.environ["TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES"] = "1"
     try:
@@ -297,7 +298,12 @@ def _gpu_worker(rank, world, init_file, fn_name, args, result_q):
         dist.init_process_group(
             "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
         )
-        result_q.put((rank, True, globals()[fn_name](*args)))
+        if ":" in fn_name:
+            mod, _, name = fn_name.partition(":")
+            fn = getattr(importlib.import_module(mod), name)
+        else:
+            fn = globals()[fn_name]
+        result_q.put((rank, True, fn(*args)))
     except BaseException:  # noqa: BLE001
         result_q.put((rank, False, traceback.format_exc()))
     finally:

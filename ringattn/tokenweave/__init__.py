@@ -10,6 +10,8 @@ from ringattn.tokenweave.fused_allreduce_rmsnorm import (
     get_allreduce_rmsnorm,
     shard_bounds,
 )
+from ringattn.tokenweave.layer import TokenWeaveDecoderLayer, TokenWeaveDecoderStack, run_tokenweave_layers
+from ringattn.tokenweave.token_split import split_ranges, wave_aware_split
 
 __all__ = [
     "AllReduceRMSNorm",
@@ -19,4 +21,9 @@ __all__ = [
     "fused_allreduce_rmsnorm_path",
     "get_allreduce_rmsnorm",
     "shard_bounds",
+    "TokenWeaveDecoderLayer",
+    "TokenWeaveDecoderStack",
+    "run_tokenweave_layers",
+    "split_ranges",
+    "wave_aware_split",
 ]

@@ -177,11 +177,12 @@ def _add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     same math in eager PyTorch (fp32 inside, new residual rounded to x's dtype first)."""
     x, residual, weight = x.contiguous(), residual.contiguous(), weight.contiguous()
     op = _ringattn_op("add_rmsnorm", x.device.type)
-    if op is not None:
+    if op is not None and x.dtype != torch.float64:  # the op computes in fp32; float64 stays float64
         return op(x, residual, weight, float(eps))
-    new_res = (x.float() + residual.float()).to(x.dtype)
-    f = new_res.float()
-    y = (f * torch.rsqrt(f.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    new_res = (x.to(acc) + residual.to(acc)).to(x.dtype)
+    f = new_res.to(acc)
+    y = (f * torch.rsqrt(f.pow(2).mean(-1, keepdim=True) + eps) * weight.to(acc)).to(x.dtype)
     return y, new_res
 
 

@@ -1,0 +1,357 @@
+"""Tensor-parallel Hugging Face Llama-style decoder layers run TokenWeave-style.
+
+    layer = TokenWeaveDecoderLayer(hf_decoder_layer, group=tp_group)
+    out = layer(hidden_states, position_embeddings=(cos, sin), attention_mask=None)  # == hf layer
+
+    stack = TokenWeaveDecoderStack(hf_model.model.layers, final_norm=hf_model.model.norm, group=tp_group)
+    y = stack(hidden_states, position_embeddings=(cos, sin))  # == norm(layers(hidden_states))
+
+Sharding (Megatron-style, over `group`): q/k/v and gate/up projections column-wise by heads /
+intermediate rows, o_proj and down_proj row-wise; rank r keeps heads [r*Hq/W, (r+1)*Hq/W) and the
+matching KV heads. Row-parallel GEMMs write their partial sums straight into the symmetric
+buffer (`torch.mm(..., out=handle.input_buffer(...))`: no copy), and each partial is reduced by
+the fused AllReduce + residual + RMSNorm (fused_allreduce_rmsnorm.py):
+    attention partial  -> fused(+ residual, post_attention_layernorm)
+    MLP partial        -> fused(+ residual, the NEXT layer's input_layernorm, or the final norm)
+so every MLP all-reduce is fused with the next layer's input norm, as TokenWeave does. Between
+the two, the residual stays sharded by token when the fused two-shot / rs_ag path runs.
+
+Token splitting (token_split.py): the flattened B*S tokens are cut into two wave-aware halves;
+while the main stream runs one half's attention or MLP, the other half's fused op runs on a
+high-priority side stream (events only). A split inside a sequence is exact: the second half's
+queries attend to the first half's keys/values, which are kept for the layer.
+
+Scope: forward (inference prefill) of Llama / Mistral / Qwen2 / Qwen3-style layers (rotary
+position_embeddings given by the model, optional q/k norms and biases), causal attention with an
+optional 4-D mask; no KV cache, no sliding window, no training (each refused with an error).
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import torch.distributed as dist
+
+from ringattn.tokenweave.fused_allreduce_rmsnorm import (
+    AllReduceRMSNorm,
+    TokenWeaveConfig,
+    get_allreduce_rmsnorm,
+)
+from ringattn.tokenweave.token_split import SideStream, num_sms, split_min_tokens, split_ranges
+
+
+def _rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Local RMSNorm with the fused kernel's numerics (fp32 inside, float64 for float64; one rounding)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    f = x.to(acc)
+    return (f * torch.rsqrt(f.pow(2).mean(-1, keepdim=True) + eps) * weight.to(acc)).to(x.dtype)
+
+
+def _norm_eps(norm: nn.Module) -> float:
+    for name in ("variance_epsilon", "eps", "epsilon"):
+        v = getattr(norm, name, None)
+        if isinstance(v, (float, int)):
+            return float(v)
+    raise ValueError(f"cannot find the epsilon of {type(norm).__name__}")
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _param(t: torch.Tensor | None) -> nn.Parameter | None:
+    return None if t is None else nn.Parameter(t.detach().clone().contiguous(), requires_grad=False)
+
+
+class TokenWeaveDecoderLayer(nn.Module):
+    """One HF Llama-style decoder layer, sharded tensor-parallel over `group` (see module doc).
+
+    forward(hidden_states (B, S, H) replicated on every rank, position_embeddings=(cos, sin),
+    attention_mask=None | (B, 1, S, S)) -> hidden_states (B, S, H), equal to the HF layer's output.
+    token_split: True / False (None: RINGATTN_TW_SPLIT, default on); below split_min_tokens
+    (default RINGATTN_TW_SPLIT_MIN_TOKENS or 1024) tokens splitting is off by itself.
+    """
+
+    def __init__(
+        self,
+        hf_layer: nn.Module,
+        group=None,
+        *,
+        token_split: bool | None = None,
+        split_min_tokens: int | None = None,
+        config: TokenWeaveConfig | None = None,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        self.group = group if group is not None else (dist.group.WORLD if dist.is_initialized() else None)
+        self.world_size = dist.get_world_size(self.group) if self.group is not None else 1
+        self.rank = dist.get_rank(self.group) if self.group is not None else 0
+        self.config = config
+        self.token_split = (os.environ.get("RINGATTN_TW_SPLIT", "1") != "0") if token_split is None else bool(token_split)
+        self.split_min_tokens = split_min_tokens if split_min_tokens is not None else split_min_tokens_default()
+        attn = getattr(hf_layer, "self_attn", None)
+        mlp = getattr(hf_layer, "mlp", None)
+        need = [(attn, "self_attn"), (mlp, "mlp"), (getattr(hf_layer, "input_layernorm", None), "input_layernorm"),
+                (getattr(hf_layer, "post_attention_layernorm", None), "post_attention_layernorm")]
+        missing = [n for m, n in need if m is None]
+        missing += [f"self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj", "o_proj") if attn is not None and not hasattr(attn, n)]
+        missing += [f"mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj", "act_fn") if mlp is not None and not hasattr(mlp, n)]
+        if missing:
+            raise TypeError(f"TokenWeaveDecoderLayer needs a Llama-style decoder layer; {type(hf_layer).__name__} lacks {missing}")
+        if getattr(attn, "sliding_window", None) not in (None, 0):
+            raise NotImplementedError("sliding-window attention layers are not supported by TokenWeaveDecoderLayer")
+        W, r = self.world_size, self.rank
+        D = int(getattr(attn, "head_dim", 0) or attn.q_proj.out_features // attn.config.num_attention_heads)
+        hq, hkv = attn.q_proj.out_features // D, attn.k_proj.out_features // D
+        inter = mlp.gate_proj.out_features
+        if hq % W or hkv % W or inter % W:
+            raise ValueError(
+                f"tensor parallelism over {W} ranks needs {W} | query heads ({hq}), KV heads ({hkv}) and "
+                f"intermediate size ({inter})"
+            )
+        self.head_dim, self.hq, self.hkv = D, hq // W, hkv // W
+        self.n_rep = hq // hkv
+        self.hidden = attn.o_proj.out_features
+        self.scaling = float(getattr(attn, "scaling", D**-0.5))
+        il = inter // W
+
+        def rows(lin: nn.Linear, n: int):
+            w = lin.weight[r * n : (r + 1) * n]
+            b = lin.bias[r * n : (r + 1) * n] if lin.bias is not None else None
+            return w, b
+
+        qw, qb = rows(attn.q_proj, self.hq * D)
+        kw, kb = rows(attn.k_proj, self.hkv * D)
+        vw, vb = rows(attn.v_proj, self.hkv * D)
+        self.qkv_weight = _param(torch.cat([qw, kw, vw]))
+        self.qkv_bias = _param(torch.cat([qb, kb, vb])) if qb is not None else None
+        self.o_weight = _param(attn.o_proj.weight[:, r * self.hq * D : (r + 1) * self.hq * D])
+        # Row-parallel biases are added once, by rank 0, to its partial sum.
+        self.o_bias = _param(attn.o_proj.bias) if attn.o_proj.bias is not None and r == 0 else None
+        gw, gb = rows(mlp.gate_proj, il)
+        uw, ub = rows(mlp.up_proj, il)
+        self.gate_up_weight = _param(torch.cat([gw, uw]))
+        self.gate_up_bias = _param(torch.cat([gb, ub])) if gb is not None else None
+        self.down_weight = _param(mlp.down_proj.weight[:, r * il : (r + 1) * il])
+        self.down_bias = _param(mlp.down_proj.bias) if mlp.down_proj.bias is not None and r == 0 else None
+        self.act_fn = mlp.act_fn
+        self.q_norm = copy.deepcopy(attn.q_norm) if getattr(attn, "q_norm", None) is not None else None
+        self.k_norm = copy.deepcopy(attn.k_norm) if getattr(attn, "k_norm", None) is not None else None
+        self.input_norm_weight = _param(hf_layer.input_layernorm.weight)
+        self.input_norm_eps = _norm_eps(hf_layer.input_layernorm)
+        self.post_norm_weight = _param(hf_layer.post_attention_layernorm.weight)
+        self.post_norm_eps = _norm_eps(hf_layer.post_attention_layernorm)
+        if device is not None:
+            self.to(device)
+
+    # -- pieces ---------------------------------------------------------------------------------
+
+    @property
+    def gemm_cols(self) -> int:
+        """Output columns of the layer's widest GEMM (what the wave-aware split is shaped for)."""
+        return max(self.qkv_weight.shape[0], self.gate_up_weight.shape[0])
+
+    def handle(self, device: torch.device) -> AllReduceRMSNorm:
+        return get_allreduce_rmsnorm(self.group, device, self.config)
+
+    def attention_into(self, y, t0, t1, cos, sin, mask, batch, seqlen, k_store, v_store, out) -> None:
+        """Row-parallel attention partial of tokens [t0, t1) (flattened B*S order) into `out` (n x H).
+
+        y: (n, H) normed input of those tokens; cos/sin: (B*S, D); k_store/v_store: (B*S, Hkv_local, D),
+        this layer's keys/values, filled here for [t0, t1) and read for earlier tokens of the same
+        sequences (a split inside a sequence)."""
+        n, D = t1 - t0, self.head_dim
+        qkv = F.linear(y, self.qkv_weight, self.qkv_bias)
+        q, k, v = qkv.split([self.hq * D, self.hkv * D, self.hkv * D], dim=-1)
+        q, k, v = q.reshape(n, self.hq, D), k.reshape(n, self.hkv, D), v.reshape(n, self.hkv, D)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        c, s = cos[t0:t1, None, :], sin[t0:t1, None, :]
+        q = (q * c + _rotate_half(q) * s).to(y.dtype)
+        k_store[t0:t1] = (k * c + _rotate_half(k) * s).to(y.dtype)
+        v_store[t0:t1] = v
+        attn = q.new_empty(n, self.hq, D)
+        full = []  # whole sequences inside [t0, t1): one batched causal call
+        for b in range(t0 // seqlen, -(-t1 // seqlen)):
+            qs, qe = max(t0, b * seqlen) - b * seqlen, min(t1, (b + 1) * seqlen) - b * seqlen
+            if qs == 0 and qe == seqlen:
+                full.append(b)
+                continue
+            rows = slice(b * seqlen + qs - t0, b * seqlen + qe - t0)
+            qb = q[rows].transpose(0, 1)[None]  # 1 x hq x m x D
+            kb, vb = (self._kv_heads(t[b * seqlen : b * seqlen + qe]) for t in (k_store, v_store))
+            if mask is not None:
+                m = mask[b : b + 1, :, qs:qe, :qe]
+            else:  # query at position qs+i sees keys 0..qs+i (bottom-right causal)
+                m = torch.arange(qs, qe, device=q.device)[:, None] >= torch.arange(qe, device=q.device)[None, :]
+            o = F.scaled_dot_product_attention(qb, kb[None], vb[None], attn_mask=m, scale=self.scaling)
+            attn[rows] = o[0].transpose(0, 1)
+        if full:
+            b0, nb = full[0], len(full)  # consecutive sequences
+            rows = slice(b0 * seqlen - t0, (b0 + nb) * seqlen - t0)
+            qb = q[rows].reshape(nb, seqlen, self.hq, D).transpose(1, 2)
+            kv = [t[b0 * seqlen : (b0 + nb) * seqlen].reshape(nb, seqlen, self.hkv, D).transpose(1, 2) for t in (k_store, v_store)]
+            kb, vb = (x.repeat_interleave(self.n_rep, dim=1) if self.n_rep > 1 else x for x in kv)
+            if mask is not None:
+                o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask[b0 : b0 + nb], scale=self.scaling)
+            else:
+                o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=self.scaling)
+            attn[rows] = o.transpose(1, 2).reshape(nb * seqlen, self.hq, D)
+        a = attn.reshape(n, self.hq * D)
+        if self.o_bias is not None:
+            torch.addmm(self.o_bias, a, self.o_weight.t(), out=out)
+        else:
+            torch.mm(a, self.o_weight.t(), out=out)
+
+    def _kv_heads(self, t: torch.Tensor) -> torch.Tensor:
+        """(m, Hkv_local, D) -> (Hq_local, m, D): GQA heads repeated to the query heads."""
+        t = t.transpose(0, 1)
+        return t.repeat_interleave(self.n_rep, dim=0) if self.n_rep > 1 else t
+
+    def mlp_into(self, y: torch.Tensor, out: torch.Tensor) -> None:
+        """Row-parallel MLP partial of y (n x H) into `out` (n x H)."""
+        g, u = F.linear(y, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
+        a = self.act_fn(g) * u
+        if self.down_bias is not None:
+            torch.addmm(self.down_bias, a, self.down_weight.t(), out=out)
+        else:
+            torch.mm(a, self.down_weight.t(), out=out)
+
+    # -- forward --------------------------------------------------------------------------------
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
+                position_embeddings=None, **kwargs):
+        return run_tokenweave_layers(
+            [self], hidden_states, position_embeddings, attention_mask, None, None,
+            token_split=self.token_split, split_min_tokens=self.split_min_tokens,
+            past_key_values=past_key_values, use_cache=use_cache,
+        )  # fmt: skip
+
+
+def split_min_tokens_default() -> int:
+    return split_min_tokens()
+
+
+class TokenWeaveDecoderStack(nn.Module):
+    """Consecutive decoder layers (+ the model's final norm) with every MLP all-reduce fused into the
+    next layer's input norm (TokenWeave's layer-boundary fusion), token-split across layers.
+
+    forward(hidden_states (B, S, H), position_embeddings=(cos, sin), attention_mask=None) ->
+    final_norm(layers(hidden_states)) (or layers(hidden_states) without a final norm).
+    """
+
+    def __init__(self, layers, final_norm: nn.Module | None = None, group=None, *, token_split: bool | None = None,
+                 split_min_tokens: int | None = None, config: TokenWeaveConfig | None = None, device=None):
+        super().__init__()
+        wrapped = [
+            l if isinstance(l, TokenWeaveDecoderLayer) else TokenWeaveDecoderLayer(
+                l, group, token_split=token_split, split_min_tokens=split_min_tokens, config=config, device=device)
+            for l in layers
+        ]  # fmt: skip
+        self.layers = nn.ModuleList(wrapped)
+        self.final_norm_weight = _param(final_norm.weight) if final_norm is not None else None
+        self.final_norm_eps = _norm_eps(final_norm) if final_norm is not None else None
+        if device is not None and self.final_norm_weight is not None:
+            self.final_norm_weight.data = self.final_norm_weight.data.to(device)
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+        first = self.layers[0]
+        return run_tokenweave_layers(
+            list(self.layers), hidden_states, position_embeddings, attention_mask,
+            self.final_norm_weight, self.final_norm_eps,
+            token_split=first.token_split, split_min_tokens=first.split_min_tokens,
+        )  # fmt: skip
+
+
+class _Half:
+    """A token range [t0, t1) moving through the layers: its normed input y, its residual (full
+    rows or this rank's token shard of the range), the event its last fused op finished on."""
+
+    def __init__(self, t0, t1, slot, y, residual):
+        self.t0, self.t1, self.slot = t0, t1, slot
+        self.y, self.residual, self.sharded, self.done = y, residual, False, None
+
+    @property
+    def n(self):
+        return self.t1 - self.t0
+
+
+def run_tokenweave_layers(layers, hidden_states, position_embeddings, attention_mask, final_weight, final_eps, *,
+                          token_split=True, split_min_tokens=1024, past_key_values=None, use_cache=False):
+    """The TokenWeave schedule over `layers` (see the module docstring). Returns the last layer's
+    output hidden states, or final_norm(them) when final_weight is given."""
+    if past_key_values is not None or use_cache:
+        raise NotImplementedError("TokenWeaveDecoderLayer runs prefill without a KV cache (past_key_values/use_cache)")
+    if position_embeddings is None:
+        raise ValueError("position_embeddings=(cos, sin) are required (as HF Llama models pass them to their layers)")
+    if attention_mask is not None and (not torch.is_tensor(attention_mask) or attention_mask.dim() != 4):
+        raise NotImplementedError("attention_mask must be None or a 4-D (B, 1|H, S, S) tensor mask")
+    first = layers[0]
+    B, S, H = hidden_states.shape
+    if H != first.hidden:
+        raise ValueError(f"hidden_states must be (B, S, {first.hidden}), got {tuple(hidden_states.shape)}")
+    N, dtype, device = B * S, hidden_states.dtype, hidden_states.device
+    h = hidden_states.reshape(N, H).contiguous()
+    cos, sin = position_embeddings
+    cos = cos.expand(B, S, cos.shape[-1]).reshape(N, -1)
+    sin = sin.expand(B, S, sin.shape[-1]).reshape(N, -1)
+    handle = first.handle(device)
+    with torch.no_grad():
+        ranges = split_ranges(N, token_split, split_min_tokens, first.gemm_cols, num_sms(device))
+        side = SideStream(device) if len(ranges) > 1 else None
+        halves = [_Half(t0, t1, s, _rmsnorm(h[t0:t1], first.input_norm_weight, first.input_norm_eps), h[t0:t1])
+                  for s, (t0, t1) in enumerate(ranges)]  # fmt: skip
+
+        def fused(half: _Half, partial, weight, eps, shard_out: bool):
+            """half.(y, residual) <- fused(partial + residual, weight), on the side stream if split."""
+            kw = dict(shard_residual_in=half.sharded, shard_residual_out=shard_out, slot=half.slot, copy_out=False)
+            if side is None:
+                half.y, half.residual = handle(partial, half.residual, weight, eps, **kw)
+            else:
+                side.launch()  # the side stream waits for the partial (an event, not the whole stream)
+                with side.run():
+                    half.y, half.residual = handle(partial, half.residual, weight, eps, **kw)
+                    half.done = side.done()
+                side.hand_to_main(half.residual)
+            half.sharded = shard_out
+
+        def shard_between(half: _Half) -> bool:
+            # keep the residual token-sharded when the call runs two-shot / rs_ag (agreed values only)
+            return handle.path_for(half.n, H, dtype) in ("symm_twoshot", "multimem", "rs_ag")
+
+        hkv, D = first.hkv, first.head_dim
+        for li, layer in enumerate(layers):
+            last = li == len(layers) - 1
+            k_store = torch.empty(N, hkv, D, dtype=dtype, device=device)
+            v_store = torch.empty(N, hkv, D, dtype=dtype, device=device)
+            for half in halves:
+                if side is not None:
+                    side.join(half.done)
+                buf = handle.input_buffer(half.n, H, dtype, slot=half.slot)
+                layer.attention_into(half.y, half.t0, half.t1, cos, sin, attention_mask, B, S, k_store, v_store, buf)
+                fused(half, buf, layer.post_norm_weight, layer.post_norm_eps, shard_between(half))
+            for half in halves:
+                if side is not None:
+                    side.join(half.done)
+                buf = handle.input_buffer(half.n, H, dtype, slot=half.slot)
+                layer.mlp_into(half.y, buf)
+                if not last:
+                    nxt = layers[li + 1]
+                    fused(half, buf, nxt.input_norm_weight, nxt.input_norm_eps, shard_between(half))
+                elif final_weight is not None:
+                    fused(half, buf, final_weight, final_eps, False)
+                else:  # a lone layer: only the new residual (full) is wanted; y is a by-product
+                    fused(half, buf, layer.post_norm_weight, layer.post_norm_eps, False)
+        out = torch.empty(N, H, dtype=dtype, device=device)
+        for half in halves:
+            if side is not None:
+                side.join(half.done)
+            out[half.t0 : half.t1] = half.y if final_weight is not None else half.residual
+    return out.view(B, S, H)

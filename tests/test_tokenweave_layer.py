@@ -1,0 +1,248 @@
+"""TokenWeaveDecoderLayer / TokenWeaveDecoderStack against the unsharded Hugging Face layers, and
+the wave-aware token split.
+
+CPU tier: tiny random Llama configs built here (transformers on CPU, no downloads), W real gloo
+ranks (1, 2, 4); every rank builds the same model from a seed, runs the tensor-parallel wrapper and
+compares with the unsharded layer. float64 cases must match to a few float32 ulps (HF's RMSNorm
+runs in float32 even for float64; sharding and the fused op are exact rearrangements otherwise); bf16 cases follow the "2x the HF layer's own
+error against float64" rule. Paths: the gloo fallbacks, and the fused kernel's protocol through
+the CPU host-simulation kernel (fp32; two-shot with the token-sharded residual).
+GPU tier (`-m gpu`): 2 ranks on cuda:0 (MPS), symm path, split on/off, bf16 vs the HF layer.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from conftest import get_pool
+from ringattn.tokenweave import token_split as ts
+
+transformers = pytest.importorskip("transformers")
+
+HAS_CUDA = torch.cuda.is_available()
+_ULP = {torch.float64: 2.0**-52, torch.float32: 2.0**-23, torch.bfloat16: 2.0**-8}
+
+
+# ---- token split (pure) ------------------------------------------------------------------------------
+
+
+def test_wave_aware_split_never_adds_a_wave_when_avoidable():
+    sms = 132
+    for T in (2, 3, 37, 1000, 1024, 4096, 4097, 8192, 12345):
+        for cols in (1536, 6144, 28672):
+            m = ts.wave_aware_split(T, cols, sms)
+            assert 0 < m < T
+            waves = ts.gemm_waves(m, cols, sms) + ts.gemm_waves(T - m, cols, sms)
+            best = min(ts.gemm_waves(k, cols, sms) + ts.gemm_waves(T - k, cols, sms) for k in range(max(1, int(0.3 * T)), min(T - 1, int(0.7 * T) + 1) + 1))
+            assert waves <= best + (1 if T < 256 else 0), (T, cols, m, waves, best)
+            assert 0.3 * T - 1 <= m <= 0.7 * T + 1, (T, m)
+
+
+def test_split_ranges_threshold_and_switch():
+    assert ts.split_ranges(4096, False, 0, 4096, 132) == [(0, 4096)]
+    assert ts.split_ranges(512, True, 1024, 4096, 132) == [(0, 512)]
+    (a, m), (m2, b) = ts.split_ranges(4096, True, 1024, 4096, 132)
+    assert a == 0 and m == m2 and b == 4096 and m % 128 == 0
+
+
+# ---- model helpers (inside the workers) ------------------------------------------------------------
+
+
+def build_model(seed, dtype, *, heads=8, kv_heads=4, hidden=64, inter=96, layers=2, bias=False, attn="sdpa"):
+    from transformers import LlamaConfig, LlamaModel
+
+    cfg = LlamaConfig(
+        hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        num_hidden_layers=layers, vocab_size=32, max_position_embeddings=256, rms_norm_eps=1e-5,
+        attention_bias=bias, mlp_bias=bias,
+    )  # fmt: skip
+    cfg._attn_implementation = attn
+    torch.manual_seed(seed)
+    model = LlamaModel(cfg).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # weights large enough that attention and MLP matter next to the residual
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            elif p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+            else:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    return model.to(dtype)
+
+
+def inputs(model, seed, B, S, dtype, mask=False):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(B, S, model.config.hidden_size, generator=g).to(dtype)
+    pos = torch.arange(S)[None].expand(B, S)
+    cos, sin = model.rotary_emb(h, pos)
+    m = None
+    if mask:  # causal, and batch 1 never sees key 1 (except itself): exercises the mask slicing
+        keep = torch.ones(S, S).tril().bool()[None, None].repeat(B, 1, 1, 1)
+        keep[1, :, 2:, 1] = False
+        m = torch.zeros(B, 1, S, S, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)
+    return h, (cos, sin), m
+
+
+def _assert_close(tag, got, ref64, same_dtype, dtype):
+    err = (got.double() - ref64).abs().max().item()
+    base = (same_dtype.double() - ref64).abs().max().item()
+    # HF's LlamaRMSNorm computes in float32 even for float64 inputs (its rotary tables too), so the
+    # "float64" HF layer is float32-accurate in places: the floor is float32 ulps for float64.
+    floor = 64 * _ULP[torch.float32 if dtype == torch.float64 else dtype] * ref64.abs().max().item()
+    assert err <= 2 * base + floor, f"{tag}: max err {err:.3e} > 2 x HF's own {base:.3e} + {floor:.3e}"
+
+
+def _w_layer_cases(cases, path=None, symm_backend="cuda", one_shot_max_tokens=64):
+    """Each case: (dtype, B, S, split, mask, bias, stack). Returns the paths the fused op took."""
+    from ringattn.tokenweave import TokenWeaveConfig, TokenWeaveDecoderLayer, TokenWeaveDecoderStack
+
+    cfg = TokenWeaveConfig(path=path, symm_backend=symm_backend, one_shot_max_tokens=one_shot_max_tokens, timeout_s=20)
+    group = dist.group.WORLD
+    paths = set()
+    for i, (dtype, B, S, split, mask, bias, stack) in enumerate(cases):
+        attn = "eager" if mask else "sdpa"
+        ref_model = build_model(7 + i, torch.float64, bias=bias, attn=attn)
+        model = build_model(7 + i, dtype, bias=bias, attn=attn)
+        h, pe, m = inputs(model, 100 + i, B, S, dtype, mask)
+        h64, pe64, m64 = inputs(ref_model, 100 + i, B, S, torch.float64, mask)
+        tag = f"rank {dist.get_rank()} case {i} {dtype} B={B} S={S} split={split} mask={mask} bias={bias} stack={stack}"
+        with torch.no_grad():
+            if stack:
+                ref64 = ref_model.norm(ref_model.layers[1](ref_model.layers[0](h64, attention_mask=m64, position_embeddings=pe64),
+                                                           attention_mask=m64, position_embeddings=pe64))
+                same = model.norm(model.layers[1](model.layers[0](h, attention_mask=m, position_embeddings=pe),
+                                                  attention_mask=m, position_embeddings=pe))
+                tw = TokenWeaveDecoderStack(model.layers, model.norm, group, token_split=split, split_min_tokens=0, config=cfg)
+                out = tw(h, position_embeddings=pe, attention_mask=m)
+            else:
+                ref64 = ref_model.layers[0](h64, attention_mask=m64, position_embeddings=pe64)
+                same = model.layers[0](h, attention_mask=m, position_embeddings=pe)
+                tw = TokenWeaveDecoderLayer(model.layers[0], group, token_split=split, split_min_tokens=0, config=cfg)
+                out = tw(h, attention_mask=m, position_embeddings=pe)
+        assert out.shape == h.shape and out.dtype == dtype, tag
+        _assert_close(tag, out, ref64, same, dtype)
+        handle = tw.layers[0].handle(h.device) if stack else tw.handle(h.device)
+        N = B * S
+        halves = ts.split_ranges(N, split, 0, 1, 132)
+        paths.update(handle.path_for(t1 - t0, h.shape[-1], dtype) for t0, t1 in halves)
+        if path == "symm":
+            assert handle.signal_pads_zero(), tag
+    return sorted(paths)
+
+
+# (dtype, B, S, split, mask, bias, stack); S odd and B*S odd so splits fall inside sequences
+_F64_CASES = [
+    (torch.float64, 2, 13, False, False, False, False),
+    (torch.float64, 1, 37, True, False, False, False),
+    (torch.float64, 3, 7, True, True, False, False),
+    (torch.float64, 2, 9, True, False, True, False),
+    (torch.float64, 3, 11, True, False, False, True),
+]
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_layer_matches_hf_float64(world):
+    paths = get_pool(world).run(_w_layer_cases, _F64_CASES, timeout=240)
+    assert all(p == (["local"] if world == 1 else ["allreduce"]) for p in paths), paths
+
+
+def test_layer_matches_hf_rs_ag_path():
+    paths = get_pool(2).run(_w_layer_cases, _F64_CASES[1:3] + _F64_CASES[4:], "rs_ag", timeout=240)
+    assert all(p == ["rs_ag"] for p in paths), paths
+
+
+def test_layer_matches_hf_bf16():
+    cases = [(torch.bfloat16, 2, 13, True, False, False, False), (torch.bfloat16, 3, 11, True, False, False, True)]
+    get_pool(2).run(_w_layer_cases, cases, timeout=240)
+
+
+@pytest.mark.skipif(
+    not __import__("ringattn.tokenweave.fused_allreduce_rmsnorm", fromlist=["_op_has_kernel"])._op_has_kernel("cpu"),
+    reason="ringattn._C predates the tw op (rebuild the extension)",
+)
+@pytest.mark.parametrize("world", [2, 4])
+def test_layer_matches_hf_fused_kernel_protocol_host_sim(world):
+    """The symm path end to end (host-simulation kernel): partials written into the symmetric
+    buffer, two slots, views instead of copies, token-sharded residual between the fused calls."""
+    cases = [
+        (torch.float32, 2, 13, False, False, False, False),
+        (torch.float32, 1, 37, True, False, False, False),
+        (torch.float32, 3, 11, True, True, True, True),
+    ]
+    fp32 = [(torch.float32,) + c[1:] for c in cases]
+    paths = get_pool(world).run(_w_layer_cases, fp32, "symm", "host-sim", 4, timeout=240)
+    assert all(p == ["symm_twoshot"] for p in paths), paths
+
+
+def _w_refusals():
+    from ringattn.tokenweave import TokenWeaveDecoderLayer
+
+    out = []
+    model = build_model(1, torch.float32)
+    try:
+        TokenWeaveDecoderLayer(model.layers[0], dist.group.WORLD)
+        out.append("built")
+    except ValueError as e:
+        out.append(str(e))
+    return out
+
+
+def test_refuses_heads_not_divisible_by_world():
+    out = get_pool(3).run(_w_refusals)
+    assert all("needs 3 | query heads (8)" in o[0] for o in out), out
+
+
+def test_refuses_kv_cache_and_missing_rotary():
+    from ringattn.tokenweave import TokenWeaveDecoderLayer
+
+    model = build_model(2, torch.float32)
+    layer = TokenWeaveDecoderLayer(model.layers[0], None)
+    h, pe, _ = inputs(model, 3, 1, 5, torch.float32)
+    with pytest.raises(NotImplementedError, match="KV cache"):
+        layer(h, position_embeddings=pe, use_cache=True)
+    with pytest.raises(ValueError, match="position_embeddings"):
+        layer(h)
+    with pytest.raises(TypeError, match="Llama-style"):
+        TokenWeaveDecoderLayer(torch.nn.Linear(3, 3), None)
+
+
+# ---- GPU tier -----------------------------------------------------------------------------------------
+
+
+def _gpu_layer(split):
+    from ringattn.tokenweave import TokenWeaveConfig, TokenWeaveDecoderLayer
+
+    dev = torch.device("cuda", 0)
+    cfg = TokenWeaveConfig(path="symm", timeout_s=30)
+    out = {}
+    for i, (B, S) in enumerate([(1, 37), (2, 1000), (1, 3001)]):
+        model = build_model(5 + i, torch.bfloat16, hidden=512, inter=1024, heads=8, kv_heads=4).to(dev)
+        ref_model = build_model(5 + i, torch.float64, hidden=512, inter=1024, heads=8, kv_heads=4).to(dev)
+        h, pe, _ = inputs(model, 9 + i, B, S, torch.bfloat16)
+        h64, pe64, _ = inputs(ref_model, 9 + i, B, S, torch.float64)
+        h, pe, h64, pe64 = h.to(dev), tuple(t.to(dev) for t in pe), h64.to(dev), tuple(t.to(dev) for t in pe64)
+        with torch.no_grad():
+            ref64 = ref_model.layers[0](h64, position_embeddings=pe64)
+            same = model.layers[0](h, position_embeddings=pe)
+            tw = TokenWeaveDecoderLayer(model.layers[0], dist.group.WORLD, token_split=split, split_min_tokens=0, config=cfg)
+            got = tw(h, position_embeddings=pe)
+            again = tw(h, position_embeddings=pe)
+        torch.cuda.synchronize()
+        _assert_close(f"rank {dist.get_rank()} B={B} S={S} split={split}", got, ref64, same, torch.bfloat16)
+        assert torch.equal(got, again), "not deterministic across calls"
+        out[(B, S)] = tw.handle(dev).path_for(B * S, 512, torch.bfloat16)
+    assert tw.handle(dev).signal_pads_zero()
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("split", [False, True])
+def test_gpu_layer_matches_hf_symm(split):
+    from test_fused_allreduce_rmsnorm import run_gpu_world
+
+    print(run_gpu_world(2, "test_tokenweave_layer:_gpu_layer", split))
