@@ -177,12 +177,14 @@ void fused_allreduce_rmsnorm_cpu_(const at::Tensor& local_in, at::Tensor& y_out,
   auto* const* bufs = reinterpret_cast<char* const*>(buffer_ptrs);
   auto* const* pads = reinterpret_cast<uint32_t* const*>(signal_pad_ptrs);
   const HostStatus status{reinterpret_cast<int32_t*>(status_ptr)};
-  const uint32_t sig = call_signature(T, H, int64_t(dt), mode, num_blocks);
+  const LaunchShape shape = launch_shape(H, local_in.element_size());
+  const int64_t blocks = effective_blocks(num_blocks, T, int(world_size), one_shot, shape.rows_per_block);
+  const uint32_t sig = call_signature(T, H, int64_t(dt), mode, blocks);
   const int r = int(rank), w = int(world_size), s = int(slot);
   // A legal schedule of the CUDA kernel: every block passes the start barrier, the rows are
   // processed, every block passes the end barrier.
   int32_t code = kOk;
-  for (int b = 0; b < num_blocks; ++b) {
+  for (int b = 0; b < blocks; ++b) {
     const int32_t c = host_barrier(pads, r, w, s, 0, b, sig, timeout_ns, status);
     if (c == kTimeout) return;
     code = std::max(code, c);
@@ -198,7 +200,7 @@ void fused_allreduce_rmsnorm_cpu_(const at::Tensor& local_in, at::Tensor& y_out,
       else run(weight.const_data_ptr<T_>());
     });
   }
-  for (int b = 0; b < num_blocks; ++b) {
+  for (int b = 0; b < blocks; ++b) {
     if (host_barrier(pads, r, w, s, 1, b, sig, timeout_ns, status) == kTimeout) return;
   }
 }

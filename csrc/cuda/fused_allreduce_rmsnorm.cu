@@ -26,7 +26,9 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <mutex>
 #include <type_traits>
+#include <unordered_map>
 
 #include "fused_allreduce_rmsnorm.cuh"
 
@@ -207,17 +209,21 @@ __device__ __forceinline__ void multimem_st(T* p, const Pack<T, 16 / sizeof(T)>&
 #define RINGATTN_TW_HAS_MULTIMEM 0
 #endif
 
-__device__ __forceinline__ float block_sum(float v, float* s_warp) {
+// Sum of v over the `group` threads of one row group (a multiple of 32; groups are aligned).
+// s_red: rows_per_block x (kMaxThreads / 32) floats. Every thread of the block must call it.
+__device__ __forceinline__ float group_sum(float v, float* s_red, int group) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  if (lane == 0) s_warp[warp] = v;
+  const int warps = group >> 5;
+  if (warps == 1) return v;
+  const int g = threadIdx.x / group, w = (threadIdx.x % group) >> 5, lane = threadIdx.x & 31;
+  float* mine = s_red + g * (kMaxThreads / 32);
+  if (lane == 0) mine[w] = v;
   __syncthreads();
-  const int num_warps = blockDim.x >> 5;
-  v = lane < num_warps ? s_warp[lane] : 0.f;
+  v = lane < warps ? mine[lane] : 0.f;
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  __syncthreads();  // s_warp is reused by the next row
+  __syncthreads();  // s_red is reused by the next rows
   return v;
 }
 
@@ -226,21 +232,22 @@ struct KernelArgs {
   char* multicast_ptr;       // multicast base (multimem mode) or nullptr
   int64_t in_offset, out_offset, res_offset;  // byte offsets of the regions (same on every rank)
   const void* residual;      // tokens x hidden (kResInFull) or shard_rows x hidden
-  void* residual_out;        // one-shot/no-gather: tokens x hidden or shard_rows x hidden (see res_out_full)
+  void* residual_out;        // shard_rows x hidden, or (one-shot + gather) tokens x hidden
   bool res_out_full;         // one-shot + gather: residual_out holds all tokens (else the shard rows)
   void* y_out;               // one-shot only: tokens x hidden, local
   const void* weight;        // hidden
   int64_t tokens, hidden;
   int64_t mode;
   float eps;
+  int group, rows_per_block;  // launch_shape(): threads per row, rows per CTA
   BarrierArgs barrier;
 };
 
-// T: I/O dtype; Wt: weight dtype (T or float); VEC: elements per access (16 bytes, or 1).
-template <typename T, typename Wt, int VEC>
+// T: I/O dtype; Wt: weight dtype (T or float); VEC: elements per access (16 bytes, or 1);
+// PER: accesses per thread per row. Rows [begin, end) are dealt out rows_per_block at a time.
+template <typename T, typename Wt, int VEC, int PER>
 __global__ void __launch_bounds__(kMaxThreads) fused_allreduce_rmsnorm_kernel(KernelArgs a) {
-  constexpr int kIters = kMaxElemsPerThread / VEC;
-  __shared__ float s_warp[32];
+  __shared__ float s_red[kMaxThreads / 32 * (kMaxThreads / 32)];
   __shared__ int32_t s_code;
   const int rank = a.barrier.rank, world = a.barrier.world_size;
   const bool one_shot = a.mode & kOneShot;
@@ -248,13 +255,15 @@ __global__ void __launch_bounds__(kMaxThreads) fused_allreduce_rmsnorm_kernel(Ke
   const bool res_in_full = a.mode & kResInFull;
   const bool res_out_gather = a.mode & kResOutGather;
   const int64_t H = a.hidden;
-  const int64_t begin = one_shot ? 0 : shard_begin(a.tokens, world, rank);
-  const int64_t end = one_shot ? a.tokens : shard_end(a.tokens, world, rank);
   const int64_t my_begin = shard_begin(a.tokens, world, rank), my_end = shard_end(a.tokens, world, rank);
+  const int64_t begin = one_shot ? 0 : my_begin, end = one_shot ? a.tokens : my_end;
+  const int gidx = threadIdx.x / a.group, lane = threadIdx.x % a.group;
 
   int32_t code = block_barrier(a.barrier, 0, &s_code);
   if (code == kTimeout) return;  // a peer is missing: the end barrier would only time out again
-#if !RINGATTN_TW_HAS_MULTIMEM
+#if RINGATTN_TW_HAS_MULTIMEM
+  if (multimem) asm volatile("fence.proxy.alias;" ::: "memory");  // unicast-written inputs -> multimem loads
+#else
   if (multimem && code == kOk) {
     if (threadIdx.x == 0) a.barrier.status.report(kMultimemUnsupported, rank, blockIdx.x, -1, 0, 0, 0);
     code = kMultimemUnsupported;
@@ -262,68 +271,82 @@ __global__ void __launch_bounds__(kMaxThreads) fused_allreduce_rmsnorm_kernel(Ke
 #endif
   const T* residual = static_cast<const T*>(a.residual);
   const Wt* weight = static_cast<const Wt*>(a.weight);
-  for (int64_t row = begin + blockIdx.x; code == kOk && row < end; row += gridDim.x) {
-    float vals[kMaxElemsPerThread];
+  // Every thread runs the same number of iterations (the group reduction syncs the block).
+  for (int64_t base = begin + int64_t(blockIdx.x) * a.rows_per_block; code == kOk && base < end;
+       base += int64_t(gridDim.x) * a.rows_per_block) {
+    const int64_t row = base + gidx;
+    const bool valid = row < end;
+    Pack<T, VEC> nr[PER];  // the new residual of this thread's columns, as stored (I/O dtype)
     float ss = 0.f;
-    const bool own_row = row >= my_begin && row < my_end;
-    const T* res_row = residual + (res_in_full ? row : row - my_begin) * H;
+    // 1) loads only (peers' partials, our residual): nothing stored in between, so they can all
+    //    be in flight at once. Peers in rank order on every rank: one-shot sums are identical.
 #pragma unroll
-    for (int it = 0; it < kIters; ++it) {
-      const int64_t col = (int64_t(it) * blockDim.x + threadIdx.x) * VEC;
-      if (col >= H) break;
-      float sum[VEC];
+    for (int it = 0; it < PER; ++it) {
+      const int64_t col = (int64_t(it) * a.group + lane) * VEC;
+      if (valid && col < H) {
+        float sum[VEC];
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) sum[j] = 0.f;
-      if (multimem) {
+        for (int j = 0; j < VEC; ++j) sum[j] = 0.f;
+        if (multimem) {
 #if RINGATTN_TW_HAS_MULTIMEM
-        if constexpr (sizeof(T) * VEC == 16) {
-          const auto p = multimem_ld_reduce_add<T>(reinterpret_cast<const T*>(a.multicast_ptr + a.in_offset) + row * H + col);
+          if constexpr (sizeof(T) * VEC == 16) {
+            const auto p = multimem_ld_reduce_add<T>(reinterpret_cast<const T*>(a.multicast_ptr + a.in_offset) + row * H + col);
 #pragma unroll
-          for (int j = 0; j < VEC; ++j) sum[j] = to_float(p.v[j]);
-        }
+            for (int j = 0; j < VEC; ++j) sum[j] = to_float(p.v[j]);
+          }
 #endif
-      } else {
-        // Peers in rank order on every rank, so the one-shot sums are bitwise identical everywhere.
-        for (int p = 0; p < world; ++p) {
-          const auto v = load_cg<T, VEC>(reinterpret_cast<const T*>(a.buffer_ptrs[p] + a.in_offset) + row * H + col);
+        } else {
+          Pack<T, VEC> pv[kMaxWorldSize];
 #pragma unroll
-          for (int j = 0; j < VEC; ++j) sum[j] += to_float(v.v[j]);
+          for (int p = 0; p < kMaxWorldSize; ++p)
+            if (p < world) pv[p] = load_cg<T, VEC>(reinterpret_cast<const T*>(a.buffer_ptrs[p] + a.in_offset) + row * H + col);
+#pragma unroll
+          for (int p = 0; p < kMaxWorldSize; ++p)
+            if (p < world) {
+#pragma unroll
+              for (int j = 0; j < VEC; ++j) sum[j] += to_float(pv[p].v[j]);
+            }
+        }
+        const T* res_row = residual + (res_in_full ? row : row - my_begin) * H;
+        const auto r = load_cg<T, VEC>(res_row + col);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          nr[it].v[j] = from_float<T>(sum[j] + to_float(r.v[j]));  // rounded like add_rmsnorm
+          const float f = to_float(nr[it].v[j]);
+          ss += f * f;
         }
       }
-      const auto r = load_cg<T, VEC>(res_row + col);
-      Pack<T, VEC> nr;
+    }
+    // 2) the new residual rows
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        // the new residual is rounded to the I/O dtype and normalised as stored (= add_rmsnorm)
-        nr.v[j] = from_float<T>(sum[j] + to_float(r.v[j]));
-        const float f = to_float(nr.v[j]);
-        vals[it * VEC + j] = f;
-        ss += f * f;
-      }
-      // new residual rows
+    for (int it = 0; it < PER; ++it) {
+      const int64_t col = (int64_t(it) * a.group + lane) * VEC;
+      if (!(valid && col < H)) continue;
+      const bool own_row = row >= my_begin && row < my_end;
       if (one_shot) {
-        if (a.res_out_full) store<T, VEC>(static_cast<T*>(a.residual_out) + row * H + col, nr);
-        else if (own_row) store<T, VEC>(static_cast<T*>(a.residual_out) + (row - my_begin) * H + col, nr);
+        if (a.res_out_full) store<T, VEC>(static_cast<T*>(a.residual_out) + row * H + col, nr[it]);
+        else if (own_row) store<T, VEC>(static_cast<T*>(a.residual_out) + (row - my_begin) * H + col, nr[it]);
       } else if (res_out_gather) {
         if (multimem) {
 #if RINGATTN_TW_HAS_MULTIMEM
-          if constexpr (sizeof(T) * VEC == 16) multimem_st<T>(reinterpret_cast<T*>(a.multicast_ptr + a.res_offset) + row * H + col, nr);
+          if constexpr (sizeof(T) * VEC == 16) multimem_st<T>(reinterpret_cast<T*>(a.multicast_ptr + a.res_offset) + row * H + col, nr[it]);
 #endif
         } else {
-          for (int p = 0; p < world; ++p) store<T, VEC>(reinterpret_cast<T*>(a.buffer_ptrs[p] + a.res_offset) + row * H + col, nr);
+          for (int p = 0; p < world; ++p) store<T, VEC>(reinterpret_cast<T*>(a.buffer_ptrs[p] + a.res_offset) + row * H + col, nr[it]);
         }
       } else {
-        store<T, VEC>(static_cast<T*>(a.residual_out) + (row - my_begin) * H + col, nr);
+        store<T, VEC>(static_cast<T*>(a.residual_out) + (row - my_begin) * H + col, nr[it]);
       }
     }
-    const float inv = 1.f / sqrtf(block_sum(ss, s_warp) / float(H) + a.eps);
+    // 3) normalise and store y (to every peer, or locally for one-shot)
+    const float inv = 1.f / sqrtf(group_sum(ss, s_red, a.group) / float(H) + a.eps);
 #pragma unroll
-    for (int it = 0; it < kIters; ++it) {
-      const int64_t col = (int64_t(it) * blockDim.x + threadIdx.x) * VEC;
-      if (col >= H) break;
+    for (int it = 0; it < PER; ++it) {
+      const int64_t col = (int64_t(it) * a.group + lane) * VEC;
+      if (!(valid && col < H)) continue;
       Pack<T, VEC> y;
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) y.v[j] = from_float<T>(vals[it * VEC + j] * inv * to_float(weight[col + j]));
+      for (int j = 0; j < VEC; ++j) y.v[j] = from_float<T>(to_float(nr[it].v[j]) * inv * to_float(weight[col + j]));
       if (one_shot) {
         store<T, VEC>(static_cast<T*>(a.y_out) + row * H + col, y);
       } else if (multimem) {
@@ -335,10 +358,27 @@ __global__ void __launch_bounds__(kMaxThreads) fused_allreduce_rmsnorm_kernel(Ke
       }
     }
   }
+#if RINGATTN_TW_HAS_MULTIMEM
+  if (multimem) asm volatile("fence.proxy.alias;" ::: "memory");  // multimem stores -> peers' unicast reads
+#endif
   block_barrier(a.barrier, 1, &s_code);
 }
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// Pinned host status words -> device address (the same under UVA), cached: the lookup is not
+// stream-ordered and is kept out of CUDA-graph capture after the first (eager) call.
+int32_t* status_device_ptr(int64_t host_ptr) {
+  static std::mutex mu;
+  static std::unordered_map<int64_t, int32_t*> cache;
+  const std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(host_ptr);
+  if (it != cache.end()) return it->second;
+  void* dev = nullptr;
+  C10_CUDA_CHECK(cudaHostGetDevicePointer(&dev, reinterpret_cast<void*>(host_ptr), 0));
+  cache.emplace(host_ptr, static_cast<int32_t*>(dev));
+  return static_cast<int32_t*>(dev);
+}
 
 }  // namespace
 
@@ -346,7 +386,7 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) ==
 //   local_in:     tokens x hidden, this rank's in-region view (dtype, shape, device; partials)
 //   y_out:        tokens x hidden (two-shot: this rank's out-region view; one-shot: any tensor)
 //   residual:     tokens x hidden (mode & kResInFull) or shard_rows x hidden
-//   residual_out: tokens x hidden (gathered: the local res-region view; one-shot may use any) or shard_rows x hidden
+//   residual_out: tokens x hidden (mode & kResOutGather; two-shot: the local res-region view) or shard_rows x hidden
 //   weight:       hidden, dtype of local_in or fp32
 void fused_allreduce_rmsnorm_cuda_(const at::Tensor& local_in, at::Tensor& y_out, const at::Tensor& residual,
                                    at::Tensor& residual_out, const at::Tensor& weight, int64_t buffer_ptrs_dev,
@@ -389,13 +429,16 @@ void fused_allreduce_rmsnorm_cuda_(const at::Tensor& local_in, at::Tensor& y_out
   if (T == 0) return;  // every rank agrees on T: nobody launches, nobody waits
 
   const c10::cuda::CUDAGuard guard(local_in.device());
-  const int64_t esize = local_in.element_size();
-  const int64_t vec = 16 / esize;
-  const bool vec_ok = H % vec == 0 && in_offset % 16 == 0 && out_offset % 16 == 0 && res_offset % 16 == 0 &&
-                      aligned16(residual.data_ptr()) && aligned16(residual_out.data_ptr()) && aligned16(y_out.data_ptr());
-  TORCH_CHECK(!multimem || vec_ok, "multimem mode needs 16-byte aligned rows (hidden * element size % 16 == 0)");
-  const int64_t lanes = vec_ok ? H / vec : H;
-  const int threads = int(std::min<int64_t>(kMaxThreads, (lanes + 31) / 32 * 32));
+  const LaunchShape shape = launch_shape(H, local_in.element_size());
+  const bool vec = shape.vec > 1;
+  if (vec) {
+    TORCH_CHECK(in_offset % 16 == 0 && out_offset % 16 == 0 && res_offset % 16 == 0,
+                "region offsets must be 16-byte aligned");
+    TORCH_CHECK(aligned16(residual.data_ptr()) && aligned16(residual_out.data_ptr()) && aligned16(y_out.data_ptr()),
+                "residual, residual_out and y_out must be 16-byte aligned (hidden * element size is a multiple of 16)");
+  }
+  TORCH_CHECK(!multimem || vec, "multimem mode needs hidden * element size % 16 == 0");
+  const int64_t blocks = effective_blocks(num_blocks, T, int(world_size), one_shot, shape.rows_per_block);
 
   KernelArgs args;
   args.buffer_ptrs = reinterpret_cast<char* const*>(buffer_ptrs_dev);
@@ -412,29 +455,37 @@ void fused_allreduce_rmsnorm_cuda_(const at::Tensor& local_in, at::Tensor& y_out
   args.hidden = H;
   args.mode = mode;
   args.eps = float(eps);
+  args.group = shape.group;
+  args.rows_per_block = shape.rows_per_block;
   args.barrier.signal_pads = reinterpret_cast<uint32_t**>(signal_pad_ptrs_dev);
   args.barrier.rank = int(rank);
   args.barrier.world_size = int(world_size);
   args.barrier.slot = int(slot);
-  args.barrier.signature = call_signature(T, H, int64_t(dt), mode, num_blocks);
+  args.barrier.signature = call_signature(T, H, int64_t(dt), mode, blocks);
   args.barrier.timeout_ns = uint64_t(std::max<int64_t>(0, timeout_ns));
-  args.barrier.status.words = nullptr;
-  if (status_ptr != 0) {  // pinned host words -> their device address (the same under UVA)
-    void* dev = nullptr;
-    C10_CUDA_CHECK(cudaHostGetDevicePointer(&dev, reinterpret_cast<void*>(status_ptr), 0));
-    args.barrier.status.words = static_cast<int32_t*>(dev);
-  }
+  args.barrier.status.words = status_ptr != 0 ? status_device_ptr(status_ptr) : nullptr;
 
   const auto stream = at::cuda::getCurrentCUDAStream();
+  const dim3 grid(static_cast<unsigned>(blocks)), block(static_cast<unsigned>(shape.threads));
   auto launch = [&](auto io_tag) {
     using T_ = decltype(io_tag);
     constexpr int kVec = 16 / sizeof(T_);
     auto with_weight = [&](auto weight_tag) {
       using W_ = decltype(weight_tag);
-      if (vec_ok) {
-        fused_allreduce_rmsnorm_kernel<T_, W_, kVec><<<int(num_blocks), threads, 0, stream>>>(args);
-      } else {
-        fused_allreduce_rmsnorm_kernel<T_, W_, 1><<<int(num_blocks), threads, 0, stream>>>(args);
+      if (!vec) {
+        fused_allreduce_rmsnorm_kernel<T_, W_, 1, 32><<<grid, block, 0, stream>>>(args);
+        return;
+      }
+      switch (shape.per_thread) {
+        case 1: fused_allreduce_rmsnorm_kernel<T_, W_, kVec, 1><<<grid, block, 0, stream>>>(args); break;
+        case 2: fused_allreduce_rmsnorm_kernel<T_, W_, kVec, 2><<<grid, block, 0, stream>>>(args); break;
+        case 4: fused_allreduce_rmsnorm_kernel<T_, W_, kVec, 4><<<grid, block, 0, stream>>>(args); break;
+        default:
+          // 8 x 16-byte accesses per thread only for 4-byte types (hidden > 8192); 2-byte types at
+          // hidden <= 16384 need at most 4, so that instance is never built for them.
+          if constexpr (sizeof(T_) == 4) fused_allreduce_rmsnorm_kernel<T_, W_, kVec, 8><<<grid, block, 0, stream>>>(args);
+          else TORCH_CHECK(false, "fused_allreduce_rmsnorm: no launch shape for hidden ", H);
+          break;
       }
     };
     if (weight.scalar_type() == at::kFloat) with_weight(float{});

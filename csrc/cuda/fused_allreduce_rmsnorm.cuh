@@ -27,9 +27,8 @@ namespace ringattn::tokenweave {
 
 constexpr int kMaxWorldSize = 8;         // one NVLink/NVSwitch node
 constexpr int kMaxBlocks = 32;           // CTAs per call (signal-pad layout bound)
-constexpr int kMaxThreads = 1024;
-constexpr int kMaxElemsPerThread = 16;   // registers per thread for one row
-constexpr int64_t kMaxHidden = int64_t(kMaxThreads) * kMaxElemsPerThread;  // 16384
+constexpr int kMaxThreads = 512;         // per CTA (128 registers per thread)
+constexpr int64_t kMaxHidden = 16384;
 constexpr int kNumSlots = 2;             // two calls may be in flight (token-split halves)
 constexpr int kNumPhases = 2;            // start and end barrier
 
@@ -70,6 +69,38 @@ TW_HD int64_t shard_begin(int64_t tokens, int world_size, int rank) {
 TW_HD int64_t shard_end(int64_t tokens, int world_size, int rank) {
   const int64_t e = shard_chunk(tokens, world_size) * (rank + 1);
   return e < tokens ? e : tokens;
+}
+
+// Launch shape, a function of (hidden, element size) only, so every rank derives the same one.
+// A row is handled by a group of `group` threads, each holding `per_thread` accesses of `vec`
+// elements (16 bytes when hidden * esize allows, else 1 element); a CTA works on
+// `rows_per_block` rows at once (memory-level parallelism with few CTAs).
+struct LaunchShape {
+  int vec, per_thread, group, rows_per_block, threads;
+};
+TW_HD LaunchShape launch_shape(int64_t hidden, int64_t esize) {
+  LaunchShape s;
+  const bool vec = (hidden * esize) % 16 == 0;
+  s.vec = vec ? int(16 / esize) : 1;
+  const int64_t lanes = hidden / s.vec;
+  if (!vec) s.per_thread = 32;
+  else if (lanes > int64_t(kMaxThreads) * 4) s.per_thread = 8;
+  else if (lanes >= 128) s.per_thread = 4;
+  else if (lanes >= 64) s.per_thread = 2;
+  else s.per_thread = 1;
+  const int64_t g = (lanes + s.per_thread - 1) / s.per_thread;
+  s.group = int((g + 31) / 32 * 32);
+  s.rows_per_block = s.group >= kMaxThreads ? 1 : kMaxThreads / s.group;
+  s.threads = s.group * s.rows_per_block;
+  return s;
+}
+
+// CTAs actually launched: the requested count, capped so no CTA is idle (agreed values only).
+TW_HD int64_t effective_blocks(int64_t requested, int64_t tokens, int world_size, bool one_shot, int rows_per_block) {
+  const int64_t rows = one_shot ? tokens : shard_chunk(tokens, world_size);
+  const int64_t need = (rows + rows_per_block - 1) / rows_per_block;
+  const int64_t b = requested < need ? requested : need;
+  return b < 1 ? 1 : b;
 }
 
 // Non-zero 32-bit value a rank writes into its peers' signal pads: peers compare it with their

@@ -26,7 +26,7 @@ Residual layout: TokenWeave keeps the residual sharded by token between layers (
 full (T x H, replicated) or shard layouts for the input and the returned residual.
 
 Environment (must be equal on all ranks; the handle checks it): RINGATTN_TW_PATH (force a path),
-RINGATTN_TW_MAX_CTAS (kernel CTAs, default 4), RINGATTN_TW_ONE_SHOT_MAX_TOKENS (default 64),
+RINGATTN_TW_MAX_CTAS (kernel CTAs, default 8), RINGATTN_TW_ONE_SHOT_MAX_TOKENS (default 64),
 RINGATTN_TW_TIMEOUT_S (kernel barrier timeout, default 30, 0 = never), RINGATTN_TW_DEBUG=1
 (log every call's path, synchronise and check the kernel status after every call, timeout 10 s),
 RINGATTN_TW_VALIDATE=0 (skip the per-call shape check on the collective paths).
@@ -78,7 +78,7 @@ class TokenWeaveConfig:
     """Knobs of the fused op. Every rank of a group must use the same values (checked)."""
 
     path: str | None = None  # force a base path (one of BASE_PATHS); None = best available
-    max_ctas: int = 4  # CTAs (~SMs) of the fused kernel; TokenWeave uses 2-8
+    max_ctas: int = 8  # CTAs (~SMs) of the fused kernel; TokenWeave uses 2-8
     one_shot_max_tokens: int = 64  # full-residual calls with at most this many tokens go one-shot
     timeout_s: float = 30.0  # kernel barrier timeout (0 = wait forever)
     debug: bool = False
@@ -90,7 +90,7 @@ class TokenWeaveConfig:
         debug = os.environ.get("RINGATTN_TW_DEBUG", "0") not in ("", "0")
         kw = dict(
             path=os.environ.get("RINGATTN_TW_PATH") or None,
-            max_ctas=_env_int("RINGATTN_TW_MAX_CTAS", 4),
+            max_ctas=_env_int("RINGATTN_TW_MAX_CTAS", 8),
             one_shot_max_tokens=_env_int("RINGATTN_TW_ONE_SHOT_MAX_TOKENS", 64),
             timeout_s=_env_float("RINGATTN_TW_TIMEOUT_S", 10.0 if debug else 30.0),
             debug=debug,
@@ -126,9 +126,38 @@ def shard_bounds(num_tokens: int, world_size: int, rank: int) -> tuple[int, int]
 
 
 def num_blocks_for(num_tokens: int, world_size: int, one_shot: bool, max_ctas: int) -> int:
-    """CTAs of one call: from values all ranks share only (never tuned per rank)."""
+    """CTAs requested for one call: from values all ranks share only (never tuned per rank). The
+    kernel trims it to ctas_for(...) so that no CTA is idle."""
     rows = num_tokens if one_shot else -(-num_tokens // world_size)
     return max(1, min(max_ctas, rows))
+
+
+def launch_shape(hidden: int, esize: int) -> dict:
+    """Mirror of launch_shape() in csrc/cuda/fused_allreduce_rmsnorm.cuh (threads per row, rows per CTA)."""
+    vec_ok = (hidden * esize) % 16 == 0
+    vec = 16 // esize if vec_ok else 1
+    lanes = hidden // vec
+    if not vec_ok:
+        per = 32
+    elif lanes > 512 * 4:
+        per = 8
+    elif lanes >= 128:
+        per = 4
+    elif lanes >= 64:
+        per = 2
+    else:
+        per = 1
+    group = -(-(-(-lanes // per)) // 32) * 32
+    rows = 1 if group >= 512 else 512 // group
+    return dict(vec=vec, per_thread=per, group=group, rows_per_block=rows, threads=group * rows)
+
+
+def ctas_for(num_tokens: int, hidden: int, dtype: torch.dtype, world_size: int, one_shot: bool, max_ctas: int) -> int:
+    """CTAs (at most that many SMs) the fused kernel launches for this call."""
+    shape = launch_shape(hidden, torch.empty((), dtype=dtype).element_size())
+    rows = num_tokens if one_shot else -(-num_tokens // world_size)
+    need = -(-rows // shape["rows_per_block"])
+    return max(1, min(num_blocks_for(num_tokens, world_size, one_shot, max_ctas), need))
 
 
 # ---- the compiled op -------------------------------------------------------------------------
@@ -482,6 +511,13 @@ class AllReduceRMSNorm:
     def num_blocks(self, num_tokens: int, path: str) -> int:
         return num_blocks_for(num_tokens, self.world_size, path == "symm_oneshot", self.config.max_ctas)
 
+    def ctas(self, num_tokens: int, hidden: int, dtype: torch.dtype, shard_residual_in: bool = False) -> int:
+        """CTAs the fused kernel launches for this call (0 on the collective paths)."""
+        path = self.path_for(num_tokens, hidden, dtype, shard_residual_in)
+        if path not in ("symm_oneshot", "symm_twoshot", "multimem"):
+            return 0
+        return ctas_for(num_tokens, hidden, dtype, self.world_size, path == "symm_oneshot", self.config.max_ctas)
+
     # -- buffers --
 
     def reserve(self, num_tokens: int, hidden: int, dtype: torch.dtype) -> None:
@@ -607,6 +643,8 @@ class AllReduceRMSNorm:
             weight = weight.float()
         weight = weight.contiguous()
         residual = residual.contiguous()
+        if residual.data_ptr() % 16:  # the vectorised kernel needs 16-byte aligned rows
+            residual = residual.clone()
         b, e = shard_bounds(T, self.world_size, self.rank)
         mode = 0 if res_in_shard else _MODE_RES_IN_FULL
         if not res_out_shard:
