@@ -87,7 +87,13 @@ def inputs(model, seed, B, S, dtype, mask=False):
     return h, (cos, sin), m
 
 
+def _t(x):
+    """HF decoder layers return a tensor (transformers 5) or a tuple (4.x)."""
+    return x[0] if isinstance(x, tuple) else x
+
+
 def _assert_close(tag, got, ref64, same_dtype, dtype):
+    got, ref64, same_dtype = _t(got), _t(ref64), _t(same_dtype)
     err = (got.double() - ref64).abs().max().item()
     base = (same_dtype.double() - ref64).abs().max().item()
     # HF's LlamaRMSNorm computes in float32 even for float64 inputs (its rotary tables too), so the
@@ -112,10 +118,10 @@ def _w_layer_cases(cases, path=None, symm_backend="cuda", one_shot_max_tokens=64
         tag = f"rank {dist.get_rank()} case {i} {dtype} B={B} S={S} split={split} mask={mask} bias={bias} stack={stack}"
         with torch.no_grad():
             if stack:
-                ref64 = ref_model.norm(ref_model.layers[1](ref_model.layers[0](h64, attention_mask=m64, position_embeddings=pe64),
-                                                           attention_mask=m64, position_embeddings=pe64))
-                same = model.norm(model.layers[1](model.layers[0](h, attention_mask=m, position_embeddings=pe),
-                                                  attention_mask=m, position_embeddings=pe))
+                ref64 = ref_model.norm(_t(ref_model.layers[1](_t(ref_model.layers[0](h64, attention_mask=m64, position_embeddings=pe64)),
+                                                              attention_mask=m64, position_embeddings=pe64)))
+                same = model.norm(_t(model.layers[1](_t(model.layers[0](h, attention_mask=m, position_embeddings=pe)),
+                                                     attention_mask=m, position_embeddings=pe)))
                 tw = TokenWeaveDecoderStack(model.layers, model.norm, group, token_split=split, split_min_tokens=0, config=cfg)
                 out = tw(h, position_embeddings=pe, attention_mask=m)
             else:
@@ -176,6 +182,29 @@ def test_layer_matches_hf_fused_kernel_protocol_host_sim(world):
     fp32 = [(torch.float32,) + c[1:] for c in cases]
     paths = get_pool(world).run(_w_layer_cases, fp32, "symm", "host-sim", 4, timeout=240)
     assert all(p == ["symm_twoshot"] for p in paths), paths
+
+
+def _w_model_drop_in(attn):
+    """Swap every layer of a HF LlamaModel for TokenWeaveDecoderLayer: the model's own loop (its
+    mask, rotary tables, layer calling convention) gives the unsharded model's output."""
+    from ringattn.tokenweave import TokenWeaveDecoderLayer
+
+    model = build_model(11, torch.float64, attn=attn)
+    g = torch.Generator().manual_seed(12)
+    h = torch.randn(2, 9, model.config.hidden_size, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        ref = model(inputs_embeds=h, use_cache=False).last_hidden_state
+        for i, layer in enumerate(model.layers):
+            model.layers[i] = TokenWeaveDecoderLayer(layer, dist.group.WORLD, token_split=True, split_min_tokens=0)
+        got = model(inputs_embeds=h, use_cache=False).last_hidden_state
+    err = (got - ref).abs().max().item()
+    assert err < 1e-4 * ref.abs().max().item(), f"rank {dist.get_rank()} attn={attn}: max err {err:.3e}"
+    return err
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_drop_in_replacement_inside_hf_model(attn):
+    get_pool(2).run(_w_model_drop_in, attn, timeout=240)
 
 
 def _w_refusals():

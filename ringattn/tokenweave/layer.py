@@ -146,6 +146,10 @@ class TokenWeaveDecoderLayer(nn.Module):
         self.input_norm_eps = _norm_eps(hf_layer.input_layernorm)
         self.post_norm_weight = _param(hf_layer.post_attention_layernorm.weight)
         self.post_norm_eps = _norm_eps(hf_layer.post_attention_layernorm)
+        # transformers 4.x layers return a tuple (hidden_states, ...), 5.x a tensor: answer alike so
+        # the wrapper drops into the model's own layer loop.
+        ann = getattr(type(hf_layer).forward, "__annotations__", {}).get("return", "")
+        self.returns_tuple = "tuple" in str(ann).lower()
         if device is not None:
             self.to(device)
 
@@ -228,11 +232,12 @@ class TokenWeaveDecoderLayer(nn.Module):
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
                 position_embeddings=None, **kwargs):
-        return run_tokenweave_layers(
+        out = run_tokenweave_layers(
             [self], hidden_states, position_embeddings, attention_mask, None, None,
             token_split=self.token_split, split_min_tokens=self.split_min_tokens,
             past_key_values=past_key_values, use_cache=use_cache,
         )  # fmt: skip
+        return (out,) if self.returns_tuple else out
 
 
 def split_min_tokens_default() -> int:
