@@ -237,11 +237,21 @@ def _symm_empty(nbytes: int, device: torch.device) -> torch.Tensor:
         return symm.empty(nbytes, dtype=torch.uint8, device=device)
 
 
+def _torch_version() -> tuple[int, int]:
+    try:
+        major, minor = torch.__version__.split("+")[0].split(".")[:2]
+        return int(major), int(minor)
+    except ValueError:
+        return (99, 0)
+
+
 def _enable_symm_for_group(group) -> None:
-    """torch < 2.10 needs the group registered with symmetric memory; later versions deprecate it."""
+    """torch < 2.11 needs the group registered with symmetric memory (enable_symm_mem_for_group);
+    2.11 deprecated it and resolves the group's store in C++ (pytorch/pytorch#172163), so it is
+    only called before 2.11."""
     symm = _symm_module()
     fn = getattr(symm, "enable_symm_mem_for_group", None)
-    if fn is None:
+    if fn is None or _torch_version() >= (2, 11):
         return
     is_enabled = getattr(symm, "is_symm_mem_enabled_for_group", None)
     if is_enabled is not None and is_enabled(group.group_name):
