@@ -516,7 +516,21 @@ class AllReduceRMSNorm:
             max_ctas=self.config.max_ctas,
             one_shot_max_tokens=self.config.one_shot_max_tokens,
             multicast=bool(self._ws and self._ws.multicast_ptr),
+            torch=torch.__version__,
+            symm_backend=self._symm_backend_name(),
+            signal_pad_bytes=int(getattr(self._ws.handle, "signal_pad_size", 0) or 0) if self._ws else 0,
+            workspace_bytes=(self._ws.slot_bytes * NUM_SLOTS) if self._ws else 0,
         )
+
+    def _symm_backend_name(self) -> str | None:
+        if self._ws is None:
+            return None
+        if isinstance(self._ws.handle, HostSimSymmetricMemory):
+            return "host-sim"
+        try:
+            return _symm_module().get_backend(self.device)
+        except Exception:  # noqa: BLE001 - informational only
+            return "unknown"
 
     def num_blocks(self, num_tokens: int, path: str) -> int:
         return num_blocks_for(num_tokens, self.world_size, path == "symm_oneshot", self.config.max_ctas)
