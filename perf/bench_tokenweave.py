@@ -4,7 +4,7 @@ overlap on a tensor-parallel decoder layer. Ranks share one GPU (run under MPS).
     export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps CUDA_MPS_LOG_DIRECTORY=/tmp/mpslog
     mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY; nvidia-cuda-mps-control -d
     python perf/bench_tokenweave.py --out perf/out/tokenweave            # everything, 2 ranks
-    python perf/bench_tokenweave.py --out OUT --world 4 --max-ctas 4,8,16 --skip-layer
+    python perf/bench_tokenweave.py --out OUT --world 4 --max-ctas 4,8,16,32 --skip-layer
     echo quit | nvidia-cuda-mps-control
 
 Part 1 (fused op), bf16, tokens 1..8192 x hidden 4096/8192, W ranks on cuda:0 (gloo control
@@ -265,7 +265,7 @@ def main():
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--tokens", type=_ints, default=_ints("1,2,4,8,16,32,64,128,256,512,1024,2048,4096,8192"))
     p.add_argument("--hidden", type=_ints, default=_ints("4096,8192"))
-    p.add_argument("--max-ctas", type=_ints, default=_ints("8"))
+    p.add_argument("--max-ctas", type=_ints, default=_ints("8,32"), help="CTA caps to compare (8: the default; 32: the kernel max)")
     p.add_argument("--layer-tokens", type=_ints, default=_ints("512,1024,2048,4096,8192"))
     p.add_argument("--calls", type=int, default=20, help="calls per captured graph")
     p.add_argument("--iters", type=int, default=20)
