@@ -5,6 +5,7 @@ overlap on a tensor-parallel decoder layer. Ranks share one GPU (run under MPS).
     mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY; nvidia-cuda-mps-control -d
     python perf/bench_tokenweave.py --out perf/out/tokenweave            # everything, 2 ranks
     python perf/bench_tokenweave.py --out OUT --world 4 --max-ctas 4,8,16,32 --skip-layer
+    python perf/bench_tokenweave.py --cpu-smoke --out /tmp/twsmoke    # flow check without a GPU
     echo quit | nvidia-cuda-mps-control
 
 Part 1 (fused op), bf16, tokens 1..8192 x hidden 4096/8192, W ranks on cuda:0 (gloo control
@@ -44,9 +45,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
+SMOKE = False  # --cpu-smoke: the whole flow on CPU (gloo, host-sim kernel, wall clock), tiny sizes
+
+
 def _timed(fn, iters, warmup):
     for _ in range(warmup):
         fn()
+    if SMOKE:
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - t0) * 1e6 / iters
     torch.cuda.synchronize()
     dist.barrier()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -66,6 +76,8 @@ def _slowest(us: float) -> float:
 
 def _graph_us(make_call, calls, iters, warmup):
     """GPU time per call: `calls` calls captured in one graph, replayed."""
+    if SMOKE:
+        return _slowest(_timed(make_call, iters, warmup))
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -96,7 +108,7 @@ def bench_fused(args, rank, world):
     from ringattn.tokenweave import AllReduceRMSNorm, TokenWeaveConfig, shard_bounds
     from ringattn.tokenweave.fused_allreduce_rmsnorm import _enable_symm_for_group
 
-    dev = torch.device("cuda", 0)
+    dev = torch.device("cpu") if SMOKE else torch.device("cuda", 0)
     dtype = torch.bfloat16
     group = dist.group.WORLD
     _enable_symm_for_group(group)  # torch < 2.10 needs it before symm_mem ops on the group
@@ -105,13 +117,17 @@ def bench_fused(args, rank, world):
     max_t = max(args.tokens)
     for H in args.hidden:
         # unfused baseline: symmetric input buffer for torch's symm_mem all-reduce
-        base_buf = symm.empty(max_t * H, dtype=dtype, device=dev)
-        symm.rendezvous(base_buf, group)
+        if SMOKE:
+            base_buf = torch.zeros(max_t * H, dtype=dtype)
+        else:
+            base_buf = symm.empty(max_t * H, dtype=dtype, device=dev)
+            symm.rendezvous(base_buf, group)
         for ctas in args.max_ctas:
+            sim = dict(path="symm", symm_backend="host-sim") if SMOKE else {}
             cfgs = {
-                "auto": TokenWeaveConfig(max_ctas=ctas, timeout_s=60),
-                "1shot": TokenWeaveConfig(max_ctas=ctas, one_shot_max_tokens=1 << 30, timeout_s=60),
-                "2shot": TokenWeaveConfig(max_ctas=ctas, one_shot_max_tokens=0, timeout_s=60),
+                "auto": TokenWeaveConfig(max_ctas=ctas, timeout_s=60, **sim),
+                "1shot": TokenWeaveConfig(max_ctas=ctas, one_shot_max_tokens=1 << 30, timeout_s=60, **sim),
+                "2shot": TokenWeaveConfig(max_ctas=ctas, one_shot_max_tokens=0, timeout_s=60, **sim),
             }
             handles = {k: AllReduceRMSNorm(group, dev, c) for k, c in cfgs.items()}
             for k, h in handles.items():
@@ -143,11 +159,18 @@ def bench_fused(args, rank, world):
                 x.zero_()
 
                 def one_shot():
-                    out = torch.ops.symm_mem.one_shot_all_reduce(x, "sum", group.group_name)
+                    if SMOKE:
+                        out = x.clone()
+                        dist.all_reduce(out)
+                    else:
+                        out = torch.ops.symm_mem.one_shot_all_reduce(x, "sum", group.group_name)
                     add_rmsnorm(out, res, w, 1e-6)
 
                 def two_shot():
-                    torch.ops.symm_mem.two_shot_all_reduce_(x, "sum", group.group_name)
+                    if SMOKE:
+                        dist.all_reduce(x)
+                    else:
+                        torch.ops.symm_mem.two_shot_all_reduce_(x, "sum", group.group_name)
                     add_rmsnorm(x, res, w, 1e-6)
 
                 for key, fn in (("unfused_1shot", one_shot), ("unfused_2shot", two_shot)):
@@ -174,32 +197,34 @@ def bench_split(args, rank, world):
 
     from ringattn.tokenweave import TokenWeaveConfig, TokenWeaveDecoderStack
 
-    dev = torch.device("cuda", 0)
+    dev = torch.device("cpu") if SMOKE else torch.device("cuda", 0)
     dtype = torch.bfloat16
-    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+    hidden, inter = (256, 512) if SMOKE else (4096, 14336)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_attention_heads=32, num_key_value_heads=8,
                       num_hidden_layers=2, rms_norm_eps=1e-5, max_position_embeddings=16384)
     torch.manual_seed(0)
     with torch.device(dev):
         layers = [LlamaDecoderLayer(cfg, layer_idx=i).to(dtype).eval() for i in range(2)]
-        norm = LlamaRMSNorm(4096, eps=1e-5).to(dtype)
+        norm = LlamaRMSNorm(hidden, eps=1e-5).to(dtype)
         rope = LlamaRotaryEmbedding(cfg)
         with torch.no_grad():  # construction may leave weights uninitialised
             for l in layers:
                 for prm in l.parameters():
                     prm.normal_(0, 0.02) if prm.dim() == 2 else prm.fill_(1.0)
-    tw_cfg = TokenWeaveConfig(timeout_s=60)
+    tw_cfg = TokenWeaveConfig(timeout_s=60, **(dict(path="symm", symm_backend="host-sim") if SMOKE else {}))
     stacks = {
         split: TokenWeaveDecoderStack(layers, norm, dist.group.WORLD, token_split=split, split_min_tokens=0, config=tw_cfg, device=dev)
         for split in (False, True)
     }
     del layers
-    torch.cuda.empty_cache()
+    if not SMOKE:
+        torch.cuda.empty_cache()
     rows = []
     for T in args.layer_tokens:
-        h = torch.randn(1, T, 4096, dtype=dtype, device=dev) * 0.1
+        h = torch.randn(1, T, hidden, dtype=dtype, device=dev) * 0.1
         pos = torch.arange(T, device=dev)[None]
         cos, sin = rope(h, pos)
-        r = dict(world=world, tokens=T, hidden=4096, layers=2)
+        r = dict(world=world, tokens=T, hidden=hidden, layers=2)
         for split, st in stacks.items():
             tag = "split" if split else "nosplit"
 
@@ -217,7 +242,7 @@ def bench_split(args, rank, world):
 
         first = stacks[True].layers[0]
         r["split_at"] = split_ranges(T, True, 0, first.gemm_cols, num_sms(dev))[0][1]
-        r["path"] = first.handle(dev).path_for(r["split_at"], 4096, dtype)
+        r["path"] = first.handle(dev).path_for(r["split_at"], hidden, dtype)
         for m in ("eager", "graph"):
             a, b = r[f"nosplit_{m}_us"], r[f"split_{m}_us"]
             r[f"gain_{m}"] = a / b if b == b and b > 0 else float("nan")
@@ -229,9 +254,12 @@ def bench_split(args, rank, world):
 
 
 def worker(rank, world, init_file, args, q):
+    global SMOKE
+    SMOKE = args.cpu_smoke
     os.environ["TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES"] = "1"
     try:
-        torch.cuda.set_device(0)
+        if not SMOKE:
+            torch.cuda.set_device(0)
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=600))
         out = {}
@@ -273,6 +301,7 @@ def main():
     p.add_argument("--skip-fused", action="store_true")
     p.add_argument("--skip-layer", action="store_true")
     p.add_argument("--timeout", type=float, default=1500)
+    p.add_argument("--cpu-smoke", action="store_true", help="check the flow on CPU (host-sim kernel, tiny sizes); no numbers")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     import queue
@@ -307,7 +336,7 @@ def main():
     if 0 not in results:
         sys.exit(1)
     out = results[0]
-    meta = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, world=args.world,
+    meta = dict(device="cpu-smoke" if args.cpu_smoke else torch.cuda.get_device_name(0), torch=torch.__version__, world=args.world,
                 mps=bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY")), args={k: v for k, v in vars(args).items()})
     with open(os.path.join(args.out, "bench_tokenweave.json"), "w") as f:
         json.dump(dict(meta=meta, **out), f, indent=1, default=str)
@@ -315,17 +344,20 @@ def main():
     if "fused" in out:
         _write_csv(os.path.join(args.out, "bench_tokenweave_fused.csv"), out["fused"])
         lines.append(f"fused AR+residual+RMSNorm vs unfused (symm AR + add_rmsnorm [{out['fused'][0]['add_rmsnorm']}]), bf16, us/call (CUDA graph)")
-        lines.append(f"{'H':>5} {'T':>5} {'ctas':>4} {'path':>12} {'fused':>8} {'shard':>8} {'1shot':>8} {'2shot':>8} {'unfused':>8} {'x':>5}")
+        lines.append(f"{'H':>5} {'T':>5} {'cap':>3} {'ctas':>4} {'path':>12} {'fused':>8} {'shard':>8} {'1shot':>8} {'2shot':>8} {'unfused':>8} {'x':>5}")
         for r in out["fused"]:
-            lines.append(f"{r['hidden']:>5} {r['tokens']:>5} {r['ctas']:>4} {r['path']:>12} {r['fused_us']:>8.1f} "
+            lines.append(f"{r['hidden']:>5} {r['tokens']:>5} {r['max_ctas']:>3} {r['ctas']:>4} {r['path']:>12} {r['fused_us']:>8.1f} "
                          f"{r['fused_shard_us']:>8.1f} {r['fused_1shot_us']:>8.1f} {r['fused_2shot_us']:>8.1f} "
                          f"{r['unfused_us']:>8.1f} {r['speedup']:>5.2f}")
-        sp = [r["speedup"] for r in out["fused"]]
-        big = [r["speedup"] for r in out["fused"] if r["tokens"] >= 1024]
-        lines.append(f"min speedup {min(sp):.2f}x (target >= 1.0); min at >= 1024 tokens {min(big) if big else float('nan'):.2f}x (target >= 1.3)")
+        for ctas in sorted({r["max_ctas"] for r in out["fused"]}):
+            sp = [r["speedup"] for r in out["fused"] if r["max_ctas"] == ctas]
+            big = [r["speedup"] for r in out["fused"] if r["max_ctas"] == ctas and r["tokens"] >= 1024]
+            lines.append(f"max_ctas {ctas}: min speedup {min(sp):.2f}x (target >= 1.0); min at >= 1024 tokens "
+                         f"{min(big) if big else float('nan'):.2f}x (target >= 1.3)")
     if "split" in out:
         _write_csv(os.path.join(args.out, "bench_tokenweave_split.csv"), out["split"])
-        lines.append("token split on a 2-layer TP Llama-8B-shaped stack (hidden 4096), us per forward")
+        lines.append(f"token split on a 2-layer TP Llama-8B-shaped stack (hidden {out['split'][0]['hidden']}, "
+                     f"fused path at the split: {out['split'][-1]['path']}), us per forward; (g) = CUDA graph")
         lines.append(f"{'T':>5} {'split@':>6} {'nosplit':>9} {'split':>9} {'gain':>5} {'nosplit(g)':>10} {'split(g)':>9} {'gain':>5}")
         for r in out["split"]:
             lines.append(f"{r['tokens']:>5} {r['split_at']:>6} {r['nosplit_eager_us']:>9.0f} {r['split_eager_us']:>9.0f} "
