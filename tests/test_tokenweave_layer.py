@@ -75,15 +75,16 @@ def build_model(seed, dtype, *, heads=8, kv_heads=4, hidden=64, inter=96, layers
 
 
 def inputs(model, seed, B, S, dtype, mask=False):
+    dev = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
-    h = torch.randn(B, S, model.config.hidden_size, generator=g).to(dtype)
-    pos = torch.arange(S)[None].expand(B, S)
+    h = torch.randn(B, S, model.config.hidden_size, generator=g).to(dtype).to(dev)
+    pos = torch.arange(S, device=dev)[None].expand(B, S)
     cos, sin = model.rotary_emb(h, pos)
     m = None
     if mask:  # causal, and batch 1 never sees key 1 (except itself): exercises the mask slicing
         keep = torch.ones(S, S).tril().bool()[None, None].repeat(B, 1, 1, 1)
         keep[1, :, 2:, 1] = False
-        m = torch.zeros(B, 1, S, S, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)
+        m = torch.zeros(B, 1, S, S, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min).to(dev)
     return h, (cos, sin), m
 
 
@@ -253,7 +254,6 @@ def _gpu_layer(split):
         ref_model = build_model(5 + i, torch.float64, hidden=512, inter=1024, heads=8, kv_heads=4).to(dev)
         h, pe, _ = inputs(model, 9 + i, B, S, torch.bfloat16)
         h64, pe64, _ = inputs(ref_model, 9 + i, B, S, torch.float64)
-        h, pe, h64, pe64 = h.to(dev), tuple(t.to(dev) for t in pe), h64.to(dev), tuple(t.to(dev) for t in pe64)
         with torch.no_grad():
             ref64 = ref_model.layers[0](h64, position_embeddings=pe64)
             same = model.layers[0](h, position_embeddings=pe)
