@@ -25,12 +25,13 @@ TORCH_LIBRARY_FRAGMENT(ringattn, m) {
   // torch symmetric memory; host arrays on CPU). in/out/res_offset: byte offsets of the regions in
   // every rank's buffer. local_in (tokens x hidden) is this rank's in-region view; y_out (tokens x
   // hidden) the out-region view (two-shot) or any tensor (one-shot); residual and residual_out are
-  // tokens x hidden or shard_rows x hidden per the mode bits (fused_allreduce_rmsnorm.cuh).
+  // tokens x hidden or shard_rows x hidden per mode_bits (fused_allreduce_rmsnorm.cuh; an argument
+  // named "mode" would clash with torch.compile's mode redirection).
   // status_ptr: pinned host int32[7] the kernel writes on a timeout or a mismatch (0 = none).
   m.def(
       "tw_fused_allreduce_rmsnorm_(Tensor local_in, Tensor(a!) y_out, Tensor residual, Tensor(b!) residual_out, "
       "Tensor weight, int buffer_ptrs_dev, int signal_pad_ptrs_dev, int multicast_ptr, int rank, int world_size, "
-      "int in_offset, int out_offset, int res_offset, int slot, int num_blocks, int mode, float eps, int timeout_ns, "
+      "int in_offset, int out_offset, int res_offset, int slot, int num_blocks, int mode_bits, float eps, int timeout_ns, "
       "int status_ptr) -> ()");
 }
 

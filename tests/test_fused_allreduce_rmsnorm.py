@@ -498,3 +498,35 @@ def test_gpu_bad_input_reports_not_hangs(kind):
         assert all("call mismatch across ranks" in o for o in out), out
     else:
         assert "barrier timeout" in out[0] and "peer 1" in out[0], out
+
+
+@needs_tw_op
+@pytest.mark.parametrize("one_shot", [False, True])
+def test_opcheck_single_rank(one_shot):
+    """torch.library.opcheck on the op (schema mutations, fake kernel, AOT dispatch), one rank on
+    host memory: with world size 1 the kernel writes only what the schema declares (y_out, residual_out)."""
+    T, H = 5, 24
+    reg = 256
+    buf = torch.zeros(3 * reg * 4, dtype=torch.uint8)  # in | out | res regions (fp32 5 x 24 = 480 B each)
+    pad = torch.zeros(4096, dtype=torch.uint8)
+    ptrs = torch.tensor([buf.data_ptr()], dtype=torch.int64)
+    pads = torch.tensor([pad.data_ptr()], dtype=torch.int64)
+    status = torch.zeros(8, dtype=torch.int32)
+    region = 2 * reg  # bytes per region, >= 480 and 16-aligned
+
+    def view(i):
+        return buf[i * region : i * region + T * H * 4].view(torch.float32).view(T, H)
+
+    local_in, y_out, res_out = view(0), view(1), view(2)
+    local_in.copy_(torch.randn(T, H))
+    residual = torch.randn(T, H)
+    weight = torch.rand(H) + 0.5
+    mode = far._MODE_RES_IN_FULL | far._MODE_RES_OUT_GATHER | (far._MODE_ONE_SHOT if one_shot else 0)
+    args = (local_in, y_out, residual, res_out, weight, ptrs.data_ptr(), pads.data_ptr(), 0, 0, 1,
+            0, region, 2 * region, 0, 4, mode, 1e-6, 10**9, status.data_ptr())  # fmt: skip
+    torch.library.opcheck(torch.ops.ringattn.tw_fused_allreduce_rmsnorm_.default, args)
+    torch.ops.ringattn.tw_fused_allreduce_rmsnorm_.default(*args)
+    y_ref, r_ref = reference([local_in], residual, weight, 1e-6)
+    torch.testing.assert_close(res_out.double(), r_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y_out.double(), y_ref, rtol=1e-5, atol=1e-5)
+    assert int(status[0]) == 0 and bool((pad == 0).all()), "status set or signal pad not reset"
