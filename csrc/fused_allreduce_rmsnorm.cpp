@@ -11,7 +11,7 @@
 #include <torch/all.h>
 #include <torch/library.h>
 
-#include <atomic>
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <thread>
@@ -50,13 +50,15 @@ struct HostStatus {
     words[kStSeen] = static_cast<int32_t>(seen);
     words[kStExpected] = static_cast<int32_t>(expected);
     words[kStPhase] = phase;
-    std::atomic_ref<int32_t>(words[kStCode]).store(code, std::memory_order_release);
+    __atomic_store_n(&words[kStCode], code, __ATOMIC_RELEASE);
   }
 };
 
 // Block `block` of this rank meets block `block` of every peer (same protocol as the CUDA
 // block_barrier: CAS 0 -> signature with release into the peer's pad, CAS signature -> 0 with
-// acquire on our own pad).
+// acquire on our own pad). GCC/Clang __atomic builtins, not C++20's std::atomic_ref: older torch
+// (the GPU machine's 2.11 may be one) builds extensions as C++17. Lock-free 32-bit atomics work
+// across processes on shared mappings.
 int32_t host_barrier(uint32_t* const* pads, int rank, int world, int slot, int phase, int block, uint32_t sig,
                      int64_t timeout_ns, const HostStatus& status) {
   const auto t0 = Clock::now();
@@ -65,10 +67,10 @@ int32_t host_barrier(uint32_t* const* pads, int rank, int world, int slot, int p
            std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t0).count() > timeout_ns;
   };
   for (int peer = 0; peer < world; ++peer) {
-    std::atomic_ref<uint32_t> dst(pads[peer][signal_index(slot, phase, block, rank, world)]);
+    uint32_t* dst = &pads[peer][signal_index(slot, phase, block, rank, world)];
     for (;;) {
       uint32_t expected = 0;
-      if (dst.compare_exchange_strong(expected, sig, std::memory_order_release, std::memory_order_relaxed)) break;
+      if (__atomic_compare_exchange_n(dst, &expected, sig, false, __ATOMIC_RELEASE, __ATOMIC_RELAXED)) break;
       if (expired()) {
         status.report(kTimeout, rank, block, peer, expected, sig, 2 * phase);
         return kTimeout;
@@ -78,14 +80,14 @@ int32_t host_barrier(uint32_t* const* pads, int rank, int world, int slot, int p
   }
   int32_t code = kOk;
   for (int peer = 0; peer < world; ++peer) {
-    std::atomic_ref<uint32_t> src(pads[rank][signal_index(slot, phase, block, peer, world)]);
+    uint32_t* src = &pads[rank][signal_index(slot, phase, block, peer, world)];
     for (;;) {
-      const uint32_t seen = src.load(std::memory_order_relaxed);
+      const uint32_t seen = __atomic_load_n(src, __ATOMIC_RELAXED);
       if (seen == sig) {
         uint32_t expected = sig;
-        if (src.compare_exchange_strong(expected, 0u, std::memory_order_acquire, std::memory_order_relaxed)) break;
+        if (__atomic_compare_exchange_n(src, &expected, 0u, false, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) break;
       } else if (seen != 0u) {
-        src.exchange(0u, std::memory_order_acquire);
+        __atomic_exchange_n(src, 0u, __ATOMIC_ACQUIRE);
         status.report(kSignatureMismatch, rank, block, peer, seen, sig, 2 * phase + 1);
         code = kSignatureMismatch;
         break;
