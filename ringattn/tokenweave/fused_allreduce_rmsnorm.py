@@ -400,7 +400,7 @@ class AllReduceRMSNorm:
         self.backend = _backend_for(self.group, self.device) if self.group is not None else "none"
         self.base_path, self.reason = self._choose_base_path()
         self.collective_path = self._choose_collective_path()
-        log.info(
+        (log.warning if self.config.debug else log.info)(
             "tokenweave group of %d (rank %d, %s): path %s (%s)", self.world_size, self.rank, self.backend,
             self.base_path, self.reason,
         )
