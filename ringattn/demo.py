@@ -108,25 +108,19 @@ def _peak_mem_bytes(device) -> int:
 
 
 class CommBytes:
-    """Bytes this rank sent in the sequence-parallel attention (ringattn's counter when the
-    sequence-parallel module exposes one), and in the gradient all-reduce (payload size)."""
+    """Bytes this rank sent: the sequence-parallel attention's point-to-point traffic
+    (ringattn.accounting), the Ulysses all-to-alls of the 2-D mode, and the gradient all-reduce
+    (its payload; what the all-reduce algorithm puts on the wire depends on the backend)."""
 
     def __init__(self):
-        import ringattn.sequence_parallel as sp
-
-        self._sp = sp
         self.grad_bytes = 0
 
-    def attn_bytes(self):
-        for name in ("bytes_sent", "comm_bytes_sent", "total_bytes_sent"):
-            fn = getattr(self._sp, name, None)
-            if callable(fn):
-                return int(fn())
-        try:
-            from ringattn import accounting  # noqa: F401
-            return int(accounting.bytes_sent())
-        except Exception:  # noqa: BLE001 - no counter available
-            return -1
+    @staticmethod
+    def attn_bytes() -> int:
+        from ringattn import accounting
+        from ringattn.integrations.deepspeed import a2a_bytes_sent
+
+        return accounting.bytes_sent() + a2a_bytes_sent()
 
 
 def _fmt_bytes(n: float) -> str:
@@ -183,9 +177,21 @@ def train(args, info) -> int:
 
     from tqdm.auto import tqdm
 
+    # What the attention should send: ringattn's byte model for the algorithm auto picks (1-D).
+    alg_used, predicted = args.algorithm, [-1] * world
+    if not plan.is_2d:
+        from ringattn.sequence_parallel import choose_algorithm, predict_comm_bytes
+
+        shape = dict(seq_len=args.seq, world_size=world, layout=args.layout, causal=True, batch=1,
+                     heads_q=args.heads, heads_kv=args.kv_heads, head_dim=args.hidden // args.heads, dtype=dtype)
+        if alg_used == "auto":
+            alg_used = choose_algorithm(**shape).algorithm
+        per_call = predict_comm_bytes(alg_used, **shape)
+        predicted = [sum(sent for sent, _ in ch.values()) * args.layers * args.steps for ch in per_call]
+
     if rank == 0:
         print(f"ringattn demo: {world} ranks ({launcher}, {info.backend}), seq {args.seq}, "
-              f"algorithm {args.algorithm} (layout {args.layout}{f', ulysses {plan.ulysses_size}' if plan.is_2d else ''}), "
+              f"algorithm {args.algorithm}{f' -> {alg_used}' if alg_used != args.algorithm else ''} (layout {args.layout}{f', ulysses {plan.ulysses_size}' if plan.is_2d else ''}), "
               f"{args.dtype}, Llama {args.layers}x{args.hidden} heads {args.heads}/{args.kv_heads}, "
               f"{n_params / 1e6:.2f}M params{', DeepSpeed ZeRO-%d' % args.deepspeed if args.deepspeed else ''}",
               flush=True)
@@ -217,7 +223,7 @@ def train(args, info) -> int:
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{args.seq / times[-1]:,.0f}")
     bar.close()
-    attn_bytes = comm.attn_bytes() - attn_bytes0 if attn_bytes0 >= 0 else -1
+    attn_bytes = comm.attn_bytes() - attn_bytes0
 
     ok = True
     err = abs(losses[0] - ref_loss.item())
@@ -230,10 +236,12 @@ def train(args, info) -> int:
     if rank == 0:
         timed = times[1:] or times  # step 1 includes warm-up
         tok_s = args.seq * len(timed) / sum(timed)
-        print(f"{'rank':>4} {'tokens':>7} {'peak mem':>11} {'attn bytes sent':>16} {'grad all-reduce':>16}")
+        print(f"{'rank':>4} {'tokens':>7} {'peak mem':>11} {'attn bytes sent':>16} {'(predicted)':>12} "
+              f"{'grad all-reduce':>16}")
         lens = plan.local_lengths(args.seq)
         for r, s in enumerate(allstats):
-            print(f"{r:>4} {lens[r]:>7} {_fmt_bytes(s[0].item()):>11} {_fmt_bytes(s[1].item()):>16} {_fmt_bytes(s[2].item()):>16}")
+            print(f"{r:>4} {lens[r]:>7} {_fmt_bytes(s[0].item()):>11} {_fmt_bytes(s[1].item()):>16} "
+                  f"{_fmt_bytes(predicted[r]):>12} {_fmt_bytes(s[2].item()):>16}")
         print(f"loss per step: {' '.join(f'{x:.4f}' for x in losses)}")
         print(f"throughput: {tok_s:,.0f} tokens/s ({sum(times):.1f} s for {args.steps} steps of {args.seq} tokens)")
         if args.no_check:

@@ -34,10 +34,26 @@ def _demo_ok(p, nranks, launcher):
     assert "tokens/s" in p.stdout and "peak mem" in p.stdout  # the report the main job prints
 
 
+def _bytes_columns(stdout):
+    """(measured, predicted) attention bytes per rank from the demo's table."""
+    rows = []
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.lstrip().startswith("rank"))
+    for line in lines[start + 1:]:
+        parts = line.split()
+        if not parts or not parts[0].isdigit():
+            break
+        # rank tokens mem unit sent unit predicted unit grad unit
+        rows.append((" ".join(parts[4:6]), " ".join(parts[6:8])))
+    return rows
+
+
 def test_torchrun_demo():
     # 3 ranks: uneven shards (the --quick sequence of 256 tokens does not split evenly 6 ways)
     p = _run([os.path.join(ROOT, "launch", "torchrun.sh"), "3", "-m", "ringattn.demo", "--quick"])
     _demo_ok(p, 3, "torchrun")
+    rows = _bytes_columns(p.stdout)
+    assert len(rows) == 3 and all(sent == predicted for sent, predicted in rows), p.stdout  # counter == byte model
 
 
 def test_spawned_demo():

@@ -31,6 +31,28 @@ import torch
 import torch.distributed as dist
 
 _GROUPS: dict = {}
+# Bytes this rank sent to other ranks in Ulysses all-to-alls (forward and backward), process-wide.
+# ringattn.accounting counts the ring's point-to-point traffic; these collectives are counted here.
+_A2A_SENT = [0]
+
+
+def a2a_bytes_sent() -> int:
+    return _A2A_SENT[0]
+
+
+class _CountBackwardBytes(torch.autograd.Function):
+    """Identity; its backward records the bytes the backward all-to-alls send (the same sizes as
+    the forward's: dout travels the output's path back, dq/dk/dv the inputs')."""
+
+    @staticmethod
+    def forward(ctx, x, nbytes):
+        ctx.nbytes = nbytes
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        _A2A_SENT[0] += ctx.nbytes
+        return g, None
 
 
 def deepspeed_available() -> bool:
@@ -164,11 +186,19 @@ def ulysses_ring_attention(q, k, v, *, plan, causal: bool = True, softmax_scale:
     want_ds = plan.use_deepspeed if use_deepspeed is None else use_deepspeed
     if want_ds is None:
         want_ds = deepspeed_available()
+    # Each all-to-all keeps 1/U of a tensor and sends the rest: q, k, v, then the output (q's
+    # shape). DeepSpeed's moves pieces padded to the longest.
+    rows = max(piece_lens) if want_ds else q.shape[1]
+    per_row = (2 * q[0, 0].numel() + k[0, 0].numel() + v[0, 0].numel()) * q.shape[0] * q.element_size()
+    nbytes = rows * per_row * (u - 1) // u
+    _A2A_SENT[0] += nbytes
     if want_ds:
-        return _ulysses_deepspeed(q, k, v, plan, piece_lens, ring)
-    args = (plan.ulysses_group, piece_lens, plan.ulysses_rank)
-    qs, ks, vs = (_SeqToHeads.apply(t.contiguous(), *args) for t in (q, k, v))
-    return _HeadsToSeq.apply(ring(qs, ks, vs).contiguous(), *args)
+        out = _ulysses_deepspeed(q, k, v, plan, piece_lens, ring)
+    else:
+        args = (plan.ulysses_group, piece_lens, plan.ulysses_rank)
+        qs, ks, vs = (_SeqToHeads.apply(t.contiguous(), *args) for t in (q, k, v))
+        out = _HeadsToSeq.apply(ring(qs, ks, vs).contiguous(), *args)
+    return _CountBackwardBytes.apply(out, nbytes) if out.requires_grad else out
 
 
 def _ulysses_deepspeed(q, k, v, plan, piece_lens, ring):

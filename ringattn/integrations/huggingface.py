@@ -62,17 +62,11 @@ def layout_lengths(seq_len: int, world: int, layout: str) -> list[int]:
 
 
 def _sp_module():
-    """ringattn's sequence-parallel entry points (imported on use: they may be absent in a
-    partial checkout, and importing this module must not need them)."""
-    import ringattn.sequence_parallel as sp
+    """ringattn's sequence-parallel entry points (imported on use)."""
+    from ringattn.layout import gather_sequence, shard_sequence
+    from ringattn.sequence_parallel import sequence_parallel_attention
 
-    try:
-        import ringattn.layout as lay
-    except ImportError:  # pragma: no cover - depends on where the layout helpers live
-        lay = sp
-    shard = getattr(lay, "shard_sequence", None) or getattr(sp, "shard_sequence")
-    gather = getattr(lay, "gather_sequence", None) or getattr(sp, "gather_sequence")
-    return sp.sequence_parallel_attention, shard, gather
+    return sequence_parallel_attention, shard_sequence, gather_sequence
 
 
 def rank_lengths(seq_len: int, world: int, layout: str, ulysses_size: int = 1) -> list[int]:
