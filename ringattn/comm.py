@@ -1,0 +1,177 @@
+"""The one communication class under ring attention and TokenRing: P2PComm.
+
+One P2PComm is one channel (one payload travelling in one direction) over one process group,
+used in three visible phases per step:
+
+    comm.send(k_cur, to=next_rank); comm.recv(k_next, frm=prev_rank)   # queue (group ranks)
+    comm.commit()        # post every queued op at once (batch_isend_irecv of P2POps)
+    ... block attention runs here, overlapping the transfer ...
+    comm.wait()          # the batch is done: received buffers readable, sent ones writable
+
+At most one batch per channel is in flight (commit while one is pending is an error), so each
+algorithm's buffer reuse is easy to check against its loop. Peers are GROUP ranks; the class maps
+them to global ranks for the transport (dist.get_global_rank), which is what P2POp wants.
+Every posted message is counted in ringattn.accounting (by channel and peer global rank).
+
+Transport: anything with `batch_isend_irecv(list[dist.P2POp]) -> list[work]` whose works have
+`wait()`. The default is torch.distributed itself (NCCL on GPUs, gloo on CPU; NCCL's wait()
+only orders the current stream, gloo's blocks the host -- CPU has no other way). Another
+transport (e.g. ringattn.transport.CudaIpcTransport for ranks sharing one GPU) plugs in with
+`set_transport_factory(fn)`, fn(group, channel) -> transport; it then sees exactly the
+P2POps below. Messages per step and peer are small: ring sends 2 (k, v) per channel, TokenRing
+up to 4 (q, dout, lse, delta) -- an IPC transport needs that many slots per channel.
+
+Second communicator: TokenRing's partial results travel against the Q direction while Q moves.
+They use `reply_group(group)`, a second process group over the same ranks, so that on NCCL both
+directions sit on different communicators/streams and overlap (see reply_group for when it is
+made and the fallback). Every channel also has its own P2P tag (CHANNEL_TAGS), which keeps
+channels that share a group apart on gloo.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from ringattn import accounting
+
+
+# One P2P tag per channel: on gloo, messages of different channels between the same two ranks
+# never match each other even on one group. NCCL ignores tags (it matches in posting order, which
+# every algorithm here keeps identical on both ends of each pair).
+CHANNEL_TAGS = {"fwd.kv": 11, "bwd.kv": 12, "bwd.dkv": 13, "fwd.q": 21, "fwd.partial": 22,
+                "bwd.q": 23, "bwd.dq": 24}
+
+
+class P2PComm:
+    """Queued sends/recvs of one channel over one group; commit posts them, wait completes them."""
+
+    def __init__(self, group, channel: str, transport=None):
+        self.group = group
+        self.channel = channel
+        self.tag = CHANNEL_TAGS.get(channel, 0)
+        self.transport = transport if transport is not None else _transport_for(group, channel)
+        self._global = {}
+        self._queued: list = []
+        self._pending: list = []
+        self._keepalive: list = []
+
+    def _global_rank(self, group_rank: int) -> int:
+        g = self._global.get(group_rank)
+        if g is None:
+            g = group_rank if self.group is None else dist.get_global_rank(self.group, group_rank)
+            self._global[group_rank] = g
+        return g
+
+    def send(self, tensor: torch.Tensor, to: int) -> None:
+        """Queue a send of `tensor` (contiguous; not written until wait()) to group rank `to`."""
+        if not tensor.is_contiguous():
+            raise ValueError(f"P2PComm[{self.channel}]: send buffer must be contiguous, got strides "
+                             f"{tensor.stride()} for shape {tuple(tensor.shape)}")
+        peer = self._global_rank(to)
+        self._queued.append(dist.P2POp(dist.isend, tensor, peer, self.group, self.tag))
+        accounting.record(self.channel, peer, tensor.numel() * tensor.element_size(), True)
+
+    def recv(self, tensor: torch.Tensor, frm: int) -> None:
+        """Queue a receive into `tensor` (contiguous; not read until wait()) from group rank `frm`."""
+        if not tensor.is_contiguous():
+            raise ValueError(f"P2PComm[{self.channel}]: recv buffer must be contiguous, got strides "
+                             f"{tensor.stride()} for shape {tuple(tensor.shape)}")
+        peer = self._global_rank(frm)
+        self._queued.append(dist.P2POp(dist.irecv, tensor, peer, self.group, self.tag))
+        accounting.record(self.channel, peer, tensor.numel() * tensor.element_size(), False)
+
+    def commit(self) -> None:
+        """Post everything queued since the last commit as one batch (no-op when nothing is)."""
+        if self._pending:
+            raise RuntimeError(f"P2PComm[{self.channel}]: commit() while the previous batch is not "
+                               "wait()ed (one batch in flight per channel)")
+        if not self._queued:
+            return
+        ops, self._queued = self._queued, []
+        self._pending = list(self.transport.batch_isend_irecv(ops))
+        self._keepalive = [op.tensor for op in ops]  # buffers must outlive the transfer
+
+    def wait(self) -> None:
+        """Complete the batch in flight (no-op when none)."""
+        if self._queued:
+            raise RuntimeError(f"P2PComm[{self.channel}]: wait() with ops queued but not committed")
+        for work in self._pending:
+            work.wait()
+        self._pending = []
+        self._keepalive = []
+
+
+# --------------------------------------------------------------------------------------------
+# Transport selection
+
+
+class _TorchDistributed:
+    """torch.distributed's batch_isend_irecv (NCCL / gloo)."""
+
+    @staticmethod
+    def batch_isend_irecv(ops):
+        return dist.batch_isend_irecv(ops)
+
+
+_TORCH = _TorchDistributed()
+_factory: Callable | None = None
+
+
+def set_transport_factory(factory: Callable | None) -> None:
+    """Use factory(group, channel) -> transport for every P2PComm made from now on (None: the
+    default, torch.distributed). Every rank of a group must use the same kind of transport."""
+    global _factory
+    _factory = factory
+
+
+def _transport_for(group, channel: str):
+    if _factory is None:
+        return _TORCH
+    return _factory(group, channel)
+
+
+# --------------------------------------------------------------------------------------------
+# Second communicator over the same ranks (TokenRing's return direction)
+
+_REPLY_GROUPS: dict = {}
+
+
+def _group_key(group):
+    return ("WORLD",) if group is None or group is dist.GroupMember.WORLD else (id(group),)
+
+
+def register_reply_group(group, reply) -> None:
+    """Use `reply` (a process group over the same ranks as `group`, made by the caller, e.g. with
+    dist.new_group on every rank at setup) as the second communicator of `group`."""
+    if dist.get_process_group_ranks(reply) != dist.get_process_group_ranks(group or dist.GroupMember.WORLD):
+        raise ValueError("register_reply_group: the reply group must hold the same ranks as the group")
+    _REPLY_GROUPS[_group_key(group)] = (group, reply)
+
+
+def reply_group(group, device: torch.device):
+    """The second communicator of `group`: the registered one; else, for a group spanning the
+    whole world, one made here (dist.new_group over all ranks: every rank of the world is in this
+    call, so the creation is collective as torch requires); else `group` itself -- the channels
+    then stay apart by P2P tag (gloo) and by matching order (NCCL, which ignores tags), but on NCCL
+    the two directions share one stream.
+
+    Not made for sub-groups on purpose: new_group needs every rank of the world (non-members
+    would have to call it too), and torch 2.14's use_local_synchronization=True names groups
+    from a per-process counter that diverges once different sub-groups made groups, which
+    deadlocks (seen in tests/test_sequence_parallel.py::test_sub_groups).
+    """
+    key = _group_key(group)
+    hit = _REPLY_GROUPS.get(key)
+    if hit is not None and (hit[0] is group or key == ("WORLD",)):
+        return hit[1]
+    ranks = dist.get_process_group_ranks(group or dist.GroupMember.WORLD)
+    if len(ranks) != dist.get_world_size():
+        return group
+    reply = dist.new_group(ranks)
+    # Warm-up collective: the first op on a fresh NCCL communicator must involve every member.
+    warm = torch.zeros(1, device=device)
+    dist.all_reduce(warm, group=reply)
+    _REPLY_GROUPS[key] = (group, reply)  # keeps `group` alive so its id() is not reused
+    return reply

@@ -1,0 +1,310 @@
+"""Who holds which tokens of the global sequence, and which (Q, K/V) block pairs causal attention
+needs. Pure index arithmetic plus shard_sequence / gather_sequence.
+
+Layouts over W ranks of a global sequence of L tokens:
+  contiguous  L cut into W consecutive chunks c_0..c_{W-1}; rank r holds c_r.
+  zigzag      L cut into 2W chunks c_0..c_{2W-1}; rank r holds cat(c_r, c_{2W-1-r}) (every rank
+              gets one early and one late chunk, which balances causal work).
+Uneven L: chunk sizes differ by at most one token, earlier chunks taking the extra tokens
+(split_sizes). Chunks of length 0 are refused: L must be >= W (contiguous) or >= 2W (zigzag),
+the error names the minimum (min_seq_len).
+
+Gradients of shard_sequence / gather_sequence follow the SUM convention of data/sequence
+parallelism: the training loss is the sum of the per-rank losses, so
+  shard_sequence backward:  the local gradient lands in this rank's rows, zeros elsewhere
+                            (no communication; a tensor replicated on every rank then has its
+                            gradient split over ranks -- all-reduce it, as for any replicated
+                            parameter);
+  gather_sequence backward: all-reduce (sum) of the full gradient, then this rank's rows.
+"""
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+LAYOUTS = ("contiguous", "zigzag")
+
+
+def split_sizes(n: int, parts: int) -> list[int]:
+    """n items in `parts` near-equal pieces, earlier pieces one bigger."""
+    return [n // parts + (i < n % parts) for i in range(parts)]
+
+
+def check_layout_name(layout) -> str:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    return layout
+
+
+def num_chunks(world_size: int, layout: str) -> int:
+    return world_size if check_layout_name(layout) == "contiguous" else 2 * world_size
+
+
+def min_seq_len(world_size: int, layout: str) -> int:
+    """Shortest global sequence with no empty chunk (every rank holds >= 1 token per chunk)."""
+    return num_chunks(world_size, layout)
+
+
+def seq_len_error(seq_len: int, world_size: int, layout: str) -> str | None:
+    need = min_seq_len(world_size, layout)
+    if seq_len >= need:
+        return None
+    return (f"a global sequence of {seq_len} tokens is too short for {world_size} ranks with "
+            f"layout={layout!r}: it is cut into {need} chunks and every chunk needs >= 1 token; "
+            f"use at least {need} tokens, fewer ranks, or layout='contiguous'")
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceLayout:
+    """The chunk table of one global sequence over one group (identical on every rank)."""
+
+    layout: str          # "contiguous" | "zigzag"
+    world_size: int      # W
+    seq_len: int         # L, global
+    chunk_sizes: tuple   # W (contiguous) or 2W (zigzag) chunk lengths, sum L
+    chunk_starts: tuple  # global offset of each chunk
+
+    @staticmethod
+    def build(seq_len: int, world_size: int, layout: str) -> "SequenceLayout":
+        check_layout_name(layout)
+        problem = seq_len_error(seq_len, world_size, layout)
+        if problem:
+            raise ValueError(problem)
+        sizes = split_sizes(seq_len, num_chunks(world_size, layout))
+        starts = [0]
+        for s in sizes[:-1]:
+            starts.append(starts[-1] + s)
+        return SequenceLayout(layout, world_size, seq_len, tuple(sizes), tuple(starts))
+
+    def chunk_ids(self, rank: int) -> tuple:
+        if self.layout == "contiguous":
+            return (rank,)
+        return (rank, 2 * self.world_size - 1 - rank)
+
+    def segments(self, rank: int) -> list[tuple[int, int]]:
+        """(global start, length) of the pieces rank holds, in local order."""
+        return [(self.chunk_starts[c], self.chunk_sizes[c]) for c in self.chunk_ids(rank)]
+
+    def local_len(self, rank: int) -> int:
+        return sum(self.chunk_sizes[c] for c in self.chunk_ids(rank))
+
+    @property
+    def local_lengths(self) -> tuple:
+        return tuple(self.local_len(r) for r in range(self.world_size))
+
+    def first_len(self, rank: int) -> int:
+        """Tokens of rank's first chunk (zigzag: c_r; contiguous: all of them)."""
+        return self.chunk_sizes[rank]
+
+    def positions(self, rank: int, device=None) -> torch.Tensor:
+        """Global positions of rank's tokens, in local order: (local_len,) int64."""
+        return torch.cat([torch.arange(s, s + n, device=device) for s, n in self.segments(rank)])
+
+
+class Block(NamedTuple):
+    """The part of one (Q owner, K/V owner) pair that attention needs. Rows are local indices."""
+
+    q_start: int
+    q_len: int
+    kv_start: int
+    kv_len: int
+    causal: bool  # top-left causal mask; only on diagonal blocks, where q_len == kv_len
+
+
+def attention_block(lay: SequenceLayout, q_owner: int, kv_owner: int, causal: bool) -> Block | None:
+    """Which rows of q_owner's Q meet which rows of kv_owner's K/V (None: fully masked).
+
+    Non-causal: everything. Causal, contiguous: kv_owner < q_owner everything, == diagonal,
+    > nothing. Causal, zigzag (q_owner i holds c_i, c_{2W-1-i}; halves from the chunk table,
+    so uneven lengths are exact):
+      j == i  both chunks, causal diagonal (local order is global order);
+      j <  i  all of Q against j's FIRST chunk c_j (c_{2W-1-j} lies after both of i's chunks);
+      j >  i  i's SECOND chunk c_{2W-1-i} against all of j's K/V (c_i precedes both of j's).
+    """
+    nq, nk = lay.local_len(q_owner), lay.local_len(kv_owner)
+    if not causal:
+        return Block(0, nq, 0, nk, False)
+    if q_owner == kv_owner:
+        return Block(0, nq, 0, nk, True)
+    if lay.layout == "contiguous":
+        return Block(0, nq, 0, nk, False) if kv_owner < q_owner else None
+    if kv_owner < q_owner:
+        return Block(0, nq, 0, lay.first_len(kv_owner), False)
+    a = lay.first_len(q_owner)
+    return Block(a, nq - a, 0, nk, False)
+
+
+# --------------------------------------------------------------------------------------------
+# Group helpers
+
+
+def group_rank_and_size(group) -> tuple[int, int]:
+    """(rank in group, group size); (0, 1) when torch.distributed is not initialised."""
+    if not (dist.is_available() and dist.is_initialized()):
+        if group is not None:
+            raise ValueError("a process group was given but torch.distributed is not initialised")
+        return 0, 1
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of the "
+                         f"given process group (ranks {dist.get_process_group_ranks(group)})")
+    return rank, dist.get_world_size(group)
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    """A small integer naming a dtype, stable across processes (for metadata signatures)."""
+    return zlib.crc32(str(dtype).encode()) & 0x7FFFFFFF
+
+
+def collective_device(group, like: torch.device) -> torch.device:
+    """Where small control tensors for collectives on `group` must live (gloo: CPU)."""
+    if like.type == "cpu":
+        return like
+    backend = str(dist.get_backend(group)).lower()
+    if "nccl" in backend and "cpu:" not in backend:
+        return like
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------------
+# shard / gather
+
+
+def _norm_dim(x: torch.Tensor, dim: int, fn: str) -> int:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{fn}: expected a torch.Tensor, got {type(x).__name__}")
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(f"{fn}: dim={dim} out of range for a {x.dim()}-D tensor")
+    return dim % x.dim()
+
+
+def shard_sequence(x: torch.Tensor, dim: int = 1, group=None, layout: str = "contiguous") -> torch.Tensor:
+    """This rank's tokens of the full sequence x (same x on every rank), a contiguous copy.
+
+    x: (..., L, ...) with the sequence on `dim`. Returns (..., local_len, ...). Differentiable
+    (backward: the local gradient in this rank's rows, zeros elsewhere; see the module doc).
+    """
+    dim = _norm_dim(x, dim, "shard_sequence")
+    check_layout_name(layout)
+    rank, world = group_rank_and_size(group)
+    lay = SequenceLayout.build(x.shape[dim], world, layout)
+    parts = [x.narrow(dim, s, n) for s, n in lay.segments(rank)]
+    return torch.cat(parts, dim) if len(parts) > 1 else parts[0].contiguous().clone()
+
+
+def _gather_forward(x: torch.Tensor, dim: int, group, layout: str):
+    rank, world = group_rank_and_size(group)
+    if world == 1:
+        SequenceLayout.build(x.shape[dim], 1, layout)
+        return x.clone(), (x.shape[dim],)
+    # One int64 signature per rank: ndim, dtype, every dim size (the sequence dim may differ).
+    dev = collective_device(group, x.device)
+    sig = torch.full((2 + 8,), -1, dtype=torch.int64)
+    sig[0] = x.dim()
+    sig[1] = dtype_code(x.dtype)
+    for i, s in enumerate(x.shape[:8]):
+        sig[2 + i] = s
+    sigs = [torch.empty_like(sig, device=dev) for _ in range(world)]
+    dist.all_gather(sigs, sig.to(dev), group=group)
+    sigs = [s.cpu() for s in sigs]
+    lengths = [int(s[2 + dim]) if dim < 8 else -1 for s in sigs]
+    other = [tuple(int(v) for i, v in enumerate(s.tolist()) if i != 2 + dim) for s in sigs]
+    if any(int(s[0]) > 8 for s in sigs) or any(o != other[0] for o in other):
+        raise ValueError(
+            "gather_sequence: ranks disagree on the non-sequence dims or dtype of x (every rank must "
+            "hold (..., local_len, ...) with the same other dims and dtype): "
+            + "; ".join(f"rank {r}: ndim {int(s[0])}, shape {tuple(int(v) for v in s[2:2 + min(8, int(s[0]))])}"
+                        for r, s in enumerate(sigs)))
+    lay = SequenceLayout.build(sum(lengths), world, layout)
+    if tuple(lengths) != lay.local_lengths:
+        raise ValueError(
+            f"gather_sequence: ranks hold {lengths} tokens, but layout={layout!r} over {world} ranks "
+            f"cuts a sequence of {lay.seq_len} tokens into {list(lay.local_lengths)}")
+    # gloo's all_gather needs equal sizes: pad to the longest shard.
+    longest = max(lengths)
+    padded_shape = list(x.shape)
+    padded_shape[dim] = longest
+    mine = x.new_zeros(padded_shape, device=dev)
+    mine.narrow(dim, 0, x.shape[dim]).copy_(x)
+    bufs = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(bufs, mine, group=group)
+    full_shape = list(x.shape)
+    full_shape[dim] = lay.seq_len
+    full = x.new_empty(full_shape)
+    for r, buf in enumerate(bufs):
+        off = 0
+        for s, n in lay.segments(r):
+            full.narrow(dim, s, n).copy_(buf.narrow(dim, off, n))
+            off += n
+    return full, tuple(lengths)
+
+
+class _GatherSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, group, layout):
+        full, _ = _gather_forward(x, dim, group, layout)
+        ctx.dim, ctx.group, ctx.layout = dim, group, layout
+        return full
+
+    @staticmethod
+    def backward(ctx, grad_full):
+        # Sum convention: every rank's loss may use the full tensor; the shard's gradient is the
+        # sum over ranks of their gradients at its rows.
+        g = grad_full.contiguous().clone()
+        _, world = group_rank_and_size(ctx.group)
+        if world > 1:
+            dev = collective_device(ctx.group, g.device)
+            gd = g.to(dev)
+            dist.all_reduce(gd, group=ctx.group)
+            g = gd.to(g.device)
+        return shard_sequence(g, ctx.dim, ctx.group, ctx.layout), None, None, None
+
+
+def gather_sequence(x_local: torch.Tensor, dim: int = 1, group=None, layout: str = "contiguous") -> torch.Tensor:
+    """The full sequence from every rank's shard (collective; the inverse of shard_sequence).
+
+    x_local: (..., local_len, ...) with the sequence on `dim`; local lengths may differ by rank
+    (learned with one small all_gather). Returns (..., L, ...) on every rank. Differentiable
+    (backward: all-reduce of the full gradient, then this rank's rows).
+    """
+    dim = _norm_dim(x_local, dim, "gather_sequence")
+    check_layout_name(layout)
+    return _GatherSequence.apply(x_local, dim, group, layout)
+
+
+@dataclasses.dataclass(frozen=True)
+class RingPlan:
+    """Everything a sequence-parallel algorithm needs that every rank of the group agrees on
+    (built once per forward from the metadata exchange, reused by the backward)."""
+
+    group: object              # process group (None: default)
+    rank: int                  # this rank's index in the group
+    world_size: int            # W
+    layout: SequenceLayout     # chunk table of the global sequence
+    causal: bool
+    softmax_scale: float
+    backend: str               # block attention backend ("auto", "math", ...)
+
+    @property
+    def next(self) -> int:
+        return (self.rank + 1) % self.world_size
+
+    @property
+    def prev(self) -> int:
+        return (self.rank - 1) % self.world_size
+
+    def block(self, q_owner: int, kv_owner: int) -> Block | None:
+        return attention_block(self.layout, q_owner, kv_owner, self.causal)
+
+
+def flat_view(flat: torch.Tensor, shape) -> torch.Tensor:
+    """A contiguous tensor of `shape` on the front of the 1-D buffer `flat` (uneven blocks share
+    one max-sized buffer without torch.cat or narrow-induced strides)."""
+    n = 1
+    for s in shape:
+        n *= s
+    return flat[:n].view(shape)

@@ -1,0 +1,211 @@
+"""Ring Self-Attention (KV rotation): Q stays, K/V blocks travel one hop per step.
+
+Forward on rank r of W (step s = 0..W-1 holds the K/V block of rank j = (r - s) mod W):
+
+    post   fwd.kv: send (k_cur, v_cur) -> r+1, recv (k_next, v_next) <- r-1   (double buffer)
+    block  (out_p, lse_p) = block_attn_forward(Q rows, K/V rows of block j)   (rows: layout.Block)
+    merge  merge_attn_states_(out_acc[rows], lse_acc[rows], out_p, lse_p)   fp32, in place
+    wait   fwd.kv; k_cur, v_cur = k_next, v_next
+
+Backward (the ring again, carrying dK/dV home):
+
+    post   bwd.kv  as in the forward
+    block  block_attn_backward(...) -> dq into dq_acc[rows] (fp32), dk/dv of block j into an
+           fp32 scratch (step 0: straight into the running accumulator of the own block)
+    wait   bwd.dkv: the running fp32 (dk_j, dv_j) accumulated by ranks j..r-1 arrived from r-1
+    add    scratch into it; post bwd.dkv: send it -> r+1, recv the next block's <- r-1
+    wait   bwd.kv
+    after the loop: wait bwd.dkv once more -> the own block's (dk, dv), complete.
+
+The dK/dV accumulators travel W hops (the last one brings block r+1's home), K/V travel W-1.
+Computing each step's dk/dv into a scratch and adding the incoming accumulator afterwards lets
+the accumulator transfer overlap the block backward. Causal blocks that are fully masked are
+skipped (contiguous: blocks of later ranks) but still forwarded, so every rank sends the same
+bytes in every layout; the formula is ring_comm_bytes. Memory per rank: the local tensors, two
+K/V receive buffers, two fp32 dK/dV buffers and one fp32 dK/dV scratch, each sized by the
+largest local length (uneven layouts) -- never L x L.
+"""
+from __future__ import annotations
+
+import torch
+
+from ringattn.block_attention import block_attn_backward, block_attn_forward
+from ringattn.comm import P2PComm
+from ringattn.layout import Block, RingPlan, SequenceLayout, flat_view
+from ringattn.ops import merge_attn_states_
+
+_F32 = torch.float32
+
+
+def _rows(t: torch.Tensor, start: int, length: int) -> torch.Tensor:
+    """Token rows of a (B, S, H, D) tensor (a view)."""
+    return t.narrow(1, start, length)
+
+
+def _lse_rows(lse: torch.Tensor, start: int, length: int) -> torch.Tensor:
+    """Token rows of a (B, H, S) lse (a view)."""
+    return lse.narrow(2, start, length)
+
+
+def _q_side(blk: Block, q, out=None, dout=None, lse=None):
+    return tuple(None if t is None else (_lse_rows(t, blk.q_start, blk.q_len) if t.dim() == 3
+                                         else _rows(t, blk.q_start, blk.q_len))
+                 for t in (q, out, dout, lse))
+
+
+def ring_forward(plan: RingPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """q: (B, n_r, Hq, D); k, v: (B, n_r, Hkv, D) contiguous, this rank's tokens.
+    Returns out (B, n_r, Hq, D) in q.dtype and lse (B, Hq, n_r) fp32."""
+    W, r, lay = plan.world_size, plan.rank, plan.layout
+    B, _, Hq, D = q.shape
+    Hkv = k.shape[2]
+    comm = P2PComm(plan.group, "fwd.kv") if W > 1 else None
+    numel = B * max(lay.local_lengths) * Hkv * D
+    k_bufs = [torch.empty(numel, dtype=k.dtype, device=k.device) for _ in range(2 if W > 1 else 0)]
+    v_bufs = [torch.empty(numel, dtype=v.dtype, device=v.device) for _ in range(2 if W > 1 else 0)]
+
+    out_acc = lse_acc = None  # (B, n_r, Hq, D) fp32, (B, Hq, n_r) fp32
+    k_cur, v_cur = k, v       # (B, n_j, Hkv, D): the block of rank j = (r - s) mod W
+    for s in range(W):
+        j = (r - s) % W
+        if s + 1 < W:
+            shape = (B, lay.local_len((r - s - 1) % W), Hkv, D)
+            k_next, v_next = flat_view(k_bufs[(s + 1) % 2], shape), flat_view(v_bufs[(s + 1) % 2], shape)
+            comm.send(k_cur, plan.next)
+            comm.send(v_cur, plan.next)
+            comm.recv(k_next, plan.prev)
+            comm.recv(v_next, plan.prev)
+            comm.commit()
+        blk = plan.block(r, j)
+        if blk is not None:
+            q_rows = _rows(q, blk.q_start, blk.q_len)
+            out_p, lse_p = block_attn_forward(
+                q_rows, _rows(k_cur, blk.kv_start, blk.kv_len), _rows(v_cur, blk.kv_start, blk.kv_len),
+                causal=blk.causal, softmax_scale=plan.softmax_scale, backend=plan.backend)
+            if s == 0:  # the diagonal block covers every row: it initialises the accumulator
+                out_acc = torch.empty(q.shape, dtype=_F32, device=q.device).copy_(out_p)
+                lse_acc = lse_p.to(_F32).contiguous()
+            else:
+                merge_attn_states_(_rows(out_acc, blk.q_start, blk.q_len),
+                                   _lse_rows(lse_acc, blk.q_start, blk.q_len), out_p, lse_p)
+        if s + 1 < W:
+            comm.wait()
+            k_cur, v_cur = k_next, v_next
+    return out_acc.to(q.dtype), lse_acc
+
+
+def ring_backward(plan: RingPlan, dout, q, k, v, out, lse):
+    """Gradients of the local shards. dout, out: (B, n_r, Hq, D); lse: (B, Hq, n_r) fp32 (the
+    final, merged forward results). Returns dq, dk, dv in the input dtypes (fp32 accumulation)."""
+    W, r, lay = plan.world_size, plan.rank, plan.layout
+    B, n_r, Hq, D = q.shape
+    Hkv = k.shape[2]
+    dq_acc = torch.zeros(q.shape, dtype=_F32, device=q.device)
+    kw = dict(softmax_scale=plan.softmax_scale, backend=plan.backend)
+
+    def block_backward(blk: Block, k_blk, v_blk, dk_into, dv_into):
+        qr, outr, doutr, lser = _q_side(blk, q, out, dout, lse)
+        block_attn_backward(
+            doutr, qr, _rows(k_blk, blk.kv_start, blk.kv_len), _rows(v_blk, blk.kv_start, blk.kv_len),
+            outr, lser, causal=blk.causal, dq_out=_rows(dq_acc, blk.q_start, blk.q_len),
+            dk_out=_rows(dk_into, blk.kv_start, blk.kv_len), dv_out=_rows(dv_into, blk.kv_start, blk.kv_len), **kw)
+
+    if W == 1:
+        dk = torch.zeros(k.shape, dtype=_F32, device=k.device)
+        dv = torch.zeros(v.shape, dtype=_F32, device=v.device)
+        block_backward(plan.block(r, r), k, v, dk, dv)
+        return dq_acc.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+    kv_comm = P2PComm(plan.group, "bwd.kv")
+    dkv_comm = P2PComm(plan.group, "bwd.dkv")
+    numel = B * max(lay.local_lengths) * Hkv * D
+    dev = k.device
+    k_bufs = [torch.empty(numel, dtype=k.dtype, device=dev) for _ in range(2)]
+    v_bufs = [torch.empty(numel, dtype=v.dtype, device=dev) for _ in range(2)]
+    dk_bufs = [torch.empty(numel, dtype=_F32, device=dev) for _ in range(2)]  # travelling sums
+    dv_bufs = [torch.empty(numel, dtype=_F32, device=dev) for _ in range(2)]
+    dk_part, dv_part = (torch.empty(numel, dtype=_F32, device=dev) for _ in range(2))  # scratch
+
+    k_cur, v_cur = k, v
+    for s in range(W):
+        j = (r - s) % W
+        shape_j = (B, lay.local_len(j), Hkv, D)
+        if s + 1 < W:
+            shape = (B, lay.local_len((r - s - 1) % W), Hkv, D)
+            k_next, v_next = flat_view(k_bufs[(s + 1) % 2], shape), flat_view(v_bufs[(s + 1) % 2], shape)
+            kv_comm.send(k_cur, plan.next)
+            kv_comm.send(v_cur, plan.next)
+            kv_comm.recv(k_next, plan.prev)
+            kv_comm.recv(v_next, plan.prev)
+            kv_comm.commit()
+        blk = plan.block(r, j)
+        if s == 0:  # own block: accumulate straight into the running sums that will travel
+            dk_run, dv_run = flat_view(dk_bufs[0], shape_j).zero_(), flat_view(dv_bufs[0], shape_j).zero_()
+            block_backward(blk, k_cur, v_cur, dk_run, dv_run)
+        else:
+            if blk is not None:
+                pk, pv = flat_view(dk_part, shape_j), flat_view(dv_part, shape_j)
+                _rows(pk, blk.kv_start, blk.kv_len).zero_()
+                _rows(pv, blk.kv_start, blk.kv_len).zero_()
+                block_backward(blk, k_cur, v_cur, pk, pv)
+            dkv_comm.wait()  # block j's running sums (ranks j..r-1) are here; our last send is done
+            dk_run, dv_run = flat_view(dk_bufs[s % 2], shape_j), flat_view(dv_bufs[s % 2], shape_j)
+            if blk is not None:
+                _rows(dk_run, blk.kv_start, blk.kv_len).add_(_rows(pk, blk.kv_start, blk.kv_len))
+                _rows(dv_run, blk.kv_start, blk.kv_len).add_(_rows(pv, blk.kv_start, blk.kv_len))
+        # Pass block j's sums on (after step W-1 they reach their owner r+1); receive the next.
+        shape_in = (B, lay.local_len((r - s - 1) % W), Hkv, D)
+        dkv_comm.send(dk_run, plan.next)
+        dkv_comm.send(dv_run, plan.next)
+        dkv_comm.recv(flat_view(dk_bufs[(s + 1) % 2], shape_in), plan.prev)
+        dkv_comm.recv(flat_view(dv_bufs[(s + 1) % 2], shape_in), plan.prev)
+        dkv_comm.commit()
+        if s + 1 < W:
+            kv_comm.wait()
+            k_cur, v_cur = k_next, v_next
+    dkv_comm.wait()
+    own = (B, n_r, Hkv, D)
+    dk = flat_view(dk_bufs[W % 2], own).to(k.dtype, copy=True)
+    dv = flat_view(dv_bufs[W % 2], own).to(v.dtype, copy=True)
+    return dq_acc.to(q.dtype), dk, dv
+
+
+class RingAttention(torch.autograd.Function):
+    """(q, k, v local shards, plan) -> (out, lse); lse carries no gradient."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan: RingPlan):
+        out, lse = ring_forward(plan, q, k, v)
+        ctx.plan = plan
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ring_backward(ctx.plan, dout, q, k, v, out, lse)
+        return dq, dk, dv, None
+
+
+def ring_comm_bytes(lay: SequenceLayout, rank: int, *, batch: int, heads_kv: int, head_dim: int,
+                    elem_size: int, backward: bool) -> dict[str, tuple[int, int]]:
+    """Bytes (sent, received) by `rank` per channel, in closed form (docs/sequence_parallel.md):
+
+      fwd.kv, bwd.kv  sent 2*B*Hkv*D*e * (L - n_{r+1})   (every block but the next rank's)
+                      recv 2*B*Hkv*D*e * (L - n_r)       (every block but its own)
+      bwd.dkv         sent = recv = 2*B*Hkv*D*4 * L       (every block's fp32 sums, one hop each)
+    Independent of causal and layout (masked blocks are still forwarded). W = 1: nothing.
+    """
+    W, L = lay.world_size, lay.seq_len
+    if W == 1:
+        return {}
+    n = lay.local_lengths
+    per_token = 2 * batch * heads_kv * head_dim
+    kv = (per_token * elem_size * (L - n[(rank + 1) % W]), per_token * elem_size * (L - n[rank]))
+    result = {"fwd.kv": kv}
+    if backward:
+        result["bwd.kv"] = kv
+        result["bwd.dkv"] = (per_token * 4 * L, per_token * 4 * L)
+    return result

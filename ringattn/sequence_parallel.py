@@ -1,0 +1,348 @@
+"""Sequence-parallel attention: the public entry points, input validation, the metadata exchange
+and algorithm="auto".
+
+    out = ring_attention(q, k, v, causal=True, group=None, layout="zigzag")        # KV rotation
+    out = token_ring_attention(q, k, v, causal=True, layout="zigzag")              # Q rotation
+    out = sequence_parallel_attention(q, k, v, causal=True, algorithm="auto")      # picks one
+    out, lse = ring_attention(q, k, v, return_lse=True)
+
+q: (batch, seq_local, heads_q, head_dim); k, v: (batch, seq_local, heads_kv, head_dim), heads_q a
+multiple of heads_kv (GQA/MQA; K/V never repeated). Each rank passes its own tokens of the global
+sequence in `layout` (ringattn.layout; shard_sequence cuts them). Returns out like q (and lse
+(batch, heads_q, seq_local) fp32 with return_lse=True; lse carries no gradient). Differentiable
+in q, k, v.
+
+Every call starts with ONE all_gather of a small int64 signature per rank over the group
+(_Signature): shapes, dtypes, device type, head counts, causal, layout, algorithm, scale, group
+size and ranks, whether a backward will follow, and this rank's local problems. Every rank then
+runs the same checks on the same table, so a mismatch raises the same ValueError on every rank
+within one collective's latency (never a hang in the ring, never garbage); the table also gives
+every rank's seq_local, i.e. the chunk table of uneven layouts. The backward reuses it.
+torch.distributed not initialised (and group=None): a world of one, no communication.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import struct
+import zlib
+
+import torch
+import torch.distributed as dist
+
+from ringattn.accounting import CommStats, comm_stats  # noqa: F401  (re-exported)
+from ringattn.block_attention import block_attn_forward
+from ringattn.layout import (LAYOUTS, RingPlan, SequenceLayout, collective_device, dtype_code,  # noqa: F401
+                             gather_sequence, group_rank_and_size, seq_len_error, shard_sequence)
+from ringattn.ring_attention import RingAttention, ring_comm_bytes
+from ringattn.token_ring import TokenRingAttention, token_ring_comm_bytes
+
+ALGORITHMS = ("ring", "token_ring")
+# TokenRing talks to a different peer at every step (r+-s). Beyond one NVLink/NVSwitch node
+# (8 GPUs) most of those messages cross the inter-node network every step, while ring crosses
+# it only at node boundaries: auto then keeps ring whatever the bytes say.
+MESH_MAX_WORLD = 8
+
+_MAGIC = 0x52494E47_01  # "RING", signature version 1
+_ALG_CODE = {"auto": 0, "ring": 1, "token_ring": 2}
+_LAYOUT_CODE = {"contiguous": 1, "zigzag": 2}
+_DEVICE_CODE = {"cpu": 1, "cuda": 2, "meta": 3, "xpu": 4, "mps": 5}
+
+
+# --------------------------------------------------------------------------------------------
+# Local checks: each problem is one bit, so every rank can name every rank's problems.
+
+_PROBLEMS = (
+    "q, k and v must all be torch.Tensors",
+    "q, k and v must be 4-D: q (batch, seq_local, heads_q, head_dim), k/v (batch, seq_local, heads_kv, head_dim)",
+    "q, k and v must be floating point",
+    "k and v must have the same shape",
+    "q and k/v must agree on batch, seq_local and head_dim",
+    "heads_q must be a positive multiple of heads_kv",
+    "q, k and v must have the same dtype",
+    "q, k and v must be on the same device",
+    "the requested block-attention backend cannot run these inputs",
+    "softmax_scale must be a finite number > 0",
+    "unknown layout (choose 'contiguous' or 'zigzag')",
+    "unknown algorithm (choose 'auto', 'ring' or 'token_ring')",
+    "batch, heads and head_dim must be > 0",
+)
+(_P_NOT_TENSOR, _P_NOT_4D, _P_NOT_FLOAT, _P_KV_SHAPE, _P_QK_SHAPE, _P_HEADS, _P_DTYPES, _P_DEVICES,
+ _P_BACKEND, _P_SCALE, _P_LAYOUT, _P_ALGORITHM, _P_EMPTY) = (1 << i for i in range(len(_PROBLEMS)))
+
+
+def _float_bits(x: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+def _bits_float(b: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", int(b)))[0]
+
+
+_FIELDS = ("magic", "algorithm", "layout", "causal", "group_size", "group_ranks",
+           "q0", "q1", "q2", "q3", "k0", "k1", "k2", "k3", "v0", "v1", "v2", "v3",
+           "q_dtype", "k_dtype", "v_dtype", "device", "scale", "grad", "problems")
+_IX = {f: i for i, f in enumerate(_FIELDS)}
+
+
+@dataclasses.dataclass
+class _Local:
+    sig: list            # len(_FIELDS) ints
+    error: Exception | None  # the local detail behind the problem bits (raised as __cause__)
+
+
+def _local_signature(fn, q, k, v, *, algorithm, layout, causal, softmax_scale, backend, world,
+                     global_ranks) -> _Local:
+    sig = [-1] * len(_FIELDS)
+    sig[_IX["magic"]] = _MAGIC
+    sig[_IX["group_size"]] = world
+    sig[_IX["group_ranks"]] = zlib.crc32(",".join(map(str, global_ranks)).encode())
+    sig[_IX["causal"]] = int(bool(causal))
+    problems, error = 0, None
+    if algorithm in _ALG_CODE:
+        sig[_IX["algorithm"]] = _ALG_CODE[algorithm]
+    else:
+        problems |= _P_ALGORITHM
+    if layout in _LAYOUT_CODE:
+        sig[_IX["layout"]] = _LAYOUT_CODE[layout]
+    else:
+        problems |= _P_LAYOUT
+    tensors = (q, k, v)
+    if not all(isinstance(t, torch.Tensor) for t in tensors):
+        problems |= _P_NOT_TENSOR
+    else:
+        for name, t in zip("qkv", tensors):
+            if t.dim() == 4:
+                for i in range(4):
+                    sig[_IX[f"{name}{i}"]] = t.shape[i]
+            sig[_IX[f"{name}_dtype"]] = dtype_code(t.dtype)
+        sig[_IX["device"]] = _DEVICE_CODE.get(q.device.type, 99)
+        sig[_IX["grad"]] = int(torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        if any(t.dim() != 4 for t in tensors):
+            problems |= _P_NOT_4D
+        else:
+            if k.shape != v.shape:
+                problems |= _P_KV_SHAPE
+            if (q.shape[0], q.shape[1], q.shape[3]) != (k.shape[0], k.shape[1], k.shape[3]):
+                problems |= _P_QK_SHAPE
+            if min(q.shape[0], q.shape[2], q.shape[3], k.shape[2]) <= 0:
+                problems |= _P_EMPTY
+            elif q.shape[2] % k.shape[2] != 0:
+                problems |= _P_HEADS
+        if not all(t.is_floating_point() for t in tensors):
+            problems |= _P_NOT_FLOAT
+        if not (q.dtype == k.dtype == v.dtype):
+            problems |= _P_DTYPES
+        if not (q.device == k.device == v.device):
+            problems |= _P_DEVICES
+    scale = softmax_scale
+    if scale is None and not problems & (_P_NOT_TENSOR | _P_NOT_4D | _P_EMPTY):
+        scale = 1.0 / math.sqrt(q.shape[3])
+    if scale is not None:
+        try:
+            scale = float(scale)
+            if not (scale > 0 and math.isfinite(scale)):
+                raise ValueError
+            sig[_IX["scale"]] = _float_bits(scale)
+        except (TypeError, ValueError):
+            problems |= _P_SCALE
+    if not problems and backend != "auto":
+        try:  # zero-length probe: the backend's support checks run, nothing is computed
+            block_attn_forward(q[:, :0], k[:, :0], v[:, :0], causal=bool(causal), softmax_scale=scale,
+                               backend=backend)
+        except (ValueError, RuntimeError) as e:
+            problems |= _P_BACKEND
+            error = e
+    if problems and error is None:
+        error = ValueError(f"{fn}: " + "; ".join(p for i, p in enumerate(_PROBLEMS) if problems >> i & 1))
+    sig[_IX["problems"]] = problems
+    return _Local(sig, error)
+
+
+def _describe(field: str, value: int) -> str:
+    if field == "scale":
+        return f"{_bits_float(value):.6g}" if value != -1 else "?"
+    if field == "algorithm":
+        return {v: k for k, v in _ALG_CODE.items()}.get(value, "?")
+    if field == "layout":
+        return {v: k for k, v in _LAYOUT_CODE.items()}.get(value, "?")
+    if field == "device":
+        return {v: k for k, v in _DEVICE_CODE.items()}.get(value, "other")
+    if field == "causal" or field == "grad":
+        return str(bool(value))
+    return str(value)
+
+
+# What every rank must agree on: (description, fields). seq_local may differ (uneven layouts).
+_AGREE = (
+    ("the call (ranks called different ringattn functions or versions)", ("magic",)),
+    ("algorithm", ("algorithm",)), ("layout", ("layout",)), ("causal", ("causal",)),
+    ("group size", ("group_size",)), ("group ranks (crc32)", ("group_ranks",)),
+    ("batch size", ("q0",)), ("heads_q", ("q2",)), ("heads_kv", ("k2",)), ("head_dim", ("q3",)),
+    ("dtype (dtype codes q, k, v)", ("q_dtype", "k_dtype", "v_dtype")), ("device type", ("device",)),
+    ("softmax_scale", ("scale",)),
+    ("whether a backward follows (requires_grad with grad mode on)", ("grad",)),
+)
+
+
+def _check_table(fn: str, sigs: list[list[int]], layout: str) -> tuple[str | None, SequenceLayout | None]:
+    """The one error message every rank raises (None if the table is consistent), and the layout."""
+    W = len(sigs)
+    lines = []
+    for r, s in enumerate(sigs):
+        bits = s[_IX["problems"]]
+        if bits:
+            lines.append(f"rank {r}: " + "; ".join(p for i, p in enumerate(_PROBLEMS) if bits >> i & 1)
+                         + (f" (backend problem on q {_describe('device', s[_IX['device']])}, head_dim "
+                            f"{s[_IX['q3']]})" if bits & _P_BACKEND else ""))
+    if not lines:
+        for what, fields in _AGREE:
+            values = [tuple(s[_IX[f]] for f in fields) for s in sigs]
+            if len(set(values)) > 1:
+                shown = ", ".join(f"rank {r}: " + "/".join(_describe(f, x) for f, x in zip(fields, val))
+                                  for r, val in enumerate(values))
+                lines.append(f"ranks disagree on {what}: {shown}")
+    if lines:
+        return "\n  - ".join([f"{fn}: inconsistent inputs across the {W} ranks of the group "
+                              "(nothing was computed)"] + lines), None
+    lengths = [s[_IX["q1"]] for s in sigs]
+    L = sum(lengths)
+    problem = seq_len_error(L, W, layout)
+    if problem:
+        return f"{fn}: ranks hold {lengths} tokens: {problem}", None
+    lay = SequenceLayout.build(L, W, layout)
+    if tuple(lengths) != lay.local_lengths:
+        return (f"{fn}: ranks hold {lengths} tokens (seq_local of ranks 0..{W - 1}), but layout={layout!r} "
+                f"cuts a global sequence of {L} tokens into {list(lay.local_lengths)} (split_sizes: "
+                f"earlier chunks take the extra tokens)"), None
+    return None, lay
+
+
+def _exchange(group, world: int, local: _Local, device: torch.device) -> list[list[int]]:
+    if world == 1:
+        return [local.sig]
+    mine = torch.tensor(local.sig, dtype=torch.int64, device=device)
+    table = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(table, mine, group=group)
+    return [t.tolist() for t in table]
+
+
+def _prepare(fn: str, q, k, v, *, algorithm, causal, softmax_scale, group, layout, backend):
+    """Validate across ranks; return (plan, q, k, v contiguous, requires backward)."""
+    rank, world = group_rank_and_size(group)
+    if world > 1:
+        global_ranks = dist.get_process_group_ranks(group or dist.GroupMember.WORLD)
+    else:
+        global_ranks = [dist.get_rank() if dist.is_initialized() else 0]
+    local = _local_signature(fn, q, k, v, algorithm=algorithm, layout=layout, causal=causal,
+                             softmax_scale=softmax_scale, backend=backend, world=world,
+                             global_ranks=global_ranks)
+    device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
+    sigs = _exchange(group, world, local, collective_device(group, device) if world > 1 else device)
+    # One prefix for every entry point: ranks that called different ones get the same message.
+    message, lay = _check_table("ringattn sequence-parallel attention", sigs, layout)
+    if message:
+        raise ValueError(message) from local.error
+    scale = _bits_float(sigs[0][_IX["scale"]])
+    plan = RingPlan(group, rank, world, lay, bool(causal), scale, backend)
+    # Non-contiguous inputs (e.g. a transposed (B, H, S, D) view) are accepted: one copy here,
+    # since what travels must be contiguous.
+    return plan, q.contiguous(), k.contiguous(), v.contiguous(), bool(sigs[0][_IX["grad"]])
+
+
+# --------------------------------------------------------------------------------------------
+# Bytes and the auto rule
+
+
+def _elem_size(dtype) -> int:
+    return dtype.itemsize if isinstance(dtype, torch.dtype) else int(dtype)
+
+
+def predict_comm_bytes(algorithm: str, *, seq_len: int, world_size: int, layout: str = "contiguous",
+                       causal: bool = False, batch: int, heads_q: int, heads_kv: int, head_dim: int,
+                       dtype=torch.bfloat16, backward: bool = True) -> list[dict[str, tuple[int, int]]]:
+    """Bytes each rank sends and receives per channel in one call (forward, plus backward when
+    `backward`): a list indexed by group rank of {channel: (sent, received)}. The formulas are
+    ring_attention.ring_comm_bytes and token_ring.token_ring_comm_bytes (docs/sequence_parallel.md).
+    dtype: of q/k/v (or its element size in bytes)."""
+    lay = SequenceLayout.build(seq_len, world_size, layout)
+    e = _elem_size(dtype)
+    if algorithm == "ring":
+        return [ring_comm_bytes(lay, r, batch=batch, heads_kv=heads_kv, head_dim=head_dim, elem_size=e,
+                                backward=backward) for r in range(world_size)]
+    if algorithm == "token_ring":
+        return [token_ring_comm_bytes(lay, r, causal=causal, batch=batch, heads_q=heads_q, head_dim=head_dim,
+                                      elem_size=e, backward=backward) for r in range(world_size)]
+    raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class AlgorithmChoice:
+    algorithm: str          # "ring" | "token_ring"
+    predicted_bytes: dict   # algorithm -> bottleneck bytes: max over ranks of max(sent, received)
+    reason: str
+
+
+def choose_algorithm(*, seq_len: int, world_size: int, layout: str = "contiguous", causal: bool = False,
+                     batch: int, heads_q: int, heads_kv: int, head_dim: int, dtype=torch.bfloat16,
+                     backward: bool = True) -> AlgorithmChoice:
+    """algorithm="auto": the one whose busiest rank moves fewer bytes (see the module constants).
+
+    W == 1: ring (no communication either way). W > MESH_MAX_WORLD: ring. Otherwise token_ring
+    iff its bottleneck bytes (max over ranks of max(sent, received), forward + backward when
+    `backward`) are strictly fewer than ring's; ties go to ring (one peer per step, fewer
+    messages). Deterministic in its arguments, so every rank picks the same.
+    """
+    per_alg = {}
+    for alg in ALGORITHMS:
+        ranks = predict_comm_bytes(alg, seq_len=seq_len, world_size=world_size, layout=layout, causal=causal,
+                                   batch=batch, heads_q=heads_q, heads_kv=heads_kv, head_dim=head_dim,
+                                   dtype=dtype, backward=backward)
+        per_alg[alg] = max((max(sum(s for s, _ in ch.values()), sum(rv for _, rv in ch.values()))
+                            for ch in ranks), default=0)
+    if world_size == 1:
+        return AlgorithmChoice("ring", per_alg, "world size 1: no communication")
+    if world_size > MESH_MAX_WORLD:
+        return AlgorithmChoice("ring", per_alg, f"world size {world_size} > {MESH_MAX_WORLD}: "
+                               "TokenRing's mesh would cross nodes every step")
+    if per_alg["token_ring"] < per_alg["ring"]:
+        return AlgorithmChoice("token_ring", per_alg, "TokenRing moves fewer bytes")
+    return AlgorithmChoice("ring", per_alg, "KV rotation moves fewer (or equal) bytes")
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def _run(fn, q, k, v, *, algorithm, causal, softmax_scale, group, layout, backend, return_lse):
+    plan, q, k, v, grad = _prepare(fn, q, k, v, algorithm=algorithm, causal=causal, softmax_scale=softmax_scale,
+                                   group=group, layout=layout, backend=backend)
+    if algorithm == "auto":
+        algorithm = choose_algorithm(
+            seq_len=plan.layout.seq_len, world_size=plan.world_size, layout=layout, causal=plan.causal,
+            batch=q.shape[0], heads_q=q.shape[2], heads_kv=k.shape[2], head_dim=q.shape[3], dtype=q.dtype,
+            backward=grad).algorithm
+    impl = RingAttention if algorithm == "ring" else TokenRingAttention
+    out, lse = impl.apply(q, k, v, plan)
+    return (out, lse) if return_lse else out
+
+
+def ring_attention(q, k, v, *, causal=False, softmax_scale=None, group=None, layout="contiguous",
+                   backend="auto", return_lse=False):
+    """Ring Self-Attention: K/V rotate one hop per step, Q stays (ringattn.ring_attention)."""
+    return _run("ringattn.ring_attention", q, k, v, algorithm="ring", causal=causal,
+                softmax_scale=softmax_scale, group=group, layout=layout, backend=backend, return_lse=return_lse)
+
+
+def token_ring_attention(q, k, v, *, causal=False, softmax_scale=None, group=None, layout="contiguous",
+                         backend="auto", return_lse=False):
+    """TokenRing: K/V stay, Q travels one way and partials come straight back (ringattn.token_ring)."""
+    return _run("ringattn.token_ring_attention", q, k, v, algorithm="token_ring", causal=causal,
+                softmax_scale=softmax_scale, group=group, layout=layout, backend=backend, return_lse=return_lse)
+
+
+def sequence_parallel_attention(q, k, v, *, causal=False, softmax_scale=None, group=None, layout="contiguous",
+                                backend="auto", return_lse=False, algorithm="auto"):
+    """ring_attention or token_ring_attention; "auto" picks by bytes and world size (choose_algorithm)."""
+    return _run("ringattn.sequence_parallel_attention", q, k, v, algorithm=algorithm, causal=causal,
+                softmax_scale=softmax_scale, group=group, layout=layout, backend=backend, return_lse=return_lse)

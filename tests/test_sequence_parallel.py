@@ -1,0 +1,260 @@
+"""Ring attention and TokenRing on real gloo processes (W = 1, 2, 3, 4) against a single-process
+float64 reference: forward (out, lse) and backward (dq, dk, dv with a random upstream gradient),
+every algorithm x causal x layout x MHA/GQA/MQA x even/uneven length x batch 1/2 x fp32/bf16,
+plus the bytes each rank sent/received against the formula of docs/sequence_parallel.md.
+
+Every rank builds the same seeded full inputs, computes the full reference itself, runs the
+distributed op on its shard and compares its rows. All cases of one world size run inside ONE
+pool.run (spawning processes costs seconds); the worker returns a list of failures with their
+errors, and the test asserts it is empty.
+"""
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import ringattn.sequence_parallel as sp
+from ringattn.accounting import comm_stats
+
+WORLD_SIZES = (1, 2, 3, 4)
+ALGORITHMS = ("ring", "token_ring")
+LAYOUTS = ("contiguous", "zigzag")
+HEADS = ((4, 4), (4, 2), (4, 1))  # (heads_q, heads_kv): MHA, GQA, MQA
+DTYPES = (torch.float32, torch.bfloat16)
+
+# Error bound per dtype: |got - ref| <= atol + rtol * |ref| (ref: float64 on the same rounded
+# inputs). fp32: the ring merges W partial softmaxes in another order than one softmax and the
+# math kernel works in fp32: rounding only (measured <= 1.5e-6 absolute at W = 2 and 4) -> 2e-5.
+# bf16: every block's partial out is rounded to bf16 before the fp32 merge and every result is
+# rounded to bf16 once more (2^-9 relative each; gradients reach |x| ~ 5, so one rounding alone
+# is up to 1.6e-2): measured <= 2.4e-2 absolute at W = 2 and 4. The partial roundings add up
+# with the number of blocks, so the bound grows with W: (2e-2 + 2e-2 |ref|) * (1 + W/4).
+def tolerance(dtype, world):
+    if dtype == torch.float32:
+        return 2e-5, 2e-5
+    return 2e-2 * (1 + world / 4), 2e-2 * (1 + world / 4)
+
+
+def positions(seq_len, world, layout, rank):
+    """Global positions of rank's tokens, computed here independently of ringattn.layout."""
+    parts = world if layout == "contiguous" else 2 * world
+    sizes = [seq_len // parts + (i < seq_len % parts) for i in range(parts)]
+    starts = [sum(sizes[:i]) for i in range(parts)]
+    chunks = [rank] if layout == "contiguous" else [rank, 2 * world - 1 - rank]
+    return torch.cat([torch.arange(starts[c], starts[c] + sizes[c]) for c in chunks])
+
+
+def reference(q, k, v, causal, scale):
+    """Plain softmax attention over the full sequence in float64: out (B,L,Hq,D), lse (B,Hq,L)."""
+    g = q.shape[2] // k.shape[2]
+    kk, vv = k.repeat_interleave(g, 2), v.repeat_interleave(g, 2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, kk) * scale
+    if causal:
+        L = q.shape[1]
+        s = s.masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    return torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, -1), vv), lse
+
+
+def lengths_for(world):
+    # even: divisible by W and 2W; uneven: 7W-1 leaves W-1 extra tokens for both layouts.
+    return {"even": 6 * world, "uneven": 7 * world - 1}
+
+
+def all_cases(world):
+    cases = []
+    i = 0
+    for dtype in DTYPES:
+        for alg in ALGORITHMS:
+            for causal in (False, True):
+                for layout in LAYOUTS:
+                    for hq, hkv in HEADS:
+                        for kind, seq_len in lengths_for(world).items():
+                            for batch in (1, 2):
+                                cases.append(dict(alg=alg, causal=causal, layout=layout, hq=hq, hkv=hkv,
+                                                  seq_len=seq_len, batch=batch, dtype=dtype,
+                                                  head_dim=8 if i % 3 else 16, return_lse=i % 2 == 0, seed=i))
+                                i += 1
+    return cases
+
+
+def run_case(c, group=None, check_bytes=True):
+    """One case on this rank; returns a failure string or None."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    B, L, Hq, Hkv, D, dtype = c["batch"], c["seq_len"], c["hq"], c["hkv"], c["head_dim"], c["dtype"]
+    gen = torch.Generator().manual_seed(1000 + c["seed"])
+    q, dout = (torch.randn(B, L, Hq, D, generator=gen).to(dtype) for _ in range(2))
+    k, v = (torch.randn(B, L, Hkv, D, generator=gen).to(dtype) for _ in range(2))
+    scale = 1.0 / math.sqrt(D)
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    ref_out, ref_lse = reference(*ref, c["causal"], scale)
+    ref_out.backward(dout.double())
+
+    pos = positions(L, world, c["layout"], rank)
+    loc = [t[:, pos].clone().requires_grad_() for t in (q, k, v)]
+    fn = sp.ring_attention if c["alg"] == "ring" else sp.token_ring_attention
+    with comm_stats() as st:
+        res = fn(*loc, causal=c["causal"], group=group, layout=c["layout"], return_lse=c["return_lse"])
+        out, lse = res if c["return_lse"] else (res, None)
+        out.backward(dout[:, pos])
+
+    atol, rtol = tolerance(dtype, world)
+    errors = []
+    pairs = [("out", out, ref_out[:, pos])] + [(f"d{n}", t.grad, r.grad[:, pos]) for n, t, r in zip("qkv", loc, ref)]
+    if lse is not None:
+        pairs.append(("lse", lse, ref_lse[:, :, pos]))
+    for name, got, want in pairs:
+        if got is None or got.shape != want.shape:
+            errors.append(f"{name}: shape {None if got is None else tuple(got.shape)} != {tuple(want.shape)}")
+            continue
+        if got.dtype != (torch.float32 if name == "lse" else dtype):
+            errors.append(f"{name}: dtype {got.dtype}")
+        err = (got.double() - want).abs()
+        ratio = (err / (atol + rtol * want.abs())).max().item()
+        if not ratio <= 1.0:
+            errors.append(f"{name}: max abs err {err.max().item():.3g} ({ratio:.2f}x the bound)")
+    if check_bytes:
+        want_bytes = sp.predict_comm_bytes(c["alg"], seq_len=L, world_size=world, layout=c["layout"],
+                                           causal=c["causal"], batch=B, heads_q=Hq, heads_kv=Hkv, head_dim=D,
+                                           dtype=dtype, backward=True)[rank]
+        got_bytes = {ch: (st.sent_by_channel[ch], st.recv_by_channel[ch])
+                     for ch in set(st.sent_by_channel) | set(st.recv_by_channel)}
+        if {ch: b for ch, b in got_bytes.items() if b != (0, 0)} != {ch: b for ch, b in want_bytes.items() if b != (0, 0)}:
+            errors.append(f"bytes {got_bytes} != formula {want_bytes}")
+    if errors:
+        shown = {k: (str(v).replace("torch.", "") if k == "dtype" else v) for k, v in c.items()}
+        return f"rank {rank} {shown}: " + "; ".join(errors)
+    return None
+
+
+def _run_all(world):
+    failures = [f for c in all_cases(world) if (f := run_case(c)) is not None]
+    return failures
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_matrix_against_float64_reference(dist_pool, world):
+    results = dist_pool(world).run(_run_all, world, timeout=240)
+    failures = [f for per_rank in results for f in per_rank]
+    assert not failures, f"{len(failures)} failing (rank, case)s:\n" + "\n".join(failures[:40])
+
+
+# --- edge lengths: the shortest sequences (chunks of one token), uneven by one ------------------
+def _run_edges(world):
+    cases, i = [], 0
+    for alg in ALGORITHMS:
+        for layout in LAYOUTS:
+            shortest = world if layout == "contiguous" else 2 * world
+            for seq_len in (shortest, shortest + 1):
+                for causal in (False, True):
+                    cases.append(dict(alg=alg, causal=causal, layout=layout, hq=2, hkv=1, seq_len=seq_len,
+                                      batch=2, dtype=torch.float32, head_dim=8, return_lse=True, seed=500 + i))
+                    i += 1
+    return [f for c in cases if (f := run_case(c)) is not None]
+
+
+@pytest.mark.parametrize("world", (3, 4))
+def test_shortest_sequences(dist_pool, world):
+    failures = [f for r in dist_pool(world).run(_run_edges, world, timeout=120) for f in r]
+    assert not failures, "\n".join(failures)
+
+
+# --- sub-groups: ranks [1, 2] of 4, and [0, 2] / [1, 3] side by side ---------------------------
+def _run_subgroups():
+    rank = dist.get_rank()
+    g12 = dist.new_group([1, 2])           # every rank of the world creates every group
+    g02, g13 = dist.new_group([0, 2]), dist.new_group([1, 3])
+    failures = []
+    case = dict(causal=True, layout="zigzag", hq=4, hkv=2, seq_len=11, batch=2, dtype=torch.float32,
+                head_dim=8, return_lse=True)
+    for i, alg in enumerate(ALGORITHMS):
+        if rank in (1, 2):
+            failures.append(run_case(dict(case, alg=alg, seed=700 + i), group=g12))
+        pair = g02 if rank in (0, 2) else g13
+        # The two pairs run concurrently with different data (different seeds per pair).
+        failures.append(run_case(dict(case, alg=alg, causal=False, seed=710 + i + 10 * (rank % 2)), group=pair))
+    # A registered second communicator for each pair (made by every rank of the world at setup).
+    from ringattn.comm import register_reply_group, reply_group
+    r02, r13 = dist.new_group([0, 2]), dist.new_group([1, 3])
+    pair, reply = (g02, r02) if rank in (0, 2) else (g13, r13)
+    register_reply_group(pair, reply)
+    if reply_group(pair, torch.device("cpu")) is not reply:
+        failures.append(f"rank {rank}: the registered reply group is not used")
+    with comm_stats() as st:
+        failures.append(run_case(dict(case, alg="token_ring", seed=720 + rank % 2), group=pair))
+    if set(st.sent_by_channel) != {"fwd.q", "fwd.partial", "bwd.q", "bwd.dq"}:
+        failures.append(f"rank {rank}: channels {dict(st.sent_by_channel)}")
+    return [f for f in failures if f is not None]
+
+
+def test_sub_groups(dist_pool):
+    failures = [f for r in dist_pool(4).run(_run_subgroups, timeout=120) for f in r]
+    assert not failures, "\n".join(failures)
+
+
+# --- algorithm="auto" ----------------------------------------------------------------------------
+def test_auto_rule_prefers_kv_rotation_for_gqa_and_token_ring_for_mha_training():
+    kw = dict(seq_len=4096, world_size=4, layout="zigzag", causal=True, batch=1, head_dim=128, dtype=torch.bfloat16)
+    gqa = sp.choose_algorithm(heads_q=32, heads_kv=8, **kw)
+    assert gqa.algorithm == "ring", gqa
+    assert gqa.predicted_bytes["ring"] < gqa.predicted_bytes["token_ring"]
+    mha = sp.choose_algorithm(heads_q=32, heads_kv=32, **kw)  # fp32 dK/dV travel in ring's backward
+    assert mha.algorithm == "token_ring", mha
+    # Forward only, MHA, non-causal: both move ~the same K/V vs Q+out volume, TokenRing adds the
+    # lse: ring (ties and near-ties go to ring).
+    fwd = sp.choose_algorithm(heads_q=32, heads_kv=32, **dict(kw, causal=False, layout="contiguous"), backward=False)
+    assert fwd.algorithm == "ring", fwd
+    assert sp.choose_algorithm(heads_q=32, heads_kv=32, **dict(kw, world_size=1)).algorithm == "ring"
+    assert sp.choose_algorithm(heads_q=32, heads_kv=32, **dict(kw, world_size=16)).algorithm == "ring"
+    # predicted_bytes is the bottleneck rank's max(sent, received) of predict_comm_bytes
+    per_rank = sp.predict_comm_bytes("token_ring", heads_q=32, heads_kv=32, **kw)
+    assert mha.predicted_bytes["token_ring"] == max(max(sum(s for s, _ in c.values()), sum(r for _, r in c.values()))
+                                                    for c in per_rank)
+
+
+def _run_auto():
+    rank, world = dist.get_rank(), dist.get_world_size()
+    seen = []
+    for hq, hkv in ((4, 4), (4, 1)):
+        L = 13
+        pos = positions(L, world, "zigzag", rank)
+        gen = torch.Generator().manual_seed(3)
+        q = torch.randn(1, L, hq, 8, generator=gen)[:, pos].requires_grad_()
+        k, v = (torch.randn(1, L, hkv, 8, generator=gen)[:, pos].requires_grad_() for _ in range(2))
+        with comm_stats() as st:
+            sp.sequence_parallel_attention(q, k, v, causal=True, layout="zigzag").sum().backward()
+        want = sp.choose_algorithm(seq_len=L, world_size=world, layout="zigzag", causal=True, batch=1, heads_q=hq,
+                                   heads_kv=hkv, head_dim=8, dtype=torch.float32, backward=True).algorithm
+        ran = "ring" if "fwd.kv" in st.sent_by_channel else "token_ring"
+        seen.append((hq, hkv, want, ran))
+    return seen
+
+
+def test_auto_runs_the_predicted_choice(dist_pool):
+    for per_rank in dist_pool(3).run(_run_auto, timeout=60):
+        assert all(want == ran for _, _, want, ran in per_rank), per_rank
+        assert {ran for _, _, _, ran in per_rank} == {"ring", "token_ring"}, per_rank  # both occur
+
+
+# --- lse without a backward, no grad mode --------------------------------------------------------
+def _run_no_grad():
+    rank, world = dist.get_rank(), dist.get_world_size()
+    L = 10
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, L, 2, 8, generator=gen) for _ in range(3))
+    ref_out, ref_lse = reference(q.double(), k.double(), v.double(), True, 8 ** -0.5)
+    pos = positions(L, world, "zigzag", rank)
+    errs = []
+    with torch.no_grad():
+        for alg in ALGORITHMS:
+            out, lse = sp.sequence_parallel_attention(q[:, pos], k[:, pos], v[:, pos], causal=True, layout="zigzag",
+                                                      algorithm=alg, return_lse=True)
+            errs.append(max((out.double() - ref_out[:, pos]).abs().max().item(),
+                            (lse.double() - ref_lse[:, :, pos]).abs().max().item()))
+    return errs
+
+
+def test_forward_only_under_no_grad(dist_pool):
+    for errs in dist_pool(2).run(_run_no_grad, timeout=60):
+        assert max(errs) < 2e-5, errs
