@@ -47,11 +47,16 @@ CHANNEL_TAGS = {"fwd.kv": 11, "bwd.kv": 12, "bwd.dkv": 13, "fwd.q": 21, "fwd.par
 class P2PComm:
     """Queued sends/recvs of one channel over one group; commit posts them, wait completes them."""
 
-    def __init__(self, group, channel: str, transport=None):
+    def __init__(self, group, channel: str, max_message_bytes: int, transport=None):
+        """max_message_bytes: the largest single tensor this channel will move (a transport with
+        fixed inboxes, e.g. CudaIpcTransport, is `reserve`d for it here -- a collective, so every
+        rank of the group constructs the same channels in the same order, which the algorithms do)."""
         self.group = group
         self.channel = channel
         self.tag = CHANNEL_TAGS.get(channel, 0)
         self.transport = transport if transport is not None else _transport_for(group, channel)
+        if hasattr(self.transport, "reserve"):
+            self.transport.reserve(int(max_message_bytes))
         self._global = {}
         self._queued: list = []
         self._pending: list = []

@@ -59,8 +59,8 @@ def ring_forward(plan: RingPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     W, r, lay = plan.world_size, plan.rank, plan.layout
     B, _, Hq, D = q.shape
     Hkv = k.shape[2]
-    comm = P2PComm(plan.group, "fwd.kv") if W > 1 else None
     numel = B * max(lay.local_lengths) * Hkv * D
+    comm = P2PComm(plan.group, "fwd.kv", numel * k.element_size()) if W > 1 else None
     k_bufs = [torch.empty(numel, dtype=k.dtype, device=k.device) for _ in range(2 if W > 1 else 0)]
     v_bufs = [torch.empty(numel, dtype=v.dtype, device=v.device) for _ in range(2 if W > 1 else 0)]
 
@@ -116,9 +116,9 @@ def ring_backward(plan: RingPlan, dout, q, k, v, out, lse):
         block_backward(plan.block(r, r), k, v, dk, dv)
         return dq_acc.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
-    kv_comm = P2PComm(plan.group, "bwd.kv")
-    dkv_comm = P2PComm(plan.group, "bwd.dkv")
     numel = B * max(lay.local_lengths) * Hkv * D
+    kv_comm = P2PComm(plan.group, "bwd.kv", numel * k.element_size())
+    dkv_comm = P2PComm(plan.group, "bwd.dkv", numel * 4)
     dev = k.device
     k_bufs = [torch.empty(numel, dtype=k.dtype, device=dev) for _ in range(2)]
     v_bufs = [torch.empty(numel, dtype=v.dtype, device=dev) for _ in range(2)]

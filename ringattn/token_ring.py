@@ -79,8 +79,10 @@ class _QExchange:
     def __init__(self, plan: RingPlan, channel: str, payload: _Payload, seq_dtypes, head_count: int,
                  B: int, Hq: int, D: int, device):
         self.plan, self.payload = plan, payload
-        self.comm = P2PComm(plan.group, channel)
         numel = B * max(plan.layout.local_lengths) * Hq * D
+        biggest = max([numel * torch.empty(0, dtype=dt).element_size() for dt in seq_dtypes]
+                      + ([numel // D * 4] if head_count else []))
+        self.comm = P2PComm(plan.group, channel, biggest)
         self.seq_bufs = [[torch.empty(numel, dtype=dt, device=device) for dt in seq_dtypes] for _ in range(2)]
         self.head_bufs = [[torch.empty(numel // D, dtype=_F32, device=device) for _ in range(head_count)]
                           for _ in range(2)]
@@ -120,7 +122,8 @@ def token_ring_forward(plan: RingPlan, q, k, v, reply):
         return out_acc.to(q.dtype), lse_acc
 
     q_x = _QExchange(plan, "fwd.q", _Payload([q], []), [q.dtype], 0, B, Hq, D, q.device)
-    part_comm = P2PComm(reply, "fwd.partial")
+    numel = B * max(plan.layout.local_lengths) * Hq * D
+    part_comm = P2PComm(reply, "fwd.partial", max(numel * q.element_size(), numel // D * 4))  # out, lse
     part_out_bufs = [torch.empty(q.numel(), dtype=q.dtype, device=q.device) for _ in range(2)]
     part_lse_bufs = [torch.empty(lse_acc.numel(), dtype=_F32, device=q.device) for _ in range(2)]
 
@@ -193,8 +196,8 @@ def token_ring_backward(plan: RingPlan, dout, q, k, v, out, lse, reply):
     delta = (dout.to(_F32) * out.to(_F32)).sum(-1).transpose(1, 2).contiguous()  # (B, Hq, n_r)
     payload = _Payload([q, dout], [lse, delta])
     q_x = _QExchange(plan, "bwd.q", payload, [q.dtype, q.dtype], 2, B, Hq, D, q.device)
-    dq_comm = P2PComm(reply, "bwd.dq")
     numel = B * max(plan.layout.local_lengths) * Hq * D
+    dq_comm = P2PComm(reply, "bwd.dq", numel * 4)
     dq_send_bufs = [torch.empty(numel, dtype=_F32, device=q.device) for _ in range(2)]
     dq_recv_bufs = [torch.empty(q.numel(), dtype=_F32, device=q.device) for _ in range(2)]
 

@@ -79,8 +79,8 @@ def all_cases(world):
     return cases
 
 
-def run_case(c, group=None, check_bytes=True):
-    """One case on this rank; returns a failure string or None."""
+def run_case(c, group=None, check_bytes=True, device="cpu"):
+    """One case on this rank (its shard on `device`); returns a failure string or None."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     B, L, Hq, Hkv, D, dtype = c["batch"], c["seq_len"], c["hq"], c["hkv"], c["head_dim"], c["dtype"]
     gen = torch.Generator().manual_seed(1000 + c["seed"])
@@ -92,12 +92,12 @@ def run_case(c, group=None, check_bytes=True):
     ref_out.backward(dout.double())
 
     pos = positions(L, world, c["layout"], rank)
-    loc = [t[:, pos].clone().requires_grad_() for t in (q, k, v)]
+    loc = [t[:, pos].to(device).requires_grad_() for t in (q, k, v)]
     fn = sp.ring_attention if c["alg"] == "ring" else sp.token_ring_attention
     with comm_stats() as st:
         res = fn(*loc, causal=c["causal"], group=group, layout=c["layout"], return_lse=c["return_lse"])
         out, lse = res if c["return_lse"] else (res, None)
-        out.backward(dout[:, pos])
+        out.backward(dout[:, pos].to(device))
 
     atol, rtol = tolerance(dtype, world)
     errors = []
@@ -110,7 +110,7 @@ def run_case(c, group=None, check_bytes=True):
             continue
         if got.dtype != (torch.float32 if name == "lse" else dtype):
             errors.append(f"{name}: dtype {got.dtype}")
-        err = (got.double() - want).abs()
+        err = (got.detach().cpu().double() - want).abs()
         ratio = (err / (atol + rtol * want.abs())).max().item()
         if not ratio <= 1.0:
             errors.append(f"{name}: max abs err {err.max().item():.3g} ({ratio:.2f}x the bound)")
@@ -258,3 +258,57 @@ def _run_no_grad():
 def test_forward_only_under_no_grad(dist_pool):
     for errs in dist_pool(2).run(_run_no_grad, timeout=60):
         assert max(errs) < 2e-5, errs
+
+
+# --- another transport under the same schedules: CudaIpcTransport ---------------------------------
+# CPU tier: its host simulation (the same protocol, host memory). GPU tier (scripts/gpu_check.sh):
+# the real thing, W ranks sharing one GPU (NCCL refuses that, gloo cannot send CUDA tensors), with
+# the fused block-attention kernels picked by backend="auto".
+def _run_over_ipc(kind):
+    import ringattn.comm as comm
+    from ringattn.transport import CudaIpcTransport
+
+    device = "cpu"
+    if kind == "cuda":
+        torch.cuda.set_device(0)
+        device = "cuda"
+    transports = {}
+
+    def factory(group, channel):  # one transport (own inboxes) per channel and group
+        key = (id(group), channel)
+        if key not in transports:
+            kw = dict(device=torch.device("cuda", 0)) if kind == "cuda" else dict(_backend="host-sim")
+            transports[key] = CudaIpcTransport(group=group, slots=4, timeout_s=60, **kw)
+        return transports[key]
+
+    comm.set_transport_factory(factory)
+    try:
+        cases = all_cases(dist.get_world_size())[:: 3 if kind == "cuda" else 11]
+        failures = [f for c in cases if (f := run_case(c, device=device)) is not None]
+    finally:
+        comm.set_transport_factory(None)
+        for t in transports.values():
+            t.close()
+    return failures, len(cases)
+
+
+@pytest.mark.parametrize("world", (2, 3))
+def test_cuda_ipc_transport_host_simulation_carries_both_algorithms(dist_pool, world):
+    results = dist_pool(world).run(_run_over_ipc, "host-sim", timeout=180)
+    failures = [f for fails, _ in results for f in fails]
+    assert not failures and results[0][1] > 20, failures
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("world", (2, 4))
+def test_gpu_cuda_ipc_ranks_sharing_one_gpu(world):
+    from dist_pool import DistPool
+
+    pool = DistPool(world, pg_timeout_s=120)
+    try:
+        results = pool.run(_run_over_ipc, "cuda", timeout=500)
+    finally:
+        pool.close()
+    failures = [f for fails, _ in results for f in fails]
+    assert not failures, f"{len(failures)} failing:\n" + "\n".join(failures[:30])
