@@ -9,7 +9,6 @@ oneCCL is absent, so ZeRO stage 1/2 engines run on a CPU-only machine).
 """
 import pytest
 import torch
-import torch.distributed as dist
 
 pytest.importorskip("transformers")
 import test_huggingface as th  # noqa: E402  (tests/ is on sys.path; shares the tiny models)
