@@ -1,5 +1,7 @@
 // ringattn op declarations. Schemas live in ops.cpp (TORCH_LIBRARY, always compiled);
 // CPU impls in cpu/*.cpp, CUDA impls in cuda/*.cu, each registering with TORCH_LIBRARY_IMPL.
+// The argument checks shared by both backends are defined once in ops.cpp (host code), so the
+// CPU and CUDA kernels reject the same inputs with the same messages.
 #pragma once
 #include <torch/all.h>
 
@@ -7,24 +9,61 @@
 
 namespace ringattn {
 
+// ---- merge_attn_states -------------------------------------------------------------------
 // Merge two partial attention results over disjoint key sets (exact softmax merge).
-//   out_a, out_b: batch x seqlen x num_heads x head_dim (any float dtype, last dim contiguous)
-//   lse_a, lse_b: batch x num_heads x seqlen, fp32 (last dim contiguous)
-// Returns (out: dtype of out_a, lse: fp32). Rows with lse = -inf on both sides -> out 0, lse -inf.
+//   out_a, out_b: batch x seqlen x num_heads x head_dim (any float dtype, head_dim stride 1,
+//                 other strides arbitrary)
+//   lse_a, lse_b: batch x num_heads x seqlen, fp32 (seqlen stride 1). fp64 lse is accepted only
+//                 when every out tensor of the call is fp64 (the reference / gradcheck mode).
+// Returns (out: contiguous, dtype of out_a; lse: contiguous, dtype of lse_a).
+// A side whose lse is -inf contributes nothing (even if its out holds NaN); both -inf -> out 0,
+// lse -inf.
 std::tuple<at::Tensor, at::Tensor> merge_attn_states_cpu(const at::Tensor& out_a, const at::Tensor& lse_a,
                                                          const at::Tensor& out_b, const at::Tensor& lse_b);
 
-// In place: fold a partial (part_out, part_lse) into a running fp32 accumulator.
-//   acc_out:  batch x seqlen x num_heads x head_dim, fp32   (may be a strided view: sub-range of seq)
-//   acc_lse:  batch x num_heads x seqlen, fp32              (may be a strided view)
+// In place: fold a partial (part_out, part_lse) into a running accumulator.
+//   acc_out:  batch x seqlen x num_heads x head_dim, fp32 (fp64 in the all-fp64 mode); may be a
+//             strided view, e.g. acc[:, s0:s1] (the zigzag half block)
+//   acc_lse:  batch x num_heads x seqlen, dtype of acc_out's mode; may be a strided view
 //   part_out: batch x seqlen x num_heads x head_dim, any float dtype
-//   part_lse: batch x num_heads x seqlen, fp32
+//   part_lse: batch x num_heads x seqlen, dtype of acc_lse
 void merge_attn_states_cpu_(at::Tensor& acc_out, at::Tensor& acc_lse, const at::Tensor& part_out,
                             const at::Tensor& part_lse);
 
-// new_residual = x + residual ; y = rmsnorm(new_residual) * weight   (fp32 math inside)
-//   x, residual: tokens... x hidden (same dtype: bf16/fp16/fp32, contiguous); weight: hidden
+// ---- add_rmsnorm -------------------------------------------------------------------------
+// new_residual = x + residual (rounded to x's dtype, as the eager composition does);
+// y = rmsnorm(new_residual) * weight with fp32 math (fp64 for fp64), rounded once at the end.
+//   x, residual: tokens... x hidden (same dtype bf16/fp16/fp32/fp64, contiguous)
+//   weight:      hidden (dtype of x or fp32 on CUDA; any float dtype on CPU)
 std::tuple<at::Tensor, at::Tensor> add_rmsnorm_cpu(const at::Tensor& x, const at::Tensor& residual,
                                                    const at::Tensor& weight, double eps);
+
+// The same, written into caller buffers (e.g. symmetric-memory buffers for the fused all-reduce):
+//   y, residual_out: shape/dtype/device of x, contiguous, overlapping no input and each other.
+void add_rmsnorm_out_cpu(at::Tensor& y, at::Tensor& residual_out, const at::Tensor& x, const at::Tensor& residual,
+                         const at::Tensor& weight, double eps);
+
+#ifdef RINGATTN_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor> merge_attn_states_cuda(const at::Tensor& out_a, const at::Tensor& lse_a,
+                                                          const at::Tensor& out_b, const at::Tensor& lse_b);
+void merge_attn_states_cuda_(at::Tensor& acc_out, at::Tensor& acc_lse, const at::Tensor& part_out,
+                             const at::Tensor& part_lse);
+std::tuple<at::Tensor, at::Tensor> add_rmsnorm_cuda(const at::Tensor& x, const at::Tensor& residual,
+                                                    const at::Tensor& weight, double eps);
+void add_rmsnorm_out_cuda(at::Tensor& y, at::Tensor& residual_out, const at::Tensor& x, const at::Tensor& residual,
+                          const at::Tensor& weight, double eps);
+#endif
+
+// ---- shared argument checks (ops.cpp) ----------------------------------------------------
+// Each raises c10::Error (RuntimeError in Python) with a message naming the offending tensor.
+void check_merge_args(const at::Tensor& out_a, const at::Tensor& lse_a, const at::Tensor& out_b,
+                      const at::Tensor& lse_b);
+void check_merge_inplace_args(const at::Tensor& acc_out, const at::Tensor& acc_lse, const at::Tensor& part_out,
+                              const at::Tensor& part_lse);
+// weight_any_float: CPU accepts any float weight dtype; CUDA accepts x's dtype or fp32.
+void check_add_rmsnorm_args(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight, double eps,
+                            bool weight_any_float);
+void check_add_rmsnorm_out_args(const at::Tensor& y, const at::Tensor& residual_out, const at::Tensor& x,
+                                const at::Tensor& residual, const at::Tensor& weight);
 
 }  // namespace ringattn

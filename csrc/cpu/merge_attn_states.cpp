@@ -1,112 +1,109 @@
 // Exact merge of partial attention results (CPU). Numerics: the standard log-sum-exp merge
 // (see ring-flash-attention's discussion, zhuzilin/ring-flash-attention#34): weights
-// exp(lse_x - max) so nothing overflows; rows where both lse are -inf merge to out 0, lse -inf.
+// exp(lse_x - max) so nothing overflows, lse = max + log1p(exp(min - max)). A side whose lse is
+// -inf contributes nothing (its out may hold NaN, e.g. a fully masked flash/cuDNN row); rows where
+// both lse are -inf merge to out 0, lse -inf. The CUDA kernel (cuda/merge_attn_states.cu) follows
+// the same rules.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 #include "../ops.h"
 
 namespace ringattn {
 namespace {
 
-void check_pair(const at::Tensor& out, const at::Tensor& lse, const char* out_name, const char* lse_name) {
-  TORCH_CHECK(out.dim() == 4, out_name, " must be (batch, seqlen, heads, head_dim), got ", out.dim(), " dims");
-  TORCH_CHECK(lse.dim() == 3, lse_name, " must be (batch, heads, seqlen), got ", lse.dim(), " dims");
-  TORCH_CHECK(at::isFloatingType(out.scalar_type()), out_name, " must be a float tensor, got ", out.scalar_type());
-  TORCH_CHECK(lse.scalar_type() == at::kFloat, lse_name, " must be float32, got ", lse.scalar_type());
-  TORCH_CHECK(lse.size(0) == out.size(0) && lse.size(1) == out.size(2) && lse.size(2) == out.size(1), lse_name,
-              " must have shape (batch, heads, seqlen) = (", out.size(0), ", ", out.size(2), ", ", out.size(1),
-              ") to match ", out_name, ", got ", lse.sizes());
-  TORCH_CHECK(out.size(3) == 0 || out.stride(3) == 1, out_name, " must be contiguous in head_dim (stride 1), got strides ",
-              out.strides());
-  TORCH_CHECK(lse.size(2) <= 1 || lse.stride(2) == 1, lse_name, " must be contiguous in seqlen (stride 1), got strides ",
-              lse.strides());
-}
-
-void check_same_shape(const at::Tensor& a, const at::Tensor& b, const char* an, const char* bn) {
-  TORCH_CHECK(a.sizes() == b.sizes(), bn, " must have the shape of ", an, " ", a.sizes(), ", got ", b.sizes());
-  TORCH_CHECK(a.device() == b.device(), bn, " must be on ", a.device(), " like ", an, ", got ", b.device());
-}
-
-// One row (b, s, h): D contiguous values. acc/out may alias (in-place).
-template <typename OA, typename OB, typename OO>
-inline void merge_row(const OA* oa, float la, const OB* ob, float lb, OO* oo, float* lo, int64_t D) {
-  const float m = std::max(la, lb);
-  if (m == -std::numeric_limits<float>::infinity()) {
-    for (int64_t d = 0; d < D; ++d) oo[d] = OO(0.f);
-    *lo = m;
+// One row (b, s, h): D contiguous values. `oo` may alias `oa` (the in-place fold).
+template <typename ACC, typename OA, typename OB, typename OO, typename L>
+inline void merge_row(const OA* oa, ACC la, const OB* ob, ACC lb, OO* oo, L* lo, int64_t D) {
+  constexpr ACC kNegInf = -std::numeric_limits<ACC>::infinity();
+  const ACC m = la >= lb ? la : lb;  // NaN in either lse -> NaN weights below -> NaN out
+  if (m == kNegInf) {
+    for (int64_t d = 0; d < D; ++d) oo[d] = OO(0);
+    *lo = L(kNegInf);
     return;
   }
-  const float wa = std::exp(la - m), wb = std::exp(lb - m);
-  const float sum = wa + wb;
-  const float ca = wa / sum, cb = wb / sum;
-  for (int64_t d = 0; d < D; ++d) oo[d] = OO(ca * float(oa[d]) + cb * float(ob[d]));
-  *lo = m + std::log(sum);
+  const ACC wa = std::exp(la - m), wb = std::exp(lb - m);  // one of them is exactly 1
+  const ACC inv = ACC(1) / (wa + wb);
+  const ACC ca = wa * inv, cb = wb * inv;
+  const bool use_a = ca != ACC(0), use_b = cb != ACC(0);  // a -inf side contributes nothing
+  for (int64_t d = 0; d < D; ++d) {
+    ACC v = 0;
+    if (use_a) v = ca * ACC(oa[d]);
+    if (use_b) v += cb * ACC(ob[d]);
+    oo[d] = OO(v);
+  }
+  *lo = L(m + std::log1p(std::exp((la >= lb ? lb : la) - m)));
 }
 
-template <typename OA, typename OB, typename OO>
+template <typename OA, typename OB, typename OO, typename L>
 void merge_impl(const at::Tensor& out_a, const at::Tensor& lse_a, const at::Tensor& out_b, const at::Tensor& lse_b,
-                at::Tensor& out, at::Tensor& lse) {
+                const at::Tensor& out, const at::Tensor& lse) {
+  using ACC = std::conditional_t<std::is_same_v<OA, double> || std::is_same_v<OB, double> ||
+                                     std::is_same_v<OO, double> || std::is_same_v<L, double>,
+                                 double, float>;
   const int64_t B = out_a.size(0), S = out_a.size(1), H = out_a.size(2), D = out_a.size(3);
-  const OA* pa = out_a.data_ptr<OA>();
-  const OB* pb = out_b.data_ptr<OB>();
+  const OA* pa = out_a.const_data_ptr<OA>();
+  const OB* pb = out_b.const_data_ptr<OB>();
   OO* po = out.data_ptr<OO>();
-  const float* la = lse_a.data_ptr<float>();
-  const float* lb = lse_b.data_ptr<float>();
-  float* lo = lse.data_ptr<float>();
-  at::parallel_for(0, B * S * H, 256, [&](int64_t begin, int64_t end) {
+  const L* la = lse_a.const_data_ptr<L>();
+  const L* lb = lse_b.const_data_ptr<L>();
+  L* lo = lse.data_ptr<L>();
+  const auto sa = out_a.strides(), sb = out_b.strides(), so = out.strides();
+  const auto ta = lse_a.strides(), tb = lse_b.strides(), to = lse.strides();
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1));
+  at::parallel_for(0, B * S * H, grain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t h = row % H, s = (row / H) % S, b = row / (H * S);
-      merge_row(pa + b * out_a.stride(0) + s * out_a.stride(1) + h * out_a.stride(2),
-                la[b * lse_a.stride(0) + h * lse_a.stride(1) + s * lse_a.stride(2)],
-                pb + b * out_b.stride(0) + s * out_b.stride(1) + h * out_b.stride(2),
-                lb[b * lse_b.stride(0) + h * lse_b.stride(1) + s * lse_b.stride(2)],
-                po + b * out.stride(0) + s * out.stride(1) + h * out.stride(2),
-                lo + b * lse.stride(0) + h * lse.stride(1) + s * lse.stride(2), D);
+      merge_row<ACC>(pa + b * sa[0] + s * sa[1] + h * sa[2], ACC(la[b * ta[0] + h * ta[1] + s * ta[2]]),
+                     pb + b * sb[0] + s * sb[1] + h * sb[2], ACC(lb[b * tb[0] + h * tb[1] + s * tb[2]]),
+                     po + b * so[0] + s * so[1] + h * so[2], lo + b * to[0] + h * to[1] + s * to[2], D);
     }
   });
 }
 
-#define RINGATTN_DISPATCH_FLOAT(TYPE, NAME, ...)                                  \
-  [&] {                                                                           \
-    switch (TYPE) {                                                               \
-      case at::kFloat: { using NAME = float; return __VA_ARGS__(); }              \
-      case at::kHalf: { using NAME = at::Half; return __VA_ARGS__(); }            \
-      case at::kBFloat16: { using NAME = at::BFloat16; return __VA_ARGS__(); }    \
-      case at::kDouble: { using NAME = double; return __VA_ARGS__(); }            \
-      default: TORCH_CHECK(false, "unsupported dtype ", TYPE);                    \
-    }                                                                             \
+#define RINGATTN_DISPATCH_FLOAT(TYPE, NAME, ...)                               \
+  [&] {                                                                        \
+    switch (TYPE) {                                                            \
+      case at::kFloat: { using NAME = float; return __VA_ARGS__(); }           \
+      case at::kHalf: { using NAME = at::Half; return __VA_ARGS__(); }         \
+      case at::kBFloat16: { using NAME = at::BFloat16; return __VA_ARGS__(); } \
+      case at::kDouble: { using NAME = double; return __VA_ARGS__(); }         \
+      default: TORCH_CHECK(false, "unsupported dtype ", TYPE);                 \
+    }                                                                          \
   }()
 
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> merge_attn_states_cpu(const at::Tensor& out_a, const at::Tensor& lse_a,
                                                          const at::Tensor& out_b, const at::Tensor& lse_b) {
-  check_pair(out_a, lse_a, "out_a", "lse_a");
-  check_pair(out_b, lse_b, "out_b", "lse_b");
-  check_same_shape(out_a, out_b, "out_a", "out_b");
-  check_same_shape(lse_a, lse_b, "lse_a", "lse_b");
-  TORCH_CHECK(out_a.scalar_type() == out_b.scalar_type(), "out_b must have the dtype of out_a (", out_a.scalar_type(),
-              "), got ", out_b.scalar_type());
+  check_merge_args(out_a, lse_a, out_b, lse_b);
+  TORCH_CHECK(out_a.device().is_cpu(), "out_a must be a CPU tensor for the CPU kernel, got ", out_a.device());
   auto out = at::empty(out_a.sizes(), out_a.options().memory_format(at::MemoryFormat::Contiguous));
   auto lse = at::empty(lse_a.sizes(), lse_a.options().memory_format(at::MemoryFormat::Contiguous));
-  RINGATTN_DISPATCH_FLOAT(out_a.scalar_type(), T, [&] { merge_impl<T, T, T>(out_a, lse_a, out_b, lse_b, out, lse); });
+  RINGATTN_DISPATCH_FLOAT(out_a.scalar_type(), T, [&] {
+    if (lse_a.scalar_type() == at::kDouble) {
+      merge_impl<T, T, T, double>(out_a, lse_a, out_b, lse_b, out, lse);
+    } else {
+      merge_impl<T, T, T, float>(out_a, lse_a, out_b, lse_b, out, lse);
+    }
+  });
   return {out, lse};
 }
 
 void merge_attn_states_cpu_(at::Tensor& acc_out, at::Tensor& acc_lse, const at::Tensor& part_out,
                             const at::Tensor& part_lse) {
-  check_pair(acc_out, acc_lse, "acc_out", "acc_lse");
-  check_pair(part_out, part_lse, "part_out", "part_lse");
-  check_same_shape(acc_out, part_out, "acc_out", "part_out");
-  check_same_shape(acc_lse, part_lse, "acc_lse", "part_lse");
-  TORCH_CHECK(acc_out.scalar_type() == at::kFloat, "acc_out must be the float32 accumulator, got ",
-              acc_out.scalar_type());
+  check_merge_inplace_args(acc_out, acc_lse, part_out, part_lse);
+  TORCH_CHECK(acc_out.device().is_cpu(), "acc_out must be a CPU tensor for the CPU kernel, got ", acc_out.device());
+  if (acc_out.scalar_type() == at::kDouble) {  // the all-fp64 reference mode
+    merge_impl<double, double, double, double>(acc_out, acc_lse, part_out, part_lse, acc_out, acc_lse);
+    return;
+  }
   RINGATTN_DISPATCH_FLOAT(part_out.scalar_type(), T, [&] {
-    merge_impl<float, T, float>(acc_out, acc_lse, part_out, part_lse, acc_out, acc_lse);
+    merge_impl<float, T, float, float>(acc_out, acc_lse, part_out, part_lse, acc_out, acc_lse);
   });
 }
 
