@@ -13,6 +13,11 @@ import shutil
 
 from setuptools import find_packages, setup
 
+# torch guesses CUDA_HOME=/usr/local when no CUDA runtime is loaded (no GPU): point it at the
+# toolkit that actually holds nvcc and libcudart.
+if not os.environ.get("CUDA_HOME") and os.path.exists("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
 import torch
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
@@ -52,11 +57,16 @@ def extensions():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
         print(f"ringattn: building CUDA ops for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
         cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        # pip's CUDA torch ships cuSPARSE/cuBLAS headers in site-packages/nvidia/*/include; a bare
+        # nvcc install may lack them while ATen/cuda headers include them.
+        nv = os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia")
+        extra_inc = sorted(glob.glob(os.path.join(nv, "*", "include")))
         return [
             CUDAExtension(
                 "ringattn._C",
                 cpp + cu,
                 define_macros=[("RINGATTN_WITH_CUDA", "1")],
+                include_dirs=extra_inc,
                 extra_compile_args={
                     "cxx": cxx_flags,
                     "nvcc": ["-O3", "--use_fast_math", "-lineinfo"],
