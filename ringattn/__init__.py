@@ -18,3 +18,30 @@ __all__ = [
     "block_attn_backward",
     "available_backends",
 ]
+
+from ringattn.layout import gather_sequence, shard_sequence  # noqa: E402
+from ringattn.sequence_parallel import (  # noqa: E402
+    AlgorithmChoice,
+    CommStats,
+    choose_algorithm,
+    comm_stats,
+    predict_comm_bytes,
+    ring_attention,
+    sequence_parallel_attention,
+    token_ring_attention,
+)
+from ringattn.block_attention import select_backend  # noqa: E402
+from ringattn import tokenweave  # noqa: E402
+from ringattn.tokenweave import (  # noqa: E402
+    TokenWeaveDecoderLayer,
+    TokenWeaveDecoderStack,
+    fused_allreduce_rmsnorm,
+    fused_allreduce_rmsnorm_path,
+)
+
+__all__ += [
+    "shard_sequence", "gather_sequence", "ring_attention", "token_ring_attention",
+    "sequence_parallel_attention", "comm_stats", "CommStats", "choose_algorithm", "AlgorithmChoice",
+    "predict_comm_bytes", "select_backend", "tokenweave", "TokenWeaveDecoderLayer",
+    "TokenWeaveDecoderStack", "fused_allreduce_rmsnorm", "fused_allreduce_rmsnorm_path",
+]
