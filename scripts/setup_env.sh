@@ -25,7 +25,13 @@ for mod in numpy pytest pytest_timeout ninja setuptools wheel tqdm; do
   "$VPY" -c "import $mod" >/dev/null 2>&1 || need+=("${mod//_/-}")
 done
 if command -v mpirun >/dev/null 2>&1 && ! "$VPY" -c "import mpi4py" >/dev/null 2>&1; then need+=(mpi4py); fi
+for mod in transformers deepspeed; do
+  "$VPY" -c "import $mod" >/dev/null 2>&1 || need+=("$mod")
+done
 if [ ${#need[@]} -gt 0 ]; then
+  TV=$("$VPY" -c "import torch; print(torch.__version__.split('+')[0])")
+  need=("${need[@]/transformers/transformers==5.23.0}"); need=("${need[@]/deepspeed/deepspeed==0.19.8}")
+  need+=("torch==$TV")  # pin: never let a dependency replace the installed torch
   echo "[setup] installing ${need[*]}"
   pip_q "${need[@]}"
 fi
