@@ -223,6 +223,8 @@ def main(argv=None) -> int:
     quick = args.quick or device.type != "cuda"
     reps = args.reps or (100 if device.type == "cuda" else 5)
     if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     timer = Timer(device, reps, args.warmup)
     dtype = torch.bfloat16

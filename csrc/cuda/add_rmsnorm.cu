@@ -9,8 +9,9 @@
 // pack several rows per 256-thread block so the SMs stay full. Anything else (odd hidden, fp64,
 // misaligned pointers, hidden > 16k at 16 bits) takes the general kernel: scalar loads, and the second pass
 // re-reads new_residual (its own writes, from L2) instead of holding the row in registers.
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/all.h>
 #include <torch/library.h>
 

@@ -6,8 +6,9 @@
 // each moving VEC elements per tensor with 16-byte transactions (VEC = 8 -> one 16 B load per
 // bf16/fp16 tensor, two for fp32). Rows are ordered (b, s, h) with h fastest, so a block's stores
 // to a contiguous out are one contiguous range; the lse reads of a row are a broadcast.
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/all.h>
 #include <torch/library.h>
 
@@ -189,8 +190,12 @@ std::tuple<at::Tensor, at::Tensor> merge_attn_states_cuda(const at::Tensor& out_
   auto lse = at::empty(lse_a.sizes(), lse_a.options().memory_format(at::MemoryFormat::Contiguous));
   dispatch_out_dtype(out_a.scalar_type(), "out_a", [&](auto tag) {
     using T = decltype(tag);
-    if (lse_a.scalar_type() == at::kDouble) {
-      if constexpr (std::is_same_v<T, double>) launch_merge<false, T, T, T, double>(out_a, lse_a, out_b, lse_b, out, lse);
+    if (lse_a.scalar_type() == at::kDouble) {  // the all-fp64 mode (check_merge_args allows no other)
+      if constexpr (std::is_same_v<T, double>) {
+        launch_merge<false, T, T, T, double>(out_a, lse_a, out_b, lse_b, out, lse);
+      } else {
+        TORCH_CHECK(false, "lse_a may be float64 only when out_a and out_b are float64, got ", out_a.scalar_type());
+      }
     } else {
       launch_merge<false, T, T, T, float>(out_a, lse_a, out_b, lse_b, out, lse);
     }
