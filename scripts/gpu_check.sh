@@ -49,7 +49,7 @@ test_rc=${PIPESTATUS[0]}
 tests_line="$(tail -1 "$RES/gpu_tests.log")"
 
 if [ "${GPU_CHECK_SKIP_BENCH:-0}" != 1 ]; then
-  for b in perf/bench_ops.py perf/bench_block_attention.py; do
+  for b in perf/bench_ops.py perf/bench_block_attention.py perf/bench_ipc.py perf/bench_tokenweave.py; do
     [ -f "$b" ] || continue
     name="$(basename "$b" .py)"
     log "benchmark $b"
