@@ -39,33 +39,33 @@ bool is_float(at::ScalarType t) {
 // out: batch x seqlen x heads x head_dim ; lse: batch x heads x seqlen
 void check_pair(const at::Tensor& out, const at::Tensor& lse, const char* out_name, const char* lse_name,
                 bool fp64_lse_ok) {
-  TORCH_CHECK(out.dim() == 4, out_name, " must be 4-D (batch, seqlen, heads, head_dim), got ", out.dim(),
+  RINGATTN_CHECK(out.dim() == 4, out_name, " must be 4-D (batch, seqlen, heads, head_dim), got ", out.dim(),
               "-D with shape ", out.sizes());
-  TORCH_CHECK(lse.dim() == 3, lse_name, " must be 3-D (batch, heads, seqlen), got ", lse.dim(), "-D with shape ",
+  RINGATTN_CHECK(lse.dim() == 3, lse_name, " must be 3-D (batch, heads, seqlen), got ", lse.dim(), "-D with shape ",
               lse.sizes());
-  TORCH_CHECK(is_float(out.scalar_type()), out_name, " must be float16/bfloat16/float32/float64, got ",
+  RINGATTN_CHECK(is_float(out.scalar_type()), out_name, " must be float16/bfloat16/float32/float64, got ",
               out.scalar_type());
-  TORCH_CHECK(lse.scalar_type() == at::kFloat || (fp64_lse_ok && lse.scalar_type() == at::kDouble), lse_name,
+  RINGATTN_CHECK(lse.scalar_type() == at::kFloat || (fp64_lse_ok && lse.scalar_type() == at::kDouble), lse_name,
               " must be float32 (float64 only when every out tensor is float64), got ", lse.scalar_type());
-  TORCH_CHECK(lse.size(0) == out.size(0) && lse.size(1) == out.size(2) && lse.size(2) == out.size(1), lse_name,
+  RINGATTN_CHECK(lse.size(0) == out.size(0) && lse.size(1) == out.size(2) && lse.size(2) == out.size(1), lse_name,
               " must have shape (batch, heads, seqlen) = (", out.size(0), ", ", out.size(2), ", ", out.size(1),
               ") to match ", out_name, " ", out.sizes(), ", got ", lse.sizes());
-  TORCH_CHECK(out.size(3) <= 1 || out.stride(3) == 1, out_name,
+  RINGATTN_CHECK(out.size(3) <= 1 || out.stride(3) == 1, out_name,
               " must be contiguous in head_dim (stride 1), got strides ", out.strides());
-  TORCH_CHECK(lse.size(2) <= 1 || lse.stride(2) == 1, lse_name,
+  RINGATTN_CHECK(lse.size(2) <= 1 || lse.stride(2) == 1, lse_name,
               " must be contiguous in seqlen (stride 1), got strides ", lse.strides());
-  TORCH_CHECK(lse.device() == out.device(), lse_name, " must be on ", out_name, "'s device ", out.device(), ", got ",
+  RINGATTN_CHECK(lse.device() == out.device(), lse_name, " must be on ", out_name, "'s device ", out.device(), ", got ",
               lse.device());
 }
 
 void check_like(const at::Tensor& a, const at::Tensor& b, const char* an, const char* bn) {
-  TORCH_CHECK(a.sizes() == b.sizes(), bn, " must have the shape of ", an, " ", a.sizes(), ", got ", b.sizes());
-  TORCH_CHECK(a.device() == b.device(), bn, " must be on ", an, "'s device ", a.device(), ", got ", b.device());
+  RINGATTN_CHECK(a.sizes() == b.sizes(), bn, " must have the shape of ", an, " ", a.sizes(), ", got ", b.sizes());
+  RINGATTN_CHECK(a.device() == b.device(), bn, " must be on ", an, "'s device ", a.device(), ", got ", b.device());
 }
 
 void check_no_overlap(const at::Tensor& a, const at::Tensor& b, const char* an, const char* bn) {
   const auto st = at::get_overlap_status(a, b);
-  TORCH_CHECK(st != at::MemOverlapStatus::Full && st != at::MemOverlapStatus::Partial, an, " and ", bn,
+  RINGATTN_CHECK(st != at::MemOverlapStatus::Full && st != at::MemOverlapStatus::Partial, an, " and ", bn,
               " must not share memory");
 }
 
@@ -78,9 +78,9 @@ void check_merge_args(const at::Tensor& out_a, const at::Tensor& lse_a, const at
   check_pair(out_b, lse_b, "out_b", "lse_b", all64);
   check_like(out_a, out_b, "out_a", "out_b");
   check_like(lse_a, lse_b, "lse_a", "lse_b");
-  TORCH_CHECK(out_a.scalar_type() == out_b.scalar_type(), "out_b must have the dtype of out_a (",
+  RINGATTN_CHECK(out_a.scalar_type() == out_b.scalar_type(), "out_b must have the dtype of out_a (",
               out_a.scalar_type(), "), got ", out_b.scalar_type());
-  TORCH_CHECK(lse_a.scalar_type() == lse_b.scalar_type(), "lse_b must have the dtype of lse_a (",
+  RINGATTN_CHECK(lse_a.scalar_type() == lse_b.scalar_type(), "lse_b must have the dtype of lse_a (",
               lse_a.scalar_type(), "), got ", lse_b.scalar_type());
 }
 
@@ -91,14 +91,14 @@ void check_merge_inplace_args(const at::Tensor& acc_out, const at::Tensor& acc_l
   check_pair(part_out, part_lse, "part_out", "part_lse", all64);
   check_like(acc_out, part_out, "acc_out", "part_out");
   check_like(acc_lse, part_lse, "acc_lse", "part_lse");
-  TORCH_CHECK(acc_out.scalar_type() == at::kFloat || (all64 && acc_lse.scalar_type() == at::kDouble),
+  RINGATTN_CHECK(acc_out.scalar_type() == at::kFloat || (all64 && acc_lse.scalar_type() == at::kDouble),
               "acc_out must be the float32 accumulator (float64 only with float64 lse and part_out), got ",
               acc_out.scalar_type());
-  TORCH_CHECK(acc_lse.scalar_type() == part_lse.scalar_type(), "part_lse must have the dtype of acc_lse (",
+  RINGATTN_CHECK(acc_lse.scalar_type() == part_lse.scalar_type(), "part_lse must have the dtype of acc_lse (",
               acc_lse.scalar_type(), "), got ", part_lse.scalar_type());
-  TORCH_CHECK(at::has_internal_overlap(acc_out) != at::MemOverlap::Yes,
+  RINGATTN_CHECK(at::has_internal_overlap(acc_out) != at::MemOverlap::Yes,
               "acc_out must not have internally overlapping memory (e.g. an expand()ed view)");
-  TORCH_CHECK(at::has_internal_overlap(acc_lse) != at::MemOverlap::Yes,
+  RINGATTN_CHECK(at::has_internal_overlap(acc_lse) != at::MemOverlap::Yes,
               "acc_lse must not have internally overlapping memory (e.g. an expand()ed view)");
   check_no_overlap(acc_out, part_out, "acc_out", "part_out");
   check_no_overlap(acc_out, acc_lse, "acc_out", "acc_lse");
@@ -110,37 +110,37 @@ void check_merge_inplace_args(const at::Tensor& acc_out, const at::Tensor& acc_l
 void check_add_rmsnorm_args(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight, double eps,
                             bool weight_any_float) {
   // x, residual: tokens... x hidden ; weight: hidden
-  TORCH_CHECK(x.dim() >= 1, "x must have at least one dim (..., hidden), got a 0-D tensor");
-  TORCH_CHECK(is_float(x.scalar_type()), "x must be float16/bfloat16/float32/float64, got ", x.scalar_type());
-  TORCH_CHECK(x.sizes() == residual.sizes(), "residual must have the shape of x ", x.sizes(), ", got ",
+  RINGATTN_CHECK(x.dim() >= 1, "x must have at least one dim (..., hidden), got a 0-D tensor");
+  RINGATTN_CHECK(is_float(x.scalar_type()), "x must be float16/bfloat16/float32/float64, got ", x.scalar_type());
+  RINGATTN_CHECK(x.sizes() == residual.sizes(), "residual must have the shape of x ", x.sizes(), ", got ",
               residual.sizes());
-  TORCH_CHECK(x.scalar_type() == residual.scalar_type(), "residual must have the dtype of x (", x.scalar_type(),
+  RINGATTN_CHECK(x.scalar_type() == residual.scalar_type(), "residual must have the dtype of x (", x.scalar_type(),
               "), got ", residual.scalar_type());
   const int64_t hidden = x.size(-1);
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == hidden, "weight must have shape (", hidden,
+  RINGATTN_CHECK(weight.dim() == 1 && weight.size(0) == hidden, "weight must have shape (", hidden,
               ") = (hidden,) of x, got ", weight.sizes());
-  TORCH_CHECK(weight_any_float ? is_float(weight.scalar_type())
+  RINGATTN_CHECK(weight_any_float ? is_float(weight.scalar_type())
                                : (weight.scalar_type() == x.scalar_type() || weight.scalar_type() == at::kFloat),
               "weight must have the dtype of x (", x.scalar_type(), ")", weight_any_float ? " or any float" : " or float32",
               ", got ", weight.scalar_type());
-  TORCH_CHECK(x.is_contiguous(), "x must be contiguous, got strides ", x.strides(), " for shape ", x.sizes());
-  TORCH_CHECK(residual.is_contiguous(), "residual must be contiguous, got strides ", residual.strides(),
+  RINGATTN_CHECK(x.is_contiguous(), "x must be contiguous, got strides ", x.strides(), " for shape ", x.sizes());
+  RINGATTN_CHECK(residual.is_contiguous(), "residual must be contiguous, got strides ", residual.strides(),
               " for shape ", residual.sizes());
-  TORCH_CHECK(weight.is_contiguous(), "weight must be contiguous, got strides ", weight.strides());
-  TORCH_CHECK(x.device() == residual.device(), "residual must be on x's device ", x.device(), ", got ",
+  RINGATTN_CHECK(weight.is_contiguous(), "weight must be contiguous, got strides ", weight.strides());
+  RINGATTN_CHECK(x.device() == residual.device(), "residual must be on x's device ", x.device(), ", got ",
               residual.device());
-  TORCH_CHECK(x.device() == weight.device(), "weight must be on x's device ", x.device(), ", got ", weight.device());
-  TORCH_CHECK(eps >= 0 && std::isfinite(eps), "eps must be finite and >= 0, got ", eps);
+  RINGATTN_CHECK(x.device() == weight.device(), "weight must be on x's device ", x.device(), ", got ", weight.device());
+  RINGATTN_CHECK(eps >= 0 && std::isfinite(eps), "eps must be finite and >= 0, got ", eps);
 }
 
 void check_add_rmsnorm_out_args(const at::Tensor& y, const at::Tensor& residual_out, const at::Tensor& x,
                                 const at::Tensor& residual, const at::Tensor& weight) {
   const auto check_out = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK(t.sizes() == x.sizes(), name, " must have the shape of x ", x.sizes(), ", got ", t.sizes());
-    TORCH_CHECK(t.scalar_type() == x.scalar_type(), name, " must have the dtype of x (", x.scalar_type(), "), got ",
+    RINGATTN_CHECK(t.sizes() == x.sizes(), name, " must have the shape of x ", x.sizes(), ", got ", t.sizes());
+    RINGATTN_CHECK(t.scalar_type() == x.scalar_type(), name, " must have the dtype of x (", x.scalar_type(), "), got ",
                 t.scalar_type());
-    TORCH_CHECK(t.device() == x.device(), name, " must be on x's device ", x.device(), ", got ", t.device());
-    TORCH_CHECK(t.is_contiguous(), name, " must be contiguous, got strides ", t.strides());
+    RINGATTN_CHECK(t.device() == x.device(), name, " must be on x's device ", x.device(), ", got ", t.device());
+    RINGATTN_CHECK(t.is_contiguous(), name, " must be contiguous, got strides ", t.strides());
     check_no_overlap(t, x, name, "x");
     check_no_overlap(t, residual, name, "residual");
     check_no_overlap(t, weight, name, "weight");

@@ -5,9 +5,48 @@
 #pragma once
 #include <torch/all.h>
 
+#include <cstdio>
+#include <string>
 #include <tuple>
+#include <type_traits>
 
 namespace ringattn {
+
+// ---- error messages ------------------------------------------------------------------------
+// RINGATTN_CHECK(cond, pieces...) is TORCH_CHECK with the message concatenated from strings
+// here, never through iostream number formatting: on the lent H100 image (extension host code
+// compiled by /opt/gcc's g++, torch 2.11 runtime) every TORCH_CHECK message that streamed an
+// int64/double (shapes, strides, eps) segfaulted the process, while messages made of strings and
+// dtypes raised normally. Pieces: string literals/std::string, integers, doubles, IntArrayRef,
+// Device, ScalarType.
+namespace detail {
+inline std::string piece(const char* s) { return s; }
+inline std::string piece(const std::string& s) { return s; }
+template <typename T, std::enable_if_t<std::is_integral_v<T>, int> = 0>
+inline std::string piece(T v) {
+  return std::to_string(v);
+}
+inline std::string piece(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%g", v);
+  return buf;
+}
+inline std::string piece(c10::IntArrayRef a) {
+  std::string s = "[";
+  for (size_t i = 0; i < a.size(); ++i) s += (i ? ", " : "") + std::to_string(a[i]);
+  return s + "]";
+}
+inline std::string piece(const c10::Device& d) { return d.str(); }
+inline std::string piece(c10::ScalarType t) { return c10::toString(t); }
+template <typename... Args>
+std::string cat(const Args&... args) {
+  std::string s;
+  ((s += piece(args)), ...);
+  return s;
+}
+}  // namespace detail
+
+#define RINGATTN_CHECK(cond, ...) TORCH_CHECK(cond, ::ringattn::detail::cat(__VA_ARGS__))
 
 // ---- merge_attn_states -------------------------------------------------------------------
 // Merge two partial attention results over disjoint key sets (exact softmax merge).

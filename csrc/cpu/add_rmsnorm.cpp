@@ -50,7 +50,7 @@ void launch(const at::Tensor& y, const at::Tensor& new_res, const at::Tensor& x,
 std::tuple<at::Tensor, at::Tensor> add_rmsnorm_cpu(const at::Tensor& x, const at::Tensor& residual,
                                                    const at::Tensor& weight, double eps) {
   check_add_rmsnorm_args(x, residual, weight, eps, /*weight_any_float=*/true);
-  TORCH_CHECK(x.device().is_cpu(), "x must be a CPU tensor for the CPU kernel, got ", x.device());
+  RINGATTN_CHECK(x.device().is_cpu(), "x must be a CPU tensor for the CPU kernel, got ", x.device());
   auto y = at::empty_like(x, at::MemoryFormat::Contiguous);
   auto new_res = at::empty_like(x, at::MemoryFormat::Contiguous);
   launch(y, new_res, x, residual, weight, eps);
@@ -61,7 +61,7 @@ void add_rmsnorm_out_cpu(at::Tensor& y, at::Tensor& residual_out, const at::Tens
                          const at::Tensor& weight, double eps) {
   check_add_rmsnorm_args(x, residual, weight, eps, /*weight_any_float=*/true);
   check_add_rmsnorm_out_args(y, residual_out, x, residual, weight);
-  TORCH_CHECK(x.device().is_cpu(), "x must be a CPU tensor for the CPU kernel, got ", x.device());
+  RINGATTN_CHECK(x.device().is_cpu(), "x must be a CPU tensor for the CPU kernel, got ", x.device());
   launch(y, residual_out, x, residual, weight, eps);
 }
 

@@ -72,7 +72,7 @@ void merge_impl(const at::Tensor& out_a, const at::Tensor& lse_a, const at::Tens
       case at::kHalf: { using NAME = at::Half; return __VA_ARGS__(); }         \
       case at::kBFloat16: { using NAME = at::BFloat16; return __VA_ARGS__(); } \
       case at::kDouble: { using NAME = double; return __VA_ARGS__(); }         \
-      default: TORCH_CHECK(false, "unsupported dtype ", TYPE);                 \
+      default: RINGATTN_CHECK(false, "unsupported dtype ", TYPE);                 \
     }                                                                          \
   }()
 
@@ -81,7 +81,7 @@ void merge_impl(const at::Tensor& out_a, const at::Tensor& lse_a, const at::Tens
 std::tuple<at::Tensor, at::Tensor> merge_attn_states_cpu(const at::Tensor& out_a, const at::Tensor& lse_a,
                                                          const at::Tensor& out_b, const at::Tensor& lse_b) {
   check_merge_args(out_a, lse_a, out_b, lse_b);
-  TORCH_CHECK(out_a.device().is_cpu(), "out_a must be a CPU tensor for the CPU kernel, got ", out_a.device());
+  RINGATTN_CHECK(out_a.device().is_cpu(), "out_a must be a CPU tensor for the CPU kernel, got ", out_a.device());
   auto out = at::empty(out_a.sizes(), out_a.options().memory_format(at::MemoryFormat::Contiguous));
   auto lse = at::empty(lse_a.sizes(), lse_a.options().memory_format(at::MemoryFormat::Contiguous));
   RINGATTN_DISPATCH_FLOAT(out_a.scalar_type(), T, [&] {
@@ -97,7 +97,7 @@ std::tuple<at::Tensor, at::Tensor> merge_attn_states_cpu(const at::Tensor& out_a
 void merge_attn_states_cpu_(at::Tensor& acc_out, at::Tensor& acc_lse, const at::Tensor& part_out,
                             const at::Tensor& part_lse) {
   check_merge_inplace_args(acc_out, acc_lse, part_out, part_lse);
-  TORCH_CHECK(acc_out.device().is_cpu(), "acc_out must be a CPU tensor for the CPU kernel, got ", acc_out.device());
+  RINGATTN_CHECK(acc_out.device().is_cpu(), "acc_out must be a CPU tensor for the CPU kernel, got ", acc_out.device());
   if (acc_out.scalar_type() == at::kDouble) {  // the all-fp64 reference mode
     merge_impl<double, double, double, double>(acc_out, acc_lse, part_out, part_lse, acc_out, acc_lse);
     return;

@@ -140,7 +140,7 @@ void launch_add_rmsnorm(const at::Tensor& y, const at::Tensor& new_res, const at
   const int64_t hidden = x.size(-1);
   const int64_t rows = hidden == 0 ? 0 : x.numel() / hidden;
   if (rows == 0) return;
-  TORCH_CHECK(rows < (int64_t(1) << 31) && hidden < (int64_t(1) << 31), "add_rmsnorm: tokens (", rows,
+  RINGATTN_CHECK(rows < (int64_t(1) << 31) && hidden < (int64_t(1) << 31), "add_rmsnorm: tokens (", rows,
               ") and hidden (", hidden, ") must each be < 2^31");
   const at::cuda::OptionalCUDAGuard device_guard(device_of(x));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -208,7 +208,7 @@ void dispatch(const at::Tensor& y, const at::Tensor& new_res, const at::Tensor& 
       w32 ? launch_add_rmsnorm<double, float>(y, new_res, x, residual, weight, eps)
           : launch_add_rmsnorm<double, double>(y, new_res, x, residual, weight, eps);
       break;
-    default: TORCH_CHECK(false, "x must be float16/bfloat16/float32/float64, got ", x.scalar_type());
+    default: RINGATTN_CHECK(false, "x must be float16/bfloat16/float32/float64, got ", x.scalar_type());
   }
 }
 
@@ -218,7 +218,7 @@ std::tuple<at::Tensor, at::Tensor> add_rmsnorm_cuda(const at::Tensor& x, const a
                                                     const at::Tensor& weight, double eps) {
   // x, residual: tokens... x hidden ; weight: hidden
   check_add_rmsnorm_args(x, residual, weight, eps, /*weight_any_float=*/false);
-  TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor for the CUDA kernel, got ", x.device());
+  RINGATTN_CHECK(x.is_cuda(), "x must be a CUDA tensor for the CUDA kernel, got ", x.device());
   auto y = at::empty_like(x, at::MemoryFormat::Contiguous);
   auto new_res = at::empty_like(x, at::MemoryFormat::Contiguous);
   dispatch(y, new_res, x, residual, weight, eps);
@@ -230,7 +230,7 @@ void add_rmsnorm_out_cuda(at::Tensor& y, at::Tensor& residual_out, const at::Ten
   // y, residual_out, x, residual: tokens... x hidden ; weight: hidden
   check_add_rmsnorm_args(x, residual, weight, eps, /*weight_any_float=*/false);
   check_add_rmsnorm_out_args(y, residual_out, x, residual, weight);
-  TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor for the CUDA kernel, got ", x.device());
+  RINGATTN_CHECK(x.is_cuda(), "x must be a CUDA tensor for the CUDA kernel, got ", x.device());
   dispatch(y, residual_out, x, residual, weight, eps);
 }
 

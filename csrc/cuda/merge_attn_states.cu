@@ -122,7 +122,7 @@ void launch_merge(const at::Tensor& out_a, const at::Tensor& lse_a, const at::Te
   const int64_t B = out_a.size(0), S = out_a.size(1), H = out_a.size(2), D = out_a.size(3);
   const int64_t rows = B * S * H;
   if (rows == 0) return;
-  TORCH_CHECK(rows < (int64_t(1) << 31) && D < (int64_t(1) << 31), "merge_attn_states: batch * seqlen * heads (",
+  RINGATTN_CHECK(rows < (int64_t(1) << 31) && D < (int64_t(1) << 31), "merge_attn_states: batch * seqlen * heads (",
               rows, ") and head_dim (", D, ") must each be < 2^31");
   MergeParams<OA, OB, OO, L> p;
   p.out_a = cptr<OA>(out_a);
@@ -175,7 +175,7 @@ void dispatch_out_dtype(at::ScalarType t, const char* name, F&& f) {
     case at::kHalf: f(at::Half{}); break;
     case at::kBFloat16: f(at::BFloat16{}); break;
     case at::kDouble: f(double{}); break;
-    default: TORCH_CHECK(false, name, " must be float16/bfloat16/float32/float64, got ", t);
+    default: RINGATTN_CHECK(false, name, " must be float16/bfloat16/float32/float64, got ", t);
   }
 }
 
@@ -185,7 +185,7 @@ std::tuple<at::Tensor, at::Tensor> merge_attn_states_cuda(const at::Tensor& out_
                                                           const at::Tensor& out_b, const at::Tensor& lse_b) {
   // out_a, out_b: batch x seqlen x heads x head_dim ; lse_a, lse_b: batch x heads x seqlen
   check_merge_args(out_a, lse_a, out_b, lse_b);
-  TORCH_CHECK(out_a.is_cuda(), "out_a must be a CUDA tensor for the CUDA kernel, got ", out_a.device());
+  RINGATTN_CHECK(out_a.is_cuda(), "out_a must be a CUDA tensor for the CUDA kernel, got ", out_a.device());
   auto out = at::empty(out_a.sizes(), out_a.options().memory_format(at::MemoryFormat::Contiguous));
   auto lse = at::empty(lse_a.sizes(), lse_a.options().memory_format(at::MemoryFormat::Contiguous));
   dispatch_out_dtype(out_a.scalar_type(), "out_a", [&](auto tag) {
@@ -194,7 +194,7 @@ std::tuple<at::Tensor, at::Tensor> merge_attn_states_cuda(const at::Tensor& out_
       if constexpr (std::is_same_v<T, double>) {
         launch_merge<false, T, T, T, double>(out_a, lse_a, out_b, lse_b, out, lse);
       } else {
-        TORCH_CHECK(false, "lse_a may be float64 only when out_a and out_b are float64, got ", out_a.scalar_type());
+        RINGATTN_CHECK(false, "lse_a may be float64 only when out_a and out_b are float64, got ", out_a.scalar_type());
       }
     } else {
       launch_merge<false, T, T, T, float>(out_a, lse_a, out_b, lse_b, out, lse);
@@ -207,7 +207,7 @@ void merge_attn_states_cuda_(at::Tensor& acc_out, at::Tensor& acc_lse, const at:
                              const at::Tensor& part_lse) {
   // acc_out, part_out: batch x seqlen x heads x head_dim ; acc_lse, part_lse: batch x heads x seqlen
   check_merge_inplace_args(acc_out, acc_lse, part_out, part_lse);
-  TORCH_CHECK(acc_out.is_cuda(), "acc_out must be a CUDA tensor for the CUDA kernel, got ", acc_out.device());
+  RINGATTN_CHECK(acc_out.is_cuda(), "acc_out must be a CUDA tensor for the CUDA kernel, got ", acc_out.device());
   if (acc_out.scalar_type() == at::kDouble) {  // the all-fp64 reference mode
     launch_merge<true, double, double, double, double>(acc_out, acc_lse, part_out, part_lse, acc_out, acc_lse);
     return;
