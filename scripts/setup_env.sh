@@ -35,6 +35,13 @@ if [ ${#need[@]} -gt 0 ]; then
   echo "[setup] installing ${need[*]}"
   pip_q "${need[@]}"
 fi
+# Skip the (minutes-long with CUDA) build when sources and switches are unchanged since the last one.
+stamp="$( (echo "${RINGATTN_CUDA:-auto} ${TORCH_CUDA_ARCH_LIST:-}"; cat setup.py; find csrc -type f | sort | xargs cat) | sha256sum | cut -d' ' -f1)"
+if [ -f .venv/ringattn_build.stamp ] && [ "$(cat .venv/ringattn_build.stamp)" = "$stamp" ] && ls ringattn/_C*.so >/dev/null 2>&1 \
+   && "$VPY" -c "import ringattn" >/dev/null 2>&1; then
+  echo "[setup] ringattn._C up to date"
+  exit 0
+fi
 echo "[setup] building ringattn._C (RINGATTN_CUDA=${RINGATTN_CUDA:-auto})"
 start=$(date +%s)
 if ! "$VPY" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e . >.venv/build.log 2>&1; then
@@ -42,5 +49,6 @@ if ! "$VPY" -m pip install -q --disable-pip-version-check --no-build-isolation -
   echo "[setup] build FAILED (full log: .venv/build.log)"
   exit 1
 fi
-grep -E "^ringattn:" .venv/build.log || true
+grep -E "ringattn: " .venv/build.log || true
+echo "$stamp" > .venv/ringattn_build.stamp
 echo "[setup] build done in $(( $(date +%s) - start )) s"
