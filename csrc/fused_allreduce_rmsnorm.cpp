@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "cuda/fused_allreduce_rmsnorm.cuh"
+#include "ops.h"
 
 TORCH_LIBRARY_FRAGMENT(ringattn, m) {
   // In place through pointers: buffer_ptrs_dev / signal_pad_ptrs_dev are the addresses of
@@ -138,43 +139,66 @@ void host_rows(char* const* bufs, int rank, int world, int64_t in_off, int64_t o
   }
 }
 
+
+}  // namespace
+
+// Shared by the CPU (below) and CUDA (cuda/fused_allreduce_rmsnorm.cu) backends. RINGATTN_CHECK,
+// not TORCH_CHECK: on the lent H100 TORCH_CHECK messages that stream numbers segfaulted (ops.h).
+void check_fused_allreduce_rmsnorm_args(const at::Tensor& local_in, const at::Tensor& y_out,
+                                        const at::Tensor& residual, const at::Tensor& residual_out,
+                                        const at::Tensor& weight, int64_t buffer_ptrs, int64_t signal_pad_ptrs,
+                                        int64_t rank, int64_t world_size, int64_t slot, int64_t num_blocks,
+                                        int64_t mode, double eps) {
+  RINGATTN_CHECK(local_in.dim() == 2 && local_in.is_contiguous(),
+                 "local_in must be a contiguous tokens x hidden tensor, got ", local_in.sizes());
+  const int64_t T = local_in.size(0), H = local_in.size(1);
+  RINGATTN_CHECK(world_size >= 1 && world_size <= kMaxWorldSize, "world_size must be in [1, ", int64_t(kMaxWorldSize),
+                 "], got ", world_size);
+  RINGATTN_CHECK(rank >= 0 && rank < world_size, "rank must be in [0, ", world_size, "), got ", rank);
+  RINGATTN_CHECK(slot >= 0 && slot < kNumSlots, "slot must be in [0, ", int64_t(kNumSlots), "), got ", slot);
+  RINGATTN_CHECK(num_blocks >= 1 && num_blocks <= kMaxBlocks, "num_blocks must be in [1, ", int64_t(kMaxBlocks),
+                 "], got ", num_blocks);
+  RINGATTN_CHECK(H >= 1 && H <= kMaxHidden, "hidden must be in [1, ", int64_t(kMaxHidden), "], got ", H);
+  RINGATTN_CHECK(buffer_ptrs != 0 && signal_pad_ptrs != 0, "buffer_ptrs_dev and signal_pad_ptrs_dev must be set");
+  const bool one_shot = mode & kOneShot, res_in_full = mode & kResInFull, gather = mode & kResOutGather;
+  RINGATTN_CHECK(!one_shot || res_in_full, "the one-shot mode needs the full (tokens x hidden) residual");
+  const auto dt = local_in.scalar_type();
+  RINGATTN_CHECK(dt == at::kBFloat16 || dt == at::kHalf || dt == at::kFloat, "dtype must be bf16, fp16 or fp32, got ",
+                 dt);
+  const int64_t shard = shard_end(T, int(world_size), int(rank)) - shard_begin(T, int(world_size), int(rank));
+  auto check_rows = [&](const at::Tensor& t, const char* name, int64_t rows) {
+    RINGATTN_CHECK(t.device() == local_in.device(), name, " must be on ", local_in.device(), ", got ", t.device());
+    RINGATTN_CHECK(t.scalar_type() == dt, name, " must have dtype ", dt, ", got ", t.scalar_type());
+    RINGATTN_CHECK(t.is_contiguous(), name, " must be contiguous");
+    RINGATTN_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == H, name, " must be (", rows, ", ", H, "), got ",
+                   t.sizes());
+  };
+  check_rows(residual, "residual", res_in_full ? T : shard);
+  check_rows(residual_out, "residual_out", gather ? T : shard);
+  check_rows(y_out, "y_out", T);
+  RINGATTN_CHECK(weight.dim() == 1 && weight.size(0) == H, "weight must have shape (", H, "), got ", weight.sizes());
+  RINGATTN_CHECK(weight.scalar_type() == dt || weight.scalar_type() == at::kFloat, "weight must have dtype ", dt,
+                 " or float32, got ", weight.scalar_type());
+  RINGATTN_CHECK(weight.is_contiguous() && weight.device() == local_in.device(), "weight must be contiguous on ",
+                 local_in.device());
+  RINGATTN_CHECK(eps >= 0, "eps must be >= 0, got ", eps);
+}
+
+namespace {
+
 // Same contract and checks as fused_allreduce_rmsnorm_cuda_ (cuda/fused_allreduce_rmsnorm.cu).
 void fused_allreduce_rmsnorm_cpu_(const at::Tensor& local_in, at::Tensor& y_out, const at::Tensor& residual,
                                   at::Tensor& residual_out, const at::Tensor& weight, int64_t buffer_ptrs,
                                   int64_t signal_pad_ptrs, int64_t multicast_ptr, int64_t rank, int64_t world_size,
                                   int64_t in_offset, int64_t out_offset, int64_t res_offset, int64_t slot,
                                   int64_t num_blocks, int64_t mode, double eps, int64_t timeout_ns, int64_t status_ptr) {
-  TORCH_CHECK(local_in.dim() == 2 && local_in.is_contiguous(), "local_in must be a contiguous tokens x hidden tensor, got ",
-              local_in.sizes());
-  const int64_t T = local_in.size(0), H = local_in.size(1);
-  TORCH_CHECK(world_size >= 1 && world_size <= kMaxWorldSize, "world_size must be in [1, ", kMaxWorldSize, "], got ", world_size);
-  TORCH_CHECK(rank >= 0 && rank < world_size, "rank must be in [0, ", world_size, "), got ", rank);
-  TORCH_CHECK(slot >= 0 && slot < kNumSlots, "slot must be in [0, ", kNumSlots, "), got ", slot);
-  TORCH_CHECK(num_blocks >= 1 && num_blocks <= kMaxBlocks, "num_blocks must be in [1, ", kMaxBlocks, "], got ", num_blocks);
-  TORCH_CHECK(H >= 1 && H <= kMaxHidden, "hidden must be in [1, ", kMaxHidden, "], got ", H);
-  TORCH_CHECK(buffer_ptrs != 0 && signal_pad_ptrs != 0, "buffer_ptrs_dev and signal_pad_ptrs_dev must be set");
   TORCH_CHECK(!(mode & kMultimem), "the multimem mode has no CPU (host-simulation) kernel");
   (void)multicast_ptr;
-  const bool one_shot = mode & kOneShot, res_in_full = mode & kResInFull, gather = mode & kResOutGather;
-  TORCH_CHECK(!one_shot || res_in_full, "the one-shot mode needs the full (tokens x hidden) residual");
+  check_fused_allreduce_rmsnorm_args(local_in, y_out, residual, residual_out, weight, buffer_ptrs, signal_pad_ptrs,
+                                     rank, world_size, slot, num_blocks, mode, eps);
+  const int64_t T = local_in.size(0), H = local_in.size(1);
+  const bool one_shot = mode & kOneShot;
   const auto dt = local_in.scalar_type();
-  TORCH_CHECK(dt == at::kBFloat16 || dt == at::kHalf || dt == at::kFloat, "dtype must be bf16, fp16 or fp32, got ", dt);
-  const int64_t shard = shard_end(T, int(world_size), int(rank)) - shard_begin(T, int(world_size), int(rank));
-  auto check_rows = [&](const at::Tensor& t, const char* name, int64_t rows) {
-    TORCH_CHECK(t.device() == local_in.device(), name, " must be on ", local_in.device(), ", got ", t.device());
-    TORCH_CHECK(t.scalar_type() == dt, name, " must have dtype ", dt, ", got ", t.scalar_type());
-    TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-    TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == H, name, " must be (", rows, ", ", H, "), got ",
-                t.sizes());
-  };
-  check_rows(residual, "residual", res_in_full ? T : shard);
-  check_rows(residual_out, "residual_out", gather ? T : shard);
-  check_rows(y_out, "y_out", T);
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == H, "weight must have shape (", H, "), got ", weight.sizes());
-  TORCH_CHECK(weight.scalar_type() == dt || weight.scalar_type() == at::kFloat, "weight must have dtype ", dt,
-              " or float32, got ", weight.scalar_type());
-  TORCH_CHECK(weight.is_contiguous(), "weight must be contiguous");
-  TORCH_CHECK(eps >= 0, "eps must be >= 0, got ", eps);
   if (T == 0) return;
 
   auto* const* bufs = reinterpret_cast<char* const*>(buffer_ptrs);

@@ -105,4 +105,16 @@ void check_add_rmsnorm_args(const at::Tensor& x, const at::Tensor& residual, con
 void check_add_rmsnorm_out_args(const at::Tensor& y, const at::Tensor& residual_out, const at::Tensor& x,
                                 const at::Tensor& residual, const at::Tensor& weight);
 
+
+// ---- tokenweave fused all-reduce + RMSNorm (fused_allreduce_rmsnorm.cpp) -------------------
+namespace tokenweave {
+// The argument checks both backends of tw_fused_allreduce_rmsnorm_ share (bounds, dtypes, the
+// residual/y shapes each mode implies, weight, eps). Backend-specific checks stay with each backend.
+void check_fused_allreduce_rmsnorm_args(const at::Tensor& local_in, const at::Tensor& y_out,
+                                        const at::Tensor& residual, const at::Tensor& residual_out,
+                                        const at::Tensor& weight, int64_t buffer_ptrs, int64_t signal_pad_ptrs,
+                                        int64_t rank, int64_t world_size, int64_t slot, int64_t num_blocks,
+                                        int64_t mode, double eps);
+}  // namespace tokenweave
+
 }  // namespace ringattn

@@ -31,6 +31,7 @@
 #include <unordered_map>
 
 #include "fused_allreduce_rmsnorm.cuh"
+#include "../ops.h"
 
 namespace ringattn::tokenweave {
 namespace {
@@ -393,39 +394,14 @@ void fused_allreduce_rmsnorm_cuda_(const at::Tensor& local_in, at::Tensor& y_out
                                    int64_t signal_pad_ptrs_dev, int64_t multicast_ptr, int64_t rank, int64_t world_size,
                                    int64_t in_offset, int64_t out_offset, int64_t res_offset, int64_t slot,
                                    int64_t num_blocks, int64_t mode, double eps, int64_t timeout_ns, int64_t status_ptr) {
-  TORCH_CHECK(local_in.is_cuda() && local_in.dim() == 2 && local_in.is_contiguous(),
-              "local_in must be a contiguous CUDA tokens x hidden tensor, got ", local_in.sizes());
+  RINGATTN_CHECK(local_in.is_cuda(), "local_in must be a CUDA tensor, got ", local_in.device());
+  check_fused_allreduce_rmsnorm_args(local_in, y_out, residual, residual_out, weight, buffer_ptrs_dev,
+                                     signal_pad_ptrs_dev, rank, world_size, slot, num_blocks, mode, eps);
+  const bool one_shot = mode & kOneShot, multimem = mode & kMultimem, gather = mode & kResOutGather;
+  RINGATTN_CHECK(!(one_shot && multimem), "one-shot and multimem modes are exclusive");
+  RINGATTN_CHECK(!multimem || multicast_ptr != 0, "multimem mode needs multicast_ptr != 0");
   const int64_t T = local_in.size(0), H = local_in.size(1);
-  TORCH_CHECK(world_size >= 1 && world_size <= kMaxWorldSize, "world_size must be in [1, ", kMaxWorldSize, "], got ", world_size);
-  TORCH_CHECK(rank >= 0 && rank < world_size, "rank must be in [0, ", world_size, "), got ", rank);
-  TORCH_CHECK(slot >= 0 && slot < kNumSlots, "slot must be in [0, ", kNumSlots, "), got ", slot);
-  TORCH_CHECK(num_blocks >= 1 && num_blocks <= kMaxBlocks, "num_blocks must be in [1, ", kMaxBlocks, "], got ", num_blocks);
-  TORCH_CHECK(H >= 1 && H <= kMaxHidden, "hidden must be in [1, ", kMaxHidden, "], got ", H);
-  TORCH_CHECK(buffer_ptrs_dev != 0 && signal_pad_ptrs_dev != 0, "buffer_ptrs_dev and signal_pad_ptrs_dev must be set");
-  const bool one_shot = mode & kOneShot, multimem = mode & kMultimem;
-  const bool res_in_full = mode & kResInFull, gather = mode & kResOutGather;
-  TORCH_CHECK(!(one_shot && multimem), "one-shot and multimem modes are exclusive");
-  TORCH_CHECK(!one_shot || res_in_full, "the one-shot mode needs the full (tokens x hidden) residual");
-  TORCH_CHECK(!multimem || multicast_ptr != 0, "multimem mode needs multicast_ptr != 0");
   const auto dt = local_in.scalar_type();
-  TORCH_CHECK(dt == at::kBFloat16 || dt == at::kHalf || dt == at::kFloat, "dtype must be bf16, fp16 or fp32, got ", dt);
-  const int64_t shard = shard_end(T, int(world_size), int(rank)) - shard_begin(T, int(world_size), int(rank));
-  auto check_rows = [&](const at::Tensor& t, const char* name, int64_t rows) {
-    TORCH_CHECK(t.device() == local_in.device(), name, " must be on ", local_in.device(), ", got ", t.device());
-    TORCH_CHECK(t.scalar_type() == dt, name, " must have dtype ", dt, ", got ", t.scalar_type());
-    TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-    TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == H, name, " must be (", rows, ", ", H, "), got ",
-                t.sizes());
-  };
-  check_rows(residual, "residual", res_in_full ? T : shard);
-  check_rows(residual_out, "residual_out", gather ? T : shard);
-  check_rows(y_out, "y_out", T);
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == H, "weight must have shape (", H, "), got ", weight.sizes());
-  TORCH_CHECK(weight.scalar_type() == dt || weight.scalar_type() == at::kFloat, "weight must have dtype ", dt,
-              " or float32, got ", weight.scalar_type());
-  TORCH_CHECK(weight.is_contiguous() && weight.device() == local_in.device(), "weight must be contiguous on ",
-              local_in.device());
-  TORCH_CHECK(eps >= 0, "eps must be >= 0, got ", eps);
   if (T == 0) return;  // every rank agrees on T: nobody launches, nobody waits
 
   const c10::cuda::CUDAGuard guard(local_in.device());
