@@ -19,12 +19,17 @@ runs the same checks on the same table, so a mismatch raises the same ValueError
 within one collective's latency (never a hang in the ring, never garbage); the table also gives
 every rank's seq_local, i.e. the chunk table of uneven layouts. The backward reuses it.
 torch.distributed not initialised (and group=None): a world of one, no communication.
+A rank left alone in that exchange (another rank passed a different group, or called in another
+order) raises a RuntimeError after RINGATTN_SYNC_TIMEOUT_S seconds (default 120) instead of
+hanging until the process-group timeout.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import struct
+import time
 import zlib
 
 import torch
@@ -218,12 +223,59 @@ def _check_table(fn: str, sigs: list[list[int]], layout: str) -> tuple[str | Non
     return None, lay
 
 
-def _exchange(group, world: int, local: _Local, device: torch.device) -> list[list[int]]:
+# How long a rank waits in the signature exchange for the other ranks of its group before it
+# raises instead of hanging (seconds; env RINGATTN_SYNC_TIMEOUT_S). A rank that waits that long
+# was left alone: another rank passed a different group, called the ranks' functions in another
+# order, skipped a layer, or is stuck elsewhere -- none of which the exchange itself can see.
+SYNC_TIMEOUT_S = 120.0
+_CALLS: dict = {}  # group (id) -> calls this process made on it (for the timeout message)
+
+
+def sync_timeout_s() -> float:
+    raw = os.environ.get("RINGATTN_SYNC_TIMEOUT_S")
+    if raw is None:
+        return SYNC_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"RINGATTN_SYNC_TIMEOUT_S must be a number of seconds, got {raw!r}") from None
+    if not value > 0:
+        raise ValueError(f"RINGATTN_SYNC_TIMEOUT_S must be > 0, got {raw!r}")
+    return value
+
+
+def _wait_or_raise(work, *, fn: str, global_ranks: list[int], call: int, timeout_s: float) -> None:
+    """Poll `work` until it completes; after timeout_s raise a RuntimeError naming the group.
+
+    Polling (not work.wait()) because neither gloo nor NCCL gives up on a collective that some
+    member never joins before the process-group timeout (10-30 minutes). The abandoned
+    collective stays posted: the group is unusable afterwards (say so in the message)."""
+    deadline = time.monotonic() + timeout_s
+    pause = 0.0
+    while not work.is_completed():
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"{fn}: rank {dist.get_rank()} waited {timeout_s:.0f} s in the metadata exchange of call "
+                f"#{call} on the group of global ranks {global_ranks}, and not every rank of that group "
+                "joined. Every rank of the group must make the same sequence-parallel calls with the SAME "
+                "group, in the same order: check that no rank passed a different group (or group=None for "
+                "another), skipped a layer, or failed/stalled elsewhere. The exchange is left posted, so "
+                "this group cannot be used again in this process. (Timeout: RINGATTN_SYNC_TIMEOUT_S.)")
+        time.sleep(pause)
+        pause = min(0.002, pause + 0.0001)  # first polls are immediate: gloo answers in ~100 us
+    work.wait()  # raises the backend's own error, if the collective failed
+
+
+def _exchange(fn: str, group, world: int, global_ranks: list[int], local: _Local,
+              device: torch.device) -> list[list[int]]:
     if world == 1:
         return [local.sig]
+    key = "WORLD" if group is None or group is dist.GroupMember.WORLD else id(group)
+    _CALLS[key] = call = _CALLS.get(key, 0) + 1
     mine = torch.tensor(local.sig, dtype=torch.int64, device=device)
     table = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(table, mine, group=group)
+    work = dist.all_gather(table, mine, group=group, async_op=True)
+    _wait_or_raise(work, fn=fn, global_ranks=global_ranks, call=call, timeout_s=sync_timeout_s())
     return [t.tolist() for t in table]
 
 
@@ -238,7 +290,8 @@ def _prepare(fn: str, q, k, v, *, algorithm, causal, softmax_scale, group, layou
                              softmax_scale=softmax_scale, backend=backend, world=world,
                              global_ranks=global_ranks)
     device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
-    sigs = _exchange(group, world, local, collective_device(group, device) if world > 1 else device)
+    sigs = _exchange(fn, group, world, global_ranks, local,
+                     collective_device(group, device) if world > 1 else device)
     # One prefix for every entry point: ranks that called different ones get the same message.
     message, lay = _check_table("ringattn sequence-parallel attention", sigs, layout)
     if message:

@@ -6,6 +6,7 @@ no ring step runs), and leave the group usable: each scenario ends with a correc
 same group. Local problems (a rank's q on another device than its k, a backend that cannot run)
 are reported by every rank too, so no rank is left waiting in a collective.
 """
+import re
 import time
 
 import pytest
@@ -233,3 +234,60 @@ def test_unknown_algorithm_single_process():
     q, k, v = _inputs(0)
     with pytest.raises(ValueError, match="unknown algorithm"):
         sp.sequence_parallel_attention(q, k, v, algorithm="ulysses")
+
+
+# --- ranks that pass different groups (or call in a different order) -----------------------------
+# No collective can compare groups that never meet, so the signature exchange times out instead
+# (RINGATTN_SYNC_TIMEOUT_S, set short here): a RuntimeError naming the group, never a hang.
+def _different_groups(scenario):
+    import os
+
+    os.environ["RINGATTN_SYNC_TIMEOUT_S"] = "3"
+    rank = dist.get_rank()
+    alone = dist.new_group([1])      # collective: every rank makes both groups
+    same_ranks = dist.new_group([0, 1])  # the world's ranks, another communicator
+    q, k, v = _inputs(rank)
+    if scenario == "one_rank_alone":
+        order = [None] if rank == 0 else [alone]
+    else:  # "swapped_order": both groups span both ranks, called in opposite orders
+        order = [same_ranks, None] if rank == 0 else [None, same_ranks]
+    t0 = time.monotonic()
+    try:
+        for group in order:
+            if group is alone:
+                q1, k1, v1 = _inputs(rank, n=11)  # a world of one holds the whole sequence
+                shape = tuple(sp.ring_attention(q1, k1, v1, group=group).shape)
+            else:
+                sp.ring_attention(q, k, v, group=group)
+                shape = None
+        return "no error", shape, time.monotonic() - t0
+    except RuntimeError as e:
+        return str(e), None, time.monotonic() - t0
+    finally:
+        del os.environ["RINGATTN_SYNC_TIMEOUT_S"]
+
+
+@pytest.mark.parametrize("scenario", ["one_rank_alone", "swapped_order"])
+def test_ranks_passing_different_groups_raise_instead_of_hanging(dist_pool, scenario):
+    try:
+        results = dist_pool(2).run(_different_groups, scenario, timeout=60)
+    finally:
+        dist_pool(2).close(kill=True)  # an abandoned collective stays posted: start a fresh world
+    stuck = [0] if scenario == "one_rank_alone" else [0, 1]
+    for rank, (msg, shape, elapsed) in enumerate(results):
+        if rank not in stuck:  # rank 1 asked for a world of one and got it
+            assert msg == "no error" and shape == (1, 11, 4, 8), results[rank]
+            continue
+        assert re.search(r"waited 3 s in the metadata exchange of call #\d+ on the group", msg), msg
+        assert "not every rank of that group joined" in msg and "SAME group" in msg, msg
+        assert "global ranks [0, 1]" in msg, msg
+        assert 3 <= elapsed < 10, f"rank {rank} raised after {elapsed:.1f} s"
+
+
+def test_sync_timeout_must_be_positive(monkeypatch):
+    monkeypatch.setenv("RINGATTN_SYNC_TIMEOUT_S", "0")
+    with pytest.raises(ValueError, match="RINGATTN_SYNC_TIMEOUT_S must be > 0"):
+        sp.sync_timeout_s()
+    monkeypatch.setenv("RINGATTN_SYNC_TIMEOUT_S", "soon")
+    with pytest.raises(ValueError, match="must be a number of seconds"):
+        sp.sync_timeout_s()
