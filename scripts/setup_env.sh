@@ -21,7 +21,7 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
 fi
 "$VPY" -c "import torch" || { echo "[setup] torch failed to install"; exit 1; }
 need=()
-for mod in numpy pytest pytest_timeout ninja setuptools wheel tqdm; do
+for mod in numpy pytest pytest_timeout ninja setuptools wheel tqdm matplotlib; do
   "$VPY" -c "import $mod" >/dev/null 2>&1 || need+=("${mod//_/-}")
 done
 if command -v mpirun >/dev/null 2>&1 && ! "$VPY" -c "import mpi4py" >/dev/null 2>&1; then need+=(mpi4py); fi
