@@ -59,7 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--layout", default="zigzag", choices=["zigzag", "contiguous"])
     p.add_argument("--ulysses-size", type=int, default=None, help="2-D mode: ranks per Ulysses group")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: float32 on CPU, bfloat16 on GPU")
-    p.add_argument("--deepspeed", type=int, metavar="ZERO_STAGE", choices=[1, 2], default=None,
+    p.add_argument("--deepspeed", type=int, metavar="ZERO_STAGE", choices=[1, 2, 3], default=None,
                    help="train through a DeepSpeed engine with this ZeRO stage")
     p.add_argument("--no-check", action="store_true", help="skip the unsharded reference loss")
     p.add_argument("--quick", action="store_true", help="tiny sizes (launcher smoke test)")

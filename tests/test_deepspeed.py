@@ -1,7 +1,7 @@
 """DeepSpeed integration, on real gloo ranks (DeepSpeed's CPU accelerator falls back to gloo when
-oneCCL is absent, so ZeRO stage 1/2 engines run on a CPU-only machine).
+oneCCL is absent, so ZeRO stage 1/2/3 engines run on a CPU-only machine).
 
-(a) A DeepSpeed engine (ZeRO 1 and 2, fp32, SGD) trains a model wrapped by apply_sequence_parallel:
+(a) A DeepSpeed engine (ZeRO 1, 2 and 3, fp32, SGD) trains a model wrapped by apply_sequence_parallel:
     after each step its parameters equal the single-process model trained on the full sequence.
 (b) 2-D mode: Ulysses all-to-all over heads (DeepSpeed's DistributedAttention, and ringattn's own
     all-to-all) inside groups of 2 ranks x ring / TokenRing across 2 groups = 4 ranks: logits,
@@ -67,6 +67,8 @@ def test_ulysses_refusals(dist_pool):
 
 def _train_zero(stage, steps, seq_len, lr):
     """DeepSpeed ZeRO engine on the wrapped model vs. the same SGD on one process."""
+    import deepspeed
+
     input_ids, labels = th.global_batch(seq_len)
     model = th.tiny_model("llama")
     ref = th.tiny_model("llama")  # identical weights (same seed)
@@ -87,18 +89,21 @@ def _train_zero(stage, steps, seq_len, lr):
         engine.step()
         losses.append((loss.item(), ref_loss.item()))
         ref_params = dict(ref.named_parameters())
-        errs.append(max((p.detach() - ref_params[n].detach()).abs().max().item()
-                        for n, p in engine.module.named_parameters()))
+        params = list(engine.module.named_parameters())
+        # ZeRO-3 keeps only this rank's partition of each parameter: gather them to compare.
+        with deepspeed.zero.GatheredParameters([p for _, p in params], enabled=stage == 3):
+            errs.append(max((p.detach() - ref_params[n].detach()).abs().max().item() for n, p in params))
     return {"losses": losses, "param_err": errs, "zero_stage": engine.zero_optimization_stage(),
             "optimizer": type(engine.optimizer).__name__}
 
 
 @needs_deepspeed
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_deepspeed_zero_trains_sequence_parallel_model(dist_pool, stage):
     results = dist_pool(2).run(_train_zero, stage, 3, 23, 0.5, timeout=240)
+    optimizer = "DeepSpeedZeroOptimizer_Stage3" if stage == 3 else "DeepSpeedZeroOptimizer"
     for rank, r in enumerate(results):
-        assert r["zero_stage"] == stage and r["optimizer"] == "DeepSpeedZeroOptimizer", r
+        assert r["zero_stage"] == stage and r["optimizer"] == optimizer, r
         for step, (loss, ref_loss) in enumerate(r["losses"]):
             assert abs(loss - ref_loss) < 1e-5, f"rank {rank} step {step}: loss {loss} vs {ref_loss}"
         # after each SGD step (lr 0.5): parameters within fp32 rounding of the reference's

@@ -17,7 +17,7 @@ torch.distributed.all_to_all_single version below (same math; also used when use
 DeepSpeed's all-to-all needs equal pieces, so uneven pieces are padded to the longest before it
 and the padding rows are dropped before the ring (never attended to).
 
-DeepSpeed engines (ZeRO stage 1/2) train a model wrapped by apply_sequence_parallel unchanged;
+DeepSpeed engines (ZeRO stage 1, 2 and 3) train a model wrapped by apply_sequence_parallel unchanged;
 the engine averages gradients over its data-parallel ranks, which here include the sequence-
 parallel ranks, so compute the loss with
 `sequence_parallel_loss(logits, labels, grad_allreduce="mean")`. `deepspeed_config()` below
