@@ -1,0 +1,180 @@
+"""Plots of perf/sweep.py CSVs: one PNG per metric, one panel per (world, heads, causal, pass).
+
+    python perf/plot.py perf/results/2026-12-01_cpu_sweep.csv                 # PNGs next to the CSV
+    python perf/plot.py a.csv b.csv --out DIR --prefix issue3                 # several CSVs, one set of PNGs
+
+Writes PREFIX_time.png (ms per call vs global sequence length, log-log, the single-process
+baseline dashed), PREFIX_tflops.png (TFLOP/s per rank), PREFIX_bytes.png (max over ranks of
+max(bytes sent, bytes received) per call, log-log), PREFIX_overlap.png (overlap_fraction, 0..1)
+and PREFIX_ratio.png (ms / single-process ms, with the issue 3 target 1.15 dashed). Rows with an
+error are left out; the x axis is each panel's sequence lengths. PREFIX defaults to the first
+CSV's name without .csv. matplotlib with the Agg backend (no display needed).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FixedLocator, NullLocator  # noqa: E402
+
+ALG_STYLE = {  # colour, marker
+    "ring": ("tab:blue", "o"), "token_ring": ("tab:orange", "s"), "auto": ("tab:green", "^"),
+    "allgather": ("tab:red", "D"), "torch_cp": ("tab:purple", "v"), "single": ("black", None),
+}
+TARGET_RATIO = 1.15
+
+METRICS = [
+    # (file suffix, y label, value(row) -> float or None, log y)
+    ("time", "ms per call (median, slowest rank)", lambda r: _f(r["ms_median"]), True),
+    ("tflops", "TFLOP/s per rank", lambda r: _f(r["tflops_per_rank"]), False),
+    ("bytes", "bytes per rank per call (max of sent, received)",
+     lambda r: _max(_f(r["sent_bytes_max"]), _f(r["recv_bytes_max"])), True),
+    ("overlap", "overlap fraction (1 = comm hidden)", lambda r: _f(r.get("overlap_fraction")), False),
+    ("ratio", "time / single-process time", lambda r: _f(r.get("ratio_vs_single")), False),
+]
+
+
+def _f(v):
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return None
+    return x if x == x else None
+
+
+def _max(a, b):
+    vals = [x for x in (a, b) if x is not None]
+    return max(vals) if vals else None
+
+
+def read_rows(paths):
+    rows = []
+    for p in paths:
+        with open(p, newline="") as f:
+            rows += [r for r in csv.DictReader(f) if not r.get("error")]
+    return rows
+
+
+def _panel_key(r):
+    return (int(r["world"]), int(r["heads_q"]), int(r["heads_kv"]), r["causal"], r["pass"])
+
+
+def _single_key(r):
+    return (r["device"], r["batch"], r["heads_q"], r["heads_kv"], r["head_dim"], r["dtype"], r["causal"], r["pass"])
+
+
+def _fmt_len(n):
+    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+def plot_metric(rows, suffix, ylabel, value, logy, out_path, title):
+    sp = [r for r in rows if r["algorithm"] != "single"]
+    singles = [r for r in rows if r["algorithm"] == "single"]
+    panels = sorted({_panel_key(r) for r in sp}, key=lambda k: (k[0], -k[2], k[3], k[4]))
+    if not panels:
+        return None
+    ncols = min(4, len(panels))
+    nrows = (len(panels) + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 2.9 * nrows + 0.7), squeeze=False)
+    algs = [a for a in ALG_STYLE if any(r["algorithm"] == a for r in sp)]
+    handles = {}
+    for ax, key in zip(axes.flat, panels):
+        W, hq, hkv, causal, p = key
+        mine = [r for r in sp if _panel_key(r) == key]
+        lens = sorted({int(r["seq_len"]) for r in mine})
+        for a in algs:
+            pts = sorted((int(r["seq_len"]), value(r)) for r in mine if r["algorithm"] == a)
+            pts = [(x, y) for x, y in pts if y is not None and (y > 0 or not logy)]
+            if not pts:
+                continue
+            color, marker = ALG_STYLE[a]
+            h, = ax.plot([x for x, _ in pts], [y for _, y in pts], color=color, marker=marker, ms=5, lw=1.6,
+                         label=a)
+            handles[a] = h
+        if suffix in ("time", "tflops"):
+            ref = {(_single_key(r), int(r["seq_len"])): r for r in singles}
+            pts = []
+            for L in lens:
+                r0 = next(r for r in mine if int(r["seq_len"]) == L)
+                s = ref.get((_single_key(r0), L))
+                y = value(s) if s else None
+                if y is not None:
+                    pts.append((L, y))
+            if pts:
+                h, = ax.plot([x for x, _ in pts], [y for _, y in pts], color="black", ls="--", lw=1.4,
+                             label="single process (full sequence)")
+                handles["single"] = h
+        if suffix == "ratio":
+            ax.axhline(TARGET_RATIO, color="grey", ls="--", lw=1)
+            ax.text(0.02, TARGET_RATIO, f" target {TARGET_RATIO}", color="grey",
+                    fontsize=7, va="bottom", transform=ax.get_yaxis_transform())
+            ax.axhline(1.0, color="lightgrey", lw=0.8)
+            ax.set_ylim(bottom=0)
+        if suffix == "overlap":
+            ax.set_ylim(-0.05, 1.05)
+        ax.set_xscale("log", base=2)
+        if logy:
+            ax.set_yscale("log")
+        ax.xaxis.set_major_locator(FixedLocator(lens))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticklabels([_fmt_len(x) for x in lens])
+        if len(lens) == 1:
+            ax.set_xlim(lens[0] / 1.5, lens[0] * 1.5)
+        else:
+            ax.set_xlim(lens[0] / 1.3, lens[-1] * 1.3)
+        ax.set_title(f"W={W}  {'MHA' if hq == hkv else 'GQA'} {hq}/{hkv}  {'causal' if causal == 'True' else 'full'}  {p}",
+                     fontsize=9)
+        ax.grid(True, which="major", alpha=0.3)
+        ax.tick_params(labelsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel(ylabel, fontsize=8)
+    for ax in axes[-1, :]:
+        ax.set_xlabel("global sequence length", fontsize=8)
+    order = [a for a in ALG_STYLE if a in handles]
+    fig.legend([handles[a] for a in order], [handles[a].get_label() for a in order], loc="upper center",
+               ncol=len(order), fontsize=8, frameon=False, bbox_to_anchor=(0.5, 1.0))
+    fig.suptitle(title, fontsize=9, y=0.005, va="bottom")
+    fig.tight_layout(rect=(0, 0.03, 1, 0.93))
+    fig.savefig(out_path, dpi=90)
+    plt.close(fig)
+    return out_path
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("csv", nargs="+", help="sweep CSV(s)")
+    ap.add_argument("--out", help="folder for the PNGs (default: the first CSV's folder)")
+    ap.add_argument("--prefix", help="PNG name prefix (default: the first CSV's name)")
+    args = ap.parse_args(argv)
+    rows = read_rows(args.csv)
+    if not rows:
+        sys.exit("plot.py: no rows without errors in " + ", ".join(args.csv))
+    out = args.out or os.path.dirname(os.path.abspath(args.csv[0]))
+    os.makedirs(out, exist_ok=True)
+    prefix = args.prefix or os.path.basename(args.csv[0])[:-4]
+    devices = sorted({r["device"] for r in rows})
+    dates = sorted({r["date"][:10] for r in rows})
+    transports = sorted({r["transport"] for r in rows if r["algorithm"] != "single"})
+    dtype = sorted({r["dtype"] for r in rows})
+    dims = sorted({r["head_dim"] for r in rows})
+    title = (f"{' | '.join(devices)}; transport {','.join(transports)}; {','.join(dtype)}, D={','.join(dims)}, "
+             f"layout {','.join(sorted({r['layout'] for r in rows if r['layout']}))}; {','.join(dates)}")
+    written = []
+    for suffix, ylabel, value, logy in METRICS:
+        p = plot_metric(rows, suffix, ylabel, value, logy, os.path.join(out, f"{prefix}_{suffix}.png"), title)
+        if p:
+            written.append(p)
+            print(f"wrote {p}")
+    return written
+
+
+if __name__ == "__main__":
+    main()
