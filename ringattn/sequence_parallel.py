@@ -329,22 +329,37 @@ def predict_comm_bytes(algorithm: str, *, seq_len: int, world_size: int, layout:
     raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
 
 
+# algorithm="auto" follows ringattn.cost_model; a predicted gap below this fraction is inside the
+# model's own error (its compute fit reproduces the measured H100 block times only to within 5%,
+# tests/test_cost_model.py), and bytes decide instead.
+AUTO_MARGIN = 0.05
+
+
 @dataclasses.dataclass(frozen=True)
 class AlgorithmChoice:
     algorithm: str          # "ring" | "token_ring"
     predicted_bytes: dict   # algorithm -> bottleneck bytes: max over ranks of max(sent, received)
     reason: str
+    predicted_s: dict = dataclasses.field(default_factory=dict)  # algorithm -> cost-model seconds (W > 1)
+    topology: str = ""      # the cost-model topology the prediction assumed
 
 
 def choose_algorithm(*, seq_len: int, world_size: int, layout: str = "contiguous", causal: bool = False,
                      batch: int, heads_q: int, heads_kv: int, head_dim: int, dtype=torch.bfloat16,
-                     backward: bool = True) -> AlgorithmChoice:
-    """algorithm="auto": the one whose busiest rank moves fewer bytes (see the module constants).
+                     backward: bool = True, topology=None) -> AlgorithmChoice:
+    """algorithm="auto": the algorithm ringattn.cost_model predicts faster (docs/cost_model.md).
 
-    W == 1: ring (no communication either way). W > MESH_MAX_WORLD: ring. Otherwise token_ring
-    iff its bottleneck bytes (max over ranks of max(sent, received), forward + backward when
-    `backward`) are strictly fewer than ring's; ties go to ring (one peer per step, fewer
-    messages). Deterministic in its arguments, so every rank picks the same.
+    1. W == 1: ring (no communication either way).
+    2. The cost model simulates both schedules step by step with the H100 compute profile
+       (cost_model.H100_BF16, fitted to the measured block-attention rows) on `topology`:
+       None -> "nvswitch" for W <= MESH_MAX_WORLD (one 8-GPU NVSwitch node) and "inter_node"
+       (8 GPUs per node, one NIC per GPU) above; or a cost_model.PRESETS name or a
+       cost_model.Topology. The one predicted faster by more than AUTO_MARGIN (5%) is chosen.
+    3. Otherwise (a gap inside the model's error) the one whose busiest rank moves fewer bytes
+       (max over ranks of max(sent, received), forward + backward when `backward`); ties go to
+       ring (one peer per step, fewer messages).
+    Deterministic in its arguments, so every rank picks the same; the model runs once per
+    distinct set of arguments (cost_model.predicted_times is cached).
     """
     per_alg = {}
     for alg in ALGORITHMS:
@@ -355,12 +370,24 @@ def choose_algorithm(*, seq_len: int, world_size: int, layout: str = "contiguous
                             for ch in ranks), default=0)
     if world_size == 1:
         return AlgorithmChoice("ring", per_alg, "world size 1: no communication")
-    if world_size > MESH_MAX_WORLD:
-        return AlgorithmChoice("ring", per_alg, f"world size {world_size} > {MESH_MAX_WORLD}: "
-                               "TokenRing's mesh would cross nodes every step")
+    from ringattn import cost_model  # pure Python; imported here to keep this module's imports as they are
+
+    topo = topology if topology is not None else ("nvswitch" if world_size <= MESH_MAX_WORLD else "inter_node")
+    name = topo if isinstance(topo, str) else topo.kind
+    t_ring, t_tr = cost_model.predicted_times(seq_len, world_size, layout, bool(causal), batch, heads_q, heads_kv,
+                                              head_dim, _elem_size(dtype), bool(backward), topo)
+    secs = {"ring": t_ring, "token_ring": t_tr}
+    if t_ring > (1 + AUTO_MARGIN) * t_tr:
+        return AlgorithmChoice("token_ring", per_alg, f"cost model ({name}): TokenRing predicted "
+                               f"{t_ring / t_tr:.2f}x faster", secs, name)
+    if t_tr > (1 + AUTO_MARGIN) * t_ring:
+        return AlgorithmChoice("ring", per_alg, f"cost model ({name}): KV rotation predicted "
+                               f"{t_tr / t_ring:.2f}x faster", secs, name)
     if per_alg["token_ring"] < per_alg["ring"]:
-        return AlgorithmChoice("token_ring", per_alg, "TokenRing moves fewer bytes")
-    return AlgorithmChoice("ring", per_alg, "KV rotation moves fewer (or equal) bytes")
+        return AlgorithmChoice("token_ring", per_alg, f"cost model ({name}): within {AUTO_MARGIN:.0%}; "
+                               "TokenRing moves fewer bytes", secs, name)
+    return AlgorithmChoice("ring", per_alg, f"cost model ({name}): within {AUTO_MARGIN:.0%}; KV rotation "
+                           "moves fewer (or equal) bytes", secs, name)
 
 
 # --------------------------------------------------------------------------------------------

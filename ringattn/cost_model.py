@@ -1,0 +1,779 @@
+"""Cost model of ring attention (KV rotation) and TokenRing (Q rotation): predicted per-step and
+total time for W ranks, from measured block-attention speed and link bandwidth/latency.
+
+    from ringattn import cost_model as cm
+    p = cm.predict("token_ring", seq_len=131072, world_size=8, layout="zigzag", causal=True,
+                   batch=1, heads_q=32, heads_kv=8, head_dim=128, dtype=torch.bfloat16,
+                   backward=True, topology="nvswitch")          # profile: H100 cuDNN by default
+    p.total_s, p.exposed_comm_s, p.steps, p.bytes                # bytes == predict_comm_bytes
+    cm.compare(...) -> {"ring": Prediction, "token_ring": Prediction}
+
+What is simulated (docs/cost_model.md has the equations): every rank's program exactly as
+ring_attention.py / token_ring.py run it -- per step the block attention of the rows that
+layout.attention_block says exist (so causal zigzag's half-Q trick and the uneven chunk tables
+are those of the code), the fp32 merges / adds / zero-fills / casts around it, and the P2P posts
+and waits of each channel in the code's order. A discrete-event pass runs the W programs
+together: compute advances a rank's stream; a message starts when both ends have posted it and
+ends latency + transfer later; a wait advances the stream to the end of the batch it waits on.
+So a step costs max(compute, comm) plus whatever the code does not overlap (the first Q transfer
+of TokenRing, its last partial, ring's last dK/dV hop, merges between waits, load imbalance).
+
+Transfers: a topology maps each (src, dst) pair to the resources it crosses (a GPU's NVSwitch
+port per direction, a PCIe link, a shared host bridge, ring/mesh links, a NIC) and a latency.
+Messages are grouped into the compute step during which the code has them in flight (a
+"phase"); all messages of one phase share each resource and finish together: a message's
+transfer time is max over its resources of (phase bytes on it / its bandwidth). That is exact
+for the symmetric steps of both algorithms and pessimistic for a small message sharing a link
+with a large one.
+
+Compute: ComputeProfile, t = overhead + work / rate per (backend, op, causal) -- a TFLOP/s that
+saturates with block size -- fitted to measured rows (perf/model.py calibrate); memory-bound
+passes (merge, add, zero, cast) t = overhead + bytes / bandwidth, fitted to the measured
+merge_attn_states_ rows. The default profile H100_BF16 is the fit to the H100 CSVs in
+perf/results (2026-11-22); its block shapes were square S in {4096, 16384} only, so other block
+shapes (rectangular zigzag blocks, small blocks at large W) are EXTRAPOLATED by FLOP count.
+Link numbers in the presets are ASSUMED spec-sheet values (named where each is defined), not
+measurements. Pure Python: no tensor is created.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Callable
+
+from ringattn.layout import SequenceLayout, attention_block
+
+ALGORITHMS = ("ring", "token_ring")
+
+# --------------------------------------------------------------------------------------------
+# Compute profile
+
+
+@dataclasses.dataclass(frozen=True)
+class Curve:
+    """t = overhead_s + work / rate (work: FLOPs or bytes; rate: per second). Equivalent to a
+    throughput rate * work / (work + overhead_s * rate) that saturates at `rate` for big work.
+
+    points: optional measured ((work, seconds), ...) sorted by work. Then inside their range the
+    time is interpolated between neighbouring points (linear in log work / log time), and outside
+    it the nearest end point is scaled by the fitted line (t_end * fit(w) / fit(w_end)) -- for
+    devices whose speed is not a smooth function of FLOPs (the CPU math backend)."""
+
+    overhead_s: float
+    rate: float
+    points: tuple = ()
+
+    def _fit(self, work: float) -> float:
+        return self.overhead_s + work / self.rate
+
+    def time(self, work: float) -> float:
+        if work <= 0:
+            return 0.0
+        pts = self.points
+        if not pts:
+            return self._fit(work)
+        if work <= pts[0][0]:
+            return pts[0][1] * self._fit(work) / self._fit(pts[0][0])
+        if work >= pts[-1][0]:
+            return pts[-1][1] * self._fit(work) / self._fit(pts[-1][0])
+        for (w0, t0), (w1, t1) in zip(pts, pts[1:]):
+            if w0 <= work <= w1:
+                f = math.log(work / w0) / math.log(w1 / w0)
+                return math.exp(math.log(t0) + f * math.log(t1 / t0))
+        raise AssertionError("unreachable")
+
+
+def interpolation_points(points) -> tuple:
+    """Measured (work, seconds) -> sorted ((work, mean seconds), ...), one per distinct work."""
+    by = {}
+    for w, t in points:
+        by.setdefault(float(w), []).append(float(t))
+    return tuple((w, sum(ts) / len(ts)) for w, ts in sorted(by.items()))
+
+
+def attention_flops(op: str, B: int, Hq: int, Sq: int, Sk: int, D: int, causal: bool) -> float:
+    """Dense-equivalent FLOPs, as perf/bench_block_attention.py counts them (so a fitted curve
+    applies unchanged): forward 4*B*Hq*Sq*Sk*D, halved for a causal (diagonal) block; backward
+    2.5 x forward."""
+    f = 4.0 * B * Hq * Sq * Sk * D
+    if causal:
+        f /= 2
+    return f if op == "fwd" else 2.5 * f
+
+
+def fit_curve(points) -> tuple[Curve, float]:
+    """Least squares in RELATIVE error of t = a + work * b over [(work, seconds), ...], a >= 0.
+    Returns (curve, max relative error over the points)."""
+    pts = [(float(w), float(t)) for w, t in points if t > 0]
+    if not pts:
+        raise ValueError("fit_curve: no points with a positive time")
+    # minimise sum((a + w b - t)^2 / t^2): normal equations
+    saa = sum(1 / t / t for _, t in pts)
+    sab = sum(w / t / t for w, t in pts)
+    sbb = sum(w * w / t / t for w, t in pts)
+    sa = sum(1 / t for _, t in pts)
+    sb = sum(w / t for w, t in pts)
+    det = saa * sbb - sab * sab
+    a = b = None
+    if len({w for w, _ in pts}) >= 2 and det > 0:
+        a = (sa * sbb - sb * sab) / det
+        b = (saa * sb - sab * sa) / det
+    if a is None or a < 0 or b <= 0:  # one size only, or a negative intercept: pure rate
+        a, b = 0.0, sb / sbb
+    curve = Curve(a, 1.0 / b)
+    return curve, max(abs(curve.time(w) - t) / t for w, t in pts)
+
+
+@dataclasses.dataclass(frozen=True)
+class ComputeProfile:
+    """How long one block attention and one memory-bound pass take on one device.
+
+    attention: {(backend, op, causal): Curve} with op "fwd" | "bwd" (the backward given the
+    final out/lse, without fp32 accumulators), work = attention_flops. memory: bytes -> time of
+    one merge_attn_states_-like pass (also used for zero-fill, add, cast). aliases: {"auto":
+    the backend auto resolves to}. bwd_accumulates: True if the measured backward already added
+    into fp32 accumulators (the CPU calibration passes them; the H100 bench did not, so the
+    model adds that pass)."""
+
+    name: str
+    dtype: str
+    attention: dict
+    memory: Curve
+    aliases: dict
+    bwd_accumulates: bool = False
+    source: str = ""
+
+    def backend(self, backend: str) -> str:
+        b = self.aliases.get(backend, backend)
+        if not any(k[0] == b for k in self.attention):
+            raise ValueError(f"compute profile {self.name!r} has no measurements for backend {backend!r} "
+                             f"(has {sorted({k[0] for k in self.attention})})")
+        return b
+
+    def attn_time(self, op: str, backend: str, *, B, Hq, Sq, Sk, D, causal: bool) -> float:
+        if Sq <= 0 or Sk <= 0:
+            return 0.0
+        curve = self.attention[(self.backend(backend), op, bool(causal))]
+        return curve.time(attention_flops(op, B, Hq, Sq, Sk, D, causal))
+
+    def mem_time(self, nbytes: float) -> float:
+        return self.memory.time(nbytes)
+
+    def to_json(self) -> dict:
+        return dict(name=self.name, dtype=self.dtype, source=self.source, bwd_accumulates=self.bwd_accumulates,
+                    aliases=dict(self.aliases),
+                    memory=dict(overhead_s=self.memory.overhead_s, bytes_per_s=self.memory.rate,
+                                points=[list(p) for p in self.memory.points]),
+                    attention=[dict(backend=b, op=op, causal=c, overhead_s=cv.overhead_s, flops_per_s=cv.rate,
+                                    points=[list(p) for p in cv.points])
+                               for (b, op, c), cv in sorted(self.attention.items())])
+
+    @staticmethod
+    def from_json(d: dict) -> "ComputeProfile":
+        pts = lambda x: tuple(tuple(p) for p in x.get("points", ()))  # noqa: E731
+        att = {(a["backend"], a["op"], bool(a["causal"])): Curve(a["overhead_s"], a["flops_per_s"], pts(a))
+               for a in d["attention"]}
+        m = d["memory"]
+        return ComputeProfile(d["name"], d["dtype"], att, Curve(m["overhead_s"], m["bytes_per_s"], pts(m)),
+                              dict(d.get("aliases", {})), bool(d.get("bwd_accumulates", False)), d.get("source", ""))
+
+
+def _c(a_us, tflops):
+    return Curve(a_us * 1e-6, tflops * 1e12)
+
+
+# The fit (fit_curve, pooled over Hkv 32 and 8) of perf/results/2026-11-22_h100_bench_block_attention.csv
+# (NVIDIA H100 80GB HBM3, torch 2.11.0+cu130, cuDNN 9.19, bf16, B=1, Hq=32, D=128, S=Sq=Sk in
+# {4096, 16384}) and of the merge_attn_states_ rows of perf/results/2026-11-22_h100_bench_ops.csv.
+# tests/test_cost_model.py re-fits the CSVs and asserts these constants (to 0.5%).
+# Overheads in us, rates in TFLOP/s (attention) and TB/s (memory).
+H100_BF16 = ComputeProfile(
+    name="h100_bf16",
+    dtype="bfloat16",
+    attention={
+        ("cudnn", "fwd", False): _c(31.35, 602.4), ("cudnn", "fwd", True): _c(99.7, 613.2),
+        ("cudnn", "bwd", False): _c(236.9, 539.8), ("cudnn", "bwd", True): _c(324.4, 524.7),
+        ("flash", "fwd", False): _c(35.73, 338.9), ("flash", "fwd", True): _c(170, 343.2),
+        ("flash", "bwd", False): _c(326.1, 310.7), ("flash", "bwd", True): _c(458.5, 314.1),
+        ("efficient", "fwd", False): _c(124.2, 179.2), ("efficient", "fwd", True): _c(224.1, 175.3),
+        ("efficient", "bwd", False): _c(402.3, 138.8), ("efficient", "bwd", True): _c(738.5, 133.8),
+    },
+    memory=Curve(5.705e-06, 3.029e+12),
+    aliases={"auto": "cudnn"},  # the CSV: auto picked cudnn for every case
+    bwd_accumulates=False,
+    source="fit to perf/results/2026-11-22_h100_bench_block_attention.csv (square S 4096/16384 only; other "
+           "shapes extrapolated by FLOP count) and the merge_attn_states_ rows of 2026-11-22_h100_bench_ops.csv",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Topology: which resources a message from src to dst crosses, their bandwidth, the latency
+
+# ASSUMED spec-sheet link numbers (bytes/s per direction), not measured in this project:
+NVLINK4_H100_SXM = 450e9   # NVIDIA H100 SXM5 datasheet: NVLink 4, 900 GB/s bidirectional per GPU
+PCIE5_X16 = 63.0e9         # PCI-SIG PCIe 5.0: 32 GT/s x 16 lanes, 128b/130b -> 63.0 GB/s per direction
+NDR_IB_NIC = 50e9          # NVIDIA DGX H100 datasheet: 8x ConnectX-7 400 Gb/s (one NIC per GPU)
+MI300X_IF_LINK = 64e9      # AMD Instinct MI300X datasheet: Infinity Fabric link 128 GB/s bidirectional
+# ASSUMED latencies per message (s): no spec sheet states one and none was measured between GPUs
+# here; the order of magnitude of one NCCL send/recv. perf/model.py answer --latency-scale shows
+# how much the answer depends on them.
+LAT_NVLINK = 5e-6
+LAT_PCIE = 10e-6
+LAT_IB = 10e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """kind: nvswitch | pcie | pcie_switch | ring | mesh | inter_node | local.
+
+    link_bps: bandwidth of the kind's main link per direction (bytes/s); latency_s per message;
+    nic_bps / nic_latency_s / gpus_per_node: inter_node only; bridge_bps: pcie's shared host
+    bridge (all P2P traffic crosses it, both directions together); host_bps: local's shared
+    host (loopback) capacity, both directions together (0: none); full_duplex: False makes
+    each link one resource for both directions; ranks_per_device: ranks sharing one device's
+    compute (compute times are multiplied by it; e.g. W processes on fewer CPU cores, or ranks
+    sharing one GPU); call_s: the per-call metadata all_gather (25 int64 per rank) that every
+    forward starts with, -1: latency_s * ceil(log2 W) (an assumed tree of tiny messages)."""
+
+    kind: str
+    link_bps: float
+    latency_s: float
+    full_duplex: bool = True
+    nic_bps: float = 0.0
+    nic_latency_s: float = 0.0
+    gpus_per_node: int = 8
+    bridge_bps: float = 0.0
+    host_bps: float = 0.0
+    ranks_per_device: float = 1.0
+    call_s: float = -1.0
+    source: str = ""
+
+    def _dir(self, name, a, b):
+        # a full-duplex link is two resources (one per direction), a half-duplex one is one
+        return (name, a, b) if self.full_duplex else (name, min(a, b), max(a, b))
+
+    def route(self, src: int, dst: int, world: int) -> tuple:
+        """Resources (hashable) that a message src -> dst crosses."""
+        k = self.kind
+        if k in ("nvswitch", "pcie_switch", "local"):
+            res = (self._port("out", src), self._port("in", dst))
+            return res + ((("host",),) if k == "local" and self.host_bps > 0 else ())
+        if k == "pcie":
+            return (self._port("out", src), self._port("in", dst), ("bridge",))
+        if k == "mesh":
+            return (self._dir("link", src, dst),)
+        if k == "ring":
+            fwd = (dst - src) % world
+            step = 1 if fwd <= world - fwd else -1  # shortest way round (ties: forward)
+            hops, a = [], src
+            while a != dst:
+                b = (a + step) % world
+                hops.append(self._dir("ring", a, b))
+                a = b
+            return tuple(hops)
+        if k == "inter_node":
+            if src // self.gpus_per_node == dst // self.gpus_per_node:
+                return (self._port("out", src), self._port("in", dst))
+            return (("nic_out", src), ("nic_in", dst))
+        raise ValueError(f"unknown topology kind {k!r}")
+
+    def _port(self, d, r):
+        return (d, r) if self.full_duplex else ("port", r)
+
+    def capacity(self, resource) -> float:
+        name = resource[0]
+        if name in ("nic_out", "nic_in"):
+            return self.nic_bps
+        if name == "bridge":
+            return self.bridge_bps
+        if name == "host":
+            return self.host_bps
+        return self.link_bps
+
+    def latency(self, src: int, dst: int, world: int) -> float:
+        if self.kind == "inter_node" and src // self.gpus_per_node != dst // self.gpus_per_node:
+            return self.nic_latency_s
+        if self.kind == "ring":
+            fwd = (dst - src) % world
+            return self.latency_s * min(fwd, world - fwd)
+        return self.latency_s
+
+    def call_overhead(self, world: int) -> float:
+        if world <= 1:
+            return 0.0
+        if self.call_s >= 0:
+            return self.call_s
+        lat = self.nic_latency_s if self.kind == "inter_node" and world > self.gpus_per_node else self.latency_s
+        return lat * math.ceil(math.log2(world))
+
+    def scaled(self, *, bandwidth: float = 1.0, latency: float = 1.0) -> "Topology":
+        """Every bandwidth times `bandwidth`, every latency times `latency` (sensitivity runs)."""
+        return dataclasses.replace(self, link_bps=self.link_bps * bandwidth, nic_bps=self.nic_bps * bandwidth,
+                                   bridge_bps=self.bridge_bps * bandwidth, host_bps=self.host_bps * bandwidth,
+                                   latency_s=self.latency_s * latency, nic_latency_s=self.nic_latency_s * latency,
+                                   call_s=self.call_s * latency if self.call_s >= 0 else self.call_s)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_json(d: dict) -> "Topology":
+        return Topology(**d)
+
+
+PRESETS = {
+    "nvswitch": Topology("nvswitch", NVLINK4_H100_SXM, LAT_NVLINK,
+                         source="ASSUMED: H100 SXM NVLink 4 via NVSwitch, 450 GB/s per direction per GPU "
+                                "(datasheet), every pair, full duplex; latency 5 us assumed"),
+    "pcie": Topology("pcie", PCIE5_X16, LAT_PCIE, bridge_bps=PCIE5_X16,
+                     source="ASSUMED: PCIe 5.0 x16 per GPU (63 GB/s per direction, spec) and ONE shared host "
+                            "bridge forwarding all P2P traffic at one x16 link's rate (worst case); latency "
+                            "10 us assumed"),
+    "pcie_switch": Topology("pcie_switch", PCIE5_X16, LAT_PCIE,
+                            source="ASSUMED: PCIe 5.0 x16 per GPU behind a non-blocking switch; latency 10 us assumed"),
+    "ring": Topology("ring", MI300X_IF_LINK, LAT_NVLINK,
+                     source="ASSUMED, illustrative: a physical ring of 64 GB/s-per-direction links (MI300X IF "
+                            "link figure); messages take the shortest way round; 5 us per hop assumed"),
+    "mesh": Topology("mesh", MI300X_IF_LINK, LAT_NVLINK,
+                     source="ASSUMED: full mesh, one 64 GB/s-per-direction link per pair (MI300X datasheet: "
+                            "Infinity Fabric 128 GB/s bidirectional per link); latency 5 us assumed"),
+    "inter_node": Topology("inter_node", NVLINK4_H100_SXM, LAT_NVLINK, nic_bps=NDR_IB_NIC, nic_latency_s=LAT_IB,
+                           gpus_per_node=8,
+                           source="ASSUMED: nodes of 8 H100 SXM on NVSwitch (450 GB/s per direction), one "
+                                  "400 Gb/s NDR NIC per GPU between nodes (50 GB/s per direction, DGX H100 "
+                                  "datasheet), non-blocking fabric; latency 5 us (NVLink) / 10 us (IB) assumed"),
+}
+
+
+def get_topology(topology) -> Topology:
+    if isinstance(topology, Topology):
+        return topology
+    if topology not in PRESETS:
+        raise ValueError(f"unknown topology {topology!r}: choose one of {sorted(PRESETS)} or pass a Topology")
+    return PRESETS[topology]
+
+
+# --------------------------------------------------------------------------------------------
+# Rank programs: the code's schedules as lists of ops
+
+
+@dataclasses.dataclass
+class _Op:
+    kind: str            # "compute" | "delay" | "post" | "wait"
+    step: tuple          # (pass, step)
+    seconds: float = 0.0
+    what: str = ""
+    channel: str = ""
+    msgs: tuple = ()     # post: ((key, "send"|"recv", peer, nbytes), ...)
+
+
+class _Msg:
+    __slots__ = ("key", "src", "dst", "nbytes", "phase", "channel", "posted", "end", "xfer")
+
+    def __init__(self, key, src, dst, nbytes, phase, channel):
+        self.key, self.src, self.dst, self.nbytes, self.phase, self.channel = key, src, dst, nbytes, phase, channel
+        self.posted = {}   # side -> time
+        self.end = None
+        self.xfer = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shape:
+    lay: SequenceLayout
+    causal: bool
+    B: int
+    Hq: int
+    Hkv: int
+    D: int
+    e: int
+
+
+class _Builder:
+    """Collects one rank's ops; compute times come from the profile (times ranks_per_device)."""
+
+    def __init__(self, rank: int, shape: _Shape, profile: ComputeProfile, backend: str, share: float, msgs: dict):
+        self.r, self.sh, self.prof, self.backend, self.share = rank, shape, profile, backend, share
+        self.ops: list[_Op] = []
+        self.msgs = msgs
+        self.blocks: dict = {}   # (pass, step) -> [(op, Sq, Sk, causal)]
+
+    def attn(self, op, step, Sq, Sk, causal):
+        sh = self.sh
+        t = self.prof.attn_time(op, self.backend, B=sh.B, Hq=sh.Hq, Sq=Sq, Sk=Sk, D=sh.D, causal=causal)
+        self.blocks.setdefault(step, []).append((op, Sq, Sk, bool(causal)))
+        self.ops.append(_Op("compute", step, t * self.share, f"attn {op} {Sq}x{Sk}{' causal' if causal else ''}"))
+
+    def mem(self, step, nbytes, what):
+        if nbytes > 0:
+            self.ops.append(_Op("compute", step, self.prof.mem_time(nbytes) * self.share, what))
+
+    def post(self, step, phase, channel, sends, recvs):
+        """sends/recvs: [(peer, [nbytes of each tensor])]; message keys pair the two ends."""
+        msgs = []
+        for side, lst in (("send", sends), ("recv", recvs)):
+            for peer, sizes in lst:
+                src, dst = (self.r, peer) if side == "send" else (peer, self.r)
+                for part, nb in enumerate(sizes):
+                    key = (step[0], channel, step[1], src, dst, part)
+                    m = self.msgs.get(key)
+                    if m is None:
+                        m = self.msgs[key] = _Msg(key, src, dst, nb, (step[0], phase), channel)
+                    elif m.nbytes != nb:
+                        raise AssertionError(f"cost model schedule bug: {key} is {m.nbytes} B at one end, {nb} at the other")
+                    msgs.append((key, side, peer, nb))
+        self.ops.append(_Op("post", step, channel=channel, msgs=tuple(msgs)))
+
+    def delay(self, step, seconds, what):
+        """Time the stream stands still that is not compute (the metadata all_gather)."""
+        if seconds > 0:
+            self.ops.append(_Op("delay", step, seconds, what))
+
+    def wait(self, step, channel):
+        self.ops.append(_Op("wait", step, channel=channel))
+
+
+def _merge_bytes(sh: _Shape, rows: int) -> int:
+    # merge_attn_states_ (as perf/bench_ops.py counts it): fp32 acc out read+write, partial out
+    # read (q dtype), fp32 acc lse read+write, fp32 partial lse read
+    return sh.B * rows * sh.Hq * (sh.D * (8 + sh.e) + 12)
+
+
+def _ring_fwd(b: _Builder):
+    sh, r = b.sh, b.r
+    lay, W = sh.lay, sh.lay.world_size
+    n = lay.local_lengths
+    kv_tok = sh.B * sh.Hkv * sh.D * sh.e  # bytes of k (or v) per token
+    nxt, prv = (r + 1) % W, (r - 1) % W
+    for s in range(W):
+        st = ("fwd", s)
+        j = (r - s) % W
+        if s + 1 < W:
+            b.post(st, s, "fwd.kv", [(nxt, [kv_tok * n[j]] * 2)], [(prv, [kv_tok * n[(r - s - 1) % W]] * 2)])
+        blk = attention_block(lay, r, j, sh.causal)
+        if blk is not None:
+            b.attn("fwd", st, blk.q_len, blk.kv_len, blk.causal)
+            if s == 0:
+                b.mem(st, sh.B * n[r] * sh.Hq * sh.D * (sh.e + 4), "init fp32 accumulator")
+            else:
+                b.mem(st, _merge_bytes(sh, blk.q_len), "merge")
+        if s + 1 < W:
+            b.wait(st, "fwd.kv")
+    b.mem(("fwd", W - 1), sh.B * n[r] * sh.Hq * sh.D * (4 + sh.e), "cast out")
+
+
+def _bwd_accumulate(b: _Builder, st, q_rows, kv_rows):
+    """The fp32 accumulate of one block backward, when the profile's backward did not include it."""
+    if not b.prof.bwd_accumulates:
+        sh = b.sh
+        b.mem(st, sh.B * sh.D * (8 + sh.e) * (q_rows * sh.Hq + 2 * kv_rows * sh.Hkv), "accumulate dq/dk/dv")
+
+
+def _ring_bwd(b: _Builder):
+    sh, r = b.sh, b.r
+    lay, W = sh.lay, sh.lay.world_size
+    n = lay.local_lengths
+    kv_tok = sh.B * sh.Hkv * sh.D * sh.e
+    dkv_tok = sh.B * sh.Hkv * sh.D * 4
+    q_el = sh.B * n[r] * sh.Hq * sh.D
+    nxt, prv = (r + 1) % W, (r - 1) % W
+    b.mem(("bwd", 0), q_el * 4, "zero dq")
+    if W == 1:
+        st = ("bwd", 0)
+        b.mem(st, 2 * 4 * n[r] * sh.B * sh.Hkv * sh.D, "zero dk/dv")
+        blk = attention_block(lay, r, r, sh.causal)
+        b.attn("bwd", st, blk.q_len, blk.kv_len, blk.causal)
+        _bwd_accumulate(b, st, blk.q_len, blk.kv_len)
+        b.mem(st, (q_el + 2 * sh.B * n[r] * sh.Hkv * sh.D) * (4 + sh.e), "cast dq/dk/dv")
+        return
+    for s in range(W):
+        st = ("bwd", s)
+        j = (r - s) % W
+        kv_el = sh.B * sh.Hkv * sh.D
+        if s + 1 < W:
+            b.post(st, s, "bwd.kv", [(nxt, [kv_tok * n[j]] * 2)], [(prv, [kv_tok * n[(r - s - 1) % W]] * 2)])
+        blk = attention_block(lay, r, j, sh.causal)
+        if s == 0:
+            b.mem(st, 2 * 4 * n[j] * kv_el, "zero dk/dv sums")
+            b.attn("bwd", st, blk.q_len, blk.kv_len, blk.causal)
+            _bwd_accumulate(b, st, blk.q_len, blk.kv_len)
+        else:
+            if blk is not None:
+                b.mem(st, 2 * 4 * blk.kv_len * kv_el, "zero dk/dv scratch")
+                b.attn("bwd", st, blk.q_len, blk.kv_len, blk.causal)
+                _bwd_accumulate(b, st, blk.q_len, blk.kv_len)
+            b.wait(st, "bwd.dkv")
+            if blk is not None:
+                b.mem(st, 2 * 12 * blk.kv_len * kv_el, "add scratch into dk/dv sums")
+        # the sums posted now are in flight during the next step's compute: phase s + 1
+        b.post(st, s + 1, "bwd.dkv", [(nxt, [dkv_tok * n[j]] * 2)], [(prv, [dkv_tok * n[(r - s - 1) % W]] * 2)])
+        if s + 1 < W:
+            b.wait(st, "bwd.kv")
+    st = ("bwd", W - 1)
+    b.wait(st, "bwd.dkv")
+    b.mem(st, (q_el + 2 * sh.B * n[r] * sh.Hkv * sh.D) * (4 + sh.e), "cast dq/dk/dv")
+
+
+def _token_ring_pass(b: _Builder, op: str):
+    """TokenRing forward (op "fwd") or backward ("bwd"), as token_ring.py runs them."""
+    sh, r = b.sh, b.r
+    lay, W = sh.lay, sh.lay.world_size
+    n = lay.local_lengths
+    B, Hq, Hkv, D, e = sh.B, sh.Hq, sh.Hkv, sh.D, sh.e
+    q_el = B * n[r] * Hq * D
+    qch, rch = ("fwd.q", "fwd.partial") if op == "fwd" else ("bwd.q", "bwd.dq")
+    st0 = (op, 0)
+    if op == "bwd":
+        b.mem(st0, q_el * 4 + 2 * 4 * B * n[r] * Hkv * D, "zero dq/dk/dv")
+    diag = attention_block(lay, r, r, sh.causal)
+    b.attn(op, st0, diag.q_len, diag.kv_len, diag.causal)
+    if op == "fwd":
+        b.mem(st0, q_el * (e + 4), "init fp32 accumulator")
+    else:
+        _bwd_accumulate(b, st0, diag.q_len, diag.kv_len)
+    cast = q_el * (4 + e) if op == "fwd" else (q_el + 2 * B * n[r] * Hkv * D) * (4 + e)
+    if W == 1:
+        b.mem(st0, cast, "cast")
+        return
+    if op == "bwd":
+        b.mem(st0, q_el * (2 * e + 24), "delta = rowsum(dout * out)")
+
+    # what one Q row costs on the wire: fwd q; bwd q, dout (q dtype) + lse, delta (fp32 per head)
+    def q_sizes(rows):
+        if op == "fwd":
+            return [B * rows * Hq * D * e]
+        return [B * rows * Hq * D * e] * 2 + [B * Hq * rows * 4] * 2
+
+    def reply_sizes(rows):
+        if op == "fwd":
+            return [B * rows * Hq * D * e, B * Hq * rows * 4]  # out (q dtype), lse fp32
+        return [B * rows * Hq * D * 4]                          # fp32 dq partial
+
+    copied = set()
+
+    def post_q(s, st, phase):
+        dst, src = (r + s) % W, (r - s) % W
+        send_blk, recv_blk = attention_block(lay, r, dst, sh.causal), attention_block(lay, src, r, sh.causal)
+        if send_blk is not None and send_blk.q_len != n[r] and (send_blk.q_start, send_blk.q_len) not in copied:
+            copied.add((send_blk.q_start, send_blk.q_len))  # _Payload.rows: one contiguous copy per call
+            b.mem(st, sum(q_sizes(send_blk.q_len)) * 2, "contiguous copy of the late-chunk payload")
+        b.post(st, phase, qch, [(dst, q_sizes(send_blk.q_len))] if send_blk else [],
+               [(src, q_sizes(recv_blk.q_len))] if recv_blk else [])
+        return recv_blk
+
+    nxt_blk = post_q(1, st0, 0)  # nothing overlaps the first Q transfer
+    pending = None
+    for s in range(1, W):
+        st = (op, s)
+        dst, src = (r + s) % W, (r - s) % W
+        b.wait(st, qch)
+        blk = nxt_blk
+        if s + 1 < W:
+            nxt_blk = post_q(s + 1, st, s)
+        if blk is not None:
+            if op == "bwd":
+                b.mem(st, B * blk.q_len * Hq * D * 4, "zero dq partial")
+                b.mem(st, B * blk.q_len * Hq * D * (e + 28), "out' = dout * delta / |dout|^2")
+            b.attn(op, st, blk.q_len, blk.kv_len, blk.causal)
+            if op == "bwd":
+                _bwd_accumulate(b, st, blk.q_len, blk.kv_len)
+        b.wait(st, rch)
+        if pending is not None:
+            b.mem(st, _merge_bytes(sh, pending) if op == "fwd" else B * pending * Hq * D * 12,
+                  "merge partial" if op == "fwd" else "add dq partial")
+            pending = None
+        own = attention_block(lay, r, dst, sh.causal)
+        # posted after this step's compute: in flight during the next step (phase s + 1)
+        b.post(st, s + 1, rch, [(src, reply_sizes(blk.q_len))] if blk else [],
+               [(dst, reply_sizes(own.q_len))] if own else [])
+        if own is not None:
+            pending = own.q_len
+    st = (op, W - 1)
+    b.wait(st, rch)
+    if pending is not None:
+        b.mem(st, _merge_bytes(sh, pending) if op == "fwd" else B * pending * Hq * D * 12,
+              "merge partial" if op == "fwd" else "add dq partial")
+    b.mem(st, cast, "cast")
+
+
+_PROGRAMS: dict[tuple[str, str], Callable] = {
+    ("ring", "fwd"): _ring_fwd, ("ring", "bwd"): _ring_bwd,
+    ("token_ring", "fwd"): lambda b: _token_ring_pass(b, "fwd"),
+    ("token_ring", "bwd"): lambda b: _token_ring_pass(b, "bwd"),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Simulation
+
+
+@dataclasses.dataclass(frozen=True)
+class StepTime:
+    """One step of one rank: its compute, the time its stream stood waiting, when it ended."""
+
+    pass_: str         # "fwd" | "bwd"
+    step: int
+    compute_s: float
+    wait_s: float
+    end_s: float
+    blocks: tuple      # ((op, Sq, Sk, causal), ...) block attentions computed in this step
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    algorithm: str
+    world_size: int
+    seq_len: int
+    passes: str                  # "fwd" | "fwd_bwd"
+    total_s: float               # the last rank's finish time
+    rank_total_s: tuple          # each rank's finish time
+    rank_compute_s: tuple        # each rank's busy time (attention + memory passes)
+    exposed_comm_s: float        # total_s - the critical rank's compute: what overlap did not hide
+    critical_rank: int
+    steps: tuple                 # StepTime of the critical rank
+    rank_steps: tuple            # StepTime tuples of every rank
+    bytes: tuple                 # per rank {channel: (sent, received)} -- equals predict_comm_bytes
+    comm_s: float                # the critical rank's summed message time (latency + transfer), overlapped or not
+    topology: str
+    profile: str
+
+    @property
+    def compute_s(self) -> float:
+        return self.rank_compute_s[self.critical_rank]
+
+
+def _transfer_times(msgs: dict, topo: Topology, world: int) -> None:
+    """Bottleneck sharing per phase: a message's transfer time is max over its resources of
+    (bytes of that phase on the resource) / capacity. Stores it on the message as .xfer."""
+    load: dict = {}
+    routes = {}
+    for m in msgs.values():
+        rt = routes[m.key] = topo.route(m.src, m.dst, world)
+        for res in rt:
+            k = (m.phase, res)
+            load[k] = load.get(k, 0) + m.nbytes
+    for m in msgs.values():
+        t = 0.0
+        for res in routes[m.key]:
+            cap = topo.capacity(res)
+            if math.isinf(cap):
+                continue
+            t = max(t, load[(m.phase, res)] / cap)
+        m.xfer = t + topo.latency(m.src, m.dst, world)
+
+
+def _simulate(programs, msgs, W):
+    t = [0.0] * W
+    busy = [0.0] * W
+    pc = [0] * W
+    pending = [dict() for _ in range(W)]          # channel -> [msg keys]
+    steps = [dict() for _ in range(W)]            # (pass, step) -> [compute, wait, end]
+    comm = [0.0] * W
+    done = 0
+    while done < W:
+        progressed = False
+        for r in range(W):
+            ops = programs[r].ops
+            while pc[r] < len(ops):
+                op = ops[pc[r]]
+                rec = steps[r].setdefault(op.step, [0.0, 0.0, 0.0])
+                if op.kind == "compute":
+                    t[r] += op.seconds
+                    busy[r] += op.seconds
+                    rec[0] += op.seconds
+                elif op.kind == "delay":
+                    t[r] += op.seconds
+                    rec[1] += op.seconds
+                elif op.kind == "post":
+                    keys = []
+                    for key, side, _, _ in op.msgs:
+                        m = msgs[key]
+                        m.posted[side] = t[r]
+                        if len(m.posted) == 2:
+                            m.end = max(m.posted.values()) + m.xfer
+                        keys.append(key)
+                    pending[r][op.channel] = keys
+                else:  # wait: every message of the channel's batch (both ends must have posted)
+                    keys = pending[r].pop(op.channel, [])
+                    ends = [msgs[k].end for k in keys]
+                    if any(x is None for x in ends):
+                        pending[r][op.channel] = keys
+                        break
+                    mine = [msgs[k] for k in keys]
+                    comm[r] += max((m.xfer for m in mine), default=0.0)
+                    until = max(ends, default=t[r])
+                    if until > t[r]:
+                        rec[1] += until - t[r]
+                        t[r] = until
+                rec[2] = t[r]
+                pc[r] += 1
+                progressed = True
+                if pc[r] == len(ops):
+                    done += 1
+        if not progressed and done < W:
+            raise AssertionError("cost model: the simulated schedule deadlocked (a schedule bug)")
+    return t, busy, steps, comm
+
+
+def _elem(dtype) -> int:
+    if isinstance(dtype, int):
+        return dtype
+    itemsize = getattr(dtype, "itemsize", None)
+    if itemsize is None:
+        raise ValueError(f"dtype must be a torch.dtype or an element size in bytes, got {dtype!r}")
+    return int(itemsize)
+
+
+def predict(algorithm: str, *, seq_len: int, world_size: int, layout: str = "contiguous", causal: bool = False,
+            batch: int = 1, heads_q: int, heads_kv: int, head_dim: int, dtype=2, backward: bool = True,
+            topology="nvswitch", profile: ComputeProfile | None = None, backend: str = "auto") -> Prediction:
+    """Predicted time of one call (forward, plus backward when `backward`) on every rank.
+
+    dtype: of q/k/v (a torch.dtype or its element size; default 2 = bf16). topology: a preset
+    name (PRESETS) or a Topology. profile: ComputeProfile (default H100_BF16)."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    topo = get_topology(topology)
+    prof = profile or H100_BF16
+    lay = SequenceLayout.build(seq_len, world_size, layout)
+    sh = _Shape(lay, bool(causal), batch, heads_q, heads_kv, head_dim, _elem(dtype))
+    msgs: dict = {}
+    passes = ("fwd", "bwd") if backward else ("fwd",)
+    programs = []
+    for r in range(world_size):
+        bld = _Builder(r, sh, prof, backend, topo.ranks_per_device, msgs)
+        bld.delay(("fwd", 0), topo.call_overhead(world_size), "metadata all_gather")
+        for p in passes:
+            _PROGRAMS[(algorithm, p)](bld)
+        programs.append(bld)
+    _transfer_times(msgs, topo, world_size)
+    t, busy, steps, comm = _simulate(programs, msgs, world_size)
+    per_rank_bytes = [dict() for _ in range(world_size)]
+    for m in msgs.values():
+        for rank, i in ((m.src, 0), (m.dst, 1)):
+            cur = list(per_rank_bytes[rank].get(m.channel, (0, 0)))
+            cur[i] += m.nbytes
+            per_rank_bytes[rank][m.channel] = tuple(cur)
+    rank_steps = tuple(
+        tuple(StepTime(k[0], k[1], v[0], v[1], v[2], tuple(programs[r].blocks.get(k, ())))
+              for k, v in steps[r].items())
+        for r in range(world_size))
+    crit = max(range(world_size), key=lambda r: t[r])
+    return Prediction(algorithm, world_size, seq_len, "fwd_bwd" if backward else "fwd", t[crit], tuple(t),
+                      tuple(busy), t[crit] - busy[crit], crit, rank_steps[crit], rank_steps,
+                      tuple(per_rank_bytes), comm[crit], topo.kind, prof.name)
+
+
+def compare(**kw) -> dict:
+    """{"ring": Prediction, "token_ring": Prediction} for the same arguments as predict."""
+    return {alg: predict(alg, **kw) for alg in ALGORITHMS}
+
+
+@functools.lru_cache(maxsize=4096)
+def predicted_times(seq_len: int, world_size: int, layout: str, causal: bool, batch: int, heads_q: int,
+                    heads_kv: int, head_dim: int, elem_size: int, backward: bool, topology) -> tuple[float, float]:
+    """(ring, token_ring) predicted seconds with the default H100 profile; cached (choose_algorithm
+    calls it on every call)."""
+    kw = dict(seq_len=seq_len, world_size=world_size, layout=layout, causal=causal, batch=batch, heads_q=heads_q,
+              heads_kv=heads_kv, head_dim=head_dim, dtype=elem_size, backward=backward, topology=topology)
+    return predict("ring", **kw).total_s, predict("token_ring", **kw).total_s
