@@ -24,6 +24,10 @@ Backward: the forward's global K/V are kept (memory 2*B*L*Hkv*D*e per rank; no s
   whole sequence into fp32 (B, L, Hkv, D) buffers; then a reduce-scatter sends every rank the sum
   over ranks of its own rows (dist.reduce_scatter_tensor, or P2P: our partial sums of rank j's
   rows -> j, W-1 partials <- the others, summed locally). Results are cast to the input dtype.
+  Memory per rank, beyond the inputs: the global K/V (2*B*L*Hkv*D*e, forward to backward), the
+  gather buffer (the same again, forward only), the fp32 dK/dV of the whole sequence
+  (2*B*L*Hkv*D*4), repacked rank-major into a send buffer of that size (the global K/V are freed
+  before that, the unpacked dK/dV once packed); P2P adds W-1 fp32 receive shards.
 
 Bytes (counted in ringattn.accounting, so ringattn.comm_stats() sees them, channels "ag.kv" and
 "rs.dkv", by peer global rank). Both modes count the bytes of a direct exchange with every peer:
@@ -164,9 +168,11 @@ def _gather_kv(plan: _Plan, k: torch.Tensor, v: torch.Tensor):
     return K, V
 
 
-def _reduce_scatter_dkv(plan: _Plan, dK: torch.Tensor, dV: torch.Tensor, n_r: int):
-    """This rank's rows of the sum over ranks of dK, dV (B, L, Hkv, D) fp32 -> (B, n_r, Hkv, D) each."""
+def _reduce_scatter_dkv(plan: _Plan, grads: list, n_r: int):
+    """This rank's rows of the sum over ranks of grads = [dK, dV] (B, L, Hkv, D) fp32 -> (B, n_r,
+    Hkv, D) each. The list is emptied once packed, so the full-length buffers are freed early."""
     W, r, lay = plan.world, plan.rank, plan.lay
+    dK, dV = grads
     send = dK.new_zeros(plan.shard_shape(W))               # (W, 2, B, n_max, Hkv, D) fp32, rank-major
     for j in range(W):
         off = 0
@@ -174,6 +180,7 @@ def _reduce_scatter_dkv(plan: _Plan, dK: torch.Tensor, dV: torch.Tensor, n_r: in
             send[j, 0, :, off:off + m].copy_(dK[:, s:s + m])
             send[j, 1, :, off:off + m].copy_(dV[:, s:s + m])
             off += m
+    grads.clear()
     del dK, dV
     if W == 1:
         total = send[0]
@@ -185,16 +192,17 @@ def _reduce_scatter_dkv(plan: _Plan, dK: torch.Tensor, dV: torch.Tensor, n_r: in
             dist.reduce_scatter_tensor(total.view(-1), send.view(-1), group=plan.group)
     else:
         plan.record("rs.dkv", send[0].numel() * 4)
-        recv = torch.empty_like(send)
+        recv = {j: torch.empty_like(send[j]) for j in range(W) if j != r}   # W-1 x (2, B, n_max, Hkv, D)
         ops = []
-        for j in range(W):
-            if j != r:
-                ops.append(dist.P2POp(dist.isend, send[j], plan.global_ranks[j], plan.group))
-                ops.append(dist.P2POp(dist.irecv, recv[j], plan.global_ranks[j], plan.group))
+        for j in recv:
+            ops.append(dist.P2POp(dist.isend, send[j], plan.global_ranks[j], plan.group))
+            ops.append(dist.P2POp(dist.irecv, recv[j], plan.global_ranks[j], plan.group))
         for w in plan.transport.batch_isend_irecv(ops):
             w.wait()
-        recv[r].copy_(send[r])
-        total = recv.sum(0)
+        total = send[r].clone()
+        del send
+        for j in sorted(recv):
+            total += recv.pop(j)
     return total[0, :, :n_r], total[1, :, :n_r]
 
 
@@ -240,7 +248,10 @@ class _AllGatherAttention(torch.autograd.Function):
                                 dq_out=dq.narrow(1, qs, ql), dk_out=dK.narrow(1, ks, kl),
                                 dv_out=dV.narrow(1, ks, kl))
         ctx.K = ctx.V = None
-        dk, dv = _reduce_scatter_dkv(plan, dK, dV, q.shape[1])
+        del K, V
+        grads = [dK, dV]
+        del dK, dV
+        dk, dv = _reduce_scatter_dkv(plan, grads, q.shape[1])
         return dq.to(q.dtype), dk.to(ctx.kv_dtype), dv.to(ctx.kv_dtype), None
 
 

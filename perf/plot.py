@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import os
 import sys
 
@@ -21,7 +22,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import FixedLocator, NullLocator  # noqa: E402
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator  # noqa: E402
 
 ALG_STYLE = {  # colour, marker
     "ring": ("tab:blue", "o"), "token_ring": ("tab:orange", "s"), "auto": ("tab:green", "^"),
@@ -33,8 +34,8 @@ METRICS = [
     # (file suffix, y label, value(row) -> float or None, log y)
     ("time", "ms per call (median, slowest rank)", lambda r: _f(r["ms_median"]), True),
     ("tflops", "TFLOP/s per rank", lambda r: _f(r["tflops_per_rank"]), False),
-    ("bytes", "bytes per rank per call (max of sent, received)",
-     lambda r: _max(_f(r["sent_bytes_max"]), _f(r["recv_bytes_max"])), True),
+    ("bytes", "MiB per rank per call (max of sent, recv)",
+     lambda r: _mib(_max(_f(r["sent_bytes_max"]), _f(r["recv_bytes_max"]))), True),
     ("overlap", "overlap fraction (1 = comm hidden)", lambda r: _f(r.get("overlap_fraction")), False),
     ("ratio", "time / single-process time", lambda r: _f(r.get("ratio_vs_single")), False),
 ]
@@ -46,6 +47,10 @@ def _f(v):
     except (TypeError, ValueError):
         return None
     return x if x == x else None
+
+
+def _mib(x):
+    return None if x is None else x / 2**20
 
 
 def _max(a, b):
@@ -67,6 +72,14 @@ def _panel_key(r):
 
 def _single_key(r):
     return (r["device"], r["batch"], r["heads_q"], r["heads_kv"], r["head_dim"], r["dtype"], r["causal"], r["pass"])
+
+
+def _minor_label(y, _pos):
+    """Label the 2x and 5x minor ticks of a log axis only (readable, enough to interpolate)."""
+    if y <= 0:
+        return ""
+    mantissa = y / 10 ** math.floor(math.log10(y) + 1e-9)
+    return f"{y:g}" if round(mantissa, 6) in (2.0, 5.0) else ""
 
 
 def _fmt_len(n):
@@ -94,8 +107,9 @@ def plot_metric(rows, suffix, ylabel, value, logy, out_path, title):
             if not pts:
                 continue
             color, marker = ALG_STYLE[a]
-            h, = ax.plot([x for x, _ in pts], [y for _, y in pts], color=color, marker=marker, ms=5, lw=1.6,
-                         label=a)
+            # auto runs ring or token_ring: dotted with open markers, so the line it sits on shows
+            style = dict(ls=":", lw=2.2, mfc="none", ms=8, zorder=3) if a == "auto" else dict(lw=1.6, ms=5)
+            h, = ax.plot([x for x, _ in pts], [y for _, y in pts], color=color, marker=marker, label=a, **style)
             handles[a] = h
         if suffix in ("time", "tflops"):
             ref = {(_single_key(r), int(r["seq_len"])): r for r in singles}
@@ -121,6 +135,8 @@ def plot_metric(rows, suffix, ylabel, value, logy, out_path, title):
         ax.set_xscale("log", base=2)
         if logy:
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+            ax.yaxis.set_minor_formatter(FuncFormatter(_minor_label))
         ax.xaxis.set_major_locator(FixedLocator(lens))
         ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xticklabels([_fmt_len(x) for x in lens])
@@ -131,7 +147,7 @@ def plot_metric(rows, suffix, ylabel, value, logy, out_path, title):
         ax.set_title(f"W={W}  {'MHA' if hq == hkv else 'GQA'} {hq}/{hkv}  {'causal' if causal == 'True' else 'full'}  {p}",
                      fontsize=9)
         ax.grid(True, which="major", alpha=0.3)
-        ax.tick_params(labelsize=8)
+        ax.tick_params(which="both", labelsize=7)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     for ax in axes[:, 0]:
@@ -140,9 +156,9 @@ def plot_metric(rows, suffix, ylabel, value, logy, out_path, title):
         ax.set_xlabel("global sequence length", fontsize=8)
     order = [a for a in ALG_STYLE if a in handles]
     fig.legend([handles[a] for a in order], [handles[a].get_label() for a in order], loc="upper center",
-               ncol=len(order), fontsize=8, frameon=False, bbox_to_anchor=(0.5, 1.0))
+               ncol=len(order), fontsize=8, frameon=False, bbox_to_anchor=(0.5, 1.0 - 0.05 / nrows))
     fig.suptitle(title, fontsize=9, y=0.005, va="bottom")
-    fig.tight_layout(rect=(0, 0.03, 1, 0.93))
+    fig.tight_layout(rect=(0, 0.03, 1, 1 - 0.1 / nrows))
     fig.savefig(out_path, dpi=90)
     plt.close(fig)
     return out_path

@@ -81,11 +81,14 @@ shapes and pass, since it runs that same schedule):
   comm_only_ms     = comm_sched_ms - sched_only_ms: the time of the messages themselves;
   overlap_fraction = 1 - (ms_median - compute_only_ms) / comm_only_ms, clamped to [0, 1]:
                    1 = communication fully hidden behind compute, 0 = fully exposed. Empty when
-                   comm_only_ms < 2% of ms_median (messages too cheap to resolve) or not measured.
+                   not measured or not resolvable: comm_only_ms < 2% of ms_median, or below twice
+                   the run-to-run spread of the call (ms_median - ms_min), where noise would
+                   decide the value. Computed from the columns when the CSV is (re)written.
   Each is the max over ranks of the median of --overlap-iters calls after one warm-up call.
   allgather: empty (by construction its collectives run before/after the compute, nothing
   overlaps); torch_cp, single: empty. On CPU/gloo a "wait" blocks the host and ranks share the
-  cores, so the CPU numbers only exercise the method.
+  cores, and the messages (a few MiB over loopback) take milliseconds against calls of hundreds:
+  the CPU numbers exercise the method, and most come out not resolvable.
 
 Peers (project requirement: run a peer library on the same shapes where one can run here).
   PyTorch context parallel (torch.distributed.tensor.experimental.context_parallel, DeviceMesh
@@ -118,6 +121,7 @@ import os
 import platform
 import queue
 import shlex
+import signal
 import statistics
 import sys
 import tempfile
@@ -577,8 +581,6 @@ def _combine(cfg, env, per_rank, overlap_cache):
         row["compute_only_ms"], row["comm_sched_ms"], row["sched_only_ms"] = c, cs, so
         comm_only = cs - so
         row["comm_only_ms"] = comm_only
-        if comm_only >= 0.02 * row["ms_median"]:
-            row["overlap_fraction"] = min(1.0, max(0.0, 1.0 - (row["ms_median"] - c) / comm_only))
     if cfg["algorithm"] == "torch_cp":
         row["block_backend"] = "sdpa"
     else:  # what backend="auto" runs for a (diagonal) block of these shapes
@@ -662,64 +664,82 @@ def _kill(procs):
         p.join(timeout=10)
 
 
+class Terminated(Exception):
+    """SIGTERM (e.g. from `timeout` in scripts/gpu_check.sh): stop, kill the world, write what exists."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def run_world(world, configs, args, on_row, log):
     """Run `configs` (all of world size `world`); on_row(row) for each; errors become rows."""
     remaining = list(configs)
     while remaining:
         procs, results = _spawn_world(world, remaining, args)
-        current, deadline = None, time.monotonic() + args["startup_timeout"]
-        finished = 0
-        broken = None
-        while True:
-            try:
-                kind, key, payload = results.get(timeout=1.0)
-            except queue.Empty:
-                if time.monotonic() > deadline:
-                    broken = (current, f"no result within {args['timeout'] if current else args['startup_timeout']:.0f} s "
-                                       "(a hang); the world was killed")
-                    break
-                if not all(p.is_alive() for p in procs):
-                    time.sleep(2.0)  # let an error message arrive first
-                    try:
-                        kind, key, payload = results.get(timeout=1.0)
-                    except queue.Empty:
-                        broken = (current, "a rank exited without a result (crash); the world was killed")
-                        break
-                else:
-                    continue
-            if kind == "start":
-                current, deadline = key, time.monotonic() + args["timeout"]
-            elif kind == "row":
-                cfg = next(c for c in remaining if c["_key"] == key)
-                remaining.remove(cfg)
-                on_row(payload)
-                current = None
-                deadline = time.monotonic() + args["timeout"]
-            elif kind == "error":
-                log(f"world {world}: rank {payload['rank']} failed on {key}:\n{payload['traceback']}")
-                broken = (key or current, f"rank {payload['rank']}: {payload['line']}")
-                break
-            elif kind == "done":
-                finished += 1
-                if finished == world:
-                    break
-        if broken is not None:
-            _kill(procs)
-            bad_key, msg = broken
-            bad = next((c for c in remaining if c["_key"] == bad_key), None)
-            if bad is None:  # failed before its first configuration: all of them fail
-                for c in remaining:
-                    on_row(_error_row(c, msg))
+        try:
+            if _drive_world(world, procs, results, remaining, args, on_row, log):
                 return
-            remaining.remove(bad)
-            on_row(_error_row(bad, msg))
-        else:
-            for p in procs:
-                p.join(timeout=30)
+        finally:  # also on Terminated / KeyboardInterrupt: never leave workers on the device
             _kill(procs)
-            for c in remaining:  # reported done without a row: should not happen
-                on_row(_error_row(c, "no row reported"))
-            return
+
+
+def _drive_world(world, procs, results, remaining, args, on_row, log):
+    """Collect one spawned world's rows; True when nothing is left to respawn for."""
+    current, deadline = None, time.monotonic() + args["startup_timeout"]
+    finished = 0
+    broken = None
+    while True:
+        try:
+            kind, key, payload = results.get(timeout=1.0)
+        except queue.Empty:
+            if time.monotonic() > deadline:
+                broken = (current, f"no result within {args['timeout'] if current else args['startup_timeout']:.0f} s "
+                                   "(a hang); the world was killed")
+                break
+            if not all(p.is_alive() for p in procs):
+                time.sleep(2.0)  # let an error message arrive first
+                try:
+                    kind, key, payload = results.get(timeout=1.0)
+                except queue.Empty:
+                    broken = (current, "a rank exited without a result (crash); the world was killed")
+                    break
+            else:
+                continue
+        if kind == "start":
+            current, deadline = key, time.monotonic() + args["timeout"]
+        elif kind == "row":
+            cfg = next(c for c in remaining if c["_key"] == key)
+            remaining.remove(cfg)
+            on_row(payload)
+            current = None
+            deadline = time.monotonic() + args["timeout"]
+        elif kind == "error":
+            log(f"world {world}: rank {payload['rank']} failed on {key}:\n{payload['traceback']}")
+            broken = (key or current, f"rank {payload['rank']}: {payload['line']}")
+            break
+        elif kind == "done":
+            finished += 1
+            if finished == world:
+                break
+    if broken is not None:
+        _kill(procs)
+        bad_key, msg = broken
+        bad = next((c for c in remaining if c["_key"] == bad_key), None)
+        if bad is None:  # failed before its first configuration: all of them fail
+            for c in remaining:
+                on_row(_error_row(c, msg))
+            remaining.clear()
+            return True
+        remaining.remove(bad)
+        on_row(_error_row(bad, msg))
+        return False  # respawn for the rest
+    for p in procs:
+        p.join(timeout=30)
+    for c in remaining:  # reported done without a row: should not happen
+        on_row(_error_row(c, "no row reported"))
+    remaining.clear()
+    return True
 
 
 def _error_row(cfg, msg):
@@ -775,14 +795,32 @@ def _fmt(v):
     return v
 
 
-def _fill_ratios(rows):
+def overlap_fraction(ms_median, ms_min, compute_only_ms, comm_only_ms):
+    """1 - (T - C) / M clamped to [0, 1]; None when M is not resolvable: below 2% of T or below
+    twice the run-to-run spread of the call (T - T_min), where noise would decide the value."""
+    T, C, M = ms_median, compute_only_ms, comm_only_ms
+    if None in (T, C, M) or M < 0.02 * T or M < 2 * (T - (ms_min if ms_min is not None else T)):
+        return None
+    return min(1.0, max(0.0, 1.0 - (T - C) / M))
+
+
+def _float(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _fill_derived(rows):
+    """ratio_vs_single and overlap_fraction of every row, from its measured columns."""
     singles = {_key(r, SINGLE_KEY): r for r in rows if r["algorithm"] == "single" and not r.get("error")}
     for r in rows:
         s = singles.get(_key(r, SINGLE_KEY))
-        try:
-            r["ratio_vs_single"] = f"{float(r['ms_median']) / float(s['ms_median']):.4g}" if s and not r.get("error") else ""
-        except (TypeError, ValueError, ZeroDivisionError):
-            r["ratio_vs_single"] = ""
+        ms, ref = _float(r.get("ms_median")), _float(s["ms_median"]) if s else None
+        r["ratio_vs_single"] = f"{ms / ref:.4g}" if ms and ref and not r.get("error") else ""
+        ov = overlap_fraction(ms, _float(r.get("ms_min")), _float(r.get("compute_only_ms")),
+                              _float(r.get("comm_only_ms")))
+        r["overlap_fraction"] = "" if ov is None else f"{ov:.4g}"
 
 
 def _write_csv(path, rows):
@@ -936,17 +974,23 @@ def main(argv=None):
 
     wargs = dict(transport=args.transport, warmup=args.warmup, iters=args.iters, overlap_iters=args.overlap_iters,
                  timeout=args.timeout, startup_timeout=args.startup_timeout, threads=args.threads, cpu=args.cpu)
-    for g in todo:
-        if not g:
-            continue
-        W = g[0]["world"]
-        wa = dict(wargs, transport="none" if g[0]["algorithm"] == "single" else args.transport)
-        run_world(W, g, wa, on_row, log)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    stopped = None
+    try:
+        for g in todo:
+            if not g:
+                continue
+            W = g[0]["world"]
+            wa = dict(wargs, transport="none" if g[0]["algorithm"] == "single" else args.transport)
+            run_world(W, g, wa, on_row, log)
+    except (Terminated, KeyboardInterrupt) as e:
+        stopped = type(e).__name__
+        print(f"# {stopped}: stopped early; writing the {len(rows)} rows measured so far", file=sys.stderr)
     if bar is not None:
         bar.close()
 
     rows = [{k: ("" if v is None else v) for k, v in r.items()} for r in rows]
-    _fill_ratios(rows)
+    _fill_derived(rows)
     _write_csv(csv_path, rows)
     meta = {}
     if os.path.exists(json_path) and not args.fresh:
@@ -967,7 +1011,7 @@ def main(argv=None):
         print(f"ERROR {r['algorithm']} W={r['world']} L={r['seq_len']} {r['heads_q']}/{r['heads_kv']} "
               f"{r['pass']}: {r['error']}", file=sys.stderr)
     print_table([_typed(r) for r in rows])
-    return 0
+    return 1 if stopped else 0
 
 
 def _typed(r):

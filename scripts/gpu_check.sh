@@ -55,6 +55,13 @@ if [ "${GPU_CHECK_SKIP_BENCH:-0}" != 1 ]; then
     log "benchmark $b"
     "$PY" "$b" --out "$RES" 2>&1 | tee "$RES/$name.txt" | tail -60
   done
+  # Issue 3: W=4 ranks on this one GPU (CUDA IPC + MPS) vs one cuDNN attention over the full
+  # sequence, S=32k/128k, MHA/GQA, bf16 causal zigzag, fwd and fwd_bwd (~3 min on an H100).
+  if [ -f perf/sweep.py ]; then
+    log "sweep perf/sweep.py --preset issue3"
+    timeout "${GPU_CHECK_SWEEP_TIMEOUT:-420}" "$PY" perf/sweep.py --preset issue3 --out "$RES" --no-progress 2>&1 \
+      | tee "$RES/bench_sweep_issue3.txt" | tail -30
+  fi
 fi
 
 tar czf "$OUT/results.tgz" -C "$OUT" results
