@@ -462,15 +462,14 @@ def load_profile(path: str):
 
 def topology_for_row(row, profile_topo, preset: str | None, cores: int, threads: int):
     world = int(row["world"])
+    if preset == "shared_gpu":
+        return shared_gpu_topology(world)
     if preset:
-        topo = cm.get_topology(preset) if preset != "shared_gpu" else shared_gpu_topology(world)
-    elif profile_topo is not None:
-        topo = profile_topo
-    else:
+        return cm.get_topology(preset)
+    if profile_topo is None:
         raise ValueError("no topology: pass --topology or a profile with a measured topology")
-    if topo.kind == "local":  # W processes with `threads` threads each on `cores` cores
-        topo = dataclasses.replace(topo, ranks_per_device=max(1.0, world * threads / cores))
-    return topo
+    # the measured local topology: W processes with `threads` threads each on `cores` cores
+    return dataclasses.replace(profile_topo, ranks_per_device=max(1.0, world * threads / cores))
 
 
 def shared_gpu_topology(world: int):
@@ -526,6 +525,31 @@ def winner_agreement(vrows):
             p = d["ring"]["predicted_ms"] / d["token_ring"]["predicted_ms"]
             res.append(dict(key=key, measured_speedup=m, predicted_speedup=p))
     return res
+
+
+def validation_markdown(vrows):
+    """One line per config: measured and predicted ms of both algorithms, the relative errors, and
+    the measured vs predicted TokenRing speedup (ring ms / token_ring ms)."""
+    pairs = {}
+    for r in vrows:
+        key = tuple(str(r[k]) for k in ("world", "seq_len", "heads_q", "heads_kv", "causal", "layout", "pass"))
+        pairs.setdefault(key, {})[r["algorithm"]] = r
+    lines = ["| W | L | Hq/Hkv | mask | pass | ring meas / pred ms (err) | token_ring meas / pred ms (err) "
+             "| TR speedup meas / pred |", "|---|---|---|---|---|---|---|---|"]
+    for key, d in pairs.items():
+        W, L, hq, hkv, causal, layout, pss = key
+        cells = []
+        for alg in cm.ALGORITHMS:
+            r = d.get(alg)
+            cells.append("-" if r is None else
+                         f"{float(r['measured_ms']):.1f} / {float(r['predicted_ms']):.1f} ({100 * float(r['rel_err']):+.0f}%)")
+        sp = "-"
+        if len(d) == 2:
+            sp = (f"{float(d['ring']['measured_ms']) / float(d['token_ring']['measured_ms']):.2f} / "
+                  f"{float(d['ring']['predicted_ms']) / float(d['token_ring']['predicted_ms']):.2f}")
+        mask = "causal zigzag" if _bool(causal) else f"non-causal {layout}"
+        lines.append(f"| {W} | {L} | {hq}/{hkv} | {mask} | {pss} | {cells[0]} | {cells[1]} | {sp} |")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------
@@ -593,6 +617,33 @@ def answer_markdown(rows, alt=None, alt_name=""):
             cells.append(cell)
         t, hq, hkv, mask, pss, W = key
         lines.append(f"| {t} | {hq}/{hkv} | {mask} | {pss} | {W} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def answer_summary_markdown(rows):
+    """Per (topology, heads, mask, pass) x W: where TokenRing is predicted > 5% faster (the L range
+    and its best speedup), else ring with the range of TokenRing's speedup (< 1: slower)."""
+    worlds = sorted({r["world"] for r in rows})
+    lines = ["| topology | Hq/Hkv | mask | pass | " + " | ".join(f"W={w}" for w in worlds) + " |",
+             "|---|---|---|---|" + "---|" * len(worlds)]
+    keys = list(dict.fromkeys((r["topology"], r["heads_q"], r["heads_kv"], r["mask"], r["pass"]) for r in rows))
+    for key in keys:
+        cells = []
+        for w in worlds:
+            mine = sorted((r for r in rows if (r["topology"], r["heads_q"], r["heads_kv"], r["mask"], r["pass"]) == key
+                           and r["world"] == w), key=lambda r: r["seq_len"])
+            won = [r for r in mine if r["speedup"] > 1.05]
+            lo, hi = min(r["speedup"] for r in mine), max(r["speedup"] for r in mine)
+            if won:
+                span = _fmt_L(won[0]["seq_len"]) + ("" if len(won) == 1 else "-" + _fmt_L(won[-1]["seq_len"]))
+                gaps = len(won) != won[-1]["seq_len"].bit_length() - won[0]["seq_len"].bit_length() + 1
+                cells.append(f"**TR {span}{' (not all)' if gaps else ''}: up to {hi:.2f}x**")
+            elif lo < 1 / 1.05:
+                cells.append(f"ring ({lo:.2f}-{hi:.2f})")
+            else:
+                cells.append(f"within 5% ({lo:.2f}-{hi:.2f})")
+        t, hq, hkv, mask, pss = key
+        lines.append(f"| {t} | {hq}/{hkv} | {mask} | {pss} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -674,6 +725,10 @@ def cmd_validate(a):
     if a.out:
         _write_csv(a.out, v)
         print(f"wrote {a.out}")
+    if a.out_md:
+        with open(a.out_md, "w") as f:
+            f.write(validation_markdown(v) + "\n")
+        print(f"wrote {a.out_md}")
 
 
 def cmd_predict(a):
@@ -694,16 +749,21 @@ def cmd_predict(a):
 
 def cmd_answer(a):
     prof = load_profile(a.profile)[0] if a.profile else cm.H100_BF16
-    rows = answer_grid(prof, latency_scale=a.latency_scale, bandwidth_scale=a.bandwidth_scale)
-    alt = answer_grid(prof, rate_only=True, latency_scale=a.latency_scale, bandwidth_scale=a.bandwidth_scale) \
-        if a.rate_only_alt else None
-    if alt:
+    if a.from_csv:  # re-render a grid computed before
+        rows = [dict(r, heads_q=int(r["heads_q"]), heads_kv=int(r["heads_kv"]), world=int(r["world"]),
+                     seq_len=int(r["seq_len"]), speedup=float(r["speedup"])) for r in csv.DictReader(open(a.from_csv))]
+        alt = [dict(r, speedup=float(r["speedup_rate_only"])) for r in rows] if "speedup_rate_only" in rows[0] else None
+    else:
+        rows = answer_grid(prof, latency_scale=a.latency_scale, bandwidth_scale=a.bandwidth_scale)
+        alt = answer_grid(prof, rate_only=True, latency_scale=a.latency_scale, bandwidth_scale=a.bandwidth_scale) \
+            if a.rate_only_alt else None
+    if alt and not a.from_csv:
         for r, x in zip(rows, alt):
             r["speedup_rate_only"] = x["speedup"]
-    if a.out_csv:
+    if a.out_csv and not a.from_csv:
         _write_csv(a.out_csv, rows)
         print(f"wrote {a.out_csv}")
-    md = answer_markdown(rows, alt)
+    md = answer_summary_markdown(rows) + "\n\n" + answer_markdown(rows, alt)
     if a.out_md:
         with open(a.out_md, "w") as f:
             f.write(md + "\n")
@@ -713,6 +773,21 @@ def cmd_answer(a):
     won = [r for r in rows if r["speedup"] > 1.05]
     lost = [r for r in rows if r["speedup"] < 1 / 1.05]
     print(f"cells: {len(rows)}; TokenRing faster by > 5%: {len(won)}; ring faster by > 5%: {len(lost)}")
+    if alt:
+        print(f"rate-only compute (no fitted overhead): {verdict_changes(rows, alt)} cells change verdict")
+    for name, kw in (("latency x 0", dict(latency_scale=0.0)), ("latency x 4", dict(latency_scale=4.0)),
+                     ("bandwidth x 0.5", dict(bandwidth_scale=0.5))) if a.sensitivity else ():
+        other = answer_grid(prof, **kw)
+        print(f"{name}: {verdict_changes(rows, other)} of {len(rows)} cells change verdict")
+
+
+def _verdict(speedup: float) -> str:
+    return "token_ring" if speedup > 1.05 else "ring" if speedup < 1 / 1.05 else "within 5%"
+
+
+def verdict_changes(rows, other) -> int:
+    """Cells whose verdict (TokenRing / ring faster by > 5%, or within 5%) differs between two grids."""
+    return sum(_verdict(a["speedup"]) != _verdict(b["speedup"]) for a, b in zip(rows, other))
 
 
 def main(argv=None):
@@ -749,6 +824,7 @@ def main(argv=None):
                    help="measured column compared: ms_min (default: interference on a shared machine only adds "
                         "time) or ms_median")
     v.add_argument("--out", default=None)
+    v.add_argument("--out-md", default=None, help="a markdown table, one line per config")
     q = sub.add_parser("predict")
     q.add_argument("--algorithm", choices=cm.ALGORITHMS, required=True)
     q.add_argument("--seq-len", type=int, required=True)
@@ -769,6 +845,9 @@ def main(argv=None):
     w.add_argument("--bandwidth-scale", type=float, default=1.0)
     w.add_argument("--rate-only-alt", action="store_true",
                    help="also run with zero compute overhead; show its value where the winner differs")
+    w.add_argument("--from-csv", default=None, help="re-render the tables of an --out-csv written before")
+    w.add_argument("--sensitivity", action="store_true",
+                   help="also count the cells whose verdict changes with latency x0 / x4 and bandwidth x0.5")
     w.add_argument("--out-csv", default=None)
     w.add_argument("--out-md", default=None)
     a = p.parse_args(argv)

@@ -392,8 +392,10 @@ class _Shape:
 class _Builder:
     """Collects one rank's ops; compute times come from the profile (times ranks_per_device)."""
 
-    def __init__(self, rank: int, shape: _Shape, profile: ComputeProfile, backend: str, share: float, msgs: dict):
+    def __init__(self, rank: int, shape: _Shape, profile: ComputeProfile, backend: str, share: float, msgs: dict,
+                 variant: str | None = None):
         self.r, self.sh, self.prof, self.backend, self.share = rank, shape, profile, backend, share
+        self.variant = variant
         self.ops: list[_Op] = []
         self.msgs = msgs
         self.blocks: dict = {}   # (pass, step) -> [(op, Sq, Sk, causal)]
@@ -526,16 +528,20 @@ def _token_ring_pass(b: _Builder, op: str):
     if op == "bwd":
         b.mem(st0, q_el * 4 + 2 * 4 * B * n[r] * Hkv * D, "zero dq/dk/dv")
     diag = attention_block(lay, r, r, sh.causal)
-    b.attn(op, st0, diag.q_len, diag.kv_len, diag.causal)
-    if op == "fwd":
-        b.mem(st0, q_el * (e + 4), "init fp32 accumulator")
-    else:
-        _bwd_accumulate(b, st0, diag.q_len, diag.kv_len)
     cast = q_el * (4 + e) if op == "fwd" else (q_el + 2 * B * n[r] * Hkv * D) * (4 + e)
+    early = W > 1 and b.variant == "early_first_q"
+    if early and op == "bwd":
+        b.mem(st0, q_el * (2 * e + 24), "delta = rowsum(dout * out)")
+    if not early:
+        b.attn(op, st0, diag.q_len, diag.kv_len, diag.causal)
+        if op == "fwd":
+            b.mem(st0, q_el * (e + 4), "init fp32 accumulator")
+        else:
+            _bwd_accumulate(b, st0, diag.q_len, diag.kv_len)
     if W == 1:
         b.mem(st0, cast, "cast")
         return
-    if op == "bwd":
+    if op == "bwd" and not early:
         b.mem(st0, q_el * (2 * e + 24), "delta = rowsum(dout * out)")
 
     # what one Q row costs on the wire: fwd q; bwd q, dout (q dtype) + lse, delta (fp32 per head)
@@ -561,7 +567,13 @@ def _token_ring_pass(b: _Builder, op: str):
                [(src, q_sizes(recv_blk.q_len))] if recv_blk else [])
         return recv_blk
 
-    nxt_blk = post_q(1, st0, 0)  # nothing overlaps the first Q transfer
+    nxt_blk = post_q(1, st0, 0)  # as the code runs it, nothing overlaps the first Q transfer
+    if early:
+        b.attn(op, st0, diag.q_len, diag.kv_len, diag.causal)
+        if op == "fwd":
+            b.mem(st0, q_el * (e + 4), "init fp32 accumulator")
+        else:
+            _bwd_accumulate(b, st0, diag.q_len, diag.kv_len)
     pending = None
     for s in range(1, W):
         st = (op, s)
@@ -726,11 +738,16 @@ def _elem(dtype) -> int:
 
 def predict(algorithm: str, *, seq_len: int, world_size: int, layout: str = "contiguous", causal: bool = False,
             batch: int = 1, heads_q: int, heads_kv: int, head_dim: int, dtype=2, backward: bool = True,
-            topology="nvswitch", profile: ComputeProfile | None = None, backend: str = "auto") -> Prediction:
+            topology="nvswitch", profile: ComputeProfile | None = None, backend: str = "auto",
+            variant: str | None = None) -> Prediction:
     """Predicted time of one call (forward, plus backward when `backward`) on every rank.
 
     dtype: of q/k/v (a torch.dtype or its element size; default 2 = bf16). topology: a preset
-    name (PRESETS) or a Topology. profile: ComputeProfile (default H100_BF16)."""
+    name (PRESETS) or a Topology. profile: ComputeProfile (default H100_BF16). variant: None
+    (the schedules as the code runs them) or "early_first_q" (what-if: TokenRing posts its first
+    Q before the diagonal block instead of after it, so that block hides that transfer)."""
+    if variant not in (None, "early_first_q"):
+        raise ValueError(f"unknown variant {variant!r}")
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     topo = get_topology(topology)
@@ -741,7 +758,7 @@ def predict(algorithm: str, *, seq_len: int, world_size: int, layout: str = "con
     passes = ("fwd", "bwd") if backward else ("fwd",)
     programs = []
     for r in range(world_size):
-        bld = _Builder(r, sh, prof, backend, topo.ranks_per_device, msgs)
+        bld = _Builder(r, sh, prof, backend, topo.ranks_per_device, msgs, variant)
         bld.delay(("fwd", 0), topo.call_overhead(world_size), "metadata all_gather")
         for p in passes:
             _PROGRAMS[(algorithm, p)](bld)

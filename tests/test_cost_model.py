@@ -114,6 +114,9 @@ def test_exposed_communication_is_what_the_schedules_leave_unhidden():
     bwd = x(t * (2 * 128 * 2 + 8)) + x(t * 128 * 4)
     assert cm.predict("token_ring", backward=True, **kw).exposed_comm_s == pytest.approx(
         call + fwd + bwd, rel=1e-9)
+    # what-if: the first Q posted before the diagonal block is hidden by it; the last partial is not
+    assert cm.predict("token_ring", backward=False, variant="early_first_q", **kw).exposed_comm_s == pytest.approx(
+        call + x(t * (128 * 2 + 4)), rel=1e-9)
 
 
 @pytest.mark.parametrize("L", [64, 67])  # even and uneven chunk tables
