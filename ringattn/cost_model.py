@@ -786,6 +786,19 @@ def compare(**kw) -> dict:
     return {alg: predict(alg, **kw) for alg in ALGORITHMS}
 
 
+# choose_algorithm's use of the model. The simulation is O(W^2) Python operations (15 ms at W = 8,
+# 0.3 s at 32, 6 s at 128 on one CPU core), once per distinct argument set: above AUTO_MAX_WORLD
+# auto does not run it. And it predicts at L rounded to a quarter octave (auto_seq_len): the
+# predicted gap changes slowly with L, and this bounds the cache when lengths vary per call.
+AUTO_MAX_WORLD = 64
+
+
+def auto_seq_len(seq_len: int, world_size: int, layout: str) -> int:
+    """seq_len rounded to the nearest 2^(k/4) (at least one token per chunk of the layout)."""
+    q = round(2 ** (round(4 * math.log2(max(seq_len, 1))) / 4))
+    return max(q, world_size if layout == "contiguous" else 2 * world_size)
+
+
 @functools.lru_cache(maxsize=4096)
 def predicted_times(seq_len: int, world_size: int, layout: str, causal: bool, batch: int, heads_q: int,
                     heads_kv: int, head_dim: int, elem_size: int, backward: bool, topology) -> tuple[float, float]:

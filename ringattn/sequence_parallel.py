@@ -355,6 +355,8 @@ def choose_algorithm(*, seq_len: int, world_size: int, layout: str = "contiguous
        None -> "nvswitch" for W <= MESH_MAX_WORLD (one 8-GPU NVSwitch node) and "inter_node"
        (8 GPUs per node, one NIC per GPU) above; or a cost_model.PRESETS name or a
        cost_model.Topology. The one predicted faster by more than AUTO_MARGIN (5%) is chosen.
+       (Predicted at seq_len rounded to a quarter octave, cost_model.auto_seq_len; not run for
+       W > cost_model.AUTO_MAX_WORLD (64), where the simulation would take seconds: bytes decide.)
     3. Otherwise (a gap inside the model's error) the one whose busiest rank moves fewer bytes
        (max over ranks of max(sent, received), forward + backward when `backward`); ties go to
        ring (one peer per step, fewer messages).
@@ -374,8 +376,13 @@ def choose_algorithm(*, seq_len: int, world_size: int, layout: str = "contiguous
 
     topo = topology if topology is not None else ("nvswitch" if world_size <= MESH_MAX_WORLD else "inter_node")
     name = topo if isinstance(topo, str) else topo.kind
-    t_ring, t_tr = cost_model.predicted_times(seq_len, world_size, layout, bool(causal), batch, heads_q, heads_kv,
-                                              head_dim, _elem_size(dtype), bool(backward), topo)
+    if world_size > cost_model.AUTO_MAX_WORLD:  # the simulation would take seconds: bytes alone
+        alg = "token_ring" if per_alg["token_ring"] < per_alg["ring"] else "ring"
+        return AlgorithmChoice(alg, per_alg, f"world size {world_size} > {cost_model.AUTO_MAX_WORLD}: cost model "
+                               "not run; fewer bottleneck bytes (ties: ring)", {}, name)
+    t_ring, t_tr = cost_model.predicted_times(cost_model.auto_seq_len(seq_len, world_size, layout), world_size,
+                                              layout, bool(causal), batch, heads_q, heads_kv, head_dim,
+                                              _elem_size(dtype), bool(backward), topo)
     secs = {"ring": t_ring, "token_ring": t_tr}
     if t_ring > (1 + AUTO_MARGIN) * t_tr:
         return AlgorithmChoice("token_ring", per_alg, f"cost model ({name}): TokenRing predicted "

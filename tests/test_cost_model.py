@@ -181,6 +181,20 @@ def test_auto_agrees_with_the_model():
     assert overruled > 0 and confirmed > 0, (overruled, confirmed)
 
 
+def test_auto_rounds_the_length_and_skips_the_model_for_huge_worlds():
+    kw = dict(world_size=8, layout="zigzag", causal=True, batch=1, heads_q=32, heads_kv=32, head_dim=128,
+              dtype=torch.bfloat16, backward=True)
+    assert cm.auto_seq_len(100000, 8, "zigzag") == 92682  # 2^16.5
+    assert cm.auto_seq_len(131072, 8, "zigzag") == 131072 and cm.auto_seq_len(13, 8, "zigzag") == 16
+    c = sp.choose_algorithm(seq_len=100000, **kw)
+    want = cm.compare(seq_len=92682, topology="nvswitch", **kw)
+    assert c.predicted_s == {a: p.total_s for a, p in want.items()}
+    huge = sp.choose_algorithm(seq_len=1 << 20, **dict(kw, world_size=128))
+    assert huge.predicted_s == {} and huge.reason.startswith("world size 128 > 64")
+    assert huge.algorithm == ("token_ring" if huge.predicted_bytes["token_ring"] < huge.predicted_bytes["ring"]
+                              else "ring")
+
+
 def test_auto_is_cached_and_world_one_is_ring():
     kw = dict(seq_len=65536, world_size=8, layout="zigzag", causal=True, batch=1, heads_q=32, heads_kv=32,
               head_dim=128, dtype=torch.bfloat16, backward=True)
@@ -222,3 +236,23 @@ def test_interpolating_curve_passes_through_its_points():
     assert c.time(32e9) == pytest.approx(10e-3 * c._fit(32e9) / c._fit(16e9), rel=1e-12)
     assert cm.ComputeProfile.from_json(cm.ComputeProfile("x", "f", {("m", "fwd", False): c}, c, {}).to_json()
                                        ).attention[("m", "fwd", False)] == c
+
+
+def test_validate_predicts_each_row_with_its_own_topology():
+    """perf/model.py validate: the measured local topology gets W*threads/cores ranks per core,
+    shared_gpu W ranks per GPU, and the row's prediction is cost_model.predict of that row."""
+    model = _perf_model()
+    prof, topo, meta = model.load_profile(os.path.join(ROOT, "perf/results/2026-12-01_cost_model_cpu_profile.json"))
+    assert topo.kind == "local" and meta["cores"] >= 1
+    row = dict(algorithm="token_ring", resolved_algorithm="token_ring", world="4", seq_len="1030", batch="1",
+               heads_q="4", heads_kv="2", head_dim="16", dtype="float32", causal="True", layout="zigzag",
+               **{"pass": "fwd_bwd"}, ms_median="9.0", ms_min="8.0", error="")
+    (v,) = model.validate([row], prof, topo, None, cores=2, threads=1)
+    assert v["ranks_per_device"] == 2.0
+    want = cm.predict("token_ring", seq_len=1030, world_size=4, layout="zigzag", causal=True, batch=1, heads_q=4,
+                      heads_kv=2, head_dim=16, dtype=4, backward=True, profile=prof,
+                      topology=model.topology_for_row(row, topo, None, 2, 1))
+    assert v["predicted_ms"] == pytest.approx(want.total_s * 1e3, abs=1e-4)
+    assert v["rel_err"] == pytest.approx(want.total_s * 1e3 / 8.0 - 1, abs=1e-4)  # against ms_min
+    assert model.topology_for_row(row, topo, "shared_gpu", 2, 1).ranks_per_device == 4.0
+    assert model.validate([dict(row, algorithm="allgather", resolved_algorithm="allgather")], prof, topo, None, 2, 1) == []
