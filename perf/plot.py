@@ -111,6 +111,9 @@ def plot_metric(rows, suffix, ylabel, value, logy, out_path, title):
             style = dict(ls=":", lw=2.2, mfc="none", ms=8, zorder=3) if a == "auto" else dict(lw=1.6, ms=5)
             h, = ax.plot([x for x, _ in pts], [y for _, y in pts], color=color, marker=marker, label=a, **style)
             handles[a] = h
+        if suffix == "overlap" and not any(len(line.get_xdata()) for line in ax.get_lines()):
+            ax.text(0.5, 0.5, "not resolvable here\n(messages within the noise)", ha="center", va="center",
+                    transform=ax.transAxes, fontsize=8, color="grey")
         if suffix in ("time", "tflops"):
             ref = {(_single_key(r), int(r["seq_len"])): r for r in singles}
             pts = []

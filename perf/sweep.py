@@ -81,9 +81,10 @@ shapes and pass, since it runs that same schedule):
   comm_only_ms     = comm_sched_ms - sched_only_ms: the time of the messages themselves;
   overlap_fraction = 1 - (ms_median - compute_only_ms) / comm_only_ms, clamped to [0, 1]:
                    1 = communication fully hidden behind compute, 0 = fully exposed. Empty when
-                   not measured or not resolvable: comm_only_ms < 2% of ms_median, or below twice
-                   the run-to-run spread of the call (ms_median - ms_min), where noise would
-                   decide the value. Computed from the columns when the CSV is (re)written.
+                   not measured or not resolvable (sweep.overlap_fraction): with noise = max(
+                   ms_median - ms_min, 2% of ms_median), comm_only_ms must be >= 2 x noise and
+                   ms_median - compute_only_ms within [-noise, comm_only_ms + noise]. Computed
+                   from the columns whenever the CSV is (re)written.
   Each is the max over ranks of the median of --overlap-iters calls after one warm-up call.
   allgather: empty (by construction its collectives run before/after the compute, nothing
   overlaps); torch_cp, single: empty. On CPU/gloo a "wait" blocks the host and ranks share the
@@ -165,7 +166,7 @@ PRESETS = {
     # the CPU sweep of perf/RESULTS.md (~10 min on 2 cores)
     "cpu": dict(transport="gloo", worlds=[2, 4], seqs=[1024, 4096], heads=["8/8", "8/2"], head_dim=64, batch=1,
                 dtype="float32", causal=[True], passes=["fwd", "fwd_bwd"],
-                algorithms=["ring", "token_ring", "auto", "allgather"], warmup=1, iters=3, overlap_iters=2,
+                algorithms=["ring", "token_ring", "auto", "allgather"], warmup=1, iters=5, overlap_iters=3,
                 timeout=300),
     # issue 3: 4 ranks sharing one GPU (CUDA IPC + MPS) against one cuDNN attention over the full
     # sequence; few calls so that it fits in ~3 minutes of an H100 (scripts/gpu_check.sh)
@@ -796,10 +797,15 @@ def _fmt(v):
 
 
 def overlap_fraction(ms_median, ms_min, compute_only_ms, comm_only_ms):
-    """1 - (T - C) / M clamped to [0, 1]; None when M is not resolvable: below 2% of T or below
-    twice the run-to-run spread of the call (T - T_min), where noise would decide the value."""
+    """1 - (T - C) / M clamped to [0, 1], or None when the measurement cannot resolve it. With
+    noise = max(T - T_min, 2% of T) (the call's run-to-run spread): M must be >= 2 x noise, and
+    the exposed time T - C must lie within [-noise, M + noise] (a compute-only run slower than the
+    real one, or a real run slower than compute plus all messages, means noise decided)."""
     T, C, M = ms_median, compute_only_ms, comm_only_ms
-    if None in (T, C, M) or M < 0.02 * T or M < 2 * (T - (ms_min if ms_min is not None else T)):
+    if None in (T, C, M):
+        return None
+    noise = max(T - (ms_min if ms_min is not None else T), 0.02 * T)
+    if M < 2 * noise or not -noise <= T - C <= M + noise:
         return None
     return min(1.0, max(0.0, 1.0 - (T - C) / M))
 

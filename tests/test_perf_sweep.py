@@ -260,3 +260,17 @@ def test_ipc_transport_host_simulation_sweep(tmp_path):
         assert r["error"] == "" and r["transport"] == "ipc" and r["device"].endswith("ipc-host-sim"), r
         assert float(r["max_abs_err"]) < 2e-5, r
         assert (int(r["sent_bytes_max"]), int(r["recv_bytes_max"])) == _predicted_max(r), r
+
+
+def test_overlap_fraction_rule():
+    """1 - (T - C) / M, clamped; None where noise (the call's spread, at least 2%) would decide."""
+    # T = 100, C = 90, M = 40: 10 of 40 ms of messages exposed -> 0.75
+    assert sweep.overlap_fraction(100.0, 99.0, 90.0, 40.0) == pytest.approx(0.75)
+    assert sweep.overlap_fraction(100.0, 99.0, 100.0, 40.0) == pytest.approx(1.0)   # all hidden
+    assert sweep.overlap_fraction(100.0, 99.0, 60.0, 40.0) == pytest.approx(0.0)    # all exposed
+    assert sweep.overlap_fraction(100.0, 99.0, 101.5, 40.0) == pytest.approx(1.0)   # within noise: clamped
+    assert sweep.overlap_fraction(100.0, 99.0, 110.0, 40.0) is None  # compute-only slower than the call
+    assert sweep.overlap_fraction(100.0, 99.0, 50.0, 40.0) is None   # call slower than compute + messages
+    assert sweep.overlap_fraction(100.0, 99.0, 99.0, 3.0) is None    # messages below 2 x 2% of the call
+    assert sweep.overlap_fraction(100.0, 80.0, 90.0, 30.0) is None   # messages below 2 x the spread (20)
+    assert sweep.overlap_fraction(100.0, 99.0, None, 40.0) is None
