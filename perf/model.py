@@ -363,16 +363,25 @@ def local_topology(reps: int, quick: bool):
 # measure: real multi-rank runs
 
 
-def default_measure_configs(quick: bool):
+def default_measure_configs(quick: bool, worlds=None, seqs=None, heads=None, head_dim=64, masks=None, passes=None):
+    """The validation grid (defaults: W 2, 4; L 1024, 4096; Hq/Hkv 4/4, 4/1; causal zigzag and
+    non-causal contiguous; fwd and fwd_bwd; both algorithms)."""
+    worlds = worlds or ((2,) if quick else (2, 4))
+    seqs = seqs or ((512,) if quick else (1024, 4096))
+    heads = heads or ((4, 4), (4, 1))
+    masks = masks or ("zigzag", "contiguous")
+    passes = passes or ("fwd", "fwd_bwd")
     out = []
-    for world in ((2,) if quick else (2, 4)):
-        for L in ((512,) if quick else (1024, 4096)):
-            for hkv in (4, 1):
-                for causal, layout in ((True, "zigzag"), (False, "contiguous")):
-                    for pss in ("fwd", "fwd_bwd"):
+    for world in worlds:
+        for L in seqs:
+            for hq, hkv in heads:
+                for mask in masks:
+                    causal, layout = (True, "zigzag") if mask == "zigzag" else (False, "contiguous")
+                    for pss in passes:
                         for alg in ("ring", "token_ring"):
-                            out.append(dict(world=world, seq_len=L, batch=1, heads_q=4, heads_kv=hkv, head_dim=64,
-                                            dtype="float32", causal=causal, layout=layout, pass_=pss, algorithm=alg))
+                            out.append(dict(world=world, seq_len=L, batch=1, heads_q=hq, heads_kv=hkv,
+                                            head_dim=head_dim, dtype="float32", causal=causal, layout=layout,
+                                            pass_=pss, algorithm=alg))
     return out
 
 
@@ -690,7 +699,9 @@ def cmd_calibrate(a):
 
 
 def cmd_measure(a):
-    configs = default_measure_configs(a.quick)
+    configs = default_measure_configs(a.quick, a.worlds, a.seqs,
+                                      [tuple(int(x) for x in h.split("/")) for h in a.heads] if a.heads else None,
+                                      a.head_dim, a.masks, a.passes)
     if a.wait_idle:
         wait_idle(a.wait_idle, a.max_wait)
     rows = measure(configs, a.reps, a.timeout, a.rounds)
@@ -812,6 +823,12 @@ def main(argv=None):
     m.add_argument("--rounds", type=int, default=3, help="passes over the whole config list")
     m.add_argument("--timeout", type=float, default=900)
     m.add_argument("--quick", action="store_true")
+    m.add_argument("--worlds", type=int, nargs="+")
+    m.add_argument("--seqs", type=int, nargs="+")
+    m.add_argument("--heads", nargs="+", help="Hq/Hkv pairs, e.g. 8/8 8/2")
+    m.add_argument("--head-dim", type=int, default=64)
+    m.add_argument("--masks", nargs="+", choices=("zigzag", "contiguous"), help="zigzag = causal zigzag")
+    m.add_argument("--passes", nargs="+", choices=("fwd", "fwd_bwd"))
     m.add_argument("--wait-idle", type=float, default=0.0, help="wait until the CPU is this idle (0..1)")
     m.add_argument("--max-wait", type=float, default=600)
     v = sub.add_parser("validate")
