@@ -15,8 +15,8 @@ are those of the code), the fp32 merges / adds / zero-fills / casts around it, a
 and waits of each channel in the code's order. A discrete-event pass runs the W programs
 together: compute advances a rank's stream; a message starts when both ends have posted it and
 ends latency + transfer later; a wait advances the stream to the end of the batch it waits on.
-So a step costs max(compute, comm) plus whatever the code does not overlap (the first Q transfer
-of TokenRing, its last partial, ring's last dK/dV hop, merges between waits, load imbalance).
+So a step costs max(compute, comm) plus whatever the code does not overlap (TokenRing's last
+partial, ring's last dK/dV hop, merges between waits, load imbalance).
 
 Transfers: a topology maps each (src, dst) pair to the resources it crosses (a GPU's NVSwitch
 port per direction, a PCIe link, a shared host bridge, ring/mesh links, a NIC) and a latency.
@@ -392,10 +392,8 @@ class _Shape:
 class _Builder:
     """Collects one rank's ops; compute times come from the profile (times ranks_per_device)."""
 
-    def __init__(self, rank: int, shape: _Shape, profile: ComputeProfile, backend: str, share: float, msgs: dict,
-                 variant: str | None = None):
+    def __init__(self, rank: int, shape: _Shape, profile: ComputeProfile, backend: str, share: float, msgs: dict):
         self.r, self.sh, self.prof, self.backend, self.share = rank, shape, profile, backend, share
-        self.variant = variant
         self.ops: list[_Op] = []
         self.msgs = msgs
         self.blocks: dict = {}   # (pass, step) -> [(op, Sq, Sk, causal)]
@@ -529,19 +527,19 @@ def _token_ring_pass(b: _Builder, op: str):
         b.mem(st0, q_el * 4 + 2 * 4 * B * n[r] * Hkv * D, "zero dq/dk/dv")
     diag = attention_block(lay, r, r, sh.causal)
     cast = q_el * (4 + e) if op == "fwd" else (q_el + 2 * B * n[r] * Hkv * D) * (4 + e)
-    early = W > 1 and b.variant == "early_first_q"
-    if early and op == "bwd":
-        b.mem(st0, q_el * (2 * e + 24), "delta = rowsum(dout * out)")
-    if not early:
+
+    def diagonal_block():
         b.attn(op, st0, diag.q_len, diag.kv_len, diag.causal)
         if op == "fwd":
             b.mem(st0, q_el * (e + 4), "init fp32 accumulator")
         else:
             _bwd_accumulate(b, st0, diag.q_len, diag.kv_len)
+
     if W == 1:
+        diagonal_block()
         b.mem(st0, cast, "cast")
         return
-    if op == "bwd" and not early:
+    if op == "bwd":
         b.mem(st0, q_el * (2 * e + 24), "delta = rowsum(dout * out)")
 
     # what one Q row costs on the wire: fwd q; bwd q, dout (q dtype) + lse, delta (fp32 per head)
@@ -567,13 +565,8 @@ def _token_ring_pass(b: _Builder, op: str):
                [(src, q_sizes(recv_blk.q_len))] if recv_blk else [])
         return recv_blk
 
-    nxt_blk = post_q(1, st0, 0)  # as the code runs it, nothing overlaps the first Q transfer
-    if early:
-        b.attn(op, st0, diag.q_len, diag.kv_len, diag.causal)
-        if op == "fwd":
-            b.mem(st0, q_el * (e + 4), "init fp32 accumulator")
-        else:
-            _bwd_accumulate(b, st0, diag.q_len, diag.kv_len)
+    nxt_blk = post_q(1, st0, 0)  # posted before the diagonal block, which hides that transfer
+    diagonal_block()
     pending = None
     for s in range(1, W):
         st = (op, s)
@@ -738,16 +731,11 @@ def _elem(dtype) -> int:
 
 def predict(algorithm: str, *, seq_len: int, world_size: int, layout: str = "contiguous", causal: bool = False,
             batch: int = 1, heads_q: int, heads_kv: int, head_dim: int, dtype=2, backward: bool = True,
-            topology="nvswitch", profile: ComputeProfile | None = None, backend: str = "auto",
-            variant: str | None = None) -> Prediction:
+            topology="nvswitch", profile: ComputeProfile | None = None, backend: str = "auto") -> Prediction:
     """Predicted time of one call (forward, plus backward when `backward`) on every rank.
 
     dtype: of q/k/v (a torch.dtype or its element size; default 2 = bf16). topology: a preset
-    name (PRESETS) or a Topology. profile: ComputeProfile (default H100_BF16). variant: None
-    (the schedules as the code runs them) or "early_first_q" (what-if: TokenRing posts its first
-    Q before the diagonal block instead of after it, so that block hides that transfer)."""
-    if variant not in (None, "early_first_q"):
-        raise ValueError(f"unknown variant {variant!r}")
+    name (PRESETS) or a Topology. profile: ComputeProfile (default H100_BF16)."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     topo = get_topology(topology)
@@ -758,7 +746,7 @@ def predict(algorithm: str, *, seq_len: int, world_size: int, layout: str = "con
     passes = ("fwd", "bwd") if backward else ("fwd",)
     programs = []
     for r in range(world_size):
-        bld = _Builder(r, sh, prof, backend, topo.ranks_per_device, msgs, variant)
+        bld = _Builder(r, sh, prof, backend, topo.ranks_per_device, msgs)
         bld.delay(("fwd", 0), topo.call_overhead(world_size), "metadata all_gather")
         for p in passes:
             _PROGRAMS[(algorithm, p)](bld)

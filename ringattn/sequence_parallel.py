@@ -43,9 +43,8 @@ from ringattn.ring_attention import RingAttention, ring_comm_bytes
 from ringattn.token_ring import TokenRingAttention, token_ring_comm_bytes
 
 ALGORITHMS = ("ring", "token_ring")
-# TokenRing talks to a different peer at every step (r+-s). Beyond one NVLink/NVSwitch node
-# (8 GPUs) most of those messages cross the inter-node network every step, while ring crosses
-# it only at node boundaries: auto then keeps ring whatever the bytes say.
+# GPUs in one NVLink/NVSwitch node: auto's default cost-model topology is "nvswitch" up to this
+# world size and "inter_node" (8 GPUs per node) above it (choose_algorithm).
 MESH_MAX_WORLD = 8
 
 _MAGIC = 0x52494E47_01  # "RING", signature version 1
@@ -430,6 +429,7 @@ def token_ring_attention(q, k, v, *, causal=False, softmax_scale=None, group=Non
 
 def sequence_parallel_attention(q, k, v, *, causal=False, softmax_scale=None, group=None, layout="contiguous",
                                 backend="auto", return_lse=False, algorithm="auto"):
-    """ring_attention or token_ring_attention; "auto" picks by bytes and world size (choose_algorithm)."""
+    """ring_attention or token_ring_attention; "auto" picks the one ringattn.cost_model predicts
+    faster, bytes deciding inside its 5% margin (choose_algorithm)."""
     return _run("ringattn.sequence_parallel_attention", q, k, v, algorithm=algorithm, causal=causal,
                 softmax_scale=softmax_scale, group=group, layout=layout, backend=backend, return_lse=return_lse)

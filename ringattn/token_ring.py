@@ -1,6 +1,7 @@
 """TokenRing: K/V stay, Q travels one way, partial results travel straight back (mesh).
 
-Forward on rank r of W. Step 0 is the diagonal block (own Q, own K/V). At step s = 1..W-1 rank r
+Forward on rank r of W. Step 0 posts step 1's fwd.q, then computes the diagonal block (own Q, own
+K/V), which hides that first transfer. At step s = 1..W-1 rank r
 serves as K/V owner for the Q of src = r-s and as Q owner for the K/V of dst = r+s (mod W):
 
     wait   fwd.q       Q_src (the rows of it that our K/V meets) has arrived
@@ -19,7 +20,8 @@ Backward (the published TokenRing has none). K/V still stay. The K/V owner needs
 q, dout, lse and delta = rowsum(dout * out) -- not out itself, which is Hq*D values per token
 where delta is one fp32 per head:
 
-    step 0 block_attn_backward on the diagonal block: dq -> dq_acc, dk/dv -> dk_acc/dv_acc (fp32)
+    step 0 post bwd.q for step 1, then block_attn_backward on the diagonal block: dq -> dq_acc,
+           dk/dv -> dk_acc/dv_acc (fp32)
     wait   bwd.q       (q, dout, lse, delta) rows of src
     post   bwd.q       ours -> r+s+1, recv <- r-s-1                          (for step s+1)
     block  block_attn_backward(dout_src, q_src, our K/V rows, out', lse_src): dk/dv accumulate
@@ -114,6 +116,9 @@ def token_ring_forward(plan: RingPlan, q, k, v, reply):
     W, r = plan.world_size, plan.rank
     B, n_r, Hq, D = q.shape
     kw = dict(softmax_scale=plan.softmax_scale, backend=plan.backend)
+    if W > 1:  # the first Q transfer is posted before the diagonal block, which then hides it
+        q_x = _QExchange(plan, "fwd.q", _Payload([q], []), [q.dtype], 0, B, Hq, D, q.device)
+        nxt = q_x.post(1)
     diag = plan.block(r, r)
     out_p, lse_p = block_attn_forward(q, k, v, causal=diag.causal, **kw)
     out_acc = torch.empty(q.shape, dtype=_F32, device=q.device).copy_(out_p)  # (B, n_r, Hq, D)
@@ -121,14 +126,12 @@ def token_ring_forward(plan: RingPlan, q, k, v, reply):
     if W == 1:
         return out_acc.to(q.dtype), lse_acc
 
-    q_x = _QExchange(plan, "fwd.q", _Payload([q], []), [q.dtype], 0, B, Hq, D, q.device)
     numel = B * max(plan.layout.local_lengths) * Hq * D
     part_comm = P2PComm(reply, "fwd.partial", max(numel * q.element_size(), numel // D * 4))  # out, lse
     part_out_bufs = [torch.empty(q.numel(), dtype=q.dtype, device=q.device) for _ in range(2)]
     part_lse_bufs = [torch.empty(lse_acc.numel(), dtype=_F32, device=q.device) for _ in range(2)]
 
     pending = None  # (block, out, lse) of our partial in flight on fwd.partial
-    nxt = q_x.post(1)
     for s in range(1, W):
         dst, src = (r + s) % W, (r - s) % W
         q_x.comm.wait()
@@ -186,23 +189,24 @@ def token_ring_backward(plan: RingPlan, dout, q, k, v, out, lse, reply):
     dq_acc = torch.zeros(q.shape, dtype=_F32, device=q.device)
     dk_acc = torch.zeros(k.shape, dtype=_F32, device=k.device)
     dv_acc = torch.zeros(v.shape, dtype=_F32, device=v.device)
+    if W > 1:  # as in the forward: the first transfer is posted before the diagonal block
+        dout = dout.to(q.dtype).contiguous()
+        delta = (dout.to(_F32) * out.to(_F32)).sum(-1).transpose(1, 2).contiguous()  # (B, Hq, n_r)
+        payload = _Payload([q, dout], [lse, delta])
+        q_x = _QExchange(plan, "bwd.q", payload, [q.dtype, q.dtype], 2, B, Hq, D, q.device)
+        nxt = q_x.post(1)
     diag = plan.block(r, r)
     block_attn_backward(dout, q, k, v, out, lse, causal=diag.causal, dq_out=dq_acc, dk_out=dk_acc,
                         dv_out=dv_acc, **kw)
     if W == 1:
         return dq_acc.to(q.dtype), dk_acc.to(k.dtype), dv_acc.to(v.dtype)
 
-    dout = dout.to(q.dtype).contiguous()
-    delta = (dout.to(_F32) * out.to(_F32)).sum(-1).transpose(1, 2).contiguous()  # (B, Hq, n_r)
-    payload = _Payload([q, dout], [lse, delta])
-    q_x = _QExchange(plan, "bwd.q", payload, [q.dtype, q.dtype], 2, B, Hq, D, q.device)
     numel = B * max(plan.layout.local_lengths) * Hq * D
     dq_comm = P2PComm(reply, "bwd.dq", numel * 4)
     dq_send_bufs = [torch.empty(numel, dtype=_F32, device=q.device) for _ in range(2)]
     dq_recv_bufs = [torch.empty(q.numel(), dtype=_F32, device=q.device) for _ in range(2)]
 
     pending = None  # (block, dq partial) of ours in flight on bwd.dq
-    nxt = q_x.post(1)
     for s in range(1, W):
         dst, src = (r + s) % W, (r - s) % W
         q_x.comm.wait()

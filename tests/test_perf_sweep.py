@@ -32,6 +32,7 @@ if PERF not in sys.path:
 import baselines  # noqa: E402
 import ringattn  # noqa: E402
 from ringattn.layout import SequenceLayout  # noqa: E402
+from test_sequence_parallel import reference  # noqa: E402  (tests/ is on sys.path)
 
 # fp32 against float64 on the same inputs: the blocks merge in another order than one softmax and
 # the math kernel computes in fp32, so rounding only (the ring tests measure <= 1.5e-6); 2e-5 as
@@ -41,13 +42,7 @@ ATOL = RTOL = 2e-5
 
 def _reference(q, k, v, causal, scale):
     """Plain softmax attention over the full sequence in float64: (B, L, Hq, D)."""
-    g = q.shape[2] // k.shape[2]
-    kk, vv = k.repeat_interleave(g, 2), v.repeat_interleave(g, 2)
-    s = torch.einsum("bqhd,bkhd->bhqk", q, kk) * scale
-    if causal:
-        L = q.shape[1]
-        s = s.masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf"))
-    return torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, -1), vv)
+    return reference(q, k, v, causal, scale)[0]
 
 
 def _baseline_cases(world):

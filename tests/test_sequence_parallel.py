@@ -204,11 +204,11 @@ def test_auto_rule_follows_the_cost_model_and_bytes_inside_its_margin():
     # where the link is the bottleneck (PCIe behind one host bridge: predicted ~2x) ...
     mha = sp.choose_algorithm(heads_q=32, heads_kv=32, topology="pcie", **kw)
     assert mha.algorithm == "token_ring", mha
-    # ... but not on NVSwitch at 4k tokens, where the bytes rule used to pick TokenRing: the steps
-    # are compute-bound there, and TokenRing's first Q transfer and last partial are not hidden
-    # (the model predicts ring ~8% faster).
+    # ... while on NVSwitch at 4k tokens the steps are compute-bound and TokenRing's last partial
+    # is not hidden: the model predicts ring ~4% faster, inside the 5% margin, so bytes decide.
     nvs = sp.choose_algorithm(heads_q=32, heads_kv=32, **kw)
-    assert nvs.algorithm == "ring" and nvs.topology == "nvswitch", nvs
+    assert nvs.algorithm == "token_ring" and nvs.topology == "nvswitch", nvs
+    assert "within 5%" in nvs.reason and 1.0 < nvs.predicted_s["token_ring"] / nvs.predicted_s["ring"] < 1.05, nvs
     assert nvs.predicted_bytes["token_ring"] < nvs.predicted_bytes["ring"]
     # Forward only, MHA, non-causal: TokenRing's exposed first/last transfers again: ring.
     fwd = sp.choose_algorithm(heads_q=32, heads_kv=32, **dict(kw, causal=False, layout="contiguous"), backward=False)
