@@ -9,6 +9,12 @@ max(bytes sent, bytes received) per call, log-log), PREFIX_overlap.png (overlap_
 and PREFIX_ratio.png (ms / single-process ms, with the issue 3 target 1.15 dashed). Rows with an
 error are left out; the x axis is each panel's sequence lengths. PREFIX defaults to the first
 CSV's name without .csv. matplotlib with the Agg backend (no display needed).
+
+    python perf/plot.py OUT/bench_tokenweave_fused.csv      # perf/bench_tokenweave.py's fused-op CSV
+
+A TokenWeave CSV (recognised by its fused_us column) gives one PNG, PREFIX.png: us per call vs
+tokens for the fused op (residual full and sharded) and the unfused sequence, and the speedup
+with the issue 6 target (1.3x at >= 1024 tokens) dashed; one column per (hidden, CTA cap).
 """
 from __future__ import annotations
 
@@ -167,18 +173,102 @@ def plot_metric(rows, suffix, ylabel, value, logy, out_path, title):
     return out_path
 
 
+TW_TARGET = 1.3  # issue 6: fused >= 1.3x the unfused sequence at >= 1024 tokens (and never slower)
+TW_SERIES = [  # (column, label, colour, marker)
+    ("fused_us", "fused (residual full)", "tab:blue", "o"),
+    ("fused_shard_us", "fused (residual sharded)", "tab:green", "^"),
+    ("unfused_us", "unfused: symm-mem all-reduce + add_rmsnorm", "black", "s"),
+]
+
+
+def is_tokenweave_csv(path) -> bool:
+    """perf/bench_tokenweave.py's bench_tokenweave_fused.csv (rather than a sweep CSV)."""
+    with open(path, newline="") as f:
+        return "fused_us" in (next(csv.reader(f), None) or [])
+
+
+def plot_tokenweave(rows, out_path, title):
+    """bench_tokenweave_fused.csv: us per call vs tokens (log-log) and the speedup over the unfused
+    sequence, one column of panels per (hidden, CTA cap)."""
+    panels = sorted({(int(r["hidden"]), int(r["max_ctas"])) for r in rows})
+    if not panels:
+        return None
+    fig, axes = plt.subplots(2, len(panels), figsize=(3.8 * len(panels), 5.6), squeeze=False, sharex="col")
+    handles = {}
+    for c, (hidden, cap) in enumerate(panels):
+        mine = sorted((r for r in rows if (int(r["hidden"]), int(r["max_ctas"])) == (hidden, cap)),
+                      key=lambda r: int(r["tokens"]))
+        toks = [int(r["tokens"]) for r in mine]
+        top, bottom = axes[0, c], axes[1, c]
+        for col, label, color, marker in TW_SERIES:
+            pts = [(int(r["tokens"]), _f(r.get(col))) for r in mine]
+            pts = [(x, y) for x, y in pts if y is not None and y > 0]
+            if pts:
+                handles[label], = top.plot(*zip(*pts), color=color, marker=marker, ms=4, lw=1.4, label=label)
+        for col, color, marker in (("speedup", "tab:blue", "o"), ("speedup_shard", "tab:green", "^")):
+            pts = [(int(r["tokens"]), _f(r.get(col))) for r in mine]
+            pts = [(x, y) for x, y in pts if y is not None]
+            if pts:
+                bottom.plot(*zip(*pts), color=color, marker=marker, ms=4, lw=1.4)
+        bottom.axhline(1.0, color="grey", lw=0.8)
+        bottom.axhline(TW_TARGET, color="grey", ls="--", lw=1)
+        bottom.text(0.02, TW_TARGET, f" target {TW_TARGET}x at >= 1024 tokens", color="grey", fontsize=7,
+                    va="bottom", transform=bottom.get_yaxis_transform())
+        bottom.set_ylim(bottom=0)
+        top.set_yscale("log")
+        top.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+        top.yaxis.set_minor_formatter(FuncFormatter(_minor_label))
+        top.set_title(f"hidden {hidden}, CTAs <= {cap}", fontsize=9)
+        for ax in (top, bottom):
+            ax.set_xscale("log", base=2)
+            ax.xaxis.set_major_locator(FixedLocator(toks))
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.set_xticklabels([_fmt_len(x) for x in toks], rotation=90 if len(toks) > 8 else 0)
+            ax.grid(True, which="major", alpha=0.3)
+            ax.tick_params(which="both", labelsize=7)
+        bottom.set_xlabel("tokens", fontsize=8)
+    axes[0, 0].set_ylabel("us per call (slowest rank)", fontsize=8)
+    axes[1, 0].set_ylabel("speedup over unfused", fontsize=8)
+    fig.legend(list(handles.values()), list(handles), loc="upper center", ncol=len(handles), fontsize=8,
+               frameon=False)
+    fig.suptitle(title, fontsize=9, y=0.005, va="bottom")
+    fig.tight_layout(rect=(0, 0.03, 1, 0.94))
+    fig.savefig(out_path, dpi=90)
+    plt.close(fig)
+    return out_path
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("csv", nargs="+", help="sweep CSV(s)")
     ap.add_argument("--out", help="folder for the PNGs (default: the first CSV's folder)")
     ap.add_argument("--prefix", help="PNG name prefix (default: the first CSV's name)")
     args = ap.parse_args(argv)
+    out = args.out or os.path.dirname(os.path.abspath(args.csv[0]))
+    prefix = args.prefix or os.path.basename(args.csv[0])[:-4]
+    if is_tokenweave_csv(args.csv[0]):  # perf/bench_tokenweave.py's fused-op CSV
+        rows = read_rows(args.csv)
+        if not rows:
+            sys.exit("plot.py: no rows in " + ", ".join(args.csv))
+        os.makedirs(out, exist_ok=True)
+        meta = os.path.join(os.path.dirname(os.path.abspath(args.csv[0])), "bench_tokenweave.json")
+        device = ""
+        if os.path.exists(meta):
+            import json
+            with open(meta) as f:
+                m = json.load(f).get("meta", {})
+            device = f"{m.get('device', '')}, torch {m.get('torch', '')}; "
+            if m.get("device") == "cpu-smoke":
+                device = "cpu-smoke (host simulation: a flow check, NOT a measurement); "
+        title = (f"{device}fused AllReduce + residual + RMSNorm, {rows[0]['world']} ranks, bf16, "
+                 f"us per call in CUDA graphs")
+        p = plot_tokenweave(rows, os.path.join(out, f"{prefix}.png"), title)
+        print(f"wrote {p}")
+        return [p]
     rows = read_rows(args.csv)
     if not rows:
         sys.exit("plot.py: no rows without errors in " + ", ".join(args.csv))
-    out = args.out or os.path.dirname(os.path.abspath(args.csv[0]))
     os.makedirs(out, exist_ok=True)
-    prefix = args.prefix or os.path.basename(args.csv[0])[:-4]
     devices = sorted({r["device"] for r in rows})
     dates = sorted({r["date"][:10] for r in rows})
     transports = sorted({r["transport"] for r in rows if r["algorithm"] != "single"})

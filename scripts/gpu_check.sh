@@ -81,6 +81,10 @@ if [ "${GPU_CHECK_SKIP_BENCH:-0}" != 1 ]; then
     [ -f "perf/$name.py" ] || continue
     run_step "$name" "$cap" "$RES/$name.txt" "$PY" "perf/$name.py" --out "$RES"
   done
+  # PNGs of what was measured, into results.tgz (best effort: matplotlib may be missing there).
+  for csvf in "$RES/sweep.csv" "$RES/bench_tokenweave_fused.csv"; do
+    [ -f "$csvf" ] && { "$PY" perf/plot.py "$csvf" --out "$RES" >/dev/null 2>&1 || log "no plot for $csvf"; }
+  done
 fi
 
 tar czf "$OUT/results.tgz" -C "$OUT" results

@@ -243,6 +243,30 @@ def test_plot_writes_pngs(smoke, tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, (metric, len(data))
 
 
+def test_plot_reads_tokenweave_csv(tmp_path):
+    """perf/bench_tokenweave.py's fused CSV (columns as it writes them) gives one PNG, and a sweep
+    CSV is not mistaken for one."""
+    import plot
+
+    cols = ["tokens", "hidden", "max_ctas", "world", "fused_us", "fused_shard_us", "unfused_us", "speedup",
+            "speedup_shard"]
+    path = tmp_path / "bench_tokenweave_fused.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for hidden in (4096, 8192):
+            for t in (1, 64, 1024, 8192):
+                fused, unfused = 10.0 + t * hidden / 4e5, 15.0 + t * hidden / 2.5e5
+                w.writerow([t, hidden, 8, 2, fused, fused * 0.9, unfused, unfused / fused, unfused / fused / 0.9])
+    assert plot.is_tokenweave_csv(str(path))
+    written = plot.main([str(path), "--out", str(tmp_path)])
+    data = (tmp_path / "bench_tokenweave_fused.png").read_bytes()
+    assert written and data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, len(data)
+    sweep_csv = tmp_path / "sweep.csv"
+    sweep_csv.write_text("date,algorithm,ms_median\n")
+    assert not plot.is_tokenweave_csv(str(sweep_csv))
+
+
 def test_ipc_transport_host_simulation_sweep(tmp_path):
     """--transport ipc without CUDA: CudaIpcTransport's host simulation carries every algorithm."""
     out = tmp_path / "ipc.csv"
