@@ -26,6 +26,7 @@ hanging until the process-group timeout.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import struct
@@ -359,9 +360,17 @@ def choose_algorithm(*, seq_len: int, world_size: int, layout: str = "contiguous
     3. Otherwise (a gap inside the model's error) the one whose busiest rank moves fewer bytes
        (max over ranks of max(sent, received), forward + backward when `backward`); ties go to
        ring (one peer per step, fewer messages).
-    Deterministic in its arguments, so every rank picks the same; the model runs once per
-    distinct set of arguments (cost_model.predicted_times is cached).
+    Deterministic in its arguments, so every rank picks the same. Cached per distinct set of
+    arguments (it runs on every call: uncached, the per-rank byte formulas alone cost ~1 ms at
+    W = 32, and the model's first run up to a second at W = 64).
     """
+    return _choose_algorithm(seq_len, world_size, layout, bool(causal), batch, heads_q, heads_kv, head_dim,
+                             _elem_size(dtype), bool(backward), topology)
+
+
+@functools.lru_cache(maxsize=4096)
+def _choose_algorithm(seq_len, world_size, layout, causal, batch, heads_q, heads_kv, head_dim, dtype, backward,
+                      topology) -> AlgorithmChoice:
     per_alg = {}
     for alg in ALGORITHMS:
         ranks = predict_comm_bytes(alg, seq_len=seq_len, world_size=world_size, layout=layout, causal=causal,

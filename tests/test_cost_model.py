@@ -197,9 +197,14 @@ def test_auto_is_cached_and_world_one_is_ring():
     kw = dict(seq_len=65536, world_size=8, layout="zigzag", causal=True, batch=1, heads_q=32, heads_kv=32,
               head_dim=128, dtype=torch.bfloat16, backward=True)
     first = sp.choose_algorithm(**kw)
-    hits = cm.predicted_times.cache_info().hits
-    assert sp.choose_algorithm(**kw) == first
-    assert cm.predicted_times.cache_info().hits == hits + 1
+    hits = sp._choose_algorithm.cache_info().hits
+    assert sp.choose_algorithm(**kw) is first  # the whole choice is cached: it runs on every call
+    assert sp._choose_algorithm.cache_info().hits == hits + 1
+    # a length in the same quarter octave: a new choice (exact bytes), the model's run reused
+    model_hits = cm.predicted_times.cache_info().hits
+    other = sp.choose_algorithm(**dict(kw, seq_len=65536 + 64))
+    assert cm.predicted_times.cache_info().hits == model_hits + 1
+    assert other.predicted_s == first.predicted_s and other.predicted_bytes != first.predicted_bytes
     one = sp.choose_algorithm(**dict(kw, world_size=1))
     assert one.algorithm == "ring" and one.predicted_s == {}
 
