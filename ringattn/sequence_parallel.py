@@ -250,10 +250,10 @@ def _wait_or_raise(work, *, fn: str, global_ranks: list[int], call: int, timeout
     Polling (not work.wait()) because neither gloo nor NCCL gives up on a collective that some
     member never joins before the process-group timeout (10-30 minutes). The abandoned
     collective stays posted: the group is unusable afterwards (say so in the message)."""
-    deadline = time.monotonic() + timeout_s
-    pause = 0.0
+    start = time.monotonic()
     while not work.is_completed():
-        if time.monotonic() > deadline:
+        waited = time.monotonic() - start
+        if waited > timeout_s:
             raise RuntimeError(
                 f"{fn}: rank {dist.get_rank()} waited {timeout_s:.0f} s in the metadata exchange of call "
                 f"#{call} on the group of global ranks {global_ranks}, and not every rank of that group "
@@ -261,8 +261,9 @@ def _wait_or_raise(work, *, fn: str, global_ranks: list[int], call: int, timeout
                 "group, in the same order: check that no rank passed a different group (or group=None for "
                 "another), skipped a layer, or failed/stalled elsewhere. The exchange is left posted, so "
                 "this group cannot be used again in this process. (Timeout: RINGATTN_SYNC_TIMEOUT_S.)")
-        time.sleep(pause)
-        pause = min(0.002, pause + 0.0001)  # first polls are immediate: gloo answers in ~100 us
+        # Yield-spin for the first second (the usual wait: gloo's ~100 us, or NCCL's until the GPU
+        # drained the queue -- a sleep here would leave the GPU idle after it), then 1 ms naps.
+        time.sleep(0 if waited < 1.0 else 0.001)
     work.wait()  # raises the backend's own error, if the collective failed
 
 
