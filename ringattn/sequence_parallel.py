@@ -370,13 +370,13 @@ def choose_algorithm(*, seq_len: int, world_size: int, layout: str = "contiguous
 
 
 @functools.lru_cache(maxsize=4096)
-def _choose_algorithm(seq_len, world_size, layout, causal, batch, heads_q, heads_kv, head_dim, dtype, backward,
+def _choose_algorithm(seq_len, world_size, layout, causal, batch, heads_q, heads_kv, head_dim, elem_size, backward,
                       topology) -> AlgorithmChoice:
     per_alg = {}
     for alg in ALGORITHMS:
         ranks = predict_comm_bytes(alg, seq_len=seq_len, world_size=world_size, layout=layout, causal=causal,
                                    batch=batch, heads_q=heads_q, heads_kv=heads_kv, head_dim=head_dim,
-                                   dtype=dtype, backward=backward)
+                                   dtype=elem_size, backward=backward)
         per_alg[alg] = max((max(sum(s for s, _ in ch.values()), sum(rv for _, rv in ch.values()))
                             for ch in ranks), default=0)
     if world_size == 1:
@@ -390,8 +390,8 @@ def _choose_algorithm(seq_len, world_size, layout, causal, batch, heads_q, heads
         return AlgorithmChoice(alg, per_alg, f"world size {world_size} > {cost_model.AUTO_MAX_WORLD}: cost model "
                                "not run; fewer bottleneck bytes (ties: ring)", {}, name)
     t_ring, t_tr = cost_model.predicted_times(cost_model.auto_seq_len(seq_len, world_size, layout), world_size,
-                                              layout, bool(causal), batch, heads_q, heads_kv, head_dim,
-                                              _elem_size(dtype), bool(backward), topo)
+                                              layout, causal, batch, heads_q, heads_kv, head_dim,
+                                              elem_size, backward, topo)
     secs = {"ring": t_ring, "token_ring": t_tr}
     if t_ring > (1 + AUTO_MARGIN) * t_tr:
         return AlgorithmChoice("token_ring", per_alg, f"cost model ({name}): TokenRing predicted "
