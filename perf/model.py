@@ -5,7 +5,7 @@
         --ops-csv perf/results/2026-11-22_h100_bench_ops.csv --out perf/results/2026-12-01_cost_model_h100_profile.json
     # compute AND link side measured on this machine (math backend, gloo between 2 local processes)
     python perf/model.py calibrate --calibrate-local --out perf/results/2026-12-01_cost_model_cpu_profile.json
-    # measured multi-rank runs (real processes, gloo, file:// rendezvous), sweep-CSV columns
+    # measured multi-rank runs: perf/sweep.py (gloo), 3 rounds merged (ms_min = min over rounds)
     python perf/model.py measure --out perf/results/2026-12-01_cost_model_cpu_runs.csv
     # predicted vs measured, per row (any CSV with the perf/sweep.py columns)
     python perf/model.py validate --sweep perf/results/2026-12-01_cost_model_cpu_runs.csv \
@@ -43,10 +43,6 @@ if ROOT not in sys.path:
 from ringattn import cost_model as cm  # noqa: E402
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
-SWEEP_FIELDS = ["date", "device", "torch", "transport", "algorithm", "resolved_algorithm", "world", "seq_len",
-                "batch", "heads_q", "heads_kv", "head_dim", "dtype", "causal", "layout", "pass", "ms_median",
-                "ms_min", "tflops_per_rank", "sent_bytes_max", "recv_bytes_max", "compute_only_ms",
-                "overlap_fraction", "error"]
 
 
 def _now():
@@ -363,99 +359,73 @@ def local_topology(reps: int, quick: bool):
 # measure: real multi-rank runs
 
 
-def default_measure_configs(quick: bool, worlds=None, seqs=None, heads=None, head_dim=64, masks=None, passes=None):
-    """The validation grid (defaults: W 2, 4; L 1024, 4096; Hq/Hkv 4/4, 4/1; causal zigzag and
-    non-causal contiguous; fwd and fwd_bwd; both algorithms)."""
-    worlds = worlds or ((2,) if quick else (2, 4))
-    seqs = seqs or ((512,) if quick else (1024, 4096))
-    heads = heads or ((4, 4), (4, 1))
-    masks = masks or ("zigzag", "contiguous")
-    passes = passes or ("fwd", "fwd_bwd")
+MEASURE_WORLDS, MEASURE_SEQS, MEASURE_HEADS = (2, 4), (1024, 4096), ("4/4", "4/1")
+MEASURE_MASKS, MEASURE_PASSES = ("zigzag", "contiguous"), ("fwd", "fwd_bwd")
+
+
+def _sweep_module():
+    """perf/sweep.py, imported as `sweep` (its spawned workers pickle functions by module name)."""
+    perf = os.path.join(ROOT, "perf")
+    if perf not in sys.path:
+        sys.path.insert(0, perf)
+    import sweep
+
+    return sweep
+
+
+def measure_sweep_argv(out_csv, mask, *, worlds, seqs, heads, head_dim, passes, reps, timeout, threads=1):
+    """perf/sweep.py arguments for one round of the validation grid and one mask: "zigzag" = causal
+    zigzag, "contiguous" = non-causal contiguous; ring and token_ring only, fp32 gloo, no single
+    baseline and no overlap runs (the model validates total time)."""
+    causal, layout = ("1", "zigzag") if mask == "zigzag" else ("0", "contiguous")
+    return ["--out", out_csv, "--fresh", "--transport", "gloo", "--algorithms", "ring,token_ring", "--no-single",
+            "--overlap-iters", "0", "--worlds", ",".join(str(w) for w in worlds),
+            "--seqs", ",".join(str(L) for L in seqs), "--heads", ",".join(heads), "--head-dim", str(head_dim),
+            "--batch", "1", "--dtype", "float32", "--causal", causal, "--layout", layout, "--pass", ",".join(passes),
+            "--warmup", "1", "--iters", str(reps), "--timeout", str(timeout), "--threads", str(threads),
+            "--no-progress"]
+
+
+def merge_rounds(rounds_rows, key):
+    """One row per sweep key from several rounds of the same sweep: ms_min = min over the rounds
+    (interference on a shared machine only adds time), ms_median = median of the rounds' medians;
+    a key errored in every round keeps its last error row."""
+    by_key = {}
+    for rows in rounds_rows:
+        for r in rows:
+            by_key.setdefault(key(r), []).append(r)
     out = []
-    for world in worlds:
-        for L in seqs:
-            for hq, hkv in heads:
-                for mask in masks:
-                    causal, layout = (True, "zigzag") if mask == "zigzag" else (False, "contiguous")
-                    for pss in passes:
-                        for alg in ("ring", "token_ring"):
-                            out.append(dict(world=world, seq_len=L, batch=1, heads_q=hq, heads_kv=hkv,
-                                            head_dim=head_dim, dtype="float32", causal=causal, layout=layout,
-                                            pass_=pss, algorithm=alg))
+    for rs in by_key.values():
+        ok = [r for r in rs if not r.get("error") and r.get("ms_min")]
+        if not ok:
+            out.append(rs[-1])
+            continue
+        row = dict(ok[-1])
+        row["ms_min"] = min(float(r["ms_min"]) for r in ok)
+        row["ms_median"] = statistics.median(float(r["ms_median"]) for r in ok)
+        row["iters"] = sum(int(r.get("iters") or 0) for r in ok)
+        row["command"] = f"perf/model.py measure: {len(ok)} round(s) of " + str(ok[-1].get("command", ""))
+        out.append(row)
     return out
 
 
-def _measure_worker(rank, world, init_file, configs, reps, rounds, out_q):
-    """Every config `rounds` times, round-robin, `reps` timed calls each (after one warm-up call
-    per round): other jobs on a shared machine come in bursts, and spreading a config's calls
-    over the whole sweep lets ms_min find an undisturbed one."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    import torch
-    import torch.distributed as dist
-
-    import ringattn
-
-    torch.set_num_threads(1)
-    times = [[] for _ in configs]
-    sent = [None] * len(configs)
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=120))
-        for _ in range(rounds):
-            for i, cfg in enumerate(configs):
-                dtype = getattr(torch, cfg["dtype"])
-                gen = torch.Generator().manual_seed(1)
-                B, L, Hq, Hkv, D = cfg["batch"], cfg["seq_len"], cfg["heads_q"], cfg["heads_kv"], cfg["head_dim"]
-                full = [torch.randn(B, L, h, D, generator=gen, dtype=dtype) for h in (Hq, Hkv, Hkv, Hq)]
-                q, k, v, dout = (ringattn.shard_sequence(x, 1, layout=cfg["layout"]) for x in full)
-                fn = ringattn.ring_attention if cfg["algorithm"] == "ring" else ringattn.token_ring_attention
-                kw = dict(causal=cfg["causal"], layout=cfg["layout"])
-
-                def once():
-                    if cfg["pass_"] == "fwd":
-                        with torch.no_grad():
-                            fn(q, k, v, **kw)
-                    else:
-                        qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
-                        fn(qq, kk, vv, **kw).backward(dout)
-
-                with ringattn.comm_stats() as st:
-                    once()  # warm-up, and the bytes of one call
-                for _ in range(reps):
-                    dist.barrier()
-                    t0 = time.perf_counter()
-                    once()
-                    dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-                    dist.all_reduce(dt, op=dist.ReduceOp.MAX)  # the call lasts until its last rank is done
-                    times[i].append(float(dt))
-                b = torch.tensor([st.sent_bytes, st.recv_bytes], dtype=torch.int64)
-                dist.all_reduce(b, op=dist.ReduceOp.MAX)
-                sent[i] = (int(b[0]), int(b[1]))
-        rows = [dict(cfg, ms_median=statistics.median(ts) * 1e3, ms_min=min(ts) * 1e3, sent_bytes_max=sb[0],
-                     recv_bytes_max=sb[1], calls=len(ts)) for cfg, ts, sb in zip(configs, times, sent)]
-        if rank == 0:
-            out_q.put(("ok", rows))
-        dist.destroy_process_group()
-    except BaseException:  # noqa: BLE001
-        out_q.put(("error", traceback.format_exc()))
-
-
-def measure(configs, reps: int, timeout: float, rounds: int = 1):
-    import torch
-
-    rows = []
-    for world in sorted({c["world"] for c in configs}):
-        mine = [c for c in configs if c["world"] == world]
-        got = _spawn(_measure_worker, world, (mine, reps, rounds), timeout=timeout)
-        for r in got:
-            rows.append(dict(date=_now(), device=f"cpu ({platform.processor() or platform.machine()}, "
-                                                  f"{os.cpu_count()} cores)", torch=torch.__version__,
-                             transport="gloo", algorithm=r["algorithm"], resolved_algorithm=r["algorithm"],
-                             world=world, seq_len=r["seq_len"], batch=r["batch"], heads_q=r["heads_q"],
-                             heads_kv=r["heads_kv"], head_dim=r["head_dim"], dtype=r["dtype"], causal=r["causal"],
-                             layout=r["layout"], **{"pass": r["pass_"]}, ms_median=round(r["ms_median"], 4),
-                             ms_min=round(r["ms_min"], 4), tflops_per_rank="", sent_bytes_max=r["sent_bytes_max"],
-                             recv_bytes_max=r["recv_bytes_max"], compute_only_ms="", overlap_fraction="", error=""))
+def measure(out_csv, *, rounds=3, masks=MEASURE_MASKS, **grid):
+    """Real multi-rank runs for `validate`, through perf/sweep.py (the one multi-rank timing
+    harness): `rounds` passes over the grid, each a fresh sweep CSV next to out_csv
+    (out.roundK.MASK.csv, kept), merged into out_csv with sweep's columns. Spreading a config's
+    calls over rounds lets ms_min find an undisturbed one on a busy machine."""
+    sweep = _sweep_module()
+    base = out_csv[:-4] if out_csv.endswith(".csv") else out_csv
+    rounds_rows = []
+    for k in range(rounds):
+        for mask in masks:
+            path = f"{base}.round{k}.{mask}.csv"
+            rc = sweep.main(measure_sweep_argv(path, mask, **grid))
+            if rc:
+                raise SystemExit(f"perf/sweep.py stopped early (round {k}, {mask}); partial rows in {path}")
+            rounds_rows.append(sweep._read_csv(path))
+    rows = merge_rounds(rounds_rows, sweep._key)
+    sweep._write_csv(out_csv, rows)
     return rows
 
 
@@ -699,16 +669,15 @@ def cmd_calibrate(a):
 
 
 def cmd_measure(a):
-    configs = default_measure_configs(a.quick, a.worlds, a.seqs,
-                                      [tuple(int(x) for x in h.split("/")) for h in a.heads] if a.heads else None,
-                                      a.head_dim, a.masks, a.passes)
     if a.wait_idle:
         wait_idle(a.wait_idle, a.max_wait)
-    rows = measure(configs, a.reps, a.timeout, a.rounds)
-    _write_csv(a.out, rows, SWEEP_FIELDS)
+    rows = measure(a.out, rounds=a.rounds, masks=a.masks or MEASURE_MASKS, worlds=a.worlds or MEASURE_WORLDS,
+                   seqs=a.seqs or MEASURE_SEQS, heads=a.heads or MEASURE_HEADS, head_dim=a.head_dim,
+                   passes=a.passes or MEASURE_PASSES, reps=a.reps, timeout=a.timeout, threads=a.threads)
     for r in rows:
         print(f"{r['algorithm']:>10} W={r['world']} L={r['seq_len']} {r['heads_q']}/{r['heads_kv']} "
-              f"{r['layout']:>10} causal={r['causal']!s:5} {r['pass']:>7} {r['ms_median']:9.2f} ms")
+              f"{r['layout']:>10} causal={r['causal']!s:5} {r['pass']:>7} ms_min {float(r['ms_min'] or 'nan'):9.2f}"
+              + (f" ERROR {r['error']}" if r.get("error") else ""))
     print(f"wrote {a.out}")
 
 
@@ -821,8 +790,8 @@ def main(argv=None):
     m.add_argument("--out", required=True)
     m.add_argument("--reps", type=int, default=3, help="timed calls per config and round")
     m.add_argument("--rounds", type=int, default=3, help="passes over the whole config list")
-    m.add_argument("--timeout", type=float, default=900)
-    m.add_argument("--quick", action="store_true")
+    m.add_argument("--timeout", type=float, default=300, help="seconds per configuration (perf/sweep.py --timeout)")
+    m.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     m.add_argument("--worlds", type=int, nargs="+")
     m.add_argument("--seqs", type=int, nargs="+")
     m.add_argument("--heads", nargs="+", help="Hq/Hkv pairs, e.g. 8/8 8/2")

@@ -293,3 +293,58 @@ def test_overlap_fraction_rule():
     assert sweep.overlap_fraction(100.0, 99.0, 99.0, 3.0) is None    # messages below 2 x 2% of the call
     assert sweep.overlap_fraction(100.0, 80.0, 90.0, 30.0) is None   # messages below 2 x the spread (20)
     assert sweep.overlap_fraction(100.0, 99.0, None, 40.0) is None
+
+
+# --- perf/model.py measure: rounds of this sweep, merged ----------------------------------------
+
+def _perf_model():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("perf_model", os.path.join(PERF, "model.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_merge_rounds_takes_min_of_mins_and_median_of_medians():
+    model = _perf_model()
+    base = dict(device="d", transport="gloo", algorithm="ring", world="2", seq_len="64", batch="1", heads_q="2",
+                heads_kv="1", head_dim="16", dtype="float32", causal="True", layout="zigzag", error="", iters="2")
+    rounds = [[dict(base, ms_min="5.0", ms_median="6.0"), dict(base, algorithm="token_ring", error="boom")],
+              [dict(base, ms_min="4.0", ms_median="9.0"), dict(base, algorithm="token_ring", error="boom2")],
+              [dict(base, ms_min="7.0", ms_median="7.5"), dict(base, algorithm="token_ring", ms_min="3.0",
+                                                              ms_median="3.5")]]
+    for r in rounds:
+        for row in r:
+            row["pass"] = "fwd"
+    got = {r["algorithm"]: r for r in model.merge_rounds(rounds, sweep._key)}
+    assert got["ring"]["ms_min"] == 4.0 and got["ring"]["ms_median"] == 7.5 and got["ring"]["iters"] == 6
+    assert got["token_ring"]["ms_min"] == 3.0 and not got["token_ring"]["error"]  # one good round is enough
+    only_err = model.merge_rounds([[dict(base, error="x", **{"pass": "fwd"})]], sweep._key)
+    assert only_err[0]["error"] == "x"
+
+
+def test_model_measure_drives_the_sweep(tmp_path):
+    """`perf/model.py measure` is perf/sweep.py run --rounds times: the merged CSV has sweep's
+    columns, one row per (algorithm, pass), ms_min the min over the kept round CSVs, and
+    `validate` reads it."""
+    out = tmp_path / "runs.csv"
+    cmd = [sys.executable, os.path.join(PERF, "model.py"), "measure", "--out", str(out), "--rounds", "2",
+           "--reps", "1", "--worlds", "2", "--seqs", "96", "--heads", "2/1", "--head-dim", "16",
+           "--masks", "zigzag", "--passes", "fwd", "fwd_bwd", "--timeout", "120"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    fields, rows = _rows(out)
+    assert fields == sweep.COLUMNS
+    assert sorted((x["algorithm"], x["pass"]) for x in rows) == sorted(
+        (a, p) for a in ("ring", "token_ring") for p in ("fwd", "fwd_bwd"))
+    assert not [x["error"] for x in rows if x["error"]]
+    rounds = [_rows(tmp_path / f"runs.round{k}.zigzag.csv")[1] for k in range(2)]
+    for x in rows:
+        assert x["causal"] == "True" and x["layout"] == "zigzag" and x["world"] == "2"
+        mins = [float(y["ms_min"]) for rr in rounds for y in rr if sweep._key(y) == sweep._key(x)]
+        assert len(mins) == 2 and float(x["ms_min"]) == pytest.approx(min(mins), rel=1e-4)
+    v = subprocess.run([sys.executable, os.path.join(PERF, "model.py"), "validate", "--sweep", str(out), "--profile",
+                        os.path.join(ROOT, "perf/results/2026-12-01_cost_model_cpu_profile.json")],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert v.returncode == 0 and "rows 4" in v.stdout, v.stdout[-2000:] + v.stderr[-2000:]
