@@ -7,7 +7,8 @@ Measures, in one process: the device copy bandwidth (one large device-to-device 
 read + written) as the ceiling; merge_attn_states (out of place), merge_attn_states_ (in place,
 fp32 accumulator, bf16 partial) at B=1, H=32, D=128, S in {4k, 16k, 64k}; add_rmsnorm at tokens in
 {1k, 4k, 16k} x hidden in {4096, 8192}; all bf16, each next to the obvious eager-PyTorch
-composition. Timing: warm-up, then CUDA events around every rep, enqueued behind a GPU sleep so
+composition; on CUDA add_rmsnorm also with each vectors-per-thread launch choice forced
+(impl "ringattn[vpt=K]", RINGATTN_ADD_RMSNORM_VPT), so the automatic choice can be judged. Timing: warm-up, then CUDA events around every rep, enqueued behind a GPU sleep so
 Python launch overhead never starves the GPU; median of --reps reps; buffers rotate over enough
 sets (>= 4x the L2 size) that L2 never holds a rep's inputs. Throughput counts the bytes each op
 must move at minimum (reads + writes); "% copy" is that over the measured copy bandwidth.
@@ -190,7 +191,10 @@ def bench_merge(timer, device, S, H, D, dtype, copy_gbps, inplace: bool):
     return _rows(op, shape, dtype, nbytes, t_ours, t_eager, copy_gbps, diff)
 
 
-def bench_add_rmsnorm(timer, device, tokens, hidden, dtype, copy_gbps, eps=1e-6):
+VPT_ENV = "RINGATTN_ADD_RMSNORM_VPT"
+
+
+def bench_add_rmsnorm(timer, device, tokens, hidden, dtype, copy_gbps, eps=1e-6, forced_vpt=True):
     el = torch.tensor([], dtype=dtype).element_size()
     nbytes = 4 * el * tokens * hidden + el * hidden  # x, residual read; y, new_residual written; weight
     sets = []
@@ -206,9 +210,25 @@ def bench_add_rmsnorm(timer, device, tokens, hidden, dtype, copy_gbps, eps=1e-6)
     del y1, y2
     t_ours = timer(lambda i: torch.ops.ringattn.add_rmsnorm.default(*sets[i % k], eps))
     t_eager = timer(lambda i: eager_add_rmsnorm(*sets[i % k], eps))
+    shape = f"tokens={tokens} hidden={hidden}"
+    rows = _rows("add_rmsnorm", shape, dtype, nbytes, t_ours, t_eager, copy_gbps, diff)
+    # The launch choice under test (csrc/cuda/add_rmsnorm.cu choose_vpt): every forced vectors-per-
+    # thread value the row allows, same process and buffers, so the default's pick can be judged.
+    vec = 16 // el
+    if device.type == "cuda" and forced_vpt and hidden % vec == 0:
+        for v in (1, 2, 4):
+            if -(-(hidden // vec) // v) > 512:
+                continue
+            os.environ[VPT_ENV] = str(v)
+            try:
+                t = timer(lambda i: torch.ops.ringattn.add_rmsnorm.default(*sets[i % k], eps))
+            finally:
+                del os.environ[VPT_ENV]
+            gbps = nbytes / t / 1e9
+            rows.append(Row("add_rmsnorm", f"ringattn[vpt={v}]", shape, str(dtype).replace("torch.", ""), nbytes,
+                            t * 1e6, gbps, 100 * gbps / copy_gbps, t_eager / t, None))
     del sets
-    return _rows("add_rmsnorm", f"tokens={tokens} hidden={hidden}", dtype, nbytes, t_ours, t_eager, copy_gbps,
-                 diff)
+    return rows
 
 
 def main(argv=None) -> int:
@@ -218,6 +238,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--reps", type=int, default=None, help="timed reps per measurement (default 100; 5 on CPU)")
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--no-forced-vpt", action="store_true",
+                   help="skip the add_rmsnorm rows with each vectors-per-thread choice forced (CUDA)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     quick = args.quick or device.type != "cuda"
@@ -243,7 +265,8 @@ def main(argv=None) -> int:
     hiddens = [1024, 4096] if quick else [4096, 8192]
     for tokens in token_list:
         for hidden in hiddens:
-            rows += bench_add_rmsnorm(timer, device, tokens, hidden, dtype, copy_gbps)
+            rows += bench_add_rmsnorm(timer, device, tokens, hidden, dtype, copy_gbps,
+                                      forced_vpt=not args.no_forced_vpt)
 
     os.makedirs(args.out, exist_ok=True)
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

@@ -316,6 +316,24 @@ def test_add_rmsnorm_misaligned_and_empty(device, hidden):
     assert y0.shape == (0, hidden) and r0.shape == (0, hidden)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("vpt", ["", "1", "2", "4", "3"])
+@pytest.mark.parametrize("tokens,hidden,dtype", [(1024, 8192, torch.bfloat16), (1024, 4096, torch.bfloat16),
+                                                 (5, 16384, torch.float16), (333, 8192, torch.float32)], ids=str)
+def test_add_rmsnorm_every_launch_choice(monkeypatch, vpt, tokens, hidden, dtype):
+    """The CUDA vector kernel's vectors-per-thread choice (automatic from occupancy, or forced by
+    RINGATTN_ADD_RMSNORM_VPT; invalid values fall back to automatic) never changes the result
+    beyond the dtype tolerance, and new_residual stays bit-exact."""
+    monkeypatch.setenv("RINGATTN_ADD_RMSNORM_VPT", vpt)
+    g = _gen("cuda", 12)
+    x, residual, weight = make_norm_inputs((tokens,), hidden, dtype, dtype, "cuda", gen=g)
+    y, new_res = ops.add_rmsnorm(x, residual, weight, 1e-6)
+    ref_y, ref_res = ref_add_rmsnorm(x, residual, weight, 1e-6)
+    assert torch.equal(new_res, ref_res)
+    _assert_close(y, ref_y, dtype, f"y (vpt={vpt or 'auto'})")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_add_rmsnorm_out_matches_functional(device, dtype):

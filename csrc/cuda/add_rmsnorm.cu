@@ -6,15 +6,25 @@
 // a group of threads, each holding VPT 16-byte vectors of the row in registers, so x and residual
 // are read once and y / new_residual written once (the DRAM minimum). The sum of squares is a
 // warp-shuffle reduction (plus one shared-memory step when a row spans several warps). Small rows
-// pack several rows per 256-thread block so the SMs stay full. Anything else (odd hidden, fp64,
+// pack several rows per 256-thread block so the SMs stay full. Vectors per thread (1, 2 or 4) are
+// chosen from the occupancy the device reports for each instantiation (see choose_vpt): the
+// default is the fewest vectors that keep a row within 256 threads, and another choice is taken
+// only when it fills the last wave of resident blocks clearly better (1024 x 8192 bf16 on an H100:
+// 3 blocks of 256 threads per SM at 80 registers -> 2.6 waves, the measured 76% of copy
+// bandwidth; 512 threads at 2 vectors -> 3.9 waves). RINGATTN_ADD_RMSNORM_VPT=1|2|4 forces a choice
+// where it is valid (benchmarks compare them). Anything else (odd hidden, fp64,
 // misaligned pointers, hidden > 16k at 16 bits) takes the general kernel: scalar loads, and the second pass
 // re-reads new_residual (its own writes, from L2) instead of holding the row in registers.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <torch/all.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
 #include <type_traits>
 
 #include "../ops.h"
@@ -134,6 +144,76 @@ dim3 row_block(int64_t lanes) {
   return dim3(static_cast<unsigned>((lanes + 31) / 32 * 32), 1);
 }
 
+template <typename T, typename W, int VPT>
+void launch_vec(dim3 grid, dim3 block, cudaStream_t stream, T* py, T* pn, const T* px, const T* pr, const W* pw,
+                uint32_t rows, int hidden, float eps) {
+  add_rmsnorm_vec_kernel<T, W, 16 / sizeof(T), VPT><<<grid, block, 0, stream>>>(py, pn, px, pr, pw, rows, hidden, eps);
+}
+
+// Resident blocks per SM of add_rmsnorm_vec_kernel<T, W, VEC, VPT> at `threads` threads, as the
+// driver reports it (registers decide); cached per (device, threads / 32).
+template <typename T, typename W, int VPT>
+int blocks_per_sm(int device, int threads) {
+  static std::atomic<int> cache[64][17] = {};
+  const int slot = threads / 32;
+  if (device < 0 || device >= 64 || slot > 16) return 1;
+  int n = cache[device][slot].load(std::memory_order_relaxed);
+  if (n == 0) {
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &n, add_rmsnorm_vec_kernel<T, W, 16 / sizeof(T), VPT>, threads, 0));
+    n = std::max(n, 1);
+    cache[device][slot].store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
+// Fraction of the resident-block slots that do work, summed over the waves `rows` rows take.
+double wave_efficiency(int64_t rows, int64_t rows_per_wave) {
+  const int64_t waves = (rows + rows_per_wave - 1) / rows_per_wave;
+  return static_cast<double>(rows) / static_cast<double>(waves * rows_per_wave);
+}
+
+// Vectors per thread for a row of `nvec` 16-byte vectors (0: the row is too long for the vector
+// kernel). Candidates keep a block within 512 threads (the kernel's launch bound).
+template <typename T, typename W>
+int choose_vpt(int64_t nvec, int64_t rows, int device) {
+  const auto lanes = [&](int v) { return (nvec + v - 1) / v; };
+  int dflt = 0;
+  for (int cand : {1, 2, 4}) {
+    if (lanes(cand) <= 256) {
+      dflt = cand;
+      break;
+    }
+  }
+  if (dflt == 0 && lanes(4) <= 512) dflt = 4;
+  if (dflt == 0) return 0;
+  const auto valid = [&](int v) { return (v == 1 || v == 2 || v == 4) && lanes(v) <= 512; };
+  if (const char* env = std::getenv("RINGATTN_ADD_RMSNORM_VPT")) {
+    const int forced = std::atoi(env);
+    if (valid(forced)) return forced;
+  }
+  const int sms = at::cuda::getDeviceProperties(device)->multiProcessorCount;
+  const auto efficiency = [&](int v) {
+    const dim3 b = row_block(lanes(v));
+    const int threads = static_cast<int>(b.x * b.y);
+    const int per_sm = v == 1 ? blocks_per_sm<T, W, 1>(device, threads)
+                              : v == 2 ? blocks_per_sm<T, W, 2>(device, threads) : blocks_per_sm<T, W, 4>(device, threads);
+    return wave_efficiency(rows, int64_t(per_sm) * sms * b.y);
+  };
+  int best = dflt;
+  double best_eff = efficiency(dflt);
+  const double dflt_eff = best_eff;
+  for (int cand : {1, 2, 4}) {
+    if (cand == dflt || !valid(cand)) continue;
+    const double e = efficiency(cand);
+    if (e > best_eff) {
+      best = cand;
+      best_eff = e;
+    }
+  }
+  return best_eff > dflt_eff + 0.05 ? best : dflt;  // only a clear gain moves off the default
+}
+
 template <typename T, typename W>
 void launch_add_rmsnorm(const at::Tensor& y, const at::Tensor& new_res, const at::Tensor& x,
                         const at::Tensor& residual, const at::Tensor& weight, double eps) {
@@ -156,28 +236,19 @@ void launch_add_rmsnorm(const at::Tensor& y, const at::Tensor& new_res, const at
     const int64_t nvec = hidden / VEC;
     const bool vec_ok = hidden % VEC == 0 && aligned(py, 16) && aligned(pn, 16) && aligned(px, 16) &&
                         aligned(pr, 16) && aligned(pw, std::min<int64_t>(16, VEC * sizeof(W)));
-    // Fewest vectors per thread that keep a row within 256 threads (512 for the largest rows:
-    // hidden <= 16k at 16 bits); larger rows take the general kernel.
-    int vpt = 0;
-    for (int cand : {1, 2, 4}) {
-      if ((nvec + cand - 1) / cand <= 256) {
-        vpt = cand;
-        break;
-      }
-    }
-    if (vpt == 0 && (nvec + 3) / 4 <= 512) vpt = 4;
-    if (vec_ok && vpt != 0) {
+    const int vpt = vec_ok ? choose_vpt<T, W>(nvec, rows, x.get_device()) : 0;
+    if (vpt != 0) {
       const dim3 block = row_block((nvec + vpt - 1) / vpt);
       const dim3 grid(static_cast<unsigned>((rows + block.y - 1) / block.y));
       const uint32_t nrows = static_cast<uint32_t>(rows);
       const int h = static_cast<int>(hidden);
       const float e = static_cast<float>(eps);
       if (vpt == 1) {
-        add_rmsnorm_vec_kernel<T, W, VEC, 1><<<grid, block, 0, stream>>>(py, pn, px, pr, pw, nrows, h, e);
+        launch_vec<T, W, 1>(grid, block, stream, py, pn, px, pr, pw, nrows, h, e);
       } else if (vpt == 2) {
-        add_rmsnorm_vec_kernel<T, W, VEC, 2><<<grid, block, 0, stream>>>(py, pn, px, pr, pw, nrows, h, e);
+        launch_vec<T, W, 2>(grid, block, stream, py, pn, px, pr, pw, nrows, h, e);
       } else {
-        add_rmsnorm_vec_kernel<T, W, VEC, 4><<<grid, block, 0, stream>>>(py, pn, px, pr, pw, nrows, h, e);
+        launch_vec<T, W, 4>(grid, block, stream, py, pn, px, pr, pw, nrows, h, e);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
