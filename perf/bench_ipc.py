@@ -13,8 +13,9 @@ is one full hop (latency), not a pipelined stream. Per message size:
   rank 0 while the other ranks wait at a barrier. The transport copies twice (into the peer's
   inbox, then out to the recv tensor), so about half the baseline GB/s is its ceiling.
 After each size every rank checks it holds the bytes that started (hops) ranks upstream.
-Writes OUT/bench_ipc.csv and OUT/bench_ipc.json; prints a table last. A hung world is killed
-after --timeout seconds and reported as an error row, never a hang.
+Writes OUT/bench_ipc.csv and OUT/bench_ipc.json after each world (a run cut short keeps the
+worlds it finished); prints a table last. A hung world is killed after --timeout seconds and
+reported as an error row, never a hang.
 """
 from __future__ import annotations
 
@@ -154,13 +155,29 @@ def run_world(world: int, args: dict) -> dict:
     return {"status": outcome[0], "data": outcome[1]}
 
 
+def _write(out: str, rows, errors, meta, device_name: str, mps: bool) -> None:
+    fields = ["world", "nbytes", "us_per_step", "host_us_per_step", "GBps", "baseline_us", "baseline_GBps", "vs_baseline", "ok", "sync", "error"]
+    with open(os.path.join(out, "bench_ipc.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: row.get(k, "") for k in fields})
+    with open(os.path.join(out, "bench_ipc.json"), "w") as f:
+        json.dump({
+            "command": " ".join(sys.argv), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": device_name, "torch": torch.__version__, "mps": mps, "worlds": meta, "rows": rows, "errors": errors,
+        }, f, indent=1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="folder for bench_ipc.csv / bench_ipc.json")
     ap.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--slots", type=int, default=2)
-    ap.add_argument("--sync", default=None, choices=[None, "auto", "memops", "triton"])
-    ap.add_argument("--check", default=None, choices=[None, "device", "host", "none"])
+    ap.add_argument("--sync", default=None, choices=["auto", "memops", "triton"],
+                    help="flag mechanism (default: RINGATTN_IPC_SYNC or auto)")
+    ap.add_argument("--check", default=None, choices=["device", "host", "none"],
+                    help="header check (default: RINGATTN_IPC_CHECK or device)")
     ap.add_argument("--quick", action="store_true", help="fewer sizes and steps")
     ap.add_argument("--timeout", type=float, default=240.0, help="seconds per world before it is killed")
     a = ap.parse_args()
@@ -175,12 +192,16 @@ def main() -> None:
     mps = bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY")) and os.path.exists(
         os.path.join(os.environ.get("CUDA_MPS_PIPE_DIRECTORY", ""), "control")
     )
+    # Several transports' streams must not share hardware queues (see ringattn.transport.cuda_ipc);
+    # the spawned ranks inherit this before they start CUDA.
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
     rows, errors, meta = [], [], {}
     for world in a.worlds:
         res = run_world(world, args)
         if res["status"] != "ok":
             errors.append(f"world {world}: {res['data']}")
             rows.append({"world": world, "nbytes": -1, "error": res["data"].strip().splitlines()[-1][:200]})
+            _write(a.out, rows, errors, meta, device_name, mps)
             continue
         meta[world] = {"sync": res["data"]["sync"], "slots": res["data"]["slots"]}
         per_rank = res["data"]["ranks"]
@@ -196,17 +217,7 @@ def main() -> None:
                 "ok": all(x["ok"] for x in r), "error": "; ".join(x["check_detail"] for x in r if not x["ok"]),
                 "sync": res["data"]["sync"],
             })
-    fields = ["world", "nbytes", "us_per_step", "host_us_per_step", "GBps", "baseline_us", "baseline_GBps", "vs_baseline", "ok", "sync", "error"]
-    with open(os.path.join(a.out, "bench_ipc.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        for row in rows:
-            w.writerow({k: row.get(k, "") for k in fields})
-    with open(os.path.join(a.out, "bench_ipc.json"), "w") as f:
-        json.dump({
-            "command": " ".join(sys.argv), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": device_name, "torch": torch.__version__, "mps": mps, "worlds": meta, "rows": rows, "errors": errors,
-        }, f, indent=1)
+        _write(a.out, rows, errors, meta, device_name, mps)
     for e in errors:
         print(f"ERROR {e}", file=sys.stderr)
     print(f"\nCudaIpcTransport ring shift on one {device_name} (MPS {'on' if mps else 'off'}); baseline = same-process D2D copy")

@@ -2,62 +2,154 @@
 # The ONE GPU script: on a machine with a CUDA GPU it builds the CUDA extension, runs the GPU
 # tests and the GPU benchmarks, writes everything into OUT_DIR and prints a short table last.
 #
-#   bash scripts/gpu_check.sh OUT_DIR            # e.g. on the lent H100: bash scripts/gpu_check.sh $OUT
+#   bash scripts/gpu_check.sh OUT_DIR            # e.g. on the lent H100/H200: bash scripts/gpu_check.sh $OUT
+#   GPU_CHECK_DRY_RUN=1 bash scripts/gpu_check.sh /tmp/dry   # anywhere (no GPU): parse every command
+#   bash scripts/gpu_check.sh --source-hash      # the hash GPU_CHECK_PREBUILT's stamp must hold
 #
-# Env: PYTHON (default python3: the interpreter that has torch), TORCH_CUDA_ARCH_LIST (default:
-# the local GPU's arch), GPU_CHECK_SKIP_BENCH=1 to run the tests only, GPU_CHECK_SKIP_TESTS=1 the
-# benchmarks only (a second call when the budget cut them), GPU_CHECK_TESTS (pytest
-# selection, default all GPU tests), GPU_CHECK_BUDGET_S (default 480: seconds for everything after
-# the build; each step is capped, see run_step). Results: OUT_DIR/summary.txt (the table), OUT_DIR/results.tgz
-# (test log + every benchmark's CSV/JSON). Exit code: non-zero when a test failed.
+# Env: PYTHON (default python3: the interpreter that has torch; its own pip builds, nothing is
+# downloaded), TORCH_CUDA_ARCH_LIST (default: the local GPU's arch), GPU_CHECK_SKIP_BENCH=1 to
+# run the tests only, GPU_CHECK_SKIP_TESTS=1 the benchmarks only (a second call when the budget
+# cut them), GPU_CHECK_TESTS (pytest selection, default all GPU tests), GPU_CHECK_BUDGET_S
+# (default 540: seconds for EVERYTHING, the build included, so that one 600 s device call ends
+# with its table written; each step is capped, see run_step), GPU_CHECK_BUILD_CAP (default 300 s).
+# GPU_CHECK_PREBUILT=FILE: a ringattn/_C.abi3.so built elsewhere for this machine's torch (e.g.
+# carried in .carry/); it is used when FILE.sources.sha256 holds `--source-hash` of this checkout
+# and it loads with CUDA kernels, else the extension is built here (a CUDA build takes minutes).
+# GPU_CHECK_DRY_RUN=1: no build, no MPS; each step's command is checked instead of run (pytest
+# --collect-only; the perf scripts parse their arguments and exit), to prove every command line
+# matches its script's options.
+# Results: OUT_DIR/summary.txt (the table), OUT_DIR/results.tgz (build and test logs + every
+# benchmark's CSV/JSON). Exit code: non-zero when the build or a test failed or the tests did
+# not run.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+src_hash() { (cat setup.py; find csrc -type f | LC_ALL=C sort | xargs cat) | sha256sum | cut -d' ' -f1; }
+if [ "${1:-}" = "--source-hash" ]; then src_hash; exit 0; fi
+
+t_start=$(date +%s)  # the budget counts from here: the build is part of it
+BUDGET_S="${GPU_CHECK_BUDGET_S:-540}"
+DRY="${GPU_CHECK_DRY_RUN:-0}"
 OUT="$(mkdir -p "${1:-${OUT:-$ROOT/perf/out/gpu}}" && cd "${1:-${OUT:-$ROOT/perf/out/gpu}}" && pwd)"
 RES="$OUT/results"
 mkdir -p "$RES"
-cd "$ROOT"
 PY="${PYTHON:-python3}"
-export PYTHONUNBUFFERED=1
+# Imports find ringattn in this checkout in every process (pytest, spawned ranks, perf scripts).
+export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# Stream memory waits (CudaIpcTransport) park a hardware work queue; streams beyond
+# CUDA_DEVICE_MAX_CONNECTIONS (default 8) share queues, so give every stream its own.
+export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-32}"
 log() { echo "[gpu_check $(date +%H:%M:%S)] $*"; }
+left_s() { echo $(( BUDGET_S - ($(date +%s) - t_start) )); }
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$RES/device.txt"
-"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" | tee -a "$RES/device.txt"
-
-if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
-  TORCH_CUDA_ARCH_LIST="$("$PY" -c "import torch; c=torch.cuda.get_device_capability(); print(f'{c[0]}.{c[1]}' + ('a' if c[0] == 9 else ''))")"
-  export TORCH_CUDA_ARCH_LIST
-fi
-export RINGATTN_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}"
-log "building ringattn._C for $TORCH_CUDA_ARCH_LIST"
-t0=$(date +%s)
-if ! "$PY" -m pip install -q --no-build-isolation --no-deps -e . >"$RES/build.log" 2>&1; then
-  tail -40 "$RES/build.log"; log "BUILD FAILED"; exit 1
-fi
-build_s=$(( $(date +%s) - t0 ))
-log "built in ${build_s}s"
-
-# MPS lets ranks that share this one GPU run kernels concurrently (design.md).
-export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps CUDA_MPS_LOG_DIRECTORY=/tmp/mpslog
-mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-mps_started=0
-if command -v nvidia-cuda-mps-control >/dev/null 2>&1 && nvidia-cuda-mps-control -d 2>/dev/null; then mps_started=1; fi
-stop_mps() { [ "$mps_started" = 1 ] && echo quit | nvidia-cuda-mps-control; }
-trap stop_mps EXIT
-
-# Time budget: a lent GPU session has ~15 minutes of device time in all, one command at most 10.
-# Every step after the build runs under `timeout` with min(its cap, what is left of
-# GPU_CHECK_BUDGET_S), in priority order (what has never run on a GPU first), so the whole script
-# ends inside the budget and still writes its table; a step cut short says so in the summary.
-BUDGET_S="${GPU_CHECK_BUDGET_S:-480}"
-t_start=$(date +%s)
+build_s=0 build_note="not built" mps_started=0 mps_note="off" test_rc=0
+tests_line="skipped (GPU_CHECK_SKIP_TESTS=1)"
 step_notes=()
+
+finish() {  # finish EXIT_CODE: results.tgz + summary.txt (also after a failed build), then exit
+  tar czf "$OUT/results.tgz" -C "$OUT" results
+  {
+    echo "== ringattn gpu_check $(date -u +%Y-%m-%dT%H:%MZ)$([ "$DRY" = 1 ] && echo ' DRY RUN') =="
+    echo "build: ${build_s}s for ${TORCH_CUDA_ARCH_LIST:-?} ($build_note); MPS: $mps_note; CUDA_DEVICE_MAX_CONNECTIONS=$CUDA_DEVICE_MAX_CONNECTIONS"
+    echo "tests: $tests_line"
+    [ ${#step_notes[@]} -gt 0 ] && printf 'step: %s\n' "${step_notes[@]}"
+    echo "total: $(( $(date +%s) - t_start ))s of a ${BUDGET_S}s budget"
+    for f in "$RES"/bench_*.txt; do
+      [ -f "$f" ] || continue
+      echo "-- $(basename "$f" .txt) (last lines; full CSV/JSON in results.tgz)"
+      tail -n "${GPU_CHECK_TABLE_LINES:-25}" "$f"
+    done
+  } | tee "$OUT/summary.txt"
+  rm -rf "$RES"
+  exit "$1"
+}
+
+if [ "$DRY" = 1 ]; then
+  echo "dry run on $(uname -n): no GPU used" | tee "$RES/device.txt"
+else
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$RES/device.txt"
+  "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" | tee -a "$RES/device.txt"
+  if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+    TORCH_CUDA_ARCH_LIST="$("$PY" -c "import torch; c=torch.cuda.get_device_capability(); print(f'{c[0]}.{c[1]}' + ('a' if c[0] == 9 else ''))")"
+    export TORCH_CUDA_ARCH_LIST
+  fi
+fi
+
+# ---- build (or a prebuilt extension) -------------------------------------------------------------
+HAS_CUDA_OPS="import torch, ringattn; assert torch._C._dispatch_has_kernel_for_dispatch_key('ringattn::merge_attn_states_', 'CUDA'), 'ringattn._C was built without its CUDA kernels'"
+export RINGATTN_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}"
+if [ "$DRY" = 1 ]; then
+  build_note="dry run"
+else
+  t0=$(date +%s)
+  pre="${GPU_CHECK_PREBUILT:-}"
+  if [ -n "$pre" ] && [ -f "$pre" ] && [ "$(cat "$pre.sources.sha256" 2>/dev/null)" = "$(src_hash)" ]; then
+    cp "$pre" ringattn/_C.abi3.so
+    if "$PY" -c "$HAS_CUDA_OPS" >"$RES/build.log" 2>&1; then build_note="prebuilt $pre"
+    else log "prebuilt $pre does not load here; building"; rm -f ringattn/_C.abi3.so; pre=""; fi
+  elif [ -n "$pre" ]; then
+    log "prebuilt $pre missing or its sources stamp differs from this checkout; building"; pre=""
+  fi
+  if [ -z "$pre" ]; then
+    cap="${GPU_CHECK_BUILD_CAP:-300}"; lim=$(left_s); [ "$cap" -lt "$lim" ] && lim=$cap
+    log "building ringattn._C for $TORCH_CUDA_ARCH_LIST with $PY (limit ${lim}s)"
+    if timeout --kill-after=10 "$lim" "$PY" -m pip install -q --no-build-isolation --no-deps --no-index -e . >"$RES/build.log" 2>&1 \
+       && "$PY" -c "$HAS_CUDA_OPS" >>"$RES/build.log" 2>&1; then
+      build_note="pip install -e"
+    else
+      tail -40 "$RES/build.log"; build_s=$(( $(date +%s) - t0 )); build_note="FAILED (results/build.log)"
+      log "BUILD FAILED"; tests_line="not run (build failed)"; finish 1
+    fi
+  fi
+  build_s=$(( $(date +%s) - t0 ))
+  log "ringattn._C ready in ${build_s}s ($build_note)"
+fi
+
+# ---- MPS: ranks that share this one GPU run kernels concurrently (design.md) ----------------------
+stop_mps() { if [ "$mps_started" = 1 ]; then echo quit | nvidia-cuda-mps-control; fi; }
+trap stop_mps EXIT
+if [ "$DRY" != 1 ] && command -v nvidia-cuda-mps-control >/dev/null 2>&1; then
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps CUDA_MPS_LOG_DIRECTORY=/tmp/mpslog
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  if nvidia-cuda-mps-control -d 2>"$RES/mps.log"; then mps_started=1; mps_note="on"
+  elif [ -p "$CUDA_MPS_PIPE_DIRECTORY/control" ]; then mps_note="on (daemon already running)"
+  else mps_note="off (nvidia-cuda-mps-control -d failed, results/mps.log)"; fi
+  if [ "$mps_note" != "${mps_note#on}" ]; then
+    # A client that cannot reach the MPS server gets no GPU at all: check one, else run without.
+    if ! timeout 90 "$PY" -c "import torch; x = torch.ones(1, device='cuda'); torch.cuda.synchronize(); assert x.item() == 1" >>"$RES/mps.log" 2>&1; then
+      stop_mps; mps_started=0; mps_note="off (a CUDA client failed under MPS, results/mps.log)"
+    fi
+  fi
+  if [ "$mps_note" = "${mps_note#on}" ]; then unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY; fi
+  log "MPS: $mps_note"
+fi
+
+# ---- steps under the budget ---------------------------------------------------------------------
+# Every step runs under `timeout` (it signals the whole process group, spawned ranks too) with
+# min(its cap, what is left of GPU_CHECK_BUDGET_S), in priority order (what has never run on a GPU
+# first), so the whole script ends inside the budget and still writes its table; a step cut short
+# says so in the summary.
+ARGCHECK='import argparse, runpy, sys
+_parse = argparse.ArgumentParser.parse_args
+def parse_args(self, args=None, namespace=None):
+    ns = _parse(self, args, namespace)
+    print("arguments parse:", sys.argv[0], vars(ns))
+    raise SystemExit(0)
+argparse.ArgumentParser.parse_args = parse_args
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")'
 run_step() {  # run_step NAME CAP_S LOGFILE CMD...
   local name="$1" cap="$2" logf="$3"; shift 3
-  local left=$(( BUDGET_S - ($(date +%s) - t_start) ))
+  local left; left=$(left_s)
   if [ "$left" -lt 20 ]; then step_notes+=("$name: SKIPPED (budget spent)"); log "skip $name (budget)"; return 0; fi
-  local lim=$(( cap < left ? cap : left )) t0=$(date +%s) rc
-  log "$name (limit ${lim}s)"
-  timeout --signal=TERM --kill-after=15 "$lim" "$@" 2>&1 | tee "$logf" | tail -40
+  local lim=$(( cap < left ? cap : left )) t0; t0=$(date +%s)
+  local cmd=("$@") rc
+  if [ "$DRY" = 1 ]; then
+    if [ "${cmd[1]:-}" = "-m" ] && [ "${cmd[2]:-}" = "pytest" ]; then cmd+=(--collect-only -q)
+    elif [[ "${cmd[1]:-}" == *.py ]]; then cmd=("${cmd[0]}" -c "$ARGCHECK" "${cmd[@]:1}"); fi
+  fi
+  log "$name (limit ${lim}s): ${*}"
+  timeout --signal=TERM --kill-after=15 "$lim" "${cmd[@]}" 2>&1 | tee "$logf" | tail -40
   rc=${PIPESTATUS[0]}
   local took=$(( $(date +%s) - t0 ))
   if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then step_notes+=("$name: CUT at ${lim}s (partial results)")
@@ -65,13 +157,19 @@ run_step() {  # run_step NAME CAP_S LOGFILE CMD...
   return "$rc"
 }
 
-test_rc=0 tests_line="skipped (GPU_CHECK_SKIP_TESTS=1)"
 if [ "${GPU_CHECK_SKIP_TESTS:-0}" != 1 ]; then
+  # --timeout: pytest-timeout (in the image); each test's own deadlines sit below it.
   run_step "GPU tests" "${GPU_CHECK_TEST_CAP:-240}" "$RES/gpu_tests.log" \
     "$PY" -m pytest -q -ra -m gpu ${GPU_CHECK_TESTS:-tests} -p no:cacheprovider --timeout=180 \
     --junitxml="$RES/gpu_tests.xml"
   test_rc=$?
-  tests_line="$(grep -E "passed|failed|error" "$RES/gpu_tests.log" | tail -1)"
+  if [ -f "$RES/gpu_tests.log" ] && [ "$DRY" = 1 ]; then
+    tests_line="dry run: $(awk -F': ' '/^tests\/.*: [0-9]+$/ {n += $2} END {print n + 0}' "$RES/gpu_tests.log") GPU tests collected"
+  elif [ -f "$RES/gpu_tests.log" ]; then
+    tests_line="$(grep -E "passed|failed|error|selected|collected" "$RES/gpu_tests.log" | tail -1)"
+  else
+    tests_line="NOT RUN (budget spent before the tests)"; test_rc=3
+  fi
 fi
 
 if [ "${GPU_CHECK_SKIP_BENCH:-0}" != 1 ]; then
@@ -86,22 +184,11 @@ if [ "${GPU_CHECK_SKIP_BENCH:-0}" != 1 ]; then
     run_step "$name" "$cap" "$RES/$name.txt" "$PY" "perf/$name.py" --out "$RES"
   done
   # PNGs of what was measured, into results.tgz (best effort: matplotlib may be missing there).
-  for csvf in "$RES/sweep.csv" "$RES/bench_tokenweave_fused.csv"; do
-    [ -f "$csvf" ] && { "$PY" perf/plot.py "$csvf" --out "$RES" >/dev/null 2>&1 || log "no plot for $csvf"; }
-  done
+  if [ "$DRY" != 1 ]; then
+    for csvf in "$RES/sweep.csv" "$RES/bench_tokenweave_fused.csv"; do
+      [ -f "$csvf" ] && { "$PY" perf/plot.py "$csvf" --out "$RES" >/dev/null 2>&1 || log "no plot for $csvf"; }
+    done
+  fi
 fi
 
-tar czf "$OUT/results.tgz" -C "$OUT" results
-{
-  echo "== ringattn gpu_check $(date -u +%Y-%m-%dT%H:%MZ) =="
-  echo "build: ${build_s}s for $TORCH_CUDA_ARCH_LIST; MPS: $mps_started"
-  echo "tests: $tests_line"
-  printf 'step: %s\n' "${step_notes[@]}"
-  for f in "$RES"/bench_*.txt; do
-    [ -f "$f" ] || continue
-    echo "-- $(basename "$f" .txt) (last lines; full CSV/JSON in results.tgz)"
-    tail -n "${GPU_CHECK_TABLE_LINES:-25}" "$f"
-  done
-} | tee "$OUT/summary.txt"
-rm -rf "$RES"
-exit "$test_rc"
+finish "$test_rc"

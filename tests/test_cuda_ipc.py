@@ -2,12 +2,14 @@
 
 Two tiers (style rule 10):
 - always (CPU): import and the documented errors without CUDA; the whole protocol (buffer
-  offsets, sequence numbers, slot acks, size/dtype headers, byte counters, every error) run by
-  the host simulation backend over real gloo processes (2, 3, 4 ranks).
+  offsets, sequence numbers and their u32 wraparound, slot acks, size/dtype headers, byte
+  counters, every error) run by the host simulation backend over real gloo processes (2, 3, 4
+  ranks); the header packing and the cyclic compare against int32 arithmetic.
 - gpu (`pytest -m gpu tests/test_cuda_ipc.py`, run by scripts/gpu_check.sh, ideally under MPS):
   2 and 4 real processes on cuda:0 with the real backend: ring shifts, bidirectional pairs,
-  back-to-back steps with varying sizes and dtypes and a collective reserve() growth, exact byte
-  equality, byte counters, the errors, the host never blocking in wait().
+  back-to-back steps with varying sizes and dtypes and a collective reserve() growth, message
+  numbers crossing 2^32, exact byte equality, byte counters, the errors, the host never blocking
+  in wait(); memops must pass their probes on local and on IPC-mapped memory.
 
 Every exchange compares bytes (random payloads, so NaN bit patterns compare exactly) and a
 mismatch names the rank, step, peer, dtype, shape and first differing byte. Every multi-process
@@ -16,6 +18,7 @@ raises TimeoutError with the flag state of the stuck rank.
 """
 from __future__ import annotations
 
+import os
 import time
 import types
 
@@ -46,6 +49,11 @@ _SCHEDULE = [
 ]
 _CAP0 = 64 * 1024  # first reserve(); grown to _CAP1 half way
 _CAP1 = 256 * 1024
+# Deadlines, nested so that the innermost one reports a hang: the transport's host waits (they
+# raise TimeoutError with the flag state) < DistPool.run (kills and respawns the world) < the
+# pytest-timeout of scripts/gpu_check.sh (--timeout=180, which would leave a hung pool behind).
+_HOST_WAIT_S = 30
+_GPU_RUN_S = 150
 
 
 # ---- helpers that run inside the worker processes ----------------------------------------------
@@ -54,7 +62,7 @@ _CAP1 = 256 * 1024
 def _make(backend: str, slots: int = 2, nbytes: int | None = None, check: str | None = None, sync: str | None = None):
     if backend == "cuda":
         torch.cuda.set_device(0)
-        return CudaIpcTransport(device=torch.device("cuda", 0), slots=slots, nbytes=nbytes, check=check, sync=sync, timeout_s=60)
+        return CudaIpcTransport(device=torch.device("cuda", 0), slots=slots, nbytes=nbytes, check=check, sync=sync, timeout_s=_HOST_WAIT_S)
     return CudaIpcTransport(slots=slots, nbytes=nbytes, check=check, _backend="host-sim", timeout_s=60)
 
 
@@ -110,11 +118,31 @@ def _peers(pattern: str, rank: int, world: int):
     raise ValueError(pattern)
 
 
-def _exchange_worker(backend: str, pattern: str, steps: int, slots: int, seed: int, sync: str | None = None, grow: bool = True):
+def _start_sequences_at(t: CudaIpcTransport, base: int) -> None:
+    """Put the transport in the state it has after `base` messages each way per ordered pair (all
+    drained): the sequence counters, and the ready/ack words of this rank's buffer (slot k holds
+    the last message m <= base with (m - 1) % slots == k). Collective (barrier)."""
+    L, S = t._layout, t.slots
+    for j in range(t.world_size):
+        t._send_seq[j] = t._recv_seq[j] = base
+        for k in range(S):
+            m = base - ((base - 1 - k) % S)
+            for off in (L.ready(j, k), L.ack(j, k)):
+                t._buf[off : off + 4].view(torch.int32).fill_(cuda_ipc._i32(m))
+    if t._buf.is_cuda:
+        torch.cuda.synchronize()
+    dist.barrier()
+
+
+def _exchange_worker(backend: str, pattern: str, steps: int, slots: int, seed: int, sync: str | None = None,
+                     grow: bool = True, seq_base: int | None = None):
     rank, world = dist.get_rank(), dist.get_world_size()
     dev = _device(backend)
     t = _make(backend, slots=slots, nbytes=_CAP0 - 100 * rank, sync=sync)  # ranks disagree: the max wins
     assert t.capacity == _CAP0, t.capacity
+    if seq_base is not None:  # the u32 sequence numbers wrap around during this run
+        assert not grow, "reserve() restarts the sequence numbers"
+        _start_sequences_at(t, seq_base)
     dsts, srcs = _peers(pattern, rank, world)
 
     def plan(step, capacity):
@@ -155,7 +183,7 @@ def _exchange_worker(backend: str, pattern: str, steps: int, slots: int, seed: i
         for b in send_bufs:
             b.fill_(step & 0xFF)  # overwrite right after wait(): a late send read would show it
         received.append(recv_step)
-    t.synchronize(timeout_s=60)
+    t.synchronize(timeout_s=_HOST_WAIT_S)
     for step in range(steps):
         for k, s in enumerate(srcs):
             dtype, shape = plan(step, caps[step])
@@ -200,7 +228,7 @@ def _errors_worker(backend: str):
     y = torch.empty_like(x)
     for w in t.batch_isend_irecv([dist.P2POp(dist.isend, x + rank, nxt), dist.P2POp(dist.irecv, y, prv)]):
         w.wait()
-    t.synchronize(timeout_s=60)
+    t.synchronize(timeout_s=_HOST_WAIT_S)
     _assert_same_bytes(y, (torch.arange(16, dtype=torch.float32) + prv), f"rank {rank} ring step after errors")
     assert t.bytes_sent[nxt] == 64 and t.bytes_received[prv] == 64
     t.close()
@@ -227,11 +255,11 @@ def _outstanding_worker(backend: str):
         got = [torch.empty(8, device=dev) for _ in range(slots + 1)]
         for w in t.batch_isend_irecv([dist.P2POp(dist.irecv, g, 0) for g in got]):
             w.wait()
-        t.synchronize(timeout_s=60)
+        t.synchronize(timeout_s=_HOST_WAIT_S)
         for i in range(slots):
             _assert_same_bytes(got[i], torch.full((8,), float(i + 1)), f"rank 1 message {i}")
         _assert_same_bytes(got[slots], torch.full((8,), 10.0), "rank 1 message after the refusal")
-    t.synchronize(timeout_s=60)
+    t.synchronize(timeout_s=_HOST_WAIT_S)
     t.close()
     return "ok"
 
@@ -256,15 +284,16 @@ def _mismatch_worker(backend: str, kind: str):
         with pytest.raises(ValueError, match=pattern) as e:
             t.batch_isend_irecv([dist.P2POp(dist.irecv, y, 0)])
         msg = str(e.value)
-    t.synchronize(timeout_s=60)
+    t.synchronize(timeout_s=_HOST_WAIT_S)
     t.close()
     return msg
 
 
 def _memops_worker():
-    """Which flag mechanism works here: the stream memory ops are the intended one."""
+    """Which flag mechanism works here: the stream memory ops are the intended one, on local
+    memory (construction probe) and on the peers' IPC-mapped buffers (reserve's probe)."""
     try:
-        t = _make("cuda", sync="memops")
+        t = _make("cuda", sync="memops", nbytes=4096)
     except RuntimeError as e:
         return f"memops unavailable: {e}"
     detail = t.sync_detail
@@ -288,12 +317,12 @@ def _host_never_blocks_worker():
         host_s = time.monotonic() - t0
         assert not works[0].is_completed(), "the recv completed before rank 1 sent"
         dist.barrier()  # tell rank 1 to send
-        t.synchronize(timeout_s=60)
+        t.synchronize(timeout_s=_HOST_WAIT_S)
         assert host_s < 0.5, f"posting + wait() blocked the host for {host_s:.3f} s"
         got = [torch.empty_like(x)]
         for w in t.batch_isend_irecv([dist.P2POp(dist.irecv, got[0], 1)]):
             w.wait()
-        t.synchronize(timeout_s=60)
+        t.synchronize(timeout_s=_HOST_WAIT_S)
         _assert_same_bytes(z, got[0] * 2, "rank 0 y*2 after a late send")
     else:
         dist.barrier()
@@ -301,7 +330,7 @@ def _host_never_blocks_worker():
         for _ in range(2):
             for w in t.batch_isend_irecv([dist.P2POp(dist.isend, x, 0)]):
                 w.wait()
-        t.synchronize(timeout_s=60)
+        t.synchronize(timeout_s=_HOST_WAIT_S)
     t.close()
     return "ok"
 
@@ -331,10 +360,14 @@ def test_sequence_and_layout_arithmetic():
         for r in range(w):
             for k in range(s):
                 spans += [(L.ready(r, k), 4), (L.ack(r, k), 4), (L.hdr(r, k), 8), (L.data(r, k), c)]
+            spans.append((L.probe(r), 8))
         spans.sort()
         assert all(a + n <= b for (a, n), (b, _) in zip(spans, spans[1:])), "regions overlap"
         assert spans[-1][0] + spans[-1][1] == L.total
         assert all(L.hdr(r, k) % 8 == 0 and L.data(r, k) % 512 == 0 for r in range(w) for k in range(s))
+        assert all(L.probe(r) % 8 == 0 and L.probe(r) + 8 <= L.flags_bytes for r in range(w))
+        flags = [x for x in spans if x[0] < L.flags_bytes]  # share() zeroes exactly these bytes
+        assert all(a + n <= L.flags_bytes for a, n in flags) and len(flags) == w * (3 * s + 1)
     h = cuda_ipc._header(12345, torch.bfloat16)
     assert cuda_ipc._describe_header(h) == "12345 bytes of bfloat16"
     codes = [cuda_ipc._dtype_code(d) for d in cuda_ipc._KNOWN_DTYPES]
@@ -369,6 +402,46 @@ def test_sim_slots1_and_self_send(dist_pool):
     dist_pool(3).run(_exchange_worker, "host-sim", "self", 8, 1, 3, timeout=240)
 
 
+@pytest.mark.parametrize("world_size,pattern,slots", [(3, "ring", 1), (2, "bidir", 3)])
+def test_sim_sequence_wraparound(dist_pool, world_size, pattern, slots):
+    """Message numbers cross 2^32 (u32 flags, cyclic >=): slot reuse and acks stay right."""
+    stats = dist_pool(world_size).run(_exchange_worker, "host-sim", pattern, 12, slots, 5, None, False, (1 << 32) - 5, timeout=240)
+    assert all(s["capacity"] == _CAP0 for s in stats)
+
+
+def test_header_packing_and_cyclic_compare():
+    """The 64-bit header as the two u32 flag writes land, and the wait's cyclic compare."""
+    for d in cuda_ipc._KNOWN_DTYPES:
+        for n in (0, 1, 12345, (1 << 48) - 1):
+            h = cuda_ipc._header(n, d)
+            assert 0 <= h < (1 << 63), (d, n, h)  # the device compares it as a signed int64
+            word = torch.zeros(8, dtype=torch.uint8)
+            word[0:4].view(torch.int32).fill_(cuda_ipc._i32(h & cuda_ipc._MASK32))
+            word[4:8].view(torch.int32).fill_(cuda_ipc._i32(h >> 32))
+            assert int(word.view(torch.int64).item()) == h
+            assert cuda_ipc._describe_header(h) == f"{n} bytes of {str(d).replace('torch.', '')}"
+    # _seq_reached is what the Triton kernel computes: int32 subtraction, sign test.
+    vals = [0, 1, 2, 5, (1 << 31) - 1, 1 << 31, (1 << 31) + 1, (1 << 32) - 2, (1 << 32) - 1]
+    for cur in vals:
+        for target in vals:
+            d = torch.tensor([cuda_ipc._i32(cur)], dtype=torch.int32) - cuda_ipc._i32(target)  # wraps
+            assert cuda_ipc._seq_reached(cur, target) == bool(d.item() >= 0), (cur, target)
+    # A slot's flag still holds message s - slots (or s - 1 in the other slot): never ">= s".
+    for s in [1 << 32, (1 << 32) + 1, (1 << 32) + 7]:
+        for back in (1, 2, 4):
+            assert not cuda_ipc._seq_reached((s - back) & cuda_ipc._MASK32, s & cuda_ipc._MASK32)
+        assert cuda_ipc._seq_reached(s & cuda_ipc._MASK32, s & cuda_ipc._MASK32)
+
+
+def test_choice_validation(monkeypatch):
+    with pytest.raises(ValueError, match=r"sync='bogus' \(from argument\)"):
+        cuda_ipc._env_choice("bogus", "RINGATTN_IPC_SYNC", "auto", cuda_ipc._SYNC_KINDS, "sync")
+    monkeypatch.setenv("RINGATTN_IPC_CHECK", "loud")
+    with pytest.raises(ValueError, match=r"check='loud' \(from RINGATTN_IPC_CHECK\)"):
+        cuda_ipc._env_choice(None, "RINGATTN_IPC_CHECK", "device", cuda_ipc._CHECK_KINDS, "check")
+    assert cuda_ipc._env_choice(None, "RINGATTN_IPC_SYNC_UNSET", "auto", cuda_ipc._SYNC_KINDS, "sync") == "auto"
+
+
 def test_sim_errors(dist_pool):
     assert dist_pool(3).run(_errors_worker, "host-sim", timeout=120) == ["ok"] * 3
 
@@ -393,6 +466,9 @@ def gpu_pool():
     """Pools of their own, so the CPU tests' workers never create CUDA contexts."""
 
     def get(world_size: int) -> DistPool:
+        # More hardware queues than streams in use, before the workers start CUDA (see the
+        # module docstring of ringattn.transport.cuda_ipc, "Hardware queues").
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
         if world_size not in _GPU_POOLS:
             _GPU_POOLS[world_size] = DistPool(world_size, pg_timeout_s=120)
         return _GPU_POOLS[world_size]
@@ -407,7 +483,7 @@ def gpu_pool():
 @needs_cuda
 def test_gpu_stream_memops_work(gpu_pool):
     """cuStreamWaitValue32/WriteValue32 through ctypes pass the probe (else "auto" uses Triton)."""
-    out = gpu_pool(2).run(_memops_worker, timeout=180)
+    out = gpu_pool(2).run(_memops_worker, timeout=_GPU_RUN_S)
     assert all(o.startswith("memops ok") for o in out), out
     print(out[0])
 
@@ -417,7 +493,7 @@ def test_gpu_stream_memops_work(gpu_pool):
 @pytest.mark.parametrize("world_size", [2, 4])
 @pytest.mark.parametrize("pattern", ["ring", "bidir"])
 def test_gpu_exchange(gpu_pool, world_size, pattern):
-    stats = gpu_pool(world_size).run(_exchange_worker, "cuda", pattern, 40, 2, 11, timeout=300)
+    stats = gpu_pool(world_size).run(_exchange_worker, "cuda", pattern, 40, 2, 11, timeout=_GPU_RUN_S)
     assert all(s["capacity"] == _CAP1 for s in stats)
     print(f"world={world_size} {pattern}: sync={stats[0]['sync']} ({stats[0]['sync_detail']}) bytes_sent(rank0)={stats[0]['bytes_sent']}")
 
@@ -425,14 +501,21 @@ def test_gpu_exchange(gpu_pool, world_size, pattern):
 @gpu
 @needs_cuda
 def test_gpu_slots1_and_self_send(gpu_pool):
-    gpu_pool(2).run(_exchange_worker, "cuda", "self", 20, 1, 5, timeout=300)
+    gpu_pool(2).run(_exchange_worker, "cuda", "self", 20, 1, 5, timeout=_GPU_RUN_S)
+
+
+@gpu
+@needs_cuda
+def test_gpu_sequence_wraparound(gpu_pool):
+    """Message numbers cross 2^32 on the device (cuStreamWaitValue32's cyclic >=, or Triton's)."""
+    gpu_pool(2).run(_exchange_worker, "cuda", "bidir", 12, 2, 9, None, False, (1 << 32) - 5, timeout=_GPU_RUN_S)
 
 
 @gpu
 @needs_cuda
 def test_gpu_triton_fallback(gpu_pool):
     pytest.importorskip("triton")
-    stats = gpu_pool(2).run(_exchange_worker, "cuda", "bidir", 12, 2, 13, "triton", timeout=300)
+    stats = gpu_pool(2).run(_exchange_worker, "cuda", "bidir", 12, 2, 13, "triton", timeout=_GPU_RUN_S)
     assert stats[0]["sync"] == "triton"
 
 
@@ -440,24 +523,24 @@ def test_gpu_triton_fallback(gpu_pool):
 @needs_cuda
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_gpu_errors(gpu_pool, world_size):
-    assert gpu_pool(world_size).run(_errors_worker, "cuda", timeout=180) == ["ok"] * world_size
+    assert gpu_pool(world_size).run(_errors_worker, "cuda", timeout=_GPU_RUN_S) == ["ok"] * world_size
 
 
 @gpu
 @needs_cuda
 def test_gpu_outstanding_limit(gpu_pool):
-    assert gpu_pool(2).run(_outstanding_worker, "cuda", timeout=180) == ["ok"] * 2
+    assert gpu_pool(2).run(_outstanding_worker, "cuda", timeout=_GPU_RUN_S) == ["ok"] * 2
 
 
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("kind", ["dtype", "size"])
 def test_gpu_mismatch(gpu_pool, kind):
-    out = gpu_pool(2).run(_mismatch_worker, "cuda", kind, timeout=180)
+    out = gpu_pool(2).run(_mismatch_worker, "cuda", kind, timeout=_GPU_RUN_S)
     assert out[0] is None and "transport is unusable" in out[1]
 
 
 @gpu
 @needs_cuda
 def test_gpu_wait_never_blocks_host(gpu_pool):
-    assert gpu_pool(2).run(_host_never_blocks_worker, timeout=180) == ["ok"] * 2
+    assert gpu_pool(2).run(_host_never_blocks_worker, timeout=_GPU_RUN_S) == ["ok"] * 2

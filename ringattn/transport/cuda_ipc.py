@@ -37,9 +37,10 @@ Protocol (push model; all synchronisation is device-side):
 Each rank owns one buffer, shared with every peer once per `reserve` through
 `torch.multiprocessing.reductions.reduce_tensor` handles (all_gather_object on the gloo group):
 
-    [ready u32 [W][S] | ack u32 [W][S] | hdr i64 [W][S] | pad | data [W][S][capacity]]
+    [ready u32 [W][S] | ack u32 [W][S] | hdr i64 [W][S] | probe u32 [W][2] | pad | data [W][S][capacity]]
 
-ready/hdr/data[src][slot] are written by rank src, ack[dst][slot] by rank dst. Message s
+ready/hdr/data[src][slot] are written by rank src, ack[dst][slot] by rank dst, probe[src] by rank
+src (at each `reserve`, to check the flag ops on the IPC-mapped peer buffers, see below). Message s
 (s = 1, 2, ... per ordered pair, u32 with cyclic comparison) uses slot (s - 1) % S.
 Sender (send stream, after waiting on the caller's stream):
     if s > S: wait   my.ack[dst][slot] >= s - S          (receiver has drained the slot)
@@ -56,6 +57,19 @@ cuStreamWaitValue32 (CU_STREAM_WAIT_VALUE_GEQ is a cyclic >=), called through ct
 libcuda.so.1; if the driver refuses them, tiny Triton kernels do the same (release store /
 acquire spin), see `sync=`. Every op records an event on its side stream; `work.wait()` makes the
 caller's current stream wait on it.
+
+Flag mechanism checks: at construction a write/wait/write probe on local memory picks the
+mechanism (cached per process and device); at each `reserve` every rank repeats the probe on its
+own probe words in every peer's IPC-mapped buffer. If the driver refuses the stream memory ops
+there (an error at enqueue) and sync="auto", this rank switches to the Triton kernels: both
+mechanisms act on the same u32 words (release store / acquire load), so ranks may differ.
+
+Hardware queues: a stream parked on cuStreamWaitValue32 blocks its hardware work queue, and
+streams beyond CUDA_DEVICE_MAX_CONNECTIONS (default 8) share queues, so an unrelated stream of
+this process (another transport's send, the compute stream) can be held behind a flag wait (the
+driver documents that memop-only orderings can deadlock the scheduler this way). Set
+CUDA_DEVICE_MAX_CONNECTIONS=32 before CUDA starts when several transports are in use at once
+(scripts/gpu_check.sh does); every transport uses 2 streams (send, recv).
 """
 from __future__ import annotations
 
@@ -149,9 +163,12 @@ class _Layout:
     def hdr(self, src: int, slot: int) -> int:  # i64, written by src
         return 8 * (self.world * self.slots + self._i(src, slot))
 
+    def probe(self, src: int) -> int:  # 2 x u32, written (and waited on) by src only
+        return 16 * self.world * self.slots + 8 * src
+
     @property
     def flags_bytes(self) -> int:
-        return _round_up(16 * self.world * self.slots, _ALIGN)
+        return _round_up(16 * self.world * self.slots + 8 * self.world, _ALIGN)
 
     def data(self, src: int, slot: int) -> int:
         return self.flags_bytes + self._i(src, slot) * self.capacity
@@ -389,35 +406,78 @@ def _poll_events(events, timeout_s: float, on_timeout) -> None:
         pause = min(pause * 2, 1e-3)
 
 
-def _probe_sync(sync, device: torch.device, timeout_s: float) -> None:
-    """Enqueue write / wait / write on a scratch stream and check the values landed."""
-    probe = torch.zeros(4, dtype=torch.int32, device=device)
+class _DriverRefused(RuntimeError):
+    """The flag mechanism failed when an op was enqueued (a driver/launch error), not by hanging."""
+
+
+# Probe tensors and streams of failed probes: a stream stuck on a probe wait may still execute
+# its later write, so neither may be freed (and the memory reused) afterwards.
+_STUCK_PROBES: list = []
+_PROBE_STREAMS: dict = {}  # device index -> the stream every probe there runs on (until one fails)
+
+
+def _probe_stream(device: torch.device):
+    if device.index not in _PROBE_STREAMS:
+        _PROBE_STREAMS[device.index] = _private_stream(device, high_priority=False)
+    return _PROBE_STREAMS[device.index]
+
+
+def _probe_sync(sync, device: torch.device, timeout_s: float, words=None) -> None:
+    """Enqueue write / wait / write on a scratch stream and check the values landed.
+
+    words: (uint8 tensor, byte offset) pairs of 8 bytes each (default: a fresh local tensor);
+    the probe writes 0xFFFFFFF0 (unsigned round trip), waits for it, then writes 7 after it.
+    """
+    if words is None:
+        words = [(torch.zeros(8, dtype=torch.uint8, device=device), 0)]
     torch.cuda.current_stream(device).synchronize()
-    raw = probe.view(torch.uint8)
-    stream = _private_stream(device, high_priority=False)  # if the probe hangs, only it is stuck
-    big = 0xFFFFFFF0  # checks the unsigned 32-bit round trip
-    sync.write(stream, raw, 0, big)
-    sync.wait_geq(stream, raw, 0, big)
-    sync.write(stream, raw, 4, 7)
+    stream = _probe_stream(device)  # a stream of its own: if the probe hangs, only it is stuck
+    big = 0xFFFFFFF0
+
+    def retire():  # never reuse or free what a stuck probe may still touch
+        _STUCK_PROBES.append((words, stream))
+        _PROBE_STREAMS.pop(device.index, None)
+
+    try:
+        for t, off in words:
+            sync.write(stream, t, off, big)
+            sync.wait_geq(stream, t, off, big)
+            sync.write(stream, t, off + 4, 7)
+    except Exception as e:  # noqa: BLE001 - re-raised with its kind
+        retire()
+        raise _DriverRefused(f"{sync.kind}: enqueueing the probe failed: {type(e).__name__}: {e}") from e
     ev = torch.cuda.Event()
     ev.record(stream)
 
     def fail():
+        retire()
         raise RuntimeError(f"{sync.kind}: a write followed by a wait on it did not complete in {timeout_s:.0f} s")
 
     _poll_events([ev], timeout_s, fail)
-    got = probe.cpu().tolist()
-    if got[:2] != [_i32(big), 7]:
-        raise RuntimeError(f"{sync.kind}: probe flags read back {got[:2]}, expected {[_i32(big), 7]}")
+    for t, off in words:
+        got = t[off : off + 8].view(torch.int32).cpu().tolist()
+        if got != [_i32(big), 7]:
+            raise RuntimeError(f"{sync.kind}: probe flags read back {got}, expected {[_i32(big), 7]}")
+
+
+_SYNC_CACHE: dict = {}
+
+
+def _get_sync(kind: str, device: torch.device, timeout_s: float):
+    """The flag mechanism `kind` ("memops"/"triton"), probed once per process and device."""
+    key = (kind, device.index)
+    if key not in _SYNC_CACHE:
+        sync = _MemopsSync(device) if kind == "memops" else _TritonSync(device)
+        _probe_sync(sync, device, timeout_s)
+        _SYNC_CACHE[key] = sync
+    return _SYNC_CACHE[key]
 
 
 def _select_sync(kind: str, device: torch.device, timeout_s: float):
     errors = []
     for k in ("memops", "triton") if kind == "auto" else (kind,):
         try:
-            sync = _MemopsSync(device) if k == "memops" else _TritonSync(device)
-            _probe_sync(sync, device, timeout_s)
-            return sync
+            return _get_sync(k, device, timeout_s)
         except Exception as e:  # noqa: BLE001 - collected into one message below
             errors.append(f"{k}: {type(e).__name__}: {e}")
     raise RuntimeError(f"CudaIpcTransport: no device-side flag mechanism works on {device}: " + " | ".join(errors))
@@ -432,8 +492,10 @@ class _CudaBackend:
 
     def __init__(self, device: torch.device, sync_kind: str, timeout_s: float):
         self.device = device
+        self.sync_kind = sync_kind
+        self.probe_timeout_s = min(timeout_s, 30.0)
         with torch.cuda.device(device):
-            self.sync = _select_sync(sync_kind, device, min(timeout_s, 30.0))
+            self.sync = _select_sync(sync_kind, device, self.probe_timeout_s)
         props = torch.cuda.get_device_properties(device)
         self.device_id = str(getattr(props, "uuid", "")) or f"{props.name}:{getattr(props, 'pci_bus_id', device.index)}"
 
@@ -511,6 +573,27 @@ class _CudaBackend:
                 peers.append(t)
             torch.cuda.current_stream(self.device).synchronize()  # the rebuilds' event waits
         return buf, peers
+
+    def probe_mapped(self, peers, rank: int, layout: "_Layout") -> str | None:
+        """Repeat the flag probe on this rank's probe words in every peer's IPC-mapped buffer.
+
+        Returns a note when this rank switched from memops to Triton (sync="auto" and the
+        driver refused the memory ops on mapped memory at enqueue); raises otherwise on failure.
+        """
+        words = [(t, layout.probe(rank)) for j, t in enumerate(peers) if j != rank]
+        if not words:
+            return None
+        with torch.cuda.device(self.device):
+            try:
+                _probe_sync(self.sync, self.device, self.probe_timeout_s, words)
+                return None
+            except _DriverRefused as e:
+                if self.sync_kind != "auto" or self.sync.kind != "memops":
+                    raise RuntimeError(f"CudaIpcTransport: flag ops on the peers' IPC-mapped buffers fail: {e}") from e
+                first = str(e)
+            self.sync = _get_sync("triton", self.device, self.probe_timeout_s)
+            _probe_sync(self.sync, self.device, self.probe_timeout_s, words)
+        return f"memops refused on IPC-mapped memory ({first}); using triton"
 
     def release(self):
         torch.cuda.ipc_collect()
@@ -611,6 +694,9 @@ class _HostSimBackend:
         os.unlink(path)
         return buf, peers
 
+    def probe_mapped(self, peers, rank, layout):
+        return None
+
     def release(self):
         pass
 
@@ -676,7 +762,9 @@ class CudaIpcTransport:
             flight to one receiver before it waits (device-side) for the receiver to drain one.
         nbytes: if given, `reserve(nbytes)` right away (collective).
         sync: "memops" (cuStreamWaitValue32/WriteValue32), "triton" (spin kernels), or "auto"
-            (memops, else triton); default env RINGATTN_IPC_SYNC or "auto".
+            (memops, else triton; probed once per process, and again on the peers' mapped
+            buffers at each reserve, where "auto" may switch a rank to triton); default env
+            RINGATTN_IPC_SYNC or "auto".
         check: how a recv checks the sender's size+dtype header: "device" (async device assert:
             a mismatch kills the CUDA context - under MPS possibly every client's - but data is
             never silently wrong; rerun with "host" to see which message), "host" (the host
@@ -742,7 +830,7 @@ class CudaIpcTransport:
             with torch.cuda.device(device):
                 self._send_stream = self._backend.new_stream()
                 self._recv_stream = self._backend.new_stream()
-                self._debug_stream = self._backend.new_stream(high_priority=False)  # only reads flags
+            self._debug_stream = None  # made on first use (debug_state): fewer streams in use
         else:
             self._backend = _HostSimBackend(self.timeout_s)
             self._send_stream = self._recv_stream = self._debug_stream = _SimStream()
@@ -792,6 +880,10 @@ class CudaIpcTransport:
         )
         self._layout = layout
         self._reset_protocol()
+        note = self._backend.probe_mapped(self._peer_bufs, self.rank, layout)
+        if note is not None:  # this rank's flag ops now run as Triton kernels (peers may differ)
+            self.sync = self._backend.sync.kind
+            self.sync_detail = f"{self._backend.sync.detail}; {note}"
         return capacity
 
     def close(self) -> None:
@@ -1012,6 +1104,8 @@ class CudaIpcTransport:
         if self._buf is None:
             return lines[0] + " (no buffers: reserve() not called)"
         L = self._layout
+        if self._debug_stream is None:  # only reads flags; its own so it never queues behind a wait
+            self._debug_stream = self._backend.new_stream(high_priority=False)
         host = self._backend.read_bytes(self._buf[: L.flags_bytes], self._debug_stream, 2.0)
         for j, g in enumerate(self._global_ranks):
             line = f"  rank {g}: posted sends->{self._send_seq[j]} recvs<-{self._recv_seq[j]}"
