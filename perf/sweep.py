@@ -906,6 +906,9 @@ def main(argv=None):
     ap.add_argument("--retry-errors", action="store_true", help="drop existing error rows and run them again")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    # ipc: a stream blocked in cuStreamWaitValue32 blocks its hardware queue; with more streams
+    # than queues (CUDA's default is 8) other streams could sit behind it (ringattn/transport).
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
     preset = dict(DEFAULTS, **PRESETS.get(args.preset, {}))
     for name, value in preset.items():
         if getattr(args, name, None) is None:

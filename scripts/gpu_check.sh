@@ -9,7 +9,7 @@
 # Env: PYTHON (default python3: the interpreter that has torch; its own pip builds, nothing is
 # downloaded), TORCH_CUDA_ARCH_LIST (default: the local GPU's arch), GPU_CHECK_SKIP_BENCH=1 to
 # run the tests only, GPU_CHECK_SKIP_TESTS=1 the benchmarks only (a second call when the budget
-# cut them), GPU_CHECK_TESTS (pytest selection, default all GPU tests), GPU_CHECK_BUDGET_S
+# cut them), GPU_CHECK_TESTS (pytest selection, default all GPU tests, the never-yet-run ones first), GPU_CHECK_BUDGET_S
 # (default 540: seconds for EVERYTHING, the build included, so that one 600 s device call ends
 # with its table written; each step is capped, see run_step), GPU_CHECK_BUILD_CAP (default 300 s).
 # GPU_CHECK_PREBUILT=FILE: a ringattn/_C.abi3.so built elsewhere for this machine's torch (e.g.
@@ -157,10 +157,15 @@ run_step() {  # run_step NAME CAP_S LOGFILE CMD...
   return "$rc"
 }
 
+# Order: what never ran on a GPU first (IPC transport, sequence parallel over IPC, TokenWeave),
+# then the op and block-attention tests that passed on the H100 on 2026-11-22, then the rest; a
+# budget cut then loses the least new information.
+first="tests/test_cuda_ipc.py tests/test_sequence_parallel.py tests/test_fused_allreduce_rmsnorm.py tests/test_tokenweave_layer.py tests/test_ops.py tests/test_block_attention.py"
+DEFAULT_TESTS="$first $(for f in tests/test_*.py; do case " $first " in *" $f "*) ;; *) printf '%s ' "$f";; esac; done)"
 if [ "${GPU_CHECK_SKIP_TESTS:-0}" != 1 ]; then
   # --timeout: pytest-timeout (in the image); each test's own deadlines sit below it.
   run_step "GPU tests" "${GPU_CHECK_TEST_CAP:-240}" "$RES/gpu_tests.log" \
-    "$PY" -m pytest -q -ra -m gpu ${GPU_CHECK_TESTS:-tests} -p no:cacheprovider --timeout=180 \
+    "$PY" -m pytest -q -ra -m gpu ${GPU_CHECK_TESTS:-$DEFAULT_TESTS} -p no:cacheprovider --timeout=180 \
     --junitxml="$RES/gpu_tests.xml"
   test_rc=$?
   if [ -f "$RES/gpu_tests.log" ] && [ "$DRY" = 1 ]; then
