@@ -233,6 +233,66 @@ def test_bad_input_fused_path_reports_not_hangs(kind):
         assert out[1] == "skipped" and "barrier timeout" in out[0] and "peer 1" in out[0], out
 
 
+def _w_fake_symm_workspace(kind):
+    """_Workspace over a fake torch symmetric-memory module (CPU tensors stand in for the device
+    allocation): what every rank raises or sees, never one rank blocked in a collective.
+      alloc:   rank 1's allocation fails (out of memory): every rank raises before the rendezvous
+               (in torch the rendezvous is a collective: rank 0 would block there).
+      offsets: the buffers sit at different offsets inside their allocations: every rank raises
+               (the kernel adds this rank's offsets to every peer's base pointer).
+      pooled:  the same nonzero offset on every rank, multicast available: no multimem (torch's
+               multicast_ptr already includes the handle's offset, buffer_ptrs do not)."""
+    r, world = dist.get_rank(), dist.get_world_size()
+    keep = []
+
+    class FakeSymmetricMemory:
+        signal_pad_size = 1 << 16
+
+        @staticmethod
+        def empty_strided_p2p(size, stride, dtype, device):
+            if kind == "alloc" and r == 1:
+                raise RuntimeError("CUDA out of memory (fake)")
+            off = 64 * (r + 1) if kind == "offsets" else (64 if kind == "pooled" else 0)
+            alloc = torch.zeros(size[0] + off, dtype=dtype)
+            keep.append(alloc)
+            return alloc[off:]
+
+    class FakeHandle:
+        def __init__(self):
+            self.rank, self.world_size = r, world
+            self.buffer_ptrs = [keep[-1].data_ptr()] * world  # only this rank's entry is read here
+            self.buffer_ptrs_dev = self.signal_pad_ptrs_dev = 1
+            self.multicast_ptr = 0xDEAD0000
+
+    class FakeSymm:
+        _SymmetricMemory = FakeSymmetricMemory
+
+        @staticmethod
+        def rendezvous(tensor, group):
+            if kind == "alloc":
+                raise AssertionError(f"rank {r} entered the rendezvous although rank 1's allocation failed")
+            return FakeHandle()
+
+    real = far._symm_module
+    far._symm_module = lambda: FakeSymm
+    try:
+        ws = far._Workspace(dist.group.WORLD, torch.device("cpu"), 1 << 12, "cuda")
+        return f"ok multicast_ptr={ws.multicast_ptr:#x} base_offset={ws.base_offset}"
+    except Exception as e:  # noqa: BLE001 - the test compares every rank's outcome
+        return f"{type(e).__name__}: {e}"
+    finally:
+        far._symm_module = real
+
+
+def test_workspace_rendezvous_agreement_fake_symm():
+    out = get_pool(2).run(_w_fake_symm_workspace, "alloc")
+    assert all("allocation of 8192 bytes failed: rank 1: RuntimeError: CUDA out of memory" in o for o in out), out
+    out = get_pool(2).run(_w_fake_symm_workspace, "offsets")
+    assert all("offsets inside their allocations differ across ranks" in o for o in out), out
+    out = get_pool(2).run(_w_fake_symm_workspace, "pooled")
+    assert all(o == "ok multicast_ptr=0x0 base_offset=64" for o in out), out
+
+
 def _w_config_mismatch():
     cfg = TokenWeaveConfig(path="allreduce", max_ctas=2 + dist.get_rank())
     try:

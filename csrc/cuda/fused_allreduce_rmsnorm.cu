@@ -171,9 +171,26 @@ __device__ __forceinline__ Pack<T, VEC> load_cg(const T* p) {
   return out;
 }
 
+// Stores as one 16-byte / 4-byte / 2-byte access (st.global.cg, like the loads: L2, no L1). A
+// plain struct copy (`*(Pack*)p = v`), and even a uint4 store of the memcpy'd pack, came out of
+// nvcc as 2- and 4-byte stores for 2-byte types (seen in the PTX): up to 8 NVLink writes per 16
+// bytes on the peer stores. __stcg is inline PTX, so the width is fixed.
 template <typename T, int VEC>
 __device__ __forceinline__ void store(T* p, const Pack<T, VEC>& v) {
-  *reinterpret_cast<Pack<T, VEC>*>(p) = v;
+  if constexpr (sizeof(T) * VEC == 16) {
+    uint4 raw;
+    memcpy(&raw, &v, 16);
+    __stcg(reinterpret_cast<uint4*>(p), raw);
+  } else if constexpr (sizeof(T) * VEC == 4) {
+    unsigned int raw;
+    memcpy(&raw, &v, 4);
+    __stcg(reinterpret_cast<unsigned int*>(p), raw);
+  } else {
+    static_assert(sizeof(T) * VEC == 2, "pack must be 2, 4 or 16 bytes");
+    unsigned short raw;
+    memcpy(&raw, &v, 2);
+    __stcg(reinterpret_cast<unsigned short*>(p), raw);
+  }
 }
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -246,8 +263,10 @@ struct KernelArgs {
 
 // T: I/O dtype; Wt: weight dtype (T or float); VEC: elements per access (16 bytes, or 1);
 // PER: accesses per thread per row. Rows [begin, end) are dealt out rows_per_block at a time.
+// __launch_bounds__(512, 1): up to 128 registers. With the bare (512) bound ptxas capped some sm_90a
+// instances (fp32, the scalar path) at 64 registers and spilled up to 1.1 KB per thread.
 template <typename T, typename Wt, int VEC, int PER>
-__global__ void __launch_bounds__(kMaxThreads) fused_allreduce_rmsnorm_kernel(KernelArgs a) {
+__global__ void __launch_bounds__(kMaxThreads, 1) fused_allreduce_rmsnorm_kernel(KernelArgs a) {
   __shared__ float s_red[kMaxThreads / 32 * (kMaxThreads / 32)];
   __shared__ int32_t s_code;
   const int rank = a.barrier.rank, world = a.barrier.world_size;
@@ -340,7 +359,7 @@ __global__ void __launch_bounds__(kMaxThreads) fused_allreduce_rmsnorm_kernel(Ke
       }
     }
     // 3) normalise and store y (to every peer, or locally for one-shot)
-    const float inv = 1.f / sqrtf(group_sum(ss, s_red, a.group) / float(H) + a.eps);
+    const float inv = rsqrtf(group_sum(ss, s_red, a.group) / float(H) + a.eps);  // as add_rmsnorm
 #pragma unroll
     for (int it = 0; it < PER; ++it) {
       const int64_t col = (int64_t(it) * a.group + lane) * VEC;
@@ -408,12 +427,12 @@ void fused_allreduce_rmsnorm_cuda_(const at::Tensor& local_in, at::Tensor& y_out
   const LaunchShape shape = launch_shape(H, local_in.element_size());
   const bool vec = shape.vec > 1;
   if (vec) {
-    TORCH_CHECK(in_offset % 16 == 0 && out_offset % 16 == 0 && res_offset % 16 == 0,
-                "region offsets must be 16-byte aligned");
-    TORCH_CHECK(aligned16(residual.data_ptr()) && aligned16(residual_out.data_ptr()) && aligned16(y_out.data_ptr()),
-                "residual, residual_out and y_out must be 16-byte aligned (hidden * element size is a multiple of 16)");
+    RINGATTN_CHECK(in_offset % 16 == 0 && out_offset % 16 == 0 && res_offset % 16 == 0,
+                   "region offsets must be 16-byte aligned, got in/out/res ", in_offset, "/", out_offset, "/", res_offset);
+    RINGATTN_CHECK(aligned16(residual.data_ptr()) && aligned16(residual_out.data_ptr()) && aligned16(y_out.data_ptr()),
+                   "residual, residual_out and y_out must be 16-byte aligned (hidden * element size is a multiple of 16)");
   }
-  TORCH_CHECK(!multimem || vec, "multimem mode needs hidden * element size % 16 == 0");
+  RINGATTN_CHECK(!multimem || vec, "multimem mode needs hidden * element size % 16 == 0, got hidden ", H);
   const int64_t blocks = effective_blocks(num_blocks, T, int(world_size), one_shot, shape.rows_per_block);
 
   KernelArgs args;
@@ -460,7 +479,7 @@ void fused_allreduce_rmsnorm_cuda_(const at::Tensor& local_in, at::Tensor& y_out
           // 8 x 16-byte accesses per thread only for 4-byte types (hidden > 8192); 2-byte types at
           // hidden <= 16384 need at most 4, so that instance is never built for them.
           if constexpr (sizeof(T_) == 4) fused_allreduce_rmsnorm_kernel<T_, W_, kVec, 8><<<grid, block, 0, stream>>>(args);
-          else TORCH_CHECK(false, "fused_allreduce_rmsnorm: no launch shape for hidden ", H);
+          else RINGATTN_CHECK(false, "fused_allreduce_rmsnorm: no launch shape for hidden ", H);
           break;
       }
     };

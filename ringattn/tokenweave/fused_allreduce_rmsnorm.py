@@ -232,9 +232,12 @@ def _symm_empty(nbytes: int, device: torch.device) -> torch.Tensor:
     implicit symmetric-memory pool, whose kernels use the same pad words)."""
     symm = _symm_module()
     try:
-        return symm._SymmetricMemory.empty_strided_p2p((nbytes,), (1,), torch.uint8, device)
-    except (AttributeError, TypeError, RuntimeError):
+        fn = symm._SymmetricMemory.empty_strided_p2p
+    except AttributeError:  # no private allocation in this torch: the pool (shared pad; no multimem)
         return symm.empty(nbytes, dtype=torch.uint8, device=device)
+    # An allocation failure (e.g. out of memory) raises: falling back to the implicit pool would
+    # share its signal pad with torch's own symmetric-memory kernels.
+    return fn((nbytes,), (1,), torch.uint8, device)
 
 
 def _torch_version() -> tuple[int, int]:
@@ -313,20 +316,45 @@ class _Workspace:
             self.buffer = self.handle.buffer
         else:
             _enable_symm_for_group(group)
-            self.buffer = _symm_empty(nbytes, device)
+            # Agree on the allocation before the rendezvous: a rank whose allocation failed would
+            # otherwise leave its peers blocked in rendezvous (a collective) instead of raising.
+            err = None
+            try:
+                self.buffer = _symm_empty(nbytes, device)
+            except Exception as e:  # noqa: BLE001 - gathered and raised on every rank below
+                err = f"{type(e).__name__}: {e}"
+            errs = [None] * world
+            dist.all_gather_object(errs, err, group=group)
+            if any(errs):
+                raise RuntimeError(
+                    f"symmetric-memory allocation of {nbytes} bytes failed: "
+                    + "; ".join(f"rank {r}: {e}" for r, e in enumerate(errs) if e)
+                )
             self.handle = _symm_module().rendezvous(self.buffer, group)
         pad_size = int(getattr(self.handle, "signal_pad_size", 0) or 0)
         if pad_size and pad_size < need_pad:
             raise RuntimeError(f"symmetric-memory signal pad is {pad_size} bytes, the fused kernel needs {need_pad}")
         self.rank = self.handle.rank if isinstance(self.handle.rank, int) else dist.get_rank(group)
         ptrs = list(self.handle.buffer_ptrs)
-        # The tensor may sit at an offset inside the symmetric allocation (pooled allocators).
+        # The tensor may sit at an offset inside the symmetric allocation (pooled allocators). The
+        # kernel adds this rank's offsets to every peer's buffer_ptrs[p], so they must be equal.
         self.base_offset = self.buffer.data_ptr() - int(ptrs[self.rank])
-        if self.base_offset < 0:
-            raise RuntimeError("symmetric buffer does not lie inside its allocation")
+        if backend == "host-sim":
+            offsets = [self.base_offset] * world
+        else:
+            offsets = [None] * world
+            dist.all_gather_object(offsets, self.base_offset, group=group)
+        if min(offsets) < 0 or len(set(offsets)) != 1:
+            raise RuntimeError(
+                f"symmetric buffer offsets inside their allocations differ across ranks or are negative: {offsets}"
+            )
         self.buffer_ptrs_dev = int(self.handle.buffer_ptrs_dev)
         self.signal_pad_ptrs_dev = int(self.handle.signal_pad_ptrs_dev)
-        self.multicast_ptr = int(getattr(self.handle, "multicast_ptr", 0) or 0)
+        # torch's multicast_ptr already includes the handle's offset into the allocation
+        # (CUDASymmetricMemory::get_multicast_ptr: mc_addr + offset_) while buffer_ptrs do not, and
+        # the kernel adds base_offset to both: only an allocation of our own (offset 0) can go multimem.
+        mc = int(getattr(self.handle, "multicast_ptr", 0) or 0)
+        self.multicast_ptr = mc if self.base_offset == 0 else 0
 
     @staticmethod
     def region_bytes(tokens: int, hidden: int, dtype: torch.dtype) -> int:
