@@ -304,11 +304,24 @@ def main(argv=None) -> int:
         return _spawn(args, argv)
     info = init_distributed()
     try:
-        return train(args, info)
+        rc = train(args, info)
+        dist.barrier()  # no rank's collective is still in flight when the groups go
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    return rc
+
+
+def _exit_now(code: int) -> None:
+    """Leave without interpreter finalization. A gloo worker thread that drops the last reference
+    to a tensor after Python began finalizing aborts the process ("terminate called without an
+    active exception", exit 134/250: seen in CI under mpirun and the DeepSpeed launcher after
+    "demo OK"), an open torch race (pytorch/pytorch#190489). The groups are already destroyed
+    and everything is flushed first."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit_now(main())
