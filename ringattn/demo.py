@@ -318,6 +318,9 @@ def _exit_now(code: int) -> None:
     active exception", exit 134/250: seen in CI under mpirun and the DeepSpeed launcher after
     "demo OK"), an open torch race (pytorch/pytorch#190489). The groups are already destroyed
     and everything is flushed first."""
+    mpi = sys.modules.get("mpi4py.MPI")  # mpirun counts a rank that skips MPI_Finalize as failed
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
