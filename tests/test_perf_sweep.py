@@ -297,17 +297,10 @@ def test_overlap_fraction_rule():
 
 # --- perf/model.py measure: rounds of this sweep, merged ----------------------------------------
 
-def _perf_model():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("perf_model", os.path.join(PERF, "model.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+import model as perf_model  # noqa: E402  (perf/model.py, on sys.path like sweep.py)
 
 
 def test_merge_rounds_takes_min_of_mins_and_median_of_medians():
-    model = _perf_model()
     base = dict(device="d", transport="gloo", algorithm="ring", world="2", seq_len="64", batch="1", heads_q="2",
                 heads_kv="1", head_dim="16", dtype="float32", causal="True", layout="zigzag", error="", iters="2")
     rounds = [[dict(base, ms_min="5.0", ms_median="6.0"), dict(base, algorithm="token_ring", error="boom")],
@@ -317,10 +310,10 @@ def test_merge_rounds_takes_min_of_mins_and_median_of_medians():
     for r in rounds:
         for row in r:
             row["pass"] = "fwd"
-    got = {r["algorithm"]: r for r in model.merge_rounds(rounds, sweep._key)}
+    got = {r["algorithm"]: r for r in perf_model.merge_rounds(rounds, sweep._key)}
     assert got["ring"]["ms_min"] == 4.0 and got["ring"]["ms_median"] == 7.5 and got["ring"]["iters"] == 6
     assert got["token_ring"]["ms_min"] == 3.0 and not got["token_ring"]["error"]  # one good round is enough
-    only_err = model.merge_rounds([[dict(base, error="x", **{"pass": "fwd"})]], sweep._key)
+    only_err = perf_model.merge_rounds([[dict(base, error="x", **{"pass": "fwd"})]], sweep._key)
     assert only_err[0]["error"] == "x"
 
 
