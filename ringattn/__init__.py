@@ -31,6 +31,7 @@ from ringattn.sequence_parallel import (  # noqa: E402
     token_ring_attention,
 )
 from ringattn.block_attention import select_backend  # noqa: E402
+from ringattn import compiled  # noqa: E402,F401  (registers ringattn::sp_attention for torch.compile)
 from ringattn import tokenweave  # noqa: E402
 from ringattn.tokenweave import (  # noqa: E402
     TokenWeaveDecoderLayer,

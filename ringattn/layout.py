@@ -196,23 +196,29 @@ def shard_sequence(x: torch.Tensor, dim: int = 1, group=None, layout: str = "con
     return torch.cat(parts, dim) if len(parts) > 1 else parts[0].contiguous().clone()
 
 
-def _gather_forward(x: torch.Tensor, dim: int, group, layout: str):
+def _gather_forward(x: torch.Tensor, dim: int, group, layout: str, seq_len: int | None = None):
     rank, world = group_rank_and_size(group)
     if world == 1:
         SequenceLayout.build(x.shape[dim], 1, layout)
+        if seq_len is not None and seq_len != x.shape[dim]:
+            raise ValueError(f"gather_sequence: seq_len={seq_len} was given, but the one rank holds "
+                             f"{x.shape[dim]} tokens")
         return x.clone(), (x.shape[dim],)
-    # One int64 signature per rank: ndim, dtype, every dim size (the sequence dim may differ).
+    # One int64 signature per rank: ndim, dtype, every dim size (the sequence dim may differ),
+    # and the seq_len the caller promised (-1: none).
     dev = collective_device(group, x.device)
-    sig = torch.full((2 + 8,), -1, dtype=torch.int64)
+    sig = torch.full((2 + 8 + 1,), -1, dtype=torch.int64)
     sig[0] = x.dim()
     sig[1] = dtype_code(x.dtype)
     for i, s in enumerate(x.shape[:8]):
         sig[2 + i] = s
+    if seq_len is not None:
+        sig[10] = seq_len
     sigs = [torch.empty_like(sig, device=dev) for _ in range(world)]
     dist.all_gather(sigs, sig.to(dev), group=group)
     sigs = [s.cpu() for s in sigs]
     lengths = [int(s[2 + dim]) if dim < 8 else -1 for s in sigs]
-    other = [tuple(int(v) for i, v in enumerate(s.tolist()) if i != 2 + dim) for s in sigs]
+    other = [tuple(int(v) for i, v in enumerate(s.tolist()[:10]) if i != 2 + dim) for s in sigs]
     if any(int(s[0]) > 8 for s in sigs) or any(o != other[0] for o in other):
         raise ValueError(
             "gather_sequence: ranks disagree on the non-sequence dims or dtype of x (every rank must "
@@ -224,6 +230,11 @@ def _gather_forward(x: torch.Tensor, dim: int, group, layout: str):
         raise ValueError(
             f"gather_sequence: ranks hold {lengths} tokens, but layout={layout!r} over {world} ranks "
             f"cuts a sequence of {lay.seq_len} tokens into {list(lay.local_lengths)}")
+    promised = [int(s[10]) for s in sigs]
+    if any(p not in (-1, lay.seq_len) for p in promised):
+        raise ValueError(
+            f"gather_sequence: the ranks hold {lay.seq_len} tokens in all ({lengths}), but they were given "
+            "seq_len " + ", ".join(f"rank {r}: {'none' if p == -1 else p}" for r, p in enumerate(promised)))
     # gloo's all_gather needs equal sizes: pad to the longest shard.
     longest = max(lengths)
     padded_shape = list(x.shape)
@@ -243,37 +254,51 @@ def _gather_forward(x: torch.Tensor, dim: int, group, layout: str):
     return full, tuple(lengths)
 
 
+def _gather_backward(grad_full: torch.Tensor, dim: int, group, layout: str) -> torch.Tensor:
+    # Sum convention: every rank's loss may use the full tensor; the shard's gradient is the
+    # sum over ranks of their gradients at its rows.
+    g = grad_full.contiguous().clone()
+    _, world = group_rank_and_size(group)
+    if world > 1:
+        dev = collective_device(group, g.device)
+        gd = g.to(dev)
+        dist.all_reduce(gd, group=group)
+        g = gd.to(g.device)
+    return shard_sequence(g, dim, group, layout)
+
+
 class _GatherSequence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dim, group, layout):
-        full, _ = _gather_forward(x, dim, group, layout)
+    def forward(ctx, x, dim, group, layout, seq_len):
+        full, _ = _gather_forward(x, dim, group, layout, seq_len)
         ctx.dim, ctx.group, ctx.layout = dim, group, layout
         return full
 
     @staticmethod
     def backward(ctx, grad_full):
-        # Sum convention: every rank's loss may use the full tensor; the shard's gradient is the
-        # sum over ranks of their gradients at its rows.
-        g = grad_full.contiguous().clone()
-        _, world = group_rank_and_size(ctx.group)
-        if world > 1:
-            dev = collective_device(ctx.group, g.device)
-            gd = g.to(dev)
-            dist.all_reduce(gd, group=ctx.group)
-            g = gd.to(g.device)
-        return shard_sequence(g, ctx.dim, ctx.group, ctx.layout), None, None, None
+        return _gather_backward(grad_full, ctx.dim, ctx.group, ctx.layout), None, None, None, None
 
 
-def gather_sequence(x_local: torch.Tensor, dim: int = 1, group=None, layout: str = "contiguous") -> torch.Tensor:
+def gather_sequence(x_local: torch.Tensor, dim: int = 1, group=None, layout: str = "contiguous",
+                    seq_len: int | None = None) -> torch.Tensor:
     """The full sequence from every rank's shard (collective; the inverse of shard_sequence).
 
     x_local: (..., local_len, ...) with the sequence on `dim`; local lengths may differ by rank
     (learned with one small all_gather). Returns (..., L, ...) on every rank. Differentiable
     (backward: all-reduce of the full gradient, then this rank's rows).
+    seq_len: the global length L, if the caller knows it: checked against what the ranks hold
+    (a ValueError on every rank if wrong), and what lets torch.compile trace the call as one op
+    (the output shape is then known at trace time; without it, a graph break: ringattn.compiled).
     """
     dim = _norm_dim(x_local, dim, "gather_sequence")
     check_layout_name(layout)
-    return _GatherSequence.apply(x_local, dim, group, layout)
+    if seq_len is not None:
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+            raise ValueError(f"gather_sequence: seq_len must be a positive int or None, got {seq_len!r}")
+    if torch.compiler.is_compiling():
+        from ringattn.compiled import traced_gather
+        return traced_gather(x_local, dim, group, layout, seq_len)
+    return _GatherSequence.apply(x_local, dim, group, layout, seq_len)
 
 
 @dataclasses.dataclass(frozen=True)

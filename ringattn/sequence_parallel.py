@@ -97,7 +97,7 @@ class _Local:
 
 
 def _local_signature(fn, q, k, v, *, algorithm, layout, causal, softmax_scale, backend, world,
-                     global_ranks) -> _Local:
+                     global_ranks, grad=None) -> _Local:
     sig = [-1] * len(_FIELDS)
     sig[_IX["magic"]] = _MAGIC
     sig[_IX["group_size"]] = world
@@ -122,7 +122,9 @@ def _local_signature(fn, q, k, v, *, algorithm, layout, causal, softmax_scale, b
                     sig[_IX[f"{name}{i}"]] = t.shape[i]
             sig[_IX[f"{name}_dtype"]] = dtype_code(t.dtype)
         sig[_IX["device"]] = _DEVICE_CODE.get(q.device.type, 99)
-        sig[_IX["grad"]] = int(torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        if grad is None:  # the traced path (ringattn.compiled) passes it: autograd is off inside a custom op
+            grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        sig[_IX["grad"]] = int(bool(grad))
         if any(t.dim() != 4 for t in tensors):
             problems |= _P_NOT_4D
         else:
@@ -280,7 +282,7 @@ def _exchange(fn: str, group, world: int, global_ranks: list[int], local: _Local
     return [t.tolist() for t in table]
 
 
-def _prepare(fn: str, q, k, v, *, algorithm, causal, softmax_scale, group, layout, backend):
+def _prepare(fn: str, q, k, v, *, algorithm, causal, softmax_scale, group, layout, backend, grad=None):
     """Validate across ranks; return (plan, q, k, v contiguous, requires backward)."""
     rank, world = group_rank_and_size(group)
     if world > 1:
@@ -289,7 +291,7 @@ def _prepare(fn: str, q, k, v, *, algorithm, causal, softmax_scale, group, layou
         global_ranks = [dist.get_rank() if dist.is_initialized() else 0]
     local = _local_signature(fn, q, k, v, algorithm=algorithm, layout=layout, causal=causal,
                              softmax_scale=softmax_scale, backend=backend, world=world,
-                             global_ranks=global_ranks)
+                             global_ranks=global_ranks, grad=grad)
     device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
     sigs = _exchange(fn, group, world, global_ranks, local,
                      collective_device(group, device) if world > 1 else device)
@@ -410,14 +412,23 @@ def _choose_algorithm(seq_len, world_size, layout, causal, batch, heads_q, heads
 # Public entry points
 
 
+def _resolve_algorithm(algorithm: str, plan: RingPlan, q, k, grad: bool) -> str:
+    if algorithm != "auto":
+        return algorithm
+    return choose_algorithm(
+        seq_len=plan.layout.seq_len, world_size=plan.world_size, layout=plan.layout.layout, causal=plan.causal,
+        batch=q.shape[0], heads_q=q.shape[2], heads_kv=k.shape[2], head_dim=q.shape[3], dtype=q.dtype,
+        backward=grad).algorithm
+
+
 def _run(fn, q, k, v, *, algorithm, causal, softmax_scale, group, layout, backend, return_lse):
+    if torch.compiler.is_compiling():  # under torch.compile: one opaque custom op (ringattn.compiled)
+        from ringattn.compiled import traced_attention
+        return traced_attention(fn, q, k, v, algorithm=algorithm, causal=causal, softmax_scale=softmax_scale,
+                                group=group, layout=layout, backend=backend, return_lse=return_lse)
     plan, q, k, v, grad = _prepare(fn, q, k, v, algorithm=algorithm, causal=causal, softmax_scale=softmax_scale,
                                    group=group, layout=layout, backend=backend)
-    if algorithm == "auto":
-        algorithm = choose_algorithm(
-            seq_len=plan.layout.seq_len, world_size=plan.world_size, layout=layout, causal=plan.causal,
-            batch=q.shape[0], heads_q=q.shape[2], heads_kv=k.shape[2], head_dim=q.shape[3], dtype=q.dtype,
-            backward=grad).algorithm
+    algorithm = _resolve_algorithm(algorithm, plan, q, k, grad)
     impl = RingAttention if algorithm == "ring" else TokenRingAttention
     out, lse = impl.apply(q, k, v, plan)
     return (out, lse) if return_lse else out

@@ -360,6 +360,11 @@ _FLAG_TEXT = {
 
 
 def _base_pre_hook(plan: SequenceParallelPlan):
+    # Eager even under torch.compile: the checks read the exchanged lengths on the host, which
+    # would break the graph anyway; one break here, before the model body (which then compiles
+    # with the attention as one op: ringattn.compiled).
+    @torch.compiler.disable(reason="ringattn: the sequence-parallel pre-hook checks the shards across ranks "
+                                   "on the host (one small all_gather) before the model body runs")
     def hook(module, args, kwargs):
         x = args[0] if args else kwargs.get("input_ids")
         if x is None:

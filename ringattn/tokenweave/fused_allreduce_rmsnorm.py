@@ -903,7 +903,19 @@ def fused_allreduce_rmsnorm(
     Returns (y, residual_new), fresh tensors. x: (..., H) this rank's partial sum; residual: x's
     shape (or its token shard with shard_residual_in); weight: (H,). A collective: every rank of
     the group calls it with the same shapes and dtype. See the module docstring for the paths.
+    Under torch.compile (config=None): one opaque op, ringattn::fused_allreduce_rmsnorm
+    (ringattn.compiled), so the surrounding code compiles without a graph break.
     """
+    if torch.compiler.is_compiling():
+        from ringattn.compiled import traced_fused_allreduce_rmsnorm
+        return traced_fused_allreduce_rmsnorm(x, residual, weight, eps, group, shard_residual_in,
+                                              shard_residual_out, config)
+    return _eager_fused_allreduce_rmsnorm(x, residual, weight, eps, group, shard_residual_in=shard_residual_in,
+                                          shard_residual_out=shard_residual_out, config=config)
+
+
+def _eager_fused_allreduce_rmsnorm(x, residual, weight, eps, group, *, shard_residual_in, shard_residual_out,
+                                   config):
     if group is None and not dist.is_initialized():
         return _add_rmsnorm(x, residual, weight, eps)
     device = x.device if x.device.type != "cuda" or x.device.index is not None else None

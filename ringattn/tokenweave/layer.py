@@ -288,6 +288,11 @@ class _Half:
         return self.t1 - self.t0
 
 
+# Eager under torch.compile (a graph break around the layers): the overlap schedule is side
+# streams, events and views of symmetric-memory buffers written with out= GEMMs, which must run
+# in exactly the order written; the model code around the layers still compiles.
+@torch.compiler.disable(reason="ringattn TokenWeave layers: the token-split overlap schedule (side streams, "
+                               "events, symmetric-memory buffers) runs eagerly, in the order written")
 def run_tokenweave_layers(layers, hidden_states, position_embeddings, attention_mask, final_weight, final_eps, *,
                           token_split=True, split_min_tokens=1024, past_key_values=None, use_cache=False):
     """The TokenWeave schedule over `layers` (see the module docstring). Returns the last layer's

@@ -1,0 +1,270 @@
+"""Sequence-parallel attention under torch.compile: the whole distributed call as ONE custom op.
+
+Eager calls go through the autograd Functions in ring_attention.py / token_ring.py. Under
+torch.compile (torch.compiler.is_compiling()), sequence_parallel._run sends the call here
+instead, so Dynamo never traces the ring (Python loops over P2P sends, a metadata all_gather,
+host-side checks) and the surrounding model compiles without graph breaks, fullgraph=True
+included:
+
+    ringattn::sp_attention(q, k, v, group_name, algorithm, causal, softmax_scale, layout,
+                           backend, grad) -> (out, lse, meta)
+        q: (B, S_local, Hq, D); k, v: (B, S_local, Hkv, D); out like q (contiguous);
+        lse: (B, Hq, S_local) fp32; meta: int64 (3,) on CPU = [algorithm code (1 ring,
+        2 token_ring), softmax_scale as float64 bits, global seq_len] -- what the backward
+        needs to rebuild the plan without communicating again.
+    ringattn::sp_attention_backward(dout, q, k, v, out, lse, meta, group_name, causal, layout,
+                                    backend) -> (dq, dk, dv)
+
+Both run the same code as the eager path at run time: the signature exchange (every rank
+raises the same error on bad input), algorithm="auto", the byte accounting (comm_stats), the
+transports. Fake implementations give the shapes to the compiler. The group travels by name
+("" = the default group, or a world of one without torch.distributed); `grad` (whether a
+backward will follow, part of the signature every rank agrees on) is decided at trace time from
+requires_grad, because autograd is off inside a custom op. lse is returned detached, as in
+eager mode (it carries no gradient).
+
+Inputs a traced call cannot describe (non-tensors, not 4-D) are handed to the eager path, which
+raises its usual error on every rank.
+"""
+from __future__ import annotations
+
+import collections
+import math
+
+import torch
+import torch.distributed as dist
+
+from ringattn import sequence_parallel as sp
+from ringattn.comm import reply_group
+from ringattn.layout import RingPlan, SequenceLayout, collective_device, group_rank_and_size
+from ringattn.ring_attention import ring_backward, ring_forward
+from ringattn.token_ring import token_ring_backward, token_ring_forward
+
+# Runs of each op's implementation in this process (tests check that compiled code took the op).
+CALLS: collections.Counter = collections.Counter()
+
+_ALG = {"ring": 1, "token_ring": 2}
+_ALG_NAME = {v: k for k, v in _ALG.items()}
+
+
+def group_name(group) -> str:
+    """The name a custom op carries for `group` ("" for None / the default group)."""
+    if group is None or group is dist.GroupMember.WORLD:
+        return ""
+    return group.group_name
+
+
+def resolve_group(name: str):
+    if not name:
+        return None
+    from torch.distributed.distributed_c10d import _resolve_process_group
+    return _resolve_process_group(name)
+
+
+def _plan_from_meta(group, meta: torch.Tensor, causal: bool, layout: str, backend: str) -> tuple[RingPlan, str]:
+    alg, scale_bits, seq_len = (int(x) for x in meta.tolist())
+    rank, world = group_rank_and_size(group)
+    lay = SequenceLayout.build(seq_len, world, layout)
+    return RingPlan(group, rank, world, lay, bool(causal), sp._bits_float(scale_bits), backend), _ALG_NAME[alg]
+
+
+def _reply(plan: RingPlan, device: torch.device):
+    return reply_group(plan.group, collective_device(plan.group, device)) if plan.world_size > 1 else None
+
+
+@torch.library.custom_op("ringattn::sp_attention", mutates_args=())
+def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name: str, algorithm: str, causal: bool,
+                 softmax_scale: float | None, layout: str, backend: str,
+                 grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    CALLS["sp_attention"] += 1
+    group = resolve_group(group_name)
+    plan, q, k, v, grad = sp._prepare("ringattn sequence-parallel attention", q, k, v, algorithm=algorithm,
+                                      causal=causal, softmax_scale=softmax_scale, group=group, layout=layout,
+                                      backend=backend, grad=grad)
+    alg = sp._resolve_algorithm(algorithm, plan, q, k, grad)
+    if alg == "ring":
+        out, lse = ring_forward(plan, q, k, v)
+    else:
+        out, lse = token_ring_forward(plan, q, k, v, _reply(plan, q.device))
+    meta = torch.tensor([_ALG[alg], sp._float_bits(plan.softmax_scale), plan.layout.seq_len], dtype=torch.int64)
+    return out.contiguous(), lse.contiguous(), meta
+
+
+@sp_attention.register_fake
+def _(q, k, v, group_name, algorithm, causal, softmax_scale, layout, backend, grad):
+    B, S, Hq, _ = q.shape
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            q.new_empty((B, Hq, S), dtype=torch.float32), torch.empty(3, dtype=torch.int64, device="cpu"))
+
+
+@torch.library.custom_op("ringattn::sp_attention_backward", mutates_args=())
+def sp_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                          lse: torch.Tensor, meta: torch.Tensor, group_name: str, causal: bool, layout: str,
+                          backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    CALLS["sp_attention_backward"] += 1
+    plan, alg = _plan_from_meta(resolve_group(group_name), meta, causal, layout, backend)
+    dout, q, k, v, out, lse = (t.contiguous() for t in (dout, q, k, v, out, lse))
+    if alg == "ring":
+        return ring_backward(plan, dout, q, k, v, out, lse)
+    return token_ring_backward(plan, dout, q, k, v, out, lse, _reply(plan, q.device))
+
+
+@sp_attention_backward.register_fake
+def _(dout, q, k, v, out, lse, meta, group_name, causal, layout, backend):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, name, _alg, causal, _scale, layout, backend, _grad = inputs
+    out, lse, meta = output
+    ctx.save_for_backward(q, k, v, out, lse, meta)
+    ctx.args = (name, causal, layout, backend)
+
+
+def _backward(ctx, dout, _dlse, _dmeta):
+    q, k, v, out, lse, meta = ctx.saved_tensors
+    dq, dk, dv = torch.ops.ringattn.sp_attention_backward(dout, q, k, v, out, lse, meta, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+sp_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.compiler.disable(reason="ringattn sequence-parallel attention: inputs the traced op cannot describe "
+                               "(non-tensors or not 4-D) take the eager path, which raises the error")
+def _eager(fn, q, k, v, **kw):
+    return sp._run(fn, q, k, v, **kw)
+
+
+def traced_attention(fn, q, k, v, *, algorithm, causal, softmax_scale, group, layout, backend, return_lse):
+    """sequence_parallel._run under torch.compile (see the module docstring)."""
+    if not (all(isinstance(t, torch.Tensor) for t in (q, k, v)) and q.dim() == k.dim() == v.dim() == 4
+            and isinstance(algorithm, str) and isinstance(layout, str) and isinstance(backend, str)):
+        return _eager(fn, q, k, v, algorithm=algorithm, causal=causal, softmax_scale=softmax_scale, group=group,
+                      layout=layout, backend=backend, return_lse=return_lse)
+    if softmax_scale is not None:
+        try:
+            softmax_scale = float(softmax_scale)
+        except (TypeError, ValueError):
+            softmax_scale = math.nan  # refused at run time, on every rank, by the signature check
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    out, lse, _meta = torch.ops.ringattn.sp_attention(q, k, v, group_name(group), algorithm, bool(causal),
+                                                      softmax_scale, layout, backend, bool(grad))
+    return (out, lse.detach()) if return_lse else out
+
+
+# --------------------------------------------------------------------------------------------
+# gather_sequence: one op when the caller passes seq_len (the output shape is then known at
+# trace time); without it the output length exists only at run time -> a graph break.
+#
+#   ringattn::gather_sequence(x, dim, group_name, layout, seq_len) -> full
+#       x: (..., n_r, ...) with the sequence on dim; full: (..., seq_len, ...)
+#   ringattn::gather_sequence_backward(g, dim, group_name, layout) -> (..., n_r, ...)
+
+@torch.library.custom_op("ringattn::gather_sequence", mutates_args=())
+def gather_sequence_op(x: torch.Tensor, dim: int, group_name: str, layout: str, seq_len: int) -> torch.Tensor:
+    CALLS["gather_sequence"] += 1
+    from ringattn.layout import _gather_forward
+    return _gather_forward(x, dim, resolve_group(group_name), layout, seq_len)[0]
+
+
+@gather_sequence_op.register_fake
+def _(x, dim, group_name, layout, seq_len):
+    shape = list(x.shape)
+    shape[dim] = seq_len
+    return x.new_empty(shape)
+
+
+@torch.library.custom_op("ringattn::gather_sequence_backward", mutates_args=())
+def gather_sequence_backward(g: torch.Tensor, dim: int, group_name: str, layout: str) -> torch.Tensor:
+    CALLS["gather_sequence_backward"] += 1
+    from ringattn.layout import _gather_backward
+    return _gather_backward(g, dim, resolve_group(group_name), layout)
+
+
+@gather_sequence_backward.register_fake
+def _(g, dim, group_name, layout):
+    rank, world = group_rank_and_size(resolve_group(group_name))
+    shape = list(g.shape)
+    shape[dim] = SequenceLayout.build(g.shape[dim], world, layout).local_len(rank)
+    return g.new_empty(shape)
+
+
+def _gather_setup(ctx, inputs, output):
+    _x, dim, name, layout, _seq_len = inputs
+    ctx.args = (dim, name, layout)
+
+
+def _gather_bwd(ctx, g):
+    return torch.ops.ringattn.gather_sequence_backward(g, *ctx.args), None, None, None, None
+
+
+gather_sequence_op.register_autograd(_gather_bwd, setup_context=_gather_setup)
+
+
+@torch.compiler.disable(reason="ringattn.gather_sequence without seq_len: the output length is learned from "
+                               "every rank at run time; pass seq_len= to trace it as one op")
+def _eager_gather(x, dim, group, layout, seq_len):
+    from ringattn.layout import _GatherSequence
+    return _GatherSequence.apply(x, dim, group, layout, seq_len)
+
+
+def traced_gather(x, dim, group, layout, seq_len):
+    """layout.gather_sequence under torch.compile (arguments already checked)."""
+    if seq_len is None:
+        return _eager_gather(x, dim, group, layout, seq_len)
+    return torch.ops.ringattn.gather_sequence(x, dim, group_name(group), layout, seq_len)
+
+
+# --------------------------------------------------------------------------------------------
+# fused_allreduce_rmsnorm (TokenWeave; inference: no autograd) as one op, for the default
+# config (a TokenWeaveConfig object cannot travel through a custom op: with config= a call is a
+# graph break).
+#
+#   ringattn::fused_allreduce_rmsnorm(x, residual, weight, eps, group_name, shard_residual_in,
+#                                     shard_residual_out) -> (y, residual_new)
+#       x: (..., H); residual: x's shape, or this rank's token shard (rows, H) when sharded;
+#       y: x's shape; residual_new: x's shape, or the shard with shard_residual_out.
+
+@torch.library.custom_op("ringattn::fused_allreduce_rmsnorm", mutates_args=())
+def fused_allreduce_rmsnorm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                               group_name: str, shard_residual_in: bool,
+                               shard_residual_out: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    CALLS["fused_allreduce_rmsnorm"] += 1
+    from ringattn.tokenweave.fused_allreduce_rmsnorm import _eager_fused_allreduce_rmsnorm
+    y, res = _eager_fused_allreduce_rmsnorm(x, residual, weight, eps, resolve_group(group_name),
+                                            shard_residual_in=shard_residual_in,
+                                            shard_residual_out=shard_residual_out, config=None)
+    return y.contiguous(), res.contiguous()
+
+
+@fused_allreduce_rmsnorm_op.register_fake
+def _(x, residual, weight, eps, group_name, shard_residual_in, shard_residual_out):
+    from ringattn.tokenweave.fused_allreduce_rmsnorm import shard_bounds
+    H = x.shape[-1]
+    if not shard_residual_out:
+        return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape)
+    rank, world = group_rank_and_size(resolve_group(group_name))
+    begin, end = shard_bounds(x.numel() // H, world, rank)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((end - begin, H))
+
+
+@torch.compiler.disable(reason="ringattn.fused_allreduce_rmsnorm with config=: a TokenWeaveConfig cannot be "
+                               "passed through the traced op; leave config=None (the environment's config) to "
+                               "trace it as one op")
+def _eager_fused(x, residual, weight, eps, group, shard_residual_in, shard_residual_out, config):
+    from ringattn.tokenweave.fused_allreduce_rmsnorm import _eager_fused_allreduce_rmsnorm
+    return _eager_fused_allreduce_rmsnorm(x, residual, weight, eps, group, shard_residual_in=shard_residual_in,
+                                          shard_residual_out=shard_residual_out, config=config)
+
+
+def traced_fused_allreduce_rmsnorm(x, residual, weight, eps, group, shard_residual_in, shard_residual_out, config):
+    """tokenweave.fused_allreduce_rmsnorm under torch.compile."""
+    if config is not None or not all(isinstance(t, torch.Tensor) for t in (x, residual, weight)) or x.dim() < 1:
+        return _eager_fused(x, residual, weight, eps, group, shard_residual_in, shard_residual_out, config)
+    if shard_residual_out is None:
+        shard_residual_out = shard_residual_in
+    return torch.ops.ringattn.fused_allreduce_rmsnorm(x, residual, weight, float(eps), group_name(group),
+                                                      bool(shard_residual_in), bool(shard_residual_out))

@@ -1,0 +1,418 @@
+"""torch.compile and activation checkpointing (ringattn.compiled; docs/sequence_parallel.md,
+"torch.compile").
+
+- opcheck on every traced op (world of one, in the test process).
+- Compiled sequence-parallel attention on real gloo ranks (W = 2, 3): fullgraph=True, forward
+  and backward against the float64 reference (test_sequence_parallel's checker and tolerances)
+  AND equal, bit for bit, to the eager call (aot_eager runs the same kernels); bytes equal the
+  formula; the op's implementation really ran (ringattn.compiled.CALLS), so a silent fallback to
+  eager (e.g. after a recompile limit) cannot pass. One inductor case with code around the op.
+- Bad input inside a compiled function: the same ValueError on every rank.
+- gather_sequence: one op with seq_len= (fullgraph), a clear Unsupported without it under
+  fullgraph, a wrong seq_len refused on every rank.
+- fused_allreduce_rmsnorm compiled (fullgraph) equals eager, sharded residual layouts included.
+- Activation checkpointing (torch.utils.checkpoint, reentrant and not) equals the plain call;
+  the recomputed forward is counted again.
+- Hugging Face: torch.compile(model) and model.gradient_checkpointing_enable() with sequence
+  parallelism give the single-process model's logits, loss and gradients.
+"""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import ringattn
+import ringattn.compiled as rc
+import ringattn.sequence_parallel as sp
+from ringattn.accounting import comm_stats
+from test_sequence_parallel import positions, reference, run_case, tolerance
+
+
+def _reset():
+    torch._dynamo.reset()  # a fresh cache per case: no recompile limit, every case traced anew
+
+
+# --------------------------------------------------------------------------------------------
+# opcheck (world of one: torch.distributed is not initialised in the test process)
+
+def _qkv(B=2, S=9, Hq=4, Hkv=2, D=8, dtype=torch.float64, grad=True):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, S, Hq, D, generator=g, dtype=dtype)
+    k, v = (torch.randn(B, S, Hkv, D, generator=g, dtype=dtype) for _ in range(2))
+    return [t.requires_grad_(grad) for t in (q, k, v)]
+
+
+@pytest.mark.parametrize("algorithm", ["ring", "token_ring", "auto"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_opcheck_sp_attention(algorithm, causal):
+    q, k, v = _qkv()
+    torch.library.opcheck(torch.ops.ringattn.sp_attention.default,
+                          (q, k, v, "", algorithm, causal, None, "zigzag", "auto", True))
+    out, lse, meta = torch.ops.ringattn.sp_attention(q, k, v, "", algorithm, causal, None, "zigzag", "auto", True)
+    dout = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.ringattn.sp_attention_backward.default,
+                          (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), meta, "", causal,
+                           "zigzag", "auto"))
+    assert meta.tolist()[0] in (1, 2) and meta.tolist()[2] == q.shape[1]
+
+
+def test_opcheck_gather_and_fused_allreduce_rmsnorm():
+    x = torch.randn(2, 7, 3, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(torch.ops.ringattn.gather_sequence.default, (x, 1, "", "zigzag", 7))
+    torch.library.opcheck(torch.ops.ringattn.gather_sequence_backward.default, (x.detach(), 1, "", "zigzag"))
+    h = torch.randn(5, 16)
+    for shard in (False, True):
+        torch.library.opcheck(torch.ops.ringattn.fused_allreduce_rmsnorm.default,
+                              (h, torch.randn(5, 16), torch.randn(16), 1e-6, "", shard, shard))
+
+
+def test_single_process_fullgraph_matches_eager():
+    q, k, v = _qkv()
+    for alg in ("ring", "token_ring"):
+        _reset()
+        fn = lambda q, k, v: sp.sequence_parallel_attention(q, k, v, causal=True, algorithm=alg)  # noqa: E731
+        before = rc.CALLS["sp_attention"]
+        got = torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v)
+        assert rc.CALLS["sp_attention"] == before + 1
+        want = fn(q, k, v)
+        dout = torch.randn_like(want)
+        g_got = torch.autograd.grad(got, (q, k, v), dout)
+        g_want = torch.autograd.grad(want, (q, k, v), dout)
+        assert torch.equal(got, want) and all(torch.equal(a, b) for a, b in zip(g_got, g_want))
+
+
+# --------------------------------------------------------------------------------------------
+# Distributed: compiled vs eager vs float64
+
+def _compiled_case(c, backend="aot_eager"):
+    """run_case (the float64 check and the byte formula) through a compiled function, then the
+    same call eagerly: outputs and gradients must be identical."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    fn = sp.ring_attention if c["alg"] == "ring" else sp.token_ring_attention
+    if c["alg"] == "auto":
+        fn = sp.sequence_parallel_attention
+    kw = dict(causal=c["causal"], layout=c["layout"], return_lse=c["return_lse"])
+    compiled = torch.compile(lambda q, k, v: fn(q, k, v, **kw), fullgraph=True, backend=backend)
+    B, L, Hq, Hkv, D, dtype = c["batch"], c["seq_len"], c["hq"], c["hkv"], c["head_dim"], c["dtype"]
+    gen = torch.Generator().manual_seed(1000 + c["seed"])
+    q, dout = (torch.randn(B, L, Hq, D, generator=gen).to(dtype) for _ in range(2))
+    k, v = (torch.randn(B, L, Hkv, D, generator=gen).to(dtype) for _ in range(2))
+    pos = positions(L, world, c["layout"], rank)
+    results = {}
+    for mode, f in (("compiled", compiled), ("eager", lambda q, k, v: fn(q, k, v, **kw))):
+        loc = [t[:, pos].clone().requires_grad_() for t in (q, k, v)]
+        before = dict(rc.CALLS)
+        res = f(*loc)
+        out, lse = res if c["return_lse"] else (res, None)
+        out.backward(dout[:, pos])
+        ran = {n: rc.CALLS[n] - before.get(n, 0) for n in ("sp_attention", "sp_attention_backward")}
+        results[mode] = ([out.detach(), lse] + [t.grad for t in loc], ran)
+    errors = []
+    if results["compiled"][1] != {"sp_attention": 1, "sp_attention_backward": 1}:
+        errors.append(f"compiled call ran the ops {results['compiled'][1]} times (want 1 each)")
+    if results["eager"][1] != {"sp_attention": 0, "sp_attention_backward": 0}:
+        errors.append(f"eager call ran the traced ops {results['eager'][1]}")
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), results["compiled"][0], results["eager"][0]):
+        if (a is None) != (b is None) or (a is not None and not torch.equal(a, b)):
+            errors.append(f"{name}: compiled != eager")
+    return f"rank {rank} {c}: " + "; ".join(errors) if errors else None
+
+
+def _compiled_cases(world):
+    cases, i = [], 0
+    for alg in ("ring", "token_ring", "auto"):
+        for causal in (False, True):
+            for layout in ("contiguous", "zigzag"):
+                cases.append(dict(alg=alg, causal=causal, layout=layout, hq=4, hkv=2 if i % 2 else 1,
+                                  seq_len=7 * world - 1, batch=1 + i % 2, dtype=torch.float32, head_dim=8,
+                                  return_lse=i % 2 == 0, seed=900 + i))
+                i += 1
+    cases.append(dict(cases[3], dtype=torch.bfloat16, seed=950))
+    cases.append(dict(cases[8], dtype=torch.bfloat16, seed=951))
+    return cases
+
+
+class _Compiled:
+    """Drop-in for sp.ring_attention / token_ring_attention inside run_case: the call compiled."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, q, k, v, **kw):
+        return torch.compile(lambda q, k, v: self.fn(q, k, v, **kw), fullgraph=True, backend="aot_eager")(q, k, v)
+
+
+def _run_compiled_matrix(world):
+    failures = []
+    orig = (sp.ring_attention, sp.token_ring_attention)
+    for c in _compiled_cases(world):
+        _reset()
+        if c["alg"] != "auto":  # the float64 reference and the byte formula, through compiled calls
+            sp.ring_attention, sp.token_ring_attention = (_Compiled(f) for f in orig)
+            try:
+                failures.append(run_case(c))
+            finally:
+                sp.ring_attention, sp.token_ring_attention = orig
+            _reset()
+        failures.append(_compiled_case(c))
+    return [f for f in failures if f is not None]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_compiled_matches_float64_and_eager(dist_pool, world):
+    failures = [f for r in dist_pool(world).run(_run_compiled_matrix, world, timeout=300) for f in r]
+    assert not failures, "\n".join(failures[:20])
+
+
+def _run_inductor_and_no_grad():
+    rank, world = dist.get_rank(), dist.get_world_size()
+    _reset()
+    g = torch.Generator().manual_seed(4)
+    L, D = 22, 16
+    x = torch.randn(2, L, 4, D, generator=g, dtype=torch.float64)
+    wq = torch.randn(D, D, generator=g, dtype=torch.float64) / 4
+    pos = positions(L, world, "zigzag", rank)
+
+    def block(x, w):
+        q = torch.nn.functional.silu(x @ w)
+        o = sp.sequence_parallel_attention(q, x[:, :, :2], x[:, :, 2:], causal=True, layout="zigzag")
+        return torch.tanh(o) * 2
+
+    res = {}
+    for mode, f in (("inductor", torch.compile(block, fullgraph=True)), ("eager", block)):
+        xl, w = x[:, pos].clone().requires_grad_(), wq.clone().requires_grad_()
+        out = f(xl, w)
+        out.backward(torch.ones_like(out))
+        res[mode] = (out.detach(), xl.grad, w.grad)
+    errs = [(a - b).abs().max().item() for a, b in zip(res["inductor"], res["eager"])]
+    # no_grad: the signature says "no backward follows"; still one op call, bytes of the forward only
+    _reset()
+    with torch.no_grad(), comm_stats() as st:
+        before = rc.CALLS["sp_attention"]
+        out = torch.compile(lambda q, k, v: sp.ring_attention(q, k, v, causal=True, layout="zigzag"),
+                            fullgraph=True, backend="aot_eager")(x[:, pos], x[:, pos, :2], x[:, pos, 2:])
+        ran = rc.CALLS["sp_attention"] - before
+    ref, _ = reference(x, x[:, :, :2], x[:, :, 2:], True, D ** -0.5)
+    return errs, ran, set(st.sent_by_channel), (out - ref[:, pos]).abs().max().item()
+
+
+def test_inductor_fullgraph_and_no_grad(dist_pool):
+    for errs, ran, channels, err in dist_pool(2).run(_run_inductor_and_no_grad, timeout=240):
+        # float64: inductor fuses the code around the op differently, rounding only
+        assert max(errs) < 1e-12, errs
+        # vs float64: lse is fp32 by contract, so the merges round at ~1e-7 (measured 1.2e-7)
+        assert ran == 1 and channels == {"fwd.kv"} and err < 1e-6, (ran, channels, err)
+
+
+def _run_compiled_bad_input():
+    rank = dist.get_rank()
+    _reset()
+    q, k, v = _qkv(S=6, dtype=torch.float32)
+    f = torch.compile(lambda q, k, v: sp.ring_attention(q, k, v, causal=rank == 0), fullgraph=True,
+                      backend="aot_eager")
+    try:
+        f(q, k, v)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_compiled_bad_input_raises_on_every_rank(dist_pool):
+    msgs = dist_pool(2).run(_run_compiled_bad_input, timeout=120)
+    assert all("ranks disagree on causal" in m for m in msgs), msgs
+    assert msgs[0] == msgs[1]
+
+
+# --------------------------------------------------------------------------------------------
+# gather_sequence under compile
+
+def _run_gather():
+    rank, world = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 11, 3, generator=g, dtype=torch.float64)
+    gr = torch.randn(2, 11, 3, generator=g, dtype=torch.float64)
+    out = {}
+    _reset()
+    xl = ringattn.shard_sequence(x, dim=1, layout="zigzag").requires_grad_()
+    f = torch.compile(lambda t: ringattn.gather_sequence(t * 2, dim=1, layout="zigzag", seq_len=11) + 1,
+                      fullgraph=True, backend="aot_eager")
+    before = rc.CALLS["gather_sequence"]
+    full = f(xl)
+    full.backward(gr)
+    out["ran"] = rc.CALLS["gather_sequence"] - before
+    # every rank's loss used the full tensor: the shard's gradient is the sum over ranks (W * 2 * gr)
+    out["fwd_err"] = (full - (2 * x + 1)).abs().max().item()
+    out["bwd_err"] = (xl.grad - ringattn.shard_sequence(2 * world * gr, dim=1, layout="zigzag")).abs().max().item()
+    _reset()
+    try:
+        torch.compile(lambda t: ringattn.gather_sequence(t, dim=1, layout="zigzag"), fullgraph=True,
+                      backend="aot_eager")(xl.detach())
+        out["no_seq_len_fullgraph"] = "no error"
+    except torch._dynamo.exc.Unsupported as e:
+        out["no_seq_len_fullgraph"] = str(e)
+    _reset()
+    full2 = torch.compile(lambda t: ringattn.gather_sequence(t, dim=1, layout="zigzag"), backend="aot_eager")(xl)
+    out["graph_break_ok"] = torch.equal(full2, x)
+    _reset()
+    try:
+        torch.compile(lambda t: ringattn.gather_sequence(t, dim=1, layout="zigzag", seq_len=12 if rank else 11),
+                      fullgraph=True, backend="aot_eager")(xl.detach())
+        out["wrong_seq_len"] = "no error"
+    except ValueError as e:
+        out["wrong_seq_len"] = str(e)
+    try:  # eager: the same check
+        ringattn.gather_sequence(xl.detach(), dim=1, layout="zigzag", seq_len=10 if rank else 11)
+        out["eager_wrong_seq_len"] = "no error"
+    except ValueError as e:
+        out["eager_wrong_seq_len"] = str(e)
+    try:
+        ringattn.gather_sequence(xl.detach(), dim=1, layout="zigzag", seq_len=11.0)
+        out["float_seq_len"] = "no error"
+    except ValueError as e:
+        out["float_seq_len"] = str(e)
+    out["eager_ok"] = torch.equal(ringattn.gather_sequence(xl.detach(), dim=1, layout="zigzag", seq_len=11), x)
+    return out
+
+
+def test_gather_sequence_compiled(dist_pool):
+    for out in dist_pool(2).run(_run_gather, timeout=120):
+        assert out["ran"] == 1 and out["fwd_err"] == 0 and out["bwd_err"] < 1e-12, out
+        assert "pass seq_len=" in out["no_seq_len_fullgraph"], out
+        assert out["graph_break_ok"], out
+        assert "rank 0: 11, rank 1: 12" in out["wrong_seq_len"], out
+        assert "hold 11 tokens" in out["eager_wrong_seq_len"] and "rank 1: 10" in out["eager_wrong_seq_len"], out
+        assert "seq_len must be a positive int" in out["float_seq_len"] and out["eager_ok"], out
+
+
+# --------------------------------------------------------------------------------------------
+# fused_allreduce_rmsnorm under compile
+
+def _run_fused():
+    rank, world = dist.get_rank(), dist.get_world_size()
+    from ringattn.tokenweave.fused_allreduce_rmsnorm import shard_bounds
+    errs = []
+    for i, (T, H, shard_in, shard_out) in enumerate([(7, 48, False, False), (9, 64, True, True),
+                                                     (5, 32, False, True)]):
+        _reset()
+        g = torch.Generator().manual_seed(20 + i + 100 * rank)
+        x = torch.randn(T, H, generator=g)
+        res = torch.randn(T, H, generator=torch.Generator().manual_seed(7 + i))
+        if shard_in:
+            b, e = shard_bounds(T, world, rank)
+            res = res[b:e].contiguous()
+        w = torch.randn(H, generator=torch.Generator().manual_seed(9))
+
+        def f(x, r, w):
+            y, new = ringattn.fused_allreduce_rmsnorm(x * 1.5, r, w, eps=1e-5, shard_residual_in=shard_in,
+                                                     shard_residual_out=shard_out)
+            return y - 1, new
+
+        before = rc.CALLS["fused_allreduce_rmsnorm"]
+        got = torch.compile(f, fullgraph=True, backend="aot_eager")(x, res, w)
+        ran = rc.CALLS["fused_allreduce_rmsnorm"] - before
+        want = f(x, res, w)
+        ok = all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(got, want))
+        errs.append((ran, ok))
+    return errs
+
+
+def test_fused_allreduce_rmsnorm_compiled(dist_pool):
+    for per_rank in dist_pool(3).run(_run_fused, timeout=120):
+        assert per_rank == [(1, True)] * 3, per_rank
+
+
+# --------------------------------------------------------------------------------------------
+# activation checkpointing (eager)
+
+def _run_checkpoint():
+    import torch.utils.checkpoint as ckpt
+    rank, world = dist.get_rank(), dist.get_world_size()
+    L = 17
+    g = torch.Generator().manual_seed(11)
+    q, dout = (torch.randn(2, L, 4, 8, generator=g) for _ in range(2))
+    k, v = (torch.randn(2, L, 2, 8, generator=g) for _ in range(2))
+    pos = positions(L, world, "zigzag", rank)
+    problems = []
+    for alg in ("ring", "token_ring"):
+        fn = lambda q, k, v: sp.sequence_parallel_attention(q, k, v, causal=True, layout="zigzag",  # noqa: E731
+                                                            algorithm=alg)
+        res = {}
+        for mode in ("plain", "reentrant", "non_reentrant"):
+            loc = [t[:, pos].clone().requires_grad_() for t in (q, k, v)]
+            with comm_stats() as st:
+                if mode == "plain":
+                    out = fn(*loc)
+                else:
+                    out = ckpt.checkpoint(fn, *loc, use_reentrant=mode == "reentrant")
+                out.backward(dout[:, pos])
+            res[mode] = ([out.detach()] + [t.grad for t in loc], dict(st.sent_by_channel))
+        for mode in ("reentrant", "non_reentrant"):
+            if not all(torch.equal(a, b) for a, b in zip(res[mode][0], res["plain"][0])):
+                problems.append(f"{alg} {mode}: results differ from the plain call")
+            fwd = [ch for ch in res["plain"][1] if ch.startswith("fwd.")]
+            if any(res[mode][1][ch] != 2 * res["plain"][1][ch] for ch in fwd):  # forward recomputed once
+                problems.append(f"{alg} {mode}: forward bytes {res[mode][1]} vs plain {res['plain'][1]}")
+            if any(res[mode][1][ch] != res["plain"][1][ch] for ch in res["plain"][1] if ch.startswith("bwd.")):
+                problems.append(f"{alg} {mode}: backward bytes {res[mode][1]} vs plain {res['plain'][1]}")
+    return problems
+
+
+def test_activation_checkpointing(dist_pool):
+    for problems in dist_pool(3).run(_run_checkpoint, timeout=120):
+        assert not problems, problems
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face: torch.compile(model) and gradient checkpointing
+
+def _run_hf(mode):
+    import test_huggingface as th
+    import ringattn.integrations.huggingface as rhf
+    _reset()
+    ids, labels = th.global_batch(23)
+    model = th.tiny_model("llama")
+    ref = th.reference(model, ids, labels)
+    rhf.apply_sequence_parallel(model, algorithm="auto", layout="zigzag")
+    if mode == "compile":
+        model.forward = torch.compile(model.forward, backend="aot_eager")
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": mode == "ckpt_reentrant"})
+        model.train()
+    before = rc.CALLS["sp_attention"]
+    err = th.compare(model.ringattn_plan, ref, th.sp_step(model, ids, labels))
+    return err, rc.CALLS["sp_attention"] - before, model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("mode", ["compile", "ckpt_reentrant", "ckpt"])
+def test_hf_model_compiled_or_checkpointed_matches_single_process(dist_pool, mode):
+    pytest.importorskip("transformers")
+    import test_huggingface as th
+    results = dist_pool(2).run(_run_hf, mode, timeout=240)
+    th.assert_close([{mode: err} for err, _, _ in results])
+    for _, ran, layers in results:  # compiled: every layer's attention went through the op
+        assert ran == (layers if mode == "compile" else 0), (mode, ran, layers)
+
+
+# --------------------------------------------------------------------------------------------
+# TokenWeave layers inside a compiled model: the layers run eagerly (a graph break), the rest
+# compiles, the output equals the eager model's
+
+def _run_tokenweave_model():
+    import test_tokenweave_layer as tt
+    from ringattn.tokenweave import TokenWeaveDecoderLayer
+    _reset()
+    model = tt.build_model(11, torch.float64, attn="sdpa")
+    h = torch.randn(2, 9, model.config.hidden_size, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    with torch.no_grad():
+        ref = model(inputs_embeds=h, use_cache=False).last_hidden_state
+        for i, layer in enumerate(model.layers):
+            model.layers[i] = TokenWeaveDecoderLayer(layer, dist.group.WORLD, token_split=True, split_min_tokens=0)
+        eager = model(inputs_embeds=h, use_cache=False).last_hidden_state
+        got = torch.compile(model, backend="aot_eager")(inputs_embeds=h, use_cache=False).last_hidden_state
+    return torch.equal(got, eager), (got - ref).abs().max().item() / ref.abs().max().item()
+
+
+def test_tokenweave_layers_inside_compiled_model(dist_pool):
+    pytest.importorskip("transformers")
+    for same, rel in dist_pool(2).run(_run_tokenweave_model, timeout=240):
+        assert same and rel < 1e-4, (same, rel)  # 1e-4: HF's float32 RMSNorm (test_tokenweave_layer)
