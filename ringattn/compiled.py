@@ -82,10 +82,11 @@ def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name: 
                                       causal=causal, softmax_scale=softmax_scale, group=group, layout=layout,
                                       backend=backend, grad=grad)
     alg = sp._resolve_algorithm(algorithm, plan, q, k, grad)
-    if alg == "ring":
-        out, lse = ring_forward(plan, q, k, v)
-    else:
-        out, lse = token_ring_forward(plan, q, k, v, _reply(plan, q.device))
+    with sp.no_autocast(q.device):
+        if alg == "ring":
+            out, lse = ring_forward(plan, q, k, v)
+        else:
+            out, lse = token_ring_forward(plan, q, k, v, _reply(plan, q.device))
     meta = torch.tensor([_ALG[alg], sp._float_bits(plan.softmax_scale), plan.layout.seq_len], dtype=torch.int64)
     return out.contiguous(), lse.contiguous(), meta
 
@@ -104,9 +105,10 @@ def sp_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     CALLS["sp_attention_backward"] += 1
     plan, alg = _plan_from_meta(resolve_group(group_name), meta, causal, layout, backend)
     dout, q, k, v, out, lse = (t.contiguous() for t in (dout, q, k, v, out, lse))
-    if alg == "ring":
-        return ring_backward(plan, dout, q, k, v, out, lse)
-    return token_ring_backward(plan, dout, q, k, v, out, lse, _reply(plan, q.device))
+    with sp.no_autocast(q.device):
+        if alg == "ring":
+            return ring_backward(plan, dout, q, k, v, out, lse)
+        return token_ring_backward(plan, dout, q, k, v, out, lse, _reply(plan, q.device))
 
 
 @sp_attention_backward.register_fake

@@ -27,6 +27,8 @@ largest local length (uneven layouts) -- never L x L.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ringattn.block_attention import block_attn_backward, block_attn_forward
@@ -185,7 +187,9 @@ class RingAttention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ring_backward(ctx.plan, dout, q, k, v, out, lse)
+        with torch.autocast(q.device.type, enabled=False) if q.device.type in ("cpu", "cuda", "xpu") \
+                else contextlib.nullcontext():  # fp32 accumulation, even if backward runs under autocast
+            dq, dk, dv = ring_backward(ctx.plan, dout, q, k, v, out, lse)
         return dq, dk, dv, None
 
 

@@ -25,6 +25,7 @@ hanging until the process-group timeout.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -421,7 +422,27 @@ def _resolve_algorithm(algorithm: str, plan: RingPlan, q, k, grad: bool) -> str:
         backward=grad).algorithm
 
 
+def no_autocast(device: torch.device):
+    """A context with autocast off on `device`'s type (a no-op for types autocast lacks)."""
+    dev = device.type
+    return torch.autocast(dev, enabled=False) if dev in ("cpu", "cuda", "xpu") else contextlib.nullcontext()
+
+
+def _autocast(q, k, v):
+    """Under torch.autocast, cast q, k, v as autocast casts scaled_dot_product_attention's inputs
+    (its lower-precision list: every floating tensor but float64 -> the autocast dtype), so this
+    is a drop-in for SDPA inside autocast regions (e.g. q from an autocast linear, k/v fp32)."""
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        return q, k, v
+    dev = q.device.type
+    if dev not in ("cpu", "cuda", "xpu") or not torch.is_autocast_enabled(dev):
+        return q, k, v
+    dt = torch.get_autocast_dtype(dev)
+    return tuple(t.to(dt) if t.is_floating_point() and t.dtype not in (dt, torch.float64) else t for t in (q, k, v))
+
+
 def _run(fn, q, k, v, *, algorithm, causal, softmax_scale, group, layout, backend, return_lse):
+    q, k, v = _autocast(q, k, v)
     if torch.compiler.is_compiling():  # under torch.compile: one opaque custom op (ringattn.compiled)
         from ringattn.compiled import traced_attention
         return traced_attention(fn, q, k, v, algorithm=algorithm, causal=causal, softmax_scale=softmax_scale,
@@ -430,7 +451,10 @@ def _run(fn, q, k, v, *, algorithm, causal, softmax_scale, group, layout, backen
                                    group=group, layout=layout, backend=backend)
     algorithm = _resolve_algorithm(algorithm, plan, q, k, grad)
     impl = RingAttention if algorithm == "ring" else TokenRingAttention
-    out, lse = impl.apply(q, k, v, plan)
+    # The kernels run with autocast off: their fp32 accumulation (math backend, merges, deltas)
+    # must not be cast down by an enclosing autocast region (the backward does the same).
+    with no_autocast(q.device):
+        out, lse = impl.apply(q, k, v, plan)
     return (out, lse) if return_lse else out
 
 

@@ -36,6 +36,8 @@ Byte formula: token_ring_comm_bytes (docs/sequence_parallel.md).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ringattn.block_attention import block_attn_backward, block_attn_forward
@@ -259,7 +261,9 @@ class TokenRingAttention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = token_ring_backward(ctx.plan, dout, q, k, v, out, lse, ctx.reply)
+        with torch.autocast(q.device.type, enabled=False) if q.device.type in ("cpu", "cuda", "xpu") \
+                else contextlib.nullcontext():  # fp32 accumulation, even if backward runs under autocast
+            dq, dk, dv = token_ring_backward(ctx.plan, dout, q, k, v, out, lse, ctx.reply)
         return dq, dk, dv, None
 
 

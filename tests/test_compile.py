@@ -1,4 +1,4 @@
-"""torch.compile and activation checkpointing (ringattn.compiled; docs/sequence_parallel.md,
+"""torch.compile, activation checkpointing and autocast (ringattn.compiled; docs/sequence_parallel.md,
 "torch.compile").
 
 - opcheck on every traced op (world of one, in the test process).
@@ -13,6 +13,7 @@
 - fused_allreduce_rmsnorm compiled (fullgraph) equals eager, sharded residual layouts included.
 - Activation checkpointing (torch.utils.checkpoint, reentrant and not) equals the plain call;
   the recomputed forward is counted again.
+- torch.autocast: inputs cast like SDPA's, results equal the all-bf16 call (eager, compiled).
 - Hugging Face: torch.compile(model) and model.gradient_checkpointing_enable() with sequence
   parallelism give the single-process model's logits, loss and gradients.
 """
@@ -448,3 +449,41 @@ def test_gpu_compiled_inductor_matches_eager(algorithm):
         # bf16: inductor fuses the matmul epilogue and gelu differently: a few bf16 ulps
         err = (a.float() - b.float()).abs().max().item()
         assert err <= 2e-2 * b.float().abs().max().item() + 1e-2, (name, err)
+
+
+# --------------------------------------------------------------------------------------------
+# torch.autocast: the inputs are cast as autocast casts scaled_dot_product_attention's (every
+# floating tensor but float64 -> the autocast dtype), eager and compiled
+
+def _run_autocast():
+    rank, world = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator().manual_seed(31)
+    L = 13
+    pos = positions(L, world, "zigzag", rank)
+    q = torch.randn(1, L, 4, 8, generator=g)[:, pos]
+    k, v = (torch.randn(1, L, 2, 8, generator=g)[:, pos] for _ in range(2))
+    out = {}
+    for mode in ("eager", "compiled"):
+        _reset()
+        f = lambda q, k, v: sp.ring_attention(q, k, v, causal=True, layout="zigzag")  # noqa: E731
+        if mode == "compiled":
+            f = torch.compile(f, fullgraph=True, backend="aot_eager")
+        qa, ka = q.clone().requires_grad_(), k.bfloat16().requires_grad_()   # fp32 q, bf16 k, fp32 v
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            o = f(qa, ka, v)
+        o.float().sum().backward()
+        plain = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+        ref = sp.ring_attention(*plain, causal=True, layout="zigzag")
+        ref.float().sum().backward()
+        out[mode] = (o.dtype, torch.equal(o, ref), qa.grad.dtype, ka.grad.dtype,
+                     torch.equal(qa.grad, plain[0].grad.float()), torch.equal(ka.grad, plain[1].grad))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float64 is left alone, as autocast does
+        out["float64"] = sp.ring_attention(q.double(), k.double(), v.double(), causal=True, layout="zigzag").dtype
+    return out
+
+
+def test_autocast_casts_like_sdpa(dist_pool):
+    for out in dist_pool(2).run(_run_autocast, timeout=120):
+        for mode in ("eager", "compiled"):
+            assert out[mode] == (torch.bfloat16, True, torch.float32, torch.bfloat16, True, True), (mode, out)
+        assert out["float64"] == torch.float64, out
