@@ -79,8 +79,17 @@ def _mpi_rendezvous():
     return rank, size, local_rank, f"tcp://{addr}:{port}"
 
 
+def _uses_nccl(backend) -> bool:
+    """"nccl", or a per-device string such as "cpu:gloo,cuda:nccl"."""
+    return "nccl" in str(backend).lower()
+
+
 def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> DistInfo:
-    """Initialise the default process group (idempotent) and return who we are."""
+    """Initialise the default process group (idempotent) and return who we are.
+
+    backend="cpu:gloo,cuda:nccl" (or RINGATTN_DIST_BACKEND) gives every group a CPU backend too:
+    ringattn's per-call metadata exchanges then run on the host instead of as an NCCL collective
+    followed by a device-to-host copy (docs/sequence_parallel.md, "Validation")."""
     launcher = detect_launcher()
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -97,7 +106,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> Di
             rank, world, local_rank = 0, 1, 0
             init_method = f"tcp://127.0.0.1:{_free_port()}"
         backend = backend or default_backend()
-        if backend == "nccl":
+        if _uses_nccl(backend):
             torch.cuda.set_device(local_rank % torch.cuda.device_count())
         dist.init_process_group(
             backend,
@@ -106,7 +115,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> Di
             world_size=world,
             timeout=datetime.timedelta(seconds=timeout_s),
         )
-    if backend == "nccl":
+    if _uses_nccl(backend):
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         device = torch.device("cpu")

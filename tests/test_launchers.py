@@ -85,3 +85,23 @@ def test_deepspeed_launcher_demo():
     p = _run([os.path.join(ROOT, "launch", "deepspeed.sh"), "2", "--quick", "--deepspeed", "3"])
     _demo_ok(p, 2, "deepspeed")
     assert "DeepSpeed ZeRO-3" in p.stdout
+
+
+def test_init_distributed_per_device_backend_string(monkeypatch):
+    """backend="cpu:gloo,cuda:nccl" is an NCCL setup too: the rank's GPU is selected and returned
+    (torch.distributed and CUDA stubbed: this machine has no GPU)."""
+    import torch
+    import torch.distributed as dist
+    import ringattn.distributed as rd
+
+    calls = {}
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.setdefault("backend", backend))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.setdefault("device", i))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: calls["device"])
+    for k, v in dict(RANK="3", WORLD_SIZE="4", LOCAL_RANK="3", MASTER_ADDR="127.0.0.1", MASTER_PORT="1").items():
+        monkeypatch.setenv(k, v)
+    info = rd.init_distributed(backend="cpu:gloo,cuda:nccl")
+    assert calls == {"backend": "cpu:gloo,cuda:nccl", "device": 3}
+    assert info.device == torch.device("cuda", 3) and (info.rank, info.world_size) == (3, 4)

@@ -387,6 +387,9 @@ def _base_pre_hook(plan: SequenceParallelPlan):
         device = x.device if x is not None else torch.device("cpu")
         if dist.get_backend(plan.group) == "nccl" and device.type != "cuda":
             device = torch.device("cuda", torch.cuda.current_device())
+        else:  # a CPU backend on the group (gloo, or "cpu:gloo,cuda:nccl"): exchange on the host
+            from ringattn.layout import collective_device
+            device = collective_device(plan.group, device)
         info = torch.tensor([seq_local, batch, flags], dtype=torch.int64, device=device)
         infos = [torch.zeros_like(info) for _ in range(plan.world_size)]
         dist.all_gather(infos, info, group=plan.group)
