@@ -20,6 +20,7 @@ parallelism: the training loss is the sum of the per-rank losses, so
 from __future__ import annotations
 
 import dataclasses
+import functools
 import zlib
 from typing import NamedTuple
 
@@ -155,6 +156,7 @@ def group_rank_and_size(group) -> tuple[int, int]:
     return rank, dist.get_world_size(group)
 
 
+@functools.lru_cache(maxsize=64)
 def dtype_code(dtype: torch.dtype) -> int:
     """A small integer naming a dtype, stable across processes (for metadata signatures)."""
     return zlib.crc32(str(dtype).encode()) & 0x7FFFFFFF
