@@ -225,3 +225,11 @@ def test_layout_lengths():
     assert rhf.split_sizes(7, 3) == [3, 2, 2]
     labels = torch.tensor([[5, 6, 7, -100, 9]])
     assert rhf.shift_labels(labels).tolist() == [[6, 7, -100, 9, -100]]
+
+
+def test_refuses_transformers_older_than_the_registries(monkeypatch):
+    monkeypatch.setattr(rhf, "_transformers_version", lambda: "4.52.4")
+    with pytest.raises(ImportError, match=r"needs transformers >= 4\.53.*found 4\.52\.4"):
+        rhf.apply_sequence_parallel(tiny_model("llama"))
+    monkeypatch.setattr(rhf, "_transformers_version", lambda: "4.53.0.dev0")
+    rhf._check_transformers_version()  # accepted

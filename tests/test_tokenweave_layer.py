@@ -130,6 +130,7 @@ def _w_layer_cases(cases, path=None, symm_backend="cuda", one_shot_max_tokens=64
                 same = model.layers[0](h, attention_mask=m, position_embeddings=pe)
                 tw = TokenWeaveDecoderLayer(model.layers[0], group, token_split=split, split_min_tokens=0, config=cfg)
                 out = tw(h, attention_mask=m, position_embeddings=pe)
+        out = _t(out)  # like the HF layer: a tuple on transformers 4.x
         assert out.shape == h.shape and out.dtype == dtype, tag
         _assert_close(tag, out, ref64, same, dtype)
         handle = tw.layers[0].handle(h.device) if stack else tw.handle(h.device)
@@ -258,8 +259,8 @@ def _gpu_layer(split):
             ref64 = ref_model.layers[0](h64, position_embeddings=pe64)
             same = model.layers[0](h, position_embeddings=pe)
             tw = TokenWeaveDecoderLayer(model.layers[0], dist.group.WORLD, token_split=split, split_min_tokens=0, config=cfg)
-            got = tw(h, position_embeddings=pe)
-            again = tw(h, position_embeddings=pe)
+            got = _t(tw(h, position_embeddings=pe))
+            again = _t(tw(h, position_embeddings=pe))
         torch.cuda.synchronize()
         _assert_close(f"rank {dist.get_rank()} B={B} S={S} split={split}", got, ref64, same, torch.bfloat16)
         assert torch.equal(got, again), "not deterministic across calls"

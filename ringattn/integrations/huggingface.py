@@ -340,7 +340,31 @@ def _mask_forward(batch_size=None, q_length=None, kv_length=None, attention_mask
     return None
 
 
+# The attention-function and mask registries this integration plugs into exist from 4.53 on.
+MIN_TRANSFORMERS = (4, 53)
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def _check_transformers_version() -> None:
+    found = _transformers_version()
+    parts = []
+    for p in found.split(".")[:2]:
+        digits = "".join(itertools.takewhile(str.isdigit, p))
+        parts.append(int(digits or 0))
+    if tuple(parts) < MIN_TRANSFORMERS:
+        raise ImportError(
+            f"ringattn's Hugging Face integration needs transformers >= "
+            f"{'.'.join(map(str, MIN_TRANSFORMERS))} (its AttentionInterface / AttentionMaskInterface "
+            f"registries); found {found}. pip install -U 'transformers>=4.53'")
+
+
 def _register_attention():
+    _check_transformers_version()
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
@@ -466,6 +490,7 @@ def apply_sequence_parallel(model, group=None, algorithm: str = "auto", layout: 
     layout: "zigzag" (balanced causal work) | "contiguous".
     Every rank must call it with the same arguments. Sets config.use_cache=False.
     """
+    _check_transformers_version()  # first: a clear error before anything collective
     _require_initialised(group)
     if algorithm not in ALGORITHMS:
         raise ValueError(f"ringattn: algorithm={algorithm!r}; choose one of {ALGORITHMS}")
@@ -495,10 +520,7 @@ def apply_sequence_parallel(model, group=None, algorithm: str = "auto", layout: 
 
     previous = getattr(model, "_ringattn_previous_attn", None) or cfg._attn_implementation
     _register_attention()
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(ATTN_IMPLEMENTATION)
-    else:  # pragma: no cover - older transformers
-        cfg._attn_implementation = ATTN_IMPLEMENTATION
+    _set_attn_implementation(model, ATTN_IMPLEMENTATION)
     if cfg._attn_implementation != ATTN_IMPLEMENTATION:
         raise ValueError(f"ringattn: {type(model).__name__} did not accept attn_implementation={ATTN_IMPLEMENTATION!r}")
     cfg.use_cache = False
@@ -522,6 +544,13 @@ def apply_sequence_parallel(model, group=None, algorithm: str = "auto", layout: 
     return model
 
 
+def _set_attn_implementation(model, impl: str) -> None:
+    if hasattr(model, "set_attn_implementation"):  # transformers >= 4.54
+        model.set_attn_implementation(impl)
+    else:  # 4.53: the attention modules read config._attn_implementation at every forward
+        model.config._attn_implementation = impl
+
+
 def remove_sequence_parallel(model, attn_implementation: str | None = None):
     """Undo apply_sequence_parallel (e.g. before save_pretrained, whose config would otherwise
     name "ringattn_sp"): removes the hooks and plans and restores the attention implementation
@@ -532,7 +561,7 @@ def remove_sequence_parallel(model, attn_implementation: str | None = None):
         if hasattr(m, "_ringattn_plan"):
             del m._ringattn_plan
     impl = attn_implementation or getattr(model, "_ringattn_previous_attn", None) or "sdpa"
-    model.set_attn_implementation(impl)
+    _set_attn_implementation(model, impl)
     for attr in ("_ringattn_hooks", "_ringattn_previous_attn", "ringattn_plan"):
         if hasattr(model, attr):
             delattr(model, attr)
