@@ -273,6 +273,10 @@ def _run_gather():
     except ValueError as e:
         out["float_seq_len"] = str(e)
     out["eager_ok"] = torch.equal(ringattn.gather_sequence(xl.detach(), dim=1, layout="zigzag", seq_len=11), x)
+    _reset()  # shard_sequence is plain slicing: it traces, fullgraph included
+    sharded = torch.compile(lambda t: ringattn.shard_sequence(t, dim=1, layout="zigzag"), fullgraph=True,
+                            backend="aot_eager")(x)
+    out["shard_ok"] = torch.equal(sharded, xl.detach())
     return out
 
 
@@ -284,6 +288,7 @@ def test_gather_sequence_compiled(dist_pool):
         assert "rank 0: 11, rank 1: 12" in out["wrong_seq_len"], out
         assert "hold 11 tokens" in out["eager_wrong_seq_len"] and "rank 1: 10" in out["eager_wrong_seq_len"], out
         assert "seq_len must be a positive int" in out["float_seq_len"] and out["eager_ok"], out
+        assert out["shard_ok"], out
 
 
 # --------------------------------------------------------------------------------------------
