@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from ringattn import sequence_parallel as sp
 from ringattn.comm import reply_group
-from ringattn.layout import RingPlan, SequenceLayout, collective_device, group_rank_and_size
+from ringattn.layout import RingPlan, SequenceLayout, collective_device, group_rank_and_size, no_autocast
 from ringattn.ring_attention import ring_backward, ring_forward
 from ringattn.token_ring import token_ring_backward, token_ring_forward
 
@@ -82,7 +82,7 @@ def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name: 
                                       causal=causal, softmax_scale=softmax_scale, group=group, layout=layout,
                                       backend=backend, grad=grad)
     alg = sp._resolve_algorithm(algorithm, plan, q, k, grad)
-    with sp.no_autocast(q.device):
+    with no_autocast(q.device):
         if alg == "ring":
             out, lse = ring_forward(plan, q, k, v)
         else:
@@ -105,7 +105,7 @@ def sp_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     CALLS["sp_attention_backward"] += 1
     plan, alg = _plan_from_meta(resolve_group(group_name), meta, causal, layout, backend)
     dout, q, k, v, out, lse = (t.contiguous() for t in (dout, q, k, v, out, lse))
-    with sp.no_autocast(q.device):
+    with no_autocast(q.device):
         if alg == "ring":
             return ring_backward(plan, dout, q, k, v, out, lse)
         return token_ring_backward(plan, dout, q, k, v, out, lse, _reply(plan, q.device))

@@ -19,6 +19,7 @@ parallelism: the training loss is the sum of the per-rank losses, so
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import zlib
@@ -154,6 +155,13 @@ def group_rank_and_size(group) -> tuple[int, int]:
         raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of the "
                          f"given process group (ranks {dist.get_process_group_ranks(group)})")
     return rank, dist.get_world_size(group)
+
+
+def no_autocast(device: torch.device):
+    """A context with autocast off on `device`'s type (a no-op for types autocast lacks): the
+    kernels, merges and backward keep their fp32 accumulation inside an autocast region."""
+    dev = device.type
+    return torch.autocast(dev, enabled=False) if dev in ("cpu", "cuda", "xpu") else contextlib.nullcontext()
 
 
 @functools.lru_cache(maxsize=64)

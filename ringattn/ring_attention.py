@@ -27,13 +27,11 @@ largest local length (uneven layouts) -- never L x L.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from ringattn.block_attention import block_attn_backward, block_attn_forward
 from ringattn.comm import P2PComm
-from ringattn.layout import Block, RingPlan, SequenceLayout, flat_view
+from ringattn.layout import Block, RingPlan, SequenceLayout, flat_view, no_autocast
 from ringattn.ops import merge_attn_states_
 
 _F32 = torch.float32
@@ -187,8 +185,7 @@ class RingAttention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        with torch.autocast(q.device.type, enabled=False) if q.device.type in ("cpu", "cuda", "xpu") \
-                else contextlib.nullcontext():  # fp32 accumulation, even if backward runs under autocast
+        with no_autocast(q.device):  # fp32 accumulation, even if backward runs under autocast
             dq, dk, dv = ring_backward(ctx.plan, dout, q, k, v, out, lse)
         return dq, dk, dv, None
 

@@ -25,7 +25,6 @@ hanging until the process-group timeout.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
@@ -41,7 +40,7 @@ import torch.distributed as dist
 from ringattn.accounting import CommStats, comm_stats  # noqa: F401  (re-exported)
 from ringattn.block_attention import block_attn_forward
 from ringattn.layout import (LAYOUTS, RingPlan, SequenceLayout, collective_device, dtype_code,  # noqa: F401
-                             gather_sequence, group_rank_and_size, seq_len_error, shard_sequence)
+                             gather_sequence, group_rank_and_size, no_autocast, seq_len_error, shard_sequence)
 from ringattn.ring_attention import RingAttention, ring_comm_bytes
 from ringattn.token_ring import TokenRingAttention, token_ring_comm_bytes
 
@@ -429,12 +428,6 @@ def _resolve_algorithm(algorithm: str, plan: RingPlan, q, k, grad: bool) -> str:
         seq_len=plan.layout.seq_len, world_size=plan.world_size, layout=plan.layout.layout, causal=plan.causal,
         batch=q.shape[0], heads_q=q.shape[2], heads_kv=k.shape[2], head_dim=q.shape[3], dtype=q.dtype,
         backward=grad).algorithm
-
-
-def no_autocast(device: torch.device):
-    """A context with autocast off on `device`'s type (a no-op for types autocast lacks)."""
-    dev = device.type
-    return torch.autocast(dev, enabled=False) if dev in ("cpu", "cuda", "xpu") else contextlib.nullcontext()
 
 
 def _autocast(q, k, v):

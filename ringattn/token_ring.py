@@ -36,13 +36,11 @@ Byte formula: token_ring_comm_bytes (docs/sequence_parallel.md).
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from ringattn.block_attention import block_attn_backward, block_attn_forward
 from ringattn.comm import P2PComm, reply_group
-from ringattn.layout import Block, RingPlan, SequenceLayout, collective_device, flat_view
+from ringattn.layout import Block, RingPlan, SequenceLayout, collective_device, flat_view, no_autocast
 from ringattn.ops import merge_attn_states_
 
 _F32 = torch.float32
@@ -261,8 +259,7 @@ class TokenRingAttention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        with torch.autocast(q.device.type, enabled=False) if q.device.type in ("cpu", "cuda", "xpu") \
-                else contextlib.nullcontext():  # fp32 accumulation, even if backward runs under autocast
+        with no_autocast(q.device):  # fp32 accumulation, even if backward runs under autocast
             dq, dk, dv = token_ring_backward(ctx.plan, dout, q, k, v, out, lse, ctx.reply)
         return dq, dk, dv, None
 
