@@ -15,8 +15,8 @@
   the recomputed forward is counted again.
 - dynamic=True: one graph for changing uneven lengths, bit-identical to eager.
 - torch.autocast: inputs cast like SDPA's, results equal the all-bf16 call (eager, compiled).
-- Hugging Face: torch.compile(model) and model.gradient_checkpointing_enable() with sequence
-  parallelism give the single-process model's logits, loss and gradients.
+- Hugging Face: torch.compile(model) (1-D, and the 2-D Ulysses x ring mode with ringattn's or
+  DeepSpeed's all-to-all) and model.gradient_checkpointing_enable() with sequence parallelism give the single-process model's logits, loss and gradients.
 """
 
 import pytest
@@ -376,11 +376,15 @@ def _run_hf(mode):
     import test_huggingface as th
     import ringattn.integrations.huggingface as rhf
     _reset()
-    ids, labels = th.global_batch(23)
+    ids, labels = th.global_batch(23 if dist.get_world_size() == 2 else 29)
     model = th.tiny_model("llama")
     ref = th.reference(model, ids, labels)
-    rhf.apply_sequence_parallel(model, algorithm="auto", layout="zigzag")
-    if mode == "compile":
+    if mode.startswith("compile_ulysses"):  # 2-D: Ulysses pairs x a ring of 2, W = 4
+        rhf.apply_sequence_parallel(model, algorithm="ulysses+ring", layout="zigzag", ulysses_size=2,
+                                    use_deepspeed=mode.endswith("deepspeed"))
+    else:
+        rhf.apply_sequence_parallel(model, algorithm="auto", layout="zigzag")
+    if mode.startswith("compile"):
         model.forward = torch.compile(model.forward, backend="aot_eager")
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": mode == "ckpt_reentrant"})
@@ -390,14 +394,21 @@ def _run_hf(mode):
     return err, rc.CALLS["sp_attention"] - before, model.config.num_hidden_layers
 
 
-@pytest.mark.parametrize("mode", ["compile", "ckpt_reentrant", "ckpt"])
+def _has_deepspeed():
+    import importlib.util
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+@pytest.mark.parametrize("mode", ["compile", "ckpt_reentrant", "ckpt", "compile_ulysses",
+                                  pytest.param("compile_ulysses_deepspeed", marks=pytest.mark.skipif(
+                                      not _has_deepspeed(), reason="deepspeed not installed"))])
 def test_hf_model_compiled_or_checkpointed_matches_single_process(dist_pool, mode):
     pytest.importorskip("transformers")
     import test_huggingface as th
-    results = dist_pool(2).run(_run_hf, mode, timeout=240)
+    results = dist_pool(4 if "ulysses" in mode else 2).run(_run_hf, mode, timeout=240)
     th.assert_close([{mode: err} for err, _, _ in results])
-    for _, ran, layers in results:  # compiled: every layer's attention went through the op
-        assert ran == (layers if mode == "compile" else 0), (mode, ran, layers)
+    for _, ran, layers in results:  # compiled: every layer's attention (its ring part) went through the op
+        assert ran == (layers if mode.startswith("compile") else 0), (mode, ran, layers)
 
 
 # --------------------------------------------------------------------------------------------
