@@ -13,7 +13,7 @@ docs/sequence_parallel.md for the list and the formulas) and its peer (GLOBAL ra
 
 Contexts nest (each active one records). `bytes_sent()` / `bytes_received()` are process-wide
 running totals since import or the last `reset()`. The small metadata all_gather at the start of
-each call (25 int64 per rank) is a collective, not P2P traffic, and is not counted.
+each call (26 int64 per rank) is a collective, not P2P traffic, and is not counted.
 """
 from __future__ import annotations
 

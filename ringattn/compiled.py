@@ -21,7 +21,7 @@ transports. Fake implementations give the shapes to the compiler. The group trav
 ("" = the default group, or a world of one without torch.distributed); `grad` (whether a
 backward will follow, part of the signature every rank agrees on) is decided at trace time from
 requires_grad, because autograd is off inside a custom op. lse is returned detached, as in
-eager mode (it carries no gradient).
+eager mode (it carries no gradient; lse_grad=True calls run eagerly, a graph break).
 
 Inputs a traced call cannot describe (non-tensors, not 4-D) are handed to the eager path, which
 raises its usual error on every rank.
@@ -134,18 +134,20 @@ def _backward(ctx, dout, _dlse, _dmeta):
 sp_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.compiler.disable(reason="ringattn sequence-parallel attention: inputs the traced op cannot describe "
-                               "(non-tensors or not 4-D) take the eager path, which raises the error")
+@torch.compiler.disable(reason="ringattn sequence-parallel attention: lse_grad=True, or inputs the traced op "
+                               "cannot describe (non-tensors or not 4-D, for which the eager path raises the error), "
+                               "run eagerly")
 def _eager(fn, q, k, v, **kw):
     return sp._run(fn, q, k, v, **kw)
 
 
-def traced_attention(fn, q, k, v, *, algorithm, causal, softmax_scale, group, layout, backend, return_lse):
+def traced_attention(fn, q, k, v, *, algorithm, causal, softmax_scale, group, layout, backend, return_lse,
+                     lse_grad=False):
     """sequence_parallel._run under torch.compile (see the module docstring)."""
-    if not (all(isinstance(t, torch.Tensor) for t in (q, k, v)) and q.dim() == k.dim() == v.dim() == 4
-            and isinstance(algorithm, str) and isinstance(layout, str) and isinstance(backend, str)):
+    if lse_grad or not (all(isinstance(t, torch.Tensor) for t in (q, k, v)) and q.dim() == k.dim() == v.dim() == 4
+                        and isinstance(algorithm, str) and isinstance(layout, str) and isinstance(backend, str)):
         return _eager(fn, q, k, v, algorithm=algorithm, causal=causal, softmax_scale=softmax_scale, group=group,
-                      layout=layout, backend=backend, return_lse=return_lse)
+                      layout=layout, backend=backend, return_lse=return_lse, lse_grad=lse_grad)
     if softmax_scale is not None:
         try:
             softmax_scale = float(softmax_scale)

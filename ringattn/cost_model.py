@@ -233,7 +233,7 @@ class Topology:
     host (loopback) capacity, both directions together (0: none); full_duplex: False makes
     each link one resource for both directions; ranks_per_device: ranks sharing one device's
     compute (compute times are multiplied by it; e.g. W processes on fewer CPU cores, or ranks
-    sharing one GPU); call_s: the per-call metadata all_gather (25 int64 per rank) that every
+    sharing one GPU); call_s: the per-call metadata all_gather (26 int64 per rank) that every
     forward starts with, -1: latency_s * ceil(log2 W) (an assumed tree of tiny messages)."""
 
     kind: str

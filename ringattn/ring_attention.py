@@ -94,21 +94,43 @@ def ring_forward(plan: RingPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     return out_acc.to(q.dtype), lse_acc
 
 
-def ring_backward(plan: RingPlan, dout, q, k, v, out, lse):
+def ring_backward(plan: RingPlan, dout, q, k, v, out, lse, dlse=None):
     """Gradients of the local shards. dout, out: (B, n_r, Hq, D); lse: (B, Hq, n_r) fp32 (the
-    final, merged forward results). Returns dq, dk, dv in the input dtypes (fp32 accumulation)."""
+    final, merged forward results); dlse: lse's gradient (B, Hq, n_r) or None. Returns dq, dk, dv
+    in the input dtypes (fp32 accumulation).
+
+    lse's gradient g: d lse_i / d s_ij = P_ij, so it adds P_ij * g_i to dS_ij. Each block gets a
+    second backward with v = 0 (dP = 0), dout = e_0 and out = -g e_0 (so delta = -g): its dS is
+    exactly P * g, its dq/dk are lse's share, its dv is discarded. Local compute only: the ring
+    moves the same messages, so ranks with and without a dlse stay in lockstep."""
     W, r, lay = plan.world_size, plan.rank, plan.layout
     B, n_r, Hq, D = q.shape
     Hkv = k.shape[2]
     dq_acc = torch.zeros(q.shape, dtype=_F32, device=q.device)
     kw = dict(softmax_scale=plan.softmax_scale, backend=plan.backend)
+    lse_terms = None
+    if dlse is not None:
+        e0 = torch.zeros(q.shape, dtype=q.dtype, device=q.device)         # (B, n_r, Hq, D)
+        e0[..., 0] = 1
+        out_g = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+        out_g[..., 0] = -dlse.transpose(1, 2).to(q.dtype)
+        kv_max = (B, max(lay.local_lengths), Hkv, D)
+        lse_terms = (e0, out_g, torch.zeros(kv_max, dtype=v.dtype, device=v.device),
+                     torch.empty(kv_max, dtype=_F32, device=v.device))   # v = 0, dv scratch
 
     def block_backward(blk: Block, k_blk, v_blk, dk_into, dv_into):
         qr, outr, doutr, lser = _q_side(blk, q, out, dout, lse)
+        k_rows = _rows(k_blk, blk.kv_start, blk.kv_len)
         block_attn_backward(
-            doutr, qr, _rows(k_blk, blk.kv_start, blk.kv_len), _rows(v_blk, blk.kv_start, blk.kv_len),
+            doutr, qr, k_rows, _rows(v_blk, blk.kv_start, blk.kv_len),
             outr, lser, causal=blk.causal, dq_out=_rows(dq_acc, blk.q_start, blk.q_len),
             dk_out=_rows(dk_into, blk.kv_start, blk.kv_len), dv_out=_rows(dv_into, blk.kv_start, blk.kv_len), **kw)
+        if lse_terms is not None:
+            e0, out_g, v0, dv_junk = lse_terms
+            block_attn_backward(
+                _rows(e0, blk.q_start, blk.q_len), qr, k_rows, v0[:, :blk.kv_len], _rows(out_g, blk.q_start, blk.q_len),
+                lser, causal=blk.causal, dq_out=_rows(dq_acc, blk.q_start, blk.q_len),
+                dk_out=_rows(dk_into, blk.kv_start, blk.kv_len), dv_out=dv_junk[:, :blk.kv_len].zero_(), **kw)
 
     if W == 1:
         dk = torch.zeros(k.shape, dtype=_F32, device=k.device)
@@ -171,23 +193,27 @@ def ring_backward(plan: RingPlan, dout, q, k, v, out, lse):
 
 
 class RingAttention(torch.autograd.Function):
-    """(q, k, v local shards, plan) -> (out, lse); lse carries no gradient."""
+    """(q, k, v local shards, plan, lse_grad) -> (out, lse); lse differentiable iff lse_grad."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan: RingPlan):
+    def forward(ctx, q, k, v, plan: RingPlan, lse_grad: bool = False):
         out, lse = ring_forward(plan, q, k, v)
         ctx.plan = plan
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # dout/dlse None when unused
+        if not lse_grad:
+            ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dout, _dlse):
+    def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
+        if dout is None:  # only lse was used: the ring still runs (every rank takes part)
+            dout = torch.zeros_like(out)
         with no_autocast(q.device):  # fp32 accumulation, even if backward runs under autocast
-            dq, dk, dv = ring_backward(ctx.plan, dout, q, k, v, out, lse)
-        return dq, dk, dv, None
+            dq, dk, dv = ring_backward(ctx.plan, dout, q, k, v, out, lse, dlse)
+        return dq, dk, dv, None, None
 
 
 def ring_comm_bytes(lay: SequenceLayout, rank: int, *, batch: int, heads_kv: int, head_dim: int,

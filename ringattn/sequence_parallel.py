@@ -9,7 +9,8 @@ and algorithm="auto".
 q: (batch, seq_local, heads_q, head_dim); k, v: (batch, seq_local, heads_kv, head_dim), heads_q a
 multiple of heads_kv (GQA/MQA; K/V never repeated). Each rank passes its own tokens of the global
 sequence in `layout` (ringattn.layout; shard_sequence cuts them). Returns out like q (and lse
-(batch, heads_q, seq_local) fp32 with return_lse=True; lse carries no gradient). Differentiable
+(batch, heads_q, seq_local) fp32 with return_lse=True; lse carries no gradient unless lse_grad=True,
+ring only: docs/sequence_parallel.md). Differentiable
 in q, k, v.
 
 Every call starts with ONE all_gather of a small int64 signature per rank over the group
@@ -49,7 +50,7 @@ ALGORITHMS = ("ring", "token_ring")
 # world size and "inter_node" (8 GPUs per node) above it (choose_algorithm).
 MESH_MAX_WORLD = 8
 
-_MAGIC = 0x52494E47_01  # "RING", signature version 1
+_MAGIC = 0x52494E47_02  # "RING", signature version 2 (2: lse_grad)
 _ALG_CODE = {"auto": 0, "ring": 1, "token_ring": 2}
 _LAYOUT_CODE = {"contiguous": 1, "zigzag": 2}
 _DEVICE_CODE = {"cpu": 1, "cuda": 2, "meta": 3, "xpu": 4, "mps": 5}
@@ -72,9 +73,10 @@ _PROBLEMS = (
     "unknown layout (choose 'contiguous' or 'zigzag')",
     "unknown algorithm (choose 'auto', 'ring' or 'token_ring')",
     "batch, heads and head_dim must be > 0",
+    "lse_grad=True needs algorithm='ring' or 'auto' (TokenRing's backward does not carry lse gradients)",
 )
 (_P_NOT_TENSOR, _P_NOT_4D, _P_NOT_FLOAT, _P_KV_SHAPE, _P_QK_SHAPE, _P_HEADS, _P_DTYPES, _P_DEVICES,
- _P_BACKEND, _P_SCALE, _P_LAYOUT, _P_ALGORITHM, _P_EMPTY) = (1 << i for i in range(len(_PROBLEMS)))
+ _P_BACKEND, _P_SCALE, _P_LAYOUT, _P_ALGORITHM, _P_EMPTY, _P_LSE_GRAD) = (1 << i for i in range(len(_PROBLEMS)))
 
 
 def _float_bits(x: float) -> int:
@@ -87,7 +89,7 @@ def _bits_float(b: int) -> float:
 
 _FIELDS = ("magic", "algorithm", "layout", "causal", "group_size", "group_ranks",
            "q0", "q1", "q2", "q3", "k0", "k1", "k2", "k3", "v0", "v1", "v2", "v3",
-           "q_dtype", "k_dtype", "v_dtype", "device", "scale", "grad", "problems")
+           "q_dtype", "k_dtype", "v_dtype", "device", "scale", "grad", "lse_grad", "problems")
 _IX = {f: i for i, f in enumerate(_FIELDS)}
 
 
@@ -103,13 +105,16 @@ def _ranks_crc(global_ranks: tuple) -> int:
 
 
 def _local_signature(fn, q, k, v, *, algorithm, layout, causal, softmax_scale, backend, world,
-                     global_ranks, grad=None) -> _Local:
+                     global_ranks, grad=None, lse_grad=False) -> _Local:
     sig = [-1] * len(_FIELDS)
     sig[_IX["magic"]] = _MAGIC
     sig[_IX["group_size"]] = world
     sig[_IX["group_ranks"]] = _ranks_crc(tuple(global_ranks))
     sig[_IX["causal"]] = int(bool(causal))
+    sig[_IX["lse_grad"]] = int(bool(lse_grad))
     problems, error = 0, None
+    if lse_grad and algorithm == "token_ring":
+        problems |= _P_LSE_GRAD
     if algorithm in _ALG_CODE:
         sig[_IX["algorithm"]] = _ALG_CODE[algorithm]
     else:
@@ -181,7 +186,7 @@ def _describe(field: str, value: int) -> str:
         return {v: k for k, v in _LAYOUT_CODE.items()}.get(value, "?")
     if field == "device":
         return {v: k for k, v in _DEVICE_CODE.items()}.get(value, "other")
-    if field == "causal" or field == "grad":
+    if field in ("causal", "grad", "lse_grad"):
         return str(bool(value))
     return str(value)
 
@@ -195,6 +200,7 @@ _AGREE = (
     ("dtype (dtype codes q, k, v)", ("q_dtype", "k_dtype", "v_dtype")), ("device type", ("device",)),
     ("softmax_scale", ("scale",)),
     ("whether a backward follows (requires_grad with grad mode on)", ("grad",)),
+    ("lse_grad", ("lse_grad",)),
 )
 
 
@@ -291,7 +297,8 @@ def _exchange(fn: str, group, world: int, global_ranks: list[int], local: _Local
     return [t.tolist() for t in table]
 
 
-def _prepare(fn: str, q, k, v, *, algorithm, causal, softmax_scale, group, layout, backend, grad=None):
+def _prepare(fn: str, q, k, v, *, algorithm, causal, softmax_scale, group, layout, backend, grad=None,
+             lse_grad=False):
     """Validate across ranks; return (plan, q, k, v contiguous, requires backward)."""
     rank, world = group_rank_and_size(group)
     if world > 1:
@@ -300,7 +307,7 @@ def _prepare(fn: str, q, k, v, *, algorithm, causal, softmax_scale, group, layou
         global_ranks = [dist.get_rank() if dist.is_initialized() else 0]
     local = _local_signature(fn, q, k, v, algorithm=algorithm, layout=layout, causal=causal,
                              softmax_scale=softmax_scale, backend=backend, world=world,
-                             global_ranks=global_ranks, grad=grad)
+                             global_ranks=global_ranks, grad=grad, lse_grad=lse_grad)
     device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
     sigs = _exchange(fn, group, world, global_ranks, local,
                      collective_device(group, device) if world > 1 else device)
@@ -421,9 +428,11 @@ def _choose_algorithm(seq_len, world_size, layout, causal, batch, heads_q, heads
 # Public entry points
 
 
-def _resolve_algorithm(algorithm: str, plan: RingPlan, q, k, grad: bool) -> str:
+def _resolve_algorithm(algorithm: str, plan: RingPlan, q, k, grad: bool, lse_grad: bool = False) -> str:
     if algorithm != "auto":
         return algorithm
+    if lse_grad:  # only the ring's backward carries lse gradients
+        return "ring"
     return choose_algorithm(
         seq_len=plan.layout.seq_len, world_size=plan.world_size, layout=plan.layout.layout, causal=plan.causal,
         batch=q.shape[0], heads_q=q.shape[2], heads_kv=k.shape[2], head_dim=q.shape[3], dtype=q.dtype,
@@ -443,40 +452,49 @@ def _autocast(q, k, v):
     return tuple(t.to(dt) if t.is_floating_point() and t.dtype not in (dt, torch.float64) else t for t in (q, k, v))
 
 
-def _run(fn, q, k, v, *, algorithm, causal, softmax_scale, group, layout, backend, return_lse):
+def _run(fn, q, k, v, *, algorithm, causal, softmax_scale, group, layout, backend, return_lse, lse_grad=False):
     q, k, v = _autocast(q, k, v)
     if torch.compiler.is_compiling():  # under torch.compile: one opaque custom op (ringattn.compiled)
         from ringattn.compiled import traced_attention
         return traced_attention(fn, q, k, v, algorithm=algorithm, causal=causal, softmax_scale=softmax_scale,
-                                group=group, layout=layout, backend=backend, return_lse=return_lse)
+                                group=group, layout=layout, backend=backend, return_lse=return_lse,
+                                lse_grad=lse_grad)
+    lse_grad = bool(lse_grad)
     plan, q, k, v, grad = _prepare(fn, q, k, v, algorithm=algorithm, causal=causal, softmax_scale=softmax_scale,
-                                   group=group, layout=layout, backend=backend)
-    algorithm = _resolve_algorithm(algorithm, plan, q, k, grad)
-    impl = RingAttention if algorithm == "ring" else TokenRingAttention
+                                   group=group, layout=layout, backend=backend, lse_grad=lse_grad)
+    algorithm = _resolve_algorithm(algorithm, plan, q, k, grad, lse_grad)
     # The kernels run with autocast off: their fp32 accumulation (math backend, merges, deltas)
     # must not be cast down by an enclosing autocast region (the backward does the same).
     with no_autocast(q.device):
-        out, lse = impl.apply(q, k, v, plan)
+        if algorithm == "ring":
+            out, lse = RingAttention.apply(q, k, v, plan, lse_grad)
+        else:
+            out, lse = TokenRingAttention.apply(q, k, v, plan)
     return (out, lse) if return_lse else out
 
 
 def ring_attention(q, k, v, *, causal=False, softmax_scale=None, group=None, layout="contiguous",
-                   backend="auto", return_lse=False):
-    """Ring Self-Attention: K/V rotate one hop per step, Q stays (ringattn.ring_attention)."""
+                   backend="auto", return_lse=False, lse_grad=False):
+    """Ring Self-Attention: K/V rotate one hop per step, Q stays (ringattn.ring_attention).
+    lse_grad=True: the returned lse is differentiable (docs/sequence_parallel.md)."""
     return _run("ringattn.ring_attention", q, k, v, algorithm="ring", causal=causal,
-                softmax_scale=softmax_scale, group=group, layout=layout, backend=backend, return_lse=return_lse)
+                softmax_scale=softmax_scale, group=group, layout=layout, backend=backend, return_lse=return_lse,
+                lse_grad=lse_grad)
 
 
 def token_ring_attention(q, k, v, *, causal=False, softmax_scale=None, group=None, layout="contiguous",
-                         backend="auto", return_lse=False):
-    """TokenRing: K/V stay, Q travels one way and partials come straight back (ringattn.token_ring)."""
+                         backend="auto", return_lse=False, lse_grad=False):
+    """TokenRing: K/V stay, Q travels one way and partials come straight back (ringattn.token_ring).
+    lse_grad=True is refused (on every rank): its backward does not carry lse gradients."""
     return _run("ringattn.token_ring_attention", q, k, v, algorithm="token_ring", causal=causal,
-                softmax_scale=softmax_scale, group=group, layout=layout, backend=backend, return_lse=return_lse)
+                softmax_scale=softmax_scale, group=group, layout=layout, backend=backend, return_lse=return_lse,
+                lse_grad=lse_grad)
 
 
 def sequence_parallel_attention(q, k, v, *, causal=False, softmax_scale=None, group=None, layout="contiguous",
-                                backend="auto", return_lse=False, algorithm="auto"):
+                                backend="auto", return_lse=False, algorithm="auto", lse_grad=False):
     """ring_attention or token_ring_attention; "auto" picks the one ringattn.cost_model predicts
-    faster, bytes deciding inside its 5% margin (choose_algorithm)."""
+    faster, bytes deciding inside its 5% margin (choose_algorithm); with lse_grad=True, ring."""
     return _run("ringattn.sequence_parallel_attention", q, k, v, algorithm=algorithm, causal=causal,
-                softmax_scale=softmax_scale, group=group, layout=layout, backend=backend, return_lse=return_lse)
+                softmax_scale=softmax_scale, group=group, layout=layout, backend=backend, return_lse=return_lse,
+                lse_grad=lse_grad)

@@ -345,3 +345,57 @@ def test_gpu_cuda_ipc_ranks_sharing_one_gpu(world):
         pool.close()
     failures = [f for fails, _ in results for f in fails]
     assert not failures, f"{len(failures)} failing:\n" + "\n".join(failures[:30])
+
+
+# --- lse_grad=True: a differentiable lse (ring; auto -> ring; token_ring refused) ---------------
+def _run_lse_grad():
+    rank, world = dist.get_rank(), dist.get_world_size()
+    failures, i = [], 0
+    for dtype in DTYPES:
+        for causal in (False, True):
+            for layout in LAYOUTS:
+                for alg, fn in (("ring", sp.ring_attention), ("auto", sp.sequence_parallel_attention)):
+                    L = 7 * world - 1
+                    gen = torch.Generator().manual_seed(1300 + i)
+                    q, go = (torch.randn(2, L, 4, 8, generator=gen).to(dtype) for _ in range(2))
+                    k, v = (torch.randn(2, L, 2, 8, generator=gen).to(dtype) for _ in range(2))
+                    gl = torch.randn(2, 4, L, generator=gen)
+                    go[:, 1] = 0  # a row whose out gradient is 0 while its lse gradient is not
+                    only_rank0 = i % 4 == 3  # other ranks' losses do not use lse (their dlse is None)
+                    i += 1
+                    ref = [t.double().requires_grad_() for t in (q, k, v)]
+                    ro, rl = reference(*ref, causal, 8 ** -0.5)
+                    pos = positions(L, world, layout, rank)
+                    use = [True] * world if not only_rank0 else [r == 0 for r in range(world)]
+                    loss = (ro * go.double()).sum() + sum((rl[:, :, positions(L, world, layout, r)]
+                                                           * gl[:, :, positions(L, world, layout, r)].double()).sum()
+                                                          for r in range(world) if use[r])
+                    loss.backward()
+                    loc = [t[:, pos].clone().requires_grad_() for t in (q, k, v)]
+                    with comm_stats() as st:
+                        out, lse = fn(*loc, causal=causal, layout=layout, return_lse=True, lse_grad=True)
+                        mine = (out.float() * go[:, pos]).sum() + ((lse * gl[:, :, pos]).sum() if use[rank] else 0)
+                        mine.backward()
+                    atol, rtol = tolerance(dtype, world)
+                    for name, got, want in [(f"d{n}", t.grad, r.grad[:, pos]) for n, t, r in zip("qkv", loc, ref)]:
+                        err = (got.double() - want).abs()
+                        ratio = (err / (atol + rtol * want.abs())).max().item()
+                        if not ratio <= 1.0:
+                            failures.append(f"rank {rank} {dtype} causal={causal} {layout} {alg} only_rank0={only_rank0} "
+                                            f"{name}: err {err.max().item():.3g} ({ratio:.2f}x the bound)")
+                    if "fwd.kv" not in st.sent_by_channel and world > 1:
+                        failures.append(f"rank {rank} {alg}: lse_grad did not run the ring ({dict(st.sent_by_channel)})")
+    q = torch.zeros(1, 2 * world, 2, 8, requires_grad=True)
+    try:  # refused on every rank, before anything is sent
+        sp.token_ring_attention(q, q, q, return_lse=True, lse_grad=True, layout="zigzag")
+        failures.append(f"rank {rank}: token_ring accepted lse_grad=True")
+    except ValueError as e:
+        if "lse_grad=True needs algorithm='ring'" not in str(e):
+            failures.append(f"rank {rank}: {e}")
+    return failures
+
+
+@pytest.mark.parametrize("world", (2, 3))
+def test_lse_grad_against_float64(dist_pool, world):
+    failures = [f for r in dist_pool(world).run(_run_lse_grad, timeout=180) for f in r]
+    assert not failures, "\n".join(failures[:20])

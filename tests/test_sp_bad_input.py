@@ -48,6 +48,8 @@ def _scenario(name, rank):
         kw["softmax_scale"] = 0.3 if rank == 0 else None
     elif name == "requires_grad":
         q.requires_grad_(rank == 0)
+    elif name == "lse_grad":
+        kw.update(return_lse=True, lse_grad=rank == 0)
     elif name == "lengths_vs_layout":
         q, k, v = _inputs(rank, n=5 + (rank == 1))  # [5, 6] but 11 tokens contiguous is [6, 5]
     elif name == "too_short":
@@ -144,6 +146,11 @@ def test_disagree_softmax_scale(dist_pool):
 def test_disagree_requires_grad(dist_pool):
     # One rank would run a backward the other never joins: refuse up front.
     _check(dist_pool, "requires_grad", "whether a backward follows")
+
+
+def test_disagree_lse_grad(dist_pool):
+    # One rank's backward would run the extra lse terms; refused up front like every flag.
+    _check(dist_pool, "lse_grad", "ranks disagree on lse_grad", "rank 0: True", "rank 1: False")
 
 
 def test_local_lengths_do_not_match_the_layout(dist_pool):
