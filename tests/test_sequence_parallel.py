@@ -399,3 +399,27 @@ def _run_lse_grad():
 def test_lse_grad_against_float64(dist_pool, world):
     failures = [f for r in dist_pool(world).run(_run_lse_grad, timeout=180) for f in r]
     assert not failures, "\n".join(failures[:20])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("causal", (False, True))
+def test_gpu_lse_grad_with_the_fused_kernels(causal):
+    """The lse-gradient trick (v = 0, out = -g e_0) through the CUDA block kernels backend="auto"
+    picks, a world of one, bf16 against float64."""
+    gen = torch.Generator().manual_seed(77)
+    L = 512
+    q, go = (torch.randn(1, L, 8, 128, generator=gen) for _ in range(2))
+    k, v = (torch.randn(1, L, 2, 128, generator=gen) for _ in range(2))
+    gl = torch.randn(1, 8, L, generator=gen)
+    go[:, 5] = 0
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    ro, rl = reference(*ref, causal, 128 ** -0.5)
+    ((ro * go.double()).sum() + (rl * gl.double()).sum()).backward()
+    loc = [t.cuda().bfloat16().requires_grad_() for t in (q, k, v)]
+    out, lse = sp.ring_attention(*loc, causal=causal, return_lse=True, lse_grad=True)
+    ((out.float() * go.cuda()).sum() + (lse * gl.cuda()).sum()).backward()
+    atol, rtol = tolerance(torch.bfloat16, 1)
+    for name, t, r in zip("qkv", loc, ref):
+        err = (t.grad.double().cpu() - r.grad).abs()
+        assert (err <= atol + rtol * r.grad.abs()).all(), (name, err.max().item())
