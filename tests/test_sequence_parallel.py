@@ -409,14 +409,14 @@ def test_gpu_lse_grad_with_the_fused_kernels(causal):
     picks, a world of one, bf16 against float64."""
     gen = torch.Generator().manual_seed(77)
     L = 512
-    q, go = (torch.randn(1, L, 8, 128, generator=gen) for _ in range(2))
-    k, v = (torch.randn(1, L, 2, 128, generator=gen) for _ in range(2))
+    q, go = (torch.randn(1, L, 8, 128, generator=gen).bfloat16() for _ in range(2))
+    k, v = (torch.randn(1, L, 2, 128, generator=gen).bfloat16() for _ in range(2))
     gl = torch.randn(1, 8, L, generator=gen)
     go[:, 5] = 0
-    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = [t.double().requires_grad_() for t in (q, k, v)]  # on the same bf16-rounded inputs
     ro, rl = reference(*ref, causal, 128 ** -0.5)
     ((ro * go.double()).sum() + (rl * gl.double()).sum()).backward()
-    loc = [t.cuda().bfloat16().requires_grad_() for t in (q, k, v)]
+    loc = [t.cuda().requires_grad_() for t in (q, k, v)]
     out, lse = sp.ring_attention(*loc, causal=causal, return_lse=True, lse_grad=True)
     ((out.float() * go.cuda()).sum() + (lse * gl.cuda()).sum()).backward()
     atol, rtol = tolerance(torch.bfloat16, 1)
