@@ -429,6 +429,24 @@ def block_attn_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=
     return tuple(result)
 
 
+def block_lse_backward(dlse, q, k, lse, *, causal=False, softmax_scale=None, backend="auto", dq_out=None,
+                       dk_out=None):
+    """This block's share (dq, dk) of the gradient of the FINAL lse, given its gradient dlse.
+
+    dlse, lse: (B, Hq, Sq) (fp32); q: (B, Sq, Hq, D); k: (B, Sk, Hkv, D). d lse_i / d s_ij = P_ij,
+    so dS_ij = P_ij * dlse_i: one block_attn_backward with v = 0 (dP = 0), dout = e_0 and
+    out = -dlse e_0 (so delta = rowsum(dout * out) = -dlse), whose dv is discarded. Accumulates
+    into dq_out / dk_out when given, like block_attn_backward; returns (dq, dk).
+    """
+    e0 = torch.zeros(q.shape, dtype=q.dtype, device=q.device)      # (B, Sq, Hq, D)
+    e0[..., 0] = 1
+    out_g = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    out_g[..., 0] = -dlse.transpose(1, 2).to(q.dtype)
+    dq, dk, _ = block_attn_backward(e0, q, k, torch.zeros_like(k), out_g, lse, causal=causal,
+                                    softmax_scale=softmax_scale, backend=backend, dq_out=dq_out, dk_out=dk_out)
+    return dq, dk
+
+
 # --------------------------------------------------------------------------------------------
 # math: fp32 (fp64 for fp64 inputs), chunked over query rows, GQA without repeating K/V.
 

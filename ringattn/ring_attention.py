@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from ringattn.block_attention import block_attn_backward, block_attn_forward
+from ringattn.block_attention import block_attn_backward, block_attn_forward, block_lse_backward
 from ringattn.comm import P2PComm
 from ringattn.layout import Block, RingPlan, SequenceLayout, flat_view, no_autocast
 from ringattn.ops import merge_attn_states_
@@ -99,24 +99,13 @@ def ring_backward(plan: RingPlan, dout, q, k, v, out, lse, dlse=None):
     final, merged forward results); dlse: lse's gradient (B, Hq, n_r) or None. Returns dq, dk, dv
     in the input dtypes (fp32 accumulation).
 
-    lse's gradient g: d lse_i / d s_ij = P_ij, so it adds P_ij * g_i to dS_ij. Each block gets a
-    second backward with v = 0 (dP = 0), dout = e_0 and out = -g e_0 (so delta = -g): its dS is
-    exactly P * g, its dq/dk are lse's share, its dv is discarded. Local compute only: the ring
-    moves the same messages, so ranks with and without a dlse stay in lockstep."""
+    lse's gradient: each block gets a second, lse-only backward (block_lse_backward). Local compute
+    only: the ring moves the same messages, so ranks with and without a dlse stay in lockstep."""
     W, r, lay = plan.world_size, plan.rank, plan.layout
     B, n_r, Hq, D = q.shape
     Hkv = k.shape[2]
     dq_acc = torch.zeros(q.shape, dtype=_F32, device=q.device)
     kw = dict(softmax_scale=plan.softmax_scale, backend=plan.backend)
-    lse_terms = None
-    if dlse is not None:
-        e0 = torch.zeros(q.shape, dtype=q.dtype, device=q.device)         # (B, n_r, Hq, D)
-        e0[..., 0] = 1
-        out_g = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
-        out_g[..., 0] = -dlse.transpose(1, 2).to(q.dtype)
-        kv_max = (B, max(lay.local_lengths), Hkv, D)
-        lse_terms = (e0, out_g, torch.zeros(kv_max, dtype=v.dtype, device=v.device),
-                     torch.empty(kv_max, dtype=_F32, device=v.device))   # v = 0, dv scratch
 
     def block_backward(blk: Block, k_blk, v_blk, dk_into, dv_into):
         qr, outr, doutr, lser = _q_side(blk, q, out, dout, lse)
@@ -125,12 +114,10 @@ def ring_backward(plan: RingPlan, dout, q, k, v, out, lse, dlse=None):
             doutr, qr, k_rows, _rows(v_blk, blk.kv_start, blk.kv_len),
             outr, lser, causal=blk.causal, dq_out=_rows(dq_acc, blk.q_start, blk.q_len),
             dk_out=_rows(dk_into, blk.kv_start, blk.kv_len), dv_out=_rows(dv_into, blk.kv_start, blk.kv_len), **kw)
-        if lse_terms is not None:
-            e0, out_g, v0, dv_junk = lse_terms
-            block_attn_backward(
-                _rows(e0, blk.q_start, blk.q_len), qr, k_rows, v0[:, :blk.kv_len], _rows(out_g, blk.q_start, blk.q_len),
-                lser, causal=blk.causal, dq_out=_rows(dq_acc, blk.q_start, blk.q_len),
-                dk_out=_rows(dk_into, blk.kv_start, blk.kv_len), dv_out=dv_junk[:, :blk.kv_len].zero_(), **kw)
+        if dlse is not None:
+            block_lse_backward(_lse_rows(dlse, blk.q_start, blk.q_len), qr, k_rows, lser, causal=blk.causal,
+                               dq_out=_rows(dq_acc, blk.q_start, blk.q_len),
+                               dk_out=_rows(dk_into, blk.kv_start, blk.kv_len), **kw)
 
     if W == 1:
         dk = torch.zeros(k.shape, dtype=_F32, device=k.device)

@@ -73,10 +73,9 @@ _PROBLEMS = (
     "unknown layout (choose 'contiguous' or 'zigzag')",
     "unknown algorithm (choose 'auto', 'ring' or 'token_ring')",
     "batch, heads and head_dim must be > 0",
-    "lse_grad=True needs algorithm='ring' or 'auto' (TokenRing's backward does not carry lse gradients)",
 )
 (_P_NOT_TENSOR, _P_NOT_4D, _P_NOT_FLOAT, _P_KV_SHAPE, _P_QK_SHAPE, _P_HEADS, _P_DTYPES, _P_DEVICES,
- _P_BACKEND, _P_SCALE, _P_LAYOUT, _P_ALGORITHM, _P_EMPTY, _P_LSE_GRAD) = (1 << i for i in range(len(_PROBLEMS)))
+ _P_BACKEND, _P_SCALE, _P_LAYOUT, _P_ALGORITHM, _P_EMPTY) = (1 << i for i in range(len(_PROBLEMS)))
 
 
 def _float_bits(x: float) -> int:
@@ -113,8 +112,6 @@ def _local_signature(fn, q, k, v, *, algorithm, layout, causal, softmax_scale, b
     sig[_IX["causal"]] = int(bool(causal))
     sig[_IX["lse_grad"]] = int(bool(lse_grad))
     problems, error = 0, None
-    if lse_grad and algorithm == "token_ring":
-        problems |= _P_LSE_GRAD
     if algorithm in _ALG_CODE:
         sig[_IX["algorithm"]] = _ALG_CODE[algorithm]
     else:
@@ -332,11 +329,12 @@ def _elem_size(dtype) -> int:
 
 def predict_comm_bytes(algorithm: str, *, seq_len: int, world_size: int, layout: str = "contiguous",
                        causal: bool = False, batch: int, heads_q: int, heads_kv: int, head_dim: int,
-                       dtype=torch.bfloat16, backward: bool = True) -> list[dict[str, tuple[int, int]]]:
+                       dtype=torch.bfloat16, backward: bool = True,
+                       lse_grad: bool = False) -> list[dict[str, tuple[int, int]]]:
     """Bytes each rank sends and receives per channel in one call (forward, plus backward when
     `backward`): a list indexed by group rank of {channel: (sent, received)}. The formulas are
     ring_attention.ring_comm_bytes and token_ring.token_ring_comm_bytes (docs/sequence_parallel.md).
-    dtype: of q/k/v (or its element size in bytes)."""
+    dtype: of q/k/v (or its element size in bytes). lse_grad: the call had lse_grad=True."""
     lay = SequenceLayout.build(seq_len, world_size, layout)
     e = _elem_size(dtype)
     if algorithm == "ring":
@@ -344,7 +342,7 @@ def predict_comm_bytes(algorithm: str, *, seq_len: int, world_size: int, layout:
                                 backward=backward) for r in range(world_size)]
     if algorithm == "token_ring":
         return [token_ring_comm_bytes(lay, r, causal=causal, batch=batch, heads_q=heads_q, head_dim=head_dim,
-                                      elem_size=e, backward=backward) for r in range(world_size)]
+                                      elem_size=e, backward=backward, lse_grad=lse_grad) for r in range(world_size)]
     raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
 
 
@@ -428,11 +426,9 @@ def _choose_algorithm(seq_len, world_size, layout, causal, batch, heads_q, heads
 # Public entry points
 
 
-def _resolve_algorithm(algorithm: str, plan: RingPlan, q, k, grad: bool, lse_grad: bool = False) -> str:
+def _resolve_algorithm(algorithm: str, plan: RingPlan, q, k, grad: bool) -> str:
     if algorithm != "auto":
         return algorithm
-    if lse_grad:  # only the ring's backward carries lse gradients
-        return "ring"
     return choose_algorithm(
         seq_len=plan.layout.seq_len, world_size=plan.world_size, layout=plan.layout.layout, causal=plan.causal,
         batch=q.shape[0], heads_q=q.shape[2], heads_kv=k.shape[2], head_dim=q.shape[3], dtype=q.dtype,
@@ -462,14 +458,14 @@ def _run(fn, q, k, v, *, algorithm, causal, softmax_scale, group, layout, backen
     lse_grad = bool(lse_grad)
     plan, q, k, v, grad = _prepare(fn, q, k, v, algorithm=algorithm, causal=causal, softmax_scale=softmax_scale,
                                    group=group, layout=layout, backend=backend, lse_grad=lse_grad)
-    algorithm = _resolve_algorithm(algorithm, plan, q, k, grad, lse_grad)
+    algorithm = _resolve_algorithm(algorithm, plan, q, k, grad)
     # The kernels run with autocast off: their fp32 accumulation (math backend, merges, deltas)
     # must not be cast down by an enclosing autocast region (the backward does the same).
     with no_autocast(q.device):
         if algorithm == "ring":
             out, lse = RingAttention.apply(q, k, v, plan, lse_grad)
         else:
-            out, lse = TokenRingAttention.apply(q, k, v, plan)
+            out, lse = TokenRingAttention.apply(q, k, v, plan, lse_grad)
     return (out, lse) if return_lse else out
 
 
@@ -485,7 +481,7 @@ def ring_attention(q, k, v, *, causal=False, softmax_scale=None, group=None, lay
 def token_ring_attention(q, k, v, *, causal=False, softmax_scale=None, group=None, layout="contiguous",
                          backend="auto", return_lse=False, lse_grad=False):
     """TokenRing: K/V stay, Q travels one way and partials come straight back (ringattn.token_ring).
-    lse_grad=True is refused (on every rank): its backward does not carry lse gradients."""
+    lse_grad=True: the returned lse is differentiable (docs/sequence_parallel.md)."""
     return _run("ringattn.token_ring_attention", q, k, v, algorithm="token_ring", causal=causal,
                 softmax_scale=softmax_scale, group=group, layout=layout, backend=backend, return_lse=return_lse,
                 lse_grad=lse_grad)
@@ -494,7 +490,7 @@ def token_ring_attention(q, k, v, *, causal=False, softmax_scale=None, group=Non
 def sequence_parallel_attention(q, k, v, *, causal=False, softmax_scale=None, group=None, layout="contiguous",
                                 backend="auto", return_lse=False, algorithm="auto", lse_grad=False):
     """ring_attention or token_ring_attention; "auto" picks the one ringattn.cost_model predicts
-    faster, bytes deciding inside its 5% margin (choose_algorithm); with lse_grad=True, ring."""
+    faster, bytes deciding inside its 5% margin (choose_algorithm)."""
     return _run("ringattn.sequence_parallel_attention", q, k, v, algorithm=algorithm, causal=causal,
                 softmax_scale=softmax_scale, group=group, layout=layout, backend=backend, return_lse=return_lse,
                 lse_grad=lse_grad)

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import torch
 
-from ringattn.block_attention import block_attn_backward, block_attn_forward
+from ringattn.block_attention import block_attn_backward, block_attn_forward, block_lse_backward
 from ringattn.comm import P2PComm, reply_group
 from ringattn.layout import Block, RingPlan, SequenceLayout, collective_device, flat_view, no_autocast
 from ringattn.ops import merge_attn_states_
@@ -181,23 +181,33 @@ def _out_with_delta(dout: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return d * torch.where(norm2 > 0, c, torch.zeros_like(c))
 
 
-def token_ring_backward(plan: RingPlan, dout, q, k, v, out, lse, reply):
-    """Gradients of the local shards (dq, dk, dv in the input dtypes, fp32 accumulation)."""
+def token_ring_backward(plan: RingPlan, dout, q, k, v, out, lse, reply, dlse=None, lse_grad=False):
+    """Gradients of the local shards (dq, dk, dv in the input dtypes, fp32 accumulation).
+
+    lse_grad (agreed by every rank in the forward's signature): lse's gradient travels with Q as a
+    third fp32 per (token, head) (zeros where this rank's loss did not use lse), and every block
+    gets a second, lse-only backward (block_lse_backward) where its K/V live."""
     W, r = plan.world_size, plan.rank
     B, n_r, Hq, D = q.shape
     kw = dict(softmax_scale=plan.softmax_scale, backend=plan.backend)
     dq_acc = torch.zeros(q.shape, dtype=_F32, device=q.device)
     dk_acc = torch.zeros(k.shape, dtype=_F32, device=k.device)
     dv_acc = torch.zeros(v.shape, dtype=_F32, device=v.device)
+    g = None
+    if lse_grad:  # (B, Hq, n_r) fp32
+        g = (dlse.to(_F32) if dlse is not None else torch.zeros_like(lse, dtype=_F32)).contiguous()
     if W > 1:  # as in the forward: the first transfer is posted before the diagonal block
         dout = dout.to(q.dtype).contiguous()
         delta = (dout.to(_F32) * out.to(_F32)).sum(-1).transpose(1, 2).contiguous()  # (B, Hq, n_r)
-        payload = _Payload([q, dout], [lse, delta])
-        q_x = _QExchange(plan, "bwd.q", payload, [q.dtype, q.dtype], 2, B, Hq, D, q.device)
+        heads = [lse, delta] + ([g] if lse_grad else [])
+        payload = _Payload([q, dout], heads)
+        q_x = _QExchange(plan, "bwd.q", payload, [q.dtype, q.dtype], len(heads), B, Hq, D, q.device)
         nxt = q_x.post(1)
     diag = plan.block(r, r)
     block_attn_backward(dout, q, k, v, out, lse, causal=diag.causal, dq_out=dq_acc, dk_out=dk_acc,
                         dv_out=dv_acc, **kw)
+    if dlse is not None:
+        block_lse_backward(g, q, k, lse, causal=diag.causal, dq_out=dq_acc, dk_out=dk_acc, **kw)
     if W == 1:
         return dq_acc.to(q.dtype), dk_acc.to(k.dtype), dv_acc.to(v.dtype)
 
@@ -215,12 +225,15 @@ def token_ring_backward(plan: RingPlan, dout, q, k, v, out, lse, reply):
             nxt = q_x.post(s + 1)
         dq_part = None
         if blk is not None:
-            q_in, dout_in, lse_in, delta_in = received
+            q_in, dout_in, lse_in, delta_in = received[:4]
             dq_part = flat_view(dq_send_bufs[s % 2], (B, blk.q_len, Hq, D)).zero_()
             kr = (blk.kv_start, blk.kv_len)
             block_attn_backward(dout_in, q_in, _rows(k, *kr), _rows(v, *kr), _out_with_delta(dout_in, delta_in),
                                 lse_in, causal=blk.causal, dq_out=dq_part, dk_out=_rows(dk_acc, *kr),
                                 dv_out=_rows(dv_acc, *kr), **kw)
+            if lse_grad:  # received[4]: the owner's lse gradient for these rows
+                block_lse_backward(received[4], q_in, _rows(k, *kr), lse_in, causal=blk.causal, dq_out=dq_part,
+                                   dk_out=_rows(dk_acc, *kr), **kw)
         dq_comm.wait()
         if pending is not None:
             own, g = pending
@@ -242,26 +255,30 @@ def token_ring_backward(plan: RingPlan, dout, q, k, v, out, lse, reply):
 
 
 class TokenRingAttention(torch.autograd.Function):
-    """(q, k, v local shards, plan) -> (out, lse); lse carries no gradient."""
+    """(q, k, v local shards, plan, lse_grad) -> (out, lse); lse differentiable iff lse_grad."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan: RingPlan):
+    def forward(ctx, q, k, v, plan: RingPlan, lse_grad: bool = False):
         reply = None
         if plan.world_size > 1:
             reply = reply_group(plan.group, collective_device(plan.group, q.device))
         out, lse = token_ring_forward(plan, q, k, v, reply)
-        ctx.plan, ctx.reply = plan, reply
+        ctx.plan, ctx.reply, ctx.lse_grad = plan, reply, lse_grad
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # dout/dlse None when unused
+        if not lse_grad:
+            ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dout, _dlse):
+    def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
+        if dout is None:  # only lse was used: the ring still runs (every rank takes part)
+            dout = torch.zeros_like(out)
         with no_autocast(q.device):  # fp32 accumulation, even if backward runs under autocast
-            dq, dk, dv = token_ring_backward(ctx.plan, dout, q, k, v, out, lse, ctx.reply)
-        return dq, dk, dv, None
+            dq, dk, dv = token_ring_backward(ctx.plan, dout, q, k, v, out, lse, ctx.reply, dlse, ctx.lse_grad)
+        return dq, dk, dv, None, None
 
 
 def token_ring_q_tokens(lay: SequenceLayout, rank: int, causal: bool) -> tuple[int, int]:
@@ -284,12 +301,14 @@ def token_ring_q_tokens(lay: SequenceLayout, rank: int, causal: bool) -> tuple[i
 
 
 def token_ring_comm_bytes(lay: SequenceLayout, rank: int, *, causal: bool, batch: int, heads_q: int,
-                          head_dim: int, elem_size: int, backward: bool) -> dict[str, tuple[int, int]]:
+                          head_dim: int, elem_size: int, backward: bool,
+                          lse_grad: bool = False) -> dict[str, tuple[int, int]]:
     """Bytes (sent, received) by `rank` per channel (docs/sequence_parallel.md), with
     (Qs, Qr) = token_ring_q_tokens and t = B*Hq:
       fwd.q        t*D*e * (Qs, Qr)
       fwd.partial  t*(D*e + 4) * (Qr, Qs)              out in q.dtype + fp32 lse
-      bwd.q        t*(2*D*e + 8) * (Qs, Qr)            q, dout + fp32 lse, delta
+      bwd.q        t*(2*D*e + 8) * (Qs, Qr)            q, dout + fp32 lse, delta (+4: lse's
+                                                       gradient, with lse_grad)
       bwd.dq       t*D*4 * (Qr, Qs)                    fp32 dq partials
     """
     if lay.world_size == 1:
@@ -299,6 +318,7 @@ def token_ring_comm_bytes(lay: SequenceLayout, rank: int, *, causal: bool, batch
     result = {"fwd.q": (t * D * e * qs, t * D * e * qr),
               "fwd.partial": (t * (D * e + 4) * qr, t * (D * e + 4) * qs)}
     if backward:
-        result["bwd.q"] = (t * (2 * D * e + 8) * qs, t * (2 * D * e + 8) * qr)
+        per = 2 * D * e + 8 + (4 if lse_grad else 0)
+        result["bwd.q"] = (t * per * qs, t * per * qr)
         result["bwd.dq"] = (t * D * 4 * qr, t * D * 4 * qs)
     return result

@@ -347,14 +347,15 @@ def test_gpu_cuda_ipc_ranks_sharing_one_gpu(world):
     assert not failures, f"{len(failures)} failing:\n" + "\n".join(failures[:30])
 
 
-# --- lse_grad=True: a differentiable lse (ring; auto -> ring; token_ring refused) ---------------
+# --- lse_grad=True: a differentiable lse (both algorithms; bytes include TokenRing's extra fp32) --
 def _run_lse_grad():
     rank, world = dist.get_rank(), dist.get_world_size()
     failures, i = [], 0
     for dtype in DTYPES:
         for causal in (False, True):
             for layout in LAYOUTS:
-                for alg, fn in (("ring", sp.ring_attention), ("auto", sp.sequence_parallel_attention)):
+                for alg, fn in (("ring", sp.ring_attention), ("token_ring", sp.token_ring_attention),
+                                ("auto", sp.sequence_parallel_attention)):
                     L = 7 * world - 1
                     gen = torch.Generator().manual_seed(1300 + i)
                     q, go = (torch.randn(2, L, 4, 8, generator=gen).to(dtype) for _ in range(2))
@@ -383,15 +384,16 @@ def _run_lse_grad():
                         if not ratio <= 1.0:
                             failures.append(f"rank {rank} {dtype} causal={causal} {layout} {alg} only_rank0={only_rank0} "
                                             f"{name}: err {err.max().item():.3g} ({ratio:.2f}x the bound)")
-                    if "fwd.kv" not in st.sent_by_channel and world > 1:
-                        failures.append(f"rank {rank} {alg}: lse_grad did not run the ring ({dict(st.sent_by_channel)})")
-    q = torch.zeros(1, 2 * world, 2, 8, requires_grad=True)
-    try:  # refused on every rank, before anything is sent
-        sp.token_ring_attention(q, q, q, return_lse=True, lse_grad=True, layout="zigzag")
-        failures.append(f"rank {rank}: token_ring accepted lse_grad=True")
-    except ValueError as e:
-        if "lse_grad=True needs algorithm='ring'" not in str(e):
-            failures.append(f"rank {rank}: {e}")
+                    ran = "ring" if "fwd.kv" in st.sent_by_channel else "token_ring"
+                    if alg != "auto" and ran != alg and world > 1:
+                        failures.append(f"rank {rank} {alg}: ran {ran}")
+                    want = sp.predict_comm_bytes(ran, seq_len=L, world_size=world, layout=layout, causal=causal,
+                                                 batch=2, heads_q=4, heads_kv=2, head_dim=8, dtype=dtype,
+                                                 lse_grad=True)[rank]
+                    got = {ch: (st.sent_by_channel[ch], st.recv_by_channel[ch])
+                           for ch in set(st.sent_by_channel) | set(st.recv_by_channel)}
+                    if {c: b for c, b in got.items() if b != (0, 0)} != {c: b for c, b in want.items() if b != (0, 0)}:
+                        failures.append(f"rank {rank} {alg}: bytes {got} != formula {want}")
     return failures
 
 
@@ -404,7 +406,8 @@ def test_lse_grad_against_float64(dist_pool, world):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("causal", (False, True))
-def test_gpu_lse_grad_with_the_fused_kernels(causal):
+@pytest.mark.parametrize("alg", ALGORITHMS)
+def test_gpu_lse_grad_with_the_fused_kernels(causal, alg):
     """The lse-gradient trick (v = 0, out = -g e_0) through the CUDA block kernels backend="auto"
     picks, a world of one, bf16 against float64."""
     gen = torch.Generator().manual_seed(77)
@@ -417,7 +420,8 @@ def test_gpu_lse_grad_with_the_fused_kernels(causal):
     ro, rl = reference(*ref, causal, 128 ** -0.5)
     ((ro * go.double()).sum() + (rl * gl.double()).sum()).backward()
     loc = [t.cuda().requires_grad_() for t in (q, k, v)]
-    out, lse = sp.ring_attention(*loc, causal=causal, return_lse=True, lse_grad=True)
+    fn = sp.ring_attention if alg == "ring" else sp.token_ring_attention
+    out, lse = fn(*loc, causal=causal, return_lse=True, lse_grad=True)
     ((out.float() * go.cuda()).sum() + (lse * gl.cuda()).sum()).backward()
     atol, rtol = tolerance(torch.bfloat16, 1)
     for name, t, r in zip("qkv", loc, ref):

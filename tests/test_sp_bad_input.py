@@ -149,7 +149,7 @@ def test_disagree_requires_grad(dist_pool):
 
 
 def test_disagree_lse_grad(dist_pool):
-    # One rank's backward would run the extra lse terms; refused up front like every flag.
+    # TokenRing's backward payload depends on it (lse's gradient travels with Q): refused up front.
     _check(dist_pool, "lse_grad", "ranks disagree on lse_grad", "rank 0: True", "rank 1: False")
 
 
