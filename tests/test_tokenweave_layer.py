@@ -138,7 +138,12 @@ def _w_layer_cases(cases, path=None, symm_backend="cuda", one_shot_max_tokens=64
         halves = ts.split_ranges(N, split, 0, 1, 132)
         paths.update(handle.path_for(t1 - t0, h.shape[-1], dtype) for t0, t1 in halves)
         if path == "symm":
-            assert handle.signal_pads_zero(), tag
+            # Every rank reads its pad before any rank starts the next case: the handle (and its
+            # pads) is shared across cases, and a peer's next call writes into our pad.
+            dist.barrier()
+            zero = handle.signal_pads_zero()
+            dist.barrier()
+            assert zero, tag
     return sorted(paths)
 
 
