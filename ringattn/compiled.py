@@ -35,10 +35,9 @@ import torch
 import torch.distributed as dist
 
 from ringattn import sequence_parallel as sp
-from ringattn.comm import reply_group
-from ringattn.layout import RingPlan, SequenceLayout, collective_device, group_rank_and_size, no_autocast
+from ringattn.layout import RingPlan, SequenceLayout, group_rank_and_size, no_autocast
 from ringattn.ring_attention import ring_backward, ring_forward
-from ringattn.token_ring import token_ring_backward, token_ring_forward
+from ringattn.token_ring import reply_for, token_ring_backward, token_ring_forward
 
 # Runs of each op's implementation in this process (tests check that compiled code took the op).
 CALLS: collections.Counter = collections.Counter()
@@ -68,10 +67,6 @@ def _plan_from_meta(group, meta: torch.Tensor, causal: bool, layout: str, backen
     return RingPlan(group, rank, world, lay, bool(causal), sp._bits_float(scale_bits), backend), _ALG_NAME[alg]
 
 
-def _reply(plan: RingPlan, device: torch.device):
-    return reply_group(plan.group, collective_device(plan.group, device)) if plan.world_size > 1 else None
-
-
 @torch.library.custom_op("ringattn::sp_attention", mutates_args=())
 def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name: str, algorithm: str, causal: bool,
                  softmax_scale: float | None, layout: str, backend: str,
@@ -86,7 +81,7 @@ def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name: 
         if alg == "ring":
             out, lse = ring_forward(plan, q, k, v)
         else:
-            out, lse = token_ring_forward(plan, q, k, v, _reply(plan, q.device))
+            out, lse = token_ring_forward(plan, q, k, v, reply_for(plan, q.device))
     meta = torch.tensor([_ALG[alg], sp._float_bits(plan.softmax_scale), plan.layout.seq_len], dtype=torch.int64)
     return out.contiguous(), lse.contiguous(), meta
 
@@ -108,7 +103,7 @@ def sp_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     with no_autocast(q.device):
         if alg == "ring":
             return ring_backward(plan, dout, q, k, v, out, lse)
-        return token_ring_backward(plan, dout, q, k, v, out, lse, _reply(plan, q.device))
+        return token_ring_backward(plan, dout, q, k, v, out, lse, reply_for(plan, q.device))
 
 
 @sp_attention_backward.register_fake

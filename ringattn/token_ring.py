@@ -254,14 +254,17 @@ def token_ring_backward(plan: RingPlan, dout, q, k, v, out, lse, reply, dlse=Non
     return dq_acc.to(q.dtype), dk_acc.to(k.dtype), dv_acc.to(v.dtype)
 
 
+def reply_for(plan: RingPlan, device: torch.device):
+    """The second communicator of plan's group (None for a world of one)."""
+    return reply_group(plan.group, collective_device(plan.group, device)) if plan.world_size > 1 else None
+
+
 class TokenRingAttention(torch.autograd.Function):
     """(q, k, v local shards, plan, lse_grad) -> (out, lse); lse differentiable iff lse_grad."""
 
     @staticmethod
     def forward(ctx, q, k, v, plan: RingPlan, lse_grad: bool = False):
-        reply = None
-        if plan.world_size > 1:
-            reply = reply_group(plan.group, collective_device(plan.group, q.device))
+        reply = reply_for(plan, q.device)
         out, lse = token_ring_forward(plan, q, k, v, reply)
         ctx.plan, ctx.reply, ctx.lse_grad = plan, reply, lse_grad
         ctx.save_for_backward(q, k, v, out, lse)
