@@ -26,6 +26,7 @@ import torch.distributed as dist
 import ringattn
 import ringattn.compiled as rc
 import ringattn.sequence_parallel as sp
+import ringattn.integrations.deepspeed as rds
 from ringattn.accounting import comm_stats
 from test_sequence_parallel import positions, reference, run_case, tolerance
 
@@ -401,20 +402,19 @@ def _has_deepspeed():
 
 @pytest.mark.parametrize("mode", ["compile", "ckpt_reentrant", "ckpt", "compile_ckpt", "compile_ulysses",
                                   pytest.param("compile_ulysses_deepspeed", marks=[
-                                      pytest.mark.skipif(not _has_deepspeed(), reason="deepspeed not installed"),
-                                      pytest.mark.skipif(
-                                          tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 14),
-                                          reason="on torch 2.11 this case hung all 4 ranks in CI (2026-12-02, "
-                                                 "also with DeepSpeed's all-to-all run eagerly); not yet "
-                                                 "investigated, and test_deepspeed does not run on 2.11")])])
-def test_hf_model_compiled_or_checkpointed_matches_single_process(dist_pool, mode):
+                                      pytest.mark.skipif(not _has_deepspeed(), reason="deepspeed not installed")])])
+def test_hf_model_compiled_or_checkpointed_matches_single_process(dist_pool, mode, request):
     pytest.importorskip("transformers")
+    if mode.endswith("deepspeed"):  # its JIT op built here, not in the ranks (conftest.py: on torch
+        request.getfixturevalue("deepspeed_cpu_ops")  # 2.11 in CI a build killed in a rank hung later ones)
     import test_huggingface as th
     results = dist_pool(4 if "ulysses" in mode else 2).run(_run_hf, mode, timeout=240)
     th.assert_close([{mode: err} for err, _, _ in results])
     for _, ran, layers in results:  # compiled: every layer's attention (its ring part) went through the op,
         # and once more in the recomputation when checkpointed
         want = (2 if "ckpt" in mode else 1) * layers if mode.startswith("compile") else 0
+        if mode.endswith("deepspeed") and not rds._TRACE_DEEPSPEED_A2A:
+            want = 0  # torch < 2.14: DeepSpeed's all-to-all and the ring inside it run eagerly
         assert ran == want, (mode, ran, layers)
 
 

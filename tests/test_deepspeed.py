@@ -17,6 +17,8 @@ import ringattn.integrations.deepspeed as rds  # noqa: E402
 import ringattn.integrations.huggingface as rhf  # noqa: E402
 
 HAVE_DEEPSPEED = rds.deepspeed_available()
+# DeepSpeed's JIT ops built once in the test process, not inside the ranks (conftest.py).
+pytestmark = pytest.mark.usefixtures("deepspeed_cpu_ops")
 needs_deepspeed = pytest.mark.skipif(not HAVE_DEEPSPEED, reason="deepspeed not installed (pip install 'ringattn[deepspeed]')")
 
 
@@ -54,6 +56,16 @@ def _refuse_2d():
                                                                             ulysses_size=2))
     model = rhf.apply_sequence_parallel(th.tiny_model("llama"), algorithm="ulysses+ring", layout="zigzag")
     msgs["too_short"] = th._raises(lambda: rhf.shard_batch(model, th.global_batch(3)[0]))
+    real = rds.deepspeed_available
+    rds.deepspeed_available = lambda: False  # as if DeepSpeed were not installed
+    try:
+        rhf.apply_sequence_parallel(th.tiny_model("llama"), algorithm="ulysses+ring", ulysses_size=2,
+                                    use_deepspeed=True)
+        msgs["no_deepspeed"] = "no error"
+    except ImportError as e:
+        msgs["no_deepspeed"] = str(e)
+    finally:
+        rds.deepspeed_available = real
     return msgs
 
 
@@ -63,6 +75,27 @@ def test_ulysses_refusals(dist_pool):
         assert "ulysses_size=3 must divide the group's 4 ranks" in msgs["divisor"], msgs["divisor"]
         assert "needs algorithm='ulysses+ring'" in msgs["1d_with_ulysses"], msgs["1d_with_ulysses"]
         assert "at least 4 tokens" in msgs["too_short"], msgs["too_short"]
+        assert "use_deepspeed=True but deepspeed cannot be imported" in msgs["no_deepspeed"], msgs["no_deepspeed"]
+
+
+def test_stale_jit_lock_is_reported(tmp_path, monkeypatch):
+    """A build lock left by a killed JIT build hangs every later DeepSpeed start (torch waits for
+    it forever): ringattn lists locks older than max_age_s and warns before DeepSpeed's init."""
+    import os
+    import time
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    old, young = tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "other_op" / "lock"
+    for lock in (old, young):
+        lock.parent.mkdir()
+        lock.touch()
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    assert rds.stale_jit_locks(max_age_s=600) == [str(old)]
+    assert rds.stale_jit_locks(max_age_s=7200) == []
+    with pytest.warns(RuntimeWarning, match="deepspeed_shm_comm/lock is an old torch JIT-extension build lock"):
+        rds._warn_stale_jit_locks()
+    old.unlink()
+    assert rds.stale_jit_locks(max_age_s=0) == [str(young)]
 
 
 def _train_zero(stage, steps, seq_len, lr):

@@ -55,6 +55,63 @@ class _CountBackwardBytes(torch.autograd.Function):
         return g, None
 
 
+def stale_jit_locks(max_age_s: float = 600.0) -> list[str]:
+    """`lock` files older than max_age_s in torch's JIT extension directory (TORCH_EXTENSIONS_DIR,
+    default ~/.cache/torch_extensions/py<ver>_<cuda>/<op>/lock).
+
+    DeepSpeed JIT-builds ops there (on a CPU-only machine, at every `init_distributed`, its
+    shared-memory comm op). torch.utils.cpp_extension serialises builds with that file: it is
+    created before a build and removed after. A build that is killed (a timeout, Ctrl-C, OOM)
+    leaves it behind, and from then on EVERY later load of that op on every rank waits for it
+    forever, even when nothing needs building: a silent hang at start-up. Seen in this project's
+    CI (a rank pool killed mid-build). An old lock with no build running can be deleted."""
+    try:
+        from torch.utils.cpp_extension import get_default_build_root
+    except ImportError:  # pragma: no cover
+        return []
+    import glob
+    import time
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    roots = [root] if root else glob.glob(os.path.join(get_default_build_root(), "*"))
+    now = time.time()
+    out = []
+    for r in roots:
+        for lock in glob.glob(os.path.join(r, "*", "lock")):
+            try:
+                if now - os.path.getmtime(lock) > max_age_s:
+                    out.append(lock)
+            except OSError:  # removed meanwhile: a build finished
+                pass
+    return sorted(out)
+
+
+def _warn_stale_jit_locks() -> None:
+    import warnings
+
+    if torch.compiler.is_compiling():  # file-system probing is not traceable; eager calls warn
+        return
+    for lock in stale_jit_locks():
+        warnings.warn(
+            f"ringattn: {lock} is an old torch JIT-extension build lock; if no build is running it was "
+            "left by a killed build, and DeepSpeed's next op load will wait for it forever (every rank "
+            "hangs in init_distributed). Delete it and restart.", RuntimeWarning, stacklevel=3)
+
+
+@torch.compiler.disable(reason="DeepSpeed's communication set-up (version checks, JIT op loads) is "
+                        "not traceable; apply_sequence_parallel runs it eagerly first")
+def init_deepspeed_comm() -> None:
+    """deepspeed.comm over the torch.distributed world already initialised, once (idempotent).
+    apply_sequence_parallel calls it eagerly for the 2-D mode with DeepSpeed's all-to-all, so a
+    compiled model never traces it (torch 2.11's dynamo raised an internal error tracing DeepSpeed's
+    `packaging` version parse)."""
+    import deepspeed.comm as ds_comm
+
+    if not ds_comm.is_initialized():  # wraps the torch.distributed world already initialised
+        _warn_stale_jit_locks()
+        ds_comm.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+
+
 def deepspeed_available() -> bool:
     try:
         import deepspeed  # noqa: F401
@@ -204,11 +261,9 @@ def ulysses_ring_attention(q, k, v, *, plan, causal: bool = True, softmax_scale:
 def _ulysses_deepspeed(q, k, v, plan, piece_lens, ring):
     """The same 2-D attention with DeepSpeed-Ulysses' DistributedAttention doing the all-to-all
     (batch-first: scatter heads = dim 2, gather sequence = dim 1)."""
-    import deepspeed.comm as ds_comm
     from deepspeed.sequence.layer import DistributedAttention
 
-    if not ds_comm.is_initialized():  # wraps the torch.distributed world already initialised
-        ds_comm.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+    init_deepspeed_comm()
     pad = max(piece_lens)
     s = q.shape[1]
     if s < pad:  # DeepSpeed's all-to-all needs equal pieces: pad, and drop the pads below
@@ -223,8 +278,22 @@ def _ulysses_deepspeed(q, k, v, plan, piece_lens, ring):
         return ring(qs.contiguous(), ks.contiguous(), vs.contiguous())
 
     attn = DistributedAttention(local_attention, plan.ulysses_group, scatter_idx=2, gather_idx=1)
-    out = attn(q, k, v, 0)  # batch_dim_idx=0
+    run = attn if _TRACE_DEEPSPEED_A2A else _eager_under_compile(attn)
+    out = run(q, k, v, 0)  # batch_dim_idx=0
     return out[:, :s]
+
+
+# torch.compile traces DeepSpeed's all-to-all (its autograd.Function around dist.all_to_all_single)
+# correctly on torch 2.14 (tested: gradients equal the single-process model's). On torch 2.11 the
+# traced model's forward was right but q/k/v got NO gradient (zeros; 2026-12-02, DeepSpeed 0.19.8,
+# tests/test_compile.py): a silent wrong answer. Below 2.14 (2.12/2.13 untested) the DeepSpeed
+# all-to-all and the ring inside it therefore run eagerly: one graph break per attention layer.
+_TRACE_DEEPSPEED_A2A = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 14)
+
+
+def _eager_under_compile(fn):
+    return torch.compiler.disable(fn, reason="DeepSpeed's all-to-all loses its gradients when traced by "
+                                             "torch < 2.14 (ringattn.integrations.deepspeed)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,6 +329,7 @@ def initialize_engine(model, optimizer, zero_stage: int = 1, config: dict | None
     if "LOCAL_RANK" not in os.environ and "OMPI_COMM_WORLD_LOCAL_RANK" not in os.environ:
         os.environ["LOCAL_RANK"] = str(dist.get_rank() % max(torch.cuda.device_count(), 1)
                                        if torch.cuda.is_available() else dist.get_rank())
+    _warn_stale_jit_locks()
     deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=config or deepspeed_config(zero_stage))

@@ -517,6 +517,14 @@ def apply_sequence_parallel(model, group=None, algorithm: str = "auto", layout: 
     elif ulysses_size not in (None, 1):
         raise ValueError(f"ringattn: ulysses_size={ulysses_size} needs algorithm='ulysses+ring' or 'ulysses+token_ring'")
     plan = SequenceParallelPlan(group=group, algorithm=algorithm, layout=layout, backend=backend, **plan_kwargs)
+    if plan.ulysses_size > 1:
+        from ringattn.integrations.deepspeed import deepspeed_available, init_deepspeed_comm
+
+        if use_deepspeed and not deepspeed_available():
+            raise ImportError("ringattn: use_deepspeed=True but deepspeed cannot be imported "
+                              "(pip install 'ringattn[deepspeed]'), or pass use_deepspeed=None/False")
+        if use_deepspeed or (use_deepspeed is None and deepspeed_available()):
+            init_deepspeed_comm()  # here, eagerly: a compiled model must not trace DeepSpeed's set-up
 
     previous = getattr(model, "_ringattn_previous_attn", None) or cfg._attn_implementation
     _register_attention()
