@@ -7,13 +7,15 @@ host-side checks) and the surrounding model compiles without graph breaks, fullg
 included:
 
     ringattn::sp_attention(q, k, v, group_name, algorithm, causal, softmax_scale, layout,
-                           backend, grad) -> (out, lse, meta)
+                           backend, grad, lse_grad) -> (out, lse, meta)
         q: (B, S_local, Hq, D); k, v: (B, S_local, Hkv, D); out like q (contiguous);
         lse: (B, Hq, S_local) fp32; meta: int64 (3,) on CPU = [algorithm code (1 ring,
         2 token_ring), softmax_scale as float64 bits, global seq_len] -- what the backward
         needs to rebuild the plan without communicating again.
-    ringattn::sp_attention_backward(dout, q, k, v, out, lse, meta, group_name, causal, layout,
-                                    backend) -> (dq, dk, dv)
+    ringattn::sp_attention_backward(dout, q, k, v, out, lse, dlse, meta, group_name, causal,
+                                    layout, backend, lse_grad) -> (dq, dk, dv)
+        dlse: lse's gradient (B, Hq, S_local) fp32, or None; lse_grad: the forward's flag (with
+        it TokenRing carries lse's gradient with Q, so every rank must use the same wire format).
 
 Both run the same code as the eager path at run time: the signature exchange (every rank
 raises the same error on bad input), algorithm="auto", the byte accounting (comm_stats), the
@@ -21,7 +23,7 @@ transports. Fake implementations give the shapes to the compiler. The group trav
 ("" = the default group, or a world of one without torch.distributed); `grad` (whether a
 backward will follow, part of the signature every rank agrees on) is decided at trace time from
 requires_grad, because autograd is off inside a custom op. lse is returned detached, as in
-eager mode (it carries no gradient; lse_grad=True calls run eagerly, a graph break).
+eager mode, unless lse_grad=True: then its gradient reaches the backward op (dlse), as in eager.
 
 Inputs a traced call cannot describe (non-tensors, not 4-D) are handed to the eager path, which
 raises its usual error on every rank.
@@ -70,12 +72,12 @@ def _plan_from_meta(group, meta: torch.Tensor, causal: bool, layout: str, backen
 @torch.library.custom_op("ringattn::sp_attention", mutates_args=())
 def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name: str, algorithm: str, causal: bool,
                  softmax_scale: float | None, layout: str, backend: str,
-                 grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 grad: bool, lse_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     CALLS["sp_attention"] += 1
     group = resolve_group(group_name)
     plan, q, k, v, grad = sp._prepare("ringattn sequence-parallel attention", q, k, v, algorithm=algorithm,
                                       causal=causal, softmax_scale=softmax_scale, group=group, layout=layout,
-                                      backend=backend, grad=grad)
+                                      backend=backend, grad=grad, lse_grad=lse_grad)
     alg = sp._resolve_algorithm(algorithm, plan, q, k, grad)
     with no_autocast(q.device):
         if alg == "ring":
@@ -87,7 +89,7 @@ def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name: 
 
 
 @sp_attention.register_fake
-def _(q, k, v, group_name, algorithm, causal, softmax_scale, layout, backend, grad):
+def _(q, k, v, group_name, algorithm, causal, softmax_scale, layout, backend, grad, lse_grad):
     B, S, Hq, _ = q.shape
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             q.new_empty((B, Hq, S), dtype=torch.float32), torch.empty(3, dtype=torch.int64, device="cpu"))
@@ -95,43 +97,48 @@ def _(q, k, v, group_name, algorithm, causal, softmax_scale, layout, backend, gr
 
 @torch.library.custom_op("ringattn::sp_attention_backward", mutates_args=())
 def sp_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                          lse: torch.Tensor, meta: torch.Tensor, group_name: str, causal: bool, layout: str,
-                          backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          lse: torch.Tensor, dlse: torch.Tensor | None, meta: torch.Tensor, group_name: str,
+                          causal: bool, layout: str, backend: str,
+                          lse_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     CALLS["sp_attention_backward"] += 1
     plan, alg = _plan_from_meta(resolve_group(group_name), meta, causal, layout, backend)
     dout, q, k, v, out, lse = (t.contiguous() for t in (dout, q, k, v, out, lse))
+    dlse = dlse.contiguous() if lse_grad and dlse is not None else None
     with no_autocast(q.device):
         if alg == "ring":
-            return ring_backward(plan, dout, q, k, v, out, lse)
-        return token_ring_backward(plan, dout, q, k, v, out, lse, reply_for(plan, q.device))
+            return ring_backward(plan, dout, q, k, v, out, lse, dlse)
+        return token_ring_backward(plan, dout, q, k, v, out, lse, reply_for(plan, q.device), dlse, lse_grad)
 
 
 @sp_attention_backward.register_fake
-def _(dout, q, k, v, out, lse, meta, group_name, causal, layout, backend):
+def _(dout, q, k, v, out, lse, dlse, meta, group_name, causal, layout, backend, lse_grad):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, name, _alg, causal, _scale, layout, backend, _grad = inputs
+    q, k, v, name, _alg, causal, _scale, layout, backend, _grad, lse_grad = inputs
     out, lse, meta = output
     ctx.save_for_backward(q, k, v, out, lse, meta)
-    ctx.args = (name, causal, layout, backend)
+    ctx.args = (name, causal, layout, backend, lse_grad)
 
 
-def _backward(ctx, dout, _dlse, _dmeta):
+def _backward(ctx, dout, dlse, _dmeta):
+    # (grads of unused outputs arrive as zeros: a rank whose loss ignores lse still sends its
+    # zero lse gradient, the wire format every rank agreed on)
     q, k, v, out, lse, meta = ctx.saved_tensors
-    dq, dk, dv = torch.ops.ringattn.sp_attention_backward(dout, q, k, v, out, lse, meta, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    name, causal, layout, backend, lse_grad = ctx.args
+    dq, dk, dv = torch.ops.ringattn.sp_attention_backward(dout, q, k, v, out, lse, dlse if lse_grad else None,
+                                                          meta, name, causal, layout, backend, lse_grad)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 sp_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.compiler.disable(reason="ringattn sequence-parallel attention: lse_grad=True, or inputs the traced op "
-                               "cannot describe (non-tensors or not 4-D, for which the eager path raises the error), "
-                               "run eagerly")
+@torch.compiler.disable(reason="ringattn sequence-parallel attention: inputs the traced op cannot describe "
+                               "(non-tensors or not 4-D, for which the eager path raises the error) run eagerly")
 def _eager(fn, q, k, v, **kw):
     return sp._run(fn, q, k, v, **kw)
 
@@ -139,7 +146,7 @@ def _eager(fn, q, k, v, **kw):
 def traced_attention(fn, q, k, v, *, algorithm, causal, softmax_scale, group, layout, backend, return_lse,
                      lse_grad=False):
     """sequence_parallel._run under torch.compile (see the module docstring)."""
-    if lse_grad or not (all(isinstance(t, torch.Tensor) for t in (q, k, v)) and q.dim() == k.dim() == v.dim() == 4
+    if not (all(isinstance(t, torch.Tensor) for t in (q, k, v)) and q.dim() == k.dim() == v.dim() == 4
                         and isinstance(algorithm, str) and isinstance(layout, str) and isinstance(backend, str)):
         return _eager(fn, q, k, v, algorithm=algorithm, causal=causal, softmax_scale=softmax_scale, group=group,
                       layout=layout, backend=backend, return_lse=return_lse, lse_grad=lse_grad)
@@ -149,9 +156,10 @@ def traced_attention(fn, q, k, v, *, algorithm, causal, softmax_scale, group, la
         except (TypeError, ValueError):
             softmax_scale = math.nan  # refused at run time, on every rank, by the signature check
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    lse_grad = bool(lse_grad)
     out, lse, _meta = torch.ops.ringattn.sp_attention(q, k, v, group_name(group), algorithm, bool(causal),
-                                                      softmax_scale, layout, backend, bool(grad))
-    return (out, lse.detach()) if return_lse else out
+                                                      softmax_scale, layout, backend, bool(grad), lse_grad)
+    return (out, lse if lse_grad else lse.detach()) if return_lse else out
 
 
 # --------------------------------------------------------------------------------------------

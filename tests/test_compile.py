@@ -28,7 +28,7 @@ import ringattn.compiled as rc
 import ringattn.sequence_parallel as sp
 import ringattn.integrations.deepspeed as rds
 from ringattn.accounting import comm_stats
-from test_sequence_parallel import positions, reference, run_case, tolerance
+from test_sequence_parallel import _run_lse_grad, positions, reference, run_case, tolerance
 
 
 def _reset():
@@ -49,14 +49,16 @@ def _qkv(B=2, S=9, Hq=4, Hkv=2, D=8, dtype=torch.float64, grad=True):
 @pytest.mark.parametrize("causal", [False, True])
 def test_opcheck_sp_attention(algorithm, causal):
     q, k, v = _qkv()
-    torch.library.opcheck(torch.ops.ringattn.sp_attention.default,
-                          (q, k, v, "", algorithm, causal, None, "zigzag", "auto", True))
-    out, lse, meta = torch.ops.ringattn.sp_attention(q, k, v, "", algorithm, causal, None, "zigzag", "auto", True)
-    dout = torch.randn_like(out)
-    torch.library.opcheck(torch.ops.ringattn.sp_attention_backward.default,
-                          (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), meta, "", causal,
-                           "zigzag", "auto"))
-    assert meta.tolist()[0] in (1, 2) and meta.tolist()[2] == q.shape[1]
+    for lse_grad in (False, True):
+        torch.library.opcheck(torch.ops.ringattn.sp_attention.default,
+                              (q, k, v, "", algorithm, causal, None, "zigzag", "auto", True, lse_grad))
+        out, lse, meta = torch.ops.ringattn.sp_attention(q, k, v, "", algorithm, causal, None, "zigzag", "auto",
+                                                         True, lse_grad)
+        dout, dlse = torch.randn_like(out), torch.randn_like(lse) if lse_grad else None
+        torch.library.opcheck(torch.ops.ringattn.sp_attention_backward.default,
+                              (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), dlse, meta, "",
+                               causal, "zigzag", "auto", lse_grad))
+        assert meta.tolist()[0] in (1, 2) and meta.tolist()[2] == q.shape[1]
 
 
 def test_opcheck_gather_and_fused_allreduce_rmsnorm():
@@ -164,6 +166,15 @@ def _run_compiled_matrix(world):
 @pytest.mark.parametrize("world", [2, 3])
 def test_compiled_matches_float64_and_eager(dist_pool, world):
     failures = [f for r in dist_pool(world).run(_run_compiled_matrix, world, timeout=300) for f in r]
+    assert not failures, "\n".join(failures[:20])
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_compiled_lse_grad_against_float64(dist_pool, world):
+    """lse_grad=True under torch.compile(fullgraph=True): one forward and one backward op per call
+    (no graph break), gradients of a loss on out AND lse within the float64 tolerance, bytes equal
+    to the formula with TokenRing's extra fp32 (the eager test's matrix, tests/test_sequence_parallel.py)."""
+    failures = [f for r in dist_pool(world).run(_run_lse_grad, True, timeout=400) for f in r]
     assert not failures, "\n".join(failures[:20])
 
 

@@ -8,6 +8,7 @@ distributed op on its shard and compares its rows. All cases of one world size r
 pool.run (spawning processes costs seconds); the worker returns a list of failures with their
 errors, and the test asserts it is empty.
 """
+import functools
 import math
 
 import pytest
@@ -348,9 +349,13 @@ def test_gpu_cuda_ipc_ranks_sharing_one_gpu(world):
 
 
 # --- lse_grad=True: a differentiable lse (both algorithms; bytes include TokenRing's extra fp32) --
-def _run_lse_grad():
+def _run_lse_grad(compiled=False):
+    """compiled: each call through torch.compile(fullgraph=True) (tests/test_compile.py): the
+    custom ops must run (once forward, once backward) and give the same float64-checked gradients."""
     rank, world = dist.get_rank(), dist.get_world_size()
     failures, i = [], 0
+    if compiled:
+        import ringattn.compiled as rc
     for dtype in DTYPES:
         for causal in (False, True):
             for layout in LAYOUTS:
@@ -373,10 +378,19 @@ def _run_lse_grad():
                                                           for r in range(world) if use[r])
                     loss.backward()
                     loc = [t[:, pos].clone().requires_grad_() for t in (q, k, v)]
+                    call = functools.partial(fn, causal=causal, layout=layout, return_lse=True, lse_grad=True)
+                    if compiled:
+                        torch._dynamo.reset()  # a fresh compile per case (else the recompile limit)
+                        call = torch.compile(call, fullgraph=True, backend="aot_eager")
+                        before = dict(rc.CALLS)
                     with comm_stats() as st:
-                        out, lse = fn(*loc, causal=causal, layout=layout, return_lse=True, lse_grad=True)
+                        out, lse = call(*loc)
                         mine = (out.float() * go[:, pos]).sum() + ((lse * gl[:, :, pos]).sum() if use[rank] else 0)
                         mine.backward()
+                    if compiled:
+                        ran_ops = [rc.CALLS[n] - before.get(n, 0) for n in ("sp_attention", "sp_attention_backward")]
+                        if ran_ops != [1, 1]:
+                            failures.append(f"rank {rank} {alg}: compiled call ran the ops {ran_ops} times (want 1, 1)")
                     atol, rtol = tolerance(dtype, world)
                     for name, got, want in [(f"d{n}", t.grad, r.grad[:, pos]) for n, t, r in zip("qkv", loc, ref)]:
                         err = (got.double() - want).abs()
