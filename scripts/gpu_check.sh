@@ -15,6 +15,8 @@
 # GPU_CHECK_PREBUILT=FILE: a ringattn/_C.abi3.so built elsewhere for this machine's torch (e.g.
 # carried in .carry/); it is used when FILE.sources.sha256 holds `--source-hash` of this checkout
 # and it loads with CUDA kernels, else the extension is built here (a CUDA build takes minutes).
+# scripts/prebuild_for_device.sh makes .carry/_C.abi3.so (+ stamp) for the lent machine's torch
+# 2.11 / sm_90a on a GPU-less machine: carry [".carry"], GPU_CHECK_PREBUILT=.carry/_C.abi3.so.
 # GPU_CHECK_DRY_RUN=1: no build, no MPS; each step's command is checked instead of run (pytest
 # --collect-only; the perf scripts parse their arguments and exit), to prove every command line
 # matches its script's options.
