@@ -142,3 +142,39 @@ def test_deepspeed_zero_trains_sequence_parallel_model(dist_pool, stage):
         # after each SGD step (lr 0.5): parameters within fp32 rounding of the reference's
         assert max(r["param_err"]) < 1e-5, f"rank {rank}: {r['param_err']}"
         assert r["losses"][-1][0] < r["losses"][0][0]  # it trains
+
+
+def _opcheck_ulysses_a2a():
+    """torch.library.opcheck on ringattn's two Ulysses all-to-all ops (fake shapes AND strides,
+    autograd registration), uneven pieces, 1 and 2 heads per rank, and their bytes."""
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    from ringattn.compiled import group_name
+
+    pl = [5, 4][:world] if world == 2 else [3] * world
+    name = group_name(None)
+    out = []
+    for h in (world, 2 * world):  # 1 head per rank: the reshape in heads_to_seq is a strided view
+        x = torch.randn(2, pl[rank], h, 3, dtype=torch.float64, requires_grad=True)
+        torch.library.opcheck(rds.seq_to_heads_op, (x, name, pl, rank))
+        xt = torch.randn(2, h, pl[rank], 3, dtype=torch.float64).transpose(1, 2).requires_grad_()
+        torch.library.opcheck(rds.seq_to_heads_op, (xt, name, pl, rank))
+        y = torch.randn(2, sum(pl), h // world, 3, dtype=torch.float64, requires_grad=True)
+        torch.library.opcheck(rds.heads_to_seq_op, (y, name, pl, rank))
+        before = rds.a2a_bytes_sent()
+        back = rds.heads_to_seq_op(rds.seq_to_heads_op(x, name, pl, rank), name, pl, rank)
+        sent = rds.a2a_bytes_sent() - before
+        # seq->heads sends (W-1)/W of x; heads->seq sends the other ranks' pieces of y
+        want = x.numel() * 8 * (world - 1) // world + (sum(pl) - pl[rank]) * 2 * (h // world) * 3 * 8
+        # the fakes say contiguous; a compiled backward's views rely on it (a strided real output
+        # broke one: "view size is not compatible")
+        contiguous = rds.heads_to_seq_op(y, name, pl, rank).is_contiguous() and \
+            rds.seq_to_heads_op(xt, name, pl, rank).is_contiguous()
+        out.append((torch.equal(back, x) and contiguous, sent, want))
+    return out
+
+
+def test_ulysses_all_to_all_ops(dist_pool):
+    for rank, res in enumerate(dist_pool(2).run(_opcheck_ulysses_a2a, timeout=120)):
+        for same, sent, want in res:
+            assert same, f"rank {rank}: heads_to_seq(seq_to_heads(x)) != x, or an output is not contiguous"
+            assert sent == want, f"rank {rank}: sent {sent} bytes, formula {want}"

@@ -178,26 +178,53 @@ def _heads_to_seq(y: torch.Tensor, group, piece_lens: list[int], rank: int) -> t
     return recv.view(u, b, s, hl, d).permute(1, 2, 0, 3, 4).reshape(b, s, u * hl, d)
 
 
-class _SeqToHeads(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, piece_lens, rank):
-        ctx.group, ctx.piece_lens, ctx.rank = group, piece_lens, rank
-        return _seq_to_heads(x, group, piece_lens)
+# The two all-to-alls as custom ops (differentiable: each one's backward is the other), so that
+# torch.compile keeps them out of the graph as single nodes (no graph break) and each counts the
+# bytes it really sends when it runs, forward or backward (uneven pieces included).
+@torch.library.custom_op("ringattn::ulysses_seq_to_heads", mutates_args=())
+def seq_to_heads_op(x: torch.Tensor, group_name: str, piece_lens: list[int], rank: int) -> torch.Tensor:
+    """(B, piece_rank, H, D) -> (B, sum(piece_lens), H/U, D) over the Ulysses group."""
+    from ringattn.compiled import resolve_group
 
-    @staticmethod
-    def backward(ctx, g):
-        return _heads_to_seq(g.contiguous(), ctx.group, ctx.piece_lens, ctx.rank), None, None, None
+    x = x.contiguous()
+    _A2A_SENT[0] += x.numel() * x.element_size() * (len(piece_lens) - 1) // len(piece_lens)
+    return _seq_to_heads(x, resolve_group(group_name), list(piece_lens)).contiguous()
 
 
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, group, piece_lens, rank):
-        ctx.group, ctx.piece_lens = group, piece_lens
-        return _heads_to_seq(y, group, piece_lens, rank)
+@seq_to_heads_op.register_fake
+def _(x, group_name, piece_lens, rank):
+    b, _, h, d = x.shape
+    return x.new_empty((b, sum(piece_lens), h // len(piece_lens), d))
 
-    @staticmethod
-    def backward(ctx, g):
-        return _seq_to_heads(g.contiguous(), ctx.group, ctx.piece_lens), None, None, None
+
+@torch.library.custom_op("ringattn::ulysses_heads_to_seq", mutates_args=())
+def heads_to_seq_op(y: torch.Tensor, group_name: str, piece_lens: list[int], rank: int) -> torch.Tensor:
+    """(B, sum(piece_lens), H/U, D) -> (B, piece_rank, H, D) over the Ulysses group."""
+    from ringattn.compiled import resolve_group
+
+    y = y.contiguous()
+    b, _, hl, d = y.shape
+    _A2A_SENT[0] += (sum(piece_lens) - piece_lens[rank]) * b * hl * d * y.element_size()
+    # contiguous, as the fake says (with one head per rank the final reshape is a strided view)
+    return _heads_to_seq(y, resolve_group(group_name), list(piece_lens), rank).contiguous()
+
+
+@heads_to_seq_op.register_fake
+def _(y, group_name, piece_lens, rank):
+    b, _, hl, d = y.shape
+    return y.new_empty((b, piece_lens[rank], hl * len(piece_lens), d))
+
+
+def _a2a_setup(ctx, inputs, output):
+    _, ctx.group_name, ctx.piece_lens, ctx.rank = inputs
+
+
+seq_to_heads_op.register_autograd(
+    lambda ctx, g: (heads_to_seq_op(g, ctx.group_name, ctx.piece_lens, ctx.rank), None, None, None),
+    setup_context=_a2a_setup)
+heads_to_seq_op.register_autograd(
+    lambda ctx, g: (seq_to_heads_op(g, ctx.group_name, ctx.piece_lens, ctx.rank), None, None, None),
+    setup_context=_a2a_setup)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,27 +270,31 @@ def ulysses_ring_attention(q, k, v, *, plan, causal: bool = True, softmax_scale:
     want_ds = plan.use_deepspeed if use_deepspeed is None else use_deepspeed
     if want_ds is None:
         want_ds = deepspeed_available()
-    # Each all-to-all keeps 1/U of a tensor and sends the rest: q, k, v, then the output (q's
-    # shape). DeepSpeed's moves pieces padded to the longest.
-    rows = max(piece_lens) if want_ds else q.shape[1]
+    if not want_ds:  # ringattn's all-to-alls: custom ops that count their own bytes
+        from ringattn.compiled import group_name
+
+        args = (group_name(plan.ulysses_group), piece_lens, plan.ulysses_rank)
+        qs, ks, vs = (seq_to_heads_op(t, *args) for t in (q, k, v))
+        return heads_to_seq_op(ring(qs, ks, vs), *args)
+    # DeepSpeed's: each all-to-all keeps 1/U of a tensor (pieces padded to the longest) and sends
+    # the rest: q, k, v, then the output (q's shape); the backward sends the same again.
     per_row = (2 * q[0, 0].numel() + k[0, 0].numel() + v[0, 0].numel()) * q.shape[0] * q.element_size()
-    nbytes = rows * per_row * (u - 1) // u
+    nbytes = max(piece_lens) * per_row * (u - 1) // u
     _A2A_SENT[0] += nbytes
-    if want_ds:
-        out = _ulysses_deepspeed(q, k, v, plan, piece_lens, ring)
-    else:
-        args = (plan.ulysses_group, piece_lens, plan.ulysses_rank)
-        qs, ks, vs = (_SeqToHeads.apply(t.contiguous(), *args) for t in (q, k, v))
-        out = _HeadsToSeq.apply(ring(qs, ks, vs).contiguous(), *args)
-    return _CountBackwardBytes.apply(out, nbytes) if out.requires_grad else out
+    out = _ulysses_deepspeed(q, k, v, plan, piece_lens, ring)
+    # (under torch.compile the backward's share is not counted: a counter inside an autograd
+    # Function is a side effect Dynamo cannot trace, a graph break per layer)
+    return _CountBackwardBytes.apply(out, nbytes) if out.requires_grad and not torch.compiler.is_compiling() else out
 
 
 def _ulysses_deepspeed(q, k, v, plan, piece_lens, ring):
     """The same 2-D attention with DeepSpeed-Ulysses' DistributedAttention doing the all-to-all
     (batch-first: scatter heads = dim 2, gather sequence = dim 1)."""
+    import deepspeed.comm as ds_comm
     from deepspeed.sequence.layer import DistributedAttention
 
-    init_deepspeed_comm()
+    if not ds_comm.is_initialized():  # (apply_sequence_parallel did it already: no graph break here)
+        init_deepspeed_comm()
     pad = max(piece_lens)
     s = q.shape[1]
     if s < pad:  # DeepSpeed's all-to-all needs equal pieces: pad, and drop the pads below
@@ -284,16 +315,16 @@ def _ulysses_deepspeed(q, k, v, plan, piece_lens, ring):
 
 
 # torch.compile traces DeepSpeed's all-to-all (its autograd.Function around dist.all_to_all_single)
-# correctly on torch 2.14 (tested: gradients equal the single-process model's). On torch 2.11 the
-# traced model's forward was right but q/k/v got NO gradient (zeros; 2026-12-02, DeepSpeed 0.19.8,
-# tests/test_compile.py): a silent wrong answer. Below 2.14 (2.12/2.13 untested) the DeepSpeed
+# correctly on torch 2.13 and 2.14 (tested: gradients equal the single-process model's). On torch
+# 2.11 the traced model's forward was right but q/k/v got NO gradient (zeros; 2026-12-02, DeepSpeed
+# 0.19.8, tests/test_compile.py): a silent wrong answer. Below 2.13 (2.12 untested) the DeepSpeed
 # all-to-all and the ring inside it therefore run eagerly: one graph break per attention layer.
-_TRACE_DEEPSPEED_A2A = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 14)
+_TRACE_DEEPSPEED_A2A = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
 
 
 def _eager_under_compile(fn):
     return torch.compiler.disable(fn, reason="DeepSpeed's all-to-all loses its gradients when traced by "
-                                             "torch < 2.14 (ringattn.integrations.deepspeed)")
+                                             "torch < 2.13 (ringattn.integrations.deepspeed)")
 
 
 # ----------------------------------------------------------------------------------------------
