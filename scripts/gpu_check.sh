@@ -16,7 +16,8 @@
 # carried in .carry/); it is used when FILE.sources.sha256 holds `--source-hash` of this checkout
 # and it loads with CUDA kernels, else the extension is built here (a CUDA build takes minutes).
 # scripts/prebuild_for_device.sh makes .carry/_C.abi3.so (+ stamp) for the lent machine's torch
-# 2.11 / sm_90a on a GPU-less machine: carry [".carry"], GPU_CHECK_PREBUILT=.carry/_C.abi3.so.
+# 2.11 / sm_90a on a GPU-less machine: carry [".carry"]; that file is the default prebuilt when
+# present (GPU_CHECK_PREBUILT=none: build anyway).
 # GPU_CHECK_DRY_RUN=1: no build, no MPS; each step's command is checked instead of run (pytest
 # --collect-only; the perf scripts parse their arguments and exit), to prove every command line
 # matches its script's options.
@@ -85,6 +86,10 @@ if [ "$DRY" = 1 ]; then
 else
   t0=$(date +%s)
   pre="${GPU_CHECK_PREBUILT:-}"
+  # .carry/_C.abi3.so (scripts/prebuild_for_device.sh) is picked up without the variable too;
+  # GPU_CHECK_PREBUILT=none forces the build here.
+  if [ -z "$pre" ] && [ -f .carry/_C.abi3.so ]; then pre=.carry/_C.abi3.so; fi
+  if [ "$pre" = none ]; then pre=""; fi
   if [ -n "$pre" ] && [ -f "$pre" ] && [ "$(cat "$pre.sources.sha256" 2>/dev/null)" = "$(src_hash)" ]; then
     cp "$pre" ringattn/_C.abi3.so
     if "$PY" -c "$HAS_CUDA_OPS" >"$RES/build.log" 2>&1; then build_note="prebuilt $pre"

@@ -4,7 +4,7 @@
 #
 #   bash scripts/prebuild_for_device.sh         # writes .carry/_C.abi3.so + .carry/_C.abi3.so.sources.sha256
 #   then, with the device tool: carry [".carry"], command
-#     GPU_CHECK_PREBUILT=.carry/_C.abi3.so bash scripts/gpu_check.sh $OUT
+#     bash scripts/gpu_check.sh $OUT     (it takes .carry/_C.abi3.so when present)
 #
 # gpu_check uses the prebuilt only when its stamp equals this checkout's `--source-hash` and it
 # loads there with its CUDA kernels; otherwise it builds on the device as before (nothing lost).
