@@ -430,7 +430,7 @@ def test_hf_model_compiled_or_checkpointed_matches_single_process(dist_pool, mod
         want = (2 if "ckpt" in mode else 1) * layers if mode.startswith("compile") else 0
         eager_ds = mode.endswith("deepspeed") and not rds._TRACE_DEEPSPEED_A2A
         if eager_ds:
-            want = 0  # torch < 2.13: DeepSpeed's all-to-all and the ring inside it run eagerly
+            want = 0  # torch 2.11: DeepSpeed's all-to-all and the ring inside it run eagerly
         assert ran == want, (mode, ran, layers)
         # One graph break only, the HF pre-hook's (2 graphs: before it, the model body after it),
         # in the 2-D modes too (the Ulysses all-to-alls are custom ops)

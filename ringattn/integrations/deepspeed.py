@@ -315,16 +315,16 @@ def _ulysses_deepspeed(q, k, v, plan, piece_lens, ring):
 
 
 # torch.compile traces DeepSpeed's all-to-all (its autograd.Function around dist.all_to_all_single)
-# correctly on torch 2.13 and 2.14 (tested: gradients equal the single-process model's). On torch
-# 2.11 the traced model's forward was right but q/k/v got NO gradient (zeros; 2026-12-02, DeepSpeed
-# 0.19.8, tests/test_compile.py): a silent wrong answer. Below 2.13 (2.12 untested) the DeepSpeed
-# all-to-all and the ring inside it therefore run eagerly: one graph break per attention layer.
-_TRACE_DEEPSPEED_A2A = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
+# correctly on torch 2.12, 2.13 and 2.14 (tested: gradients equal the single-process model's). On
+# torch 2.11 the traced model's forward was right but q/k/v got NO gradient (zeros; 2026-12-02,
+# DeepSpeed 0.19.8, tests/test_compile.py): a silent wrong answer. On 2.11 the DeepSpeed all-to-all
+# and the ring inside it therefore run eagerly: one graph break per attention layer.
+_TRACE_DEEPSPEED_A2A = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 12)
 
 
 def _eager_under_compile(fn):
     return torch.compiler.disable(fn, reason="DeepSpeed's all-to-all loses its gradients when traced by "
-                                             "torch < 2.13 (ringattn.integrations.deepspeed)")
+                                             "torch 2.11 (ringattn.integrations.deepspeed)")
 
 
 # ----------------------------------------------------------------------------------------------
