@@ -27,7 +27,7 @@
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-src_hash() { (cat setup.py; find csrc -type f | LC_ALL=C sort | xargs cat) | sha256sum | cut -d' ' -f1; }
+src_hash() { bash "$ROOT/scripts/source_hash.sh"; }
 if [ "${1:-}" = "--source-hash" ]; then src_hash; exit 0; fi
 
 t_start=$(date +%s)  # the budget counts from here: the build is part of it

@@ -36,7 +36,7 @@ if [ ${#need[@]} -gt 0 ]; then
   pip_q "${need[@]}"
 fi
 # Skip the (minutes-long with CUDA) build when sources and switches are unchanged since the last one.
-stamp="$( (echo "${RINGATTN_CUDA:-auto} ${TORCH_CUDA_ARCH_LIST:-}"; cat setup.py; find csrc -type f | sort | xargs cat) | sha256sum | cut -d' ' -f1)"
+stamp="$( (echo "${RINGATTN_CUDA:-auto} ${TORCH_CUDA_ARCH_LIST:-}"; bash scripts/source_hash.sh) | sha256sum | cut -d' ' -f1)"
 if [ -f .venv/ringattn_build.stamp ] && [ "$(cat .venv/ringattn_build.stamp)" = "$stamp" ] && ls ringattn/_C*.so >/dev/null 2>&1 \
    && "$VPY" -c "import ringattn" >/dev/null 2>&1; then
   echo "[setup] ringattn._C up to date"

@@ -28,7 +28,7 @@ def test_gpu_check_dry_run(tmp_path):
 
 
 def test_helper_scripts_parse():
-    for name in ("gpu_check.sh", "prebuild_for_device.sh", "setup_env.sh", "test.sh", "demo.sh"):
+    for name in ("gpu_check.sh", "prebuild_for_device.sh", "setup_env.sh", "source_hash.sh", "test.sh", "demo.sh"):
         path = os.path.join(ROOT, "scripts", name)
         p = subprocess.run(["bash", "-n", path], capture_output=True, text=True)
         assert p.returncode == 0, (name, p.stderr)
