@@ -10,7 +10,7 @@ q: (batch, seq_local, heads_q, head_dim); k, v: (batch, seq_local, heads_kv, hea
 multiple of heads_kv (GQA/MQA; K/V never repeated). Each rank passes its own tokens of the global
 sequence in `layout` (ringattn.layout; shard_sequence cuts them). Returns out like q (and lse
 (batch, heads_q, seq_local) fp32 with return_lse=True; lse carries no gradient unless lse_grad=True,
-ring only: docs/sequence_parallel.md). Differentiable
+either algorithm: docs/sequence_parallel.md). Differentiable
 in q, k, v.
 
 Every call starts with ONE all_gather of a small int64 signature per rank over the group

@@ -145,8 +145,9 @@ def test_deepspeed_zero_trains_sequence_parallel_model(dist_pool, stage):
 
 
 def _opcheck_ulysses_a2a():
-    """torch.library.opcheck on ringattn's two Ulysses all-to-all ops (fake shapes AND strides,
-    autograd registration), uneven pieces, 1 and 2 heads per rank, and their bytes."""
+    """torch.library.opcheck on ringattn's two Ulysses all-to-all ops (fakes, autograd
+    registration), uneven pieces, 1 and 2 heads per rank; their outputs contiguous as the fakes
+    say (opcheck did not catch a strided one), and their bytes."""
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     from ringattn.compiled import group_name
 

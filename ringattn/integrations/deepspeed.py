@@ -360,8 +360,7 @@ def initialize_engine(model, optimizer, zero_stage: int = 1, config: dict | None
     if "LOCAL_RANK" not in os.environ and "OMPI_COMM_WORLD_LOCAL_RANK" not in os.environ:
         os.environ["LOCAL_RANK"] = str(dist.get_rank() % max(torch.cuda.device_count(), 1)
                                        if torch.cuda.is_available() else dist.get_rank())
-    _warn_stale_jit_locks()
-    deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+    init_deepspeed_comm()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=config or deepspeed_config(zero_stage))
     return engine
