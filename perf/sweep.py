@@ -153,7 +153,7 @@ SINGLE_KEY = ("device", "seq_len", "batch", "heads_q", "heads_kv", "head_dim", "
 SP_ALGORITHMS = ("ring", "token_ring", "auto", "allgather", "torch_cp")
 OVERLAP_ALGORITHMS = ("ring", "token_ring")
 # Messages per peer in one batch of each channel (docs/sequence_parallel.md): the IPC inbox slots.
-IPC_SLOTS = {"allgather": 1, "fwd.kv": 2, "bwd.kv": 2, "bwd.dkv": 2, "fwd.q": 1, "fwd.partial": 2, "bwd.q": 4, "bwd.dq": 1}
+IPC_SLOTS = {"allgather": 1, "fwd.kv": 2, "bwd.kv": 2, "bwd.dkv": 2, "fwd.q": 1, "fwd.partial": 2, "bwd.q": 4, "bwd.dq": 1}  # bwd.q: 5 with lse_grad (not swept)
 FULL_REF_MAX = 1 << 24     # B*Hq*L*L up to which the float64 reference covers the whole sequence
 REF_ROWS = 16              # query rows per rank checked above that
 

@@ -7,13 +7,15 @@ host-side checks) and the surrounding model compiles without graph breaks, fullg
 included:
 
     ringattn::sp_attention(q, k, v, group_name, algorithm, causal, softmax_scale, layout,
-                           backend, grad, lse_grad) -> (out, lse, meta)
+                           backend, grad, lse_grad, cu_seqlens=None) -> (out, lse, meta)
         q: (B, S_local, Hq, D); k, v: (B, S_local, Hkv, D); out like q (contiguous);
         lse: (B, Hq, S_local) fp32; meta: int64 (3,) on CPU = [algorithm code (1 ring,
         2 token_ring), softmax_scale as float64 bits, global seq_len] -- what the backward
-        needs to rebuild the plan without communicating again.
+        needs to rebuild the plan without communicating again. cu_seqlens: packed sequences'
+        global document boundaries, an int tensor (a list is made one; a Python list is a
+        constant of the graph, so each new packing would recompile: pass a tensor).
     ringattn::sp_attention_backward(dout, q, k, v, out, lse, dlse, meta, group_name, causal,
-                                    layout, backend, lse_grad) -> (dq, dk, dv)
+                                    layout, backend, lse_grad, cu_seqlens=None) -> (dq, dk, dv)
         dlse: lse's gradient (B, Hq, S_local) fp32, or None; lse_grad: the forward's flag (with
         it TokenRing carries lse's gradient with Q, so every rank must use the same wire format).
 
@@ -37,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from ringattn import sequence_parallel as sp
+from ringattn.documents import as_documents
 from ringattn.layout import RingPlan, SequenceLayout, group_rank_and_size, no_autocast
 from ringattn.ring_attention import ring_backward, ring_forward
 from ringattn.token_ring import reply_for, token_ring_backward, token_ring_forward
@@ -62,22 +65,27 @@ def resolve_group(name: str):
     return _resolve_process_group(name)
 
 
-def _plan_from_meta(group, meta: torch.Tensor, causal: bool, layout: str, backend: str) -> tuple[RingPlan, str]:
+def _plan_from_meta(group, meta: torch.Tensor, causal: bool, layout: str, backend: str,
+                    cu_seqlens=None) -> tuple[RingPlan, str]:
     alg, scale_bits, seq_len = (int(x) for x in meta.tolist())
     rank, world = group_rank_and_size(group)
     lay = SequenceLayout.build(seq_len, world, layout)
-    return RingPlan(group, rank, world, lay, bool(causal), sp._bits_float(scale_bits), backend), _ALG_NAME[alg]
+    docs, _ = as_documents(cu_seqlens)  # checked by the forward's signature exchange
+    docs = docs if docs is not None and len(docs) > 2 else None
+    return (RingPlan(group, rank, world, lay, bool(causal), sp._bits_float(scale_bits), backend, docs),
+            _ALG_NAME[alg])
 
 
 @torch.library.custom_op("ringattn::sp_attention", mutates_args=())
 def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name: str, algorithm: str, causal: bool,
                  softmax_scale: float | None, layout: str, backend: str,
-                 grad: bool, lse_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 grad: bool, lse_grad: bool,
+                 cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     CALLS["sp_attention"] += 1
     group = resolve_group(group_name)
     plan, q, k, v, grad = sp._prepare("ringattn sequence-parallel attention", q, k, v, algorithm=algorithm,
                                       causal=causal, softmax_scale=softmax_scale, group=group, layout=layout,
-                                      backend=backend, grad=grad, lse_grad=lse_grad)
+                                      backend=backend, grad=grad, lse_grad=lse_grad, cu_seqlens=cu_seqlens)
     alg = sp._resolve_algorithm(algorithm, plan, q, k, grad)
     with no_autocast(q.device):
         if alg == "ring":
@@ -89,7 +97,7 @@ def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name: 
 
 
 @sp_attention.register_fake
-def _(q, k, v, group_name, algorithm, causal, softmax_scale, layout, backend, grad, lse_grad):
+def _(q, k, v, group_name, algorithm, causal, softmax_scale, layout, backend, grad, lse_grad, cu_seqlens=None):
     B, S, Hq, _ = q.shape
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             q.new_empty((B, Hq, S), dtype=torch.float32), torch.empty(3, dtype=torch.int64, device="cpu"))
@@ -99,9 +107,10 @@ def _(q, k, v, group_name, algorithm, causal, softmax_scale, layout, backend, gr
 def sp_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                           lse: torch.Tensor, dlse: torch.Tensor | None, meta: torch.Tensor, group_name: str,
                           causal: bool, layout: str, backend: str,
-                          lse_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          lse_grad: bool,
+                          cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     CALLS["sp_attention_backward"] += 1
-    plan, alg = _plan_from_meta(resolve_group(group_name), meta, causal, layout, backend)
+    plan, alg = _plan_from_meta(resolve_group(group_name), meta, causal, layout, backend, cu_seqlens)
     dout, q, k, v, out, lse = (t.contiguous() for t in (dout, q, k, v, out, lse))
     dlse = dlse.contiguous() if lse_grad and dlse is not None else None
     with no_autocast(q.device):
@@ -111,27 +120,28 @@ def sp_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
 
 
 @sp_attention_backward.register_fake
-def _(dout, q, k, v, out, lse, dlse, meta, group_name, causal, layout, backend, lse_grad):
+def _(dout, q, k, v, out, lse, dlse, meta, group_name, causal, layout, backend, lse_grad, cu_seqlens=None):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, name, _alg, causal, _scale, layout, backend, _grad, lse_grad = inputs
+    q, k, v, name, _alg, causal, _scale, layout, backend, _grad, lse_grad = inputs[:11]
+    cu_seqlens = inputs[11] if len(inputs) > 11 else None
     out, lse, meta = output
-    ctx.save_for_backward(q, k, v, out, lse, meta)
+    ctx.save_for_backward(q, k, v, out, lse, meta, cu_seqlens)
     ctx.args = (name, causal, layout, backend, lse_grad)
 
 
 def _backward(ctx, dout, dlse, _dmeta):
     # (grads of unused outputs arrive as zeros: a rank whose loss ignores lse still sends its
     # zero lse gradient, the wire format every rank agreed on)
-    q, k, v, out, lse, meta = ctx.saved_tensors
+    q, k, v, out, lse, meta, cu_seqlens = ctx.saved_tensors
     name, causal, layout, backend, lse_grad = ctx.args
     dq, dk, dv = torch.ops.ringattn.sp_attention_backward(dout, q, k, v, out, lse, dlse if lse_grad else None,
-                                                          meta, name, causal, layout, backend, lse_grad)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+                                                          meta, name, causal, layout, backend, lse_grad, cu_seqlens)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 sp_attention.register_autograd(_backward, setup_context=_setup_context)
@@ -143,13 +153,25 @@ def _eager(fn, q, k, v, **kw):
     return sp._run(fn, q, k, v, **kw)
 
 
+def _docs_tensor(cu_seqlens):
+    """cu_seqlens as the op's tensor argument, or False when the traced op cannot carry it."""
+    if cu_seqlens is None or isinstance(cu_seqlens, torch.Tensor):
+        return cu_seqlens
+    if isinstance(cu_seqlens, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool)
+                                                     for x in cu_seqlens):
+        return torch.tensor(cu_seqlens, dtype=torch.int64)
+    return False
+
+
 def traced_attention(fn, q, k, v, *, algorithm, causal, softmax_scale, group, layout, backend, return_lse,
-                     lse_grad=False):
+                     lse_grad=False, cu_seqlens=None):
     """sequence_parallel._run under torch.compile (see the module docstring)."""
-    if not (all(isinstance(t, torch.Tensor) for t in (q, k, v)) and q.dim() == k.dim() == v.dim() == 4
-                        and isinstance(algorithm, str) and isinstance(layout, str) and isinstance(backend, str)):
+    docs = _docs_tensor(cu_seqlens)
+    if docs is False or not (all(isinstance(t, torch.Tensor) for t in (q, k, v)) and q.dim() == k.dim() == v.dim() == 4
+                             and isinstance(algorithm, str) and isinstance(layout, str) and isinstance(backend, str)):
         return _eager(fn, q, k, v, algorithm=algorithm, causal=causal, softmax_scale=softmax_scale, group=group,
-                      layout=layout, backend=backend, return_lse=return_lse, lse_grad=lse_grad)
+                      layout=layout, backend=backend, return_lse=return_lse, lse_grad=lse_grad,
+                      cu_seqlens=cu_seqlens)
     if softmax_scale is not None:
         try:
             softmax_scale = float(softmax_scale)
@@ -158,7 +180,7 @@ def traced_attention(fn, q, k, v, *, algorithm, causal, softmax_scale, group, la
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     lse_grad = bool(lse_grad)
     out, lse, _meta = torch.ops.ringattn.sp_attention(q, k, v, group_name(group), algorithm, bool(causal),
-                                                      softmax_scale, layout, backend, bool(grad), lse_grad)
+                                                      softmax_scale, layout, backend, bool(grad), lse_grad, docs)
     return (out, lse if lse_grad else lse.detach()) if return_lse else out
 
 

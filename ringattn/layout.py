@@ -115,6 +115,9 @@ class Block(NamedTuple):
     kv_start: int
     kv_len: int
     causal: bool  # top-left causal mask; only on diagonal blocks, where q_len == kv_len
+    # Packed sequences (ringattn.documents): the per-document sub-blocks, rows relative to
+    # q_start / kv_start (then `causal` is unused: each piece carries its own). () = one dense block.
+    pieces: tuple = ()
 
 
 def attention_block(lay: SequenceLayout, q_owner: int, kv_owner: int, causal: bool) -> Block | None:
@@ -323,6 +326,9 @@ class RingPlan:
     causal: bool
     softmax_scale: float
     backend: str               # block attention backend ("auto", "math", ...)
+    # Packed sequences: global document boundaries (0, ..., L) (ringattn.documents), or None.
+    documents: tuple | None = None
+    _blocks: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
     def next(self) -> int:
@@ -333,7 +339,14 @@ class RingPlan:
         return (self.rank - 1) % self.world_size
 
     def block(self, q_owner: int, kv_owner: int) -> Block | None:
-        return attention_block(self.layout, q_owner, kv_owner, self.causal)
+        key = (q_owner, kv_owner)
+        if key not in self._blocks:
+            blk = attention_block(self.layout, q_owner, kv_owner, self.causal)
+            if self.documents is not None:
+                from ringattn.documents import document_block
+                blk = document_block(self.layout, self.documents, q_owner, kv_owner, self.causal, blk)
+            self._blocks[key] = blk
+        return self._blocks[key]
 
 
 def flat_view(flat: torch.Tensor, shape) -> torch.Tensor:

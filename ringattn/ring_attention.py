@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import torch
 
-from ringattn.block_attention import block_attn_backward, block_attn_forward, block_lse_backward
 from ringattn.comm import P2PComm
+from ringattn.documents import block_backward as run_block_backward
+from ringattn.documents import block_forward, block_lse_backward_
 from ringattn.layout import Block, RingPlan, SequenceLayout, flat_view, no_autocast
 from ringattn.ops import merge_attn_states_
 
@@ -79,9 +80,9 @@ def ring_forward(plan: RingPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         blk = plan.block(r, j)
         if blk is not None:
             q_rows = _rows(q, blk.q_start, blk.q_len)
-            out_p, lse_p = block_attn_forward(
-                q_rows, _rows(k_cur, blk.kv_start, blk.kv_len), _rows(v_cur, blk.kv_start, blk.kv_len),
-                causal=blk.causal, softmax_scale=plan.softmax_scale, backend=plan.backend)
+            out_p, lse_p = block_forward(
+                blk, q_rows, _rows(k_cur, blk.kv_start, blk.kv_len), _rows(v_cur, blk.kv_start, blk.kv_len),
+                softmax_scale=plan.softmax_scale, backend=plan.backend)
             if s == 0:  # the diagonal block covers every row: it initialises the accumulator
                 out_acc = torch.empty(q.shape, dtype=_F32, device=q.device).copy_(out_p)
                 lse_acc = lse_p.to(_F32).contiguous()
@@ -110,14 +111,14 @@ def ring_backward(plan: RingPlan, dout, q, k, v, out, lse, dlse=None):
     def block_backward(blk: Block, k_blk, v_blk, dk_into, dv_into):
         qr, outr, doutr, lser = _q_side(blk, q, out, dout, lse)
         k_rows = _rows(k_blk, blk.kv_start, blk.kv_len)
-        block_attn_backward(
-            doutr, qr, k_rows, _rows(v_blk, blk.kv_start, blk.kv_len),
-            outr, lser, causal=blk.causal, dq_out=_rows(dq_acc, blk.q_start, blk.q_len),
+        run_block_backward(
+            blk, doutr, qr, k_rows, _rows(v_blk, blk.kv_start, blk.kv_len),
+            outr, lser, dq_out=_rows(dq_acc, blk.q_start, blk.q_len),
             dk_out=_rows(dk_into, blk.kv_start, blk.kv_len), dv_out=_rows(dv_into, blk.kv_start, blk.kv_len), **kw)
         if dlse is not None:
-            block_lse_backward(_lse_rows(dlse, blk.q_start, blk.q_len), qr, k_rows, lser, causal=blk.causal,
-                               dq_out=_rows(dq_acc, blk.q_start, blk.q_len),
-                               dk_out=_rows(dk_into, blk.kv_start, blk.kv_len), **kw)
+            block_lse_backward_(blk, _lse_rows(dlse, blk.q_start, blk.q_len), qr, k_rows, lser,
+                                dq_out=_rows(dq_acc, blk.q_start, blk.q_len),
+                                dk_out=_rows(dk_into, blk.kv_start, blk.kv_len), **kw)
 
     if W == 1:
         dk = torch.zeros(k.shape, dtype=_F32, device=k.device)

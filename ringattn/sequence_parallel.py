@@ -40,6 +40,7 @@ import torch.distributed as dist
 
 from ringattn.accounting import CommStats, comm_stats  # noqa: F401  (re-exported)
 from ringattn.block_attention import block_attn_forward
+from ringattn.documents import as_documents, documents_crc
 from ringattn.layout import (LAYOUTS, RingPlan, SequenceLayout, collective_device, dtype_code,  # noqa: F401
                              gather_sequence, group_rank_and_size, no_autocast, seq_len_error, shard_sequence)
 from ringattn.ring_attention import RingAttention, ring_comm_bytes
@@ -50,7 +51,7 @@ ALGORITHMS = ("ring", "token_ring")
 # world size and "inter_node" (8 GPUs per node) above it (choose_algorithm).
 MESH_MAX_WORLD = 8
 
-_MAGIC = 0x52494E47_02  # "RING", signature version 2 (2: lse_grad)
+_MAGIC = 0x52494E47_03  # "RING", signature version 3 (2: lse_grad, 3: cu_seqlens)
 _ALG_CODE = {"auto": 0, "ring": 1, "token_ring": 2}
 _LAYOUT_CODE = {"contiguous": 1, "zigzag": 2}
 _DEVICE_CODE = {"cpu": 1, "cuda": 2, "meta": 3, "xpu": 4, "mps": 5}
@@ -73,9 +74,11 @@ _PROBLEMS = (
     "unknown layout (choose 'contiguous' or 'zigzag')",
     "unknown algorithm (choose 'auto', 'ring' or 'token_ring')",
     "batch, heads and head_dim must be > 0",
+    "cu_seqlens must be the global document boundaries: 0, then strictly increasing ints (a list or a 1-D "
+    "integer tensor)",
 )
 (_P_NOT_TENSOR, _P_NOT_4D, _P_NOT_FLOAT, _P_KV_SHAPE, _P_QK_SHAPE, _P_HEADS, _P_DTYPES, _P_DEVICES,
- _P_BACKEND, _P_SCALE, _P_LAYOUT, _P_ALGORITHM, _P_EMPTY) = (1 << i for i in range(len(_PROBLEMS)))
+ _P_BACKEND, _P_SCALE, _P_LAYOUT, _P_ALGORITHM, _P_EMPTY, _P_DOCS) = (1 << i for i in range(len(_PROBLEMS)))
 
 
 def _float_bits(x: float) -> int:
@@ -88,7 +91,8 @@ def _bits_float(b: int) -> float:
 
 _FIELDS = ("magic", "algorithm", "layout", "causal", "group_size", "group_ranks",
            "q0", "q1", "q2", "q3", "k0", "k1", "k2", "k3", "v0", "v1", "v2", "v3",
-           "q_dtype", "k_dtype", "v_dtype", "device", "scale", "grad", "lse_grad", "problems")
+           "q_dtype", "k_dtype", "v_dtype", "device", "scale", "grad", "lse_grad", "docs_n", "docs_crc",
+           "problems")
 _IX = {f: i for i, f in enumerate(_FIELDS)}
 
 
@@ -96,6 +100,7 @@ _IX = {f: i for i, f in enumerate(_FIELDS)}
 class _Local:
     sig: list            # len(_FIELDS) ints
     error: Exception | None  # the local detail behind the problem bits (raised as __cause__)
+    documents: tuple | None = None  # cu_seqlens as a tuple (ringattn.documents), None: one sequence
 
 
 @functools.lru_cache(maxsize=256)
@@ -104,7 +109,7 @@ def _ranks_crc(global_ranks: tuple) -> int:
 
 
 def _local_signature(fn, q, k, v, *, algorithm, layout, causal, softmax_scale, backend, world,
-                     global_ranks, grad=None, lse_grad=False) -> _Local:
+                     global_ranks, grad=None, lse_grad=False, cu_seqlens=None) -> _Local:
     sig = [-1] * len(_FIELDS)
     sig[_IX["magic"]] = _MAGIC
     sig[_IX["group_size"]] = world
@@ -112,6 +117,13 @@ def _local_signature(fn, q, k, v, *, algorithm, layout, causal, softmax_scale, b
     sig[_IX["causal"]] = int(bool(causal))
     sig[_IX["lse_grad"]] = int(bool(lse_grad))
     problems, error = 0, None
+    docs, docs_problem = as_documents(cu_seqlens)
+    if docs_problem:
+        problems |= _P_DOCS
+        error = ValueError(f"{fn}: {docs_problem}")
+    elif docs is not None:
+        sig[_IX["docs_n"]] = len(docs) - 1
+        sig[_IX["docs_crc"]] = documents_crc(docs)
     if algorithm in _ALG_CODE:
         sig[_IX["algorithm"]] = _ALG_CODE[algorithm]
     else:
@@ -161,17 +173,17 @@ def _local_signature(fn, q, k, v, *, algorithm, layout, causal, softmax_scale, b
             sig[_IX["scale"]] = _float_bits(scale)
         except (TypeError, ValueError):
             problems |= _P_SCALE
-    if not problems and backend != "auto":
+    if not problems & ~_P_DOCS and backend != "auto":
         try:  # zero-length probe: the backend's support checks run, nothing is computed
             block_attn_forward(q[:, :0], k[:, :0], v[:, :0], causal=bool(causal), softmax_scale=scale,
                                backend=backend)
         except (ValueError, RuntimeError) as e:
             problems |= _P_BACKEND
-            error = e
+            error = error or e
     if problems and error is None:
         error = ValueError(f"{fn}: " + "; ".join(p for i, p in enumerate(_PROBLEMS) if problems >> i & 1))
     sig[_IX["problems"]] = problems
-    return _Local(sig, error)
+    return _Local(sig, error, docs)
 
 
 def _describe(field: str, value: int) -> str:
@@ -198,13 +210,15 @@ _AGREE = (
     ("softmax_scale", ("scale",)),
     ("whether a backward follows (requires_grad with grad mode on)", ("grad",)),
     ("lse_grad", ("lse_grad",)),
+    ("cu_seqlens (number of documents, crc32 of the boundaries; -1: none)", ("docs_n", "docs_crc")),
 )
 
 
 _AGREE_KEY = operator.itemgetter(*sorted({_IX[f] for _, fields in _AGREE for f in fields}))
 
 
-def _check_table(fn: str, sigs: list[list[int]], layout: str) -> tuple[str | None, SequenceLayout | None]:
+def _check_table(fn: str, sigs: list[list[int]], layout: str,
+                 documents: tuple | None = None) -> tuple[str | None, SequenceLayout | None]:
     """The one error message every rank raises (None if the table is consistent), and the layout."""
     W = len(sigs)
     lines = []
@@ -234,6 +248,10 @@ def _check_table(fn: str, sigs: list[list[int]], layout: str) -> tuple[str | Non
         return (f"{fn}: ranks hold {lengths} tokens (seq_local of ranks 0..{W - 1}), but layout={layout!r} "
                 f"cuts a global sequence of {L} tokens into {list(lay.local_lengths)} (split_sizes: "
                 f"earlier chunks take the extra tokens)"), None
+    if documents is not None and documents[-1] != L:
+        return (f"{fn}: cu_seqlens ends at {documents[-1]}, but the ranks hold {L} tokens in all ({lengths}): "
+                "cu_seqlens are the GLOBAL document boundaries of the whole packed sequence, ending at its "
+                "length (the same on every rank), not the local shard's"), None
     return None, lay
 
 
@@ -295,7 +313,7 @@ def _exchange(fn: str, group, world: int, global_ranks: list[int], local: _Local
 
 
 def _prepare(fn: str, q, k, v, *, algorithm, causal, softmax_scale, group, layout, backend, grad=None,
-             lse_grad=False):
+             lse_grad=False, cu_seqlens=None):
     """Validate across ranks; return (plan, q, k, v contiguous, requires backward)."""
     rank, world = group_rank_and_size(group)
     if world > 1:
@@ -304,16 +322,17 @@ def _prepare(fn: str, q, k, v, *, algorithm, causal, softmax_scale, group, layou
         global_ranks = [dist.get_rank() if dist.is_initialized() else 0]
     local = _local_signature(fn, q, k, v, algorithm=algorithm, layout=layout, causal=causal,
                              softmax_scale=softmax_scale, backend=backend, world=world,
-                             global_ranks=global_ranks, grad=grad, lse_grad=lse_grad)
+                             global_ranks=global_ranks, grad=grad, lse_grad=lse_grad, cu_seqlens=cu_seqlens)
     device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
     sigs = _exchange(fn, group, world, global_ranks, local,
                      collective_device(group, device) if world > 1 else device)
     # One prefix for every entry point: ranks that called different ones get the same message.
-    message, lay = _check_table("ringattn sequence-parallel attention", sigs, layout)
+    message, lay = _check_table("ringattn sequence-parallel attention", sigs, layout, local.documents)
     if message:
         raise ValueError(message) from local.error
     scale = _bits_float(sigs[0][_IX["scale"]])
-    plan = RingPlan(group, rank, world, lay, bool(causal), scale, backend)
+    docs = local.documents if local.documents is not None and len(local.documents) > 2 else None  # 1 doc: plain
+    plan = RingPlan(group, rank, world, lay, bool(causal), scale, backend, docs)
     # Non-contiguous inputs (e.g. a transposed (B, H, S, D) view) are accepted: one copy here,
     # since what travels must be contiguous.
     return plan, q.contiguous(), k.contiguous(), v.contiguous(), bool(sigs[0][_IX["grad"]])
@@ -329,21 +348,34 @@ def _elem_size(dtype) -> int:
 
 def predict_comm_bytes(algorithm: str, *, seq_len: int, world_size: int, layout: str = "contiguous",
                        causal: bool = False, batch: int, heads_q: int, heads_kv: int, head_dim: int,
-                       dtype=torch.bfloat16, backward: bool = True,
-                       lse_grad: bool = False) -> list[dict[str, tuple[int, int]]]:
+                       dtype=torch.bfloat16, backward: bool = True, lse_grad: bool = False,
+                       cu_seqlens=None) -> list[dict[str, tuple[int, int]]]:
     """Bytes each rank sends and receives per channel in one call (forward, plus backward when
     `backward`): a list indexed by group rank of {channel: (sent, received)}. The formulas are
     ring_attention.ring_comm_bytes and token_ring.token_ring_comm_bytes (docs/sequence_parallel.md).
-    dtype: of q/k/v (or its element size in bytes). lse_grad: the call had lse_grad=True."""
+    dtype: of q/k/v (or its element size in bytes). lse_grad: the call had lse_grad=True.
+    cu_seqlens: the call's packed-sequence boundaries (TokenRing skips pairs sharing no document)."""
     lay = SequenceLayout.build(seq_len, world_size, layout)
+    docs = _documents_arg(cu_seqlens, seq_len)
     e = _elem_size(dtype)
     if algorithm == "ring":
         return [ring_comm_bytes(lay, r, batch=batch, heads_kv=heads_kv, head_dim=head_dim, elem_size=e,
                                 backward=backward) for r in range(world_size)]
     if algorithm == "token_ring":
         return [token_ring_comm_bytes(lay, r, causal=causal, batch=batch, heads_q=heads_q, head_dim=head_dim,
-                                      elem_size=e, backward=backward, lse_grad=lse_grad) for r in range(world_size)]
+                                      elem_size=e, backward=backward, lse_grad=lse_grad, documents=docs)
+                for r in range(world_size)]
     raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+
+
+def _documents_arg(cu_seqlens, seq_len: int) -> tuple | None:
+    """cu_seqlens of a single-process helper, checked (ValueError); None for one document."""
+    docs, problem = as_documents(cu_seqlens)
+    if problem:
+        raise ValueError(problem)
+    if docs is not None and docs[-1] != seq_len:
+        raise ValueError(f"cu_seqlens ends at {docs[-1]}, but seq_len is {seq_len}")
+    return docs if docs is not None and len(docs) > 2 else None
 
 
 # algorithm="auto" follows ringattn.cost_model; a predicted gap below this fraction is inside the
@@ -363,7 +395,7 @@ class AlgorithmChoice:
 
 def choose_algorithm(*, seq_len: int, world_size: int, layout: str = "contiguous", causal: bool = False,
                      batch: int, heads_q: int, heads_kv: int, head_dim: int, dtype=torch.bfloat16,
-                     backward: bool = True, topology=None) -> AlgorithmChoice:
+                     backward: bool = True, topology=None, cu_seqlens=None) -> AlgorithmChoice:
     """algorithm="auto": the algorithm ringattn.cost_model predicts faster (docs/cost_model.md).
 
     1. W == 1: ring (no communication either way).
@@ -377,26 +409,32 @@ def choose_algorithm(*, seq_len: int, world_size: int, layout: str = "contiguous
     3. Otherwise (a gap inside the model's error) the one whose busiest rank moves fewer bytes
        (max over ranks of max(sent, received), forward + backward when `backward`); ties go to
        ring (one peer per step, fewer messages).
+    Packed sequences (cu_seqlens with > 1 document): the cost model does not model document masks,
+    so bytes decide (rule 3 alone; TokenRing's bytes then count only the pairs that share a document).
     Deterministic in its arguments, so every rank picks the same. Cached per distinct set of
     arguments (it runs on every call: uncached, the per-rank byte formulas alone cost ~1 ms at
     W = 32, and the model's first run up to a second at W = 64).
     """
     return _choose_algorithm(seq_len, world_size, layout, bool(causal), batch, heads_q, heads_kv, head_dim,
-                             _elem_size(dtype), bool(backward), topology)
+                             _elem_size(dtype), bool(backward), topology, _documents_arg(cu_seqlens, seq_len))
 
 
 @functools.lru_cache(maxsize=4096)
 def _choose_algorithm(seq_len, world_size, layout, causal, batch, heads_q, heads_kv, head_dim, elem_size, backward,
-                      topology) -> AlgorithmChoice:
+                      topology, documents=None) -> AlgorithmChoice:
     per_alg = {}
     for alg in ALGORITHMS:
         ranks = predict_comm_bytes(alg, seq_len=seq_len, world_size=world_size, layout=layout, causal=causal,
                                    batch=batch, heads_q=heads_q, heads_kv=heads_kv, head_dim=head_dim,
-                                   dtype=elem_size, backward=backward)
+                                   dtype=elem_size, backward=backward, cu_seqlens=documents)
         per_alg[alg] = max((max(sum(s for s, _ in ch.values()), sum(rv for _, rv in ch.values()))
                             for ch in ranks), default=0)
     if world_size == 1:
         return AlgorithmChoice("ring", per_alg, "world size 1: no communication")
+    if documents is not None:
+        alg = "token_ring" if per_alg["token_ring"] < per_alg["ring"] else "ring"
+        return AlgorithmChoice(alg, per_alg, f"packed sequence ({len(documents) - 1} documents): the cost model "
+                               "does not model document masks; fewer bottleneck bytes (ties: ring)")
     from ringattn import cost_model  # pure Python; imported here to keep this module's imports as they are
 
     topo = topology if topology is not None else ("nvswitch" if world_size <= MESH_MAX_WORLD else "inter_node")
@@ -432,7 +470,7 @@ def _resolve_algorithm(algorithm: str, plan: RingPlan, q, k, grad: bool) -> str:
     return choose_algorithm(
         seq_len=plan.layout.seq_len, world_size=plan.world_size, layout=plan.layout.layout, causal=plan.causal,
         batch=q.shape[0], heads_q=q.shape[2], heads_kv=k.shape[2], head_dim=q.shape[3], dtype=q.dtype,
-        backward=grad).algorithm
+        backward=grad, cu_seqlens=plan.documents).algorithm
 
 
 def _autocast(q, k, v):
@@ -448,16 +486,18 @@ def _autocast(q, k, v):
     return tuple(t.to(dt) if t.is_floating_point() and t.dtype not in (dt, torch.float64) else t for t in (q, k, v))
 
 
-def _run(fn, q, k, v, *, algorithm, causal, softmax_scale, group, layout, backend, return_lse, lse_grad=False):
+def _run(fn, q, k, v, *, algorithm, causal, softmax_scale, group, layout, backend, return_lse, lse_grad=False,
+         cu_seqlens=None):
     q, k, v = _autocast(q, k, v)
     if torch.compiler.is_compiling():  # under torch.compile: one opaque custom op (ringattn.compiled)
         from ringattn.compiled import traced_attention
         return traced_attention(fn, q, k, v, algorithm=algorithm, causal=causal, softmax_scale=softmax_scale,
                                 group=group, layout=layout, backend=backend, return_lse=return_lse,
-                                lse_grad=lse_grad)
+                                lse_grad=lse_grad, cu_seqlens=cu_seqlens)
     lse_grad = bool(lse_grad)
     plan, q, k, v, grad = _prepare(fn, q, k, v, algorithm=algorithm, causal=causal, softmax_scale=softmax_scale,
-                                   group=group, layout=layout, backend=backend, lse_grad=lse_grad)
+                                   group=group, layout=layout, backend=backend, lse_grad=lse_grad,
+                                   cu_seqlens=cu_seqlens)
     algorithm = _resolve_algorithm(algorithm, plan, q, k, grad)
     # The kernels run with autocast off: their fp32 accumulation (math backend, merges, deltas)
     # must not be cast down by an enclosing autocast region (the backward does the same).
@@ -470,27 +510,32 @@ def _run(fn, q, k, v, *, algorithm, causal, softmax_scale, group, layout, backen
 
 
 def ring_attention(q, k, v, *, causal=False, softmax_scale=None, group=None, layout="contiguous",
-                   backend="auto", return_lse=False, lse_grad=False):
+                   backend="auto", return_lse=False, lse_grad=False, cu_seqlens=None):
     """Ring Self-Attention: K/V rotate one hop per step, Q stays (ringattn.ring_attention).
-    lse_grad=True: the returned lse is differentiable (docs/sequence_parallel.md)."""
+    lse_grad=True: the returned lse is differentiable (docs/sequence_parallel.md).
+    cu_seqlens: packed sequences, the GLOBAL document boundaries (0, ..., L), the same on every rank:
+    tokens attend only within their document (ringattn.documents)."""
     return _run("ringattn.ring_attention", q, k, v, algorithm="ring", causal=causal,
                 softmax_scale=softmax_scale, group=group, layout=layout, backend=backend, return_lse=return_lse,
-                lse_grad=lse_grad)
+                lse_grad=lse_grad, cu_seqlens=cu_seqlens)
 
 
 def token_ring_attention(q, k, v, *, causal=False, softmax_scale=None, group=None, layout="contiguous",
-                         backend="auto", return_lse=False, lse_grad=False):
+                         backend="auto", return_lse=False, lse_grad=False, cu_seqlens=None):
     """TokenRing: K/V stay, Q travels one way and partials come straight back (ringattn.token_ring).
-    lse_grad=True: the returned lse is differentiable (docs/sequence_parallel.md)."""
+    lse_grad=True: the returned lse is differentiable (docs/sequence_parallel.md).
+    cu_seqlens: packed sequences, as in ring_attention; Q rows travel only to ranks holding keys of
+    their documents."""
     return _run("ringattn.token_ring_attention", q, k, v, algorithm="token_ring", causal=causal,
                 softmax_scale=softmax_scale, group=group, layout=layout, backend=backend, return_lse=return_lse,
-                lse_grad=lse_grad)
+                lse_grad=lse_grad, cu_seqlens=cu_seqlens)
 
 
 def sequence_parallel_attention(q, k, v, *, causal=False, softmax_scale=None, group=None, layout="contiguous",
-                                backend="auto", return_lse=False, algorithm="auto", lse_grad=False):
+                                backend="auto", return_lse=False, algorithm="auto", lse_grad=False,
+                                cu_seqlens=None):
     """ring_attention or token_ring_attention; "auto" picks the one ringattn.cost_model predicts
-    faster, bytes deciding inside its 5% margin (choose_algorithm)."""
+    faster, bytes deciding inside its 5% margin (choose_algorithm; packed sequences: bytes)."""
     return _run("ringattn.sequence_parallel_attention", q, k, v, algorithm=algorithm, causal=causal,
                 softmax_scale=softmax_scale, group=group, layout=layout, backend=backend, return_lse=return_lse,
-                lse_grad=lse_grad)
+                lse_grad=lse_grad, cu_seqlens=cu_seqlens)

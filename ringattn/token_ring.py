@@ -38,8 +38,8 @@ from __future__ import annotations
 
 import torch
 
-from ringattn.block_attention import block_attn_backward, block_attn_forward, block_lse_backward
 from ringattn.comm import P2PComm, reply_group
+from ringattn.documents import block_backward, block_forward, block_lse_backward_
 from ringattn.layout import Block, RingPlan, SequenceLayout, collective_device, flat_view, no_autocast
 from ringattn.ops import merge_attn_states_
 
@@ -120,7 +120,7 @@ def token_ring_forward(plan: RingPlan, q, k, v, reply):
         q_x = _QExchange(plan, "fwd.q", _Payload([q], []), [q.dtype], 0, B, Hq, D, q.device)
         nxt = q_x.post(1)
     diag = plan.block(r, r)
-    out_p, lse_p = block_attn_forward(q, k, v, causal=diag.causal, **kw)
+    out_p, lse_p = block_forward(diag, q, k, v, **kw)  # covers every row (documents: each row meets itself)
     out_acc = torch.empty(q.shape, dtype=_F32, device=q.device).copy_(out_p)  # (B, n_r, Hq, D)
     lse_acc = lse_p.to(_F32).contiguous()                                      # (B, Hq, n_r)
     if W == 1:
@@ -140,8 +140,8 @@ def token_ring_forward(plan: RingPlan, q, k, v, reply):
             nxt = q_x.post(s + 1)
         out_p = lse_p = None
         if blk is not None:  # src's Q rows against our K/V rows: never causal off the diagonal
-            out_p, lse_p = block_attn_forward(q_in[0], _rows(k, blk.kv_start, blk.kv_len),
-                                              _rows(v, blk.kv_start, blk.kv_len), causal=blk.causal, **kw)
+            out_p, lse_p = block_forward(blk, q_in[0], _rows(k, blk.kv_start, blk.kv_len),
+                                         _rows(v, blk.kv_start, blk.kv_len), **kw)
             out_p, lse_p = out_p.contiguous(), lse_p.contiguous()
         part_comm.wait()
         if pending is not None:
@@ -204,10 +204,9 @@ def token_ring_backward(plan: RingPlan, dout, q, k, v, out, lse, reply, dlse=Non
         q_x = _QExchange(plan, "bwd.q", payload, [q.dtype, q.dtype], len(heads), B, Hq, D, q.device)
         nxt = q_x.post(1)
     diag = plan.block(r, r)
-    block_attn_backward(dout, q, k, v, out, lse, causal=diag.causal, dq_out=dq_acc, dk_out=dk_acc,
-                        dv_out=dv_acc, **kw)
+    block_backward(diag, dout, q, k, v, out, lse, dq_out=dq_acc, dk_out=dk_acc, dv_out=dv_acc, **kw)
     if dlse is not None:
-        block_lse_backward(g, q, k, lse, causal=diag.causal, dq_out=dq_acc, dk_out=dk_acc, **kw)
+        block_lse_backward_(diag, g, q, k, lse, dq_out=dq_acc, dk_out=dk_acc, **kw)
     if W == 1:
         return dq_acc.to(q.dtype), dk_acc.to(k.dtype), dv_acc.to(v.dtype)
 
@@ -228,12 +227,11 @@ def token_ring_backward(plan: RingPlan, dout, q, k, v, out, lse, reply, dlse=Non
             q_in, dout_in, lse_in, delta_in = received[:4]
             dq_part = flat_view(dq_send_bufs[s % 2], (B, blk.q_len, Hq, D)).zero_()
             kr = (blk.kv_start, blk.kv_len)
-            block_attn_backward(dout_in, q_in, _rows(k, *kr), _rows(v, *kr), _out_with_delta(dout_in, delta_in),
-                                lse_in, causal=blk.causal, dq_out=dq_part, dk_out=_rows(dk_acc, *kr),
-                                dv_out=_rows(dv_acc, *kr), **kw)
+            block_backward(blk, dout_in, q_in, _rows(k, *kr), _rows(v, *kr), _out_with_delta(dout_in, delta_in),
+                           lse_in, dq_out=dq_part, dk_out=_rows(dk_acc, *kr), dv_out=_rows(dv_acc, *kr), **kw)
             if lse_grad:  # received[4]: the owner's lse gradient for these rows
-                block_lse_backward(received[4], q_in, _rows(k, *kr), lse_in, causal=blk.causal, dq_out=dq_part,
-                                   dk_out=_rows(dk_acc, *kr), **kw)
+                block_lse_backward_(blk, received[4], q_in, _rows(k, *kr), lse_in, dq_out=dq_part,
+                                    dk_out=_rows(dk_acc, *kr), **kw)
         dq_comm.wait()
         if pending is not None:
             own, g = pending
@@ -284,16 +282,23 @@ class TokenRingAttention(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
-def token_ring_q_tokens(lay: SequenceLayout, rank: int, causal: bool) -> tuple[int, int]:
+def token_ring_q_tokens(lay: SequenceLayout, rank: int, causal: bool, documents: tuple | None = None) -> tuple[int, int]:
     """Q tokens (sent, received) by `rank` over a whole pass, in closed form:
       non-causal          sent (W-1)*n_r                       recv L - n_r
       causal contiguous   sent r*n_r (to earlier ranks only)   recv sum_{i>r} n_i
       causal zigzag       sent r*n_r + (W-1-r)*b_r             recv sum_{i>r} n_i + sum_{i<r} b_i
     with b_i = the size of rank i's late chunk c_{2W-1-i}. Partials travel back: their tokens are
-    (recv, sent) of these."""
+    (recv, sent) of these. Packed sequences (documents): the q_len of each trimmed block,
+      sent sum_{d != r} q_len(block(r, d))   recv sum_{s != r} q_len(block(s, r))
+    (ringattn.documents; 0 for a pair that shares no document)."""
     W, L, n = lay.world_size, lay.seq_len, lay.local_lengths
     if W == 1:
         return 0, 0
+    if documents is not None:
+        plan = RingPlan(None, rank, W, lay, bool(causal), 1.0, "auto", documents)
+        size = [[0 if (b := plan.block(i, j)) is None else b.q_len for j in range(W)] for i in range(W)]
+        return (sum(size[rank][d] for d in range(W) if d != rank),
+                sum(size[s][rank] for s in range(W) if s != rank))
     if not causal:
         return (W - 1) * n[rank], L - n[rank]
     later = sum(n[rank + 1:])
@@ -305,7 +310,7 @@ def token_ring_q_tokens(lay: SequenceLayout, rank: int, causal: bool) -> tuple[i
 
 def token_ring_comm_bytes(lay: SequenceLayout, rank: int, *, causal: bool, batch: int, heads_q: int,
                           head_dim: int, elem_size: int, backward: bool,
-                          lse_grad: bool = False) -> dict[str, tuple[int, int]]:
+                          lse_grad: bool = False, documents: tuple | None = None) -> dict[str, tuple[int, int]]:
     """Bytes (sent, received) by `rank` per channel (docs/sequence_parallel.md), with
     (Qs, Qr) = token_ring_q_tokens and t = B*Hq:
       fwd.q        t*D*e * (Qs, Qr)
@@ -313,10 +318,11 @@ def token_ring_comm_bytes(lay: SequenceLayout, rank: int, *, causal: bool, batch
       bwd.q        t*(2*D*e + 8) * (Qs, Qr)            q, dout + fp32 lse, delta (+4: lse's
                                                        gradient, with lse_grad)
       bwd.dq       t*D*4 * (Qr, Qs)                    fp32 dq partials
+    documents: packed sequences (global boundaries), see token_ring_q_tokens.
     """
     if lay.world_size == 1:
         return {}
-    qs, qr = token_ring_q_tokens(lay, rank, causal)
+    qs, qr = token_ring_q_tokens(lay, rank, causal, documents)
     t, D, e = batch * heads_q, head_dim, elem_size
     result = {"fwd.q": (t * D * e * qs, t * D * e * qr),
               "fwd.partial": (t * (D * e + 4) * qr, t * (D * e + 4) * qs)}

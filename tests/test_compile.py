@@ -390,7 +390,8 @@ def _run_hf(mode):
     _reset()
     ids, labels = th.global_batch(23 if dist.get_world_size() == 2 else 29)
     model = th.tiny_model("llama")
-    ref = th.reference(model, ids, labels)
+    docs = th.PACKED[dist.get_world_size()]
+    ref = th.packed_reference(model, ids, labels, docs) if mode == "compile_packed" else th.reference(model, ids, labels)
     if mode.startswith("compile_ulysses"):  # 2-D: Ulysses pairs x a ring of 2, W = 4
         rhf.apply_sequence_parallel(model, algorithm="ulysses+ring", layout="zigzag", ulysses_size=2,
                                     use_deepspeed=mode.endswith("deepspeed"))
@@ -404,7 +405,8 @@ def _run_hf(mode):
     before = rc.CALLS["sp_attention"]
     from torch._dynamo.utils import counters
     counters.clear()
-    err = th.compare(model.ringattn_plan, ref, th.sp_step(model, ids, labels))
+    step = th.packed_step(model, ids, labels, docs) if mode == "compile_packed" else th.sp_step(model, ids, labels)
+    err = th.compare(model.ringattn_plan, ref, step)
     breaks = [k.split("\n")[0][:120] for k in counters["graph_break"]]
     return err, rc.CALLS["sp_attention"] - before, model.config.num_hidden_layers, \
         (counters["stats"]["unique_graphs"], breaks)
@@ -415,7 +417,7 @@ def _has_deepspeed():
     return importlib.util.find_spec("deepspeed") is not None
 
 
-@pytest.mark.parametrize("mode", ["compile", "ckpt_reentrant", "ckpt", "compile_ckpt", "compile_ulysses",
+@pytest.mark.parametrize("mode", ["compile", "compile_packed", "ckpt_reentrant", "ckpt", "compile_ckpt", "compile_ulysses",
                                   pytest.param("compile_ulysses_deepspeed", marks=[
                                       pytest.mark.skipif(not _has_deepspeed(), reason="deepspeed not installed")])])
 def test_hf_model_compiled_or_checkpointed_matches_single_process(dist_pool, mode, request):

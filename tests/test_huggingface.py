@@ -118,6 +118,65 @@ def test_matches_single_process(dist_pool, family, world):
 
 
 # ---------------------------------------------------------------------------------------------
+# Packed sequences (cu_seqlens): the wrapped model on a packed batch == the single-process model
+# run on every document on its own (positions restart, no attention or prediction across borders).
+# ---------------------------------------------------------------------------------------------
+PACKED = {1: [0, 7, 8, 20], 2: [0, 1, 9, 17, 23], 3: [0, 12, 13, 27, 29]}
+
+
+def packed_reference(model, input_ids, labels, docs):
+    ref = copy.deepcopy(model)
+    logits, total, count = [], 0.0, 0
+    for s, e in zip(docs[:-1], docs[1:]):
+        lg = ref(input_ids=input_ids[:, s:e]).logits
+        tgt = rhf.shift_labels(labels[:, s:e])
+        total = total + torch.nn.functional.cross_entropy(lg.flatten(0, 1), tgt.flatten(), ignore_index=-100,
+                                                          reduction="sum")
+        count += int((tgt != -100).sum())
+        logits.append(lg)
+    loss = total / count
+    loss.backward()
+    return torch.cat(logits, 1).detach(), loss.detach(), {n: p.grad for n, p in ref.named_parameters()}
+
+
+def packed_step(model, input_ids, labels, docs, *, pass_positions=True, as_tensor=True):
+    """sp_step on a packed batch: shard_batch(..., cu_seqlens=docs), the boundaries passed on."""
+    batch = rhf.shard_batch(model, input_ids, labels, cu_seqlens=torch.tensor(docs) if as_tensor else docs)
+    kw = dict(input_ids=batch["input_ids"], cu_seqlens=batch["cu_seqlens"])
+    if pass_positions:  # else the pre-hook fills in the per-document positions itself
+        kw["position_ids"] = batch["position_ids"]
+    logits = model(**kw).logits
+    loss = rhf.sequence_parallel_loss(logits, batch["labels"])
+    loss.backward()
+    grads = {}
+    for n, p in model.named_parameters():
+        g = p.grad.clone()
+        dist.all_reduce(g)
+        grads[n] = g
+    return logits.detach(), loss.detach(), grads
+
+
+def _check_packed(family, world):
+    out = {}
+    input_ids, labels = global_batch(SEQ[world])
+    docs = PACKED[world]
+    for i, (algorithm, layout) in enumerate((("ring", "zigzag"), ("token_ring", "contiguous"),
+                                             ("token_ring", "zigzag"), ("auto", "zigzag"))):
+        model = tiny_model(family)
+        ref = packed_reference(model, input_ids, labels, docs)
+        rhf.apply_sequence_parallel(model, algorithm=algorithm, layout=layout)
+        got = packed_step(model, input_ids, labels, docs, pass_positions=i != 2, as_tensor=i % 2 == 1)
+        out[(algorithm, layout)] = compare(model.ringattn_plan, ref, got)
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("family", ("llama", "qwen2"))
+def test_packed_sequences_match_each_document_alone(dist_pool, family, world):
+    assert_close(dist_pool(world).run(_check_packed, family, world, timeout=180))
+
+
+# ---------------------------------------------------------------------------------------------
 # Refusals: clear errors naming what to change.
 # ---------------------------------------------------------------------------------------------
 def _raises(fn) -> str:
@@ -158,6 +217,18 @@ def _refusals():
     msgs["wrong_positions"] = _raises(lambda: model(input_ids=b["input_ids"], position_ids=contiguous_pos))
     msgs["labels_to_model"] = _raises(lambda: model(input_ids=b["input_ids"], labels=b["labels"]))
     msgs["kv_cache"] = _raises(lambda: model(input_ids=b["input_ids"], use_cache=True))
+    # packed sequences: ranks passing different boundaries, or the local instead of the global end
+    msgs["cu_seqlens_disagree"] = _raises(lambda: model(input_ids=b["input_ids"],
+                                                        cu_seqlens=[0, 5, 12] if rank == 0 else [0, 7, 12]))
+    msgs["cu_seqlens_local_end"] = _raises(lambda: model(input_ids=b["input_ids"], cu_seqlens=[0, 2, 6]))
+    msgs["cu_seqlens_invalid_on_one_rank"] = _raises(lambda: model(
+        input_ids=b["input_ids"], cu_seqlens=[0, 5, 12] if rank == 0 else [0, 5, 5, 12]))
+    pb = rhf.shard_batch(model, ids, labels, cu_seqlens=[0, 5, 12])
+    # per-document positions without the boundaries: the positions check refuses (never a silent
+    # full-causal attention over the packed documents)
+    msgs["packed_positions_without_cu_seqlens"] = _raises(lambda: model(input_ids=pb["input_ids"],
+                                                                        position_ids=pb["position_ids"]))
+    msgs["shard_batch_cu_seqlens_end"] = _raises(lambda: rhf.shard_batch(model, ids, cu_seqlens=[0, 5, 11]))
     attn = model.model.layers[0].self_attn
     q = torch.zeros(2, 4, 6, 16)
     kv = torch.zeros(2, 2, 6, 16)
@@ -186,6 +257,11 @@ REFUSALS = {
     "wrong_positions": ["position_ids", "ranks [0, 1]"],
     "labels_to_model": ["labels=", "sequence_parallel_loss"],
     "kv_cache": ["KV caching"],
+    "cu_seqlens_disagree": ["different cu_seqlens", "GLOBAL"],
+    "cu_seqlens_local_end": ["cu_seqlens ends at 6", "12 tokens"],
+    "cu_seqlens_invalid_on_one_rank": ["ranks [1]", "cu_seqlens must be the global document boundaries"],
+    "packed_positions_without_cu_seqlens": ["position_ids", "cu_seqlens"],
+    "shard_batch_cu_seqlens_end": ["ends at 11", "12 tokens"],
     "attention_sinks": ["attention sinks"],
 }
 

@@ -20,6 +20,11 @@ Every rank feeds its shard of the sequence. RoPE needs each token's GLOBAL posit
 forward pre-hook checks the shards collectively (one tiny all-gather per forward: lengths, batch
 sizes, flags) and fills in ``position_ids`` (or checks the ones given) for the layout.
 
+Packed sequences: ``shard_batch(model, input_ids, labels, cu_seqlens=...)`` (global document
+boundaries) returns per-document positions and ``batch["cu_seqlens"]``; pass that to the model
+(``model(..., cu_seqlens=batch["cu_seqlens"])``): the pre-hook takes it out of the kwargs, checks
+that every rank passed the same, and attention stays inside each document (ringattn.documents).
+
 Refused with an error instead of computed wrongly: model families other than the ones listed in
 ``SUPPORTED_MODEL_TYPES``, sliding-window layers, attention-logit softcapping, attention sinks,
 attention dropout, RoPE variants that depend on the sequence length (dynamic, longrope),
@@ -135,6 +140,7 @@ class SequenceParallelPlan:
         self.ring_rank, self.ulysses_rank = divmod(self.rank, self.ulysses_size)
         self.ring_algorithm = self.algorithm.split("+")[-1]
         self._seq_len = None  # global length of the forward in flight (set by the pre-hook)
+        self._documents = None  # its packed-sequence boundaries (int64 CPU tensor) or None
 
     @property
     def is_2d(self) -> bool:
@@ -171,9 +177,15 @@ class SequenceParallelPlan:
         seg = _all_gather_uneven(x_local, dim, self.ulysses_group)
         return gather_sequence(seg, dim=dim, group=self.ring_group, layout=self.layout)
 
-    def positions(self, seq_len: int, device=None) -> torch.Tensor:
-        """Global positions of this rank's tokens, shape (1, local_len)."""
-        return self.shard(torch.arange(seq_len, device=device).unsqueeze(0), dim=1)
+    def positions(self, seq_len: int, device=None, documents: tuple | None = None) -> torch.Tensor:
+        """Global positions of this rank's tokens, shape (1, local_len); with `documents` (packed
+        sequences: global boundaries) each token's position inside its document, as RoPE sees a
+        document on its own."""
+        g = torch.arange(seq_len, device=device)
+        if documents is not None:
+            bounds = torch.tensor(documents, device=device)
+            g = g - bounds[torch.bucketize(g, bounds, right=True) - 1]
+        return self.shard(g.unsqueeze(0), dim=1)
 
     # -- attention ---------------------------------------------------------------------------
     def attention(self, q, k, v, *, causal: bool, softmax_scale: float | None):
@@ -185,7 +197,7 @@ class SequenceParallelPlan:
         sequence_parallel_attention, _, _ = _sp_module()
         return sequence_parallel_attention(
             q, k, v, causal=causal, softmax_scale=softmax_scale, group=self.group,
-            layout=self.layout, backend=self.backend, algorithm=self.algorithm,
+            layout=self.layout, backend=self.backend, algorithm=self.algorithm, cu_seqlens=self._documents,
         )
 
 
@@ -307,8 +319,9 @@ def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, s
         )
     if attention_mask is not None:
         raise ValueError(
-            "ringattn: a custom attention mask reached the sequence-parallel attention; only plain causal "
-            "attention over the whole sequence is supported (no padding, packing or 4-D masks)"
+            "ringattn: a custom attention mask reached the sequence-parallel attention; only causal attention "
+            "over the whole sequence, or over packed documents (shard_batch(..., cu_seqlens=)), is supported "
+            "(no padding or 4-D masks)"
         )
     for name in ("sliding_window", "softcap", "s_aux", "sinks"):
         if kwargs.get(name) is not None:
@@ -373,12 +386,15 @@ def _register_attention():
 
 
 # Flags each rank contributes to the collective input check (bit set = problem on that rank).
-_PADDING, _CACHE, _POSITIONS, _NO_INPUT = 1, 2, 4, 8
+_PADDING, _CACHE, _POSITIONS, _NO_INPUT, _DOCS = 1, 2, 4, 8, 16
 _FLAG_TEXT = {
     _PADDING: "attention_mask has padding (zeros): only unpadded sequences are supported; pack or trim the batch",
     _CACHE: "past_key_values / use_cache=True: KV caching (generation) is not supported under sequence parallelism",
-    _POSITIONS: "position_ids differ from this rank's global positions for the layout; pass "
-                "shard_batch(...)['position_ids'] or leave position_ids=None",
+    _POSITIONS: "position_ids differ from this rank's global positions for the layout (packed sequences: "
+                "the positions inside each document); pass shard_batch(...)['position_ids'] or leave "
+                "position_ids=None (packed sequences also need cu_seqlens=shard_batch(...)['cu_seqlens'])",
+    _DOCS: "cu_seqlens must be the global document boundaries: 0, then strictly increasing ints (a list or a "
+           "1-D integer tensor)",
     _NO_INPUT: "neither input_ids nor inputs_embeds was given",
 }
 
@@ -398,6 +414,10 @@ def _base_pre_hook(plan: SequenceParallelPlan):
         flags = 0
         if x is None:
             flags |= _NO_INPUT
+        from ringattn.documents import as_documents, documents_crc
+        docs, docs_problem = as_documents(kwargs.pop("cu_seqlens", None))
+        if docs_problem:
+            flags |= _DOCS
         am = kwargs.get("attention_mask")
         if am is not None:
             if am.dim() != 2 or not bool(am.all()):
@@ -414,7 +434,8 @@ def _base_pre_hook(plan: SequenceParallelPlan):
         else:  # a CPU backend on the group (gloo, or "cpu:gloo,cuda:nccl"): exchange on the host
             from ringattn.layout import collective_device
             device = collective_device(plan.group, device)
-        info = torch.tensor([seq_local, batch, flags], dtype=torch.int64, device=device)
+        info = torch.tensor([seq_local, batch, flags, -1 if docs is None else len(docs) - 1,
+                             -1 if docs is None else documents_crc(docs)], dtype=torch.int64, device=device)
         infos = [torch.zeros_like(info) for _ in range(plan.world_size)]
         dist.all_gather(infos, info, group=plan.group)
         infos = torch.stack(infos).cpu().tolist()
@@ -426,7 +447,21 @@ def _base_pre_hook(plan: SequenceParallelPlan):
                 f"ringattn: ranks fed different batch sizes {[r[1] for r in infos]}; every rank must feed "
                 "its shard of the same batch (shard_batch)"
             )
+        if len({(r[3], r[4]) for r in infos}) != 1:
+            raise ValueError(
+                "ringattn: ranks passed different cu_seqlens (documents, crc32: "
+                f"{[(r[3], r[4]) for r in infos]}); every rank must pass the same GLOBAL boundaries "
+                "(shard_batch(...)['cu_seqlens'])")
         plan.check_seq_len(seq_len)
+        if docs is not None and docs[-1] != seq_len:
+            raise ValueError(
+                f"ringattn: cu_seqlens ends at {docs[-1]}, but the ranks hold {seq_len} tokens in all: "
+                "cu_seqlens are the GLOBAL document boundaries of the packed sequence (shard_batch(..., "
+                "cu_seqlens=) returns them)")
+        if docs is not None and plan.is_2d:
+            raise ValueError(f"ringattn: packed sequences (cu_seqlens) are not supported with "
+                             f"algorithm={plan.algorithm!r}; use 'ring', 'token_ring' or 'auto'")
+        docs = docs if docs is not None and len(docs) > 2 else None
         expected = plan.local_lengths(seq_len)
         if lens != expected:
             raise ValueError(
@@ -435,7 +470,7 @@ def _base_pre_hook(plan: SequenceParallelPlan):
                 f"{expected} on them. Shard with ringattn.integrations.huggingface.shard_batch(model, ...) "
                 "using the same layout and algorithm the model was wrapped with."
             )
-        pos = plan.positions(seq_len, device=x.device).expand(batch, -1)
+        pos = plan.positions(seq_len, device=x.device, documents=docs).expand(batch, -1)
         given = kwargs.get("position_ids")
         if given is None:
             kwargs["position_ids"] = pos
@@ -448,6 +483,7 @@ def _base_pre_hook(plan: SequenceParallelPlan):
             dist.all_gather(bads, bad, group=plan.group)
             _raise_flags([[int(b)] for b in bads], 0)
         plan._seq_len = seq_len
+        plan._documents = None if docs is None else torch.tensor(docs, dtype=torch.int64)
         return args, kwargs
 
     return hook
@@ -595,21 +631,46 @@ def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor
 
 
 def shard_batch(model_or_plan, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                *, ignore_index: int = -100) -> dict:
+                *, ignore_index: int = -100, cu_seqlens=None) -> dict:
     """Split a full batch (identical on every rank) into this rank's shard.
 
     input_ids, labels: (batch, seq) GLOBAL tensors. Returns input_ids and position_ids (this
     rank's tokens and their global positions) and, if labels are given, labels already shifted on
-    the global sequence (feed them to sequence_parallel_loss, never to the model)."""
+    the global sequence (feed them to sequence_parallel_loss, never to the model).
+
+    Packed sequences: cu_seqlens = the global document boundaries (0, ..., seq), the same for
+    every batch row. Then position_ids restart at 0 in every document, each document's last label
+    is ignore_index (no prediction across a document border), and the result holds
+    "cu_seqlens" (an int64 tensor) to pass to the model with the rest:
+    model(input_ids=..., position_ids=..., cu_seqlens=batch["cu_seqlens"]); attention then stays
+    inside each document (ringattn.documents)."""
     plan = get_plan(model_or_plan)
+    docs = None
+    if cu_seqlens is not None:
+        from ringattn.documents import as_documents
+        docs, problem = as_documents(cu_seqlens)
+        if problem:
+            raise ValueError(f"ringattn: {problem}")
+        if docs[-1] != input_ids.shape[1]:
+            raise ValueError(f"ringattn: cu_seqlens ends at {docs[-1]}, but input_ids hold {input_ids.shape[1]} "
+                             "tokens (cu_seqlens are the global boundaries of the packed sequence)")
+        if plan.is_2d:
+            raise ValueError(f"ringattn: packed sequences (cu_seqlens) are not supported with "
+                             f"algorithm={plan.algorithm!r}; use 'ring', 'token_ring' or 'auto'")
     out = {
         "input_ids": plan.shard(input_ids, dim=1),
-        "position_ids": plan.positions(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1),
+        "position_ids": plan.positions(input_ids.shape[1], device=input_ids.device,
+                                       documents=docs).expand(input_ids.shape[0], -1),
     }
+    if docs is not None:
+        out["cu_seqlens"] = torch.tensor(docs, dtype=torch.int64)
     if labels is not None:
         if labels.shape != input_ids.shape:
             raise ValueError(f"ringattn: labels {tuple(labels.shape)} must have input_ids' shape {tuple(input_ids.shape)}")
-        out["labels"] = plan.shard(shift_labels(labels, ignore_index), dim=1)
+        shifted = shift_labels(labels, ignore_index)
+        if docs is not None:
+            shifted[:, [e - 1 for e in docs[1:]]] = ignore_index
+        out["labels"] = plan.shard(shifted, dim=1)
     return out
 
 

@@ -1,0 +1,200 @@
+"""Packed sequences: document masking (varlen) inside sequence-parallel attention.
+
+    cu_seqlens = (0, e_1, ..., e_n = L)   global boundaries of n documents packed into ONE sequence
+                                          of L tokens (the same for every batch row and every rank)
+
+Token p attends to key t iff both lie in the same document (and t <= p when causal): the
+block-diagonal mask flash_attn_varlen_func computes on one GPU, here across the ranks of a ring.
+
+Per (Q owner, K/V owner) pair, layout.attention_block gives the rows the layout needs. This
+module cuts that block into pieces (Piece: offsets relative to the block's rows):
+
+    runs    each side's local rows as runs of consecutive global positions (a rank holds 1 chunk,
+            contiguous, or 2, zigzag)
+    pieces  for every Q run x K/V run and every document meeting both: (q rows in the document)
+            x (k/v rows in the document), which is
+              - a causal square when both are the same rows (the diagonal of a chunk),
+              - fully visible when the K/V rows come before the Q rows (or causal=False),
+              - invisible when they come after (dropped)
+            (runs are whole chunks or the same chunk, so no other overlap can occur)
+    trim    the block shrinks to the bounding rows of its pieces; no piece at all -> None: the
+            pair is skipped like a causally masked one (TokenRing then sends no Q rows to that
+            rank and gets no partial back; KV rotation still forwards K/V, it is a ring)
+
+block_forward / block_backward / block_lse_backward run a Block: a plain block is one
+block_attention call; a pieced block is one call per piece, the pieces' (out, lse) merged in fp32
+(a Q row can meet one document in two K/V runs) and the backward's pieces adding into the same
+fp32 accumulators (each piece's share, computed with the FINAL lse, is exact). Rows of a trimmed
+block that no piece covers get out = 0, lse = -inf, which the ring's merge folds exactly.
+
+Cost: one block-attention call per piece, so a block meeting many short documents costs many
+small launches (a varlen kernel would take them in one; not done). Every row meets its own
+document on the diagonal, so every rank's diagonal block covers all of its rows.
+"""
+from __future__ import annotations
+
+import bisect
+import zlib
+from typing import NamedTuple
+
+import torch
+
+from ringattn.block_attention import block_attn_backward, block_attn_forward, block_lse_backward
+from ringattn.ops import merge_attn_states_
+
+_F32 = torch.float32
+
+
+class Piece(NamedTuple):
+    """One document's part of a block; rows relative to the block's q_start / kv_start."""
+
+    q_off: int
+    q_len: int
+    kv_off: int
+    kv_len: int
+    causal: bool  # a causal square (q rows == k/v rows), else fully visible
+
+
+def as_documents(cu_seqlens) -> tuple[tuple | None, str | None]:
+    """(boundaries as a tuple of ints, None) or (None, what is wrong). None -> (None, None).
+
+    Accepts a 1-D integer tensor (any device: a CUDA tensor costs one device-to-host copy) or a
+    list/tuple of ints; they must start at 0 and strictly increase (no empty document)."""
+    if cu_seqlens is None:
+        return None, None
+    if isinstance(cu_seqlens, torch.Tensor):
+        if cu_seqlens.dim() != 1 or cu_seqlens.dtype.is_floating_point or cu_seqlens.is_complex() \
+                or cu_seqlens.dtype == torch.bool:
+            return None, (f"cu_seqlens must be a 1-D integer tensor, got {cu_seqlens.dim()}-D "
+                          f"{str(cu_seqlens.dtype).replace('torch.', '')}")
+        values = cu_seqlens.tolist()
+    elif isinstance(cu_seqlens, (list, tuple)):
+        values = list(cu_seqlens)
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in values):
+            return None, "cu_seqlens must hold ints"
+    else:
+        return None, f"cu_seqlens must be a 1-D integer tensor or a list of ints, got {type(cu_seqlens).__name__}"
+    if len(values) < 2:
+        return None, f"cu_seqlens needs at least 2 entries (0 and the sequence length), got {values}"
+    if values[0] != 0:
+        return None, f"cu_seqlens must start at 0, got {values[0]}"
+    bad = next((i for i in range(1, len(values)) if values[i] <= values[i - 1]), None)
+    if bad is not None:
+        return None, (f"cu_seqlens must strictly increase (no empty document): entry {bad} is {values[bad]} "
+                      f"after {values[bad - 1]}")
+    return tuple(values), None
+
+
+def documents_crc(docs: tuple) -> int:
+    """A 31-bit checksum of the boundaries (what the ranks compare in their signature)."""
+    return zlib.crc32(",".join(map(str, docs)).encode()) & 0x7FFFFFFF
+
+
+def _runs(lay, rank: int, start: int, length: int) -> list[tuple[int, int, int]]:
+    """(local row, global position, length) of each run of rank's rows [start, start + length)."""
+    out, off = [], 0
+    for g, n in lay.segments(rank):
+        lo, hi = max(start, off), min(start + length, off + n)
+        if lo < hi:
+            out.append((lo, g + lo - off, hi - lo))
+        off += n
+    return out
+
+
+def _split(docs: tuple, g: int, n: int) -> dict[int, tuple[int, int]]:
+    """document index -> (global start, length) of its part of [g, g + n)."""
+    out = {}
+    d = bisect.bisect_right(docs, g) - 1
+    while d + 1 < len(docs) and docs[d] < g + n:
+        lo, hi = max(docs[d], g), min(docs[d + 1], g + n)
+        out[d] = (lo, hi - lo)
+        d += 1
+    return out
+
+
+def document_block(lay, docs: tuple, q_owner: int, kv_owner: int, causal: bool, blk):
+    """The pieced, trimmed version of the layout's block `blk` (layout.Block or None)."""
+    from ringattn.layout import Block
+
+    if blk is None:
+        return None
+    pieces = []  # absolute local rows: (q_row, q_len, kv_row, kv_len, causal)
+    for q_row, q_g, q_n in _runs(lay, q_owner, blk.q_start, blk.q_len):
+        q_docs = _split(docs, q_g, q_n)
+        for kv_row, kv_g, kv_n in _runs(lay, kv_owner, blk.kv_start, blk.kv_len):
+            for d, (kg, kn) in _split(docs, kv_g, kv_n).items():
+                if d not in q_docs:
+                    continue
+                qg, qn = q_docs[d]
+                square = (qg, qn) == (kg, kn)
+                if causal and not square:
+                    if kg >= qg + qn:
+                        continue  # the K/V rows come after every Q row: invisible
+                    if kg + kn > qg:
+                        raise AssertionError(f"ringattn.documents: a partial causal overlap (q {qg}+{qn}, "
+                                             f"kv {kg}+{kn}) cannot come from the layout's chunks")
+                pieces.append((q_row + qg - q_g, qn, kv_row + kg - kv_g, kn, bool(causal and square)))
+    if not pieces:
+        return None
+    q0 = min(p[0] for p in pieces)
+    q1 = max(p[0] + p[1] for p in pieces)
+    k0 = min(p[2] for p in pieces)
+    k1 = max(p[2] + p[3] for p in pieces)
+    rel = tuple(Piece(a - q0, n, b - k0, m, c) for a, n, b, m, c in pieces)
+    return Block(q0, q1 - q0, k0, k1 - k0, False, rel)
+
+
+def _q(t, p: Piece):
+    return t.narrow(1, p.q_off, p.q_len)
+
+
+def _kv(t, p: Piece):
+    return t.narrow(1, p.kv_off, p.kv_len)
+
+
+def _lse(t, p: Piece):
+    return t.narrow(2, p.q_off, p.q_len)
+
+
+def _whole(blk, p: Piece) -> bool:
+    return (p.q_off, p.q_len, p.kv_off, p.kv_len) == (0, blk.q_len, 0, blk.kv_len)
+
+
+def block_forward(blk, q, k, v, *, softmax_scale, backend):
+    """(out (B, q_len, Hq, D) q.dtype, lse (B, Hq, q_len) fp32) of block `blk`; q, k, v are its rows."""
+    if not blk.pieces:
+        return block_attn_forward(q, k, v, causal=blk.causal, softmax_scale=softmax_scale, backend=backend)
+    if len(blk.pieces) == 1 and _whole(blk, blk.pieces[0]):
+        return block_attn_forward(q, k, v, causal=blk.pieces[0].causal, softmax_scale=softmax_scale,
+                                  backend=backend)
+    B, n, Hq, D = q.shape
+    out = torch.zeros((B, n, Hq, D), dtype=_F32, device=q.device)
+    lse = torch.full((B, Hq, n), float("-inf"), dtype=_F32, device=q.device)
+    for p in blk.pieces:
+        o, l = block_attn_forward(_q(q, p), _kv(k, p), _kv(v, p), causal=p.causal, softmax_scale=softmax_scale,
+                                  backend=backend)
+        merge_attn_states_(_q(out, p), _lse(lse, p), o, l)
+    return out.to(q.dtype), lse
+
+
+def block_backward(blk, dout, q, k, v, out, lse, *, dq_out, dk_out, dv_out, softmax_scale, backend):
+    """Adds block `blk`'s share of dq, dk, dv into dq_out (q rows), dk_out / dv_out (k/v rows)."""
+    kw = dict(softmax_scale=softmax_scale, backend=backend)
+    if not blk.pieces:
+        block_attn_backward(dout, q, k, v, out, lse, causal=blk.causal, dq_out=dq_out, dk_out=dk_out,
+                            dv_out=dv_out, **kw)
+        return
+    for p in blk.pieces:
+        block_attn_backward(_q(dout, p), _q(q, p), _kv(k, p), _kv(v, p), _q(out, p), _lse(lse, p), causal=p.causal,
+                            dq_out=_q(dq_out, p), dk_out=_kv(dk_out, p), dv_out=_kv(dv_out, p), **kw)
+
+
+def block_lse_backward_(blk, dlse, q, k, lse, *, dq_out, dk_out, softmax_scale, backend):
+    """Adds block `blk`'s share of the FINAL lse's gradient into dq_out and dk_out."""
+    kw = dict(softmax_scale=softmax_scale, backend=backend)
+    if not blk.pieces:
+        block_lse_backward(dlse, q, k, lse, causal=blk.causal, dq_out=dq_out, dk_out=dk_out, **kw)
+        return
+    for p in blk.pieces:
+        block_lse_backward(_lse(dlse, p), _q(q, p), _kv(k, p), _lse(lse, p), causal=p.causal,
+                           dq_out=_q(dq_out, p), dk_out=_kv(dk_out, p), **kw)

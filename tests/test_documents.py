@@ -1,0 +1,329 @@
+"""Packed sequences (cu_seqlens, document masking) in ring attention and TokenRing.
+
+1. Index arithmetic (no processes): over every (Q owner, K/V owner) pair the pieces of
+   ringattn.documents cover exactly the (query, key) pairs the block-diagonal (causal) mask
+   allows, each once, for both layouts, W = 1..4, even and uneven lengths.
+2. Real gloo processes at W = 1..4: both algorithms x causal x layout x MHA/GQA x batch 1/2 x
+   document patterns (short documents, one long document spanning every rank, every token its own
+   document) x fp32/bf16, forward (out, lse) and backward (dq, dk, dv, random upstream gradient)
+   against a float64 reference with the document mask, tolerances of test_sequence_parallel; the
+   bytes each rank moved against predict_comm_bytes(cu_seqlens=...) (TokenRing skips pairs that
+   share no document).
+3. Bad cu_seqlens: the same ValueError on every rank, the group still usable.
+"""
+import math
+import random
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import ringattn.sequence_parallel as sp
+from ringattn.accounting import comm_stats
+from ringattn.layout import RingPlan, SequenceLayout
+from test_sequence_parallel import positions, tolerance
+
+
+def doc_ids(cu, L):
+    ids = torch.empty(L, dtype=torch.long)
+    for d in range(len(cu) - 1):
+        ids[cu[d]:cu[d + 1]] = d
+    return ids
+
+
+def allowed(cu, L, causal):
+    """(L, L) bool: query p may attend key t."""
+    ids = doc_ids(cu, L)
+    m = ids[:, None] == ids[None, :]
+    if causal:
+        m &= torch.ones(L, L, dtype=torch.bool).tril()
+    return m
+
+
+def patterns(L, seed):
+    """Named document boundaries of a sequence of L tokens."""
+    rng = random.Random(seed)
+    cuts = sorted(rng.sample(range(1, L), min(L - 1, max(1, L // 4))))
+    return {
+        "random": [0] + cuts + [L],
+        "long+short": [0, L - 2, L] if L > 2 else [0, L],
+        "tokens": list(range(L + 1)),          # every token its own document
+        "one": [0, L],                          # a single document: the plain path
+    }
+
+
+# --- 1. pieces cover exactly the mask ---------------------------------------------------------
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("causal", [False, True])
+def test_pieces_cover_exactly_the_document_mask(layout, world, causal):
+    for L in (4 * world, 4 * world + 3, 9 * world + 1):
+        lay = SequenceLayout.build(L, world, layout)
+        for name, cu in patterns(L, L * 7 + world).items():
+            plan = RingPlan(None, 0, world, lay, causal, 1.0, "math", tuple(cu) if len(cu) > 2 else None)
+            got = torch.zeros(L, L, dtype=torch.long)
+            for i in range(world):
+                pi = lay.positions(i)
+                for j in range(world):
+                    pj = lay.positions(j)
+                    blk = plan.block(i, j)
+                    if blk is None:
+                        continue
+                    if i == j:  # the diagonal block covers every row (TokenRing/ring initialise from it)
+                        assert (blk.q_start, blk.q_len) == (0, lay.local_len(i)), (name, blk)
+                    pieces = blk.pieces or ((0, blk.q_len, 0, blk.kv_len, blk.causal),)
+                    for qo, qn, ko, kn, c in pieces:
+                        qs = pi[blk.q_start + qo: blk.q_start + qo + qn]
+                        ks = pj[blk.kv_start + ko: blk.kv_start + ko + kn]
+                        sub = torch.ones(qn, kn, dtype=torch.long)
+                        if c:
+                            assert qn == kn and torch.equal(qs, ks)
+                            sub = sub.tril()
+                        got[qs[:, None], ks[None, :]] += sub
+            want = allowed(cu, L, causal).long()
+            assert torch.equal(got, want), (layout, world, causal, L, name, (got - want).nonzero()[:5].tolist())
+
+
+def test_single_process_helpers_check_cu_seqlens():
+    with pytest.raises(ValueError, match="ends at 8, but seq_len is 9"):
+        sp.predict_comm_bytes("token_ring", seq_len=9, world_size=2, batch=1, heads_q=2, heads_kv=2, head_dim=8,
+                              cu_seqlens=[0, 3, 8])
+    with pytest.raises(ValueError, match="strictly increase"):
+        sp.choose_algorithm(seq_len=9, world_size=2, batch=1, heads_q=2, heads_kv=2, head_dim=8,
+                            cu_seqlens=[0, 3, 3, 9])
+    # auto on a packed sequence: bytes decide, and the reason says so
+    kw = dict(seq_len=64, world_size=4, layout="contiguous", causal=True, batch=1, heads_q=8, heads_kv=8,
+              head_dim=16)
+    ch = sp.choose_algorithm(**kw, cu_seqlens=list(range(0, 65, 8)))  # documents inside each rank's chunk
+    assert ch.algorithm == "token_ring" and "packed sequence" in ch.reason, ch
+    assert ch.predicted_bytes["token_ring"] == 0  # no pair of ranks shares a document: nothing travels
+    assert ch.predicted_bytes["ring"] > 0          # KV rotation still rotates
+    plain = sp.choose_algorithm(**kw, cu_seqlens=[0, 64])  # one document == no cu_seqlens
+    assert plain == sp.choose_algorithm(**kw)
+
+
+# --- 2. against float64 on real processes -----------------------------------------------------
+def reference(q, k, v, mask, scale):
+    g = q.shape[2] // k.shape[2]
+    kk, vv = k.repeat_interleave(g, 2), v.repeat_interleave(g, 2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, kk) * scale
+    s = s.masked_fill(~mask, float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, -1), vv), torch.logsumexp(s, -1)
+
+
+def run_doc_case(c, device="cpu"):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    B, L, Hq, Hkv, D, dtype = c["batch"], c["seq_len"], c["hq"], c["hkv"], c["head_dim"], c["dtype"]
+    cu = c["cu"]
+    gen = torch.Generator().manual_seed(3000 + c["seed"])
+    q, dout = (torch.randn(B, L, Hq, D, generator=gen).to(dtype) for _ in range(2))
+    k, v = (torch.randn(B, L, Hkv, D, generator=gen).to(dtype) for _ in range(2))
+    dlse = torch.randn(B, Hq, L, generator=gen) if c["lse_grad"] else None
+    scale = 1.0 / math.sqrt(D)
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    ref_out, ref_lse = reference(*ref, allowed(cu, L, c["causal"]), scale)
+    loss = (ref_out * dout.double()).sum() + ((ref_lse * dlse.double()).sum() if dlse is not None else 0)
+    loss.backward()
+
+    pos = positions(L, world, c["layout"], rank)
+    loc = [t[:, pos].to(device).requires_grad_() for t in (q, k, v)]
+    fn = {"ring": sp.ring_attention, "token_ring": sp.token_ring_attention,
+          "auto": sp.sequence_parallel_attention}[c["alg"]]
+    cu_arg = torch.tensor(cu) if c["as_tensor"] else cu
+    with comm_stats() as st:
+        out, lse = fn(*loc, causal=c["causal"], layout=c["layout"], return_lse=True, lse_grad=c["lse_grad"],
+                      cu_seqlens=cu_arg)
+        loss = ((out * dout[:, pos].to(device)).sum()
+                + ((lse * dlse[:, :, pos].to(device)).sum() if dlse is not None else 0))
+        loss.backward()
+    atol, rtol = tolerance(dtype, world)
+    errors = []
+    pairs = [("out", out, ref_out[:, pos]), ("lse", lse, ref_lse[:, :, pos])]
+    pairs += [(f"d{n}", t.grad, r.grad[:, pos]) for n, t, r in zip("qkv", loc, ref)]
+    for name, got, want in pairs:
+        if got is None or got.shape != want.shape:
+            errors.append(f"{name}: shape {None if got is None else tuple(got.shape)} != {tuple(want.shape)}")
+            continue
+        err = (got.detach().cpu().double() - want).abs()
+        ratio = (err / (atol + rtol * want.abs())).max().item()
+        if not ratio <= 1.0:
+            errors.append(f"{name}: max abs err {err.max().item():.3g} ({ratio:.2f}x the bound)")
+    alg = c["alg"] if c["alg"] != "auto" else sp.choose_algorithm(
+        seq_len=L, world_size=world, layout=c["layout"], causal=c["causal"], batch=B, heads_q=Hq, heads_kv=Hkv,
+        head_dim=D, dtype=dtype, cu_seqlens=cu).algorithm
+    want_bytes = sp.predict_comm_bytes(alg, seq_len=L, world_size=world, layout=c["layout"], causal=c["causal"],
+                                       batch=B, heads_q=Hq, heads_kv=Hkv, head_dim=D, dtype=dtype, backward=True,
+                                       lse_grad=c["lse_grad"], cu_seqlens=cu)[rank]
+    got_bytes = {ch: (st.sent_by_channel[ch], st.recv_by_channel[ch])
+                 for ch in set(st.sent_by_channel) | set(st.recv_by_channel)}
+    nz = lambda d: {ch: b for ch, b in d.items() if b != (0, 0)}  # noqa: E731
+    if nz(got_bytes) != nz(want_bytes):
+        errors.append(f"bytes {got_bytes} != formula {want_bytes}")
+    if errors:
+        shown = {k: (str(v).replace("torch.", "") if k == "dtype" else v) for k, v in c.items()}
+        return f"rank {rank} {shown}: " + "; ".join(errors)
+    return None
+
+
+def doc_cases(world):
+    cases, i = [], 0
+    for dtype in (torch.float32, torch.bfloat16):
+        for alg in ("ring", "token_ring"):
+            for causal in (False, True):
+                for layout in ("contiguous", "zigzag"):
+                    for L in (6 * world, 7 * world - 1):
+                        pats = patterns(L, 100 * world + i)
+                        names = ("random", "long+short", "tokens") if dtype == torch.float32 else ("random",)
+                        for name in names:
+                            hq, hkv = ((4, 2), (4, 4), (2, 1))[i % 3]
+                            cases.append(dict(alg=alg, causal=causal, layout=layout, seq_len=L, cu=pats[name],
+                                              pattern=name, hq=hq, hkv=hkv, batch=1 + i % 2, head_dim=8,
+                                              dtype=dtype, lse_grad=i % 4 == 1, as_tensor=i % 2 == 0, seed=i))
+                            i += 1
+    # auto, and a single document (the plain path) through cu_seqlens
+    L = 7 * world - 1
+    cases.append(dict(cases[0], alg="auto", seq_len=L, cu=patterns(L, 5)["random"], seed=i + 1))
+    cases.append(dict(cases[1], alg="token_ring", seq_len=L, cu=[0, L], pattern="one", seed=i + 2))
+    return cases
+
+
+def _run_docs(world):
+    return [f for c in doc_cases(world) if (f := run_doc_case(c)) is not None]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_packed_sequences_against_float64_reference(dist_pool, world):
+    failures = [f for r in dist_pool(world).run(_run_docs, world, timeout=300) for f in r]
+    assert not failures, f"{len(failures)} failing (rank, case)s:\n" + "\n".join(failures[:30])
+
+
+def _run_docs_over_ipc(kind):
+    """The packed-sequence cases over the CUDA-IPC transport: "host-sim" (CPU, in CI) or "cuda"
+    (ranks sharing one GPU under MPS, scripts/gpu_check.sh; bf16 cases)."""
+    import ringattn.comm as comm
+    from ringattn.transport import CudaIpcTransport
+    from test_sequence_parallel import _torch_merge_for_cuda_if_missing
+
+    device = "cpu"
+    if kind == "cuda":
+        torch.cuda.set_device(0)
+        device = "cuda"
+        _torch_merge_for_cuda_if_missing()
+    transports = {}
+
+    def factory(group, channel):
+        key = (id(group), channel)
+        if key not in transports:
+            kw = dict(device=torch.device("cuda", 0)) if kind == "cuda" else dict(_backend="host-sim")
+            # 5 slots: with lse_grad TokenRing's bwd.q sends 5 tensors per peer and step
+            transports[key] = CudaIpcTransport(group=group, slots=5, timeout_s=60, **kw)
+        return transports[key]
+
+    comm.set_transport_factory(factory)
+    try:
+        cases = [c for c in doc_cases(dist.get_world_size()) if (c["dtype"] == torch.bfloat16) == (kind == "cuda")]
+        cases = cases[::2 if kind == "cuda" else 7]
+        failures = [f for c in cases if (f := run_doc_case(c, device=device)) is not None]
+    finally:
+        comm.set_transport_factory(None)
+        for t in transports.values():
+            t.close()
+    return failures, len(cases)
+
+
+def test_packed_sequences_over_the_cuda_ipc_host_simulation(dist_pool):
+    results = dist_pool(3).run(_run_docs_over_ipc, "host-sim", timeout=180)
+    failures = [f for fails, _ in results for f in fails]
+    assert not failures and results[0][1] >= 8, (results[0][1], failures)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("world", (2, 4))
+def test_gpu_packed_sequences_ranks_sharing_one_gpu(world):
+    from dist_pool import DistPool
+
+    pool = DistPool(world, pg_timeout_s=120)
+    try:
+        results = pool.run(_run_docs_over_ipc, "cuda", timeout=150)
+    finally:
+        pool.close()
+    failures = [f for fails, _ in results for f in fails]
+    assert not failures and results[0][1] >= 4, (results[0][1], failures[:30])
+
+
+def _run_compiled_docs():
+    """Under torch.compile(fullgraph=True): one op forward and backward, cu_seqlens a tensor input;
+    equal to the eager call, and a second packing with as many documents runs without recompiling
+    (another number of documents is another input shape: a recompile unless dynamic)."""
+    import ringattn.compiled as rc
+    rank = dist.get_rank()
+    torch._dynamo.reset()
+    L = 13
+    fn = lambda q, k, v, cu: sp.sequence_parallel_attention(q, k, v, causal=True, layout="zigzag",  # noqa: E731
+                                                             algorithm="token_ring", cu_seqlens=cu)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager", dynamic=False)
+    failures = []
+    for seed, cu in enumerate(([0, 3, 9, 13], [0, 1, 12, 13])):
+        g = torch.Generator().manual_seed(seed)
+        full = [torch.randn(1, L, 2, 8, generator=g) for _ in range(4)]
+        pos = positions(L, 2, "zigzag", rank)
+        res = {}
+        for mode, f in (("compiled", compiled), ("eager", fn)):
+            loc = [t[:, pos].clone().requires_grad_() for t in full[:3]]
+            before = rc.CALLS["sp_attention"]
+            out = f(*loc, torch.tensor(cu))
+            out.backward(full[3][:, pos])
+            res[mode] = [out.detach()] + [t.grad for t in loc] + [rc.CALLS["sp_attention"] - before]
+        if res["compiled"][-1] != 1:
+            failures.append(f"rank {rank} cu={cu}: the compiled call ran sp_attention {res['compiled'][-1]} times")
+        for name, a, b in zip(("out", "dq", "dk", "dv"), res["compiled"], res["eager"]):
+            if not torch.equal(a, b):
+                failures.append(f"rank {rank} cu={cu}: {name} compiled != eager")
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    if frames != 1:
+        failures.append(f"rank {rank}: {frames} graphs compiled for two packings of 3 documents (want 1: cu_seqlens is an input)")
+    return failures
+
+
+def test_packed_sequences_compiled(dist_pool):
+    failures = [f for r in dist_pool(2).run(_run_compiled_docs, timeout=180) for f in r]
+    assert not failures, "\n".join(failures)
+
+
+# --- 3. bad cu_seqlens ------------------------------------------------------------------------
+def _bad(scenario):
+    rank = dist.get_rank()
+    g = torch.Generator().manual_seed(rank)
+    q, k, v = (torch.randn(1, 6 - rank, 2, 8, generator=g) for _ in range(3))  # 11 tokens contiguous
+    cu = {"wrong_end": [0, 4, 6],                       # the local length, not the global one
+          "disagree": [0, 4, 11] if rank == 0 else [0, 5, 11],
+          "decreasing_on_one_rank": [0, 4, 11] if rank == 0 else [0, 7, 4, 11],
+          "float_tensor": torch.tensor([0.0, 4.0, 11.0]),
+          "not_starting_at_zero": [1, 4, 11]}[scenario]
+    t0 = time.monotonic()
+    try:
+        sp.token_ring_attention(q, k, v, causal=True, cu_seqlens=cu)
+        outcome = ("no error", "")
+    except Exception as e:  # noqa: BLE001
+        outcome = (type(e).__name__, str(e))
+    out = sp.ring_attention(q, k, v, causal=True, cu_seqlens=[0, 4, 11])  # the group still works
+    return outcome + (time.monotonic() - t0, tuple(out.shape))
+
+
+@pytest.mark.parametrize("scenario, words", [
+    ("wrong_end", ("cu_seqlens ends at 6", "11 tokens", "GLOBAL")),
+    ("disagree", ("ranks disagree on cu_seqlens",)),
+    ("decreasing_on_one_rank", ("rank 1: cu_seqlens must be the global document boundaries",)),
+    ("float_tensor", ("rank 0: cu_seqlens", "rank 1: cu_seqlens")),
+    ("not_starting_at_zero", ("rank 0: cu_seqlens",)),
+])
+def test_bad_cu_seqlens_raise_on_every_rank(dist_pool, scenario, words):
+    results = dist_pool(2).run(_bad, scenario, timeout=60)
+    for rank, (kind, msg, elapsed, shape) in enumerate(results):
+        assert kind == "ValueError", (rank, kind, msg)
+        for w in words:
+            assert w in msg, (rank, w, msg)
+        assert elapsed < 10 and shape == (1, 6 - rank, 2, 8)
+    assert results[0][1] == results[1][1], results
