@@ -410,13 +410,18 @@ def choose_algorithm(*, seq_len: int, world_size: int, layout: str = "contiguous
        (max over ranks of max(sent, received), forward + backward when `backward`); ties go to
        ring (one peer per step, fewer messages).
     Packed sequences (cu_seqlens with > 1 document): the cost model does not model document masks,
-    so bytes decide (rule 3 alone; TokenRing's bytes then count only the pairs that share a document).
+    so bytes decide (rule 3 alone; TokenRing's bytes then count only the pairs that share a document;
+    O(W^2) block cuts, cached for the last 8 packings only).
     Deterministic in its arguments, so every rank picks the same. Cached per distinct set of
     arguments (it runs on every call: uncached, the per-rank byte formulas alone cost ~1 ms at
     W = 32, and the model's first run up to a second at W = 64).
     """
-    return _choose_algorithm(seq_len, world_size, layout, bool(causal), batch, heads_q, heads_kv, head_dim,
-                             _elem_size(dtype), bool(backward), topology, _documents_arg(cu_seqlens, seq_len))
+    args = (seq_len, world_size, layout, bool(causal), batch, heads_q, heads_kv, head_dim, _elem_size(dtype),
+            bool(backward), topology)
+    docs = _documents_arg(cu_seqlens, seq_len)
+    if docs is not None:  # a small cache of its own: every packed batch brings new boundaries, but the
+        return _choose_algorithm_packed(*args, docs)  # layers of one forward all ask with the same
+    return _choose_algorithm(*args)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -458,6 +463,9 @@ def _choose_algorithm(seq_len, world_size, layout, causal, batch, heads_q, heads
                                "TokenRing moves fewer bytes", secs, name)
     return AlgorithmChoice("ring", per_alg, f"cost model ({name}): within {AUTO_MARGIN:.0%}; KV rotation "
                            "moves fewer (or equal) bytes", secs, name)
+
+
+_choose_algorithm_packed = functools.lru_cache(maxsize=8)(_choose_algorithm.__wrapped__)
 
 
 # --------------------------------------------------------------------------------------------

@@ -36,6 +36,8 @@ Byte formula: token_ring_comm_bytes (docs/sequence_parallel.md).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ringattn.comm import P2PComm, reply_group
@@ -282,6 +284,14 @@ class TokenRingAttention(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
+@functools.lru_cache(maxsize=8)
+def _q_lens(lay: SequenceLayout, causal: bool, documents: tuple) -> tuple:
+    """q_len of every trimmed (Q owner, K/V owner) block of a packed sequence (0: skipped)."""
+    plan = RingPlan(None, 0, lay.world_size, lay, causal, 1.0, "auto", documents)
+    W = lay.world_size
+    return tuple(tuple(0 if (b := plan.block(i, j)) is None else b.q_len for j in range(W)) for i in range(W))
+
+
 def token_ring_q_tokens(lay: SequenceLayout, rank: int, causal: bool, documents: tuple | None = None) -> tuple[int, int]:
     """Q tokens (sent, received) by `rank` over a whole pass, in closed form:
       non-causal          sent (W-1)*n_r                       recv L - n_r
@@ -295,8 +305,7 @@ def token_ring_q_tokens(lay: SequenceLayout, rank: int, causal: bool, documents:
     if W == 1:
         return 0, 0
     if documents is not None:
-        plan = RingPlan(None, rank, W, lay, bool(causal), 1.0, "auto", documents)
-        size = [[0 if (b := plan.block(i, j)) is None else b.q_len for j in range(W)] for i in range(W)]
+        size = _q_lens(lay, bool(causal), documents)
         return (sum(size[rank][d] for d in range(W) if d != rank),
                 sum(size[s][rank] for s in range(W) if s != rank))
     if not causal:
