@@ -226,14 +226,12 @@ def _stub_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=None,
 
 @contextlib.contextmanager
 def _stub_attention():
-    """Replace the block kernels inside both schedules (they import them by name)."""
+    """Replace the block kernels inside both schedules (their block runner, ringattn.documents,
+    imports them by name)."""
     import importlib
 
-    # importlib: the package attribute ringattn.ring_attention is the function, not the module
-    ra = importlib.import_module("ringattn.ring_attention")
-    tr = importlib.import_module("ringattn.token_ring")
-
-    saved = [(m, n, getattr(m, n)) for m in (ra, tr) for n in ("block_attn_forward", "block_attn_backward")]
+    doc = importlib.import_module("ringattn.documents")
+    saved = [(doc, n, getattr(doc, n)) for n in ("block_attn_forward", "block_attn_backward")]
     for m, n, _ in saved:
         setattr(m, n, _stub_forward if n == "block_attn_forward" else _stub_backward)
     try:

@@ -390,7 +390,7 @@ def _run_hf(mode):
     _reset()
     ids, labels = th.global_batch(23 if dist.get_world_size() == 2 else 29)
     model = th.tiny_model("llama")
-    docs = th.PACKED[dist.get_world_size()]
+    docs = th.PACKED.get(dist.get_world_size())
     ref = th.packed_reference(model, ids, labels, docs) if mode == "compile_packed" else th.reference(model, ids, labels)
     if mode.startswith("compile_ulysses"):  # 2-D: Ulysses pairs x a ring of 2, W = 4
         rhf.apply_sequence_parallel(model, algorithm="ulysses+ring", layout="zigzag", ulysses_size=2,

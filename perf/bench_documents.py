@@ -1,0 +1,178 @@
+"""Packed sequences (cu_seqlens): what document masking costs and saves, in one process.
+
+    python perf/bench_documents.py --out perf/out/documents            # CUDA: S=16k, bf16, 32q/8kv, d=128
+    python perf/bench_documents.py --out /tmp/docs --quick             # CPU smoke run (S=2k, fp32, small heads)
+
+Three tables, each compared with a baseline computed in the same process:
+  time    W = 1 (no communication: the piece machinery alone), causal, forward and
+          forward+backward of sequence_parallel_attention(..., cu_seqlens=docs) for documents of
+          --doc-lens tokens, against (a) the same call without cu_seqlens (full causal attention
+          over the packed sequence: what you would compute without document masking) and (b) a
+          hand-written loop of block_attn_forward/backward over the documents (the per-document
+          baseline; no varlen kernel is installed on either machine). Median of --reps calls after
+          --warmup, CUDA-synchronised wall clock.
+  bytes   the byte formulas (predict_comm_bytes, NOT measured) of one forward+backward at
+          S=128k, W=8, 32q/8kv heads, d=128, bf16, causal zigzag: busiest rank's bytes of KV rotation
+          and of TokenRing, for the same document lengths (TokenRing sends Q only to ranks holding
+          keys of its documents).
+  host    host time of algorithm="auto"'s byte rule for a new packing (every rank computes the
+          trimmed size of all W^2 blocks) at W = 8, 32, 64, S=128k.
+Writes documents.csv and documents.json (date, device, torch version, command, rows) into --out
+and prints the tables.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import ringattn  # noqa: E402
+from ringattn.block_attention import block_attn_backward, block_attn_forward  # noqa: E402
+
+
+def boundaries(L: int, doc_len: int) -> list[int]:
+    return list(range(0, L, doc_len)) + [L]
+
+
+def median_ms(fn, device, warmup: int, reps: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def time_rows(args, device, dtype):
+    B, L, Hq, Hkv, D = 1, args.seq, args.heads_q, args.heads_kv, args.head_dim
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(B, L, Hq, D, generator=g, device=device).to(dtype)
+    k, v = (torch.randn(B, L, Hkv, D, generator=g, device=device).to(dtype) for _ in range(2))
+    dout = torch.randn_like(q)
+    rows = []
+
+    def sp_call(docs, bwd):
+        def run():
+            leaves = [t.detach().requires_grad_(bwd) for t in (q, k, v)]
+            with torch.set_grad_enabled(bwd):
+                out = ringattn.sequence_parallel_attention(*leaves, causal=True, cu_seqlens=docs)
+                if bwd:
+                    out.backward(dout)
+            return out
+        return run
+
+    def loop_call(docs, bwd):
+        def run():
+            for s, e in zip(docs[:-1], docs[1:]):
+                qs, ks, vs = q[:, s:e], k[:, s:e], v[:, s:e]
+                out, lse = block_attn_forward(qs, ks, vs, causal=True)
+                if bwd:
+                    block_attn_backward(dout[:, s:e], qs, ks, vs, out, lse, causal=True)
+        return run
+
+    for doc_len in args.doc_lens:
+        docs = boundaries(L, doc_len)
+        for bwd in (False, True):
+            pass_ = "fwd_bwd" if bwd else "fwd"
+            t_docs = median_ms(sp_call(docs, bwd), device, args.warmup, args.reps)
+            t_full = median_ms(sp_call(None, bwd), device, args.warmup, args.reps)
+            t_loop = median_ms(loop_call(docs, bwd), device, args.warmup, args.reps)
+            rows.append(dict(table="time", doc_len=doc_len, docs=len(docs) - 1, seq_len=L, pass_=pass_,
+                             ms_packed=round(t_docs, 4), ms_full_causal=round(t_full, 4), ms_doc_loop=round(t_loop, 4),
+                             packed_vs_full=round(t_docs / t_full, 4), packed_vs_loop=round(t_docs / t_loop, 4)))
+    return rows
+
+
+def byte_rows(doc_lens):
+    rows = []
+    L, W = 131072, 8
+    kw = dict(seq_len=L, world_size=W, layout="zigzag", causal=True, batch=1, heads_q=32, heads_kv=8,
+              head_dim=128, dtype=torch.bfloat16, backward=True)
+
+    def busiest(per_rank):
+        return max(max(sum(s for s, _ in ch.values()), sum(r for _, r in ch.values())) for ch in per_rank)
+
+    for doc_len in [None] + list(doc_lens):
+        docs = None if doc_len is None else boundaries(L, doc_len)
+        ring = busiest(ringattn.predict_comm_bytes("ring", **kw, cu_seqlens=docs))
+        tr = busiest(ringattn.predict_comm_bytes("token_ring", **kw, cu_seqlens=docs))
+        rows.append(dict(table="bytes", doc_len=doc_len or L, docs=1 if docs is None else len(docs) - 1, seq_len=L,
+                         world=W, ring_mib=round(ring / 2**20, 2), token_ring_mib=round(tr / 2**20, 2),
+                         token_ring_vs_ring=round(tr / ring, 4)))
+    return rows
+
+
+def host_rows(doc_len):
+    rows = []
+    L = 131072
+    docs = boundaries(L, doc_len)
+    for W in (8, 32, 64):
+        t0 = time.perf_counter()
+        ch = ringattn.choose_algorithm(seq_len=L, world_size=W, layout="zigzag", causal=True, batch=1, heads_q=32,
+                                       heads_kv=8, head_dim=128, cu_seqlens=docs)
+        rows.append(dict(table="host", doc_len=doc_len, docs=len(docs) - 1, seq_len=L, world=W,
+                         ms_auto_rule=round((time.perf_counter() - t0) * 1e3, 3), choice=ch.algorithm))
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    p.add_argument("--quick", action="store_true", help="small CPU-sized shapes")
+    p.add_argument("--seq", type=int, default=None)
+    p.add_argument("--doc-lens", type=lambda s: [int(x) for x in s.split(",")], default=None)
+    p.add_argument("--heads-q", type=int, default=None)
+    p.add_argument("--heads-kv", type=int, default=None)
+    p.add_argument("--head-dim", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--reps", type=int, default=5)
+    args = p.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    small = args.quick or device.type == "cpu"
+    args.seq = args.seq or (2048 if small else 16384)
+    args.doc_lens = args.doc_lens or ([128, 512] if small else [512, 2048, 8192])
+    args.heads_q = args.heads_q or (4 if small else 32)
+    args.heads_kv = args.heads_kv or (2 if small else 8)
+    args.head_dim = args.head_dim or (64 if small else 128)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    rows = time_rows(args, device, dtype) + byte_rows(args.doc_lens if not small else [512, 2048, 8192])
+    rows += host_rows(1000)
+    os.makedirs(args.out, exist_ok=True)
+    meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                torch=torch.__version__, dtype=str(dtype).replace("torch.", ""), command=" ".join(sys.argv),
+                shape=dict(batch=1, seq_len=args.seq, heads_q=args.heads_q, heads_kv=args.heads_kv,
+                           head_dim=args.head_dim))
+    with open(os.path.join(args.out, "documents.json"), "w") as f:
+        json.dump(dict(meta, rows=rows), f, indent=1)
+    fields = sorted({k for r in rows for k in r})
+    with open(os.path.join(args.out, "documents.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    print(f"# {meta['date']} {meta['device']} torch {meta['torch']} {meta['dtype']} {meta['shape']}")
+    for table in ("time", "bytes", "host"):
+        sel = [r for r in rows if r["table"] == table]
+        cols = [c for c in sel[0] if c != "table"]
+        print(f"\n[{table}]  " + "  ".join(cols))
+        for r in sel:
+            print("  " + "  ".join(str(r[c]) for c in cols))
+
+
+if __name__ == "__main__":
+    main()
