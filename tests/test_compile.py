@@ -391,7 +391,8 @@ def _run_hf(mode):
     ids, labels = th.global_batch(23 if dist.get_world_size() == 2 else 29)
     model = th.tiny_model("llama")
     docs = th.PACKED.get(dist.get_world_size())
-    ref = th.packed_reference(model, ids, labels, docs) if mode == "compile_packed" else th.reference(model, ids, labels)
+    packed = "packed" in mode
+    ref = th.packed_reference(model, ids, labels, docs) if packed else th.reference(model, ids, labels)
     if mode.startswith("compile_ulysses"):  # 2-D: Ulysses pairs x a ring of 2, W = 4
         rhf.apply_sequence_parallel(model, algorithm="ulysses+ring", layout="zigzag", ulysses_size=2,
                                     use_deepspeed=mode.endswith("deepspeed"))
@@ -405,7 +406,7 @@ def _run_hf(mode):
     before = rc.CALLS["sp_attention"]
     from torch._dynamo.utils import counters
     counters.clear()
-    step = th.packed_step(model, ids, labels, docs) if mode == "compile_packed" else th.sp_step(model, ids, labels)
+    step = th.packed_step(model, ids, labels, docs) if packed else th.sp_step(model, ids, labels)
     err = th.compare(model.ringattn_plan, ref, step)
     breaks = [k.split("\n")[0][:120] for k in counters["graph_break"]]
     return err, rc.CALLS["sp_attention"] - before, model.config.num_hidden_layers, \
@@ -418,6 +419,7 @@ def _has_deepspeed():
 
 
 @pytest.mark.parametrize("mode", ["compile", "compile_packed", "ckpt_reentrant", "ckpt", "compile_ckpt", "compile_ulysses",
+                                  "compile_ulysses_packed",
                                   pytest.param("compile_ulysses_deepspeed", marks=[
                                       pytest.mark.skipif(not _has_deepspeed(), reason="deepspeed not installed")])])
 def test_hf_model_compiled_or_checkpointed_matches_single_process(dist_pool, mode, request):

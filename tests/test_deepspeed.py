@@ -46,6 +46,29 @@ def test_ulysses_ring_2d_matches_single_process(dist_pool, use_deepspeed, seq_le
     th.assert_close(dist_pool(4).run(_check_2d, use_deepspeed, seq_len, timeout=240))
 
 
+def _check_2d_packed(use_deepspeed):
+    """Packed sequences in 2-D mode: the wrapped model == the single-process model on each document
+    alone (the global boundaries hold unchanged on the ring group after the all-to-all)."""
+    out = {}
+    input_ids, labels = th.global_batch(29)
+    docs = th.PACKED[4]
+    for i, (algorithm, layout) in enumerate((("ulysses+ring", "zigzag"), ("ulysses+token_ring", "contiguous"),
+                                             ("ulysses+token_ring", "zigzag"))):
+        model = th.tiny_model("llama")
+        ref = th.packed_reference(model, input_ids, labels, docs)
+        rhf.apply_sequence_parallel(model, algorithm=algorithm, layout=layout, ulysses_size=2,
+                                    use_deepspeed=use_deepspeed)
+        out[(algorithm, layout)] = th.compare(model.ringattn_plan, ref,
+                                              th.packed_step(model, input_ids, labels, docs, pass_positions=i != 1))
+    return out
+
+
+@pytest.mark.parametrize("use_deepspeed", [pytest.param(True, marks=needs_deepspeed), False],
+                         ids=["deepspeed_a2a", "ringattn_a2a"])
+def test_ulysses_ring_2d_packed_sequences(dist_pool, use_deepspeed):
+    th.assert_close(dist_pool(4).run(_check_2d_packed, use_deepspeed, timeout=240))
+
+
 def _refuse_2d():
     msgs = {}
     msgs["heads"] = th._raises(lambda: rhf.apply_sequence_parallel(th.tiny_model("llama"), algorithm="ulysses+ring",

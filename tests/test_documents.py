@@ -201,34 +201,13 @@ def test_packed_sequences_against_float64_reference(dist_pool, world):
 def _run_docs_over_ipc(kind):
     """The packed-sequence cases over the CUDA-IPC transport: "host-sim" (CPU, in CI) or "cuda"
     (ranks sharing one GPU under MPS, scripts/gpu_check.sh; bf16 cases)."""
-    import ringattn.comm as comm
-    from ringattn.transport import CudaIpcTransport
-    from test_sequence_parallel import _torch_merge_for_cuda_if_missing
+    from test_sequence_parallel import ipc_transports
 
-    device = "cpu"
-    if kind == "cuda":
-        torch.cuda.set_device(0)
-        device = "cuda"
-        _torch_merge_for_cuda_if_missing()
-    transports = {}
-
-    def factory(group, channel):
-        key = (id(group), channel)
-        if key not in transports:
-            kw = dict(device=torch.device("cuda", 0)) if kind == "cuda" else dict(_backend="host-sim")
-            # 5 slots: with lse_grad TokenRing's bwd.q sends 5 tensors per peer and step
-            transports[key] = CudaIpcTransport(group=group, slots=5, timeout_s=60, **kw)
-        return transports[key]
-
-    comm.set_transport_factory(factory)
-    try:
+    # 5 slots: with lse_grad TokenRing's bwd.q sends 5 tensors per peer and step
+    with ipc_transports(kind, slots=5) as device:
         cases = [c for c in doc_cases(dist.get_world_size()) if (c["dtype"] == torch.bfloat16) == (kind == "cuda")]
         cases = cases[::2 if kind == "cuda" else 7]
         failures = [f for c in cases if (f := run_doc_case(c, device=device)) is not None]
-    finally:
-        comm.set_transport_factory(None)
-        for t in transports.values():
-            t.close()
     return failures, len(cases)
 
 

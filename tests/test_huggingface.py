@@ -64,12 +64,17 @@ def sp_step(model, input_ids, labels):
     logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
     loss = rhf.sequence_parallel_loss(logits, batch["labels"])
     loss.backward()
+    return logits.detach(), loss.detach(), summed_grads(model)
+
+
+def summed_grads(model) -> dict:
+    """Every parameter's gradient summed over the ranks (each rank's covers its own tokens)."""
     grads = {}
     for n, p in model.named_parameters():
         g = p.grad.clone()
         dist.all_reduce(g)
         grads[n] = g
-    return logits.detach(), loss.detach(), grads
+    return grads
 
 
 def compare(plan, ref, got) -> dict:
@@ -121,7 +126,10 @@ def test_matches_single_process(dist_pool, family, world):
 # Packed sequences (cu_seqlens): the wrapped model on a packed batch == the single-process model
 # run on every document on its own (positions restart, no attention or prediction across borders).
 # ---------------------------------------------------------------------------------------------
-PACKED = {1: [0, 7, 8, 20], 2: [0, 1, 9, 17, 23], 3: [0, 12, 13, 27, 29]}
+PACKED = {1: [0, 7, 8, 20], 2: [0, 1, 9, 17, 23], 3: [0, 12, 13, 27, 29],
+          # W = 4 (the 2-D tests, 29 tokens): borders inside a Ulysses piece (5), a one-token
+          # document (12-13) and one inside the last zigzag chunk (24)
+          4: [0, 5, 12, 13, 24, 29]}
 
 
 def packed_reference(model, input_ids, labels, docs):
@@ -148,12 +156,7 @@ def packed_step(model, input_ids, labels, docs, *, pass_positions=True, as_tenso
     logits = model(**kw).logits
     loss = rhf.sequence_parallel_loss(logits, batch["labels"])
     loss.backward()
-    grads = {}
-    for n, p in model.named_parameters():
-        g = p.grad.clone()
-        dist.all_reduce(g)
-        grads[n] = g
-    return logits.detach(), loss.detach(), grads
+    return logits.detach(), loss.detach(), summed_grads(model)
 
 
 def _check_packed(family, world):

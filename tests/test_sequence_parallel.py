@@ -8,6 +8,7 @@ distributed op on its shard and compares its rows. All cases of one world size r
 pool.run (spawning processes costs seconds); the worker returns a list of failures with their
 errors, and the test asserts it is empty.
 """
+import contextlib
 import functools
 import math
 
@@ -297,7 +298,10 @@ def _torch_merge_for_cuda_if_missing():
     torch.library.impl("ringattn::merge_attn_states_", "cuda")(merge_)
 
 
-def _run_over_ipc(kind):
+@contextlib.contextmanager
+def ipc_transports(kind, slots=4):
+    """Every P2PComm channel of this worker over CudaIpcTransport: kind "host-sim" (CPU) or "cuda"
+    (ranks sharing cuda:0). Yields the device the inputs go on."""
     import ringattn.comm as comm
     from ringattn.transport import CudaIpcTransport
 
@@ -312,17 +316,22 @@ def _run_over_ipc(kind):
         key = (id(group), channel)
         if key not in transports:
             kw = dict(device=torch.device("cuda", 0)) if kind == "cuda" else dict(_backend="host-sim")
-            transports[key] = CudaIpcTransport(group=group, slots=4, timeout_s=60, **kw)
+            transports[key] = CudaIpcTransport(group=group, slots=slots, timeout_s=60, **kw)
         return transports[key]
 
     comm.set_transport_factory(factory)
     try:
-        cases = all_cases(dist.get_world_size())[:: 3 if kind == "cuda" else 11]
-        failures = [f for c in cases if (f := run_case(c, device=device)) is not None]
+        yield device
     finally:
         comm.set_transport_factory(None)
         for t in transports.values():
             t.close()
+
+
+def _run_over_ipc(kind):
+    with ipc_transports(kind) as device:
+        cases = all_cases(dist.get_world_size())[:: 3 if kind == "cuda" else 11]
+        failures = [f for c in cases if (f := run_case(c, device=device)) is not None]
     return failures, len(cases)
 
 

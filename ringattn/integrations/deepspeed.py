@@ -240,10 +240,15 @@ def _piece_lengths(plan, seg_len_local: int) -> list[int]:
 
 
 def ulysses_ring_attention(q, k, v, *, plan, causal: bool = True, softmax_scale: float | None = None,
-                           use_deepspeed: bool | None = None):
+                           use_deepspeed: bool | None = None, cu_seqlens=None):
     """2-D sequence-parallel attention. q: (batch, piece, heads_q, head_dim); k, v: (batch, piece,
     heads_kv, head_dim), this rank's piece as laid out by plan.shard. Returns (batch, piece,
-    heads_q, head_dim). Differentiable. `plan` is a SequenceParallelPlan with ulysses_size > 1."""
+    heads_q, head_dim). Differentiable. `plan` is a SequenceParallelPlan with ulysses_size > 1.
+
+    cu_seqlens: packed sequences, the GLOBAL document boundaries (default: the ones the model's
+    pre-hook took from its cu_seqlens= kwarg). The all-to-all rebuilds ring segment Z_j in token
+    order, so the ring group's sequence is the global one laid out over the R ring ranks and the
+    same global boundaries hold there unchanged: the ring / TokenRing call masks by document."""
     from ringattn.integrations.huggingface import _sp_module
 
     sequence_parallel_attention, _, _ = _sp_module()
@@ -261,10 +266,12 @@ def ulysses_ring_attention(q, k, v, *, plan, causal: bool = True, softmax_scale:
     if q.shape[1] != piece_lens[plan.ulysses_rank]:
         raise ValueError(f"ringattn: got {q.shape[1]} tokens, expected {piece_lens[plan.ulysses_rank]} for this rank")
 
+    docs = plan._documents if cu_seqlens is None else cu_seqlens
+
     def ring(qs, ks, vs):  # (B, Z_j, H/U, D) -> same, over the ring group
         return sequence_parallel_attention(
             qs, ks, vs, causal=causal, softmax_scale=softmax_scale, group=plan.ring_group,
-            layout=plan.layout, backend=plan.backend, algorithm=plan.ring_algorithm,
+            layout=plan.layout, backend=plan.backend, algorithm=plan.ring_algorithm, cu_seqlens=docs,
         )
 
     want_ds = plan.use_deepspeed if use_deepspeed is None else use_deepspeed

@@ -458,9 +458,6 @@ def _base_pre_hook(plan: SequenceParallelPlan):
                 f"ringattn: cu_seqlens ends at {docs[-1]}, but the ranks hold {seq_len} tokens in all: "
                 "cu_seqlens are the GLOBAL document boundaries of the packed sequence (shard_batch(..., "
                 "cu_seqlens=) returns them)")
-        if docs is not None and plan.is_2d:
-            raise ValueError(f"ringattn: packed sequences (cu_seqlens) are not supported with "
-                             f"algorithm={plan.algorithm!r}; use 'ring', 'token_ring' or 'auto'")
         docs = docs if docs is not None and len(docs) > 2 else None
         expected = plan.local_lengths(seq_len)
         if lens != expected:
@@ -654,9 +651,6 @@ def shard_batch(model_or_plan, input_ids: torch.Tensor, labels: torch.Tensor | N
         if docs[-1] != input_ids.shape[1]:
             raise ValueError(f"ringattn: cu_seqlens ends at {docs[-1]}, but input_ids hold {input_ids.shape[1]} "
                              "tokens (cu_seqlens are the global boundaries of the packed sequence)")
-        if plan.is_2d:
-            raise ValueError(f"ringattn: packed sequences (cu_seqlens) are not supported with "
-                             f"algorithm={plan.algorithm!r}; use 'ring', 'token_ring' or 'auto'")
     out = {
         "input_ids": plan.shard(input_ids, dim=1),
         "position_ids": plan.positions(input_ids.shape[1], device=input_ids.device,
