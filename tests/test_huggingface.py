@@ -179,6 +179,40 @@ def test_packed_sequences_match_each_document_alone(dist_pool, family, world):
     assert_close(dist_pool(world).run(_check_packed, family, world, timeout=180))
 
 
+def _check_padding_free(world):
+    """transformers' padding-free batches: a DataCollatorWithFlattening batch through
+    shard_batch(model, **batch), then the model given cu_seqlens, or the collator's own
+    FlashAttentionKwargs (global, as it made them) instead: == each document alone."""
+    from transformers import DataCollatorWithFlattening
+
+    docs = PACKED[world]
+    ids, _ = global_batch(SEQ[world], batch=1)
+    features = [{"input_ids": ids[0, s:e].tolist()} for s, e in zip(docs[:-1], docs[1:])]
+    out = {}
+    for flash in (False, True):
+        collated = DataCollatorWithFlattening(return_flash_attn_kwargs=flash, return_seq_idx=flash)(features)
+        model = tiny_model("llama")
+        ref = packed_reference(model, collated["input_ids"], collated["labels"], docs)
+        rhf.apply_sequence_parallel(model, algorithm="auto", layout="zigzag")
+        batch = rhf.shard_batch(model, **collated)
+        assert batch["cu_seqlens"].tolist() == docs, (batch["cu_seqlens"], docs)
+        kw = {k: v for k, v in batch.items() if k != "labels"}
+        if flash:
+            del kw["cu_seqlens"]
+            kw.update({k: collated[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")})
+        logits = model(**kw).logits
+        loss = rhf.sequence_parallel_loss(logits, batch["labels"])
+        loss.backward()
+        out[("collator", "flash_kwargs" if flash else "cu_seqlens")] = compare(
+            model.ringattn_plan, ref, (logits.detach(), loss.detach(), summed_grads(model)))
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_padding_free_collator_batches(dist_pool, world):
+    assert_close(dist_pool(world).run(_check_padding_free, world, timeout=180))
+
+
 # ---------------------------------------------------------------------------------------------
 # Refusals: clear errors naming what to change.
 # ---------------------------------------------------------------------------------------------
@@ -232,10 +266,30 @@ def _refusals():
     msgs["packed_positions_without_cu_seqlens"] = _raises(lambda: model(input_ids=pb["input_ids"],
                                                                         position_ids=pb["position_ids"]))
     msgs["shard_batch_cu_seqlens_end"] = _raises(lambda: rhf.shard_batch(model, ids, cu_seqlens=[0, 5, 11]))
+    # transformers' FlashAttentionKwargs: taken as the boundaries (never ignored), so they must agree
+    msgs["flash_kwargs_disagree"] = _raises(lambda: model(input_ids=pb["input_ids"], position_ids=pb["position_ids"],
+                                                          cu_seqlens=pb["cu_seqlens"], cu_seq_lens_q=[0, 6, 12],
+                                                          cu_seq_lens_k=[0, 6, 12]))
+    msgs["flash_kwargs_q_vs_k"] = _raises(lambda: model(input_ids=pb["input_ids"], position_ids=pb["position_ids"],
+                                                        cu_seq_lens_q=torch.tensor([0, 5, 12], dtype=torch.int32),
+                                                        cu_seq_lens_k=torch.tensor([0, 12], dtype=torch.int32)))
+    msgs["flash_kwargs_max_length"] = _raises(lambda: model(input_ids=pb["input_ids"], position_ids=pb["position_ids"],
+                                                            cu_seq_lens_q=[0, 5, 12], cu_seq_lens_k=[0, 5, 12],
+                                                            max_length_q=7 if rank == 0 else 6, max_length_k=7))
+    # shard_batch reads a packing from GLOBAL position_ids; they must restart at 0 per document and
+    # agree with boundaries given alongside
+    bad_pos = torch.cat([torch.arange(5), torch.arange(7) + 1]).unsqueeze(0)
+    msgs["shard_batch_positions_not_packed"] = _raises(lambda: rhf.shard_batch(model, ids, position_ids=bad_pos))
+    msgs["shard_batch_positions_vs_cu_seqlens"] = _raises(lambda: rhf.shard_batch(
+        model, ids, position_ids=torch.arange(12).expand(2, -1), cu_seqlens=[0, 5, 12]))
+    msgs["shard_batch_positions_rows_differ"] = _raises(lambda: rhf.shard_batch(
+        model, ids, position_ids=torch.stack([torch.arange(12), torch.cat([torch.arange(5), torch.arange(7)])])))
     attn = model.model.layers[0].self_attn
     q = torch.zeros(2, 4, 6, 16)
     kv = torch.zeros(2, 2, 6, 16)
     msgs["attention_sinks"] = _raises(lambda: rhf._attention_forward(attn, q, kv, kv, None, s_aux=torch.zeros(4)))
+    msgs["flash_kwargs_bypassing_hook"] = _raises(lambda: rhf._attention_forward(attn, q, kv, kv, None,
+                                                                                cu_seq_lens_q=torch.tensor([0, 12])))
     # a mask left all ones is accepted (the same as no mask), and the model still works after refusals
     ok = model(input_ids=b["input_ids"], attention_mask=torch.ones_like(b["input_ids"])).logits
     msgs["all_ones_mask_ok"] = tuple(ok.shape)
@@ -266,6 +320,13 @@ REFUSALS = {
     "packed_positions_without_cu_seqlens": ["position_ids", "cu_seqlens"],
     "shard_batch_cu_seqlens_end": ["ends at 11", "12 tokens"],
     "attention_sinks": ["attention sinks"],
+    "flash_kwargs_disagree": ["ranks [0, 1]", "FlashAttentionKwargs", "the same as cu_seqlens"],
+    "flash_kwargs_q_vs_k": ["ranks [0, 1]", "q and k the same"],
+    "flash_kwargs_max_length": ["ranks [1]", "max_length_q/k at least the longest document"],
+    "shard_batch_positions_not_packed": ["at token 5: 1, expected 5", "restart at 0"],
+    "shard_batch_positions_vs_cu_seqlens": ["position_ids says the documents are [0, 12]", "[0, 5, 12]"],
+    "shard_batch_positions_rows_differ": ["rows' position_ids differ", "every batch row"],
+    "flash_kwargs_bypassing_hook": ["cu_seq_lens_q reached the attention", "pre-hook"],
 }
 
 

@@ -323,6 +323,11 @@ def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, s
             "over the whole sequence, or over packed documents (shard_batch(..., cu_seqlens=)), is supported "
             "(no padding or 4-D masks)"
         )
+    for name in ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens"):
+        if kwargs.get(name) is not None:  # (the model's pre-hook takes them; this call bypassed it)
+            raise ValueError(f"ringattn: {name} reached the attention of {type(module).__name__} directly; pass "
+                             "packed-sequence boundaries to the wrapped model's forward (its pre-hook checks them "
+                             "across ranks), not to an inner module")
     for name in ("sliding_window", "softcap", "s_aux", "sinks"):
         if kwargs.get(name) is not None:
             what = {"s_aux": "attention sinks", "sinks": "attention sinks"}.get(name, name)
@@ -386,7 +391,7 @@ def _register_attention():
 
 
 # Flags each rank contributes to the collective input check (bit set = problem on that rank).
-_PADDING, _CACHE, _POSITIONS, _NO_INPUT, _DOCS = 1, 2, 4, 8, 16
+_PADDING, _CACHE, _POSITIONS, _NO_INPUT, _DOCS, _DOCS_ALIAS = 1, 2, 4, 8, 16, 32
 _FLAG_TEXT = {
     _PADDING: "attention_mask has padding (zeros): only unpadded sequences are supported; pack or trim the batch",
     _CACHE: "past_key_values / use_cache=True: KV caching (generation) is not supported under sequence parallelism",
@@ -395,8 +400,76 @@ _FLAG_TEXT = {
                 "position_ids=None (packed sequences also need cu_seqlens=shard_batch(...)['cu_seqlens'])",
     _DOCS: "cu_seqlens must be the global document boundaries: 0, then strictly increasing ints (a list or a "
            "1-D integer tensor)",
+    _DOCS_ALIAS: "cu_seq_lens_q / cu_seq_lens_k / max_length_q / max_length_k (transformers' FlashAttentionKwargs) "
+                 "must describe the packing's global boundaries: 0, then strictly increasing ints, q and k the "
+                 "same (and the same as cu_seqlens where given), max_length_q/k at least the longest document",
     _NO_INPUT: "neither input_ids nor inputs_embeds was given",
 }
+
+# transformers' padding-free names (DataCollatorWithFlattening(return_flash_attn_kwargs=True),
+# FlashAttentionKwargs): the model's forward would hand them to every attention call. ringattn takes
+# them as the packing's global boundaries, like cu_seqlens, so they are never silently ignored.
+_FLASH_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def resolve_documents(cu_seqlens=None, cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None,
+                      max_length_k=None) -> tuple[tuple | None, str | None]:
+    """The packing's global boundaries from ringattn's cu_seqlens and/or transformers'
+    FlashAttentionKwargs names: (boundaries or None, None) or (None, what is wrong). The ones given
+    must agree (ringattn's attention is self-attention: q and k boundaries are the same)."""
+    from ringattn.documents import as_documents
+
+    found = {}
+    for name, value in (("cu_seqlens", cu_seqlens), ("cu_seq_lens_q", cu_seq_lens_q),
+                        ("cu_seq_lens_k", cu_seq_lens_k)):
+        if value is not None:
+            docs, problem = as_documents(value)
+            if problem:
+                return None, f"{name}: {problem.replace('cu_seqlens ', '')}"
+            found[name] = docs
+    if len(set(found.values())) > 1:
+        return None, ("the document boundaries disagree: "
+                      + ", ".join(f"{n}={list(d)}" for n, d in found.items())
+                      + " (ringattn's attention is self-attention over one packing)")
+    docs = next(iter(found.values()), None)
+    for name, value in (("max_length_q", max_length_q), ("max_length_k", max_length_k)):
+        if value is None:
+            continue
+        if isinstance(value, torch.Tensor):
+            value = int(value) if value.numel() == 1 else None
+        if docs is None or not isinstance(value, int):
+            return None, f"{name}={value!r} needs cu_seq_lens_q/k (or cu_seqlens) with it, and an int"
+        longest = max(e - s for s, e in zip(docs[:-1], docs[1:]))
+        if value < longest:
+            return None, f"{name}={value} is shorter than the longest document ({longest} tokens)"
+    return docs, None
+
+
+def documents_from_position_ids(position_ids: torch.Tensor) -> tuple:
+    """Global document boundaries of a packed batch from its GLOBAL position_ids (batch, seq) or
+    (seq,), as DataCollatorWithFlattening makes them: every document's positions are 0, 1, ...,
+    n-1. Plain positions 0..L-1 give (0, L). ValueError for positions that are not that, or rows
+    that pack differently (one packing per batch)."""
+    pos = position_ids if position_ids.dim() == 2 else position_ids.reshape(1, -1)
+    if position_ids.dim() not in (1, 2) or position_ids.dtype.is_floating_point or pos.shape[1] == 0:
+        raise ValueError(f"ringattn: position_ids must be (batch, seq) integers, got {tuple(position_ids.shape)} "
+                         f"{str(position_ids.dtype).replace('torch.', '')}")
+    if not bool((pos == pos[:1]).all()):
+        raise ValueError("ringattn: the batch rows' position_ids differ; packed sequences need the same packing "
+                         "(document boundaries) in every batch row")
+    row = pos[0].cpu()
+    starts = (row == 0).nonzero().flatten().tolist()
+    if not starts or starts[0] != 0:
+        raise ValueError(f"ringattn: position_ids must start at 0 (got {int(row[0])}): shard_batch takes the "
+                         "GLOBAL positions, before sharding")
+    docs = tuple(starts) + (row.numel(),)
+    expect = torch.arange(row.numel()) - torch.tensor(docs[:-1]).repeat_interleave(torch.tensor(docs).diff())
+    if not torch.equal(row.to(torch.int64), expect):
+        bad = int((row.to(torch.int64) != expect).nonzero()[0])
+        raise ValueError(f"ringattn: position_ids are neither 0..L-1 nor restart at 0 in every packed document "
+                         f"(at token {bad}: {int(row[bad])}, expected {int(expect[bad])}); positions and packing "
+                         "would disagree")
+    return docs
 
 
 def _base_pre_hook(plan: SequenceParallelPlan):
@@ -415,9 +488,14 @@ def _base_pre_hook(plan: SequenceParallelPlan):
         if x is None:
             flags |= _NO_INPUT
         from ringattn.documents import as_documents, documents_crc
+        flash = {n: kwargs.pop(n) for n in _FLASH_KWARGS if n in kwargs}
         docs, docs_problem = as_documents(kwargs.pop("cu_seqlens", None))
         if docs_problem:
             flags |= _DOCS
+        elif any(v is not None for v in flash.values()):
+            docs, docs_problem = resolve_documents(docs, **flash)
+            if docs_problem:
+                flags |= _DOCS_ALIAS
         am = kwargs.get("attention_mask")
         if am is not None:
             if am.dim() != 2 or not bool(am.all()):
@@ -628,7 +706,8 @@ def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor
 
 
 def shard_batch(model_or_plan, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                *, ignore_index: int = -100, cu_seqlens=None) -> dict:
+                *, ignore_index: int = -100, cu_seqlens=None, position_ids=None, cu_seq_lens_q=None,
+                cu_seq_lens_k=None, max_length_q=None, max_length_k=None, seq_idx=None) -> dict:
     """Split a full batch (identical on every rank) into this rank's shard.
 
     input_ids, labels: (batch, seq) GLOBAL tensors. Returns input_ids and position_ids (this
@@ -640,14 +719,35 @@ def shard_batch(model_or_plan, input_ids: torch.Tensor, labels: torch.Tensor | N
     is ignore_index (no prediction across a document border), and the result holds
     "cu_seqlens" (an int64 tensor) to pass to the model with the rest:
     model(input_ids=..., position_ids=..., cu_seqlens=batch["cu_seqlens"]); attention then stays
-    inside each document (ringattn.documents)."""
+    inside each document (ringattn.documents).
+
+    transformers' padding-free batches work as they come: shard_batch(model, **collated) with a
+    DataCollatorWithFlattening batch (input_ids, labels, position_ids, and with
+    return_flash_attn_kwargs / return_seq_idx also cu_seq_lens_q/k, max_length_q/k, seq_idx):
+    the packing is read from the GLOBAL position_ids (restarting at 0 per document) and every
+    boundary given must agree (ValueError otherwise)."""
     plan = get_plan(model_or_plan)
-    docs = None
-    if cu_seqlens is not None:
-        from ringattn.documents import as_documents
-        docs, problem = as_documents(cu_seqlens)
-        if problem:
-            raise ValueError(f"ringattn: {problem}")
+    docs, problem = resolve_documents(cu_seqlens, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k)
+    if problem:
+        raise ValueError(f"ringattn: {problem}")
+    derived = {}
+    if position_ids is not None:
+        if position_ids.shape[-1] != input_ids.shape[1]:
+            raise ValueError(f"ringattn: position_ids {tuple(position_ids.shape)} must have input_ids' sequence "
+                             f"length {input_ids.shape[1]} (shard_batch takes the GLOBAL batch)")
+        derived["position_ids"] = documents_from_position_ids(position_ids)
+    if seq_idx is not None:
+        row = seq_idx.reshape(-1, seq_idx.shape[-1])
+        if row.shape[-1] != input_ids.shape[1] or not bool((row == row[:1]).all()):
+            raise ValueError("ringattn: seq_idx must be (batch, seq) with input_ids' length and the same in every row")
+        changes = (row[0, 1:] != row[0, :-1]).nonzero().flatten().add(1).tolist()
+        derived["seq_idx"] = (0, *changes, input_ids.shape[1])
+    for name, d in derived.items():
+        if docs is not None and d != docs:
+            raise ValueError(f"ringattn: {name} says the documents are {list(d)}, the boundaries given say "
+                             f"{list(docs)}")
+        docs = d
+    if docs is not None:
         if docs[-1] != input_ids.shape[1]:
             raise ValueError(f"ringattn: cu_seqlens ends at {docs[-1]}, but input_ids hold {input_ids.shape[1]} "
                              "tokens (cu_seqlens are the global boundaries of the packed sequence)")
