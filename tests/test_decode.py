@@ -1,0 +1,155 @@
+"""Sharded-KV attention (ringattn.decode, serving): real gloo ranks at W = 1..4, the same queries on
+every rank against a KV cache split unevenly across them (ranks with no keys, caches given as
+several pieces), with and without the queries' own causal keys, MHA/GQA/MQA, Tq 1 and 3, fp32 and
+bf16: out and lse against a float64 reference over all the keys, and bitwise the same on every
+rank. Bad input: the same ValueError on every rank, and the group still usable afterwards."""
+import pytest
+import torch
+import torch.distributed as dist
+
+from ringattn.decode import sharded_kv_attention, sharded_kv_comm_bytes
+from test_sequence_parallel import tolerance
+
+HEADS = ((4, 4), (4, 2), (4, 1))
+
+
+def reference(q, k, v, k_new, v_new, scale):
+    """float64: q (B,Tq,Hq,D) over cache keys k (B,L,Hkv,D) (all visible) + new keys (causal)."""
+    q, k, v = q.double(), k.double(), v.double()
+    tq = q.shape[1]
+    mask = torch.ones(tq, k.shape[1], dtype=torch.bool)
+    if k_new is not None:
+        k, v = torch.cat([k, k_new.double()], 1), torch.cat([v, v_new.double()], 1)
+        mask = torch.cat([mask, torch.ones(tq, tq, dtype=torch.bool).tril()], 1)
+    g = q.shape[2] // k.shape[2]
+    kk, vv = k.repeat_interleave(g, 2), v.repeat_interleave(g, 2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, kk) * scale
+    s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.nan_to_num(torch.softmax(s, -1))  # rows with no key: 0
+    return torch.einsum("bhqk,bkhd->bqhd", p, vv), lse
+
+
+def split_lengths(L, world, seed):
+    """Uneven split of L cache tokens over the ranks, some ranks possibly empty."""
+    g = torch.Generator().manual_seed(seed)
+    cuts = sorted(torch.randint(0, L + 1, (world - 1,), generator=g).tolist())
+    bounds = [0] + cuts + [L]
+    return [bounds[i + 1] - bounds[i] for i in range(world)]
+
+
+def _run_matrix(world):
+    rank = dist.get_rank()
+    results = []
+    case = 0
+    for dtype in (torch.float32, torch.bfloat16):
+        for hq, hkv in HEADS:
+            for tq in (1, 3):
+                for new in (False, True):
+                    for L in (0, 13) if new else (13,):
+                        case += 1
+                        g = torch.Generator().manual_seed(100 + case)
+                        B, D = 2, 16
+                        q = torch.randn(B, tq, hq, D, generator=g).to(dtype)
+                        k = torch.randn(B, L, hkv, D, generator=g).to(dtype)
+                        v = torch.randn(B, L, hkv, D, generator=g).to(dtype)
+                        kn = torch.randn(B, tq, hkv, D, generator=g).to(dtype) if new else None
+                        vn = torch.randn(B, tq, hkv, D, generator=g).to(dtype) if new else None
+                        lens = split_lengths(L, world, case)
+                        s0 = sum(lens[:rank])
+                        mine_k, mine_v = k[:, s0:s0 + lens[rank]], v[:, s0:s0 + lens[rank]]
+                        if case % 2 and lens[rank] >= 2:  # as two pieces (a prefill shard + later tokens)
+                            h = lens[rank] // 2
+                            mine_k, mine_v = (mine_k[:, :h], mine_k[:, h:]), (mine_v[:, :h], mine_v[:, h:])
+                        scale = 0.3
+                        with torch.no_grad():
+                            out, lse = sharded_kv_attention(q, mine_k, mine_v, k_new=kn, v_new=vn,
+                                                            softmax_scale=scale, return_lse=True)
+                        ref_out, ref_lse = reference(q, k, v, kn, vn, scale)
+                        # the same on every rank, bitwise
+                        both = torch.cat([out.float().flatten(), lse.flatten()])
+                        gathered = [torch.empty_like(both) for _ in range(world)]
+                        dist.all_gather(gathered, both)
+                        same = all(torch.equal(torch.nan_to_num(x, neginf=-1e30), torch.nan_to_num(both, neginf=-1e30))
+                                   for x in gathered)
+                        finite = torch.isfinite(ref_lse)
+                        err_lse = (lse.double() - ref_lse)[finite].abs().max().item() if finite.any() else 0.0
+                        lse_inf_ok = bool(torch.isneginf(lse[~finite]).all())
+                        results.append(dict(case=(str(dtype), hq, hkv, tq, new, L, lens), dtype=dtype,
+                                            out=(out.double() - ref_out).abs().max().item(), lse=err_lse,
+                                            same=same, lse_inf_ok=lse_inf_ok, shape=tuple(out.shape),
+                                            out_dtype=out.dtype))
+    return results
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_sharded_kv_attention_against_float64(dist_pool, world):
+    bad = []
+    for rank, results in enumerate(dist_pool(world).run(_run_matrix, world, timeout=180)):
+        assert len(results) == 2 * 3 * 2 * 3
+        for r in results:
+            atol, _ = tolerance(r["dtype"], world)
+            if not (r["out"] <= atol and r["lse"] <= atol and r["same"] and r["lse_inf_ok"]
+                    and r["out_dtype"] == r["dtype"]):
+                bad.append(f"rank {rank} {r['case']}: out {r['out']:.2e} lse {r['lse']:.2e} same {r['same']} "
+                           f"-inf rows {r['lse_inf_ok']} dtype {r['out_dtype']}")
+    assert not bad, "\n".join(bad)
+
+
+def _run_bad():
+    rank = dist.get_rank()
+    torch.manual_seed(0)  # the same q and cache piece on every rank
+    q = torch.randn(1, 1, 4, 16)
+    k = torch.randn(1, 5, 2, 16)
+    msgs = {}
+
+    def attempt(name, fn):
+        try:
+            with torch.no_grad() if name != "grad" else torch.enable_grad():
+                fn()
+            msgs[name] = "no error"
+        except ValueError as e:
+            msgs[name] = str(e)
+
+    attempt("tq_disagree", lambda: sharded_kv_attention(torch.randn(1, 1 + rank, 4, 16), k, k))
+    attempt("dtype_one_rank", lambda: sharded_kv_attention(q, k.double() if rank == 1 else k, k))
+    attempt("grad", lambda: sharded_kv_attention(q.clone().requires_grad_(), k, k))
+    attempt("k_new_alone", lambda: sharded_kv_attention(q, k, k, k_new=torch.randn(1, 1, 2, 16)))
+    attempt("k_new_length", lambda: sharded_kv_attention(q, k, k, k_new=torch.randn(1, 2, 2, 16),
+                                                         v_new=torch.randn(1, 2, 2, 16)))
+    attempt("heads", lambda: sharded_kv_attention(torch.randn(1, 1, 3, 16), k, k))
+    attempt("scale", lambda: sharded_kv_attention(q, k, k, softmax_scale=-1.0))
+    with torch.no_grad():  # the group still works, and the result is right
+        out = sharded_kv_attention(q, k, k)
+        ref, _ = reference(q, torch.cat([k] * dist.get_world_size(), 1), torch.cat([k] * dist.get_world_size(), 1),
+                           None, None, 0.25)
+    msgs["after"] = (out.double() - ref).abs().max().item()
+    return msgs
+
+
+BAD = {
+    "tq_disagree": ["ranks disagree on number of queries Tq: [1, 2]"],
+    "dtype_one_rank": ["rank 1: every tensor must have q's dtype"],
+    "grad": ["inference only (no backward)", "rank 0", "rank 1"],
+    "k_new_alone": ["k_new and v_new go together"],
+    "k_new_length": ["with Tq tokens"],
+    "heads": ["heads_q must be a multiple of heads_kv"],
+    "scale": ["softmax_scale must be a finite number > 0"],
+}
+
+
+def test_bad_input_same_error_on_every_rank(dist_pool):
+    results = dist_pool(2).run(_run_bad, timeout=120)
+    for name, needles in BAD.items():
+        texts = [m[name] for m in results]
+        for rank, text in enumerate(texts):
+            assert "nothing was computed" in text, (name, rank, text)
+            for n in needles:
+                assert n in text, (name, rank, n, text)
+    for m in results:
+        assert m["after"] < 1e-5, m["after"]
+
+
+def test_comm_bytes_formula():
+    # two all-reduces: the lse max (Tq*Hq fp32) and out*w | w (Tq*Hq*(D+1) fp32), per batch row
+    assert sharded_kv_comm_bytes(batch=2, tq=1, heads_q=32, head_dim=128) == 2 * 32 * 4 * (1 + 129)
