@@ -79,6 +79,7 @@ def _refuse_2d():
                                                                             ulysses_size=2))
     model = rhf.apply_sequence_parallel(th.tiny_model("llama"), algorithm="ulysses+ring", layout="zigzag")
     msgs["too_short"] = th._raises(lambda: rhf.shard_batch(model, th.global_batch(3)[0]))
+    msgs["generate_2d"] = th._raises(lambda: rhf.generate(model, th.global_batch(8)[0], max_new_tokens=2))
     real = rds.deepspeed_available
     rds.deepspeed_available = lambda: False  # as if DeepSpeed were not installed
     try:
@@ -98,6 +99,7 @@ def test_ulysses_refusals(dist_pool):
         assert "ulysses_size=3 must divide the group's 4 ranks" in msgs["divisor"], msgs["divisor"]
         assert "needs algorithm='ulysses+ring'" in msgs["1d_with_ulysses"], msgs["1d_with_ulysses"]
         assert "at least 4 tokens" in msgs["too_short"], msgs["too_short"]
+        assert "generate() supports the 1-D algorithms" in msgs["generate_2d"], msgs["generate_2d"]
         assert "use_deepspeed=True but deepspeed cannot be imported" in msgs["no_deepspeed"], msgs["no_deepspeed"]
 
 

@@ -214,6 +214,67 @@ def test_padding_free_collator_batches(dist_pool, world):
 
 
 # ---------------------------------------------------------------------------------------------
+# Serving: rhf.generate (sequence-parallel prefill, sharded KV cache, sharded_kv_attention per
+# decode step) == a plain greedy loop of the single-process model over the full sequence.
+# ---------------------------------------------------------------------------------------------
+def greedy_reference(model, input_ids, steps):
+    tokens, logits = input_ids, []
+    with torch.no_grad():
+        for _ in range(steps):
+            lg = model(input_ids=tokens).logits[:, -1].float()
+            logits.append(lg)
+            tokens = torch.cat([tokens, lg.argmax(-1, keepdim=True)], 1)
+    return tokens, logits
+
+
+def _check_generate(world):
+    prompt, _ = global_batch(SEQ[world])
+    steps = 7
+    model = tiny_model("llama")
+    ref_tokens, ref_logits = greedy_reference(copy.deepcopy(model), prompt, steps)
+    out = {}
+    for algorithm, layout in (("ring", "zigzag"), ("token_ring", "contiguous"), ("auto", "zigzag")):
+        m = rhf.apply_sequence_parallel(copy.deepcopy(model), algorithm=algorithm, layout=layout)
+        tokens, logits = rhf.generate(m, prompt, max_new_tokens=steps, return_logits=True)
+        out[(algorithm, layout)] = {
+            "tokens_equal": torch.equal(tokens, ref_tokens), "steps": len(logits),
+            "logits": max((a - b).abs().max().item() for a, b in zip(logits, ref_logits))}
+    # sampling with top_k=1 is greedy; with top_k=5 every rank returns the same tokens (rank 0 decides)
+    m = rhf.apply_sequence_parallel(copy.deepcopy(model), algorithm="auto", layout="zigzag")
+    out["top_k=1"] = torch.equal(rhf.generate(m, prompt, max_new_tokens=steps, do_sample=True, top_k=1,
+                                              generator=torch.Generator().manual_seed(dist.get_rank())), ref_tokens)
+    sampled = rhf.generate(m, prompt, max_new_tokens=steps, do_sample=True, top_k=5, temperature=0.7,
+                           generator=torch.Generator().manual_seed(dist.get_rank()))
+    gathered = [torch.empty_like(sampled) for _ in range(world)]
+    dist.all_gather(gathered, sampled)
+    out["sampled_same_on_every_rank"] = all(torch.equal(g, sampled) for g in gathered)
+    # eos: row 0 stops at its 2nd token, pads with eos after it; generation goes on for row 1
+    eos = int(ref_tokens[0, prompt.shape[1] + 1])
+    row1_hits = (ref_tokens[1, prompt.shape[1]:] == eos).nonzero()
+    stop = min(steps, int(row1_hits[0]) + 1) if len(row1_hits) else steps
+    got = rhf.generate(m, prompt, max_new_tokens=steps, eos_token_id=eos)
+    want = ref_tokens[:, :prompt.shape[1] + stop].clone()
+    want[0, prompt.shape[1] + 2:] = eos
+    out["eos"] = (torch.equal(got, want), tuple(got.shape), tuple(want.shape))
+    # after generate() the model trains as before (the cache refusal is back)
+    out["train_after"] = compare(m.ringattn_plan, reference(model, *global_batch(SEQ[world])),
+                                 sp_step(m, *global_batch(SEQ[world])))
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_generate_matches_single_process_greedy(dist_pool, world):
+    for rank, out in enumerate(dist_pool(world).run(_check_generate, world, timeout=180)):
+        for case in (("ring", "zigzag"), ("token_ring", "contiguous"), ("auto", "zigzag")):
+            r = out[case]
+            assert r["tokens_equal"] and r["steps"] == 7 and r["logits"] < 2e-5, (rank, case, r)
+        assert out["top_k=1"], rank
+        assert out["sampled_same_on_every_rank"], rank
+        assert out["eos"][0], (rank, out["eos"])
+        assert_close([{"train_after": out["train_after"]}])
+
+
+# ---------------------------------------------------------------------------------------------
 # Refusals: clear errors naming what to change.
 # ---------------------------------------------------------------------------------------------
 def _raises(fn) -> str:
@@ -266,6 +327,9 @@ def _refusals():
     msgs["packed_positions_without_cu_seqlens"] = _raises(lambda: model(input_ids=pb["input_ids"],
                                                                         position_ids=pb["position_ids"]))
     msgs["shard_batch_cu_seqlens_end"] = _raises(lambda: rhf.shard_batch(model, ids, cu_seqlens=[0, 5, 11]))
+    msgs["generate_bad_max_new_tokens"] = _raises(lambda: rhf.generate(model, ids, max_new_tokens=-1))
+    msgs["generate_float_prompt"] = _raises(lambda: rhf.generate(model, ids.float(), max_new_tokens=2))
+    msgs["generate_too_short"] = _raises(lambda: rhf.generate(model, ids[:, :3], max_new_tokens=2))
     # transformers' FlashAttentionKwargs: taken as the boundaries (never ignored), so they must agree
     msgs["flash_kwargs_disagree"] = _raises(lambda: model(input_ids=pb["input_ids"], position_ids=pb["position_ids"],
                                                           cu_seqlens=pb["cu_seqlens"], cu_seq_lens_q=[0, 6, 12],
@@ -313,13 +377,16 @@ REFUSALS = {
     "padding_mask": ["ranks [1]", "padding"],
     "wrong_positions": ["position_ids", "ranks [0, 1]"],
     "labels_to_model": ["labels=", "sequence_parallel_loss"],
-    "kv_cache": ["KV caching"],
+    "kv_cache": ["KV cache", "generate()"],
     "cu_seqlens_disagree": ["different cu_seqlens", "GLOBAL"],
     "cu_seqlens_local_end": ["cu_seqlens ends at 6", "12 tokens"],
     "cu_seqlens_invalid_on_one_rank": ["ranks [1]", "cu_seqlens must be the global document boundaries"],
     "packed_positions_without_cu_seqlens": ["position_ids", "cu_seqlens"],
     "shard_batch_cu_seqlens_end": ["ends at 11", "12 tokens"],
     "attention_sinks": ["attention sinks"],
+    "generate_bad_max_new_tokens": ["max_new_tokens must be an int >= 0"],
+    "generate_float_prompt": ["integer token ids", "GLOBAL prompt"],
+    "generate_too_short": ["3 tokens is too short for 2 ranks"],
     "flash_kwargs_disagree": ["ranks [0, 1]", "FlashAttentionKwargs", "the same as cu_seqlens"],
     "flash_kwargs_q_vs_k": ["ranks [0, 1]", "q and k the same"],
     "flash_kwargs_max_length": ["ranks [1]", "max_length_q/k at least the longest document"],

@@ -28,7 +28,8 @@ that every rank passed the same, and attention stays inside each document (ringa
 Refused with an error instead of computed wrongly: model families other than the ones listed in
 ``SUPPORTED_MODEL_TYPES``, sliding-window layers, attention-logit softcapping, attention sinks,
 attention dropout, RoPE variants that depend on the sequence length (dynamic, longrope),
-padding masks (an ``attention_mask`` with zeros), custom 4-D masks, KV caches (generation), and
+padding masks (an ``attention_mask`` with zeros), custom 4-D masks, KV caches outside
+``generate()`` (which prefills sequence-parallel and decodes over the sharded cache), and
 ``labels=`` passed to the model (its built-in loss would shift labels inside each shard).
 """
 from __future__ import annotations
@@ -141,6 +142,7 @@ class SequenceParallelPlan:
         self.ring_algorithm = self.algorithm.split("+")[-1]
         self._seq_len = None  # global length of the forward in flight (set by the pre-hook)
         self._documents = None  # its packed-sequence boundaries (int64 CPU tensor) or None
+        self._serve = None  # generate(): _Serving state of the generation in flight, else None
 
     @property
     def is_2d(self) -> bool:
@@ -338,6 +340,11 @@ def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, s
         raise ValueError("ringattn: output_attentions=True needs the full L x L matrix, which is never formed")
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # -> (batch, seq_local, heads, head_dim)
+    if plan._serve is not None and plan._serve.phase == "decode":
+        return _decode_attention(plan, q, k, v, scaling), None
+    if k.shape[1] != q.shape[1]:
+        raise ValueError(f"ringattn: attention got {k.shape[1]} keys for {q.shape[1]} queries on rank {plan.rank}: "
+                         "a KV cache outside ringattn.integrations.huggingface.generate() is not supported")
     if plan._seq_len is not None:
         expected = plan.local_lengths(plan._seq_len)[plan.rank]
         if q.shape[1] != expected:
@@ -394,7 +401,8 @@ def _register_attention():
 _PADDING, _CACHE, _POSITIONS, _NO_INPUT, _DOCS, _DOCS_ALIAS = 1, 2, 4, 8, 16, 32
 _FLAG_TEXT = {
     _PADDING: "attention_mask has padding (zeros): only unpadded sequences are supported; pack or trim the batch",
-    _CACHE: "past_key_values / use_cache=True: KV caching (generation) is not supported under sequence parallelism",
+    _CACHE: "past_key_values / use_cache=True: a KV cache is only kept by ringattn.integrations.huggingface."
+            "generate() (sequence-parallel prefill, sharded cache)",
     _POSITIONS: "position_ids differ from this rank's global positions for the layout (packed sequences: "
                 "the positions inside each document); pass shard_batch(...)['position_ids'] or leave "
                 "position_ids=None (packed sequences also need cu_seqlens=shard_batch(...)['cu_seqlens'])",
@@ -502,9 +510,15 @@ def _base_pre_hook(plan: SequenceParallelPlan):
                 flags |= _PADDING
             else:
                 kwargs["attention_mask"] = None  # all ones: the same as no mask
-        if kwargs.get("past_key_values") is not None or kwargs.get("use_cache"):
-            flags |= _CACHE
-        kwargs["use_cache"] = False
+        serve = plan._serve
+        if serve is not None and serve.phase == "decode":  # generate(): every rank feeds the same new token(s)
+            return args, kwargs
+        if serve is None:
+            if kwargs.get("past_key_values") is not None or kwargs.get("use_cache"):
+                flags |= _CACHE
+            kwargs["use_cache"] = False
+        elif kwargs.get("past_key_values") is not None and kwargs["past_key_values"].get_seq_length() > 0:
+            flags |= _CACHE  # a prefill starts from an empty cache
         seq_local, batch = (x.shape[1], x.shape[0]) if x is not None else (0, 0)
         device = x.device if x is not None else torch.device("cpu")
         if dist.get_backend(plan.group) == "nccl" and device.type != "cuda":
@@ -697,6 +711,118 @@ def get_plan(model_or_plan) -> SequenceParallelPlan:
     if plan is None:
         raise ValueError("ringattn: this model was not wrapped by apply_sequence_parallel")
     return plan
+
+
+# ----------------------------------------------------------------------------------------------
+# Serving: sequence-parallel prefill, then decoding against the sharded KV cache.
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Serving:
+    phase: str = "prefill"   # "prefill" | "decode"
+    prefill_local: int = 0   # this rank's prompt tokens in the cache (its shard)
+
+
+def _decode_attention(plan, q, k, v, scale):
+    """One decode step of one layer. q: (B, Tq, Hq, D), the same on every rank; k, v: (B, S_r + n,
+    Hkv, D), what the rank's DynamicCache returned: its prompt shard (S_r) then every generated
+    token so far, the Tq new ones last (the generated ones are in every rank's cache). Each rank
+    attends to its shard plus its 1/W slice of the earlier generated tokens; the new ones' causal
+    block is sharded_kv_attention's. Returns (B, Tq, Hq, D)."""
+    from ringattn.decode import sharded_kv_attention
+
+    s_r, tq = plan._serve.prefill_local, q.shape[1]
+    n_past = k.shape[1] - s_r - tq
+    if n_past < 0:
+        raise ValueError(f"ringattn: decode step got {k.shape[1]} cached keys on rank {plan.rank}, fewer than its "
+                         f"{s_r} prompt tokens + {tq} new ones (was the cache made by generate()'s prefill?)")
+    sizes = split_sizes(n_past, plan.world_size)
+    off = s_r + sum(sizes[: plan.rank])
+    pieces_k = (k[:, :s_r], k[:, off:off + sizes[plan.rank]])
+    pieces_v = (v[:, :s_r], v[:, off:off + sizes[plan.rank]])
+    return sharded_kv_attention(q, pieces_k, pieces_v, k_new=k[:, -tq:], v_new=v[:, -tq:], group=plan.group,
+                                softmax_scale=scale, backend=plan.backend)
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, *, max_new_tokens: int, eos_token_id: int | None = None,
+             pad_token_id: int | None = None, do_sample: bool = False, temperature: float = 1.0,
+             top_k: int | None = None, generator: torch.Generator | None = None,
+             return_logits: bool = False):
+    """Generate with a sequence-parallel prefill and a KV cache that stays sharded.
+
+    input_ids: (batch, prompt_len) GLOBAL prompt, the same on every rank (unpadded: every row the
+    same length). Prefill: each rank runs its shard of the prompt through the model (ring /
+    TokenRing attention, as in training) and keeps ITS shard of every layer's keys/values. Then
+    each step feeds every rank the same new token at its global position; attention runs
+    sharded_kv_attention over all ranks' caches (two small all-reduces per layer, no cache moves).
+    Tokens are chosen on group rank 0 (greedy argmax, or sampling with temperature / top_k and
+    `generator`) and broadcast, so every rank returns the same (batch, prompt_len + n) tokens.
+    Rows that emitted eos_token_id continue with pad_token_id (default: eos); generation stops
+    when every row has, or after max_new_tokens. With return_logits=True also returns the list of
+    each step's (batch, vocab) fp32 next-token logits.
+
+    Memory: each rank's cache holds its prompt shard plus every generated token (the generated
+    ones replicated, so long prompts with short answers are the case this serves); each rank
+    attends only to 1/W of the generated ones. 1-D algorithms only (the 2-D modes are refused)."""
+    plan = get_plan(model)
+    if plan.is_2d:
+        raise ValueError(f"ringattn: generate() supports the 1-D algorithms (ring, token_ring, auto), not "
+                         f"algorithm={plan.algorithm!r}")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
+        raise ValueError("ringattn: generate() takes input_ids (batch, prompt_len) integer token ids, the GLOBAL prompt")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"ringattn: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if do_sample and not (temperature > 0):
+        raise ValueError(f"ringattn: temperature must be > 0 when sampling, got {temperature}")
+    from ringattn.layout import collective_device
+
+    B, L = input_ids.shape
+    dev = input_ids.device
+    cdev = collective_device(plan.group, dev if dist.get_backend(plan.group) != "nccl" else
+                             torch.device("cuda", torch.cuda.current_device()))
+    root = dist.get_process_group_ranks(plan.group or dist.GroupMember.WORLD)[0] if plan.group is not None else 0
+    owner = plan.world_size - 1 if plan.layout == "contiguous" else 0  # holds global token L-1
+    pad = eos_token_id if pad_token_id is None else pad_token_id
+    batch = shard_batch(plan, input_ids)
+    plan._serve = _Serving()
+    tokens, all_logits = input_ids, []
+    try:
+        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=True,
+                    logits_to_keep=1)
+        cache = out.past_key_values
+        plan._serve.prefill_local = batch["input_ids"].shape[1]
+        plan._serve.phase = "decode"
+        logits = out.logits[:, -1].float().to(cdev)  # (B, vocab): the owner's is the real one
+        dist.broadcast(logits, src=dist.get_global_rank(plan.group, owner) if plan.group is not None else owner,
+                       group=plan.group)
+        done = torch.zeros(B, dtype=torch.bool, device=cdev)
+        for step in range(max_new_tokens):
+            all_logits.append(logits.to(dev))
+            if do_sample:
+                scaled = logits / temperature
+                if top_k is not None:
+                    kth = scaled.topk(min(top_k, scaled.shape[-1]), dim=-1).values[:, -1:]
+                    scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+                nxt = torch.multinomial(scaled.softmax(-1).cpu(), 1, generator=generator).flatten().to(cdev)
+            else:
+                nxt = logits.argmax(-1)
+            if eos_token_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            dist.broadcast(nxt, src=root, group=plan.group)  # group rank 0 decides, every rank follows
+            tokens = torch.cat([tokens, nxt.to(dev, tokens.dtype)[:, None]], dim=1)
+            if eos_token_id is not None:
+                done |= nxt == eos_token_id
+                if bool(done.all()):
+                    break
+            if step + 1 == max_new_tokens:
+                break
+            out = model(input_ids=tokens[:, -1:], position_ids=torch.full((B, 1), tokens.shape[1] - 1, device=dev),
+                        past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            logits = out.logits[:, -1].float().to(cdev)
+    finally:
+        plan._serve = None
+    return (tokens, all_logits) if return_logits else tokens
 
 
 def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
