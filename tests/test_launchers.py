@@ -32,6 +32,8 @@ def _demo_ok(p, nranks, launcher):
     assert f"{nranks} ranks ({launcher}, gloo)" in p.stdout, p.stdout
     assert "demo OK" in p.stdout, p.stdout
     assert "tokens/s" in p.stdout and "peak mem" in p.stdout  # the report the main job prints
+    if launcher != "deepspeed":  # then generation: sharded prefill + decode == the unsharded generate()
+        assert f"prefilled over {nranks} ranks" in p.stdout and "8/8 equal to the unsharded model" in p.stdout, p.stdout
 
 
 def _bytes_columns(stdout):
