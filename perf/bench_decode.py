@@ -14,7 +14,8 @@ Two tables, each compared with a baseline computed in the same process:
          GPU cannot all-reduce over NCCL).
   bytes  per decode step and layer, what each rank puts into the all-reduces
          (sharded_kv_comm_bytes, a formula, NOT measured) against what rotating the cache's K/V
-         through a ring once would move per rank ((W-1)/W of the cache), for S = 128k, W = 8.
+         through a ring once would move per rank ((W-1)/W of the cache), for S = 128k, W = 8,
+         32q/8kv heads, d=128, bf16 (fixed shapes).
 Writes decode.csv and decode.json (date, device, torch version, command, rows) into --out and
 prints the tables.
 """
@@ -80,14 +81,16 @@ def time_rows(args, device, dtype):
     return rows
 
 
-def byte_rows(args, elem: int):
+def byte_rows(batches):
+    """Formulas at fixed serving shapes (whatever --quick says): 32q/8kv heads, d=128, bf16."""
     rows = []
-    S, W = 131072, 8
-    for B in args.batches:
-        ar = sharded_kv_comm_bytes(batch=B, tq=1, heads_q=args.heads_q, head_dim=args.head_dim)
-        kv_rot = 2 * B * S * args.heads_kv * args.head_dim * elem * (W - 1) // W
-        rows.append(dict(table="bytes", batch=B, cache=S, world=W, allreduce_kib=round(ar / 1024, 2),
-                         kv_rotation_mib=round(kv_rot / 2**20, 1), ratio=f"{ar / kv_rot:.1e}"))
+    S, W, hq, hkv, d, elem = 131072, 8, 32, 8, 128, 2
+    for B in batches:
+        ar = sharded_kv_comm_bytes(batch=B, tq=1, heads_q=hq, head_dim=d)
+        kv_rot = 2 * B * S * hkv * d * elem * (W - 1) // W
+        rows.append(dict(table="bytes", batch=B, cache=S, world=W, heads=f"{hq}q/{hkv}kv", head_dim=d,
+                         allreduce_kib=round(ar / 1024, 2), kv_rotation_mib=round(kv_rot / 2**20, 1),
+                         ratio=f"{ar / kv_rot:.1e}"))
     return rows
 
 
@@ -112,7 +115,7 @@ def main(argv=None):
     args.heads_kv = args.heads_kv or (2 if small else 8)
     args.head_dim = args.head_dim or (64 if small else 128)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    rows = time_rows(args, device, dtype) + byte_rows(args, torch.tensor([], dtype=dtype).element_size())
+    rows = time_rows(args, device, dtype) + byte_rows(args.batches)
     os.makedirs(args.out, exist_ok=True)
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
