@@ -181,14 +181,24 @@ def _check(q, ks, vs, k_new, v_new, *, group, softmax_scale, backend) -> tuple[i
 
 
 def sharded_kv_attention(q, k_cache, v_cache, *, k_new=None, v_new=None, group=None, softmax_scale=None,
-                         backend="auto", return_lse=False):
+                         backend="auto", return_lse=False, check=True):
     """Attention of the same queries on every rank over a KV cache sharded across `group`.
 
     See the module docstring for shapes and phases. Returns out (B, Tq, Hq, D) in q.dtype, or
     (out, lse) with return_lse=True. Raises the same ValueError on every rank for inputs that
-    disagree across ranks or are invalid on any rank (nothing computed)."""
+    disagree across ranks or are invalid on any rank (nothing computed).
+
+    check=False skips the cross-rank validation (its all_gather and the host synchronisation of
+    reading it back, which on a GPU would stall the launch queue once per layer and step). Only
+    for callers that guarantee agreement, e.g. generate() after its first, checked, decode step:
+    inputs that disagree then give a wrong answer or a hang instead of an error."""
     ks, vs = _pieces(k_cache, "k_cache"), _pieces(v_cache, "v_cache")
-    rank, world, scale = _check(q, ks, vs, k_new, v_new, group=group, softmax_scale=softmax_scale, backend=backend)
+    if check:
+        rank, world, scale = _check(q, ks, vs, k_new, v_new, group=group, softmax_scale=softmax_scale,
+                                    backend=backend)
+    else:
+        rank, world = group_rank_and_size(group)
+        scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[3])
     B, Tq, Hq, D = q.shape
     with no_autocast(q.device):
         # 1. local: fp32 accumulator over this rank's pieces (+ the new keys' causal block on the last rank)

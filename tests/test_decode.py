@@ -184,3 +184,19 @@ def test_gpu_sharded_kv_attention_kernels(backend, tq):
     ref_out, ref_lse = reference(q.cpu(), k.cpu(), v.cpu(), kn.cpu(), vn.cpu(), D ** -0.5)
     assert (out.cpu().double() - ref_out).abs().max().item() < 2e-2
     assert (lse.cpu().double() - ref_lse).abs().max().item() < 2e-2
+
+
+def _run_unchecked(world):
+    torch.manual_seed(5)
+    q, k, kn = torch.randn(2, 1, 4, 16), torch.randn(2, 6 * world, 2, 16), torch.randn(2, 1, 2, 16)
+    r = dist.get_rank()
+    with torch.no_grad():
+        a = sharded_kv_attention(q, k[:, 6 * r:6 * r + 6], k[:, 6 * r:6 * r + 6], k_new=kn, v_new=kn)
+        b = sharded_kv_attention(q, k[:, 6 * r:6 * r + 6], k[:, 6 * r:6 * r + 6], k_new=kn, v_new=kn, check=False)
+    return torch.equal(a, b), (b.double() - reference(q, k, k, kn, kn, 0.25)[0]).abs().max().item()
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_check_false_gives_the_same_result(dist_pool, world):
+    for same, err in dist_pool(world).run(_run_unchecked, world, timeout=60):
+        assert same and err < 1e-5, (same, err)

@@ -720,6 +720,7 @@ def get_plan(model_or_plan) -> SequenceParallelPlan:
 class _Serving:
     phase: str = "prefill"   # "prefill" | "decode"
     prefill_local: int = 0   # this rank's prompt tokens in the cache (its shard)
+    checked: bool = False    # the first decode step validated the shapes across ranks (later ones skip it)
 
 
 def _decode_attention(plan, q, k, v, scale):
@@ -739,8 +740,10 @@ def _decode_attention(plan, q, k, v, scale):
     off = s_r + sum(sizes[: plan.rank])
     pieces_k = (k[:, :s_r], k[:, off:off + sizes[plan.rank]])
     pieces_v = (v[:, :s_r], v[:, off:off + sizes[plan.rank]])
+    # Steps after the first repeat its shapes exactly (same batch, heads, dtype; one token), so the
+    # cross-rank check (an all_gather and a host sync per layer) runs in the first step only.
     return sharded_kv_attention(q, pieces_k, pieces_v, k_new=k[:, -tq:], v_new=v[:, -tq:], group=plan.group,
-                                softmax_scale=scale, backend=plan.backend)
+                                softmax_scale=scale, backend=plan.backend, check=not plan._serve.checked)
 
 
 @torch.no_grad()
@@ -819,6 +822,7 @@ def generate(model, input_ids: torch.Tensor, *, max_new_tokens: int, eos_token_i
             out = model(input_ids=tokens[:, -1:], position_ids=torch.full((B, 1), tokens.shape[1] - 1, device=dev),
                         past_key_values=cache, use_cache=True)
             cache = out.past_key_values
+            plan._serve.checked = True
             logits = out.logits[:, -1].float().to(cdev)
     finally:
         plan._serve = None
