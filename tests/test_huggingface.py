@@ -23,17 +23,32 @@ FAMILIES = ("llama", "mistral", "qwen2")
 SEQ = {1: 20, 2: 23, 3: 29}
 
 
+# Every family apply_sequence_parallel accepts: (config class, what its tiny config needs besides
+# the common sizes: no sliding window, head_dim where the class defaults to a big one, a pad id
+# inside the 96-token vocabulary, a few experts for the MoE ones).
+FAMILY_CONFIGS = {
+    "llama": ("LlamaConfig", {}), "mistral": ("MistralConfig", dict(sliding_window=None)),
+    "qwen2": ("Qwen2Config", {}), "qwen3": ("Qwen3Config", dict(head_dim=16)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
+    "gemma": ("GemmaConfig", dict(head_dim=16)), "phi3": ("Phi3Config", dict(pad_token_id=0, sliding_window=None)),
+    "olmo": ("OlmoConfig", {}), "olmo2": ("Olmo2Config", {}),
+    "granite": ("GraniteConfig", dict(attention_multiplier=0.3, embedding_multiplier=2.0, residual_multiplier=0.5,
+                                      logits_scaling=2.0)),
+    "cohere": ("CohereConfig", {}), "starcoder2": ("Starcoder2Config", dict(sliding_window=None)),
+    "glm": ("GlmConfig", dict(head_dim=16, pad_token_id=0)), "helium": ("HeliumConfig", dict(head_dim=16)),
+    "smollm3": ("SmolLM3Config", dict(pad_token_id=0)),
+}
+
+
 def tiny_config(family: str, **overrides):
     """hidden 64, 2 layers, 4 query heads, 2 key/value heads (GQA), RoPE."""
-    cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-           "qwen2": transformers.Qwen2Config}[family]
+    cls, extra = FAMILY_CONFIGS[family]
     kw = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-              attn_implementation="eager")
-    if family == "mistral":
-        kw["sliding_window"] = None
+              attn_implementation="eager", **extra)
     kw.update(overrides)
-    return cls(**kw)
+    return getattr(transformers, cls)(**kw)
 
 
 def tiny_model(family: str, seed: int = 0, **overrides):
@@ -120,6 +135,34 @@ def test_matches_single_process(dist_pool, family, world):
     results = dist_pool(world).run(_check_family, family, ("ring", "token_ring"), ("contiguous", "zigzag"),
                                    SEQ[world], timeout=180)
     assert_close(results)
+
+
+# Every other supported family, once per algorithm (different norms, q/k norms, NoPE layers,
+# MoE MLPs, attention/embedding/logit multipliers, parallel blocks: the model's own code around
+# the same attention call).
+MORE_FAMILIES = tuple(f for f in rhf.SUPPORTED_MODEL_TYPES if f not in FAMILIES)
+
+
+def _check_more_families(seq_len):
+    out = {}
+    input_ids, labels = global_batch(seq_len)
+    for family in MORE_FAMILIES:
+        for algorithm, layout in (("ring", "zigzag"), ("token_ring", "contiguous")):
+            model = tiny_model(family)
+            assert model.config.model_type == family
+            ref = reference(model, input_ids, labels)
+            rhf.apply_sequence_parallel(model, algorithm=algorithm, layout=layout)
+            out[(family, algorithm, layout)] = compare(model.ringattn_plan, ref, sp_step(model, input_ids, labels))
+    return out
+
+
+def test_every_supported_family_has_a_config():
+    assert set(FAMILY_CONFIGS) == set(rhf.SUPPORTED_MODEL_TYPES)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_more_families_match_single_process(dist_pool, world):
+    assert_close(dist_pool(world).run(_check_more_families, SEQ[world], timeout=240))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,6 +341,9 @@ def _refusals():
     msgs["dynamic_rope"] = _raises(lambda: rhf.apply_sequence_parallel(
         tiny_model("llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})))
     msgs["bad_algorithm"] = _raises(lambda: rhf.apply_sequence_parallel(tiny_model("llama"), algorithm="ringz"))
+    moe = rhf.apply_sequence_parallel(tiny_model("mixtral"))
+    moe_ids = rhf.shard_batch(moe, global_batch(12)[0])["input_ids"]
+    msgs["moe_router_aux_loss"] = _raises(lambda: moe(input_ids=moe_ids, output_router_logits=True))
 
     model = rhf.apply_sequence_parallel(tiny_model("llama"), layout="zigzag")
     rank = dist.get_rank()
@@ -384,6 +430,7 @@ REFUSALS = {
     "packed_positions_without_cu_seqlens": ["position_ids", "cu_seqlens"],
     "shard_batch_cu_seqlens_end": ["ends at 11", "12 tokens"],
     "attention_sinks": ["attention sinks"],
+    "moe_router_aux_loss": ["output_router_logits=True", "load-balancing loss", "shard"],
     "generate_bad_max_new_tokens": ["max_new_tokens must be an int >= 0"],
     "generate_float_prompt": ["integer token ids", "GLOBAL prompt"],
     "generate_too_short": ["3 tokens is too short for 2 ranks"],

@@ -1,4 +1,4 @@
-"""Sequence parallelism for Hugging Face Llama-style causal LMs (Llama, Mistral, Qwen2).
+"""Sequence parallelism for Hugging Face Llama-style causal LMs (Llama, Mistral, Qwen2/3, ...).
 
     import ringattn.integrations.huggingface as rhf
     model = rhf.apply_sequence_parallel(model, group=None, algorithm="auto", layout="zigzag")
@@ -43,7 +43,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 ATTN_IMPLEMENTATION = "ringattn_sp"
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# Decoder-only families whose attention is plain causal softmax attention over post-RoPE (or NoPE)
+# Q/K/V dispatched through AttentionInterface, each checked exact against the single-process model
+# on a tiny random config (tests/test_huggingface.py; the first three across the whole matrix).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gemma", "phi3", "olmo",
+                         "olmo2", "granite", "cohere", "starcoder2", "glm", "helium", "smollm3")
 ALGORITHMS = ("auto", "ring", "token_ring", "ulysses+ring", "ulysses+token_ring", "ulysses+auto")
 LAYOUTS = ("contiguous", "zigzag")
 # RoPE variants whose frequencies depend only on the position (not on the sequence length seen
@@ -589,6 +593,11 @@ def _raise_flags(rows, col):
 
 
 def _top_pre_hook(module, args, kwargs):
+    if kwargs.get("output_router_logits", getattr(module.config, "output_router_logits", False)):
+        raise ValueError(
+            "ringattn: output_router_logits=True on a sequence-parallel MoE model: its load-balancing loss "
+            "(a product of two means over the tokens) would be computed over this rank's shard only, not "
+            "the global sequence. Pass output_router_logits=False (config.output_router_logits=False).")
     if kwargs.get("labels") is not None:
         raise ValueError(
             "ringattn: don't pass labels= to a sequence-parallel model: its built-in loss shifts labels "
