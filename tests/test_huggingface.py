@@ -317,6 +317,22 @@ def test_generate_matches_single_process_greedy(dist_pool, world):
         assert_close([{"train_after": out["train_after"]}])
 
 
+def _generate_every_family():
+    prompt, _ = global_batch(23)
+    out = {}
+    for family in FAMILY_CONFIGS:
+        model = tiny_model(family)
+        ref, _ = greedy_reference(copy.deepcopy(model), prompt, 5)
+        rhf.apply_sequence_parallel(model, algorithm="auto", layout="zigzag")
+        out[family] = torch.equal(rhf.generate(model, prompt, max_new_tokens=5), ref)
+    return out
+
+
+def test_generate_every_family(dist_pool):
+    for rank, out in enumerate(dist_pool(2).run(_generate_every_family, timeout=240)):
+        assert all(out.values()), (rank, {f: ok for f, ok in out.items() if not ok})
+
+
 # ---------------------------------------------------------------------------------------------
 # Refusals: clear errors naming what to change.
 # ---------------------------------------------------------------------------------------------
