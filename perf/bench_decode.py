@@ -22,34 +22,16 @@ prints the tables.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
-import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import int_list, median_ms, parse_common, run_meta, write_and_print  # noqa: E402
 from ringattn.block_attention import block_attn_forward  # noqa: E402
 from ringattn.decode import sharded_kv_attention, sharded_kv_comm_bytes  # noqa: E402
-
-
-def median_ms(fn, device, warmup: int, reps: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 @torch.no_grad()
@@ -96,45 +78,14 @@ def byte_rows(batches):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True)
-    p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
-    p.add_argument("--quick", action="store_true", help="small CPU-sized shapes")
-    p.add_argument("--cache-lens", type=lambda s: [int(x) for x in s.split(",")], default=None)
-    p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=None)
-    p.add_argument("--heads-q", type=int, default=None)
-    p.add_argument("--heads-kv", type=int, default=None)
-    p.add_argument("--head-dim", type=int, default=None)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--reps", type=int, default=10)
-    args = p.parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    small = args.quick or device.type == "cpu"
+    p.add_argument("--cache-lens", type=int_list, default=None)
+    p.add_argument("--batches", type=int_list, default=None)
+    args, device, dtype, small = parse_common(p, argv, warmup=3, reps=10, small_heads=(8, 2, 64))
     args.cache_lens = args.cache_lens or ([1024, 4096] if small else [4096, 32768, 131072])
     args.batches = args.batches or ([1, 4] if small else [1, 8])
-    args.heads_q = args.heads_q or (8 if small else 32)
-    args.heads_kv = args.heads_kv or (2 if small else 8)
-    args.head_dim = args.head_dim or (64 if small else 128)
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     rows = time_rows(args, device, dtype) + byte_rows(args.batches)
-    os.makedirs(args.out, exist_ok=True)
-    meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                torch=torch.__version__, dtype=str(dtype).replace("torch.", ""), command=" ".join(sys.argv),
-                shape=dict(heads_q=args.heads_q, heads_kv=args.heads_kv, head_dim=args.head_dim))
-    with open(os.path.join(args.out, "decode.json"), "w") as f:
-        json.dump(dict(meta, rows=rows), f, indent=1)
-    fields = sorted({k for r in rows for k in r})
-    with open(os.path.join(args.out, "decode.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-    print(f"# {meta['date']} {meta['device']} torch {meta['torch']} {meta['dtype']} {meta['shape']}")
-    for table in ("time", "bytes"):
-        sel = [r for r in rows if r["table"] == table]
-        cols = [c for c in sel[0] if c != "table"]
-        print(f"\n[{table}]  " + "  ".join(cols))
-        for r in sel:
-            print("  " + "  ".join(str(r[c]) for c in cols))
+    meta = run_meta(device, dtype, shape=dict(heads_q=args.heads_q, heads_kv=args.heads_kv, head_dim=args.head_dim))
+    write_and_print(args.out, "decode", meta, rows, ("time", "bytes"))
 
 
 if __name__ == "__main__":

@@ -23,38 +23,21 @@ and prints the tables.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
-import json
 import os
-import statistics
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import int_list, median_ms, parse_common, run_meta, write_and_print  # noqa: E402
 import ringattn  # noqa: E402
 from ringattn.block_attention import block_attn_backward, block_attn_forward  # noqa: E402
 
 
 def boundaries(L: int, doc_len: int) -> list[int]:
     return list(range(0, L, doc_len)) + [L]
-
-
-def median_ms(fn, device, warmup: int, reps: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def time_rows(args, device, dtype):
@@ -131,48 +114,17 @@ def host_rows(doc_len):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True)
-    p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
-    p.add_argument("--quick", action="store_true", help="small CPU-sized shapes")
     p.add_argument("--seq", type=int, default=None)
-    p.add_argument("--doc-lens", type=lambda s: [int(x) for x in s.split(",")], default=None)
-    p.add_argument("--heads-q", type=int, default=None)
-    p.add_argument("--heads-kv", type=int, default=None)
-    p.add_argument("--head-dim", type=int, default=None)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--reps", type=int, default=5)
-    args = p.parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    small = args.quick or device.type == "cpu"
+    p.add_argument("--doc-lens", type=int_list, default=None)
+    args, device, dtype, small = parse_common(p, argv, warmup=2, reps=5, small_heads=(4, 2, 64))
     args.seq = args.seq or (2048 if small else 16384)
     args.doc_lens = args.doc_lens or ([128, 512] if small else [512, 2048, 8192])
-    args.heads_q = args.heads_q or (4 if small else 32)
-    args.heads_kv = args.heads_kv or (2 if small else 8)
-    args.head_dim = args.head_dim or (64 if small else 128)
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     # document lengths that do not divide the 16 zigzag chunks of 8192 tokens (aligned ones never cross a rank)
     rows = time_rows(args, device, dtype) + byte_rows([1000, 3000, 10000, 30000])
     rows += host_rows(1000)
-    os.makedirs(args.out, exist_ok=True)
-    meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                torch=torch.__version__, dtype=str(dtype).replace("torch.", ""), command=" ".join(sys.argv),
-                shape=dict(batch=1, seq_len=args.seq, heads_q=args.heads_q, heads_kv=args.heads_kv,
+    meta = run_meta(device, dtype, shape=dict(batch=1, seq_len=args.seq, heads_q=args.heads_q, heads_kv=args.heads_kv,
                            head_dim=args.head_dim))
-    with open(os.path.join(args.out, "documents.json"), "w") as f:
-        json.dump(dict(meta, rows=rows), f, indent=1)
-    fields = sorted({k for r in rows for k in r})
-    with open(os.path.join(args.out, "documents.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-    print(f"# {meta['date']} {meta['device']} torch {meta['torch']} {meta['dtype']} {meta['shape']}")
-    for table in ("time", "bytes", "host"):
-        sel = [r for r in rows if r["table"] == table]
-        cols = [c for c in sel[0] if c != "table"]
-        print(f"\n[{table}]  " + "  ".join(cols))
-        for r in sel:
-            print("  " + "  ".join(str(r[c]) for c in cols))
+    write_and_print(args.out, "documents", meta, rows, ("time", "bytes", "host"))
 
 
 if __name__ == "__main__":
