@@ -128,10 +128,15 @@ def _local_problems(q, ks, vs, k_new, v_new, scale) -> tuple[int, list[str]]:
 
 
 def _exchange(sig: list[int], group, world: int, device) -> list[list[int]]:
-    from ringattn.sequence_parallel import _Local, _exchange as sp_exchange
+    """The sequence-parallel signature exchange (polled, with its timeout), padded to the same
+    length as its signature: a rank calling ring attention while another calls this one then
+    gets the magic mismatch named, not an all_gather of two sizes."""
+    from ringattn.sequence_parallel import _FIELDS as SP_FIELDS, _Local, _exchange as sp_exchange
 
     ranks = dist.get_process_group_ranks(group or dist.GroupMember.WORLD)
-    return sp_exchange("ringattn sharded_kv_attention", group, world, ranks, _Local(sig, None), device)
+    padded = sig + [0] * (len(SP_FIELDS) - len(sig))
+    table = sp_exchange("ringattn sharded_kv_attention", group, world, ranks, _Local(padded, None), device)
+    return [row[:len(sig)] for row in table]
 
 
 def _check(q, ks, vs, k_new, v_new, *, group, softmax_scale, backend) -> tuple[int, int, float]:
@@ -164,6 +169,12 @@ def _check(q, ks, vs, k_new, v_new, *, group, softmax_scale, backend) -> tuple[i
     else:
         sigs = [sig]
     lines = []
+    magics = [s[_IX["magic"]] for s in sigs]
+    if len(set(magics)) > 1:  # another entry point on some rank: its row means something else
+        lines.append("ranks disagree on the call (ranks called different ringattn functions or versions): "
+                     + ", ".join(f"rank {r}: {'sharded_kv_attention' if m == _MAGIC else 'another'}"
+                                 for r, m in enumerate(magics)))
+        sigs = []
     for r, s in enumerate(sigs):
         b = s[_IX["problems"]]
         if b:

@@ -200,3 +200,26 @@ def _run_unchecked(world):
 def test_check_false_gives_the_same_result(dist_pool, world):
     for same, err in dist_pool(world).run(_run_unchecked, world, timeout=60):
         assert same and err < 1e-5, (same, err)
+
+
+def _run_mixed_calls():
+    """Rank 0 calls sharded_kv_attention while rank 1 calls ring_attention on the same group:
+    both raise, naming the mismatch (not an all_gather of two sizes, not a hang)."""
+    import ringattn
+
+    torch.manual_seed(0)
+    try:
+        with torch.no_grad():
+            if dist.get_rank() == 0:
+                sharded_kv_attention(torch.randn(1, 1, 2, 8), torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8))
+            else:
+                x = torch.randn(1, 4, 2, 8)
+                ringattn.ring_attention(x, x, x)
+        return "no error"
+    except ValueError as e:
+        return str(e)
+
+
+def test_mixed_entry_points_name_the_mismatch(dist_pool):
+    for rank, msg in enumerate(dist_pool(2).run(_run_mixed_calls, timeout=60)):
+        assert "ranks disagree on the call" in msg, (rank, msg)
