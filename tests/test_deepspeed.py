@@ -7,6 +7,8 @@ oneCCL is absent, so ZeRO stage 1/2/3 engines run on a CPU-only machine).
     all-to-all) inside groups of 2 ranks x ring / TokenRing across 2 groups = 4 ranks: logits,
     loss and gradients equal the single-process model's, for both layouts and uneven lengths.
 """
+import copy
+
 import pytest
 import torch
 
@@ -69,6 +71,29 @@ def test_ulysses_ring_2d_packed_sequences(dist_pool, use_deepspeed):
     th.assert_close(dist_pool(4).run(_check_2d_packed, use_deepspeed, timeout=240))
 
 
+def _generate_2d(use_deepspeed):
+    """generate() in the 2-D modes: Ulysses x ring prefill, decode over every rank's cache piece."""
+    prompt, _ = th.global_batch(29)
+    out = {}
+    for algorithm, layout in (("ulysses+ring", "zigzag"), ("ulysses+token_ring", "contiguous")):
+        model = th.tiny_model("llama")
+        ref, ref_logits = th.greedy_reference(copy.deepcopy(model), prompt, 6)
+        rhf.apply_sequence_parallel(model, algorithm=algorithm, layout=layout, ulysses_size=2,
+                                    use_deepspeed=use_deepspeed)
+        got, logits = rhf.generate(model, prompt, max_new_tokens=6, return_logits=True)
+        out[(algorithm, layout)] = (torch.equal(got, ref), max((a - b).abs().max().item()
+                                                                for a, b in zip(logits, ref_logits)))
+    return out
+
+
+@pytest.mark.parametrize("use_deepspeed", [pytest.param(True, marks=needs_deepspeed), False],
+                         ids=["deepspeed_a2a", "ringattn_a2a"])
+def test_generate_2d_matches_single_process_greedy(dist_pool, use_deepspeed):
+    for rank, out in enumerate(dist_pool(4).run(_generate_2d, use_deepspeed, timeout=240)):
+        for case, (same, err) in out.items():
+            assert same and err < 2e-5, (rank, case, same, err)
+
+
 def _refuse_2d():
     msgs = {}
     msgs["heads"] = th._raises(lambda: rhf.apply_sequence_parallel(th.tiny_model("llama"), algorithm="ulysses+ring",
@@ -79,7 +104,6 @@ def _refuse_2d():
                                                                             ulysses_size=2))
     model = rhf.apply_sequence_parallel(th.tiny_model("llama"), algorithm="ulysses+ring", layout="zigzag")
     msgs["too_short"] = th._raises(lambda: rhf.shard_batch(model, th.global_batch(3)[0]))
-    msgs["generate_2d"] = th._raises(lambda: rhf.generate(model, th.global_batch(8)[0], max_new_tokens=2))
     real = rds.deepspeed_available
     rds.deepspeed_available = lambda: False  # as if DeepSpeed were not installed
     try:
@@ -99,7 +123,6 @@ def test_ulysses_refusals(dist_pool):
         assert "ulysses_size=3 must divide the group's 4 ranks" in msgs["divisor"], msgs["divisor"]
         assert "needs algorithm='ulysses+ring'" in msgs["1d_with_ulysses"], msgs["1d_with_ulysses"]
         assert "at least 4 tokens" in msgs["too_short"], msgs["too_short"]
-        assert "generate() supports the 1-D algorithms" in msgs["generate_2d"], msgs["generate_2d"]
         assert "use_deepspeed=True but deepspeed cannot be imported" in msgs["no_deepspeed"], msgs["no_deepspeed"]
 
 

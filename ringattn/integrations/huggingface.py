@@ -775,11 +775,10 @@ def generate(model, input_ids: torch.Tensor, *, max_new_tokens: int, eos_token_i
 
     Memory: each rank's cache holds its prompt shard plus every generated token (the generated
     ones replicated, so long prompts with short answers are the case this serves); each rank
-    attends only to 1/W of the generated ones. 1-D algorithms only (the 2-D modes are refused)."""
+    attends only to 1/W of the generated ones. In the 2-D modes the prefill runs Ulysses x ring and
+    the decode is the same (the cache holds each rank's piece with all heads, before the
+    all-to-all)."""
     plan = get_plan(model)
-    if plan.is_2d:
-        raise ValueError(f"ringattn: generate() supports the 1-D algorithms (ring, token_ring, auto), not "
-                         f"algorithm={plan.algorithm!r}")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
         raise ValueError("ringattn: generate() takes input_ids (batch, prompt_len) integer token ids, the GLOBAL prompt")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -793,7 +792,9 @@ def generate(model, input_ids: torch.Tensor, *, max_new_tokens: int, eos_token_i
     cdev = collective_device(plan.group, dev if dist.get_backend(plan.group) != "nccl" else
                              torch.device("cuda", torch.cuda.current_device()))
     root = dist.get_process_group_ranks(plan.group or dist.GroupMember.WORLD)[0] if plan.group is not None else 0
-    owner = plan.world_size - 1 if plan.layout == "contiguous" else 0  # holds global token L-1
+    # Who holds global token L-1 (the last of its shard): the last ring rank (contiguous) or ring
+    # rank 0 (zigzag: chunks 0 and 2R-1), and there the last Ulysses piece (2-D; U = 1 in 1-D).
+    owner = plan.world_size - 1 if plan.layout == "contiguous" else plan.ulysses_size - 1
     pad = eos_token_id if pad_token_id is None else pad_token_id
     batch = shard_batch(plan, input_ids)
     plan._serve = _Serving()
