@@ -67,7 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--generate", type=int, default=8, metavar="N",
                    help="after training, generate N tokens from the first half of the sequence (sequence-"
                         "parallel prefill, sharded KV cache) and check them against the unsharded model "
-                        "(0: skip; 1-D algorithms without DeepSpeed)")
+                        "(0: skip; not with --deepspeed)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (launcher smoke test)")
     args = p.parse_args(argv)
     gpu = torch.cuda.is_available() and torch.cuda.device_count() > 0 and os.environ.get("RINGATTN_DIST_BACKEND") != "gloo"
@@ -254,7 +254,7 @@ def train(args, info) -> int:
             print("reference check skipped (--no-check)")
         else:
             print(f"step-1 loss {losses[0]:.6f} vs unsharded model {ref_loss.item():.6f}: |diff| {err:.2e} (tol {tol:.0e})")
-    gen_ok = serve(args, model, info, dtype) if args.generate and not plan.is_2d and not args.deepspeed else True
+    gen_ok = serve(args, model, info, dtype) if args.generate and not args.deepspeed else True
     if rank == 0:
         print("demo OK" if ok and gen_ok else "demo FAILED: " + (
             "first-step loss differs from the unsharded model" if not ok else "generated tokens differ"))
