@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from ringattn import sequence_parallel as sp
-from ringattn.documents import as_documents
+from ringattn.documents import as_documents, documents_tensor, packed
 from ringattn.layout import RingPlan, SequenceLayout, group_rank_and_size, no_autocast
 from ringattn.ring_attention import ring_backward, ring_forward
 from ringattn.token_ring import reply_for, token_ring_backward, token_ring_forward
@@ -71,7 +71,7 @@ def _plan_from_meta(group, meta: torch.Tensor, causal: bool, layout: str, backen
     rank, world = group_rank_and_size(group)
     lay = SequenceLayout.build(seq_len, world, layout)
     docs, _ = as_documents(cu_seqlens)  # checked by the forward's signature exchange
-    docs = docs if docs is not None and len(docs) > 2 else None
+    docs = packed(docs)
     return (RingPlan(group, rank, world, lay, bool(causal), sp._bits_float(scale_bits), backend, docs),
             _ALG_NAME[alg])
 
@@ -157,9 +157,10 @@ def _docs_tensor(cu_seqlens):
     """cu_seqlens as the op's tensor argument, or False when the traced op cannot carry it."""
     if cu_seqlens is None or isinstance(cu_seqlens, torch.Tensor):
         return cu_seqlens
-    if isinstance(cu_seqlens, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool)
-                                                     for x in cu_seqlens):
-        return torch.tensor(cu_seqlens, dtype=torch.int64)
+    if isinstance(cu_seqlens, (list, tuple)):
+        docs, problem = as_documents(cu_seqlens)  # (per-row lists become one 2-D tensor)
+        if problem is None:
+            return documents_tensor(docs)
     return False
 
 

@@ -1,7 +1,10 @@
 """Packed sequences: document masking (varlen) inside sequence-parallel attention.
 
     cu_seqlens = (0, e_1, ..., e_n = L)   global boundaries of n documents packed into ONE sequence
-                                          of L tokens (the same for every batch row and every rank)
+                                          of L tokens (the same on every rank), for every batch row
+               = [row_0, ..., row_{B-1}]  or one such tuple per batch row (per-row packings: a list of
+                                          1-D int tensors / lists, or a 2-D (B, n) int tensor whose
+                                          rows may end in repeats of L as padding); every row ends at L
 
 Token p attends to key t iff both lie in the same document (and t <= p when causal): the
 block-diagonal mask flash_attn_varlen_func computes on one GPU, here across the ranks of a ring.
@@ -17,6 +20,9 @@ module cuts that block into pieces (Piece: offsets relative to the block's rows)
               - fully visible when the K/V rows come before the Q rows (or causal=False),
               - invisible when they come after (dropped)
             (runs are whole chunks or the same chunk, so no other overlap can occur)
+    rows    per-row packings: each batch row's pieces; rows whose pieces are equal for this block
+            share them (a Piece names its batch rows b0..b0+nb-1, nb = 0: all rows), so a block
+            the packings agree on (the usual case: they differ in a few places) stays one set
     trim    the block shrinks to the bounding rows of its pieces; no piece at all -> None: the
             pair is skipped like a causally masked one (TokenRing then sends no Q rows to that
             rank and gets no partial back; KV rotation still forwards K/V, it is a ring)
@@ -27,7 +33,7 @@ block_attention call; a pieced block is one call per piece, the pieces' (out, ls
 fp32 accumulators (each piece's share, computed with the FINAL lse, is exact). Rows of a trimmed
 block that no piece covers get out = 0, lse = -inf, which the ring's merge folds exactly.
 
-Cost: one block-attention call per piece, so a block meeting many short documents costs many
+Cost: one block-attention call per piece (per group of batch rows with the same pieces), so a block meeting many short documents costs many
 small launches (a varlen kernel would take them in one; not done). Every row meets its own
 document on the diagonal, so every rank's diagonal block covers all of its rows.
 """
@@ -53,41 +59,131 @@ class Piece(NamedTuple):
     kv_off: int
     kv_len: int
     causal: bool  # a causal square (q rows == k/v rows), else fully visible
+    b0: int = 0   # per-row packings: the batch rows b0 .. b0 + nb - 1 it applies to
+    nb: int = 0   # 0: every batch row
 
 
-def as_documents(cu_seqlens) -> tuple[tuple | None, str | None]:
-    """(boundaries as a tuple of ints, None) or (None, what is wrong). None -> (None, None).
-
-    Accepts a 1-D integer tensor (any device: a CUDA tensor costs one device-to-host copy) or a
-    list/tuple of ints; they must start at 0 and strictly increase (no empty document)."""
-    if cu_seqlens is None:
-        return None, None
-    if isinstance(cu_seqlens, torch.Tensor):
-        if cu_seqlens.dim() != 1 or cu_seqlens.dtype.is_floating_point or cu_seqlens.is_complex() \
-                or cu_seqlens.dtype == torch.bool:
-            return None, (f"cu_seqlens must be a 1-D integer tensor, got {cu_seqlens.dim()}-D "
-                          f"{str(cu_seqlens.dtype).replace('torch.', '')}")
-        values = cu_seqlens.tolist()
-    elif isinstance(cu_seqlens, (list, tuple)):
-        values = list(cu_seqlens)
-        if not all(isinstance(x, int) and not isinstance(x, bool) for x in values):
-            return None, "cu_seqlens must hold ints"
-    else:
-        return None, f"cu_seqlens must be a 1-D integer tensor or a list of ints, got {type(cu_seqlens).__name__}"
+def _row(values, what: str) -> tuple[tuple | None, str | None]:
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in values):
+        return None, f"{what} must hold ints"
     if len(values) < 2:
-        return None, f"cu_seqlens needs at least 2 entries (0 and the sequence length), got {values}"
+        return None, f"{what} needs at least 2 entries (0 and the sequence length), got {list(values)}"
     if values[0] != 0:
-        return None, f"cu_seqlens must start at 0, got {values[0]}"
+        return None, f"{what} must start at 0, got {values[0]}"
     bad = next((i for i in range(1, len(values)) if values[i] <= values[i - 1]), None)
     if bad is not None:
-        return None, (f"cu_seqlens must strictly increase (no empty document): entry {bad} is {values[bad]} "
+        return None, (f"{what} must strictly increase (no empty document): entry {bad} is {values[bad]} "
                       f"after {values[bad - 1]}")
     return tuple(values), None
 
 
+def _int_tensor_problem(t: torch.Tensor) -> str | None:
+    if t.dtype.is_floating_point or t.is_complex() or t.dtype == torch.bool:
+        return f"cu_seqlens must be an integer tensor, got {str(t.dtype).replace('torch.', '')}"
+    return None
+
+
+def _strip_padding(values: list) -> list:
+    """A row of a 2-D cu_seqlens tensor without the repeats of its last value (its padding)."""
+    n = len(values)
+    while n > 2 and values[n - 1] == values[n - 2]:
+        n -= 1
+    return values[:n]
+
+
+def as_documents(cu_seqlens) -> tuple[tuple | None, str | None]:
+    """(boundaries, None) or (None, what is wrong). None -> (None, None).
+
+    One packing for every batch row: a 1-D integer tensor (any device: a CUDA tensor costs one
+    device-to-host copy) or a list/tuple of ints, starting at 0 and strictly increasing (no empty
+    document) -> a tuple of ints. Per-row packings: a list/tuple of such rows, or a 2-D integer
+    tensor (B, n) whose rows may end in repeats of their last value (padding to a common n); all
+    rows must end at the same length -> a tuple of B tuples, or one tuple when every row is the
+    same."""
+    if cu_seqlens is None:
+        return None, None
+    if isinstance(cu_seqlens, torch.Tensor):
+        problem = _int_tensor_problem(cu_seqlens)
+        if problem or cu_seqlens.dim() not in (1, 2):
+            return None, problem or (f"cu_seqlens must be a 1-D (one packing) or 2-D (one per batch row) integer "
+                                     f"tensor, got {cu_seqlens.dim()}-D")
+        if cu_seqlens.dim() == 1:
+            return _row(cu_seqlens.tolist(), "cu_seqlens")
+        rows = [_strip_padding(r) for r in cu_seqlens.tolist()]
+    elif isinstance(cu_seqlens, (list, tuple)):
+        if all(isinstance(x, int) and not isinstance(x, bool) for x in cu_seqlens):
+            return _row(list(cu_seqlens), "cu_seqlens")
+        rows = []
+        for b, r in enumerate(cu_seqlens):
+            if isinstance(r, torch.Tensor):
+                problem = _int_tensor_problem(r)
+                if problem or r.dim() != 1:
+                    return None, f"cu_seqlens[{b}]: " + (problem or f"a row must be 1-D, got {r.dim()}-D")
+                r = r.tolist()
+            elif not isinstance(r, (list, tuple)):
+                return None, ("cu_seqlens must hold ints (one packing) or one list/1-D tensor per batch row, "
+                              f"got {type(r).__name__} at [{b}]")
+            rows.append(list(r))
+    else:
+        return None, ("cu_seqlens must be a 1-D integer tensor or a list of ints (one packing), or one per batch "
+                      f"row, got {type(cu_seqlens).__name__}")
+    if not rows:
+        return None, "cu_seqlens has no rows"
+    out = []
+    for b, r in enumerate(rows):
+        row, problem = _row(r, f"cu_seqlens[{b}]")
+        if problem:
+            return None, problem
+        out.append(row)
+    ends = sorted({r[-1] for r in out})
+    if len(ends) > 1:
+        return None, (f"the batch rows' cu_seqlens end at different lengths {ends}: every row is the same "
+                      "global sequence length")
+    if all(r == out[0] for r in out):
+        return out[0], None
+    return tuple(out), None
+
+
+def per_row(docs) -> bool:
+    """Whether `docs` (as_documents) holds one packing per batch row."""
+    return docs is not None and isinstance(docs[0], tuple)
+
+
+def documents_length(docs) -> int:
+    """The global sequence length the boundaries end at."""
+    return docs[0][-1] if per_row(docs) else docs[-1]
+
+
+def documents_count(docs) -> int:
+    """Documents in all (summed over the rows of per-row packings)."""
+    return sum(len(r) - 1 for r in docs) if per_row(docs) else len(docs) - 1
+
+
+def packed(docs):
+    """`docs` unless it is one document for every row (plain attention): then None."""
+    return None if docs is None or (not per_row(docs) and len(docs) == 2) else docs
+
+
+def documents_rows_problem(docs, batch: int) -> str | None:
+    """What is wrong with per-row packings for a batch of `batch` rows (None: fine)."""
+    if per_row(docs) and len(docs) != batch:
+        return f"cu_seqlens has {len(docs)} rows (one packing per batch row), but the batch has {batch} rows"
+    return None
+
+
+def documents_tensor(docs) -> torch.Tensor:
+    """The boundaries as one int64 CPU tensor as_documents reads back: 1-D, or (B, n) with each row
+    padded by repeating its last value."""
+    if not per_row(docs):
+        return torch.tensor(docs, dtype=torch.int64)
+    n = max(len(r) for r in docs)
+    return torch.tensor([r + (r[-1],) * (n - len(r)) for r in docs], dtype=torch.int64)
+
+
 def documents_crc(docs: tuple) -> int:
     """A 31-bit checksum of the boundaries (what the ranks compare in their signature)."""
-    return zlib.crc32(",".join(map(str, docs)).encode()) & 0x7FFFFFFF
+    text = "|".join(",".join(map(str, r)) for r in docs) if per_row(docs) else ",".join(map(str, docs))
+    return zlib.crc32(text.encode()) & 0x7FFFFFFF
 
 
 def _runs(lay, rank: int, start: int, length: int) -> list[tuple[int, int, int]]:
@@ -112,13 +208,9 @@ def _split(docs: tuple, g: int, n: int) -> dict[int, tuple[int, int]]:
     return out
 
 
-def document_block(lay, docs: tuple, q_owner: int, kv_owner: int, causal: bool, blk):
-    """The pieced, trimmed version of the layout's block `blk` (layout.Block or None)."""
-    from ringattn.layout import Block
-
-    if blk is None:
-        return None
-    pieces = []  # absolute local rows: (q_row, q_len, kv_row, kv_len, causal)
+def _block_pieces(lay, docs: tuple, q_owner: int, kv_owner: int, causal: bool, blk) -> list:
+    """One packing's pieces of block `blk`, in absolute local rows: (q_row, q_len, kv_row, kv_len, causal)."""
+    pieces = []
     for q_row, q_g, q_n in _runs(lay, q_owner, blk.q_start, blk.q_len):
         q_docs = _split(docs, q_g, q_n)
         for kv_row, kv_g, kv_n in _runs(lay, kv_owner, blk.kv_start, blk.kv_len):
@@ -134,30 +226,57 @@ def document_block(lay, docs: tuple, q_owner: int, kv_owner: int, causal: bool, 
                         raise AssertionError(f"ringattn.documents: a partial causal overlap (q {qg}+{qn}, "
                                              f"kv {kg}+{kn}) cannot come from the layout's chunks")
                 pieces.append((q_row + qg - q_g, qn, kv_row + kg - kv_g, kn, bool(causal and square)))
+    return pieces
+
+
+def document_block(lay, docs: tuple, q_owner: int, kv_owner: int, causal: bool, blk):
+    """The pieced, trimmed version of the layout's block `blk` (layout.Block or None)."""
+    from ringattn.layout import Block
+
+    if blk is None:
+        return None
+    if not per_row(docs):
+        groups = [(0, 0, _block_pieces(lay, docs, q_owner, kv_owner, causal, blk))]
+    else:
+        rows = [_block_pieces(lay, r, q_owner, kv_owner, causal, blk) for r in docs]
+        if all(r == rows[0] for r in rows):
+            groups = [(0, 0, rows[0])]
+        else:  # consecutive batch rows with the same pieces share them
+            groups = []
+            for b, r in enumerate(rows):
+                if groups and groups[-1][2] == r:
+                    groups[-1] = (groups[-1][0], groups[-1][1] + 1, r)
+                else:
+                    groups.append((b, 1, r))
+    pieces = [p for _, _, ps in groups for p in ps]
     if not pieces:
         return None
     q0 = min(p[0] for p in pieces)
     q1 = max(p[0] + p[1] for p in pieces)
     k0 = min(p[2] for p in pieces)
     k1 = max(p[2] + p[3] for p in pieces)
-    rel = tuple(Piece(a - q0, n, b - k0, m, c) for a, n, b, m, c in pieces)
+    rel = tuple(Piece(a - q0, n, b - k0, m, c, b0, nb) for b0, nb, ps in groups for a, n, b, m, c in ps)
     return Block(q0, q1 - q0, k0, k1 - k0, False, rel)
 
 
+def _rows(t, p: Piece):
+    return t if p.nb == 0 else t.narrow(0, p.b0, p.nb)
+
+
 def _q(t, p: Piece):
-    return t.narrow(1, p.q_off, p.q_len)
+    return _rows(t, p).narrow(1, p.q_off, p.q_len)
 
 
 def _kv(t, p: Piece):
-    return t.narrow(1, p.kv_off, p.kv_len)
+    return _rows(t, p).narrow(1, p.kv_off, p.kv_len)
 
 
 def _lse(t, p: Piece):
-    return t.narrow(2, p.q_off, p.q_len)
+    return _rows(t, p).narrow(2, p.q_off, p.q_len)
 
 
 def _whole(blk, p: Piece) -> bool:
-    return (p.q_off, p.q_len, p.kv_off, p.kv_len) == (0, blk.q_len, 0, blk.kv_len)
+    return (p.q_off, p.q_len, p.kv_off, p.kv_len, p.nb) == (0, blk.q_len, 0, blk.kv_len, 0)
 
 
 def block_forward(blk, q, k, v, *, softmax_scale, backend):

@@ -40,7 +40,8 @@ import torch.distributed as dist
 
 from ringattn.accounting import CommStats, comm_stats  # noqa: F401  (re-exported)
 from ringattn.block_attention import block_attn_forward
-from ringattn.documents import as_documents, documents_crc
+from ringattn.documents import (as_documents, documents_count, documents_crc, documents_length,
+                                documents_rows_problem, packed, per_row)
 from ringattn.layout import (LAYOUTS, RingPlan, SequenceLayout, collective_device, dtype_code,  # noqa: F401
                              gather_sequence, group_rank_and_size, no_autocast, seq_len_error, shard_sequence)
 from ringattn.ring_attention import RingAttention, ring_comm_bytes
@@ -75,7 +76,7 @@ _PROBLEMS = (
     "unknown algorithm (choose 'auto', 'ring' or 'token_ring')",
     "batch, heads and head_dim must be > 0",
     "cu_seqlens must be the global document boundaries: 0, then strictly increasing ints (a list or a 1-D "
-    "integer tensor)",
+    "integer tensor; or one such row per batch row)",
 )
 (_P_NOT_TENSOR, _P_NOT_4D, _P_NOT_FLOAT, _P_KV_SHAPE, _P_QK_SHAPE, _P_HEADS, _P_DTYPES, _P_DEVICES,
  _P_BACKEND, _P_SCALE, _P_LAYOUT, _P_ALGORITHM, _P_EMPTY, _P_DOCS) = (1 << i for i in range(len(_PROBLEMS)))
@@ -118,11 +119,14 @@ def _local_signature(fn, q, k, v, *, algorithm, layout, causal, softmax_scale, b
     sig[_IX["lse_grad"]] = int(bool(lse_grad))
     problems, error = 0, None
     docs, docs_problem = as_documents(cu_seqlens)
+    if not docs_problem and isinstance(q, torch.Tensor) and q.dim() == 4:
+        docs_problem = documents_rows_problem(docs, q.shape[0])
     if docs_problem:
         problems |= _P_DOCS
         error = ValueError(f"{fn}: {docs_problem}")
+        docs = None
     elif docs is not None:
-        sig[_IX["docs_n"]] = len(docs) - 1
+        sig[_IX["docs_n"]] = documents_count(docs)
         sig[_IX["docs_crc"]] = documents_crc(docs)
     if algorithm in _ALG_CODE:
         sig[_IX["algorithm"]] = _ALG_CODE[algorithm]
@@ -248,8 +252,8 @@ def _check_table(fn: str, sigs: list[list[int]], layout: str,
         return (f"{fn}: ranks hold {lengths} tokens (seq_local of ranks 0..{W - 1}), but layout={layout!r} "
                 f"cuts a global sequence of {L} tokens into {list(lay.local_lengths)} (split_sizes: "
                 f"earlier chunks take the extra tokens)"), None
-    if documents is not None and documents[-1] != L:
-        return (f"{fn}: cu_seqlens ends at {documents[-1]}, but the ranks hold {L} tokens in all ({lengths}): "
+    if documents is not None and documents_length(documents) != L:
+        return (f"{fn}: cu_seqlens ends at {documents_length(documents)}, but the ranks hold {L} tokens in all ({lengths}): "
                 "cu_seqlens are the GLOBAL document boundaries of the whole packed sequence, ending at its "
                 "length (the same on every rank), not the local shard's"), None
     return None, lay
@@ -331,7 +335,7 @@ def _prepare(fn: str, q, k, v, *, algorithm, causal, softmax_scale, group, layou
     if message:
         raise ValueError(message) from local.error
     scale = _bits_float(sigs[0][_IX["scale"]])
-    docs = local.documents if local.documents is not None and len(local.documents) > 2 else None  # 1 doc: plain
+    docs = packed(local.documents)  # one document: plain attention
     plan = RingPlan(group, rank, world, lay, bool(causal), scale, backend, docs)
     # Non-contiguous inputs (e.g. a transposed (B, H, S, D) view) are accepted: one copy here,
     # since what travels must be contiguous.
@@ -356,7 +360,7 @@ def predict_comm_bytes(algorithm: str, *, seq_len: int, world_size: int, layout:
     dtype: of q/k/v (or its element size in bytes). lse_grad: the call had lse_grad=True.
     cu_seqlens: the call's packed-sequence boundaries (TokenRing skips pairs sharing no document)."""
     lay = SequenceLayout.build(seq_len, world_size, layout)
-    docs = _documents_arg(cu_seqlens, seq_len)
+    docs = _documents_arg(cu_seqlens, seq_len, batch)
     e = _elem_size(dtype)
     if algorithm == "ring":
         return [ring_comm_bytes(lay, r, batch=batch, heads_kv=heads_kv, head_dim=head_dim, elem_size=e,
@@ -368,14 +372,16 @@ def predict_comm_bytes(algorithm: str, *, seq_len: int, world_size: int, layout:
     raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
 
 
-def _documents_arg(cu_seqlens, seq_len: int) -> tuple | None:
+def _documents_arg(cu_seqlens, seq_len: int, batch: int | None = None) -> tuple | None:
     """cu_seqlens of a single-process helper, checked (ValueError); None for one document."""
     docs, problem = as_documents(cu_seqlens)
     if problem:
         raise ValueError(problem)
-    if docs is not None and docs[-1] != seq_len:
-        raise ValueError(f"cu_seqlens ends at {docs[-1]}, but seq_len is {seq_len}")
-    return docs if docs is not None and len(docs) > 2 else None
+    if docs is not None and documents_length(docs) != seq_len:
+        raise ValueError(f"cu_seqlens ends at {documents_length(docs)}, but seq_len is {seq_len}")
+    if per_row(docs) and batch is not None and len(docs) != batch:
+        raise ValueError(documents_rows_problem(docs, batch))
+    return packed(docs)
 
 
 # algorithm="auto" follows ringattn.cost_model; a predicted gap below this fraction is inside the
@@ -418,7 +424,7 @@ def choose_algorithm(*, seq_len: int, world_size: int, layout: str = "contiguous
     """
     args = (seq_len, world_size, layout, bool(causal), batch, heads_q, heads_kv, head_dim, _elem_size(dtype),
             bool(backward), topology)
-    docs = _documents_arg(cu_seqlens, seq_len)
+    docs = _documents_arg(cu_seqlens, seq_len, batch)
     if docs is not None:  # a small cache of its own: every packed batch brings new boundaries, but the
         return _choose_algorithm_packed(*args, docs)  # layers of one forward all ask with the same
     return _choose_algorithm(*args)
@@ -438,8 +444,9 @@ def _choose_algorithm(seq_len, world_size, layout, causal, batch, heads_q, heads
         return AlgorithmChoice("ring", per_alg, "world size 1: no communication")
     if documents is not None:
         alg = "token_ring" if per_alg["token_ring"] < per_alg["ring"] else "ring"
-        return AlgorithmChoice(alg, per_alg, f"packed sequence ({len(documents) - 1} documents): the cost model "
-                               "does not model document masks; fewer bottleneck bytes (ties: ring)")
+        rows = f" in {len(documents)} row packings" if per_row(documents) else ""
+        return AlgorithmChoice(alg, per_alg, f"packed sequence ({documents_count(documents)} documents{rows}): "
+                               "the cost model does not model document masks; fewer bottleneck bytes (ties: ring)")
     from ringattn import cost_model  # pure Python; imported here to keep this module's imports as they are
 
     topo = topology if topology is not None else ("nvswitch" if world_size <= MESH_MAX_WORLD else "inter_node")

@@ -9,6 +9,8 @@
    against a float64 reference with the document mask, tolerances of test_sequence_parallel; the
    bytes each rank moved against predict_comm_bytes(cu_seqlens=...) (TokenRing skips pairs that
    share no document).
+   Per-row packings (one cu_seqlens row per batch row, e.g. padding or a collator that packs each
+   row on its own): the same checks, each row against its own mask.
 3. Bad cu_seqlens: the same ValueError on every rank, the group still usable.
 """
 import math
@@ -33,7 +35,9 @@ def doc_ids(cu, L):
 
 
 def allowed(cu, L, causal):
-    """(L, L) bool: query p may attend key t."""
+    """(L, L) bool: query p may attend key t; per-row packings (a list of rows): (B, 1, L, L)."""
+    if not isinstance(cu[0], int):
+        return torch.stack([allowed(r, L, causal) for r in cu]).unsqueeze(1)
     ids = doc_ids(cu, L)
     m = ids[:, None] == ids[None, :]
     if causal:
@@ -73,7 +77,7 @@ def test_pieces_cover_exactly_the_document_mask(layout, world, causal):
                     if i == j:  # the diagonal block covers every row (TokenRing/ring initialise from it)
                         assert (blk.q_start, blk.q_len) == (0, lay.local_len(i)), (name, blk)
                     pieces = blk.pieces or ((0, blk.q_len, 0, blk.kv_len, blk.causal),)
-                    for qo, qn, ko, kn, c in pieces:
+                    for qo, qn, ko, kn, c in (p[:5] for p in pieces):
                         qs = pi[blk.q_start + qo: blk.q_start + qo + qn]
                         ks = pj[blk.kv_start + ko: blk.kv_start + ko + kn]
                         sub = torch.ones(qn, kn, dtype=torch.long)
@@ -83,6 +87,85 @@ def test_pieces_cover_exactly_the_document_mask(layout, world, causal):
                         got[qs[:, None], ks[None, :]] += sub
             want = allowed(cu, L, causal).long()
             assert torch.equal(got, want), (layout, world, causal, L, name, (got - want).nonzero()[:5].tolist())
+
+
+def per_row_patterns(L, B, seed):
+    """Per-row packings of B rows: a left-padding-like row, a right-padding-like row, random rows,
+    one plain row, and two equal rows next to each other (which share their pieces)."""
+    rng = random.Random(seed)
+    rows = []
+    for b in range(B):
+        kind = (b + seed) % 5
+        if kind == 0:
+            rows.append([0, max(1, L // 3), L])
+        elif kind == 1:
+            rows.append([0, L - 1, L])
+        elif kind == 2:
+            rows.append([0] + sorted(rng.sample(range(1, L), max(1, L // 5))) + [L])
+        elif kind == 3:
+            rows.append([0, L])
+        else:
+            rows.append(list(rows[-1]) if rows else [0, 1, L])
+    if all(r == rows[0] for r in rows):
+        rows[-1] = [0, L - 1, L] if rows[0] != [0, L - 1, L] else [0, L]
+    return rows
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("world", [1, 3, 4])
+@pytest.mark.parametrize("causal", [False, True])
+def test_per_row_pieces_cover_exactly_each_rows_mask(layout, world, causal):
+    from ringattn.documents import as_documents
+
+    for L in (4 * world + 3, 9 * world + 1):
+        lay = SequenceLayout.build(L, world, layout)
+        for B in (2, 3, 5):
+            rows = per_row_patterns(L, B, L + B + world)
+            docs, problem = as_documents(rows)
+            assert problem is None and isinstance(docs[0], tuple) and len(docs) == B, (rows, docs, problem)
+            plan = RingPlan(None, 0, world, lay, causal, 1.0, "math", docs)
+            got = torch.zeros(B, L, L, dtype=torch.long)
+            for i in range(world):
+                pi = lay.positions(i)
+                for j in range(world):
+                    pj = lay.positions(j)
+                    blk = plan.block(i, j)
+                    if blk is None:
+                        continue
+                    if i == j:
+                        assert (blk.q_start, blk.q_len) == (0, lay.local_len(i)), (rows, blk)
+                    for p in blk.pieces:
+                        qs = pi[blk.q_start + p.q_off: blk.q_start + p.q_off + p.q_len]
+                        ks = pj[blk.kv_start + p.kv_off: blk.kv_start + p.kv_off + p.kv_len]
+                        sub = torch.ones(p.q_len, p.kv_len, dtype=torch.long)
+                        if p.causal:
+                            sub = sub.tril()
+                        bs = range(B) if p.nb == 0 else range(p.b0, p.b0 + p.nb)
+                        for b in bs:
+                            got[b, qs[:, None], ks[None, :]] += sub
+            want = allowed(rows, L, causal).squeeze(1).long()
+            assert torch.equal(got, want), (layout, world, causal, L, rows, (got - want).nonzero()[:5].tolist())
+
+
+def test_as_documents_per_row_forms():
+    from ringattn.documents import as_documents, documents_tensor, packed
+
+    rows = [[0, 3, 9], [0, 9], [0, 1, 2, 9]]
+    docs, problem = as_documents(rows)
+    assert problem is None and docs == ((0, 3, 9), (0, 9), (0, 1, 2, 9))
+    padded = torch.tensor([[0, 3, 9, 9], [0, 9, 9, 9], [0, 1, 2, 9]])
+    assert torch.equal(documents_tensor(docs), padded)
+    assert as_documents(padded) == (docs, None)
+    assert as_documents([torch.tensor(r) for r in rows]) == (docs, None)
+    assert as_documents([[0, 4, 9], [0, 4, 9]]) == ((0, 4, 9), None)  # equal rows: one packing
+    assert packed(as_documents([[0, 9], [0, 9]])[0]) is None          # one document per row: plain
+    for bad, words in (([[0, 3, 9], [0, 8]], "end at different lengths"),
+                       ([[0, 3, 9], [0, 5, 5, 9]], "cu_seqlens[1] must strictly increase"),
+                       ([[0, 3, 9], 7], "one list/1-D tensor per batch row"),
+                       (torch.zeros(2, 2, 2, dtype=torch.long), "1-D (one packing) or 2-D"),
+                       ([], "at least 2 entries")):
+        got, problem = as_documents(bad)
+        assert got is None and problem is not None and words in problem, (bad, problem)
 
 
 def test_single_process_helpers_check_cu_seqlens():
@@ -130,7 +213,11 @@ def run_doc_case(c, device="cpu"):
     loc = [t[:, pos].to(device).requires_grad_() for t in (q, k, v)]
     fn = {"ring": sp.ring_attention, "token_ring": sp.token_ring_attention,
           "auto": sp.sequence_parallel_attention}[c["alg"]]
-    cu_arg = torch.tensor(cu) if c["as_tensor"] else cu
+    if c["as_tensor"]:
+        from ringattn.documents import as_documents, documents_tensor
+        cu_arg = documents_tensor(as_documents(cu)[0])
+    else:
+        cu_arg = cu
     with comm_stats() as st:
         out, lse = fn(*loc, causal=c["causal"], layout=c["layout"], return_lse=True, lse_grad=c["lse_grad"],
                       cu_seqlens=cu_arg)
@@ -181,6 +268,15 @@ def doc_cases(world):
                                               pattern=name, hq=hq, hkv=hkv, batch=1 + i % 2, head_dim=8,
                                               dtype=dtype, lse_grad=i % 4 == 1, as_tensor=i % 2 == 0, seed=i))
                             i += 1
+    # per-row packings: batch 2 and 3, both algorithms, causal and not, both layouts
+    for j, (alg, causal, layout, B) in enumerate((("ring", True, "zigzag", 2), ("token_ring", True, "zigzag", 3),
+                                                 ("token_ring", False, "contiguous", 2),
+                                                 ("ring", True, "contiguous", 3), ("auto", True, "zigzag", 2))):
+        L = (6, 7)[j % 2] * world - j % 2
+        cases.append(dict(alg=alg, causal=causal, layout=layout, seq_len=L, cu=per_row_patterns(L, B, j + world),
+                          pattern="per-row", hq=(4, 2)[j % 2], hkv=2, batch=B, head_dim=8,
+                          dtype=(torch.float32, torch.bfloat16)[j % 2], lse_grad=j == 1, as_tensor=j % 2 == 0,
+                          seed=500 + j))
     # auto, and a single document (the plain path) through cu_seqlens
     L = 7 * world - 1
     cases.append(dict(cases[0], alg="auto", seq_len=L, cu=patterns(L, 5)["random"], seed=i + 1))
@@ -264,6 +360,23 @@ def _run_compiled_docs():
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     if frames != 1:
         failures.append(f"rank {rank}: {frames} graphs compiled for two packings of 3 documents (want 1: cu_seqlens is an input)")
+    # per-row packings: a list of rows becomes one 2-D tensor input of the op (a new graph)
+    g = torch.Generator().manual_seed(9)
+    full = [torch.randn(2, L, 2, 8, generator=g) for _ in range(4)]
+    pos = positions(L, 2, "zigzag", rank)
+    rows = [[0, 4, 13], [0, 2, 11, 13]]
+    res = {}
+    for mode, f in (("compiled", compiled), ("eager", fn)):
+        loc = [t[:, pos].clone().requires_grad_() for t in full[:3]]
+        before = rc.CALLS["sp_attention"]
+        out = f(*loc, rows)
+        out.backward(full[3][:, pos])
+        res[mode] = [out.detach()] + [t.grad for t in loc] + [rc.CALLS["sp_attention"] - before]
+    if res["compiled"][-1] != 1:
+        failures.append(f"rank {rank} per-row: the compiled call ran sp_attention {res['compiled'][-1]} times")
+    for name, a, b in zip(("out", "dq", "dk", "dv"), res["compiled"], res["eager"]):
+        if not torch.equal(a, b):
+            failures.append(f"rank {rank} per-row: {name} compiled != eager")
     return failures
 
 
@@ -281,7 +394,11 @@ def _bad(scenario):
           "disagree": [0, 4, 11] if rank == 0 else [0, 5, 11],
           "decreasing_on_one_rank": [0, 4, 11] if rank == 0 else [0, 7, 4, 11],
           "float_tensor": torch.tensor([0.0, 4.0, 11.0]),
-          "not_starting_at_zero": [1, 4, 11]}[scenario]
+          "not_starting_at_zero": [1, 4, 11],
+          "rows_not_batch": [[0, 4, 11], [0, 11], [0, 2, 11]],  # 3 rows for a batch of 1
+          "rows_disagree": [[0, 4, 11], [0, 11]] if rank == 0 else [[0, 4, 11], [0, 5, 11]]}[scenario]
+    if scenario == "rows_disagree":
+        q, k, v = (t.expand(2, -1, -1, -1) for t in (q, k, v))
     t0 = time.monotonic()
     try:
         sp.token_ring_attention(q, k, v, causal=True, cu_seqlens=cu)
@@ -289,7 +406,7 @@ def _bad(scenario):
     except Exception as e:  # noqa: BLE001
         outcome = (type(e).__name__, str(e))
     out = sp.ring_attention(q, k, v, causal=True, cu_seqlens=[0, 4, 11])  # the group still works
-    return outcome + (time.monotonic() - t0, tuple(out.shape))
+    return outcome + (time.monotonic() - t0, tuple(out.shape)[1:])
 
 
 @pytest.mark.parametrize("scenario, words", [
@@ -298,6 +415,8 @@ def _bad(scenario):
     ("decreasing_on_one_rank", ("rank 1: cu_seqlens must be the global document boundaries",)),
     ("float_tensor", ("rank 0: cu_seqlens", "rank 1: cu_seqlens")),
     ("not_starting_at_zero", ("rank 0: cu_seqlens",)),
+    ("rows_not_batch", ("rank 0: cu_seqlens", "rank 1: cu_seqlens")),
+    ("rows_disagree", ("ranks disagree on cu_seqlens",)),
 ])
 def test_bad_cu_seqlens_raise_on_every_rank(dist_pool, scenario, words):
     results = dist_pool(2).run(_bad, scenario, timeout=60)
@@ -305,5 +424,5 @@ def test_bad_cu_seqlens_raise_on_every_rank(dist_pool, scenario, words):
         assert kind == "ValueError", (rank, kind, msg)
         for w in words:
             assert w in msg, (rank, w, msg)
-        assert elapsed < 10 and shape == (1, 6 - rank, 2, 8)
+        assert elapsed < 10 and shape == (6 - rank, 2, 8)
     assert results[0][1] == results[1][1], results
