@@ -392,7 +392,13 @@ def _run_hf(mode):
     model = th.tiny_model("llama")
     docs = th.PACKED.get(dist.get_world_size())
     packed = "packed" in mode
-    ref = th.packed_reference(model, ids, labels, docs) if packed else th.reference(model, ids, labels)
+    if "padded" in mode:  # left/right padding + a per-row packing padded inside a document
+        L = ids.shape[1]
+        ids, labels, mask = th.padded_batch(L, packed=True)
+        rows = [[0, L], [0, L], [0, 9, L]]
+        ref = th.rows_reference(model, ids, labels, rows, mask)
+    else:
+        ref = th.packed_reference(model, ids, labels, docs) if packed else th.reference(model, ids, labels)
     if mode.startswith("compile_ulysses"):  # 2-D: Ulysses pairs x a ring of 2, W = 4
         rhf.apply_sequence_parallel(model, algorithm="ulysses+ring", layout="zigzag", ulysses_size=2,
                                     use_deepspeed=mode.endswith("deepspeed"))
@@ -406,8 +412,15 @@ def _run_hf(mode):
     before = rc.CALLS["sp_attention"]
     from torch._dynamo.utils import counters
     counters.clear()
-    step = th.packed_step(model, ids, labels, docs) if packed else th.sp_step(model, ids, labels)
-    err = th.compare(model.ringattn_plan, ref, step)
+    if "padded" in mode:
+        batch = rhf.shard_batch(model, ids, labels, attention_mask=mask, cu_seqlens=rows)
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        loss = rhf.sequence_parallel_loss(logits, batch["labels"])
+        loss.backward()
+        err = th.compare_real(model.ringattn_plan, ref, (logits.detach(), loss.detach(), th.summed_grads(model)), mask)
+    else:
+        step = th.packed_step(model, ids, labels, docs) if packed else th.sp_step(model, ids, labels)
+        err = th.compare(model.ringattn_plan, ref, step)
     breaks = [k.split("\n")[0][:120] for k in counters["graph_break"]]
     return err, rc.CALLS["sp_attention"] - before, model.config.num_hidden_layers, \
         (counters["stats"]["unique_graphs"], breaks)
@@ -418,8 +431,8 @@ def _has_deepspeed():
     return importlib.util.find_spec("deepspeed") is not None
 
 
-@pytest.mark.parametrize("mode", ["compile", "compile_packed", "ckpt_reentrant", "ckpt", "compile_ckpt", "compile_ulysses",
-                                  "compile_ulysses_packed",
+@pytest.mark.parametrize("mode", ["compile", "compile_packed", "compile_padded", "ckpt_reentrant", "ckpt", "compile_ckpt", "compile_ulysses",
+                                  "compile_ulysses_packed", "compile_ulysses_padded",
                                   pytest.param("compile_ulysses_deepspeed", marks=[
                                       pytest.mark.skipif(not _has_deepspeed(), reason="deepspeed not installed")])])
 def test_hf_model_compiled_or_checkpointed_matches_single_process(dist_pool, mode, request):

@@ -71,6 +71,19 @@ def test_ulysses_ring_2d_packed_sequences(dist_pool, use_deepspeed):
     th.assert_close(dist_pool(4).run(_check_2d_packed, use_deepspeed, timeout=240))
 
 
+# Padded batches and per-row packings in 2-D mode: the boundaries the pre-hook derives (from the
+# padding mask, or one packing per row) hold unchanged on the ring group after the all-to-all.
+ROW_CASES_2D = (("ulysses+ring", "zigzag", "padded"), ("ulysses+token_ring", "contiguous", "padded_packed"),
+                ("ulysses+token_ring", "zigzag", "per_row_cu_seqlens"), ("ulysses+ring", "contiguous", "per_row_padded"))
+
+
+@pytest.mark.parametrize("use_deepspeed", [pytest.param(True, marks=needs_deepspeed), False],
+                         ids=["deepspeed_a2a", "ringattn_a2a"])
+def test_ulysses_ring_2d_padded_and_per_row_batches(dist_pool, use_deepspeed):
+    th.assert_close(dist_pool(4).run(th._check_rows, 4, ROW_CASES_2D, ulysses_size=2, use_deepspeed=use_deepspeed,
+                                     timeout=240))
+
+
 def _generate_2d(use_deepspeed):
     """generate() in the 2-D modes: Ulysses x ring prefill, decode over every rank's cache piece."""
     prompt, _ = th.global_batch(29)

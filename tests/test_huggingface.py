@@ -257,6 +257,128 @@ def test_padding_free_collator_batches(dist_pool, world):
 
 
 # ---------------------------------------------------------------------------------------------
+# Padded batches (attention_mask with left/right padding) and per-row packings: the wrapped model
+# == the single-process model on every row's documents alone, under that row's mask; compared on
+# the real tokens (a padded token's output is not defined), loss and gradients exactly.
+# ---------------------------------------------------------------------------------------------
+PER_ROW = {1: ([0, 7, 20], [0, 3, 10, 20], [0, 20]), 2: ([0, 7, 23], [0, 3, 10, 23], [0, 23]),
+           3: ([0, 7, 29], [0, 3, 10, 17, 29], [0, 29]), 4: ([0, 5, 29], [0, 3, 10, 24, 29], [0, 29])}
+
+
+def padded_batch(seq_len: int, packed: bool):
+    """3 rows: left-padded (3), right-padded (4), and either unpadded or, packed as [0, 9, L],
+    padded at the end of its first document (tokens 7, 8). Labels -100 at pads, as collators do."""
+    input_ids, labels = global_batch(seq_len, batch=3)
+    mask = torch.ones_like(input_ids)
+    mask[0, :3] = 0
+    mask[1, -4:] = 0
+    if packed:
+        mask[2, 7:9] = 0
+    labels = labels.masked_fill(mask == 0, -100)
+    return input_ids, labels, mask
+
+
+def rows_reference(model, input_ids, labels, row_docs, mask=None, position_ids=None):
+    """Every row's documents through the single-process model on their own (with the row's mask
+    slice and position slice); targets at padded tokens ignored. Returns logits (B, L, V), loss,
+    gradients."""
+    ref = copy.deepcopy(model)
+    rows, total, count = [], 0.0, 0
+    for b, docs in enumerate(row_docs):
+        parts = []
+        for s, e in zip(docs[:-1], docs[1:]):
+            kw = {}
+            if mask is not None:
+                kw["attention_mask"] = mask[b:b + 1, s:e]
+            if position_ids is not None:
+                kw["position_ids"] = position_ids[b:b + 1, s:e]
+            lg = ref(input_ids=input_ids[b:b + 1, s:e], **kw).logits
+            tgt = rhf.shift_labels(labels[b:b + 1, s:e])
+            if mask is not None:
+                tgt = tgt.masked_fill(mask[b:b + 1, s:e] == 0, -100)
+            total = total + torch.nn.functional.cross_entropy(lg.flatten(0, 1), tgt.flatten(), ignore_index=-100,
+                                                              reduction="sum")
+            count += int((tgt != -100).sum())
+            parts.append(lg)
+        rows.append(torch.cat(parts, 1))
+    loss = total / count
+    loss.backward()
+    return torch.cat(rows, 0).detach(), loss.detach(), {n: p.grad for n, p in ref.named_parameters()}
+
+
+def compare_real(plan, ref, got, mask) -> dict:
+    """compare() with the logits compared on the real (mask 1) tokens only."""
+    err = compare(plan, ref, got)
+    if mask is not None:
+        real = plan.shard(mask, dim=1).bool()[..., None]
+        err["logits"] = ((got[0] - plan.shard(ref[0], dim=1)).abs() * real).max().item()
+    return err
+
+
+def generate_style_positions(mask):
+    """What generate() feeds a left-padded batch: cumsum(mask) - 1, padded tokens at 1."""
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+
+ROW_CASES = (("ring", "zigzag", "padded"), ("token_ring", "contiguous", "padded_no_positions"),
+             ("auto", "zigzag", "padded_generate_positions"), ("token_ring", "zigzag", "padded_packed"),
+             ("ring", "contiguous", "per_row_position_ids"), ("token_ring", "zigzag", "per_row_cu_seqlens"),
+             ("auto", "contiguous", "per_row_padded"))
+
+
+def _check_rows(world, cases=ROW_CASES, **apply_kw):
+    out = {}
+    L = SEQ.get(world, 29)
+    per_row = [list(r) for r in PER_ROW[world]]
+    for algorithm, layout, variant in cases:
+        model = tiny_model("llama")
+        ids, labels, mask = padded_batch(L, packed=variant in ("padded_packed", "per_row_padded"))
+        pos = None
+        kw = {}
+        if variant == "padded_packed":
+            row_docs = [[0, 9, L]] * 3
+            kw["cu_seqlens"] = [0, 9, L]
+        elif variant == "per_row_padded":  # per-row packings and padding inside their documents
+            row_docs = [per_row[0], per_row[1], [0, 9, L]]
+            n = max(map(len, row_docs))  # a 2-D tensor, rows padded by repeating their last value
+            kw["cu_seqlens"] = torch.tensor([r + [r[-1]] * (n - len(r)) for r in row_docs])
+        elif variant.startswith("per_row"):
+            row_docs, mask = per_row, None
+            labels = global_batch(L, batch=3)[1]
+            if variant == "per_row_position_ids":  # a collator's per-row packed positions
+                kw["position_ids"] = rhf._global_positions(L, tuple(map(tuple, per_row)), None)
+            else:
+                kw["cu_seqlens"] = per_row
+        else:
+            row_docs = [[0, L]] * 3
+        if variant == "padded_generate_positions":
+            pos = generate_style_positions(mask)
+            kw["position_ids"] = pos
+        ref = rows_reference(model, ids, labels, row_docs, mask, pos)
+        rhf.apply_sequence_parallel(model, algorithm=algorithm, layout=layout, **apply_kw)
+        batch = rhf.shard_batch(model, ids, labels, attention_mask=mask, **kw)
+        if mask is not None:
+            assert torch.equal(batch["attention_mask"], model.ringattn_plan.shard(mask, dim=1))
+        if variant.startswith("per_row"):
+            got_docs, _ = __import__("ringattn.documents", fromlist=["as_documents"]).as_documents(batch["cu_seqlens"])
+            assert [list(r) for r in got_docs] == row_docs, (got_docs, row_docs)
+        fwd = {k: v for k, v in batch.items() if k != "labels"}
+        if variant == "padded_no_positions":
+            del fwd["position_ids"]
+        logits = model(**fwd).logits
+        loss = rhf.sequence_parallel_loss(logits, batch["labels"])
+        loss.backward()
+        out[(algorithm, layout, variant)] = compare_real(model.ringattn_plan, ref,
+                                                         (logits.detach(), loss.detach(), summed_grads(model)), mask)
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_padded_and_per_row_batches_match_single_process(dist_pool, world):
+    assert_close(dist_pool(world).run(_check_rows, world, timeout=240))
+
+
+# ---------------------------------------------------------------------------------------------
 # Serving: rhf.generate (sequence-parallel prefill, sharded KV cache, sharded_kv_attention per
 # decode step) == a plain greedy loop of the single-process model over the full sequence.
 # ---------------------------------------------------------------------------------------------
@@ -371,8 +493,21 @@ def _refusals():
     msgs["mismatched_shards"] = _raises(lambda: model(input_ids=mism))
     mask = torch.ones_like(b["input_ids"])
     if rank == 1:
-        mask[0, -1] = 0  # padding on one rank only: every rank must refuse (no hang)
+        mask[0, -1] = 0  # padding between real tokens, on one rank only: every rank must refuse (no hang)
     msgs["padding_mask"] = _raises(lambda: model(input_ids=b["input_ids"], attention_mask=mask))
+    msgs["mask_4d"] = _raises(lambda: model(input_ids=b["input_ids"], attention_mask=torch.ones(2, 1, 6, 6)))
+    msgs["mask_global_on_one_rank"] = _raises(lambda: model(
+        input_ids=b["input_ids"], attention_mask=torch.ones_like(ids) if rank == 0 else torch.ones_like(b["input_ids"])))
+    msgs["cu_seqlens_rows_not_batch"] = _raises(lambda: model(
+        input_ids=b["input_ids"], cu_seqlens=[[0, 5, 12], [0, 6, 12], [0, 12]]))
+    hole = torch.ones_like(ids)
+    hole[1, 4] = 0
+    msgs["shard_batch_mask_hole"] = _raises(lambda: rhf.shard_batch(model, ids, attention_mask=hole))
+    msgs["shard_batch_mask_shape"] = _raises(lambda: rhf.shard_batch(model, ids, attention_mask=hole[:, 1:]))
+    left = torch.ones_like(ids)
+    left[:, :2] = 0
+    msgs["shard_batch_mask_positions"] = _raises(lambda: rhf.shard_batch(
+        model, ids, attention_mask=left, position_ids=torch.arange(12).flip(0).expand(2, -1)))
     contiguous_pos = torch.arange(6 * rank, 6 * rank + 6).expand(2, -1)  # wrong for zigzag
     msgs["wrong_positions"] = _raises(lambda: model(input_ids=b["input_ids"], position_ids=contiguous_pos))
     msgs["labels_to_model"] = _raises(lambda: model(input_ids=b["input_ids"], labels=b["labels"]))
@@ -408,8 +543,10 @@ def _refusals():
     msgs["shard_batch_positions_not_packed"] = _raises(lambda: rhf.shard_batch(model, ids, position_ids=bad_pos))
     msgs["shard_batch_positions_vs_cu_seqlens"] = _raises(lambda: rhf.shard_batch(
         model, ids, position_ids=torch.arange(12).expand(2, -1), cu_seqlens=[0, 5, 12]))
-    msgs["shard_batch_positions_rows_differ"] = _raises(lambda: rhf.shard_batch(
-        model, ids, position_ids=torch.stack([torch.arange(12), torch.cat([torch.arange(5), torch.arange(7)])])))
+    # rows packed differently: per-row boundaries (a 2-D tensor, rows padded with their last value)
+    msgs["per_row_positions_ok"] = rhf.shard_batch(
+        model, ids, position_ids=torch.stack([torch.arange(12), torch.cat([torch.arange(5), torch.arange(7)])])
+    )["cu_seqlens"].tolist()
     attn = model.model.layers[0].self_attn
     q = torch.zeros(2, 4, 6, 16)
     kv = torch.zeros(2, 2, 6, 16)
@@ -436,7 +573,13 @@ REFUSALS = {
     "bad_algorithm": ["'ringz'", "token_ring"],
     "too_short": ["3 tokens is too short for 2 ranks", "at least 4 tokens"],
     "mismatched_shards": ["mismatched shards", "ranks hold [6, 7]", "shard_batch"],
-    "padding_mask": ["ranks [1]", "padding"],
+    "padding_mask": ["row 0 has padding (0) at token 8 between real tokens 0 and 11", "left or right padding"],
+    "mask_4d": ["ranks [0, 1]", "2-D (batch, seq_local) 0/1 padding mask", "4-D"],
+    "mask_global_on_one_rank": ["ranks [0]:", "2-D (batch, seq_local)"],
+    "cu_seqlens_rows_not_batch": ["cu_seqlens has 3 rows", "the batch has 2 rows"],
+    "shard_batch_mask_hole": ["row 1 has padding (0) at token 4", "left or right padding"],
+    "shard_batch_mask_shape": ["attention_mask (2, 11)", "input_ids' shape (2, 12)"],
+    "shard_batch_mask_positions": ["position_ids of row 0", "cumsum(attention_mask) - 1"],
     "wrong_positions": ["position_ids", "ranks [0, 1]"],
     "labels_to_model": ["labels=", "sequence_parallel_loss"],
     "kv_cache": ["KV cache", "generate()"],
@@ -455,7 +598,6 @@ REFUSALS = {
     "flash_kwargs_max_length": ["ranks [1]", "max_length_q/k at least the longest document"],
     "shard_batch_positions_not_packed": ["at token 5: 1, expected 5", "restart at 0"],
     "shard_batch_positions_vs_cu_seqlens": ["position_ids says the documents are [0, 12]", "[0, 5, 12]"],
-    "shard_batch_positions_rows_differ": ["rows' position_ids differ", "every batch row"],
     "flash_kwargs_bypassing_hook": ["cu_seq_lens_q reached the attention", "pre-hook"],
 }
 
@@ -471,6 +613,7 @@ def test_refuses_clearly(refusals, case):
         for needle in REFUSALS[case]:
             assert needle in msgs[case], f"rank {rank} {case}: {needle!r} not in {msgs[case]!r}"
         assert msgs["all_ones_mask_ok"] == (2, 6, 96)
+        assert msgs["per_row_positions_ok"] == [[0, 12, 12], [0, 5, 12]]
         assert msgs["unwrapped"] == ("eager", (2, 12, 96))
 
 

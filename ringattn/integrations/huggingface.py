@@ -24,11 +24,18 @@ Packed sequences: ``shard_batch(model, input_ids, labels, cu_seqlens=...)`` (glo
 boundaries) returns per-document positions and ``batch["cu_seqlens"]``; pass that to the model
 (``model(..., cu_seqlens=batch["cu_seqlens"])``): the pre-hook takes it out of the kwargs, checks
 that every rank passed the same, and attention stays inside each document (ringattn.documents).
+Rows may pack differently (per-row boundaries).
+
+Padded batches: ``shard_batch(model, input_ids, labels, attention_mask=mask)`` with left- or
+right-padded rows; pass ``batch["attention_mask"]`` to the model. The pre-hook gathers the mask
+(only when some rank holds padding) and turns each row's run of real tokens into per-row
+boundaries, so every real token's output equals the unsharded model's under the mask.
 
 Refused with an error instead of computed wrongly: model families other than the ones listed in
 ``SUPPORTED_MODEL_TYPES``, sliding-window layers, attention-logit softcapping, attention sinks,
 attention dropout, RoPE variants that depend on the sequence length (dynamic, longrope),
-padding masks (an ``attention_mask`` with zeros), custom 4-D masks, KV caches outside
+padding masks with zeros between real tokens (only left/right padding, or padding at the ends
+of packed documents), custom 4-D masks, KV caches outside
 ``generate()`` (which prefills sequence-parallel and decodes over the sharded cache), and
 ``labels=`` passed to the model (its built-in loss would shift labels inside each shard).
 """
@@ -186,12 +193,8 @@ class SequenceParallelPlan:
     def positions(self, seq_len: int, device=None, documents: tuple | None = None) -> torch.Tensor:
         """Global positions of this rank's tokens, shape (1, local_len); with `documents` (packed
         sequences: global boundaries) each token's position inside its document, as RoPE sees a
-        document on its own."""
-        g = torch.arange(seq_len, device=device)
-        if documents is not None:
-            bounds = torch.tensor(documents, device=device)
-            g = g - bounds[torch.bucketize(g, bounds, right=True) - 1]
-        return self.shard(g.unsqueeze(0), dim=1)
+        document on its own; per-row packings give (batch, local_len)."""
+        return self.shard(_global_positions(seq_len, documents, device), dim=1)
 
     # -- attention ---------------------------------------------------------------------------
     def attention(self, q, k, v, *, causal: bool, softmax_scale: float | None):
@@ -326,8 +329,9 @@ def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, s
     if attention_mask is not None:
         raise ValueError(
             "ringattn: a custom attention mask reached the sequence-parallel attention; only causal attention "
-            "over the whole sequence, or over packed documents (shard_batch(..., cu_seqlens=)), is supported "
-            "(no padding or 4-D masks)"
+            "over the whole sequence, over packed documents (shard_batch(..., cu_seqlens=)) or with a 2-D "
+            "padding mask given to the wrapped model's forward (its pre-hook turns it into boundaries) is "
+            "supported (no 4-D masks)"
         )
     for name in ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens"):
         if kwargs.get(name) is not None:  # (the model's pre-hook takes them; this call bypassed it)
@@ -358,13 +362,14 @@ def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, s
 
 
 def _mask_forward(batch_size=None, q_length=None, kv_length=None, attention_mask=None, **kwargs):
-    """Mask-registry entry: the ring computes causality itself, so no mask is built. A 2-D
-    padding mask with zeros is refused (the pre-hook already refuses it collectively; this
-    guards direct calls of the inner model)."""
+    """Mask-registry entry: the ring computes causality itself, so no mask is built. The wrapped
+    model's pre-hook takes a padding mask out of the kwargs (it becomes document boundaries), so
+    a mask with zeros here means the inner model was called directly, bypassing that: refused."""
     if attention_mask is not None and not bool(attention_mask.all()):
         raise ValueError(
-            "ringattn: attention_mask has padding (zeros); sequence-parallel attention supports unpadded "
-            "sequences only. Pack or trim the batch so every token is real."
+            "ringattn: attention_mask has padding (zeros) but reached the mask builder directly; pass it to "
+            "the wrapped model's forward (model(..., attention_mask=shard_batch(...)['attention_mask'])), whose "
+            "pre-hook checks it across ranks and turns it into per-row boundaries"
         )
     return None
 
@@ -404,14 +409,15 @@ def _register_attention():
 # Flags each rank contributes to the collective input check (bit set = problem on that rank).
 _PADDING, _CACHE, _POSITIONS, _NO_INPUT, _DOCS, _DOCS_ALIAS = 1, 2, 4, 8, 16, 32
 _FLAG_TEXT = {
-    _PADDING: "attention_mask has padding (zeros): only unpadded sequences are supported; pack or trim the batch",
+    _PADDING: "attention_mask must be a 2-D (batch, seq_local) 0/1 padding mask of this rank's tokens "
+              "(shard_batch(..., attention_mask=)['attention_mask']); custom 4-D masks are not supported",
     _CACHE: "past_key_values / use_cache=True: a KV cache is only kept by ringattn.integrations.huggingface."
             "generate() (sequence-parallel prefill, sharded cache)",
     _POSITIONS: "position_ids differ from this rank's global positions for the layout (packed sequences: "
                 "the positions inside each document); pass shard_batch(...)['position_ids'] or leave "
                 "position_ids=None (packed sequences also need cu_seqlens=shard_batch(...)['cu_seqlens'])",
     _DOCS: "cu_seqlens must be the global document boundaries: 0, then strictly increasing ints (a list or a "
-           "1-D integer tensor)",
+           "1-D integer tensor; or one such row per batch row: a list of rows or a 2-D tensor)",
     _DOCS_ALIAS: "cu_seq_lens_q / cu_seq_lens_k / max_length_q / max_length_k (transformers' FlashAttentionKwargs) "
                  "must describe the packing's global boundaries: 0, then strictly increasing ints, q and k the "
                  "same (and the same as cu_seqlens where given), max_length_q/k at least the longest document",
@@ -429,7 +435,7 @@ def resolve_documents(cu_seqlens=None, cu_seq_lens_q=None, cu_seq_lens_k=None, m
     """The packing's global boundaries from ringattn's cu_seqlens and/or transformers'
     FlashAttentionKwargs names: (boundaries or None, None) or (None, what is wrong). The ones given
     must agree (ringattn's attention is self-attention: q and k boundaries are the same)."""
-    from ringattn.documents import as_documents
+    from ringattn.documents import as_documents, per_row
 
     found = {}
     for name, value in (("cu_seqlens", cu_seqlens), ("cu_seq_lens_q", cu_seq_lens_q),
@@ -441,7 +447,7 @@ def resolve_documents(cu_seqlens=None, cu_seq_lens_q=None, cu_seq_lens_k=None, m
             found[name] = docs
     if len(set(found.values())) > 1:
         return None, ("the document boundaries disagree: "
-                      + ", ".join(f"{n}={list(d)}" for n, d in found.items())
+                      + ", ".join(f"{n}={_show(d)}" for n, d in found.items())
                       + " (ringattn's attention is self-attention over one packing)")
     docs = next(iter(found.values()), None)
     for name, value in (("max_length_q", max_length_q), ("max_length_k", max_length_k)):
@@ -451,36 +457,102 @@ def resolve_documents(cu_seqlens=None, cu_seq_lens_q=None, cu_seq_lens_k=None, m
             value = int(value) if value.numel() == 1 else None
         if docs is None or not isinstance(value, int):
             return None, f"{name}={value!r} needs cu_seq_lens_q/k (or cu_seqlens) with it, and an int"
-        longest = max(e - s for s, e in zip(docs[:-1], docs[1:]))
+        longest = max(e - s for r in (docs if per_row(docs) else (docs,)) for s, e in zip(r[:-1], r[1:]))
         if value < longest:
             return None, f"{name}={value} is shorter than the longest document ({longest} tokens)"
     return docs, None
 
 
-def documents_from_position_ids(position_ids: torch.Tensor) -> tuple:
-    """Global document boundaries of a packed batch from its GLOBAL position_ids (batch, seq) or
-    (seq,), as DataCollatorWithFlattening makes them: every document's positions are 0, 1, ...,
-    n-1. Plain positions 0..L-1 give (0, L). ValueError for positions that are not that, or rows
-    that pack differently (one packing per batch)."""
-    pos = position_ids if position_ids.dim() == 2 else position_ids.reshape(1, -1)
-    if position_ids.dim() not in (1, 2) or position_ids.dtype.is_floating_point or pos.shape[1] == 0:
-        raise ValueError(f"ringattn: position_ids must be (batch, seq) integers, got {tuple(position_ids.shape)} "
-                         f"{str(position_ids.dtype).replace('torch.', '')}")
-    if not bool((pos == pos[:1]).all()):
-        raise ValueError("ringattn: the batch rows' position_ids differ; packed sequences need the same packing "
-                         "(document boundaries) in every batch row")
-    row = pos[0].cpu()
+def _show(docs) -> str:
+    """Boundaries for a message: [0, 5, 12], or [[0, 5, 12], [0, 12]] per row."""
+    from ringattn.documents import per_row
+
+    return str([list(r) for r in docs]) if per_row(docs) else str(list(docs))
+
+
+def _row_documents_from_positions(row: torch.Tensor, b: int | None) -> tuple:
+    where = "" if b is None else f"row {b}: "
     starts = (row == 0).nonzero().flatten().tolist()
     if not starts or starts[0] != 0:
-        raise ValueError(f"ringattn: position_ids must start at 0 (got {int(row[0])}): shard_batch takes the "
+        raise ValueError(f"ringattn: {where}position_ids must start at 0 (got {int(row[0])}): shard_batch takes the "
                          "GLOBAL positions, before sharding")
     docs = tuple(starts) + (row.numel(),)
     expect = torch.arange(row.numel()) - torch.tensor(docs[:-1]).repeat_interleave(torch.tensor(docs).diff())
     if not torch.equal(row.to(torch.int64), expect):
         bad = int((row.to(torch.int64) != expect).nonzero()[0])
-        raise ValueError(f"ringattn: position_ids are neither 0..L-1 nor restart at 0 in every packed document "
-                         f"(at token {bad}: {int(row[bad])}, expected {int(expect[bad])}); positions and packing "
-                         "would disagree")
+        raise ValueError(f"ringattn: {where}position_ids are neither 0..L-1 nor restart at 0 in every packed "
+                         f"document (at token {bad}: {int(row[bad])}, expected {int(expect[bad])}); positions and "
+                         "packing would disagree")
+    return docs
+
+
+def documents_from_position_ids(position_ids: torch.Tensor) -> tuple:
+    """Global document boundaries of a packed batch from its GLOBAL position_ids (batch, seq) or
+    (seq,), as DataCollatorWithFlattening makes them: every document's positions are 0, 1, ...,
+    n-1. Plain positions 0..L-1 give (0, L). Rows that pack differently give per-row boundaries
+    (a tuple of one tuple per row; ringattn.documents.as_documents). ValueError for positions
+    that are not that."""
+    from ringattn.documents import as_documents
+
+    pos = position_ids if position_ids.dim() == 2 else position_ids.reshape(1, -1)
+    if position_ids.dim() not in (1, 2) or position_ids.dtype.is_floating_point or pos.shape[1] == 0:
+        raise ValueError(f"ringattn: position_ids must be (batch, seq) integers, got {tuple(position_ids.shape)} "
+                         f"{str(position_ids.dtype).replace('torch.', '')}")
+    pos = pos.cpu()
+    if bool((pos == pos[:1]).all()):
+        return _row_documents_from_positions(pos[0], None)
+    docs, problem = as_documents([_row_documents_from_positions(r, b) for b, r in enumerate(pos)])
+    assert problem is None, problem  # every row ends at the same length
+    return docs
+
+
+def documents_from_mask(attention_mask: torch.Tensor, documents=None) -> tuple:
+    """Boundaries that make attention with these per-row boundaries equal to causal attention
+    under a 2-D padding mask: attention_mask (batch, seq) GLOBAL, 1 = real token, 0 = padding,
+    with each row's real tokens one contiguous run (left or right padding), or with `documents`
+    (a packing) one contiguous run inside each document. The run's ends become boundaries, so a
+    real token sees exactly the real tokens before it (in its document), as HF's masked
+    attention does; padded tokens see only padding (their outputs are meaningless either way).
+    Returns as_documents' form (one tuple, or one per row). ValueError names the row and token
+    of a 0 between real tokens, or a mask that is not 0/1."""
+    from ringattn.documents import as_documents, documents_length, per_row
+
+    m = attention_mask
+    if not isinstance(m, torch.Tensor) or m.dim() != 2 or m.is_complex():
+        raise ValueError("ringattn: attention_mask must be a 2-D (batch, seq) 0/1 tensor, got "
+                         f"{tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__}")
+    m = m.detach().cpu()
+    if not bool(((m == 0) | (m == 1)).all()):
+        raise ValueError("ringattn: attention_mask must hold only 0 (padding) and 1 (real token); got "
+                         f"{sorted(set(m.flatten().tolist()))[:6]}")
+    B, L = m.shape
+    if documents is not None:
+        if documents_length(documents) != L:
+            raise ValueError(f"ringattn: the boundaries end at {documents_length(documents)}, but attention_mask "
+                             f"covers {L} tokens")
+        if per_row(documents) and len(documents) != B:
+            raise ValueError(f"ringattn: {len(documents)} rows of boundaries for an attention_mask of {B} rows")
+    m = m.to(torch.bool)
+    rows = []
+    for b in range(B):
+        base = (documents[b] if per_row(documents) else documents) if documents is not None else (0, L)
+        cuts = set(base)
+        for s, e in zip(base[:-1], base[1:]):
+            ones = m[b, s:e].nonzero().flatten()
+            if ones.numel() == 0:
+                continue  # an all-padding document (or row) stays as it is
+            lo, hi = s + int(ones[0]), s + int(ones[-1]) + 1
+            if hi - lo != ones.numel():
+                hole = lo + int((~m[b, lo:hi]).nonzero()[0])
+                where = f"document [{s}, {e}) of row {b}" if len(base) > 2 else f"row {b}"
+                raise ValueError(
+                    f"ringattn: attention_mask {where} has padding (0) at token {hole} between real tokens "
+                    f"{lo} and {hi - 1}: only left or right padding is supported (each row's, or each packed "
+                    "document's, real tokens one contiguous run); pack the sequences with cu_seqlens instead")
+            cuts |= {lo, hi}
+        rows.append(tuple(sorted(cuts)))
+    docs, problem = as_documents(rows)
+    assert problem is None, problem
     return docs
 
 
@@ -499,7 +571,8 @@ def _base_pre_hook(plan: SequenceParallelPlan):
         flags = 0
         if x is None:
             flags |= _NO_INPUT
-        from ringattn.documents import as_documents, documents_crc
+        from ringattn.documents import (as_documents, documents_count, documents_crc, documents_length,
+                                        documents_rows_problem, documents_tensor, packed)
         flash = {n: kwargs.pop(n) for n in _FLASH_KWARGS if n in kwargs}
         docs, docs_problem = as_documents(kwargs.pop("cu_seqlens", None))
         if docs_problem:
@@ -509,11 +582,17 @@ def _base_pre_hook(plan: SequenceParallelPlan):
             if docs_problem:
                 flags |= _DOCS_ALIAS
         am = kwargs.get("attention_mask")
+        pad = None  # this rank's (batch, seq_local) padding mask when it has zeros
         if am is not None:
-            if am.dim() != 2 or not bool(am.all()):
+            ok = (isinstance(am, torch.Tensor) and am.dim() == 2 and x is not None
+                  and tuple(am.shape) == tuple(x.shape[:2]) and not am.is_complex()
+                  and bool(((am == 0) | (am == 1)).all()))
+            if not ok:
                 flags |= _PADDING
             else:
-                kwargs["attention_mask"] = None  # all ones: the same as no mask
+                if not bool(am.all()):
+                    pad = am
+                kwargs["attention_mask"] = None  # all ones: the same as no mask; zeros: boundaries below
         serve = plan._serve
         if serve is not None and serve.phase == "decode":  # generate(): every rank feeds the same new token(s)
             return args, kwargs
@@ -530,8 +609,9 @@ def _base_pre_hook(plan: SequenceParallelPlan):
         else:  # a CPU backend on the group (gloo, or "cpu:gloo,cuda:nccl"): exchange on the host
             from ringattn.layout import collective_device
             device = collective_device(plan.group, device)
-        info = torch.tensor([seq_local, batch, flags, -1 if docs is None else len(docs) - 1,
-                             -1 if docs is None else documents_crc(docs)], dtype=torch.int64, device=device)
+        info = torch.tensor([seq_local, batch, flags, -1 if docs is None else documents_count(docs),
+                             -1 if docs is None else documents_crc(docs), int(pad is not None)],
+                            dtype=torch.int64, device=device)
         infos = [torch.zeros_like(info) for _ in range(plan.world_size)]
         dist.all_gather(infos, info, group=plan.group)
         infos = torch.stack(infos).cpu().tolist()
@@ -549,12 +629,15 @@ def _base_pre_hook(plan: SequenceParallelPlan):
                 f"{[(r[3], r[4]) for r in infos]}); every rank must pass the same GLOBAL boundaries "
                 "(shard_batch(...)['cu_seqlens'])")
         plan.check_seq_len(seq_len)
-        if docs is not None and docs[-1] != seq_len:
+        if docs is not None and documents_length(docs) != seq_len:
             raise ValueError(
-                f"ringattn: cu_seqlens ends at {docs[-1]}, but the ranks hold {seq_len} tokens in all: "
+                f"ringattn: cu_seqlens ends at {documents_length(docs)}, but the ranks hold {seq_len} tokens in all: "
                 "cu_seqlens are the GLOBAL document boundaries of the packed sequence (shard_batch(..., "
                 "cu_seqlens=) returns them)")
-        docs = docs if docs is not None and len(docs) > 2 else None
+        rows_problem = documents_rows_problem(docs, batch) if docs is not None else None
+        if rows_problem:
+            raise ValueError(f"ringattn: {rows_problem}")
+        docs = packed(docs)
         expected = plan.local_lengths(seq_len)
         if lens != expected:
             raise ValueError(
@@ -563,20 +646,31 @@ def _base_pre_hook(plan: SequenceParallelPlan):
                 f"{expected} on them. Shard with ringattn.integrations.huggingface.shard_batch(model, ...) "
                 "using the same layout and algorithm the model was wrapped with."
             )
+        attend = docs  # the boundaries attention uses: the packing, plus each row's padding runs
+        if any(r[5] for r in infos):  # some rank has padding: every rank gathers the global mask
+            local = (pad if pad is not None else torch.ones(batch, seq_local)).to(device=device, dtype=torch.int64)
+            # (every rank holds the same global mask and boundaries: a hole is refused on all of them)
+            attend = packed(documents_from_mask(plan.gather(local, dim=1), docs))
         pos = plan.positions(seq_len, device=x.device, documents=docs).expand(batch, -1)
         given = kwargs.get("position_ids")
         if given is None:
             kwargs["position_ids"] = pos
         else:
-            bad = torch.tensor(
-                [0 if given.shape[-1] == pos.shape[-1] and bool((given == pos).all()) else _POSITIONS],
-                dtype=torch.int64, device=device,
-            )
+            same = given.dim() == 2 and given.shape[-1] == pos.shape[-1] and given.shape[0] in (1, batch)
+            ok = same and bool((given == pos).all())
+            if not ok and same and attend is not docs:
+                # padded rows: on the real tokens, the positions may also restart at each row's first
+                # real token (what generate()-style position_ids = cumsum(mask) - 1 give); padded
+                # tokens' positions do not matter
+                real = pad.to(torch.bool) if pad is not None else torch.ones_like(pos, dtype=torch.bool)
+                alt = plan.positions(seq_len, device=x.device, documents=attend).expand(batch, -1)
+                ok = bool((((given == pos) | ~real).all(-1) | ((given == alt) | ~real).all(-1)).all())
+            bad = torch.tensor([0 if ok else _POSITIONS], dtype=torch.int64, device=device)
             bads = [torch.zeros_like(bad) for _ in range(plan.world_size)]
             dist.all_gather(bads, bad, group=plan.group)
             _raise_flags([[int(b)] for b in bads], 0)
         plan._seq_len = seq_len
-        plan._documents = None if docs is None else torch.tensor(docs, dtype=torch.int64)
+        plan._documents = None if attend is None else documents_tensor(attend)
         return args, kwargs
 
     return hook
@@ -847,16 +941,18 @@ def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor
 
 def shard_batch(model_or_plan, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 *, ignore_index: int = -100, cu_seqlens=None, position_ids=None, cu_seq_lens_q=None,
-                cu_seq_lens_k=None, max_length_q=None, max_length_k=None, seq_idx=None) -> dict:
+                cu_seq_lens_k=None, max_length_q=None, max_length_k=None, seq_idx=None,
+                attention_mask: torch.Tensor | None = None) -> dict:
     """Split a full batch (identical on every rank) into this rank's shard.
 
     input_ids, labels: (batch, seq) GLOBAL tensors. Returns input_ids and position_ids (this
     rank's tokens and their global positions) and, if labels are given, labels already shifted on
     the global sequence (feed them to sequence_parallel_loss, never to the model).
 
-    Packed sequences: cu_seqlens = the global document boundaries (0, ..., seq), the same for
-    every batch row. Then position_ids restart at 0 in every document, each document's last label
-    is ignore_index (no prediction across a document border), and the result holds
+    Packed sequences: cu_seqlens = the global document boundaries (0, ..., seq): one packing for
+    every batch row, or one per row (a list of rows, or a 2-D tensor whose rows repeat their last
+    value as padding). Then position_ids restart at 0 in every document, each document's last
+    label is ignore_index (no prediction across a document border), and the result holds
     "cu_seqlens" (an int64 tensor) to pass to the model with the rest:
     model(input_ids=..., position_ids=..., cu_seqlens=batch["cu_seqlens"]); attention then stays
     inside each document (ringattn.documents).
@@ -864,48 +960,106 @@ def shard_batch(model_or_plan, input_ids: torch.Tensor, labels: torch.Tensor | N
     transformers' padding-free batches work as they come: shard_batch(model, **collated) with a
     DataCollatorWithFlattening batch (input_ids, labels, position_ids, and with
     return_flash_attn_kwargs / return_seq_idx also cu_seq_lens_q/k, max_length_q/k, seq_idx):
-    the packing is read from the GLOBAL position_ids (restarting at 0 per document) and every
-    boundary given must agree (ValueError otherwise)."""
+    the packing is read from the GLOBAL position_ids (restarting at 0 per document; rows may pack
+    differently) and every boundary given must agree (ValueError otherwise).
+
+    Padded batches: attention_mask (batch, seq) GLOBAL 0/1, each row left- or right-padded (its
+    real tokens one contiguous run; inside each document when packed). The result holds this
+    rank's "attention_mask"; pass it to the model (model(..., attention_mask=batch["attention_mask"]))
+    and every real token's logits equal the unsharded model's under that mask. Labels at padded
+    positions become ignore_index (a padded token's output is not defined); position_ids are
+    the unsharded forward's (0..L-1, or per document), and position_ids given here may instead
+    restart at each row's first real token (cumsum(mask) - 1, as generate() makes them): on real
+    tokens they must be one of the two (padded tokens' positions are free)."""
+    from ringattn.documents import documents_length, documents_tensor, per_row
+
     plan = get_plan(model_or_plan)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError("ringattn: shard_batch takes input_ids (batch, seq), the GLOBAL batch")
+    B, L = input_ids.shape
     docs, problem = resolve_documents(cu_seqlens, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k)
     if problem:
         raise ValueError(f"ringattn: {problem}")
+    pad = None
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (B, L):
+            got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
+            raise ValueError(f"ringattn: attention_mask {got} must have input_ids' shape {(B, L)} "
+                             "(shard_batch takes the GLOBAL batch)")
+        pad = None if bool(attention_mask.all()) else attention_mask
     derived = {}
     if position_ids is not None:
-        if position_ids.shape[-1] != input_ids.shape[1]:
+        if position_ids.shape[-1] != L:
             raise ValueError(f"ringattn: position_ids {tuple(position_ids.shape)} must have input_ids' sequence "
-                             f"length {input_ids.shape[1]} (shard_batch takes the GLOBAL batch)")
-        derived["position_ids"] = documents_from_position_ids(position_ids)
+                             f"length {L} (shard_batch takes the GLOBAL batch)")
+        if pad is None:  # a padded batch's positions are checked below instead of read as a packing
+            derived["position_ids"] = documents_from_position_ids(position_ids)
     if seq_idx is not None:
-        row = seq_idx.reshape(-1, seq_idx.shape[-1])
-        if row.shape[-1] != input_ids.shape[1] or not bool((row == row[:1]).all()):
-            raise ValueError("ringattn: seq_idx must be (batch, seq) with input_ids' length and the same in every row")
-        changes = (row[0, 1:] != row[0, :-1]).nonzero().flatten().add(1).tolist()
-        derived["seq_idx"] = (0, *changes, input_ids.shape[1])
+        rows = seq_idx.reshape(-1, seq_idx.shape[-1])
+        if rows.shape[-1] != L or rows.shape[0] not in (1, B):
+            raise ValueError(f"ringattn: seq_idx {tuple(seq_idx.shape)} must be (batch, seq) with input_ids' shape")
+        found = []
+        for r in rows.cpu():
+            found.append((0, *(r[1:] != r[:-1]).nonzero().flatten().add(1).tolist(), L))
+        derived["seq_idx"] = found[0] if all(f == found[0] for f in found) else tuple(found)
     for name, d in derived.items():
         if docs is not None and d != docs:
-            raise ValueError(f"ringattn: {name} says the documents are {list(d)}, the boundaries given say "
-                             f"{list(docs)}")
+            raise ValueError(f"ringattn: {name} says the documents are {_show(d)}, the boundaries given say "
+                             f"{_show(docs)}")
         docs = d
     if docs is not None:
-        if docs[-1] != input_ids.shape[1]:
-            raise ValueError(f"ringattn: cu_seqlens ends at {docs[-1]}, but input_ids hold {input_ids.shape[1]} "
+        if documents_length(docs) != L:
+            raise ValueError(f"ringattn: cu_seqlens ends at {documents_length(docs)}, but input_ids hold {L} "
                              "tokens (cu_seqlens are the global boundaries of the packed sequence)")
-    out = {
-        "input_ids": plan.shard(input_ids, dim=1),
-        "position_ids": plan.positions(input_ids.shape[1], device=input_ids.device,
-                                       documents=docs).expand(input_ids.shape[0], -1),
-    }
-    if docs is not None:
-        out["cu_seqlens"] = torch.tensor(docs, dtype=torch.int64)
+        if per_row(docs) and len(docs) != B:
+            raise ValueError(f"ringattn: cu_seqlens has {len(docs)} rows (one packing per batch row), but "
+                             f"input_ids have {B} rows")
+    packing = docs if docs is not None and (per_row(docs) or len(docs) > 2) else None
+    pos = plan.positions(L, device=input_ids.device, documents=packing).expand(B, -1)
+    out = {"input_ids": plan.shard(input_ids, dim=1)}
+    if pad is not None:
+        attend = documents_from_mask(pad, docs)  # ValueError for padding between real tokens
+        out["attention_mask"] = plan.shard(attention_mask, dim=1)
+        if position_ids is not None:
+            g = position_ids.reshape(-1, L).to(pos.device).expand(B, -1)
+            real = pad.to(device=pos.device, dtype=torch.bool)
+            ref = _global_positions(L, packing, pos.device).expand(B, -1)
+            alt = _global_positions(L, attend, pos.device).expand(B, -1)
+            ok = ((g == ref) | ~real).all(-1) | ((g == alt) | ~real).all(-1)
+            if not bool(ok.all()):
+                b = int((~ok).nonzero()[0])
+                raise ValueError(f"ringattn: position_ids of row {b} are, on its real tokens, neither the unsharded "
+                                 "forward's (0..L-1, per document when packed) nor restarting at the row's first real "
+                                 "token (cumsum(attention_mask) - 1)")
+            pos = plan.shard(g, dim=1)
+    out["position_ids"] = pos
+    if packing is not None:
+        out["cu_seqlens"] = documents_tensor(packing)
     if labels is not None:
         if labels.shape != input_ids.shape:
             raise ValueError(f"ringattn: labels {tuple(labels.shape)} must have input_ids' shape {tuple(input_ids.shape)}")
         shifted = shift_labels(labels, ignore_index)
-        if docs is not None:
-            shifted[:, [e - 1 for e in docs[1:]]] = ignore_index
+        if packing is not None:
+            for b, r in enumerate(packing if per_row(packing) else [packing] * B):
+                shifted[b, [e - 1 for e in r[1:]]] = ignore_index
+        if pad is not None:
+            shifted = shifted.masked_fill(pad.to(shifted.device) == 0, ignore_index)
         out["labels"] = plan.shard(shifted, dim=1)
     return out
+
+
+def _global_positions(seq_len: int, documents, device) -> torch.Tensor:
+    """(rows, seq_len) positions restarting at 0 at every boundary (rows = 1 without per-row)."""
+    from ringattn.documents import per_row
+
+    g = torch.arange(seq_len, device=device)
+    if documents is None:
+        return g.unsqueeze(0)
+    rows = []
+    for r in (documents if per_row(documents) else (documents,)):
+        bounds = torch.tensor(r, device=device)
+        rows.append(g - bounds[torch.bucketize(g, bounds, right=True) - 1])
+    return torch.stack(rows)
 
 
 class _ScaleGrad(torch.autograd.Function):
