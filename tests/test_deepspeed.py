@@ -84,6 +84,17 @@ def test_ulysses_ring_2d_padded_and_per_row_batches(dist_pool, use_deepspeed):
                                      timeout=240))
 
 
+@pytest.mark.parametrize("use_deepspeed", [pytest.param(True, marks=needs_deepspeed), False],
+                         ids=["deepspeed_a2a", "ringattn_a2a"])
+def test_generate_2d_left_padded_prompts(dist_pool, use_deepspeed):
+    results = dist_pool(4).run(th._check_generate_padded, 4, (("ulysses+ring", "zigzag"), ("ulysses+token_ring", "contiguous")),
+                               ulysses_size=2, use_deepspeed=use_deepspeed, timeout=240)
+    for rank, out in enumerate(results):
+        assert out.pop("hf_generate_agrees"), "the reference loop is not transformers' generate()"
+        for case, r in out.items():
+            assert r["tokens_equal"] and r["steps"] == 6 and r["logits"] < 2e-5, (rank, case, r)
+
+
 def _generate_2d(use_deepspeed):
     """generate() in the 2-D modes: Ulysses x ring prefill, decode over every rank's cache piece."""
     prompt, _ = th.global_batch(29)

@@ -439,6 +439,52 @@ def test_generate_matches_single_process_greedy(dist_pool, world):
         assert_close([{"train_after": out["train_after"]}])
 
 
+def padded_greedy_reference(model, input_ids, mask, steps):
+    """transformers' generate() semantics for a left-padded batch, step by step on the full
+    sequence: positions cumsum(mask) - 1, padded keys masked."""
+    tokens, logits = input_ids, []
+    with torch.no_grad():
+        for _ in range(steps):
+            pos = generate_style_positions(mask)
+            lg = model(input_ids=tokens, attention_mask=mask, position_ids=pos).logits[:, -1].float()
+            logits.append(lg)
+            tokens = torch.cat([tokens, lg.argmax(-1, keepdim=True)], 1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    return tokens, logits
+
+
+def _check_generate_padded(world, cases=(("ring", "zigzag"), ("token_ring", "contiguous"), ("auto", "zigzag")),
+                           **apply_kw):
+    """Left-padded prompts of 3 lengths (pads 0, 3, 3 + a whole chunk's worth) through generate()."""
+    L = SEQ.get(world, 29)
+    prompt, _ = global_batch(L, batch=4)
+    mask = torch.ones_like(prompt)
+    mask[1, :3] = 0
+    mask[2, :L // 2] = 0
+    mask[3, :3] = 0
+    steps = 6
+    model = tiny_model("llama")
+    ref_tokens, ref_logits = padded_greedy_reference(copy.deepcopy(model), prompt, mask, steps)
+    hf = copy.deepcopy(model).generate(prompt, attention_mask=mask, max_new_tokens=steps, do_sample=False,
+                                       pad_token_id=0)
+    out = {"hf_generate_agrees": torch.equal(hf, ref_tokens)}
+    for algorithm, layout in cases:
+        m = rhf.apply_sequence_parallel(copy.deepcopy(model), algorithm=algorithm, layout=layout, **apply_kw)
+        tokens, logits = rhf.generate(m, prompt, max_new_tokens=steps, return_logits=True, attention_mask=mask)
+        out[(algorithm, layout)] = {
+            "tokens_equal": torch.equal(tokens, ref_tokens), "steps": len(logits),
+            "logits": max((a - b).abs().max().item() for a, b in zip(logits, ref_logits))}
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_generate_left_padded_prompts_match_single_process(dist_pool, world):
+    for rank, out in enumerate(dist_pool(world).run(_check_generate_padded, world, timeout=180)):
+        assert out.pop("hf_generate_agrees"), "the reference loop is not transformers' generate()"
+        for case, r in out.items():
+            assert r["tokens_equal"] and r["steps"] == 6 and r["logits"] < 2e-5, (rank, case, r)
+
+
 def _generate_every_family():
     prompt, _ = global_batch(23)
     out = {}
@@ -527,6 +573,11 @@ def _refusals():
     msgs["generate_bad_max_new_tokens"] = _raises(lambda: rhf.generate(model, ids, max_new_tokens=-1))
     msgs["generate_float_prompt"] = _raises(lambda: rhf.generate(model, ids.float(), max_new_tokens=2))
     msgs["generate_too_short"] = _raises(lambda: rhf.generate(model, ids[:, :3], max_new_tokens=2))
+    right = torch.ones_like(ids)
+    right[1, -2:] = 0
+    msgs["generate_right_padded"] = _raises(lambda: rhf.generate(model, ids, max_new_tokens=2, attention_mask=right))
+    msgs["generate_mask_shape"] = _raises(lambda: rhf.generate(model, ids, max_new_tokens=2,
+                                                               attention_mask=right[:, 1:]))
     # transformers' FlashAttentionKwargs: taken as the boundaries (never ignored), so they must agree
     msgs["flash_kwargs_disagree"] = _raises(lambda: model(input_ids=pb["input_ids"], position_ids=pb["position_ids"],
                                                           cu_seqlens=pb["cu_seqlens"], cu_seq_lens_q=[0, 6, 12],
@@ -593,6 +644,8 @@ REFUSALS = {
     "generate_bad_max_new_tokens": ["max_new_tokens must be an int >= 0"],
     "generate_float_prompt": ["integer token ids", "GLOBAL prompt"],
     "generate_too_short": ["3 tokens is too short for 2 ranks"],
+    "generate_right_padded": ["LEFT-padded", "rows [1] end in padding"],
+    "generate_mask_shape": ["attention_mask (2, 11)", "prompt's shape (2, 12)"],
     "flash_kwargs_disagree": ["ranks [0, 1]", "FlashAttentionKwargs", "the same as cu_seqlens"],
     "flash_kwargs_q_vs_k": ["ranks [0, 1]", "q and k the same"],
     "flash_kwargs_max_length": ["ranks [1]", "max_length_q/k at least the longest document"],

@@ -824,6 +824,8 @@ class _Serving:
     phase: str = "prefill"   # "prefill" | "decode"
     prefill_local: int = 0   # this rank's prompt tokens in the cache (its shard)
     checked: bool = False    # the first decode step validated the shapes across ranks (later ones skip it)
+    key_start: list | None = None  # left-padded prompts: each row's first real token (global), else None
+    prompt_pos: torch.Tensor | None = None  # (S_r,) global positions of this rank's prompt tokens
 
 
 def _decode_attention(plan, q, k, v, scale):
@@ -841,23 +843,49 @@ def _decode_attention(plan, q, k, v, scale):
                          f"{s_r} prompt tokens + {tq} new ones (was the cache made by generate()'s prefill?)")
     sizes = split_sizes(n_past, plan.world_size)
     off = s_r + sum(sizes[: plan.rank])
-    pieces_k = (k[:, :s_r], k[:, off:off + sizes[plan.rank]])
-    pieces_v = (v[:, :s_r], v[:, off:off + sizes[plan.rank]])
+    gen = slice(off, off + sizes[plan.rank])
+    starts = plan._serve.key_start
     # Steps after the first repeat its shapes exactly (same batch, heads, dtype; one token), so the
     # cross-rank check (an all_gather and a host sync per layer) runs in the first step only.
-    return sharded_kv_attention(q, pieces_k, pieces_v, k_new=k[:, -tq:], v_new=v[:, -tq:], group=plan.group,
-                                softmax_scale=scale, backend=plan.backend, check=not plan._serve.checked)
+    check = not plan._serve.checked
+    if not starts or not any(starts):
+        return sharded_kv_attention(q, (k[:, :s_r], k[:, gen]), (v[:, :s_r], v[:, gen]), k_new=k[:, -tq:],
+                                    v_new=v[:, -tq:], group=plan.group, softmax_scale=scale, backend=plan.backend,
+                                    check=check)
+    # Left-padded prompts: a row's padded prompt keys (global position < its first real token) are
+    # left out. Rows with the same first real token share the pieces (this rank's runs of prompt
+    # keys at or after it); one call per distinct start, in the same order on every rank.
+    out = torch.empty_like(q)
+    for lo in sorted(set(starts)):
+        rows = [b for b, s in enumerate(starts) if s == lo]
+        idx = torch.tensor(rows, device=q.device)
+        kb, vb = k.index_select(0, idx), v.index_select(0, idx)
+        runs, a = [], None
+        for i, real in enumerate((plan._serve.prompt_pos >= lo).tolist() + [False]):
+            if real and a is None:
+                a = i
+            elif not real and a is not None:
+                runs.append((a, i))
+                a = None
+        pk = tuple(kb[:, a:b] for a, b in runs) + (kb[:, gen],)
+        pv = tuple(vb[:, a:b] for a, b in runs) + (vb[:, gen],)
+        out[idx] = sharded_kv_attention(q.index_select(0, idx), pk, pv, k_new=kb[:, -tq:], v_new=vb[:, -tq:],
+                                        group=plan.group, softmax_scale=scale, backend=plan.backend, check=check)
+    return out
 
 
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, *, max_new_tokens: int, eos_token_id: int | None = None,
              pad_token_id: int | None = None, do_sample: bool = False, temperature: float = 1.0,
              top_k: int | None = None, generator: torch.Generator | None = None,
-             return_logits: bool = False):
+             return_logits: bool = False, attention_mask: torch.Tensor | None = None):
     """Generate with a sequence-parallel prefill and a KV cache that stays sharded.
 
-    input_ids: (batch, prompt_len) GLOBAL prompt, the same on every rank (unpadded: every row the
-    same length). Prefill: each rank runs its shard of the prompt through the model (ring /
+    input_ids: (batch, prompt_len) GLOBAL prompt, the same on every rank. Prompts of different
+    lengths: left-pad them and pass attention_mask (batch, prompt_len), 0 on the padding, as
+    transformers' generate() takes it: positions then count from each row's first real token and
+    no token attends to padding (prefill: per-row boundaries; decode: each row leaves its padded
+    keys out, one sharded_kv_attention call per distinct padding length). Prefill: each rank runs its shard of the prompt through the model (ring /
     TokenRing attention, as in training) and keeps ITS shard of every layer's keys/values. Then
     each step feeds every rank the same new token at its global position; attention runs
     sharded_kv_attention over all ranks' caches (two small all-reduces per layer, no cache moves).
@@ -890,12 +918,32 @@ def generate(model, input_ids: torch.Tensor, *, max_new_tokens: int, eos_token_i
     # rank 0 (zigzag: chunks 0 and 2R-1), and there the last Ulysses piece (2-D; U = 1 in 1-D).
     owner = plan.world_size - 1 if plan.layout == "contiguous" else plan.ulysses_size - 1
     pad = eos_token_id if pad_token_id is None else pad_token_id
-    batch = shard_batch(plan, input_ids)
+    starts, prefill_kw = None, {}
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (B, L):
+            got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
+            raise ValueError(f"ringattn: generate() attention_mask {got} must have the prompt's shape {(B, L)}")
+        documents_from_mask(attention_mask)  # 0/1, no padding between real tokens
+        m = attention_mask.to(torch.bool).cpu()
+        bad = [b for b in range(B) if not bool(m[b, -1])]
+        if bad:
+            raise ValueError(f"ringattn: generate() takes LEFT-padded prompts (the last token of every row real); "
+                             f"rows {bad} end in padding")
+        starts = [int(m[b].long().argmax()) for b in range(B)]
+        if any(starts):
+            pos = (attention_mask.long().cumsum(-1) - 1).masked_fill(~m.to(attention_mask.device), 1)
+            prefill_kw = dict(attention_mask=attention_mask, position_ids=pos)
+        else:
+            starts = None
+    batch = shard_batch(plan, input_ids, **prefill_kw)
     plan._serve = _Serving()
+    if starts:
+        plan._serve.key_start = starts
+        plan._serve.prompt_pos = plan.shard(torch.arange(L).unsqueeze(0), dim=1)[0]
     tokens, all_logits = input_ids, []
     try:
         out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=True,
-                    logits_to_keep=1)
+                    logits_to_keep=1, **({"attention_mask": batch["attention_mask"]} if starts else {}))
         cache = out.past_key_values
         plan._serve.prefill_local = batch["input_ids"].shape[1]
         plan._serve.phase = "decode"
@@ -923,8 +971,10 @@ def generate(model, input_ids: torch.Tensor, *, max_new_tokens: int, eos_token_i
                     break
             if step + 1 == max_new_tokens:
                 break
-            out = model(input_ids=tokens[:, -1:], position_ids=torch.full((B, 1), tokens.shape[1] - 1, device=dev),
-                        past_key_values=cache, use_cache=True)
+            new_pos = torch.full((B, 1), tokens.shape[1] - 1, device=dev)
+            if starts:  # left padding: positions count from each row's first real token
+                new_pos = new_pos - torch.tensor(starts, device=dev)[:, None]
+            out = model(input_ids=tokens[:, -1:], position_ids=new_pos, past_key_values=cache, use_cache=True)
             cache = out.past_key_values
             plan._serve.checked = True
             logits = out.logits[:, -1].float().to(cdev)
