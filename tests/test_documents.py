@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 import ringattn.sequence_parallel as sp
 from ringattn.accounting import comm_stats
+from ringattn.documents import Piece
 from ringattn.layout import RingPlan, SequenceLayout
 from test_sequence_parallel import positions, tolerance
 
@@ -58,6 +59,26 @@ def patterns(L, seed):
 
 
 # --- 1. pieces cover exactly the mask ---------------------------------------------------------
+def covered_pieces(plan, lay, world, label):
+    """(piece, global query positions, global key positions) of every block's pieces; the
+    diagonal block covers every row (TokenRing/ring initialise from it)."""
+    for i in range(world):
+        pi = lay.positions(i)
+        for j in range(world):
+            pj = lay.positions(j)
+            blk = plan.block(i, j)
+            if blk is None:
+                continue
+            if i == j:
+                assert (blk.q_start, blk.q_len) == (0, lay.local_len(i)), (label, blk)
+            for p in blk.pieces or (Piece(0, blk.q_len, 0, blk.kv_len, blk.causal),):
+                qs = pi[blk.q_start + p.q_off: blk.q_start + p.q_off + p.q_len]
+                ks = pj[blk.kv_start + p.kv_off: blk.kv_start + p.kv_off + p.kv_len]
+                if p.causal:
+                    assert p.q_len == p.kv_len and torch.equal(qs, ks)
+                yield p, qs, ks
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 @pytest.mark.parametrize("causal", [False, True])
@@ -67,24 +88,9 @@ def test_pieces_cover_exactly_the_document_mask(layout, world, causal):
         for name, cu in patterns(L, L * 7 + world).items():
             plan = RingPlan(None, 0, world, lay, causal, 1.0, "math", tuple(cu) if len(cu) > 2 else None)
             got = torch.zeros(L, L, dtype=torch.long)
-            for i in range(world):
-                pi = lay.positions(i)
-                for j in range(world):
-                    pj = lay.positions(j)
-                    blk = plan.block(i, j)
-                    if blk is None:
-                        continue
-                    if i == j:  # the diagonal block covers every row (TokenRing/ring initialise from it)
-                        assert (blk.q_start, blk.q_len) == (0, lay.local_len(i)), (name, blk)
-                    pieces = blk.pieces or ((0, blk.q_len, 0, blk.kv_len, blk.causal),)
-                    for qo, qn, ko, kn, c in (p[:5] for p in pieces):
-                        qs = pi[blk.q_start + qo: blk.q_start + qo + qn]
-                        ks = pj[blk.kv_start + ko: blk.kv_start + ko + kn]
-                        sub = torch.ones(qn, kn, dtype=torch.long)
-                        if c:
-                            assert qn == kn and torch.equal(qs, ks)
-                            sub = sub.tril()
-                        got[qs[:, None], ks[None, :]] += sub
+            for p, qs, ks in covered_pieces(plan, lay, world, name):
+                sub = torch.ones(p.q_len, p.kv_len, dtype=torch.long)
+                got[qs[:, None], ks[None, :]] += sub.tril() if p.causal else sub
             want = allowed(cu, L, causal).long()
             assert torch.equal(got, want), (layout, world, causal, L, name, (got - want).nonzero()[:5].tolist())
 
@@ -125,24 +131,10 @@ def test_per_row_pieces_cover_exactly_each_rows_mask(layout, world, causal):
             assert problem is None and isinstance(docs[0], tuple) and len(docs) == B, (rows, docs, problem)
             plan = RingPlan(None, 0, world, lay, causal, 1.0, "math", docs)
             got = torch.zeros(B, L, L, dtype=torch.long)
-            for i in range(world):
-                pi = lay.positions(i)
-                for j in range(world):
-                    pj = lay.positions(j)
-                    blk = plan.block(i, j)
-                    if blk is None:
-                        continue
-                    if i == j:
-                        assert (blk.q_start, blk.q_len) == (0, lay.local_len(i)), (rows, blk)
-                    for p in blk.pieces:
-                        qs = pi[blk.q_start + p.q_off: blk.q_start + p.q_off + p.q_len]
-                        ks = pj[blk.kv_start + p.kv_off: blk.kv_start + p.kv_off + p.kv_len]
-                        sub = torch.ones(p.q_len, p.kv_len, dtype=torch.long)
-                        if p.causal:
-                            sub = sub.tril()
-                        bs = range(B) if p.nb == 0 else range(p.b0, p.b0 + p.nb)
-                        for b in bs:
-                            got[b, qs[:, None], ks[None, :]] += sub
+            for p, qs, ks in covered_pieces(plan, lay, world, rows):
+                sub = torch.ones(p.q_len, p.kv_len, dtype=torch.long)
+                for b in (range(B) if p.nb == 0 else range(p.b0, p.b0 + p.nb)):
+                    got[b, qs[:, None], ks[None, :]] += sub.tril() if p.causal else sub
             want = allowed(rows, L, causal).squeeze(1).long()
             assert torch.equal(got, want), (layout, world, causal, L, rows, (got - want).nonzero()[:5].tolist())
 
