@@ -485,6 +485,44 @@ def test_generate_left_padded_prompts_match_single_process(dist_pool, world):
             assert r["tokens_equal"] and r["steps"] == 6 and r["logits"] < 2e-5, (rank, case, r)
 
 
+def _check_generate_packed(world):
+    """Packed prompts (per-row packings, one row also left-padded inside its last document): each
+    row's generation equals the single-process model continuing that row's last document alone."""
+    L = SEQ[world]
+    prompt, _ = global_batch(L, batch=3)
+    docs = [[0, 7, L], [0, 3, 10, L], [0, L]]
+    mask = torch.ones_like(prompt)
+    mask[1, 10:13] = 0  # left padding of row 1's last document
+    mask[2, :2] = 0
+    steps = 5
+    model = tiny_model("llama")
+    want_tokens, want_logits = [], []
+    for b, r in enumerate(docs):
+        s = r[-2]
+        t, lg = padded_greedy_reference(copy.deepcopy(model), prompt[b:b + 1, s:], mask[b:b + 1, s:], steps)
+        want_tokens.append(t[0, L - s:])
+        want_logits.append(torch.cat(lg))
+    out = {}
+    for algorithm, layout, with_mask in (("ring", "zigzag", True), ("token_ring", "contiguous", True),
+                                         ("auto", "zigzag", False)):
+        m = rhf.apply_sequence_parallel(copy.deepcopy(model), algorithm=algorithm, layout=layout)
+        kw = dict(attention_mask=mask) if with_mask else {}
+        tokens, logits = rhf.generate(m, prompt, max_new_tokens=steps, return_logits=True, cu_seqlens=docs, **kw)
+        rows = range(3) if with_mask else (0,)  # without the mask only row 0 (unpadded) is comparable
+        out[(algorithm, layout, with_mask)] = {
+            "prompt_kept": torch.equal(tokens[:, :L], prompt), "steps": len(logits),
+            "tokens_equal": all(torch.equal(tokens[b, L:], want_tokens[b]) for b in rows),
+            "logits": max((torch.stack([lg[b] for lg in logits]) - want_logits[b]).abs().max().item() for b in rows)}
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_generate_packed_prompts_continue_each_rows_last_document(dist_pool, world):
+    for rank, out in enumerate(dist_pool(world).run(_check_generate_packed, world, timeout=180)):
+        for case, r in out.items():
+            assert r["prompt_kept"] and r["tokens_equal"] and r["steps"] == 5 and r["logits"] < 2e-5, (rank, case, r)
+
+
 def _generate_every_family():
     prompt, _ = global_batch(23)
     out = {}
@@ -576,6 +614,9 @@ def _refusals():
     right = torch.ones_like(ids)
     right[1, -2:] = 0
     msgs["generate_right_padded"] = _raises(lambda: rhf.generate(model, ids, max_new_tokens=2, attention_mask=right))
+    msgs["generate_cu_seqlens_end"] = _raises(lambda: rhf.generate(model, ids, max_new_tokens=2, cu_seqlens=[0, 5, 11]))
+    msgs["generate_cu_seqlens_rows"] = _raises(lambda: rhf.generate(model, ids, max_new_tokens=2,
+                                                                    cu_seqlens=[[0, 5, 12], [0, 6, 12], [0, 12]]))
     msgs["generate_mask_shape"] = _raises(lambda: rhf.generate(model, ids, max_new_tokens=2,
                                                                attention_mask=right[:, 1:]))
     # transformers' FlashAttentionKwargs: taken as the boundaries (never ignored), so they must agree
@@ -645,6 +686,8 @@ REFUSALS = {
     "generate_float_prompt": ["integer token ids", "GLOBAL prompt"],
     "generate_too_short": ["3 tokens is too short for 2 ranks"],
     "generate_right_padded": ["LEFT-padded", "rows [1] end in padding"],
+    "generate_cu_seqlens_end": ["generate() cu_seqlens [0, 5, 11]", "ending at its length 12"],
+    "generate_cu_seqlens_rows": ["one row per prompt row (2)"],
     "generate_mask_shape": ["attention_mask (2, 11)", "prompt's shape (2, 12)"],
     "flash_kwargs_disagree": ["ranks [0, 1]", "FlashAttentionKwargs", "the same as cu_seqlens"],
     "flash_kwargs_q_vs_k": ["ranks [0, 1]", "q and k the same"],

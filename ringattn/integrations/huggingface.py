@@ -878,14 +878,17 @@ def _decode_attention(plan, q, k, v, scale):
 def generate(model, input_ids: torch.Tensor, *, max_new_tokens: int, eos_token_id: int | None = None,
              pad_token_id: int | None = None, do_sample: bool = False, temperature: float = 1.0,
              top_k: int | None = None, generator: torch.Generator | None = None,
-             return_logits: bool = False, attention_mask: torch.Tensor | None = None):
+             return_logits: bool = False, attention_mask: torch.Tensor | None = None, cu_seqlens=None):
     """Generate with a sequence-parallel prefill and a KV cache that stays sharded.
 
     input_ids: (batch, prompt_len) GLOBAL prompt, the same on every rank. Prompts of different
     lengths: left-pad them and pass attention_mask (batch, prompt_len), 0 on the padding, as
     transformers' generate() takes it: positions then count from each row's first real token and
     no token attends to padding (prefill: per-row boundaries; decode: each row leaves its padded
-    keys out, one sharded_kv_attention call per distinct padding length). Prefill: each rank runs its shard of the prompt through the model (ring /
+    keys out, one sharded_kv_attention call per distinct padding length). Packed prompts:
+    cu_seqlens (global boundaries, one packing or one per row, as in shard_batch): each row
+    continues its LAST document (the earlier ones are prefilled, attended only inside themselves,
+    and never seen by the generated tokens), also combined with left padding. Prefill: each rank runs its shard of the prompt through the model (ring /
     TokenRing attention, as in training) and keeps ITS shard of every layer's keys/values. Then
     each step feeds every rank the same new token at its global position; attention runs
     sharded_kv_attention over all ranks' caches (two small all-reduces per layer, no cache moves).
@@ -918,23 +921,42 @@ def generate(model, input_ids: torch.Tensor, *, max_new_tokens: int, eos_token_i
     # rank 0 (zigzag: chunks 0 and 2R-1), and there the last Ulysses piece (2-D; U = 1 in 1-D).
     owner = plan.world_size - 1 if plan.layout == "contiguous" else plan.ulysses_size - 1
     pad = eos_token_id if pad_token_id is None else pad_token_id
-    starts, prefill_kw = None, {}
+    from ringattn.documents import as_documents, documents_length, per_row
+
+    docs = None
+    if cu_seqlens is not None:  # packed prompts: each row continues its LAST document
+        docs, problem = as_documents(cu_seqlens)
+        if problem:
+            raise ValueError(f"ringattn: generate() {problem}")
+        if documents_length(docs) != L or (per_row(docs) and len(docs) != B):
+            raise ValueError(f"ringattn: generate() cu_seqlens {_show(docs)} must be the prompt's global boundaries: "
+                             f"ending at its length {L}" + (f", one row per prompt row ({B})" if per_row(docs) else ""))
+    starts = [(docs[b] if per_row(docs) else docs)[-2] if docs is not None else 0 for b in range(B)]
+    attend, mask = docs, None
     if attention_mask is not None:
         if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (B, L):
             got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
             raise ValueError(f"ringattn: generate() attention_mask {got} must have the prompt's shape {(B, L)}")
-        documents_from_mask(attention_mask)  # 0/1, no padding between real tokens
+        attend = documents_from_mask(attention_mask, docs)  # 0/1, no padding between real tokens
         m = attention_mask.to(torch.bool).cpu()
         bad = [b for b in range(B) if not bool(m[b, -1])]
         if bad:
             raise ValueError(f"ringattn: generate() takes LEFT-padded prompts (the last token of every row real); "
                              f"rows {bad} end in padding")
-        starts = [int(m[b].long().argmax()) for b in range(B)]
-        if any(starts):
-            pos = (attention_mask.long().cumsum(-1) - 1).masked_fill(~m.to(attention_mask.device), 1)
-            prefill_kw = dict(attention_mask=attention_mask, position_ids=pos)
-        else:
-            starts = None
+        # the first real token of each row's last document
+        starts = [s + int(m[b, s:].long().argmax()) for b, s in enumerate(starts)]
+        if not bool(m.all()):
+            mask = attention_mask
+    prefill_kw = {}
+    if any(starts):
+        # positions restart at every boundary: on real tokens, cumsum(mask) - 1 per document
+        prefill_kw["position_ids"] = _global_positions(L, attend, input_ids.device).expand(B, -1)
+        if mask is not None:
+            prefill_kw["attention_mask"] = mask
+        if docs is not None:
+            prefill_kw["cu_seqlens"] = docs
+    else:
+        starts = None
     batch = shard_batch(plan, input_ids, **prefill_kw)
     plan._serve = _Serving()
     if starts:
@@ -943,7 +965,7 @@ def generate(model, input_ids: torch.Tensor, *, max_new_tokens: int, eos_token_i
     tokens, all_logits = input_ids, []
     try:
         out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=True,
-                    logits_to_keep=1, **({"attention_mask": batch["attention_mask"]} if starts else {}))
+                    logits_to_keep=1, **{k: batch[k] for k in ("attention_mask", "cu_seqlens") if k in batch})
         cache = out.past_key_values
         plan._serve.prefill_local = batch["input_ids"].shape[1]
         plan._serve.phase = "decode"
