@@ -1043,7 +1043,7 @@ def shard_batch(model_or_plan, input_ids: torch.Tensor, labels: torch.Tensor | N
     the unsharded forward's (0..L-1, or per document), and position_ids given here may instead
     restart at each row's first real token (cumsum(mask) - 1, as generate() makes them): on real
     tokens they must be one of the two (padded tokens' positions are free)."""
-    from ringattn.documents import documents_length, documents_tensor, per_row
+    from ringattn.documents import documents_length, documents_rows_problem, documents_tensor, packed, per_row
 
     plan = get_plan(model_or_plan)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
@@ -1083,10 +1083,10 @@ def shard_batch(model_or_plan, input_ids: torch.Tensor, labels: torch.Tensor | N
         if documents_length(docs) != L:
             raise ValueError(f"ringattn: cu_seqlens ends at {documents_length(docs)}, but input_ids hold {L} "
                              "tokens (cu_seqlens are the global boundaries of the packed sequence)")
-        if per_row(docs) and len(docs) != B:
-            raise ValueError(f"ringattn: cu_seqlens has {len(docs)} rows (one packing per batch row), but "
-                             f"input_ids have {B} rows")
-    packing = docs if docs is not None and (per_row(docs) or len(docs) > 2) else None
+        rows_problem = documents_rows_problem(docs, B)
+        if rows_problem:
+            raise ValueError(f"ringattn: {rows_problem}")
+    packing = packed(docs)
     pos = plan.positions(L, device=input_ids.device, documents=packing).expand(B, -1)
     out = {"input_ids": plan.shard(input_ids, dim=1)}
     if pad is not None:
