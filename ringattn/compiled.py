@@ -7,11 +7,12 @@ host-side checks) and the surrounding model compiles without graph breaks, fullg
 included:
 
     ringattn::sp_attention(q, k, v, group_name, algorithm, causal, softmax_scale, layout,
-                           backend, grad, lse_grad, cu_seqlens=None) -> (out, lse, meta)
+                           backend, grad, lse_grad, cu_seqlens=None, sliding_window=-1) -> (out, lse, meta)
         q: (B, S_local, Hq, D); k, v: (B, S_local, Hkv, D); out like q (contiguous);
-        lse: (B, Hq, S_local) fp32; meta: int64 (3,) on CPU = [algorithm code (1 ring,
-        2 token_ring), softmax_scale as float64 bits, global seq_len] -- what the backward
-        needs to rebuild the plan without communicating again. cu_seqlens: packed sequences'
+        lse: (B, Hq, S_local) fp32; meta: int64 (4,) on CPU = [algorithm code (1 ring,
+        2 token_ring), softmax_scale as float64 bits, global seq_len, the plan's sliding window
+        (-1: none)] -- what the backward needs to rebuild the plan without communicating again.
+        sliding_window: -1 for none. cu_seqlens: packed sequences'
         global document boundaries, an int tensor (a list is made one; a Python list is a
         constant of the graph, so each new packing would recompile: pass a tensor).
     ringattn::sp_attention_backward(dout, q, k, v, out, lse, dlse, meta, group_name, causal,
@@ -67,12 +68,13 @@ def resolve_group(name: str):
 
 def _plan_from_meta(group, meta: torch.Tensor, causal: bool, layout: str, backend: str,
                     cu_seqlens=None) -> tuple[RingPlan, str]:
-    alg, scale_bits, seq_len = (int(x) for x in meta.tolist())
+    alg, scale_bits, seq_len, window = (int(x) for x in meta.tolist())
     rank, world = group_rank_and_size(group)
     lay = SequenceLayout.build(seq_len, world, layout)
     docs, _ = as_documents(cu_seqlens)  # checked by the forward's signature exchange
     docs = packed(docs)
-    return (RingPlan(group, rank, world, lay, bool(causal), sp._bits_float(scale_bits), backend, docs),
+    return (RingPlan(group, rank, world, lay, bool(causal), sp._bits_float(scale_bits), backend, docs,
+                     None if window < 0 else window),
             _ALG_NAME[alg])
 
 
@@ -80,27 +82,31 @@ def _plan_from_meta(group, meta: torch.Tensor, causal: bool, layout: str, backen
 def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name: str, algorithm: str, causal: bool,
                  softmax_scale: float | None, layout: str, backend: str,
                  grad: bool, lse_grad: bool,
-                 cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 cu_seqlens: torch.Tensor | None = None,
+                 sliding_window: int = -1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     CALLS["sp_attention"] += 1
     group = resolve_group(group_name)
     plan, q, k, v, grad = sp._prepare("ringattn sequence-parallel attention", q, k, v, algorithm=algorithm,
                                       causal=causal, softmax_scale=softmax_scale, group=group, layout=layout,
-                                      backend=backend, grad=grad, lse_grad=lse_grad, cu_seqlens=cu_seqlens)
+                                      backend=backend, grad=grad, lse_grad=lse_grad, cu_seqlens=cu_seqlens,
+                                      sliding_window=None if sliding_window == -1 else sliding_window)
     alg = sp._resolve_algorithm(algorithm, plan, q, k, grad)
     with no_autocast(q.device):
         if alg == "ring":
             out, lse = ring_forward(plan, q, k, v)
         else:
             out, lse = token_ring_forward(plan, q, k, v, reply_for(plan, q.device))
-    meta = torch.tensor([_ALG[alg], sp._float_bits(plan.softmax_scale), plan.layout.seq_len], dtype=torch.int64)
+    meta = torch.tensor([_ALG[alg], sp._float_bits(plan.softmax_scale), plan.layout.seq_len,
+                         -1 if plan.window is None else plan.window], dtype=torch.int64)
     return out.contiguous(), lse.contiguous(), meta
 
 
 @sp_attention.register_fake
-def _(q, k, v, group_name, algorithm, causal, softmax_scale, layout, backend, grad, lse_grad, cu_seqlens=None):
+def _(q, k, v, group_name, algorithm, causal, softmax_scale, layout, backend, grad, lse_grad, cu_seqlens=None,
+      sliding_window=-1):
     B, S, Hq, _ = q.shape
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            q.new_empty((B, Hq, S), dtype=torch.float32), torch.empty(3, dtype=torch.int64, device="cpu"))
+            q.new_empty((B, Hq, S), dtype=torch.float32), torch.empty(4, dtype=torch.int64, device="cpu"))
 
 
 @torch.library.custom_op("ringattn::sp_attention_backward", mutates_args=())
@@ -141,7 +147,7 @@ def _backward(ctx, dout, dlse, _dmeta):
     name, causal, layout, backend, lse_grad = ctx.args
     dq, dk, dv = torch.ops.ringattn.sp_attention_backward(dout, q, k, v, out, lse, dlse if lse_grad else None,
                                                           meta, name, causal, layout, backend, lse_grad, cu_seqlens)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
 sp_attention.register_autograd(_backward, setup_context=_setup_context)
@@ -165,14 +171,17 @@ def _docs_tensor(cu_seqlens):
 
 
 def traced_attention(fn, q, k, v, *, algorithm, causal, softmax_scale, group, layout, backend, return_lse,
-                     lse_grad=False, cu_seqlens=None):
+                     lse_grad=False, cu_seqlens=None, sliding_window=None):
     """sequence_parallel._run under torch.compile (see the module docstring)."""
     docs = _docs_tensor(cu_seqlens)
-    if docs is False or not (all(isinstance(t, torch.Tensor) for t in (q, k, v)) and q.dim() == k.dim() == v.dim() == 4
-                             and isinstance(algorithm, str) and isinstance(layout, str) and isinstance(backend, str)):
+    window_ok = sliding_window is None or (isinstance(sliding_window, int) and not isinstance(sliding_window, bool)
+                                           and 1 <= sliding_window < (1 << 62))
+    if docs is False or not window_ok or not (
+            all(isinstance(t, torch.Tensor) for t in (q, k, v)) and q.dim() == k.dim() == v.dim() == 4
+            and isinstance(algorithm, str) and isinstance(layout, str) and isinstance(backend, str)):
         return _eager(fn, q, k, v, algorithm=algorithm, causal=causal, softmax_scale=softmax_scale, group=group,
                       layout=layout, backend=backend, return_lse=return_lse, lse_grad=lse_grad,
-                      cu_seqlens=cu_seqlens)
+                      cu_seqlens=cu_seqlens, sliding_window=sliding_window)
     if softmax_scale is not None:
         try:
             softmax_scale = float(softmax_scale)
@@ -181,7 +190,8 @@ def traced_attention(fn, q, k, v, *, algorithm, causal, softmax_scale, group, la
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     lse_grad = bool(lse_grad)
     out, lse, _meta = torch.ops.ringattn.sp_attention(q, k, v, group_name(group), algorithm, bool(causal),
-                                                      softmax_scale, layout, backend, bool(grad), lse_grad, docs)
+                                                      softmax_scale, layout, backend, bool(grad), lse_grad, docs,
+                                                      -1 if sliding_window is None else sliding_window)
     return (out, lse if lse_grad else lse.detach()) if return_lse else out
 
 

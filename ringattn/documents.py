@@ -61,6 +61,8 @@ class Piece(NamedTuple):
     causal: bool  # a causal square (q rows == k/v rows), else fully visible
     b0: int = 0   # per-row packings: the batch rows b0 .. b0 + nb - 1 it applies to
     nb: int = 0   # 0: every batch row
+    flip: bool = False  # sliding window: an ANTI-causal square (row i sees keys j >= i), run as a
+    #                     causal square on the rows and keys in reverse order
 
 
 def _row(values, what: str) -> tuple[tuple | None, str | None]:
@@ -208,8 +210,44 @@ def _split(docs: tuple, g: int, n: int) -> dict[int, tuple[int, int]]:
     return out
 
 
-def _block_pieces(lay, docs: tuple, q_owner: int, kv_owner: int, causal: bool, blk) -> list:
-    """One packing's pieces of block `blk`, in absolute local rows: (q_row, q_len, kv_row, kv_len, causal)."""
+def window_pieces(a: int, n: int, c: int, m: int, w: int) -> list[tuple]:
+    """Pieces of query positions [a, a+n) x key positions [c, c+m) under the causal sliding window
+    0 <= q - k < w (each query sees its w most recent keys, itself included: Hugging Face's
+    config.sliding_window), as (q_pos, q_len, k_pos, k_len, causal, flip) in global positions.
+
+    Row q sees keys [lo(q), hi(q)], lo = max(c, q-w+1), hi = min(c+m-1, q). The rows are cut where
+    lo or hi changes slope (q = c+w, q = c+m); in each segment the visible set is at most
+      anti    keys [lo, lo+h): row i sees keys j >= i (only where lo rises with q),
+      full    the keys every row of the segment sees,
+      causal  keys [q0, q0+h): row i sees keys j <= i (only where hi rises with q),
+    three squares/rectangles every backend runs. Where both rise (the band), rows go in tiles of
+    h = max(1, w-1) so the anti and causal squares never overlap: ~2 * rows / w pieces."""
+    out = []
+    r_lo, r_hi = max(a, c), min(a + n, c + m + w - 1)  # rows that see any key
+    if r_lo >= r_hi:
+        return out
+    cuts = sorted({r_lo, r_hi} | {x for x in (c + w, c + m) if r_lo < x < r_hi})
+    for r0, r1 in zip(cuts, cuts[1:]):
+        rising_lo, rising_hi = r0 >= c + w, r0 < c + m
+        step = max(1, w - 1) if rising_lo and rising_hi else r1 - r0
+        for t0 in range(r0, r1, step):
+            h = min(step, r1 - t0)
+            x = t0 - w + 1 if rising_lo else c  # lo of the tile's first row
+            end = t0 if rising_hi else c + m    # keys [x, end) lie left of the causal square
+            if rising_lo and end > x:           # (end == x: the band of w = 1, rows see only themselves)
+                assert end - x >= h, (a, n, c, m, w, t0)
+                out.append((t0, h, x, h, True, True))
+                x += h
+            if end > x:
+                out.append((t0, h, x, end - x, False, False))
+            if rising_hi:
+                out.append((t0, h, t0, h, True, False))
+    return out
+
+
+def _block_pieces(lay, docs: tuple, q_owner: int, kv_owner: int, causal: bool, blk, window=None) -> list:
+    """One packing's pieces of block `blk`, in absolute local rows:
+    (q_row, q_len, kv_row, kv_len, causal, flip)."""
     pieces = []
     for q_row, q_g, q_n in _runs(lay, q_owner, blk.q_start, blk.q_len):
         q_docs = _split(docs, q_g, q_n)
@@ -218,6 +256,10 @@ def _block_pieces(lay, docs: tuple, q_owner: int, kv_owner: int, causal: bool, b
                 if d not in q_docs:
                     continue
                 qg, qn = q_docs[d]
+                if window is not None:
+                    pieces += [(q_row + pa - q_g, pn, kv_row + pc - kv_g, pm, pcaus, pflip)
+                               for pa, pn, pc, pm, pcaus, pflip in window_pieces(qg, qn, kg, kn, window)]
+                    continue
                 square = (qg, qn) == (kg, kn)
                 if causal and not square:
                     if kg >= qg + qn:
@@ -225,20 +267,21 @@ def _block_pieces(lay, docs: tuple, q_owner: int, kv_owner: int, causal: bool, b
                     if kg + kn > qg:
                         raise AssertionError(f"ringattn.documents: a partial causal overlap (q {qg}+{qn}, "
                                              f"kv {kg}+{kn}) cannot come from the layout's chunks")
-                pieces.append((q_row + qg - q_g, qn, kv_row + kg - kv_g, kn, bool(causal and square)))
+                pieces.append((q_row + qg - q_g, qn, kv_row + kg - kv_g, kn, bool(causal and square), False))
     return pieces
 
 
-def document_block(lay, docs: tuple, q_owner: int, kv_owner: int, causal: bool, blk):
-    """The pieced, trimmed version of the layout's block `blk` (layout.Block or None)."""
+def document_block(lay, docs: tuple, q_owner: int, kv_owner: int, causal: bool, blk, window: int | None = None):
+    """The pieced, trimmed version of the layout's block `blk` (layout.Block or None).
+    window: a causal sliding window (window_pieces) inside the documents; docs may be (0, L)."""
     from ringattn.layout import Block
 
     if blk is None:
         return None
     if not per_row(docs):
-        groups = [(0, 0, _block_pieces(lay, docs, q_owner, kv_owner, causal, blk))]
+        groups = [(0, 0, _block_pieces(lay, docs, q_owner, kv_owner, causal, blk, window))]
     else:
-        rows = [_block_pieces(lay, r, q_owner, kv_owner, causal, blk) for r in docs]
+        rows = [_block_pieces(lay, r, q_owner, kv_owner, causal, blk, window) for r in docs]
         if all(r == rows[0] for r in rows):
             groups = [(0, 0, rows[0])]
         else:  # consecutive batch rows with the same pieces share them
@@ -255,7 +298,7 @@ def document_block(lay, docs: tuple, q_owner: int, kv_owner: int, causal: bool, 
     q1 = max(p[0] + p[1] for p in pieces)
     k0 = min(p[2] for p in pieces)
     k1 = max(p[2] + p[3] for p in pieces)
-    rel = tuple(Piece(a - q0, n, b - k0, m, c, b0, nb) for b0, nb, ps in groups for a, n, b, m, c in ps)
+    rel = tuple(Piece(a - q0, n, b - k0, m, c, b0, nb, f) for b0, nb, ps in groups for a, n, b, m, c, f in ps)
     return Block(q0, q1 - q0, k0, k1 - k0, False, rel)
 
 
@@ -276,7 +319,16 @@ def _lse(t, p: Piece):
 
 
 def _whole(blk, p: Piece) -> bool:
-    return (p.q_off, p.q_len, p.kv_off, p.kv_len, p.nb) == (0, blk.q_len, 0, blk.kv_len, 0)
+    return (p.q_off, p.q_len, p.kv_off, p.kv_len, p.nb, p.flip) == (0, blk.q_len, 0, blk.kv_len, 0, False)
+
+
+def _rev(t, dim: int = 1):
+    """The rows of t in reverse order (a copy; an anti-causal piece runs on reversed rows)."""
+    return t.flip(dim)
+
+
+def _zeros_like_rows(t):
+    return torch.zeros(t.shape, dtype=t.dtype, device=t.device)
 
 
 def block_forward(blk, q, k, v, *, softmax_scale, backend):
@@ -290,8 +342,13 @@ def block_forward(blk, q, k, v, *, softmax_scale, backend):
     out = torch.zeros((B, n, Hq, D), dtype=_F32, device=q.device)
     lse = torch.full((B, Hq, n), float("-inf"), dtype=_F32, device=q.device)
     for p in blk.pieces:
-        o, l = block_attn_forward(_q(q, p), _kv(k, p), _kv(v, p), causal=p.causal, softmax_scale=softmax_scale,
-                                  backend=backend)
+        if p.flip:  # anti-causal: the causal square of the reversed rows and keys, reversed back
+            o, l = block_attn_forward(_rev(_q(q, p)), _rev(_kv(k, p)), _rev(_kv(v, p)), causal=True,
+                                      softmax_scale=softmax_scale, backend=backend)
+            o, l = _rev(o), _rev(l, 2)
+        else:
+            o, l = block_attn_forward(_q(q, p), _kv(k, p), _kv(v, p), causal=p.causal, softmax_scale=softmax_scale,
+                                      backend=backend)
         merge_attn_states_(_q(out, p), _lse(lse, p), o, l)
     return out.to(q.dtype), lse
 
@@ -304,6 +361,16 @@ def block_backward(blk, dout, q, k, v, out, lse, *, dq_out, dk_out, dv_out, soft
                             dv_out=dv_out, **kw)
         return
     for p in blk.pieces:
+        if p.flip:  # reversed rows and keys into scratch accumulators, added back in order
+            dq, dk, dv = (_zeros_like_rows(_q(dq_out, p)), _zeros_like_rows(_kv(dk_out, p)),
+                          _zeros_like_rows(_kv(dv_out, p)))
+            block_attn_backward(_rev(_q(dout, p)), _rev(_q(q, p)), _rev(_kv(k, p)), _rev(_kv(v, p)),
+                                _rev(_q(out, p)), _rev(_lse(lse, p), 2), causal=True, dq_out=dq, dk_out=dk,
+                                dv_out=dv, **kw)
+            _q(dq_out, p).add_(_rev(dq))
+            _kv(dk_out, p).add_(_rev(dk))
+            _kv(dv_out, p).add_(_rev(dv))
+            continue
         block_attn_backward(_q(dout, p), _q(q, p), _kv(k, p), _kv(v, p), _q(out, p), _lse(lse, p), causal=p.causal,
                             dq_out=_q(dq_out, p), dk_out=_kv(dk_out, p), dv_out=_kv(dv_out, p), **kw)
 
@@ -315,5 +382,12 @@ def block_lse_backward_(blk, dlse, q, k, lse, *, dq_out, dk_out, softmax_scale, 
         block_lse_backward(dlse, q, k, lse, causal=blk.causal, dq_out=dq_out, dk_out=dk_out, **kw)
         return
     for p in blk.pieces:
+        if p.flip:
+            dq, dk = _zeros_like_rows(_q(dq_out, p)), _zeros_like_rows(_kv(dk_out, p))
+            block_lse_backward(_rev(_lse(dlse, p), 2), _rev(_q(q, p)), _rev(_kv(k, p)), _rev(_lse(lse, p), 2),
+                               causal=True, dq_out=dq, dk_out=dk, **kw)
+            _q(dq_out, p).add_(_rev(dq))
+            _kv(dk_out, p).add_(_rev(dk))
+            continue
         block_lse_backward(_lse(dlse, p), _q(q, p), _kv(k, p), _lse(lse, p), causal=p.causal,
                            dq_out=_q(dq_out, p), dk_out=_kv(dk_out, p), **kw)

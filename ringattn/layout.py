@@ -328,6 +328,8 @@ class RingPlan:
     backend: str               # block attention backend ("auto", "math", ...)
     # Packed sequences: global document boundaries (0, ..., L) (ringattn.documents), or None.
     documents: tuple | None = None
+    # Causal sliding window (each query sees its `window` most recent keys, itself included), or None.
+    window: int | None = None
     _blocks: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
@@ -342,9 +344,10 @@ class RingPlan:
         key = (q_owner, kv_owner)
         if key not in self._blocks:
             blk = attention_block(self.layout, q_owner, kv_owner, self.causal)
-            if self.documents is not None:
+            if self.documents is not None or self.window is not None:
                 from ringattn.documents import document_block
-                blk = document_block(self.layout, self.documents, q_owner, kv_owner, self.causal, blk)
+                docs = self.documents if self.documents is not None else (0, self.layout.seq_len)
+                blk = document_block(self.layout, docs, q_owner, kv_owner, self.causal, blk, self.window)
             self._blocks[key] = blk
         return self._blocks[key]
 

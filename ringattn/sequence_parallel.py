@@ -52,7 +52,7 @@ ALGORITHMS = ("ring", "token_ring")
 # world size and "inter_node" (8 GPUs per node) above it (choose_algorithm).
 MESH_MAX_WORLD = 8
 
-_MAGIC = 0x52494E47_03  # "RING", signature version 3 (2: lse_grad, 3: cu_seqlens)
+_MAGIC = 0x52494E47_04  # "RING", signature version 4 (2: lse_grad, 3: cu_seqlens, 4: sliding_window)
 _ALG_CODE = {"auto": 0, "ring": 1, "token_ring": 2}
 _LAYOUT_CODE = {"contiguous": 1, "zigzag": 2}
 _DEVICE_CODE = {"cpu": 1, "cuda": 2, "meta": 3, "xpu": 4, "mps": 5}
@@ -77,9 +77,10 @@ _PROBLEMS = (
     "batch, heads and head_dim must be > 0",
     "cu_seqlens must be the global document boundaries: 0, then strictly increasing ints (a list or a 1-D "
     "integer tensor; or one such row per batch row)",
+    "sliding_window must be None or an int >= 1 (keys each query sees, itself included), with causal=True",
 )
 (_P_NOT_TENSOR, _P_NOT_4D, _P_NOT_FLOAT, _P_KV_SHAPE, _P_QK_SHAPE, _P_HEADS, _P_DTYPES, _P_DEVICES,
- _P_BACKEND, _P_SCALE, _P_LAYOUT, _P_ALGORITHM, _P_EMPTY, _P_DOCS) = (1 << i for i in range(len(_PROBLEMS)))
+ _P_BACKEND, _P_SCALE, _P_LAYOUT, _P_ALGORITHM, _P_EMPTY, _P_DOCS, _P_WINDOW) = (1 << i for i in range(len(_PROBLEMS)))
 
 
 def _float_bits(x: float) -> int:
@@ -93,7 +94,7 @@ def _bits_float(b: int) -> float:
 _FIELDS = ("magic", "algorithm", "layout", "causal", "group_size", "group_ranks",
            "q0", "q1", "q2", "q3", "k0", "k1", "k2", "k3", "v0", "v1", "v2", "v3",
            "q_dtype", "k_dtype", "v_dtype", "device", "scale", "grad", "lse_grad", "docs_n", "docs_crc",
-           "problems")
+           "window", "problems")
 _IX = {f: i for i, f in enumerate(_FIELDS)}
 
 
@@ -109,8 +110,19 @@ def _ranks_crc(global_ranks: tuple) -> int:
     return zlib.crc32(",".join(map(str, global_ranks)).encode())
 
 
+def window_problem(sliding_window, causal) -> str | None:
+    """What is wrong with a sliding_window argument (None: fine)."""
+    if sliding_window is None:
+        return None
+    if not isinstance(sliding_window, int) or isinstance(sliding_window, bool) or sliding_window < 1:
+        return f"sliding_window must be None or an int >= 1, got {sliding_window!r}"
+    if not causal:
+        return "sliding_window needs causal=True (a causal sliding window: 0 <= q - k < sliding_window)"
+    return None
+
+
 def _local_signature(fn, q, k, v, *, algorithm, layout, causal, softmax_scale, backend, world,
-                     global_ranks, grad=None, lse_grad=False, cu_seqlens=None) -> _Local:
+                     global_ranks, grad=None, lse_grad=False, cu_seqlens=None, sliding_window=None) -> _Local:
     sig = [-1] * len(_FIELDS)
     sig[_IX["magic"]] = _MAGIC
     sig[_IX["group_size"]] = world
@@ -128,6 +140,12 @@ def _local_signature(fn, q, k, v, *, algorithm, layout, causal, softmax_scale, b
     elif docs is not None:
         sig[_IX["docs_n"]] = documents_count(docs)
         sig[_IX["docs_crc"]] = documents_crc(docs)
+    w_problem = window_problem(sliding_window, causal)
+    if w_problem:
+        problems |= _P_WINDOW
+        error = error or ValueError(f"{fn}: {w_problem}")
+    elif sliding_window is not None:
+        sig[_IX["window"]] = min(sliding_window, 1 << 62)  # (an int64 field; >= any sequence length)
     if algorithm in _ALG_CODE:
         sig[_IX["algorithm"]] = _ALG_CODE[algorithm]
     else:
@@ -177,7 +195,7 @@ def _local_signature(fn, q, k, v, *, algorithm, layout, causal, softmax_scale, b
             sig[_IX["scale"]] = _float_bits(scale)
         except (TypeError, ValueError):
             problems |= _P_SCALE
-    if not problems & ~_P_DOCS and backend != "auto":
+    if not problems & ~(_P_DOCS | _P_WINDOW) and backend != "auto":
         try:  # zero-length probe: the backend's support checks run, nothing is computed
             block_attn_forward(q[:, :0], k[:, :0], v[:, :0], causal=bool(causal), softmax_scale=scale,
                                backend=backend)
@@ -215,6 +233,7 @@ _AGREE = (
     ("whether a backward follows (requires_grad with grad mode on)", ("grad",)),
     ("lse_grad", ("lse_grad",)),
     ("cu_seqlens (number of documents, crc32 of the boundaries; -1: none)", ("docs_n", "docs_crc")),
+    ("sliding_window (-1: none)", ("window",)),
 )
 
 
@@ -316,8 +335,13 @@ def _exchange(fn: str, group, world: int, global_ranks: list[int], local: _Local
     return [t.tolist() for t in table]
 
 
+def effective_window(sliding_window, seq_len: int) -> int | None:
+    """The window the plan uses: None when it reaches the whole sequence (plain causal attention)."""
+    return None if sliding_window is None or sliding_window >= seq_len else int(sliding_window)
+
+
 def _prepare(fn: str, q, k, v, *, algorithm, causal, softmax_scale, group, layout, backend, grad=None,
-             lse_grad=False, cu_seqlens=None):
+             lse_grad=False, cu_seqlens=None, sliding_window=None):
     """Validate across ranks; return (plan, q, k, v contiguous, requires backward)."""
     rank, world = group_rank_and_size(group)
     if world > 1:
@@ -326,7 +350,8 @@ def _prepare(fn: str, q, k, v, *, algorithm, causal, softmax_scale, group, layou
         global_ranks = [dist.get_rank() if dist.is_initialized() else 0]
     local = _local_signature(fn, q, k, v, algorithm=algorithm, layout=layout, causal=causal,
                              softmax_scale=softmax_scale, backend=backend, world=world,
-                             global_ranks=global_ranks, grad=grad, lse_grad=lse_grad, cu_seqlens=cu_seqlens)
+                             global_ranks=global_ranks, grad=grad, lse_grad=lse_grad, cu_seqlens=cu_seqlens,
+                             sliding_window=sliding_window)
     device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
     sigs = _exchange(fn, group, world, global_ranks, local,
                      collective_device(group, device) if world > 1 else device)
@@ -336,7 +361,8 @@ def _prepare(fn: str, q, k, v, *, algorithm, causal, softmax_scale, group, layou
         raise ValueError(message) from local.error
     scale = _bits_float(sigs[0][_IX["scale"]])
     docs = packed(local.documents)  # one document: plain attention
-    plan = RingPlan(group, rank, world, lay, bool(causal), scale, backend, docs)
+    plan = RingPlan(group, rank, world, lay, bool(causal), scale, backend, docs,
+                    effective_window(sliding_window, lay.seq_len))
     # Non-contiguous inputs (e.g. a transposed (B, H, S, D) view) are accepted: one copy here,
     # since what travels must be contiguous.
     return plan, q.contiguous(), k.contiguous(), v.contiguous(), bool(sigs[0][_IX["grad"]])
@@ -353,23 +379,34 @@ def _elem_size(dtype) -> int:
 def predict_comm_bytes(algorithm: str, *, seq_len: int, world_size: int, layout: str = "contiguous",
                        causal: bool = False, batch: int, heads_q: int, heads_kv: int, head_dim: int,
                        dtype=torch.bfloat16, backward: bool = True, lse_grad: bool = False,
-                       cu_seqlens=None) -> list[dict[str, tuple[int, int]]]:
+                       cu_seqlens=None, sliding_window=None) -> list[dict[str, tuple[int, int]]]:
     """Bytes each rank sends and receives per channel in one call (forward, plus backward when
     `backward`): a list indexed by group rank of {channel: (sent, received)}. The formulas are
     ring_attention.ring_comm_bytes and token_ring.token_ring_comm_bytes (docs/sequence_parallel.md).
     dtype: of q/k/v (or its element size in bytes). lse_grad: the call had lse_grad=True.
-    cu_seqlens: the call's packed-sequence boundaries (TokenRing skips pairs sharing no document)."""
+    cu_seqlens: the call's packed-sequence boundaries (TokenRing skips pairs sharing no document).
+    sliding_window: the call's causal sliding window (TokenRing skips pairs it never reaches)."""
     lay = SequenceLayout.build(seq_len, world_size, layout)
     docs = _documents_arg(cu_seqlens, seq_len, batch)
+    window = _window_arg(sliding_window, causal, seq_len)
     e = _elem_size(dtype)
     if algorithm == "ring":
         return [ring_comm_bytes(lay, r, batch=batch, heads_kv=heads_kv, head_dim=head_dim, elem_size=e,
                                 backward=backward) for r in range(world_size)]
     if algorithm == "token_ring":
         return [token_ring_comm_bytes(lay, r, causal=causal, batch=batch, heads_q=heads_q, head_dim=head_dim,
-                                      elem_size=e, backward=backward, lse_grad=lse_grad, documents=docs)
+                                      elem_size=e, backward=backward, lse_grad=lse_grad, documents=docs,
+                                      window=window)
                 for r in range(world_size)]
     raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+
+
+def _window_arg(sliding_window, causal, seq_len: int) -> int | None:
+    """sliding_window of a single-process helper, checked (ValueError), as the plan would use it."""
+    problem = window_problem(sliding_window, causal)
+    if problem:
+        raise ValueError(problem)
+    return effective_window(sliding_window, seq_len)
 
 
 def _documents_arg(cu_seqlens, seq_len: int, batch: int | None = None) -> tuple | None:
@@ -401,7 +438,7 @@ class AlgorithmChoice:
 
 def choose_algorithm(*, seq_len: int, world_size: int, layout: str = "contiguous", causal: bool = False,
                      batch: int, heads_q: int, heads_kv: int, head_dim: int, dtype=torch.bfloat16,
-                     backward: bool = True, topology=None, cu_seqlens=None) -> AlgorithmChoice:
+                     backward: bool = True, topology=None, cu_seqlens=None, sliding_window=None) -> AlgorithmChoice:
     """algorithm="auto": the algorithm ringattn.cost_model predicts faster (docs/cost_model.md).
 
     1. W == 1: ring (no communication either way).
@@ -415,9 +452,10 @@ def choose_algorithm(*, seq_len: int, world_size: int, layout: str = "contiguous
     3. Otherwise (a gap inside the model's error) the one whose busiest rank moves fewer bytes
        (max over ranks of max(sent, received), forward + backward when `backward`); ties go to
        ring (one peer per step, fewer messages).
-    Packed sequences (cu_seqlens with > 1 document): the cost model does not model document masks,
-    so bytes decide (rule 3 alone; TokenRing's bytes then count only the pairs that share a document;
-    O(W^2) block cuts, cached for the last 8 packings only).
+    Packed sequences (cu_seqlens with > 1 document) and sliding windows shorter than the sequence:
+    the cost model does not model those masks, so bytes decide (rule 3 alone; TokenRing's bytes
+    then count only the pairs that share a document / that the window reaches; O(W^2) block cuts,
+    cached for the last 8 masks only).
     Deterministic in its arguments, so every rank picks the same. Cached per distinct set of
     arguments (it runs on every call: uncached, the per-rank byte formulas alone cost ~1 ms at
     W = 32, and the model's first run up to a second at W = 64).
@@ -425,28 +463,34 @@ def choose_algorithm(*, seq_len: int, world_size: int, layout: str = "contiguous
     args = (seq_len, world_size, layout, bool(causal), batch, heads_q, heads_kv, head_dim, _elem_size(dtype),
             bool(backward), topology)
     docs = _documents_arg(cu_seqlens, seq_len, batch)
-    if docs is not None:  # a small cache of its own: every packed batch brings new boundaries, but the
-        return _choose_algorithm_packed(*args, docs)  # layers of one forward all ask with the same
+    window = _window_arg(sliding_window, causal, seq_len)
+    if docs is not None or window is not None:  # a small cache of its own: every packed batch brings new
+        return _choose_algorithm_packed(*args, docs, window)  # boundaries, but one forward's layers ask the same
     return _choose_algorithm(*args)
 
 
 @functools.lru_cache(maxsize=4096)
 def _choose_algorithm(seq_len, world_size, layout, causal, batch, heads_q, heads_kv, head_dim, elem_size, backward,
-                      topology, documents=None) -> AlgorithmChoice:
+                      topology, documents=None, window=None) -> AlgorithmChoice:
     per_alg = {}
     for alg in ALGORITHMS:
         ranks = predict_comm_bytes(alg, seq_len=seq_len, world_size=world_size, layout=layout, causal=causal,
                                    batch=batch, heads_q=heads_q, heads_kv=heads_kv, head_dim=head_dim,
-                                   dtype=elem_size, backward=backward, cu_seqlens=documents)
+                                   dtype=elem_size, backward=backward, cu_seqlens=documents, sliding_window=window)
         per_alg[alg] = max((max(sum(s for s, _ in ch.values()), sum(rv for _, rv in ch.values()))
                             for ch in ranks), default=0)
     if world_size == 1:
         return AlgorithmChoice("ring", per_alg, "world size 1: no communication")
-    if documents is not None:
+    if documents is not None or window is not None:
         alg = "token_ring" if per_alg["token_ring"] < per_alg["ring"] else "ring"
-        rows = f" in {len(documents)} row packings" if per_row(documents) else ""
-        return AlgorithmChoice(alg, per_alg, f"packed sequence ({documents_count(documents)} documents{rows}): "
-                               "the cost model does not model document masks; fewer bottleneck bytes (ties: ring)")
+        what = []
+        if documents is not None:
+            rows = f" in {len(documents)} row packings" if per_row(documents) else ""
+            what.append(f"packed sequence ({documents_count(documents)} documents{rows})")
+        if window is not None:
+            what.append(f"sliding window {window}")
+        return AlgorithmChoice(alg, per_alg, f"{', '.join(what)}: the cost model does not model these masks; "
+                               "fewer bottleneck bytes (ties: ring)")
     from ringattn import cost_model  # pure Python; imported here to keep this module's imports as they are
 
     topo = topology if topology is not None else ("nvswitch" if world_size <= MESH_MAX_WORLD else "inter_node")
@@ -485,7 +529,7 @@ def _resolve_algorithm(algorithm: str, plan: RingPlan, q, k, grad: bool) -> str:
     return choose_algorithm(
         seq_len=plan.layout.seq_len, world_size=plan.world_size, layout=plan.layout.layout, causal=plan.causal,
         batch=q.shape[0], heads_q=q.shape[2], heads_kv=k.shape[2], head_dim=q.shape[3], dtype=q.dtype,
-        backward=grad, cu_seqlens=plan.documents).algorithm
+        backward=grad, cu_seqlens=plan.documents, sliding_window=plan.window).algorithm
 
 
 def _autocast(q, k, v):
@@ -502,17 +546,17 @@ def _autocast(q, k, v):
 
 
 def _run(fn, q, k, v, *, algorithm, causal, softmax_scale, group, layout, backend, return_lse, lse_grad=False,
-         cu_seqlens=None):
+         cu_seqlens=None, sliding_window=None):
     q, k, v = _autocast(q, k, v)
     if torch.compiler.is_compiling():  # under torch.compile: one opaque custom op (ringattn.compiled)
         from ringattn.compiled import traced_attention
         return traced_attention(fn, q, k, v, algorithm=algorithm, causal=causal, softmax_scale=softmax_scale,
                                 group=group, layout=layout, backend=backend, return_lse=return_lse,
-                                lse_grad=lse_grad, cu_seqlens=cu_seqlens)
+                                lse_grad=lse_grad, cu_seqlens=cu_seqlens, sliding_window=sliding_window)
     lse_grad = bool(lse_grad)
     plan, q, k, v, grad = _prepare(fn, q, k, v, algorithm=algorithm, causal=causal, softmax_scale=softmax_scale,
                                    group=group, layout=layout, backend=backend, lse_grad=lse_grad,
-                                   cu_seqlens=cu_seqlens)
+                                   cu_seqlens=cu_seqlens, sliding_window=sliding_window)
     algorithm = _resolve_algorithm(algorithm, plan, q, k, grad)
     # The kernels run with autocast off: their fp32 accumulation (math backend, merges, deltas)
     # must not be cast down by an enclosing autocast region (the backward does the same).
@@ -525,32 +569,37 @@ def _run(fn, q, k, v, *, algorithm, causal, softmax_scale, group, layout, backen
 
 
 def ring_attention(q, k, v, *, causal=False, softmax_scale=None, group=None, layout="contiguous",
-                   backend="auto", return_lse=False, lse_grad=False, cu_seqlens=None):
+                   backend="auto", return_lse=False, lse_grad=False, cu_seqlens=None, sliding_window=None):
     """Ring Self-Attention: K/V rotate one hop per step, Q stays (ringattn.ring_attention).
     lse_grad=True: the returned lse is differentiable (docs/sequence_parallel.md).
     cu_seqlens: packed sequences, the GLOBAL document boundaries (0, ..., L), the same on every rank:
-    tokens attend only within their document (ringattn.documents)."""
+    tokens attend only within their document (ringattn.documents).
+    sliding_window=w (causal only): each query sees its w most recent keys, itself included
+    (0 <= q - k < w, Hugging Face's config.sliding_window); blocks the window never reaches are
+    skipped (K/V still rotate through every rank: it is a ring)."""
     return _run("ringattn.ring_attention", q, k, v, algorithm="ring", causal=causal,
                 softmax_scale=softmax_scale, group=group, layout=layout, backend=backend, return_lse=return_lse,
-                lse_grad=lse_grad, cu_seqlens=cu_seqlens)
+                lse_grad=lse_grad, cu_seqlens=cu_seqlens, sliding_window=sliding_window)
 
 
 def token_ring_attention(q, k, v, *, causal=False, softmax_scale=None, group=None, layout="contiguous",
-                         backend="auto", return_lse=False, lse_grad=False, cu_seqlens=None):
+                         backend="auto", return_lse=False, lse_grad=False, cu_seqlens=None, sliding_window=None):
     """TokenRing: K/V stay, Q travels one way and partials come straight back (ringattn.token_ring).
     lse_grad=True: the returned lse is differentiable (docs/sequence_parallel.md).
     cu_seqlens: packed sequences, as in ring_attention; Q rows travel only to ranks holding keys of
-    their documents."""
+    their documents. sliding_window: as in ring_attention; Q rows travel only to ranks holding
+    keys inside their window."""
     return _run("ringattn.token_ring_attention", q, k, v, algorithm="token_ring", causal=causal,
                 softmax_scale=softmax_scale, group=group, layout=layout, backend=backend, return_lse=return_lse,
-                lse_grad=lse_grad, cu_seqlens=cu_seqlens)
+                lse_grad=lse_grad, cu_seqlens=cu_seqlens, sliding_window=sliding_window)
 
 
 def sequence_parallel_attention(q, k, v, *, causal=False, softmax_scale=None, group=None, layout="contiguous",
                                 backend="auto", return_lse=False, algorithm="auto", lse_grad=False,
-                                cu_seqlens=None):
+                                cu_seqlens=None, sliding_window=None):
     """ring_attention or token_ring_attention; "auto" picks the one ringattn.cost_model predicts
-    faster, bytes deciding inside its 5% margin (choose_algorithm; packed sequences: bytes)."""
+    faster, bytes deciding inside its 5% margin (choose_algorithm; packed sequences and sliding
+    windows: bytes)."""
     return _run("ringattn.sequence_parallel_attention", q, k, v, algorithm=algorithm, causal=causal,
                 softmax_scale=softmax_scale, group=group, layout=layout, backend=backend, return_lse=return_lse,
-                lse_grad=lse_grad, cu_seqlens=cu_seqlens)
+                lse_grad=lse_grad, cu_seqlens=cu_seqlens, sliding_window=sliding_window)

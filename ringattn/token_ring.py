@@ -285,14 +285,16 @@ class TokenRingAttention(torch.autograd.Function):
 
 
 @functools.lru_cache(maxsize=8)
-def _q_lens(lay: SequenceLayout, causal: bool, documents: tuple) -> tuple:
-    """q_len of every trimmed (Q owner, K/V owner) block of a packed sequence (0: skipped)."""
-    plan = RingPlan(None, 0, lay.world_size, lay, causal, 1.0, "auto", documents)
+def _q_lens(lay: SequenceLayout, causal: bool, documents: tuple | None, window: int | None = None) -> tuple:
+    """q_len of every trimmed (Q owner, K/V owner) block of a packed sequence or a sliding window
+    (0: skipped)."""
+    plan = RingPlan(None, 0, lay.world_size, lay, causal, 1.0, "auto", documents, window)
     W = lay.world_size
     return tuple(tuple(0 if (b := plan.block(i, j)) is None else b.q_len for j in range(W)) for i in range(W))
 
 
-def token_ring_q_tokens(lay: SequenceLayout, rank: int, causal: bool, documents: tuple | None = None) -> tuple[int, int]:
+def token_ring_q_tokens(lay: SequenceLayout, rank: int, causal: bool, documents: tuple | None = None,
+                        window: int | None = None) -> tuple[int, int]:
     """Q tokens (sent, received) by `rank` over a whole pass, in closed form:
       non-causal          sent (W-1)*n_r                       recv L - n_r
       causal contiguous   sent r*n_r (to earlier ranks only)   recv sum_{i>r} n_i
@@ -300,12 +302,13 @@ def token_ring_q_tokens(lay: SequenceLayout, rank: int, causal: bool, documents:
     with b_i = the size of rank i's late chunk c_{2W-1-i}. Partials travel back: their tokens are
     (recv, sent) of these. Packed sequences (documents): the q_len of each trimmed block,
       sent sum_{d != r} q_len(block(r, d))   recv sum_{s != r} q_len(block(s, r))
-    (ringattn.documents; 0 for a pair that shares no document)."""
+    (ringattn.documents; 0 for a pair that shares no document). A sliding window the same way
+    (0 for a pair the window never reaches)."""
     W, L, n = lay.world_size, lay.seq_len, lay.local_lengths
     if W == 1:
         return 0, 0
-    if documents is not None:
-        size = _q_lens(lay, bool(causal), documents)
+    if documents is not None or window is not None:
+        size = _q_lens(lay, bool(causal), documents, window)
         return (sum(size[rank][d] for d in range(W) if d != rank),
                 sum(size[s][rank] for s in range(W) if s != rank))
     if not causal:
@@ -319,7 +322,8 @@ def token_ring_q_tokens(lay: SequenceLayout, rank: int, causal: bool, documents:
 
 def token_ring_comm_bytes(lay: SequenceLayout, rank: int, *, causal: bool, batch: int, heads_q: int,
                           head_dim: int, elem_size: int, backward: bool,
-                          lse_grad: bool = False, documents: tuple | None = None) -> dict[str, tuple[int, int]]:
+                          lse_grad: bool = False, documents: tuple | None = None,
+                          window: int | None = None) -> dict[str, tuple[int, int]]:
     """Bytes (sent, received) by `rank` per channel (docs/sequence_parallel.md), with
     (Qs, Qr) = token_ring_q_tokens and t = B*Hq:
       fwd.q        t*D*e * (Qs, Qr)
@@ -327,11 +331,12 @@ def token_ring_comm_bytes(lay: SequenceLayout, rank: int, *, causal: bool, batch
       bwd.q        t*(2*D*e + 8) * (Qs, Qr)            q, dout + fp32 lse, delta (+4: lse's
                                                        gradient, with lse_grad)
       bwd.dq       t*D*4 * (Qr, Qs)                    fp32 dq partials
-    documents: packed sequences (global boundaries), see token_ring_q_tokens.
+    documents: packed sequences (global boundaries), window: a causal sliding window; see
+    token_ring_q_tokens.
     """
     if lay.world_size == 1:
         return {}
-    qs, qr = token_ring_q_tokens(lay, rank, causal, documents)
+    qs, qr = token_ring_q_tokens(lay, rank, causal, documents, window)
     t, D, e = batch * heads_q, head_dim, elem_size
     result = {"fwd.q": (t * D * e * qs, t * D * e * qr),
               "fwd.partial": (t * (D * e + 4) * qr, t * (D * e + 4) * qs)}

@@ -74,7 +74,7 @@ def covered_pieces(plan, lay, world, label):
             for p in blk.pieces or (Piece(0, blk.q_len, 0, blk.kv_len, blk.causal),):
                 qs = pi[blk.q_start + p.q_off: blk.q_start + p.q_off + p.q_len]
                 ks = pj[blk.kv_start + p.kv_off: blk.kv_start + p.kv_off + p.kv_len]
-                if p.causal:
+                if p.causal and not p.flip:  # (flip: a sliding window's anti-causal square)
                     assert p.q_len == p.kv_len and torch.equal(qs, ks)
                 yield p, qs, ks
 

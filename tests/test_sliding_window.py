@@ -1,0 +1,331 @@
+"""Causal sliding-window attention (sliding_window=w: 0 <= q - k < w) in ring attention and TokenRing.
+
+1. Index arithmetic (no processes): documents.window_pieces covers exactly the band of every
+   (rows x keys) rectangle, each pair once, by brute force over small ranges; and over every
+   (Q owner, K/V owner) pair of both layouts at W = 1..4 the plan's pieces cover exactly the band
+   (and the band inside documents with cu_seqlens, and per-row packings).
+2. Real gloo processes at W = 1..4: both algorithms and auto x both layouts x windows from 1 to
+   beyond the sequence x MHA/GQA/MQA x batch 1/2 x fp32/bf16 x even/uneven lengths (with packed
+   documents and lse_grad in some), forward (out, lse) and backward (dq, dk, dv with random
+   upstream gradients) against a float64 reference under the band mask, tolerances of
+   test_sequence_parallel; the bytes each rank moved against predict_comm_bytes(sliding_window=)
+   (TokenRing sends Q rows only to ranks holding keys inside their window).
+3. torch.compile: the traced op equals the eager call.
+4. Bad sliding_window: the same ValueError on every rank, the group still usable.
+"""
+import math
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import ringattn.sequence_parallel as sp
+from ringattn.accounting import comm_stats
+from ringattn.documents import as_documents, window_pieces
+from ringattn.layout import RingPlan, SequenceLayout
+from test_documents import allowed, covered_pieces, patterns, per_row_patterns
+from test_sequence_parallel import positions, tolerance
+
+
+def band(L, w):
+    """(L, L) bool: query p sees key t iff 0 <= p - t < w (w None: plain causal)."""
+    d = torch.arange(L)[:, None] - torch.arange(L)[None, :]
+    return (d >= 0) & (d < (w if w is not None else L + 1))
+
+
+def piece_mask(p):
+    sub = torch.ones(p.q_len, p.kv_len, dtype=torch.long)
+    if p.flip:
+        return sub.triu()   # anti-causal square: row i sees keys j >= i
+    return sub.tril() if p.causal else sub
+
+
+# --- 1. pieces cover exactly the band ---------------------------------------------------------
+def test_window_pieces_cover_exactly_the_band_brute_force():
+    for a in range(0, 7):
+        for n in range(1, 6):
+            for c in range(0, 7):
+                for m in range(1, 6):
+                    for w in range(1, 10):
+                        got = torch.zeros(n, m, dtype=torch.long)
+                        for pa, pn, pc, pm, causal, flip in window_pieces(a, n, c, m, w):
+                            assert a <= pa and pa + pn <= a + n and c <= pc and pc + pm <= c + m
+                            if causal:
+                                assert pn == pm  # squares only: every backend runs them
+                            sub = torch.ones(pn, pm, dtype=torch.long)
+                            sub = sub.triu() if flip else sub.tril() if causal else sub
+                            got[pa - a:pa - a + pn, pc - c:pc - c + pm] += sub
+                        qq = torch.arange(a, a + n)[:, None]
+                        kk = torch.arange(c, c + m)[None, :]
+                        want = ((qq - kk >= 0) & (qq - kk < w)).long()
+                        assert torch.equal(got, want), (a, n, c, m, w, got, want)
+
+
+def test_window_pieces_count_is_about_two_per_window_of_rows():
+    # an 8k chunk against itself with a 4k window: 2 squares per tile of w-1 rows, plus the start
+    ps = window_pieces(0, 8192, 0, 8192, 4096)
+    assert len(ps) <= 2 * math.ceil(8192 / 4095) + 2, len(ps)
+    assert sum(p[1] * p[3] for p in ps if not p[4]) + sum(p[1] * (p[1] + 1) // 2 for p in ps if p[4]) > 0
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_plan_pieces_cover_exactly_the_band(layout, world):
+    for L in (4 * world, 4 * world + 3, 9 * world + 1):
+        lay = SequenceLayout.build(L, world, layout)
+        for w in sorted({1, 2, 3, 5, max(1, L // (2 * world)), L // 2, L - 1}):
+            for name, cu in (("plain", None), *list(patterns(L, L + w).items())[:2]):
+                docs = tuple(cu) if cu is not None and len(cu) > 2 else None
+                plan = RingPlan(None, 0, world, lay, True, 1.0, "math", docs, w)
+                got = torch.zeros(L, L, dtype=torch.long)
+                for p, qs, ks in covered_pieces(plan, lay, world, name):
+                    got[qs[:, None], ks[None, :]] += piece_mask(p)
+                want = band(L, w) & (allowed(cu, L, True) if cu is not None else True)
+                assert torch.equal(got, want.long()), (layout, world, L, w, name,
+                                                       (got - want.long()).nonzero()[:5].tolist())
+
+
+def test_per_row_packings_with_a_window_cover_each_rows_band():
+    world, layout = 3, "zigzag"
+    L, B, w = 31, 3, 4
+    lay = SequenceLayout.build(L, world, layout)
+    rows = per_row_patterns(L, B, 7)
+    docs, _ = as_documents(rows)
+    plan = RingPlan(None, 0, world, lay, True, 1.0, "math", docs, w)
+    got = torch.zeros(B, L, L, dtype=torch.long)
+    for p, qs, ks in covered_pieces(plan, lay, world, rows):
+        for b in (range(B) if p.nb == 0 else range(p.b0, p.b0 + p.nb)):
+            got[b, qs[:, None], ks[None, :]] += piece_mask(p)
+    want = (allowed(rows, L, True).squeeze(1) & band(L, w)).long()
+    assert torch.equal(got, want)
+
+
+def test_far_blocks_are_skipped_and_tokenring_sends_less():
+    # contiguous, window inside one chunk: only the diagonal and the previous rank's block remain
+    lay = SequenceLayout.build(64, 4, "contiguous")
+    plan = RingPlan(None, 0, 4, lay, True, 1.0, "math", None, 5)
+    live = {(i, j) for i in range(4) for j in range(4) if plan.block(i, j) is not None}
+    assert live == {(i, i) for i in range(4)} | {(i, i - 1) for i in range(1, 4)}, live
+    # the previous rank's block keeps only the window's reach: 4 query rows x 4 key rows
+    blk = plan.block(2, 1)
+    assert (blk.q_start, blk.q_len, blk.kv_start, blk.kv_len) == (0, 4, 12, 4), blk
+    kw = dict(seq_len=64, world_size=4, layout="contiguous", causal=True, batch=1, heads_q=8, heads_kv=8,
+              head_dim=16)
+    full = sp.predict_comm_bytes("token_ring", **kw)
+    win = sp.predict_comm_bytes("token_ring", **kw, sliding_window=5)
+    assert all(win[r]["fwd.q"][0] < full[r]["fwd.q"][0] for r in range(1, 4)), (win, full)
+    assert win[1]["fwd.q"][0] == 1 * 4 * 8 * 16 * 2  # rank 1 sends its first 4 rows to rank 0 (bf16)
+    ch = sp.choose_algorithm(**kw, sliding_window=5)
+    assert ch.algorithm == "token_ring" and "sliding window 5" in ch.reason, ch
+    # a window reaching the whole sequence is plain causal attention
+    assert sp.choose_algorithm(**kw, sliding_window=64) == sp.choose_algorithm(**kw)
+    assert sp.predict_comm_bytes("token_ring", **kw, sliding_window=1000) == full
+    with pytest.raises(ValueError, match="needs causal=True"):
+        sp.predict_comm_bytes("ring", **dict(kw, causal=False), sliding_window=5)
+    with pytest.raises(ValueError, match="int >= 1"):
+        sp.choose_algorithm(**kw, sliding_window=0)
+
+
+# --- 2. against float64 on real processes -----------------------------------------------------
+def reference(q, k, v, mask, scale):
+    g = q.shape[2] // k.shape[2]
+    kk, vv = k.repeat_interleave(g, 2), v.repeat_interleave(g, 2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, kk) * scale
+    s = s.masked_fill(~mask, float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, -1), vv), torch.logsumexp(s, -1)
+
+
+def run_window_case(c, device="cpu", compiled=None):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    B, L, Hq, Hkv, D, dtype, w = c["batch"], c["seq_len"], c["hq"], c["hkv"], c["head_dim"], c["dtype"], c["window"]
+    cu = c.get("cu")
+    gen = torch.Generator().manual_seed(7000 + c["seed"])
+    q, dout = (torch.randn(B, L, Hq, D, generator=gen).to(dtype) for _ in range(2))
+    k, v = (torch.randn(B, L, Hkv, D, generator=gen).to(dtype) for _ in range(2))
+    dlse = torch.randn(B, Hq, L, generator=gen) if c["lse_grad"] else None
+    scale = 1.0 / math.sqrt(D)
+    mask = band(L, w) & (allowed(cu, L, True) if cu is not None else True)
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    ref_out, ref_lse = reference(*ref, mask, scale)
+    loss = (ref_out * dout.double()).sum() + ((ref_lse * dlse.double()).sum() if dlse is not None else 0)
+    loss.backward()
+
+    pos = positions(L, world, c["layout"], rank)
+    loc = [t[:, pos].to(device).requires_grad_() for t in (q, k, v)]
+    fn = {"ring": sp.ring_attention, "token_ring": sp.token_ring_attention,
+          "auto": sp.sequence_parallel_attention}[c["alg"]]
+    with comm_stats() as st:
+        call = compiled or (lambda *a, **kw: fn(*a, **kw))
+        out, lse = call(*loc, causal=True, layout=c["layout"], return_lse=True, lse_grad=c["lse_grad"],
+                        cu_seqlens=cu, sliding_window=w)
+        loss = ((out * dout[:, pos].to(device)).sum()
+                + ((lse * dlse[:, :, pos].to(device)).sum() if dlse is not None else 0))
+        loss.backward()
+    atol, rtol = tolerance(dtype, world)
+    errors = []
+    pairs = [("out", out, ref_out[:, pos]), ("lse", lse, ref_lse[:, :, pos])]
+    pairs += [(f"d{n}", t.grad, r.grad[:, pos]) for n, t, r in zip("qkv", loc, ref)]
+    for name, got, want in pairs:
+        if got is None or got.shape != want.shape:
+            errors.append(f"{name}: shape {None if got is None else tuple(got.shape)} != {tuple(want.shape)}")
+            continue
+        err = (got.detach().cpu().double() - want).abs()
+        ratio = (err / (atol + rtol * want.abs())).max().item()
+        if not ratio <= 1.0:
+            errors.append(f"{name}: max abs err {err.max().item():.3g} ({ratio:.2f}x the bound)")
+    kw = dict(seq_len=L, world_size=world, layout=c["layout"], causal=True, batch=B, heads_q=Hq, heads_kv=Hkv,
+              head_dim=D, dtype=dtype, cu_seqlens=cu, sliding_window=w)
+    alg = c["alg"] if c["alg"] != "auto" else sp.choose_algorithm(**kw).algorithm
+    want_bytes = sp.predict_comm_bytes(alg, **kw, backward=True, lse_grad=c["lse_grad"])[rank]
+    got_bytes = {ch: (st.sent_by_channel[ch], st.recv_by_channel[ch])
+                 for ch in set(st.sent_by_channel) | set(st.recv_by_channel)}
+    nz = lambda d: {ch: b for ch, b in d.items() if b != (0, 0)}  # noqa: E731
+    if nz(got_bytes) != nz(want_bytes):
+        errors.append(f"bytes {got_bytes} != formula {want_bytes}")
+    if errors:
+        shown = {k: (str(v).replace("torch.", "") if k == "dtype" else v) for k, v in c.items()}
+        return f"rank {rank} {shown}: " + "; ".join(errors)
+    return None
+
+
+def window_cases(world):
+    cases, i = [], 0
+    for dtype in (torch.float32, torch.bfloat16):
+        for alg in ("ring", "token_ring"):
+            for layout in ("contiguous", "zigzag"):
+                for L in (6 * world, 7 * world - 1):
+                    chunk = L // (world if layout == "contiguous" else 2 * world)
+                    windows = (1, 3, chunk + 2, L - 2) if dtype == torch.float32 else (chunk + 1,)
+                    for w in windows:
+                        hq, hkv = ((4, 2), (4, 4), (2, 1))[i % 3]
+                        cases.append(dict(alg=alg, layout=layout, seq_len=L, window=w, hq=hq, hkv=hkv,
+                                          batch=1 + i % 2, head_dim=8, dtype=dtype, lse_grad=i % 5 == 1, seed=i))
+                        i += 1
+    L = 7 * world - 1
+    # auto; a window beyond the sequence (plain causal); documents inside the window; per-row packings
+    cases.append(dict(cases[0], alg="auto", seq_len=L, window=4, seed=i + 1))
+    cases.append(dict(cases[1], alg="token_ring", seq_len=L, window=L + 5, seed=i + 2))
+    cases.append(dict(cases[2], alg="ring", layout="zigzag", seq_len=L, window=5, cu=patterns(L, 3)["random"],
+                      seed=i + 3))
+    cases.append(dict(cases[3], alg="token_ring", layout="contiguous", seq_len=L, window=3, batch=2,
+                      cu=per_row_patterns(L, 2, world), lse_grad=True, seed=i + 4))
+    return cases
+
+
+def _run_windows(world):
+    return [f for c in window_cases(world) if (f := run_window_case(c)) is not None]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_sliding_window_against_float64_reference(dist_pool, world):
+    failures = [f for r in dist_pool(world).run(_run_windows, world, timeout=300) for f in r]
+    assert not failures, f"{len(failures)} failing (rank, case)s:\n" + "\n".join(failures[:30])
+
+
+def _run_windows_over_ipc(kind):
+    """A sample of the cases over the CUDA-IPC transport: "host-sim" (CPU) or "cuda" (GPU, bf16)."""
+    from test_sequence_parallel import ipc_transports
+
+    with ipc_transports(kind, slots=5) as device:
+        cases = [c for c in window_cases(dist.get_world_size()) if (c["dtype"] == torch.bfloat16) == (kind == "cuda")]
+        cases = cases[::3] if kind == "host-sim" else cases
+        failures = [f for c in cases if (f := run_window_case(c, device=device)) is not None]
+    return failures, len(cases)
+
+
+def test_sliding_window_over_the_cuda_ipc_host_simulation(dist_pool):
+    results = dist_pool(3).run(_run_windows_over_ipc, "host-sim", timeout=180)
+    failures = [f for fails, _ in results for f in fails]
+    assert not failures and results[0][1] >= 5, (results[0][1], failures)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("world", (2, 4))
+def test_gpu_sliding_window_ranks_sharing_one_gpu(world):
+    from dist_pool import DistPool
+
+    pool = DistPool(world, pg_timeout_s=120)
+    try:
+        results = pool.run(_run_windows_over_ipc, "cuda", timeout=150)
+    finally:
+        pool.close()
+    failures = [f for fails, _ in results for f in fails]
+    assert not failures and results[0][1] >= 4, (results[0][1], failures[:30])
+
+
+# --- 3. torch.compile -------------------------------------------------------------------------
+def _run_compiled_window():
+    import ringattn.compiled as rc
+    rank = dist.get_rank()
+    torch._dynamo.reset()
+    L, w = 13, 4
+    fn = lambda q, k, v: sp.sequence_parallel_attention(q, k, v, causal=True, layout="zigzag",  # noqa: E731
+                                                         algorithm="token_ring", sliding_window=w)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager", dynamic=False)
+    g = torch.Generator().manual_seed(1)
+    full = [torch.randn(1, L, 2, 8, generator=g) for _ in range(4)]
+    pos = positions(L, 2, "zigzag", rank)
+    res = {}
+    for mode, f in (("compiled", compiled), ("eager", fn)):
+        loc = [t[:, pos].clone().requires_grad_() for t in full[:3]]
+        before = rc.CALLS["sp_attention"]
+        out = f(*loc)
+        out.backward(full[3][:, pos])
+        res[mode] = [out.detach()] + [t.grad for t in loc] + [rc.CALLS["sp_attention"] - before]
+    failures = []
+    if res["compiled"][-1] != 1:
+        failures.append(f"rank {rank}: the compiled call ran sp_attention {res['compiled'][-1]} times")
+    for name, a, b in zip(("out", "dq", "dk", "dv"), res["compiled"], res["eager"]):
+        if not torch.equal(a, b):
+            failures.append(f"rank {rank}: {name} compiled != eager")
+    # and the eager call is the windowed attention, not plain causal
+    i = torch.arange(L)
+    m = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < w)
+    want = reference(*(t.double() for t in full[:3]), m, 1 / math.sqrt(8))[0][:, pos]
+    if not torch.allclose(res["eager"][0].double(), want, atol=1e-5):
+        failures.append(f"rank {rank}: eager windowed output differs from the reference")
+    return failures
+
+
+def test_sliding_window_compiled(dist_pool):
+    failures = [f for r in dist_pool(2).run(_run_compiled_window, timeout=180) for f in r]
+    assert not failures, "\n".join(failures)
+
+
+# --- 4. bad sliding_window --------------------------------------------------------------------
+def _bad(scenario):
+    rank = dist.get_rank()
+    g = torch.Generator().manual_seed(rank)
+    q, k, v = (torch.randn(1, 6 - rank, 2, 8, generator=g) for _ in range(3))  # 11 tokens contiguous
+    causal = scenario != "not_causal"
+    w = {"not_causal": 4, "zero": 0, "negative": -2, "float": 4.0, "bool": True,
+         "disagree": 4 if rank == 0 else 5, "one_rank_none": 4 if rank == 0 else None}[scenario]
+    t0 = time.monotonic()
+    try:
+        sp.token_ring_attention(q, k, v, causal=causal, sliding_window=w)
+        outcome = ("no error", "")
+    except Exception as e:  # noqa: BLE001
+        outcome = (type(e).__name__, str(e))
+    out = sp.ring_attention(q, k, v, causal=True, sliding_window=3)  # the group still works
+    return outcome + (time.monotonic() - t0, tuple(out.shape)[1:])
+
+
+@pytest.mark.parametrize("scenario, words", [
+    ("not_causal", ("rank 0: sliding_window", "rank 1: sliding_window", "causal=True")),
+    ("zero", ("rank 0: sliding_window",)),
+    ("negative", ("rank 1: sliding_window",)),
+    ("float", ("rank 0: sliding_window",)),
+    ("bool", ("rank 0: sliding_window",)),
+    ("disagree", ("ranks disagree on sliding_window", "rank 0: 4, rank 1: 5")),
+    ("one_rank_none", ("ranks disagree on sliding_window", "rank 1: -1")),
+])
+def test_bad_sliding_window_raises_on_every_rank(dist_pool, scenario, words):
+    results = dist_pool(2).run(_bad, scenario, timeout=60)
+    for rank, (kind, msg, elapsed, shape) in enumerate(results):
+        assert kind == "ValueError", (rank, kind, msg)
+        for word in words:
+            assert word in msg, (rank, word, msg)
+        assert elapsed < 10 and shape == (6 - rank, 2, 8)
+    assert results[0][1] == results[1][1], results
