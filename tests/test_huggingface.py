@@ -555,9 +555,12 @@ def _refusals():
     msgs["unsupported_model"] = _raises(lambda: rhf.apply_sequence_parallel(
         transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50))))
     msgs["not_a_model"] = _raises(lambda: rhf.apply_sequence_parallel(torch.nn.Linear(2, 2)))
-    msgs["mistral_sliding_window"] = _raises(lambda: rhf.apply_sequence_parallel(tiny_model("mistral", sliding_window=16)))
-    msgs["qwen2_sliding_window"] = _raises(lambda: rhf.apply_sequence_parallel(
-        tiny_model("qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=0)))
+    # sliding windows run for the families whose attention passes them (test_hf_sliding_window.py);
+    # elsewhere a window in the config is refused, and so are layer types other than full/sliding
+    msgs["llama_sliding_window"] = _raises(lambda: rhf.apply_sequence_parallel(tiny_model("llama", sliding_window=16)))
+    chunked = tiny_model("qwen2")
+    chunked.config.layer_types = ["full_attention", "chunked_attention"]
+    msgs["qwen2_chunked_layers"] = _raises(lambda: rhf.apply_sequence_parallel(chunked))
     msgs["softcap"] = _raises(lambda: rhf.apply_sequence_parallel(tiny_model("llama", attn_logit_softcapping=30.0)))
     msgs["dropout"] = _raises(lambda: rhf.apply_sequence_parallel(tiny_model("llama", attention_dropout=0.1)))
     msgs["dynamic_rope"] = _raises(lambda: rhf.apply_sequence_parallel(
@@ -657,8 +660,8 @@ def _refusals():
 REFUSALS = {
     "unsupported_model": ["GPT2LMHeadModel", "model_type='gpt2'", "llama, mistral, qwen2"],
     "not_a_model": ["PreTrainedModel", "Linear"],
-    "mistral_sliding_window": ["sliding_window=16", "sliding_window=None"],
-    "qwen2_sliding_window": ["sliding_attention", "use_sliding_window=False"],
+    "llama_sliding_window": ["sliding_window=16", "sliding_window=None", "mistral"],
+    "qwen2_chunked_layers": ["chunked_attention", "full_attention and sliding_attention"],
     "softcap": ["softcapping"],
     "dropout": ["attention_dropout=0.1", "0.0"],
     "dynamic_rope": ["'dynamic'"],

@@ -240,7 +240,7 @@ def _piece_lengths(plan, seg_len_local: int) -> list[int]:
 
 
 def ulysses_ring_attention(q, k, v, *, plan, causal: bool = True, softmax_scale: float | None = None,
-                           use_deepspeed: bool | None = None, cu_seqlens=None):
+                           use_deepspeed: bool | None = None, cu_seqlens=None, sliding_window: int | None = None):
     """2-D sequence-parallel attention. q: (batch, piece, heads_q, head_dim); k, v: (batch, piece,
     heads_kv, head_dim), this rank's piece as laid out by plan.shard. Returns (batch, piece,
     heads_q, head_dim). Differentiable. `plan` is a SequenceParallelPlan with ulysses_size > 1.
@@ -248,7 +248,8 @@ def ulysses_ring_attention(q, k, v, *, plan, causal: bool = True, softmax_scale:
     cu_seqlens: packed sequences, the GLOBAL document boundaries (default: the ones the model's
     pre-hook took from its cu_seqlens= kwarg). The all-to-all rebuilds ring segment Z_j in token
     order, so the ring group's sequence is the global one laid out over the R ring ranks and the
-    same global boundaries hold there unchanged: the ring / TokenRing call masks by document."""
+    same global boundaries hold there unchanged: the ring / TokenRing call masks by document.
+    sliding_window: a causal window in global positions, the same way."""
     from ringattn.integrations.huggingface import _sp_module
 
     sequence_parallel_attention, _, _ = _sp_module()
@@ -272,6 +273,7 @@ def ulysses_ring_attention(q, k, v, *, plan, causal: bool = True, softmax_scale:
         return sequence_parallel_attention(
             qs, ks, vs, causal=causal, softmax_scale=softmax_scale, group=plan.ring_group,
             layout=plan.layout, backend=plan.backend, algorithm=plan.ring_algorithm, cu_seqlens=docs,
+            sliding_window=sliding_window,
         )
 
     want_ds = plan.use_deepspeed if use_deepspeed is None else use_deepspeed

@@ -31,8 +31,13 @@ right-padded rows; pass ``batch["attention_mask"]`` to the model. The pre-hook g
 (only when some rank holds padding) and turns each row's run of real tokens into per-row
 boundaries, so every real token's output equals the unsharded model's under the mask.
 
+Sliding-window layers (Mistral, Mixtral, Qwen2/3, Qwen3-MoE, Phi-3, StarCoder2, SmolLM3: the
+families in ``SLIDING_WINDOW_MODEL_TYPES``, whose attention passes its window to the attention
+function) run ringattn's causal sliding window, training and generate() alike; each layer's call
+is checked against the window its config gives it.
+
 Refused with an error instead of computed wrongly: model families other than the ones listed in
-``SUPPORTED_MODEL_TYPES``, sliding-window layers, attention-logit softcapping, attention sinks,
+``SUPPORTED_MODEL_TYPES``, sliding windows in other families, attention-logit softcapping, attention sinks,
 attention dropout, RoPE variants that depend on the sequence length (dynamic, longrope),
 padding masks with zeros between real tokens (only left/right padding, or padding at the ends
 of packed documents), custom 4-D masks, KV caches outside
@@ -55,6 +60,9 @@ ATTN_IMPLEMENTATION = "ringattn_sp"
 # on a tiny random config (tests/test_huggingface.py; the first three across the whole matrix).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gemma", "phi3", "olmo",
                          "olmo2", "granite", "cohere", "starcoder2", "glm", "helium", "smollm3")
+# Families whose attention modules pass sliding_window= to the attention function (checked per
+# layer against the config at every call, _attention_forward): their windows run exactly.
+SLIDING_WINDOW_MODEL_TYPES = ("mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "phi3", "starcoder2", "smollm3")
 ALGORITHMS = ("auto", "ring", "token_ring", "ulysses+ring", "ulysses+token_ring", "ulysses+auto")
 LAYOUTS = ("contiguous", "zigzag")
 # RoPE variants whose frequencies depend only on the position (not on the sequence length seen
@@ -197,16 +205,19 @@ class SequenceParallelPlan:
         return self.shard(_global_positions(seq_len, documents, device), dim=1)
 
     # -- attention ---------------------------------------------------------------------------
-    def attention(self, q, k, v, *, causal: bool, softmax_scale: float | None):
-        """q: (batch, seq_local, heads_q, head_dim); k, v: (batch, seq_local, heads_kv, head_dim)."""
+    def attention(self, q, k, v, *, causal: bool, softmax_scale: float | None, sliding_window: int | None = None):
+        """q: (batch, seq_local, heads_q, head_dim); k, v: (batch, seq_local, heads_kv, head_dim).
+        sliding_window: the layer's causal window (each query sees its w most recent keys)."""
         if self.is_2d:
             from ringattn.integrations.deepspeed import ulysses_ring_attention
 
-            return ulysses_ring_attention(q, k, v, plan=self, causal=causal, softmax_scale=softmax_scale)
+            return ulysses_ring_attention(q, k, v, plan=self, causal=causal, softmax_scale=softmax_scale,
+                                          sliding_window=sliding_window)
         sequence_parallel_attention, _, _ = _sp_module()
         return sequence_parallel_attention(
             q, k, v, causal=causal, softmax_scale=softmax_scale, group=self.group,
             layout=self.layout, backend=self.backend, algorithm=self.algorithm, cu_seqlens=self._documents,
+            sliding_window=sliding_window,
         )
 
 
@@ -278,19 +289,26 @@ def check_supported(model) -> None:
         raise ValueError(f"ringattn: {name} is an encoder-decoder model; only decoder-only causal LMs are supported")
     sw = getattr(cfg, "sliding_window", None)
     layer_types = getattr(cfg, "layer_types", None)
-    if layer_types is not None and any(t != "full_attention" for t in layer_types):
+    windows = mt in SLIDING_WINDOW_MODEL_TYPES
+    allowed = ("full_attention", "sliding_attention") if windows else ("full_attention",)
+    if layer_types is not None and any(t not in allowed for t in layer_types):
         raise ValueError(
-            f"ringattn: {name} has non-full attention layers (config.layer_types = "
-            f"{sorted(set(layer_types))}); ringattn computes full causal attention only, so "
-            "sliding-window layers would silently see the whole past. Use a config without sliding "
-            "windows (Qwen2: use_sliding_window=False; Mistral: sliding_window=None)."
+            f"ringattn: {name} has attention layers of types {sorted(set(layer_types) - set(allowed))} "
+            f"(config.layer_types); ringattn runs {' and '.join(allowed)} layers"
+            + ("" if windows else f" for model_type={mt!r}") + ", and will not silently compute another "
+            "attention. Use a config without them"
+            + ("." if windows else " (e.g. sliding_window=None; sliding windows run in "
+                                   f"{', '.join(SLIDING_WINDOW_MODEL_TYPES)}).")
         )
-    if sw is not None and layer_types is None:
+    if sw is not None and not windows and (layer_types is None or "sliding_attention" in layer_types):
         raise ValueError(
-            f"ringattn: {name} has config.sliding_window={sw}; ringattn computes full causal "
-            "attention only and will not silently drop the window. Set config.sliding_window=None "
-            "(exact when every sequence is at most the window long) or don't wrap this model."
+            f"ringattn: {name} has config.sliding_window={sw}; ringattn runs sliding windows for "
+            f"{', '.join(SLIDING_WINDOW_MODEL_TYPES)} only and will not silently drop the window. Set "
+            "config.sliding_window=None (exact when every sequence is at most the window long) or don't "
+            "wrap this model."
         )
+    if sw is not None and (not isinstance(sw, int) or isinstance(sw, bool) or sw < 1):
+        raise ValueError(f"ringattn: {name} has config.sliding_window={sw!r}; expected None or an int >= 1")
     for attr in ("attn_logit_softcapping", "attention_logit_softcapping"):
         if getattr(cfg, attr, None) is not None:
             raise ValueError(f"ringattn: {name} uses attention-logit softcapping (config.{attr}); not supported")
@@ -338,7 +356,13 @@ def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, s
             raise ValueError(f"ringattn: {name} reached the attention of {type(module).__name__} directly; pass "
                              "packed-sequence boundaries to the wrapped model's forward (its pre-hook checks them "
                              "across ranks), not to an inner module")
-    for name in ("sliding_window", "softcap", "s_aux", "sinks"):
+    window = kwargs.get("sliding_window")
+    want_window = getattr(module, "_ringattn_window", None)
+    if window != want_window:
+        raise ValueError(f"ringattn: {type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) asks for "
+                         f"sliding_window={window!r}, but its config gives this layer {want_window!r} (config."
+                         "sliding_window / layer_types changed after apply_sequence_parallel? apply it again)")
+    for name in ("softcap", "s_aux", "sinks"):
         if kwargs.get(name) is not None:
             what = {"s_aux": "attention sinks", "sinks": "attention sinks"}.get(name, name)
             raise ValueError(f"ringattn: {type(module).__name__} asks for {what}={kwargs[name]!r}; not supported")
@@ -349,7 +373,7 @@ def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, s
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # -> (batch, seq_local, heads, head_dim)
     if plan._serve is not None and plan._serve.phase == "decode":
-        return _decode_attention(plan, q, k, v, scaling), None
+        return _decode_attention(plan, q, k, v, scaling, window), None
     if k.shape[1] != q.shape[1]:
         raise ValueError(f"ringattn: attention got {k.shape[1]} keys for {q.shape[1]} queries on rank {plan.rank}: "
                          "a KV cache outside ringattn.integrations.huggingface.generate() is not supported")
@@ -357,7 +381,7 @@ def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, s
         expected = plan.local_lengths(plan._seq_len)[plan.rank]
         if q.shape[1] != expected:
             raise ValueError(f"ringattn: attention got {q.shape[1]} tokens on rank {plan.rank}, expected {expected}")
-    out = plan.attention(q, k, v, causal=bool(causal), softmax_scale=scaling)
+    out = plan.attention(q, k, v, causal=bool(causal), softmax_scale=scaling, sliding_window=window)
     return out, None
 
 
@@ -765,6 +789,8 @@ def apply_sequence_parallel(model, group=None, algorithm: str = "auto", layout: 
     for m in model.modules():
         if hasattr(m, "num_key_value_groups") and hasattr(m, "layer_idx"):  # the attention modules
             m._ringattn_plan = plan
+            # the window this layer's attention passes (its own attribute, else the config's)
+            m._ringattn_window = getattr(m, "sliding_window", getattr(cfg, "sliding_window", None))
             n_attn += 1
     if n_attn != cfg.num_hidden_layers:
         raise ValueError(f"ringattn: found {n_attn} attention modules in {type(model).__name__}, expected {cfg.num_hidden_layers}")
@@ -796,6 +822,8 @@ def remove_sequence_parallel(model, attn_implementation: str | None = None):
     for m in model.modules():
         if hasattr(m, "_ringattn_plan"):
             del m._ringattn_plan
+        if hasattr(m, "_ringattn_window"):
+            del m._ringattn_window
     impl = attn_implementation or getattr(model, "_ringattn_previous_attn", None) or "sdpa"
     _set_attn_implementation(model, impl)
     for attr in ("_ringattn_hooks", "_ringattn_previous_attn", "ringattn_plan"):
@@ -826,14 +854,16 @@ class _Serving:
     checked: bool = False    # the first decode step validated the shapes across ranks (later ones skip it)
     key_start: list | None = None  # left-padded prompts: each row's first real token (global), else None
     prompt_pos: torch.Tensor | None = None  # (S_r,) global positions of this rank's prompt tokens
+    prompt_len: int = 0      # L, the (padded) prompt's global length: generated token t sits at index L + t
 
 
-def _decode_attention(plan, q, k, v, scale):
+def _decode_attention(plan, q, k, v, scale, window=None):
     """One decode step of one layer. q: (B, Tq, Hq, D), the same on every rank; k, v: (B, S_r + n,
     Hkv, D), what the rank's DynamicCache returned: its prompt shard (S_r) then every generated
     token so far, the Tq new ones last (the generated ones are in every rank's cache). Each rank
     attends to its shard plus its 1/W slice of the earlier generated tokens; the new ones' causal
-    block is sharded_kv_attention's. Returns (B, Tq, Hq, D)."""
+    block is sharded_kv_attention's. window: the layer's sliding window (keys older than the
+    window are left out, like a left-padded row's padding). Returns (B, Tq, Hq, D)."""
     from ringattn.decode import sharded_kv_attention
 
     s_r, tq = plan._serve.prefill_local, q.shape[1]
@@ -845,6 +875,13 @@ def _decode_attention(plan, q, k, v, scale):
     off = s_r + sum(sizes[: plan.rank])
     gen = slice(off, off + sizes[plan.rank])
     starts = plan._serve.key_start
+    L, g0 = plan._serve.prompt_len, sum(sizes[: plan.rank])  # this rank's generated keys: indices L+g0 ...
+    if window is not None and L + n_past + tq - window > 0:  # the window no longer reaches index 0
+        if tq > 1:
+            raise ValueError(f"ringattn: a decode step of {tq} tokens with sliding_window={window} that no longer "
+                             "reaches the prompt's start: one token per step only")
+        lo_w = L + n_past + tq - window  # the first cache index the new token sees
+        starts = [max(s, lo_w) for s in (starts or [0] * q.shape[0])]
     # Steps after the first repeat its shapes exactly (same batch, heads, dtype; one token), so the
     # cross-rank check (an all_gather and a host sync per layer) runs in the first step only.
     check = not plan._serve.checked
@@ -853,13 +890,15 @@ def _decode_attention(plan, q, k, v, scale):
                                     v_new=v[:, -tq:], group=plan.group, softmax_scale=scale, backend=plan.backend,
                                     check=check)
     # Left-padded prompts: a row's padded prompt keys (global position < its first real token) are
-    # left out. Rows with the same first real token share the pieces (this rank's runs of prompt
-    # keys at or after it); one call per distinct start, in the same order on every rank.
+    # left out; a sliding window leaves out every key before its start the same way. Rows with the
+    # same first key share the pieces (this rank's runs of prompt keys at or after it, and its
+    # generated keys at or after it); one call per distinct start, in the same order on every rank.
     out = torch.empty_like(q)
     for lo in sorted(set(starts)):
         rows = [b for b, s in enumerate(starts) if s == lo]
+        whole = len(rows) == q.shape[0]  # (the usual case with a window: no copy of the cache)
         idx = torch.tensor(rows, device=q.device)
-        kb, vb = k.index_select(0, idx), v.index_select(0, idx)
+        kb, vb = (k, v) if whole else (k.index_select(0, idx), v.index_select(0, idx))
         runs, a = [], None
         for i, real in enumerate((plan._serve.prompt_pos >= lo).tolist() + [False]):
             if real and a is None:
@@ -867,10 +906,15 @@ def _decode_attention(plan, q, k, v, scale):
             elif not real and a is not None:
                 runs.append((a, i))
                 a = None
-        pk = tuple(kb[:, a:b] for a, b in runs) + (kb[:, gen],)
-        pv = tuple(vb[:, a:b] for a, b in runs) + (vb[:, gen],)
-        out[idx] = sharded_kv_attention(q.index_select(0, idx), pk, pv, k_new=kb[:, -tq:], v_new=vb[:, -tq:],
-                                        group=plan.group, softmax_scale=scale, backend=plan.backend, check=check)
+        g = slice(min(gen.stop, gen.start + max(0, lo - L - g0)), gen.stop)  # generated keys at index >= lo
+        pk = tuple(kb[:, a:b] for a, b in runs) + (kb[:, g],)
+        pv = tuple(vb[:, a:b] for a, b in runs) + (vb[:, g],)
+        res = sharded_kv_attention(q if whole else q.index_select(0, idx), pk, pv, k_new=kb[:, -tq:],
+                                   v_new=vb[:, -tq:], group=plan.group, softmax_scale=scale, backend=plan.backend,
+                                   check=check)
+        if whole:
+            return res
+        out[idx] = res
     return out
 
 
@@ -959,12 +1003,19 @@ def generate(model, input_ids: torch.Tensor, *, max_new_tokens: int, eos_token_i
         starts = None
     batch = shard_batch(plan, input_ids, **prefill_kw)
     plan._serve = _Serving()
+    plan._serve.prompt_len = L
+    plan._serve.prompt_pos = plan.shard(torch.arange(L).unsqueeze(0), dim=1)[0]
     if starts:
         plan._serve.key_start = starts
-        plan._serve.prompt_pos = plan.shard(torch.arange(L).unsqueeze(0), dim=1)[0]
     tokens, all_logits = input_ids, []
     try:
+        # A plain DynamicCache (no config): sliding-window layers keep every key (the config's cache
+        # would drop keys older than the window, which the sharded layout still indexes; the
+        # window is applied by _decode_attention instead).
+        from transformers import DynamicCache
+
         out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=True,
+                    past_key_values=DynamicCache(),
                     logits_to_keep=1, **{k: batch[k] for k in ("attention_mask", "cu_seqlens") if k in batch})
         cache = out.past_key_values
         plan._serve.prefill_local = batch["input_ids"].shape[1]
