@@ -25,7 +25,8 @@ module cuts that block into pieces (Piece: offsets relative to the block's rows)
             the packings agree on (the usual case: they differ in a few places) stays one set
     trim    the block shrinks to the bounding rows of its pieces; no piece at all -> None: the
             pair is skipped like a causally masked one (TokenRing then sends no Q rows to that
-            rank and gets no partial back; KV rotation still forwards K/V, it is a ring)
+            rank and gets no partial back; KV rotation forwards K/V up to the last ring step any
+            rank still has a block at, RingPlan.ring_steps)
 
 block_forward / block_backward / block_lse_backward run a Block: a plain block is one
 block_attention call; a pieced block is one call per piece, the pieces' (out, lse) merged in fp32

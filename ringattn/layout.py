@@ -340,6 +340,17 @@ class RingPlan:
     def prev(self) -> int:
         return (self.rank - 1) % self.world_size
 
+    @functools.cached_property
+    def ring_steps(self) -> int:
+        """S: the last ring step (distance s = q_owner - kv_owner mod W) at which any rank still
+        has a block. KV rotation stops after step S: W - 1 for plain (causal) attention; less when
+        a sliding window or short documents keep every rank's keys within S ranks of the queries
+        that see them (contiguous layout, a window no longer than a chunk: 1)."""
+        W = self.world_size
+        if self.documents is None and self.window is None:
+            return W - 1  # every distance has a block (contiguous causal: the last rank's)
+        return max((s for s in range(1, W) for r in range(W) if self.block(r, (r - s) % W) is not None), default=0)
+
     def block(self, q_owner: int, kv_owner: int) -> Block | None:
         key = (q_owner, kv_owner)
         if key not in self._blocks:

@@ -18,6 +18,11 @@ Backward (the ring again, carrying dK/dV home):
     after the loop: wait bwd.dkv once more -> the own block's (dk, dv), complete.
 
 The dK/dV accumulators travel W hops (the last one brings block r+1's home), K/V travel W-1.
+
+Early stop (plan.ring_steps = S < W - 1: a sliding window or short documents leave no rank a
+block more than S ranks back): the loops run steps 0..S only, K/V travel S hops, and after step S
+each dK/dV accumulator goes straight to its owner (rank r sends block r-S's to r-S, receives its
+own from r+S) instead of around the rest of the ring.
 Computing each step's dk/dv into a scratch and adding the incoming accumulator afterwards lets
 the accumulator transfer overlap the block backward. Causal blocks that are fully masked are
 skipped (contiguous: blocks of later ranks) but still forwarded, so every rank sends the same
@@ -60,16 +65,17 @@ def ring_forward(plan: RingPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     W, r, lay = plan.world_size, plan.rank, plan.layout
     B, _, Hq, D = q.shape
     Hkv = k.shape[2]
+    S = plan.ring_steps       # last step any rank has a block at (W - 1 unless windows/documents)
     numel = B * max(lay.local_lengths) * Hkv * D
-    comm = P2PComm(plan.group, "fwd.kv", numel * k.element_size()) if W > 1 else None
-    k_bufs = [torch.empty(numel, dtype=k.dtype, device=k.device) for _ in range(2 if W > 1 else 0)]
-    v_bufs = [torch.empty(numel, dtype=v.dtype, device=v.device) for _ in range(2 if W > 1 else 0)]
+    comm = P2PComm(plan.group, "fwd.kv", numel * k.element_size()) if S > 0 else None
+    k_bufs = [torch.empty(numel, dtype=k.dtype, device=k.device) for _ in range(2 if S > 0 else 0)]
+    v_bufs = [torch.empty(numel, dtype=v.dtype, device=v.device) for _ in range(2 if S > 0 else 0)]
 
     out_acc = lse_acc = None  # (B, n_r, Hq, D) fp32, (B, Hq, n_r) fp32
     k_cur, v_cur = k, v       # (B, n_j, Hkv, D): the block of rank j = (r - s) mod W
-    for s in range(W):
+    for s in range(S + 1):
         j = (r - s) % W
-        if s + 1 < W:
+        if s < S:
             shape = (B, lay.local_len((r - s - 1) % W), Hkv, D)
             k_next, v_next = flat_view(k_bufs[(s + 1) % 2], shape), flat_view(v_bufs[(s + 1) % 2], shape)
             comm.send(k_cur, plan.next)
@@ -89,7 +95,7 @@ def ring_forward(plan: RingPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
             else:
                 merge_attn_states_(_rows(out_acc, blk.q_start, blk.q_len),
                                    _lse_rows(lse_acc, blk.q_start, blk.q_len), out_p, lse_p)
-        if s + 1 < W:
+        if s < S:
             comm.wait()
             k_cur, v_cur = k_next, v_next
     return out_acc.to(q.dtype), lse_acc
@@ -120,7 +126,8 @@ def ring_backward(plan: RingPlan, dout, q, k, v, out, lse, dlse=None):
                                 dq_out=_rows(dq_acc, blk.q_start, blk.q_len),
                                 dk_out=_rows(dk_into, blk.kv_start, blk.kv_len), **kw)
 
-    if W == 1:
+    S = plan.ring_steps
+    if S == 0:  # a world of one, or no rank needs another's K/V: local only
         dk = torch.zeros(k.shape, dtype=_F32, device=k.device)
         dv = torch.zeros(v.shape, dtype=_F32, device=v.device)
         block_backward(plan.block(r, r), k, v, dk, dv)
@@ -137,10 +144,10 @@ def ring_backward(plan: RingPlan, dout, q, k, v, out, lse, dlse=None):
     dk_part, dv_part = (torch.empty(numel, dtype=_F32, device=dev) for _ in range(2))  # scratch
 
     k_cur, v_cur = k, v
-    for s in range(W):
+    for s in range(S + 1):
         j = (r - s) % W
         shape_j = (B, lay.local_len(j), Hkv, D)
-        if s + 1 < W:
+        if s < S:
             shape = (B, lay.local_len((r - s - 1) % W), Hkv, D)
             k_next, v_next = flat_view(k_bufs[(s + 1) % 2], shape), flat_view(v_bufs[(s + 1) % 2], shape)
             kv_comm.send(k_cur, plan.next)
@@ -163,20 +170,22 @@ def ring_backward(plan: RingPlan, dout, q, k, v, out, lse, dlse=None):
             if blk is not None:
                 _rows(dk_run, blk.kv_start, blk.kv_len).add_(_rows(pk, blk.kv_start, blk.kv_len))
                 _rows(dv_run, blk.kv_start, blk.kv_len).add_(_rows(pv, blk.kv_start, blk.kv_len))
-        # Pass block j's sums on (after step W-1 they reach their owner r+1); receive the next.
-        shape_in = (B, lay.local_len((r - s - 1) % W), Hkv, D)
-        dkv_comm.send(dk_run, plan.next)
-        dkv_comm.send(dv_run, plan.next)
-        dkv_comm.recv(flat_view(dk_bufs[(s + 1) % 2], shape_in), plan.prev)
-        dkv_comm.recv(flat_view(dv_bufs[(s + 1) % 2], shape_in), plan.prev)
+        # Pass block j's sums on; after step S they go straight home to j (S = W-1: that is the
+        # next rank, the ring's last hop). Receive the next block's (after step S: our own).
+        to, frm = (plan.next, plan.prev) if s < S else (j, (r + S) % W)
+        shape_in = (B, lay.local_len((r - s - 1) % W if s < S else r), Hkv, D)
+        dkv_comm.send(dk_run, to)
+        dkv_comm.send(dv_run, to)
+        dkv_comm.recv(flat_view(dk_bufs[(s + 1) % 2], shape_in), frm)
+        dkv_comm.recv(flat_view(dv_bufs[(s + 1) % 2], shape_in), frm)
         dkv_comm.commit()
-        if s + 1 < W:
+        if s < S:
             kv_comm.wait()
             k_cur, v_cur = k_next, v_next
     dkv_comm.wait()
     own = (B, n_r, Hkv, D)
-    dk = flat_view(dk_bufs[W % 2], own).to(k.dtype, copy=True)
-    dv = flat_view(dv_bufs[W % 2], own).to(v.dtype, copy=True)
+    dk = flat_view(dk_bufs[(S + 1) % 2], own).to(k.dtype, copy=True)
+    dv = flat_view(dv_bufs[(S + 1) % 2], own).to(v.dtype, copy=True)
     return dq_acc.to(q.dtype), dk, dv
 
 
@@ -205,22 +214,25 @@ class RingAttention(torch.autograd.Function):
 
 
 def ring_comm_bytes(lay: SequenceLayout, rank: int, *, batch: int, heads_kv: int, head_dim: int,
-                    elem_size: int, backward: bool) -> dict[str, tuple[int, int]]:
-    """Bytes (sent, received) by `rank` per channel, in closed form (docs/sequence_parallel.md):
+                    elem_size: int, backward: bool, steps: int | None = None) -> dict[str, tuple[int, int]]:
+    """Bytes (sent, received) by `rank` per channel, in closed form (docs/sequence_parallel.md),
+    with S = steps (RingPlan.ring_steps; None: W - 1, the full ring):
 
-      fwd.kv, bwd.kv  sent 2*B*Hkv*D*e * (L - n_{r+1})   (every block but the next rank's)
-                      recv 2*B*Hkv*D*e * (L - n_r)       (every block but its own)
-      bwd.dkv         sent = recv = 2*B*Hkv*D*4 * L       (every block's fp32 sums, one hop each)
-    Independent of causal and layout (masked blocks are still forwarded). W = 1: nothing.
+      fwd.kv, bwd.kv  sent 2*B*Hkv*D*e * sum_{s=0}^{S-1} n_{r-s}   (S = W-1: L - n_{r+1})
+                      recv 2*B*Hkv*D*e * sum_{s=1}^{S}   n_{r-s}   (S = W-1: L - n_r)
+      bwd.dkv         sent = recv = 2*B*Hkv*D*4 * sum_{s=0}^{S} n_{r-s}   (S = W-1: L)
+    Independent of causal and layout up to S (masked blocks are still forwarded). S = 0: nothing.
     """
-    W, L = lay.world_size, lay.seq_len
-    if W == 1:
+    W = lay.world_size
+    S = W - 1 if steps is None else steps
+    if W == 1 or S == 0:
         return {}
     n = lay.local_lengths
+    blocks = lambda a, b: sum(n[(rank - s) % W] for s in range(a, b + 1))  # noqa: E731
     per_token = 2 * batch * heads_kv * head_dim
-    kv = (per_token * elem_size * (L - n[(rank + 1) % W]), per_token * elem_size * (L - n[rank]))
+    kv = (per_token * elem_size * blocks(0, S - 1), per_token * elem_size * blocks(1, S))
     result = {"fwd.kv": kv}
     if backward:
         result["bwd.kv"] = kv
-        result["bwd.dkv"] = (per_token * 4 * L, per_token * 4 * L)
+        result["bwd.dkv"] = (per_token * 4 * blocks(0, S), per_token * 4 * blocks(0, S))
     return result

@@ -391,14 +391,21 @@ def predict_comm_bytes(algorithm: str, *, seq_len: int, world_size: int, layout:
     window = _window_arg(sliding_window, causal, seq_len)
     e = _elem_size(dtype)
     if algorithm == "ring":
+        steps = _ring_steps(lay, bool(causal), docs, window)
         return [ring_comm_bytes(lay, r, batch=batch, heads_kv=heads_kv, head_dim=head_dim, elem_size=e,
-                                backward=backward) for r in range(world_size)]
+                                backward=backward, steps=steps) for r in range(world_size)]
     if algorithm == "token_ring":
         return [token_ring_comm_bytes(lay, r, causal=causal, batch=batch, heads_q=heads_q, head_dim=head_dim,
                                       elem_size=e, backward=backward, lse_grad=lse_grad, documents=docs,
                                       window=window)
                 for r in range(world_size)]
     raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+
+
+@functools.lru_cache(maxsize=8)
+def _ring_steps(lay: SequenceLayout, causal: bool, documents, window) -> int:
+    """RingPlan.ring_steps of a call with these masks (the ring's early stop)."""
+    return RingPlan(None, 0, lay.world_size, lay, causal, 1.0, "auto", documents, window).ring_steps
 
 
 def _window_arg(sliding_window, causal, seq_len: int) -> int | None:
@@ -576,7 +583,7 @@ def ring_attention(q, k, v, *, causal=False, softmax_scale=None, group=None, lay
     tokens attend only within their document (ringattn.documents).
     sliding_window=w (causal only): each query sees its w most recent keys, itself included
     (0 <= q - k < w, Hugging Face's config.sliding_window); blocks the window never reaches are
-    skipped (K/V still rotate through every rank: it is a ring)."""
+    skipped, and K/V rotation stops once no rank has a block further back (RingPlan.ring_steps)."""
     return _run("ringattn.ring_attention", q, k, v, algorithm="ring", causal=causal,
                 softmax_scale=softmax_scale, group=group, layout=layout, backend=backend, return_lse=return_lse,
                 lse_grad=lse_grad, cu_seqlens=cu_seqlens, sliding_window=sliding_window)

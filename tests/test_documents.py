@@ -171,9 +171,11 @@ def test_single_process_helpers_check_cu_seqlens():
     kw = dict(seq_len=64, world_size=4, layout="contiguous", causal=True, batch=1, heads_q=8, heads_kv=8,
               head_dim=16)
     ch = sp.choose_algorithm(**kw, cu_seqlens=list(range(0, 65, 8)))  # documents inside each rank's chunk
-    assert ch.algorithm == "token_ring" and "packed sequence" in ch.reason, ch
+    assert ch.algorithm == "ring" and "packed sequence" in ch.reason, ch  # a tie: ring
     assert ch.predicted_bytes["token_ring"] == 0  # no pair of ranks shares a document: nothing travels
-    assert ch.predicted_bytes["ring"] > 0          # KV rotation still rotates
+    assert ch.predicted_bytes["ring"] == 0        # and KV rotation stops before its first step
+    ch = sp.choose_algorithm(**kw, cu_seqlens=[0, 20, 64])  # documents across chunks: both move bytes
+    assert ch.predicted_bytes["ring"] > 0 and ch.predicted_bytes["token_ring"] > 0, ch
     plain = sp.choose_algorithm(**kw, cu_seqlens=[0, 64])  # one document == no cu_seqlens
     assert plain == sp.choose_algorithm(**kw)
 

@@ -118,6 +118,18 @@ def test_far_blocks_are_skipped_and_tokenring_sends_less():
     assert win[1]["fwd.q"][0] == 1 * 4 * 8 * 16 * 2  # rank 1 sends its first 4 rows to rank 0 (bf16)
     ch = sp.choose_algorithm(**kw, sliding_window=5)
     assert ch.algorithm == "token_ring" and "sliding window 5" in ch.reason, ch
+    # KV rotation stops after one step (no rank needs keys from two ranks back): K/V move one
+    # hop, the dK/dV sums two (one step, then home), instead of W - 1 and W
+    assert RingPlan(None, 0, 4, lay, True, 1.0, "math", None, 5).ring_steps == 1
+    ring_full = sp.predict_comm_bytes("ring", **kw)
+    ring_win = sp.predict_comm_bytes("ring", **kw, sliding_window=5)
+    e, per = 2, 2 * 1 * 8 * 16  # bf16; k and v of one token
+    for r in range(4):
+        assert ring_win[r]["fwd.kv"] == (per * e * 16, per * e * 16), ring_win[r]
+        assert ring_win[r]["bwd.dkv"] == (per * 4 * 32, per * 4 * 32), ring_win[r]
+        assert ring_full[r]["fwd.kv"] == (per * e * 48, per * e * 48), ring_full[r]
+    zig = RingPlan(None, 0, 4, SequenceLayout.build(64, 4, "zigzag"), True, 1.0, "math", None, 5)
+    assert zig.ring_steps == 3  # zigzag: each late chunk needs the next rank's late chunk (distance W-1)
     # a window reaching the whole sequence is plain causal attention
     assert sp.choose_algorithm(**kw, sliding_window=64) == sp.choose_algorithm(**kw)
     assert sp.predict_comm_bytes("token_ring", **kw, sliding_window=1000) == full
