@@ -21,6 +21,12 @@ transport (e.g. ringattn.transport.CudaIpcTransport for ranks sharing one GPU) p
 P2POps below. Messages per step and peer are small: ring sends 2 (k, v) per channel, TokenRing
 up to 4 (q, dout, lse, delta) -- an IPC transport needs that many slots per channel.
 
+Control group: the small metadata collectives every call starts with (the signature exchange,
+gather_sequence's and the Hugging Face pre-hook's) run on `control_group(group)`: the group itself
+when it has a CPU backend (gloo, "cpu:gloo,cuda:nccl"); for an NCCL-only group a gloo twin over the
+same ranks (made once for a world-spanning group, or registered with register_control_group), so
+the exchange runs on the host and never waits for the GPU queue to drain.
+
 Second communicator: TokenRing's partial results travel against the Q direction while Q moves.
 They use `reply_group(group)`, a second process group over the same ranks, so that on NCCL both
 directions sit on different communicators/streams and overlap (see reply_group for when it is
@@ -29,6 +35,9 @@ channels that share a group apart on gloo.
 """
 from __future__ import annotations
 
+import collections
+import datetime
+import os
 from typing import Callable
 
 import torch
@@ -180,3 +189,67 @@ def reply_group(group, device: torch.device):
     dist.all_reduce(warm, group=reply)
     _REPLY_GROUPS[key] = (group, reply)  # keeps `group` alive so its id() is not reused
     return reply
+
+
+# --------------------------------------------------------------------------------------------
+# Control group: where the per-call metadata collectives run (on the host, never on a GPU stream)
+
+_CONTROL_GROUPS: dict = {}
+# How often control_group handed out a gloo twin instead of the group itself (tests read it).
+CONTROL_TWIN_USES: collections.Counter = collections.Counter()
+
+
+class ControlGroupTimeout(RuntimeError):
+    """The default group's gloo twin could not be made: not every rank made the same call."""
+
+
+def register_control_group(group, control) -> None:
+    """Use `control` (a gloo process group over the same ranks as `group`, made by the caller with
+    dist.new_group(ranks, backend="gloo") on every rank at setup) for `group`'s metadata exchanges."""
+    if dist.get_process_group_ranks(control) != dist.get_process_group_ranks(group or dist.GroupMember.WORLD):
+        raise ValueError("register_control_group: the control group must hold the same ranks as the group")
+    if "gloo" not in str(dist.get_backend(control)).lower():
+        raise ValueError(f"register_control_group: the control group must have a gloo backend, got "
+                         f"{dist.get_backend(control)!r}")
+    _CONTROL_GROUPS[_group_key(group)] = (group, control)
+
+
+def control_group(group, like: torch.device):
+    """(process group, device) for a small metadata collective of `group` whose result the host reads.
+
+    A group with a CPU backend: itself, on the CPU. An NCCL-only group: its gloo twin on the CPU --
+    the registered one, else, for the default group (group=None / WORLD), one made here on first
+    use (every rank of the world is in this call) -- so the CPU never waits for the GPU to drain its
+    queue before the call's kernels are queued. Any other group without a registered twin: itself
+    on the GPU (an NCCL all_gather and a device-to-host copy, i.e. one host synchronisation per
+    call). Not made for other groups, even world-spanning ones: a rank that passed another group
+    than its peers must still end up alone in a collective (the timeout names it), which twins
+    made here for two different groups would paper over (their creations would match each other).
+    A rank whose peers never make the default group's twin raises ControlGroupTimeout after
+    RINGATTN_SYNC_TIMEOUT_S. RINGATTN_CONTROL_GROUP=group: always the group itself; =gloo: a
+    twin even for CPU groups (how the CPU tests exercise the twin)."""
+    from ringattn.layout import collective_device  # (layout imports this module's users lazily)
+
+    mode = os.environ.get("RINGATTN_CONTROL_GROUP", "auto")
+    if mode not in ("auto", "group", "gloo"):
+        raise ValueError(f"RINGATTN_CONTROL_GROUP must be auto, group or gloo, got {mode!r}")
+    dev = collective_device(group, like)
+    if mode == "group" or (dev.type == "cpu" and mode != "gloo"):
+        return group, dev
+    key = _group_key(group)
+    hit = _CONTROL_GROUPS.get(key)
+    if hit is not None and (hit[0] is group or key == ("WORLD",)):
+        CONTROL_TWIN_USES[key] += 1
+        return hit[1], torch.device("cpu")
+    if key != ("WORLD",):  # only the default group's twin is made here (see the docstring)
+        return group, dev
+    from ringattn.sequence_parallel import sync_timeout_s
+
+    timeout = sync_timeout_s()
+    try:
+        twin = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout))
+    except Exception as e:  # noqa: BLE001 - gloo's rendezvous: some rank never made the same call
+        raise ControlGroupTimeout(f"making the gloo control group of the default group failed: {e}") from e
+    _CONTROL_GROUPS[key] = (group, twin)
+    CONTROL_TWIN_USES[key] += 1
+    return twin, torch.device("cpu")

@@ -87,9 +87,11 @@ def _uses_nccl(backend) -> bool:
 def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> DistInfo:
     """Initialise the default process group (idempotent) and return who we are.
 
-    backend="cpu:gloo,cuda:nccl" (or RINGATTN_DIST_BACKEND) gives every group a CPU backend too:
-    ringattn's per-call metadata exchanges then run on the host instead of as an NCCL collective
-    followed by a device-to-host copy (docs/sequence_parallel.md, "Validation")."""
+    backend="cpu:gloo,cuda:nccl" (or RINGATTN_DIST_BACKEND) gives every group a CPU backend too,
+    so ringattn's per-call metadata exchanges run on the host on any group; with plain "nccl" they
+    do so on the default group and the 2-D ring groups through gloo twins, and on other groups
+    through a twin registered with ringattn.comm.register_control_group (docs/sequence_parallel.md,
+    "Validation")."""
     launcher = detect_launcher()
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()

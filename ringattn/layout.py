@@ -219,7 +219,10 @@ def _gather_forward(x: torch.Tensor, dim: int, group, layout: str, seq_len: int 
         return x.clone(), (x.shape[dim],)
     # One int64 signature per rank: ndim, dtype, every dim size (the sequence dim may differ),
     # and the seq_len the caller promised (-1: none).
-    dev = collective_device(group, x.device)
+    from ringattn.comm import control_group
+
+    dev = collective_device(group, x.device)  # the data's all_gather
+    cgroup, cdev = control_group(group, x.device)  # the signature's (on the host where possible)
     sig = torch.full((2 + 8 + 1,), -1, dtype=torch.int64)
     sig[0] = x.dim()
     sig[1] = dtype_code(x.dtype)
@@ -227,8 +230,8 @@ def _gather_forward(x: torch.Tensor, dim: int, group, layout: str, seq_len: int 
         sig[2 + i] = s
     if seq_len is not None:
         sig[10] = seq_len
-    sigs = [torch.empty_like(sig, device=dev) for _ in range(world)]
-    dist.all_gather(sigs, sig.to(dev), group=group)
+    sigs = [torch.empty_like(sig, device=cdev) for _ in range(world)]
+    dist.all_gather(sigs, sig.to(cdev), group=cgroup)
     sigs = [s.cpu() for s in sigs]
     lengths = [int(s[2 + dim]) if dim < 8 else -1 for s in sigs]
     other = [tuple(int(v) for i, v in enumerate(s.tolist()[:10]) if i != 2 + dim) for s in sigs]

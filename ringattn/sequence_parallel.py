@@ -23,6 +23,8 @@ torch.distributed not initialised (and group=None): a world of one, no communica
 A rank left alone in that exchange (another rank passed a different group, or called in another
 order) raises a RuntimeError after RINGATTN_SYNC_TIMEOUT_S seconds (default 120) instead of
 hanging until the process-group timeout.
+The exchange runs on the host: on the group itself when it has a CPU backend, else on its gloo
+twin (comm.control_group), so it never waits for the GPU queue.
 """
 from __future__ import annotations
 
@@ -299,6 +301,15 @@ def sync_timeout_s() -> float:
     return value
 
 
+def _left_alone(fn: str, global_ranks: list[int], call: int, timeout_s: float) -> str:
+    return (f"{fn}: rank {dist.get_rank()} waited {timeout_s:.0f} s in the metadata exchange of call "
+            f"#{call} on the group of global ranks {global_ranks}, and not every rank of that group "
+            "joined. Every rank of the group must make the same sequence-parallel calls with the SAME "
+            "group, in the same order: check that no rank passed a different group (or group=None for "
+            "another), skipped a layer, or failed/stalled elsewhere. The exchange is left posted, so "
+            "this group cannot be used again in this process. (Timeout: RINGATTN_SYNC_TIMEOUT_S.)")
+
+
 def _wait_or_raise(work, *, fn: str, global_ranks: list[int], call: int, timeout_s: float) -> None:
     """Poll `work` until it completes; after timeout_s raise a RuntimeError naming the group.
 
@@ -309,13 +320,7 @@ def _wait_or_raise(work, *, fn: str, global_ranks: list[int], call: int, timeout
     while not work.is_completed():
         waited = time.monotonic() - start
         if waited > timeout_s:
-            raise RuntimeError(
-                f"{fn}: rank {dist.get_rank()} waited {timeout_s:.0f} s in the metadata exchange of call "
-                f"#{call} on the group of global ranks {global_ranks}, and not every rank of that group "
-                "joined. Every rank of the group must make the same sequence-parallel calls with the SAME "
-                "group, in the same order: check that no rank passed a different group (or group=None for "
-                "another), skipped a layer, or failed/stalled elsewhere. The exchange is left posted, so "
-                "this group cannot be used again in this process. (Timeout: RINGATTN_SYNC_TIMEOUT_S.)")
+            raise RuntimeError(_left_alone(fn, global_ranks, call, timeout_s))
         # Yield-spin for the first second (the usual wait: gloo's ~100 us, or NCCL's until the GPU
         # drained the queue -- a sleep here would leave the GPU idle after it), then 1 ms naps.
         time.sleep(0 if waited < 1.0 else 0.001)
@@ -328,9 +333,15 @@ def _exchange(fn: str, group, world: int, global_ranks: list[int], local: _Local
         return [local.sig]
     key = "WORLD" if group is None or group is dist.GroupMember.WORLD else id(group)
     _CALLS[key] = call = _CALLS.get(key, 0) + 1
+    from ringattn.comm import ControlGroupTimeout, control_group
+
+    try:
+        cgroup, device = control_group(group, device)  # on the host: a gloo twin of an NCCL-only group
+    except ControlGroupTimeout as e:
+        raise RuntimeError(_left_alone(fn, global_ranks, call, sync_timeout_s())) from e
     mine = torch.tensor(local.sig, dtype=torch.int64, device=device)
     table = [torch.empty_like(mine) for _ in range(world)]
-    work = dist.all_gather(table, mine, group=group, async_op=True)
+    work = dist.all_gather(table, mine, group=cgroup, async_op=True)
     _wait_or_raise(work, fn=fn, global_ranks=global_ranks, call=call, timeout_s=sync_timeout_s())
     return [t.tolist() for t in table]
 

@@ -140,11 +140,20 @@ def make_ulysses_ring_groups(ulysses_size: int, group=None):
             g = dist.new_group(members)
             if me in members:
                 mine_u = g
+        # NCCL-only default backend: every ring group also gets a gloo twin for its per-call
+        # metadata exchange (ringattn.comm.control_group: on the host, no GPU sync per layer).
+        backend = str(dist.get_backend()).lower()
+        twins = ("nccl" in backend and "cpu:" not in backend) or os.environ.get("RINGATTN_CONTROL_GROUP") == "gloo"
+        mine_t = None
         for i in range(u):
             members = ranks[i::u]
             g = dist.new_group(members)
+            t = dist.new_group(members, backend="gloo") if twins else None
             if me in members:
-                mine_r = g
+                mine_r, mine_t = g, t
+        if mine_t is not None:
+            from ringattn.comm import register_control_group
+            register_control_group(mine_r, mine_t)
         _GROUPS[key] = (mine_u, mine_r)
     return _GROUPS[key]
 

@@ -630,14 +630,14 @@ def _base_pre_hook(plan: SequenceParallelPlan):
         device = x.device if x is not None else torch.device("cpu")
         if dist.get_backend(plan.group) == "nccl" and device.type != "cuda":
             device = torch.device("cuda", torch.cuda.current_device())
-        else:  # a CPU backend on the group (gloo, or "cpu:gloo,cuda:nccl"): exchange on the host
-            from ringattn.layout import collective_device
-            device = collective_device(plan.group, device)
+        from ringattn.comm import control_group
+        # on the host: the group's CPU backend, or the gloo twin of an NCCL-only group
+        cgroup, device = control_group(plan.group, device)
         info = torch.tensor([seq_local, batch, flags, -1 if docs is None else documents_count(docs),
                              -1 if docs is None else documents_crc(docs), int(pad is not None)],
                             dtype=torch.int64, device=device)
         infos = [torch.zeros_like(info) for _ in range(plan.world_size)]
-        dist.all_gather(infos, info, group=plan.group)
+        dist.all_gather(infos, info, group=cgroup)
         infos = torch.stack(infos).cpu().tolist()
         _raise_flags(infos, 2)
         lens = [r[0] for r in infos]
