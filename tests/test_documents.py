@@ -189,17 +189,28 @@ def reference(q, k, v, mask, scale):
     return torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, -1), vv), torch.logsumexp(s, -1)
 
 
+def band(L, w):
+    """(L, L) bool: the causal sliding window, query p sees key t iff 0 <= p - t < w."""
+    d = torch.arange(L)[:, None] - torch.arange(L)[None, :]
+    return (d >= 0) & (d < w)
+
+
 def run_doc_case(c, device="cpu"):
+    """One case (a dict: alg, causal, layout, seq_len, cu (None: one sequence), optional window,
+    hq, hkv, batch, head_dim, dtype, lse_grad, as_tensor, seed) against float64; None or the failure."""
     rank, world = dist.get_rank(), dist.get_world_size()
     B, L, Hq, Hkv, D, dtype = c["batch"], c["seq_len"], c["hq"], c["hkv"], c["head_dim"], c["dtype"]
-    cu = c["cu"]
+    cu, w = c["cu"], c.get("window")
+    mask = allowed(cu if cu is not None else [0, L], L, c["causal"])
+    if w is not None:
+        mask = mask & band(L, w)
     gen = torch.Generator().manual_seed(3000 + c["seed"])
     q, dout = (torch.randn(B, L, Hq, D, generator=gen).to(dtype) for _ in range(2))
     k, v = (torch.randn(B, L, Hkv, D, generator=gen).to(dtype) for _ in range(2))
     dlse = torch.randn(B, Hq, L, generator=gen) if c["lse_grad"] else None
     scale = 1.0 / math.sqrt(D)
     ref = [t.double().requires_grad_() for t in (q, k, v)]
-    ref_out, ref_lse = reference(*ref, allowed(cu, L, c["causal"]), scale)
+    ref_out, ref_lse = reference(*ref, mask, scale)
     loss = (ref_out * dout.double()).sum() + ((ref_lse * dlse.double()).sum() if dlse is not None else 0)
     loss.backward()
 
@@ -207,14 +218,14 @@ def run_doc_case(c, device="cpu"):
     loc = [t[:, pos].to(device).requires_grad_() for t in (q, k, v)]
     fn = {"ring": sp.ring_attention, "token_ring": sp.token_ring_attention,
           "auto": sp.sequence_parallel_attention}[c["alg"]]
-    if c["as_tensor"]:
+    if c["as_tensor"] and cu is not None:
         from ringattn.documents import as_documents, documents_tensor
         cu_arg = documents_tensor(as_documents(cu)[0])
     else:
         cu_arg = cu
     with comm_stats() as st:
         out, lse = fn(*loc, causal=c["causal"], layout=c["layout"], return_lse=True, lse_grad=c["lse_grad"],
-                      cu_seqlens=cu_arg)
+                      cu_seqlens=cu_arg, sliding_window=w)
         loss = ((out * dout[:, pos].to(device)).sum()
                 + ((lse * dlse[:, :, pos].to(device)).sum() if dlse is not None else 0))
         loss.backward()
@@ -230,12 +241,10 @@ def run_doc_case(c, device="cpu"):
         ratio = (err / (atol + rtol * want.abs())).max().item()
         if not ratio <= 1.0:
             errors.append(f"{name}: max abs err {err.max().item():.3g} ({ratio:.2f}x the bound)")
-    alg = c["alg"] if c["alg"] != "auto" else sp.choose_algorithm(
-        seq_len=L, world_size=world, layout=c["layout"], causal=c["causal"], batch=B, heads_q=Hq, heads_kv=Hkv,
-        head_dim=D, dtype=dtype, cu_seqlens=cu).algorithm
-    want_bytes = sp.predict_comm_bytes(alg, seq_len=L, world_size=world, layout=c["layout"], causal=c["causal"],
-                                       batch=B, heads_q=Hq, heads_kv=Hkv, head_dim=D, dtype=dtype, backward=True,
-                                       lse_grad=c["lse_grad"], cu_seqlens=cu)[rank]
+    kw = dict(seq_len=L, world_size=world, layout=c["layout"], causal=c["causal"], batch=B, heads_q=Hq,
+              heads_kv=Hkv, head_dim=D, dtype=dtype, cu_seqlens=cu, sliding_window=w)
+    alg = c["alg"] if c["alg"] != "auto" else sp.choose_algorithm(**kw).algorithm
+    want_bytes = sp.predict_comm_bytes(alg, **kw, backward=True, lse_grad=c["lse_grad"])[rank]
     got_bytes = {ch: (st.sent_by_channel[ch], st.recv_by_channel[ch])
                  for ch in set(st.sent_by_channel) | set(st.recv_by_channel)}
     nz = lambda d: {ch: b for ch, b in d.items() if b != (0, 0)}  # noqa: E731
@@ -288,18 +297,23 @@ def test_packed_sequences_against_float64_reference(dist_pool, world):
     assert not failures, f"{len(failures)} failing (rank, case)s:\n" + "\n".join(failures[:30])
 
 
-def _run_docs_over_ipc(kind):
-    """The packed-sequence cases over the CUDA-IPC transport: "host-sim" (CPU, in CI) or "cuda"
-    (ranks sharing one GPU under MPS, scripts/gpu_check.sh; bf16 cases)."""
+def run_cases_over_ipc(kind, all_cases, pick):
+    """Cases over the CUDA-IPC transport: "host-sim" (CPU, in CI) or "cuda" (ranks sharing one GPU
+    under MPS, scripts/gpu_check.sh; the bf16 cases). pick(i, case) -> whether to run it."""
     from test_sequence_parallel import ipc_transports
 
     # 5 slots: with lse_grad TokenRing's bwd.q sends 5 tensors per peer and step
     with ipc_transports(kind, slots=5) as device:
-        cases = [c for c in doc_cases(dist.get_world_size()) if (c["dtype"] == torch.bfloat16) == (kind == "cuda")]
-        step = 2 if kind == "cuda" else 7  # a sample, and every per-row packing of this dtype
-        cases = [c for i, c in enumerate(cases) if i % step == 0 or c["pattern"] == "per-row"]
+        cases = [c for c in all_cases if (c["dtype"] == torch.bfloat16) == (kind == "cuda")]
+        cases = [c for i, c in enumerate(cases) if pick(i, c)]
         failures = [f for c in cases if (f := run_doc_case(c, device=device)) is not None]
     return failures, len(cases)
+
+
+def _run_docs_over_ipc(kind):
+    step = 2 if kind == "cuda" else 7  # a sample, and every per-row packing of this dtype
+    return run_cases_over_ipc(kind, doc_cases(dist.get_world_size()),
+                              lambda i, c: i % step == 0 or c["pattern"] == "per-row")
 
 
 def test_packed_sequences_over_the_cuda_ipc_host_simulation(dist_pool):

@@ -21,17 +21,11 @@ import torch
 import torch.distributed as dist
 
 import ringattn.sequence_parallel as sp
-from ringattn.accounting import comm_stats
 from ringattn.documents import as_documents, window_pieces
 from ringattn.layout import RingPlan, SequenceLayout
-from test_documents import allowed, covered_pieces, patterns, per_row_patterns
-from test_sequence_parallel import positions, tolerance
-
-
-def band(L, w):
-    """(L, L) bool: query p sees key t iff 0 <= p - t < w (w None: plain causal)."""
-    d = torch.arange(L)[:, None] - torch.arange(L)[None, :]
-    return (d >= 0) & (d < (w if w is not None else L + 1))
+from test_documents import (allowed, band, covered_pieces, patterns, per_row_patterns, reference,
+                            run_cases_over_ipc, run_doc_case)
+from test_sequence_parallel import positions
 
 
 def piece_mask(p):
@@ -139,68 +133,7 @@ def test_far_blocks_are_skipped_and_tokenring_sends_less():
         sp.choose_algorithm(**kw, sliding_window=0)
 
 
-# --- 2. against float64 on real processes -----------------------------------------------------
-def reference(q, k, v, mask, scale):
-    g = q.shape[2] // k.shape[2]
-    kk, vv = k.repeat_interleave(g, 2), v.repeat_interleave(g, 2)
-    s = torch.einsum("bqhd,bkhd->bhqk", q, kk) * scale
-    s = s.masked_fill(~mask, float("-inf"))
-    return torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, -1), vv), torch.logsumexp(s, -1)
-
-
-def run_window_case(c, device="cpu", compiled=None):
-    rank, world = dist.get_rank(), dist.get_world_size()
-    B, L, Hq, Hkv, D, dtype, w = c["batch"], c["seq_len"], c["hq"], c["hkv"], c["head_dim"], c["dtype"], c["window"]
-    cu = c.get("cu")
-    gen = torch.Generator().manual_seed(7000 + c["seed"])
-    q, dout = (torch.randn(B, L, Hq, D, generator=gen).to(dtype) for _ in range(2))
-    k, v = (torch.randn(B, L, Hkv, D, generator=gen).to(dtype) for _ in range(2))
-    dlse = torch.randn(B, Hq, L, generator=gen) if c["lse_grad"] else None
-    scale = 1.0 / math.sqrt(D)
-    mask = band(L, w) & (allowed(cu, L, True) if cu is not None else True)
-    ref = [t.double().requires_grad_() for t in (q, k, v)]
-    ref_out, ref_lse = reference(*ref, mask, scale)
-    loss = (ref_out * dout.double()).sum() + ((ref_lse * dlse.double()).sum() if dlse is not None else 0)
-    loss.backward()
-
-    pos = positions(L, world, c["layout"], rank)
-    loc = [t[:, pos].to(device).requires_grad_() for t in (q, k, v)]
-    fn = {"ring": sp.ring_attention, "token_ring": sp.token_ring_attention,
-          "auto": sp.sequence_parallel_attention}[c["alg"]]
-    with comm_stats() as st:
-        call = compiled or (lambda *a, **kw: fn(*a, **kw))
-        out, lse = call(*loc, causal=True, layout=c["layout"], return_lse=True, lse_grad=c["lse_grad"],
-                        cu_seqlens=cu, sliding_window=w)
-        loss = ((out * dout[:, pos].to(device)).sum()
-                + ((lse * dlse[:, :, pos].to(device)).sum() if dlse is not None else 0))
-        loss.backward()
-    atol, rtol = tolerance(dtype, world)
-    errors = []
-    pairs = [("out", out, ref_out[:, pos]), ("lse", lse, ref_lse[:, :, pos])]
-    pairs += [(f"d{n}", t.grad, r.grad[:, pos]) for n, t, r in zip("qkv", loc, ref)]
-    for name, got, want in pairs:
-        if got is None or got.shape != want.shape:
-            errors.append(f"{name}: shape {None if got is None else tuple(got.shape)} != {tuple(want.shape)}")
-            continue
-        err = (got.detach().cpu().double() - want).abs()
-        ratio = (err / (atol + rtol * want.abs())).max().item()
-        if not ratio <= 1.0:
-            errors.append(f"{name}: max abs err {err.max().item():.3g} ({ratio:.2f}x the bound)")
-    kw = dict(seq_len=L, world_size=world, layout=c["layout"], causal=True, batch=B, heads_q=Hq, heads_kv=Hkv,
-              head_dim=D, dtype=dtype, cu_seqlens=cu, sliding_window=w)
-    alg = c["alg"] if c["alg"] != "auto" else sp.choose_algorithm(**kw).algorithm
-    want_bytes = sp.predict_comm_bytes(alg, **kw, backward=True, lse_grad=c["lse_grad"])[rank]
-    got_bytes = {ch: (st.sent_by_channel[ch], st.recv_by_channel[ch])
-                 for ch in set(st.sent_by_channel) | set(st.recv_by_channel)}
-    nz = lambda d: {ch: b for ch, b in d.items() if b != (0, 0)}  # noqa: E731
-    if nz(got_bytes) != nz(want_bytes):
-        errors.append(f"bytes {got_bytes} != formula {want_bytes}")
-    if errors:
-        shown = {k: (str(v).replace("torch.", "") if k == "dtype" else v) for k, v in c.items()}
-        return f"rank {rank} {shown}: " + "; ".join(errors)
-    return None
-
-
+# --- 2. against float64 on real processes (test_documents.run_doc_case with a window) ---------
 def window_cases(world):
     cases, i = [], 0
     for dtype in (torch.float32, torch.bfloat16):
@@ -211,22 +144,23 @@ def window_cases(world):
                     windows = (1, 3, chunk + 2, L - 2) if dtype == torch.float32 else (chunk + 1,)
                     for w in windows:
                         hq, hkv = ((4, 2), (4, 4), (2, 1))[i % 3]
-                        cases.append(dict(alg=alg, layout=layout, seq_len=L, window=w, hq=hq, hkv=hkv,
-                                          batch=1 + i % 2, head_dim=8, dtype=dtype, lse_grad=i % 5 == 1, seed=i))
+                        cases.append(dict(alg=alg, causal=True, layout=layout, seq_len=L, cu=None, window=w,
+                                          hq=hq, hkv=hkv, batch=1 + i % 2, head_dim=8, dtype=dtype,
+                                          lse_grad=i % 5 == 1, as_tensor=False, seed=7000 + i))
                         i += 1
     L = 7 * world - 1
     # auto; a window beyond the sequence (plain causal); documents inside the window; per-row packings
-    cases.append(dict(cases[0], alg="auto", seq_len=L, window=4, seed=i + 1))
-    cases.append(dict(cases[1], alg="token_ring", seq_len=L, window=L + 5, seed=i + 2))
+    cases.append(dict(cases[0], alg="auto", seq_len=L, window=4, seed=7001 + i))
+    cases.append(dict(cases[1], alg="token_ring", seq_len=L, window=L + 5, seed=7002 + i))
     cases.append(dict(cases[2], alg="ring", layout="zigzag", seq_len=L, window=5, cu=patterns(L, 3)["random"],
-                      seed=i + 3))
+                      as_tensor=True, seed=7003 + i))
     cases.append(dict(cases[3], alg="token_ring", layout="contiguous", seq_len=L, window=3, batch=2,
-                      cu=per_row_patterns(L, 2, world), lse_grad=True, seed=i + 4))
+                      cu=per_row_patterns(L, 2, world), lse_grad=True, seed=7004 + i))
     return cases
 
 
 def _run_windows(world):
-    return [f for c in window_cases(world) if (f := run_window_case(c)) is not None]
+    return [f for c in window_cases(world) if (f := run_doc_case(c)) is not None]
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
@@ -237,13 +171,8 @@ def test_sliding_window_against_float64_reference(dist_pool, world):
 
 def _run_windows_over_ipc(kind):
     """A sample of the cases over the CUDA-IPC transport: "host-sim" (CPU) or "cuda" (GPU, bf16)."""
-    from test_sequence_parallel import ipc_transports
-
-    with ipc_transports(kind, slots=5) as device:
-        cases = [c for c in window_cases(dist.get_world_size()) if (c["dtype"] == torch.bfloat16) == (kind == "cuda")]
-        cases = cases[::3] if kind == "host-sim" else cases
-        failures = [f for c in cases if (f := run_window_case(c, device=device)) is not None]
-    return failures, len(cases)
+    return run_cases_over_ipc(kind, window_cases(dist.get_world_size()),
+                              lambda i, c: kind == "cuda" or i % 3 == 0)
 
 
 def test_sliding_window_over_the_cuda_ipc_host_simulation(dist_pool):
