@@ -316,32 +316,61 @@ def _run_docs_over_ipc(kind):
                               lambda i, c: i % step == 0 or c["pattern"] == "per-row")
 
 
-def test_packed_sequences_over_the_cuda_ipc_host_simulation(dist_pool):
-    results = dist_pool(3).run(_run_docs_over_ipc, "host-sim", timeout=180)
+def assert_over_ipc(runner, kind, world, min_cases, dist_pool=None):
+    """Run runner(kind) on `world` ranks -- the session's gloo pool for "host-sim", a fresh pool of
+    ranks sharing the GPU for "cuda" -- and assert every rank ran >= min_cases cases, all passing."""
+    if kind == "cuda":
+        from dist_pool import DistPool
+
+        pool = DistPool(world, pg_timeout_s=120)
+        try:
+            results = pool.run(runner, "cuda", timeout=150)
+        finally:
+            pool.close()
+    else:
+        results = dist_pool(world).run(runner, "host-sim", timeout=180)
     failures = [f for fails, _ in results for f in fails]
-    assert not failures and results[0][1] >= 8, (results[0][1], failures)
+    assert not failures and results[0][1] >= min_cases, (results[0][1], failures[:30])
+
+
+def test_packed_sequences_over_the_cuda_ipc_host_simulation(dist_pool):
+    assert_over_ipc(_run_docs_over_ipc, "host-sim", 3, 8, dist_pool)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("world", (2, 4))
 def test_gpu_packed_sequences_ranks_sharing_one_gpu(world):
-    from dist_pool import DistPool
+    assert_over_ipc(_run_docs_over_ipc, "cuda", world, 4)
 
-    pool = DistPool(world, pg_timeout_s=120)
-    try:
-        results = pool.run(_run_docs_over_ipc, "cuda", timeout=150)
-    finally:
-        pool.close()
-    failures = [f for fails, _ in results for f in fails]
-    assert not failures and results[0][1] >= 4, (results[0][1], failures[:30])
+
+def compiled_vs_eager(compiled, fn, full, extra, label):
+    """Failures of one compiled call against the eager one: full = [q, k, v, dout] global (B, L, H, D),
+    zigzag over 2 ranks; extra = fn's arguments after q, k, v. The compiled call must run the op
+    once and give bitwise the eager out, dq, dk, dv (also returned, eager's, for other checks)."""
+    import ringattn.compiled as rc
+    rank = dist.get_rank()
+    pos = positions(full[0].shape[1], 2, "zigzag", rank)
+    res = {}
+    for mode, f in (("compiled", compiled), ("eager", fn)):
+        loc = [t[:, pos].clone().requires_grad_() for t in full[:3]]
+        before = rc.CALLS["sp_attention"]
+        out = f(*loc, *extra)
+        out.backward(full[3][:, pos])
+        res[mode] = [out.detach()] + [t.grad for t in loc] + [rc.CALLS["sp_attention"] - before]
+    failures = []
+    if res["compiled"][-1] != 1:
+        failures.append(f"rank {rank} {label}: the compiled call ran sp_attention {res['compiled'][-1]} times")
+    for name, a, b in zip(("out", "dq", "dk", "dv"), res["compiled"], res["eager"]):
+        if not torch.equal(a, b):
+            failures.append(f"rank {rank} {label}: {name} compiled != eager")
+    return failures, res["eager"][:4]
 
 
 def _run_compiled_docs():
     """Under torch.compile(fullgraph=True): one op forward and backward, cu_seqlens a tensor input;
     equal to the eager call, and a second packing with as many documents runs without recompiling
     (another number of documents is another input shape: a recompile unless dynamic)."""
-    import ringattn.compiled as rc
     rank = dist.get_rank()
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()  # (a pooled worker may have compiled other tests' functions)
@@ -353,39 +382,14 @@ def _run_compiled_docs():
     for seed, cu in enumerate(([0, 3, 9, 13], [0, 1, 12, 13])):
         g = torch.Generator().manual_seed(seed)
         full = [torch.randn(1, L, 2, 8, generator=g) for _ in range(4)]
-        pos = positions(L, 2, "zigzag", rank)
-        res = {}
-        for mode, f in (("compiled", compiled), ("eager", fn)):
-            loc = [t[:, pos].clone().requires_grad_() for t in full[:3]]
-            before = rc.CALLS["sp_attention"]
-            out = f(*loc, torch.tensor(cu))
-            out.backward(full[3][:, pos])
-            res[mode] = [out.detach()] + [t.grad for t in loc] + [rc.CALLS["sp_attention"] - before]
-        if res["compiled"][-1] != 1:
-            failures.append(f"rank {rank} cu={cu}: the compiled call ran sp_attention {res['compiled'][-1]} times")
-        for name, a, b in zip(("out", "dq", "dk", "dv"), res["compiled"], res["eager"]):
-            if not torch.equal(a, b):
-                failures.append(f"rank {rank} cu={cu}: {name} compiled != eager")
+        failures += compiled_vs_eager(compiled, fn, full, (torch.tensor(cu),), f"cu={cu}")[0]
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     if frames != 1:
         failures.append(f"rank {rank}: {frames} graphs compiled for two packings of 3 documents (want 1: cu_seqlens is an input)")
     # per-row packings: a list of rows becomes one 2-D tensor input of the op (a new graph)
     g = torch.Generator().manual_seed(9)
     full = [torch.randn(2, L, 2, 8, generator=g) for _ in range(4)]
-    pos = positions(L, 2, "zigzag", rank)
-    rows = [[0, 4, 13], [0, 2, 11, 13]]
-    res = {}
-    for mode, f in (("compiled", compiled), ("eager", fn)):
-        loc = [t[:, pos].clone().requires_grad_() for t in full[:3]]
-        before = rc.CALLS["sp_attention"]
-        out = f(*loc, rows)
-        out.backward(full[3][:, pos])
-        res[mode] = [out.detach()] + [t.grad for t in loc] + [rc.CALLS["sp_attention"] - before]
-    if res["compiled"][-1] != 1:
-        failures.append(f"rank {rank} per-row: the compiled call ran sp_attention {res['compiled'][-1]} times")
-    for name, a, b in zip(("out", "dq", "dk", "dv"), res["compiled"], res["eager"]):
-        if not torch.equal(a, b):
-            failures.append(f"rank {rank} per-row: {name} compiled != eager")
+    failures += compiled_vs_eager(compiled, fn, full, ([[0, 4, 13], [0, 2, 11, 13]],), "per-row")[0]
     return failures
 
 
@@ -395,10 +399,36 @@ def test_packed_sequences_compiled(dist_pool):
 
 
 # --- 3. bad cu_seqlens ------------------------------------------------------------------------
-def _bad(scenario):
+def bad_call(**kw):
+    """On each of 2 ranks holding 6 - rank tokens (11, contiguous): a TokenRing call with `kw`
+    (which must raise), then a good ring call with `recover` (the group still works). Returns
+    (error type, message, seconds, the good call's out shape[1:])."""
     rank = dist.get_rank()
     g = torch.Generator().manual_seed(rank)
-    q, k, v = (torch.randn(1, 6 - rank, 2, 8, generator=g) for _ in range(3))  # 11 tokens contiguous
+    batch = kw.pop("batch", 1)
+    q, k, v = (torch.randn(batch, 6 - rank, 2, 8, generator=g) for _ in range(3))
+    recover = kw.pop("recover")
+    t0 = time.monotonic()
+    try:
+        sp.token_ring_attention(q, k, v, **kw)
+        outcome = ("no error", "")
+    except Exception as e:  # noqa: BLE001
+        outcome = (type(e).__name__, str(e))
+    out = sp.ring_attention(q, k, v, causal=True, **recover)  # the group still works
+    return outcome + (time.monotonic() - t0, tuple(out.shape)[1:])
+
+
+def assert_same_error_on_every_rank(results, words):
+    for rank, (kind, msg, elapsed, shape) in enumerate(results):
+        assert kind == "ValueError", (rank, kind, msg)
+        for w in words:
+            assert w in msg, (rank, w, msg)
+        assert elapsed < 10 and shape == (6 - rank, 2, 8)
+    assert results[0][1] == results[1][1], results
+
+
+def _bad(scenario):
+    rank = dist.get_rank()
     cu = {"wrong_end": [0, 4, 6],                       # the local length, not the global one
           "disagree": [0, 4, 11] if rank == 0 else [0, 5, 11],
           "decreasing_on_one_rank": [0, 4, 11] if rank == 0 else [0, 7, 4, 11],
@@ -406,16 +436,8 @@ def _bad(scenario):
           "not_starting_at_zero": [1, 4, 11],
           "rows_not_batch": [[0, 4, 11], [0, 11], [0, 2, 11]],  # 3 rows for a batch of 1
           "rows_disagree": [[0, 4, 11], [0, 11]] if rank == 0 else [[0, 4, 11], [0, 5, 11]]}[scenario]
-    if scenario == "rows_disagree":
-        q, k, v = (t.expand(2, -1, -1, -1) for t in (q, k, v))
-    t0 = time.monotonic()
-    try:
-        sp.token_ring_attention(q, k, v, causal=True, cu_seqlens=cu)
-        outcome = ("no error", "")
-    except Exception as e:  # noqa: BLE001
-        outcome = (type(e).__name__, str(e))
-    out = sp.ring_attention(q, k, v, causal=True, cu_seqlens=[0, 4, 11])  # the group still works
-    return outcome + (time.monotonic() - t0, tuple(out.shape)[1:])
+    return bad_call(causal=True, cu_seqlens=cu, batch=2 if scenario == "rows_disagree" else 1,
+                    recover=dict(cu_seqlens=[0, 4, 11]))
 
 
 @pytest.mark.parametrize("scenario, words", [
@@ -428,10 +450,4 @@ def _bad(scenario):
     ("rows_disagree", ("ranks disagree on cu_seqlens",)),
 ])
 def test_bad_cu_seqlens_raise_on_every_rank(dist_pool, scenario, words):
-    results = dist_pool(2).run(_bad, scenario, timeout=60)
-    for rank, (kind, msg, elapsed, shape) in enumerate(results):
-        assert kind == "ValueError", (rank, kind, msg)
-        for w in words:
-            assert w in msg, (rank, w, msg)
-        assert elapsed < 10 and shape == (6 - rank, 2, 8)
-    assert results[0][1] == results[1][1], results
+    assert_same_error_on_every_rank(dist_pool(2).run(_bad, scenario, timeout=60), words)

@@ -14,7 +14,6 @@
 4. Bad sliding_window: the same ValueError on every rank, the group still usable.
 """
 import math
-import time
 
 import pytest
 import torch
@@ -23,7 +22,8 @@ import torch.distributed as dist
 import ringattn.sequence_parallel as sp
 from ringattn.documents import as_documents, window_pieces
 from ringattn.layout import RingPlan, SequenceLayout
-from test_documents import (allowed, band, covered_pieces, patterns, per_row_patterns, reference,
+from test_documents import (allowed, assert_over_ipc, assert_same_error_on_every_rank, bad_call, band,
+                            compiled_vs_eager, covered_pieces, patterns, per_row_patterns, reference,
                             run_cases_over_ipc, run_doc_case)
 from test_sequence_parallel import positions
 
@@ -176,29 +176,18 @@ def _run_windows_over_ipc(kind):
 
 
 def test_sliding_window_over_the_cuda_ipc_host_simulation(dist_pool):
-    results = dist_pool(3).run(_run_windows_over_ipc, "host-sim", timeout=180)
-    failures = [f for fails, _ in results for f in fails]
-    assert not failures and results[0][1] >= 5, (results[0][1], failures)
+    assert_over_ipc(_run_windows_over_ipc, "host-sim", 3, 5, dist_pool)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("world", (2, 4))
 def test_gpu_sliding_window_ranks_sharing_one_gpu(world):
-    from dist_pool import DistPool
-
-    pool = DistPool(world, pg_timeout_s=120)
-    try:
-        results = pool.run(_run_windows_over_ipc, "cuda", timeout=150)
-    finally:
-        pool.close()
-    failures = [f for fails, _ in results for f in fails]
-    assert not failures and results[0][1] >= 4, (results[0][1], failures[:30])
+    assert_over_ipc(_run_windows_over_ipc, "cuda", world, 4)
 
 
 # --- 3. torch.compile -------------------------------------------------------------------------
 def _run_compiled_window():
-    import ringattn.compiled as rc
     rank = dist.get_rank()
     torch._dynamo.reset()
     L, w = 13, 4
@@ -207,25 +196,10 @@ def _run_compiled_window():
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager", dynamic=False)
     g = torch.Generator().manual_seed(1)
     full = [torch.randn(1, L, 2, 8, generator=g) for _ in range(4)]
-    pos = positions(L, 2, "zigzag", rank)
-    res = {}
-    for mode, f in (("compiled", compiled), ("eager", fn)):
-        loc = [t[:, pos].clone().requires_grad_() for t in full[:3]]
-        before = rc.CALLS["sp_attention"]
-        out = f(*loc)
-        out.backward(full[3][:, pos])
-        res[mode] = [out.detach()] + [t.grad for t in loc] + [rc.CALLS["sp_attention"] - before]
-    failures = []
-    if res["compiled"][-1] != 1:
-        failures.append(f"rank {rank}: the compiled call ran sp_attention {res['compiled'][-1]} times")
-    for name, a, b in zip(("out", "dq", "dk", "dv"), res["compiled"], res["eager"]):
-        if not torch.equal(a, b):
-            failures.append(f"rank {rank}: {name} compiled != eager")
+    failures, (out, *_) = compiled_vs_eager(compiled, fn, full, (), f"window {w}")
     # and the eager call is the windowed attention, not plain causal
-    i = torch.arange(L)
-    m = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < w)
-    want = reference(*(t.double() for t in full[:3]), m, 1 / math.sqrt(8))[0][:, pos]
-    if not torch.allclose(res["eager"][0].double(), want, atol=1e-5):
+    want = reference(*(t.double() for t in full[:3]), band(L, w), 1 / math.sqrt(8))[0][:, positions(L, 2, "zigzag", rank)]
+    if not torch.allclose(out.double(), want, atol=1e-5):
         failures.append(f"rank {rank}: eager windowed output differs from the reference")
     return failures
 
@@ -238,19 +212,9 @@ def test_sliding_window_compiled(dist_pool):
 # --- 4. bad sliding_window --------------------------------------------------------------------
 def _bad(scenario):
     rank = dist.get_rank()
-    g = torch.Generator().manual_seed(rank)
-    q, k, v = (torch.randn(1, 6 - rank, 2, 8, generator=g) for _ in range(3))  # 11 tokens contiguous
-    causal = scenario != "not_causal"
     w = {"not_causal": 4, "zero": 0, "negative": -2, "float": 4.0, "bool": True,
          "disagree": 4 if rank == 0 else 5, "one_rank_none": 4 if rank == 0 else None}[scenario]
-    t0 = time.monotonic()
-    try:
-        sp.token_ring_attention(q, k, v, causal=causal, sliding_window=w)
-        outcome = ("no error", "")
-    except Exception as e:  # noqa: BLE001
-        outcome = (type(e).__name__, str(e))
-    out = sp.ring_attention(q, k, v, causal=True, sliding_window=3)  # the group still works
-    return outcome + (time.monotonic() - t0, tuple(out.shape)[1:])
+    return bad_call(causal=scenario != "not_causal", sliding_window=w, recover=dict(sliding_window=3))
 
 
 @pytest.mark.parametrize("scenario, words", [
@@ -263,10 +227,4 @@ def _bad(scenario):
     ("one_rank_none", ("ranks disagree on sliding_window", "rank 1: -1")),
 ])
 def test_bad_sliding_window_raises_on_every_rank(dist_pool, scenario, words):
-    results = dist_pool(2).run(_bad, scenario, timeout=60)
-    for rank, (kind, msg, elapsed, shape) in enumerate(results):
-        assert kind == "ValueError", (rank, kind, msg)
-        for word in words:
-            assert word in msg, (rank, word, msg)
-        assert elapsed < 10 and shape == (6 - rank, 2, 8)
-    assert results[0][1] == results[1][1], results
+    assert_same_error_on_every_rank(dist_pool(2).run(_bad, scenario, timeout=60), words)
