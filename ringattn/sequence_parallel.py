@@ -402,7 +402,7 @@ def predict_comm_bytes(algorithm: str, *, seq_len: int, world_size: int, layout:
     window = _window_arg(sliding_window, causal, seq_len)
     e = _elem_size(dtype)
     if algorithm == "ring":
-        steps = _ring_steps(lay, bool(causal), docs, window)
+        steps = RingPlan(None, 0, world_size, lay, bool(causal), 1.0, "auto", docs, window).ring_steps
         return [ring_comm_bytes(lay, r, batch=batch, heads_kv=heads_kv, head_dim=head_dim, elem_size=e,
                                 backward=backward, steps=steps) for r in range(world_size)]
     if algorithm == "token_ring":
@@ -411,12 +411,6 @@ def predict_comm_bytes(algorithm: str, *, seq_len: int, world_size: int, layout:
                                       window=window)
                 for r in range(world_size)]
     raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
-
-
-@functools.lru_cache(maxsize=8)
-def _ring_steps(lay: SequenceLayout, causal: bool, documents, window) -> int:
-    """RingPlan.ring_steps of a call with these masks (the ring's early stop)."""
-    return RingPlan(None, 0, lay.world_size, lay, causal, 1.0, "auto", documents, window).ring_steps
 
 
 def _window_arg(sliding_window, causal, seq_len: int) -> int | None:
