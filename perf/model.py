@@ -468,8 +468,8 @@ def validate(rows, profile, profile_topo, preset, cores, threads, stat="min"):
     out = []
     for row in rows:
         alg = row.get("resolved_algorithm") or row.get("algorithm")
-        if row.get("error") or not row.get(f"ms_{stat}") or alg not in cm.ALGORITHMS:
-            continue
+        if row.get("error") or not row.get(f"ms_{stat}") or alg not in cm.ALGORITHMS or row.get("window"):
+            continue  # (sliding windows: not modelled)
         topo = topology_for_row(row, profile_topo, preset, cores, threads)
         e = DTYPE_BYTES[str(row["dtype"]).replace("torch.", "")]
         p = cm.predict(alg, seq_len=int(row["seq_len"]), world_size=int(row["world"]), layout=row["layout"],

@@ -73,11 +73,12 @@ def read_rows(paths):
 
 
 def _panel_key(r):
-    return (int(r["world"]), int(r["heads_q"]), int(r["heads_kv"]), r["causal"], r["pass"])
+    return (int(r["world"]), int(r["heads_q"]), int(r["heads_kv"]), r["causal"], r["pass"], r.get("window") or "")
 
 
 def _single_key(r):
-    return (r["device"], r["batch"], r["heads_q"], r["heads_kv"], r["head_dim"], r["dtype"], r["causal"], r["pass"])
+    return (r["device"], r["batch"], r["heads_q"], r["heads_kv"], r["head_dim"], r["dtype"], r["causal"], r["pass"],
+            r.get("window") or "")
 
 
 def _minor_label(y, _pos):
@@ -95,7 +96,7 @@ def _fmt_len(n):
 def plot_metric(rows, suffix, ylabel, value, logy, out_path, title):
     sp = [r for r in rows if r["algorithm"] != "single"]
     singles = [r for r in rows if r["algorithm"] == "single"]
-    panels = sorted({_panel_key(r) for r in sp}, key=lambda k: (k[0], -k[2], k[3], k[4]))
+    panels = sorted({_panel_key(r) for r in sp}, key=lambda k: (k[0], -k[2], k[3], k[4], int(k[5] or 0)))
     if not panels:
         return None
     ncols = min(4, len(panels))
@@ -104,7 +105,7 @@ def plot_metric(rows, suffix, ylabel, value, logy, out_path, title):
     algs = [a for a in ALG_STYLE if any(r["algorithm"] == a for r in sp)]
     handles = {}
     for ax, key in zip(axes.flat, panels):
-        W, hq, hkv, causal, p = key
+        W, hq, hkv, causal, p, win = key
         mine = [r for r in sp if _panel_key(r) == key]
         lens = sorted({int(r["seq_len"]) for r in mine})
         for a in algs:
@@ -153,7 +154,8 @@ def plot_metric(rows, suffix, ylabel, value, logy, out_path, title):
             ax.set_xlim(lens[0] / 1.5, lens[0] * 1.5)
         else:
             ax.set_xlim(lens[0] / 1.3, lens[-1] * 1.3)
-        ax.set_title(f"W={W}  {'MHA' if hq == hkv else 'GQA'} {hq}/{hkv}  {'causal' if causal == 'True' else 'full'}  {p}",
+        ax.set_title(f"W={W}  {'MHA' if hq == hkv else 'GQA'} {hq}/{hkv}  {'causal' if causal == 'True' else 'full'}"
+                     f"{f' w={win}' if win else ''}  {p}",
                      fontsize=9)
         ax.grid(True, which="major", alpha=0.3)
         ax.tick_params(which="both", labelsize=7)
@@ -163,6 +165,9 @@ def plot_metric(rows, suffix, ylabel, value, logy, out_path, title):
         ax.set_ylabel(ylabel, fontsize=8)
     for ax in axes[-1, :]:
         ax.set_xlabel("global sequence length", fontsize=8)
+    if not handles:  # no row has this metric (e.g. overlap with --overlap-iters 0): no PNG
+        plt.close(fig)
+        return None
     order = [a for a in ALG_STYLE if a in handles]
     fig.legend([handles[a] for a in order], [handles[a].get_label() for a in order], loc="upper center",
                ncol=len(order), fontsize=8, frameon=False, bbox_to_anchor=(0.5, 1.0 - 0.05 / nrows))

@@ -1,4 +1,4 @@
-"""Sequence-parallel sweep: algorithm x world x sequence length x heads x causal x pass, one CSV/JSON.
+"""Sequence-parallel sweep: algorithm x world x sequence length x heads x causal x window x pass, one CSV/JSON.
 
     python perf/sweep.py --preset cpu-smoke --out /tmp/sweep                   # < 1 min on 2 CPU cores (gloo)
     python perf/sweep.py --preset cpu --out perf/results/2026-12-01_cpu_sweep.csv
@@ -32,6 +32,12 @@ the rest -- never a stuck run. Algorithms (--algorithms):
                            the math kernel. Run once per (seq_len, heads, head_dim, dtype, causal,
                            pass); ratio_vs_single = ms_median / its ms_median (the issue 3 target:
                            W = 4 ranks on one GPU within 1.15x of it).
+Sliding windows (--windows 0,4096: 0 = none; causal rows only): ring / token_ring / auto get
+sliding_window=w (the all-gather baseline and torch_cp take none and are skipped for windowed
+rows); their single baseline is ringattn's own windowed attention in one process (the band's
+pieces on the same block kernels: there is no single windowed cuDNN call to compare with); the
+reference masks keys more than w-1 back; tflops_per_rank counts the band's pairs
+(attention_flops). The cost model does not model windows (model.py validate skips those rows).
 Transports (--transport): gloo (CPU processes, default without CUDA), nccl (one GPU per rank),
 ipc (several ranks SHARING ONE GPU: ringattn.transport.CudaIpcTransport via
 ringattn.comm.set_transport_factory, one transport per (group, channel) with as many inbox slots
@@ -140,7 +146,7 @@ for _p in (ROOT, PERF):
 # The columns perf/model.py reads; keep their names. More may be appended.
 COLUMNS = [
     "date", "device", "torch", "transport", "algorithm", "resolved_algorithm", "world", "seq_len",
-    "batch", "heads_q", "heads_kv", "head_dim", "dtype", "causal", "layout", "pass", "ms_median",
+    "batch", "heads_q", "heads_kv", "head_dim", "dtype", "causal", "layout", "window", "pass", "ms_median",
     "ms_min", "tflops_per_rank", "sent_bytes_max", "recv_bytes_max", "peak_mem_bytes",
     "max_abs_err", "compute_only_ms", "overlap_fraction", "error", "ratio_vs_single",
     # extras
@@ -148,8 +154,10 @@ COLUMNS = [
     "block_backend", "cuda", "warmup", "iters", "command",
 ]
 KEY = ("device", "transport", "algorithm", "world", "seq_len", "batch", "heads_q", "heads_kv", "head_dim",
-       "dtype", "causal", "layout", "pass")
-SINGLE_KEY = ("device", "seq_len", "batch", "heads_q", "heads_kv", "head_dim", "dtype", "causal", "pass")
+       "dtype", "causal", "layout", "window", "pass")
+SINGLE_KEY = ("device", "seq_len", "batch", "heads_q", "heads_kv", "head_dim", "dtype", "causal", "window", "pass")
+# Algorithms that take sliding_window= (the all-gather baseline and PyTorch's CP do not: skipped)
+WINDOW_ALGORITHMS = ("ring", "token_ring", "auto", "single")
 SP_ALGORITHMS = ("ring", "token_ring", "auto", "allgather", "torch_cp")
 OVERLAP_ALGORITHMS = ("ring", "token_ring")
 # Messages per peer in one batch of each channel (docs/sequence_parallel.md): the IPC inbox slots.
@@ -175,20 +183,33 @@ PRESETS = {
                    algorithms=["ring", "token_ring", "auto", "allgather"], warmup=1, iters=3, overlap_iters=2,
                    timeout=240),
 }
-DEFAULTS = dict(transport=None, worlds=[2], seqs=[1024], heads=["4/4"], head_dim=64, batch=1, dtype=None,
+DEFAULTS = dict(transport=None, worlds=[2], seqs=[1024], heads=["4/4"], head_dim=64, batch=1, dtype=None, windows=[0],
                 causal=[True], passes=["fwd", "fwd_bwd"], algorithms=["ring", "token_ring", "auto", "allgather"],
                 warmup=2, iters=5, overlap_iters=3, timeout=300)
 
 
-def attention_flops(B, Hq, L, D, causal, pass_):
-    fwd = 4 * B * Hq * L * L * D
-    if causal:
-        fwd //= 2
+def attention_flops(B, Hq, L, D, causal, pass_, window=None):
+    """FLOPs of one call: 4*B*Hq*D per visible (query, key) pair -- L^2, L^2/2 causal, and with a
+    causal sliding window w: w(w+1)/2 + (L-w)w (each query its w most recent keys); backward 2.5x."""
+    if window not in (None, "") and int(window) < L:
+        w = int(window)
+        pairs = w * (w + 1) // 2 + (L - w) * w
+        fwd = 4 * B * Hq * D * pairs
+    else:
+        fwd = 4 * B * Hq * L * L * D
+        if causal:
+            fwd //= 2
     return fwd if pass_ == "fwd" else int(3.5 * fwd)
 
 
+def _window(cfg):
+    """The configuration's sliding window (None: full attention). CSV rows hold "" for none."""
+    w = cfg.get("window", "")
+    return None if w in (None, "", "0", 0) else int(w)
+
+
 def _key(row, fields=KEY):
-    return tuple(str(row[f]) for f in fields)
+    return tuple(str(row.get(f, "")) for f in fields)  # (rows written before a column existed: "")
 
 
 # =============================================================================================
@@ -312,7 +333,7 @@ def _gen_full(shape_key, device):
     return q, k, v, dout
 
 
-def _ref_full(q, k, v, dout, causal):
+def _ref_full(q, k, v, dout, causal, window=None):
     """float64 reference over the whole sequence: out, dq, dk, dv (B, L, H, D)."""
     qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
     g = q.shape[2] // k.shape[2]
@@ -320,12 +341,14 @@ def _ref_full(q, k, v, dout, causal):
     if causal:
         L = q.shape[1]
         s = s.masked_fill(torch.ones(L, L, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        if window is not None:  # keys more than window-1 positions back
+            s = s.masked_fill(torch.ones(L, L, dtype=torch.bool, device=q.device).tril(-window), float("-inf"))
     out = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, -1), vd.repeat_interleave(g, 2))
     out.backward(dout.double())
     return out.detach(), qd.grad, kd.grad, vd.grad
 
 
-def _ref_rows(q, k, v, dout, causal, rows):
+def _ref_rows(q, k, v, dout, causal, rows, window=None):
     """out and dq for the global query positions `rows` (R,) against the full K/V: (B, R, Hq, D).
     float64 on CPU, float32 on CUDA; K/V never repeated (grouped einsum)."""
     ct = torch.float64 if q.device.type == "cpu" else torch.float32
@@ -340,6 +363,8 @@ def _ref_rows(q, k, v, dout, causal, rows):
     if causal:
         keys = torch.arange(L, device=q.device)
         s = s.masked_fill(keys[None, :] > rows[:, None], float("-inf"))
+        if window is not None:
+            s = s.masked_fill(keys[None, :] <= rows[:, None] - window, float("-inf"))
     p = torch.softmax(s, -1)
     o = torch.einsum("bhgrl,blhd->brhgd", p, vf)
     dp = torch.einsum("brhgd,blhd->bhgrl", dor, vf)
@@ -365,14 +390,14 @@ class _Shape:
             pos = SequenceLayout.build(L, env.world, cfg["layout"]).positions(env.rank, dev)
         self.pos = pos
         if B * Hq * L * L <= FULL_REF_MAX:
-            ref = _ref_full(*full, causal)
+            ref = _ref_full(*full, causal, _window(cfg))
             self.check = "full64"
             self.ref_out, self.ref_grads = ref[0][:, pos], [r[:, pos] for r in ref[1:]]
             self.rows = None
         else:
             idx = torch.linspace(0, len(pos) - 1, REF_ROWS, device=dev).round().long()
             self.rows = idx
-            o, dq = _ref_rows(*full, causal, pos[idx])
+            o, dq = _ref_rows(*full, causal, pos[idx], _window(cfg))
             self.check = f"rows{REF_ROWS}"
             self.ref_out, self.ref_grads = o, [dq]
         self.q, self.k, self.v, self.dout = (t[:, pos].contiguous() for t in full)
@@ -400,13 +425,13 @@ def _call_fn(cfg, env, shape):
     import ringattn
     import baselines
 
-    causal, layout = cfg["causal"], cfg["layout"]
+    causal, layout, w = cfg["causal"], cfg["layout"], _window(cfg)
     alg = cfg["algorithm"]
     if alg == "ring":
-        return lambda q, k, v: ringattn.ring_attention(q, k, v, causal=causal, layout=layout)
+        return lambda q, k, v: ringattn.ring_attention(q, k, v, causal=causal, layout=layout, sliding_window=w)
     if alg in ("token_ring", "auto"):
         return lambda q, k, v: ringattn.sequence_parallel_attention(q, k, v, causal=causal, layout=layout,
-                                                                    algorithm=alg)
+                                                                    algorithm=alg, sliding_window=w)
     if alg == "allgather":
         t = env.baseline_transport()
         return lambda q, k, v: baselines.allgather_attention(q, k, v, causal=causal, layout=layout, transport=t)
@@ -420,7 +445,10 @@ def _make_step(cfg, env, shape, stack):
     q, k, v, dout = shape.q, shape.k, shape.v, shape.dout
     alg, causal = cfg["algorithm"], cfg["causal"]
     bwd = cfg["pass"] == "fwd_bwd"
-    if alg == "single":
+    if alg == "single" and _window(cfg) is not None:
+        # one process: ringattn's own windowed attention (the band's pieces on the same kernels)
+        cfg = dict(cfg, algorithm="ring", layout="contiguous")
+    elif alg == "single":
         def step():
             out, lse = ringattn.block_attn_forward(q, k, v, causal=causal)
             if not bwd:
@@ -551,7 +579,7 @@ def _resolved(cfg, world):
     return ringattn.choose_algorithm(
         seq_len=cfg["seq_len"], world_size=world, layout=cfg["layout"], causal=cfg["causal"], batch=cfg["batch"],
         heads_q=cfg["heads_q"], heads_kv=cfg["heads_kv"], head_dim=cfg["head_dim"],
-        dtype=getattr(torch, cfg["dtype"]), backward=cfg["pass"] == "fwd_bwd").algorithm
+        dtype=getattr(torch, cfg["dtype"]), backward=cfg["pass"] == "fwd_bwd", sliding_window=_window(cfg)).algorithm
 
 
 def _combine(cfg, env, per_rank, overlap_cache):
@@ -564,14 +592,15 @@ def _combine(cfg, env, per_rank, overlap_cache):
     row["resolved_algorithm"] = _resolved(cfg, W) if cfg["algorithm"] != "single" else "single"
     row["ms_median"], row["ms_min"] = mx("median"), mx("min")
     row["ms_median_per_rank"] = ";".join(f"{r['median']:.4g}" for r in per_rank)
-    flops = attention_flops(cfg["batch"], cfg["heads_q"], cfg["seq_len"], cfg["head_dim"], cfg["causal"], cfg["pass"])
+    flops = attention_flops(cfg["batch"], cfg["heads_q"], cfg["seq_len"], cfg["head_dim"], cfg["causal"], cfg["pass"],
+                            _window(cfg))
     row["tflops_per_rank"] = flops / W / (row["ms_median"] * 1e-3) / 1e12
     if cfg["algorithm"] != "torch_cp":
         row["sent_bytes_max"], row["recv_bytes_max"] = mx("sent"), mx("recv")
     row["peak_mem_bytes"] = mx("peak")
     row["max_abs_err"] = mx("err")
     ov_key = (cfg["seq_len"], cfg["batch"], cfg["heads_q"], cfg["heads_kv"], cfg["head_dim"], cfg["dtype"],
-              cfg["causal"], cfg["layout"], cfg["pass"])
+              cfg["causal"], cfg["layout"], _window(cfg), cfg["pass"])
     if cfg["algorithm"] in OVERLAP_ALGORITHMS and mx("compute_only") is not None:
         overlap_cache[(ov_key, cfg["algorithm"])] = (mx("compute_only"), mx("comm_sched"), mx("sched_only"))
     got = overlap_cache.get((ov_key, row["resolved_algorithm"])) if cfg["algorithm"] in ("ring", "token_ring", "auto") else None
@@ -610,7 +639,7 @@ def _worker(rank, world, init_file, args, configs, results):
             if rank == 0:
                 results.put(("start", key, None))
             sk = (cfg["batch"], cfg["seq_len"], cfg["heads_q"], cfg["heads_kv"], cfg["head_dim"], cfg["dtype"],
-                  cfg["causal"], cfg["layout"], cfg["algorithm"] == "torch_cp")
+                  cfg["causal"], cfg["layout"], _window(cfg), cfg["algorithm"] == "torch_cp")
             if sk != shape_key:
                 shape = shape_key = None
                 if env.device.type == "cuda":
@@ -761,15 +790,21 @@ def build_configs(args, device_name):
     for L in args.seqs:
         for hq, hkv in _parse_heads(args.heads):
             for causal in args.causal:
-                for p in args.passes:
-                    base = dict(device=device_name, seq_len=L, batch=args.batch, heads_q=hq, heads_kv=hkv,
-                                head_dim=args.head_dim, dtype=args.dtype, causal=causal, pass_=p)
-                    if not args.no_single:
-                        singles.append(dict(base, transport="none", algorithm="single", world=1, layout=""))
-                    for W in args.worlds:
-                        for alg in args.algorithms:
-                            by_world.setdefault(W, []).append(dict(base, transport=args.transport, algorithm=alg,
-                                                                   world=W, layout=args.layout))
+                for w in args.windows:
+                    if w and not causal:
+                        continue  # sliding windows are causal
+                    for p in args.passes:
+                        base = dict(device=device_name, seq_len=L, batch=args.batch, heads_q=hq, heads_kv=hkv,
+                                    head_dim=args.head_dim, dtype=args.dtype, causal=causal, pass_=p,
+                                    window=w or "")
+                        if not args.no_single:
+                            singles.append(dict(base, transport="none", algorithm="single", world=1, layout=""))
+                        for W in args.worlds:
+                            for alg in args.algorithms:
+                                if w and alg not in WINDOW_ALGORITHMS:
+                                    continue
+                                by_world.setdefault(W, []).append(dict(base, transport=args.transport,
+                                                                       algorithm=alg, world=W, layout=args.layout))
     out = []
     for group in ([singles] if singles else []) + [by_world[w] for w in sorted(by_world)]:
         for c in group:
@@ -842,15 +877,16 @@ def print_table(rows, file=sys.stdout):
     algs = [a for a in SP_ALGORITHMS if any(r["algorithm"] == a for r in rows)]
     sp = [r for r in rows if r["algorithm"] != "single"]
     singles = {_key(r, SINGLE_KEY): r for r in rows if r["algorithm"] == "single"}
-    head = f"{'W':>2} {'L':>7} {'Hq/Hkv':>6} {'causal':>6} {'pass':>7} | {'single ms':>9} |" + "".join(
+    head = f"{'W':>2} {'L':>7} {'Hq/Hkv':>6} {'causal':>6} {'window':>6} {'pass':>7} | {'single ms':>9} |" + "".join(
         f" {a + ' ms (x single, overlap)':>34} |" for a in algs) + " auto->"
     print(head, file=file)
     groups = {}
     for r in sp:
-        groups.setdefault((r["world"], r["seq_len"], r["heads_q"], r["heads_kv"], r["causal"], r["pass"]), []).append(r)
-    for (W, L, hq, hkv, causal, p), mine in groups.items():
+        groups.setdefault((r["world"], r["seq_len"], r["heads_q"], r["heads_kv"], r["causal"], r.get("window", ""),
+                           r["pass"]), []).append(r)
+    for (W, L, hq, hkv, causal, win, p), mine in groups.items():
         s = singles.get(_key(mine[0], SINGLE_KEY))
-        line = f"{W:>2} {L:>7} {f'{hq}/{hkv}':>6} {str(causal):>6} {p:>7} | " \
+        line = f"{W:>2} {L:>7} {f'{hq}/{hkv}':>6} {str(causal):>6} {str(win or '-'):>6} {p:>7} | " \
                f"{(_num(s['ms_median']) if s and not s.get('error') else '-'):>9} |"
         resolved = "-"
         for a in algs:
@@ -891,6 +927,8 @@ def main(argv=None):
     ap.add_argument("--causal", type=csv_list(lambda s: s.lower() in ("1", "true", "yes")), help="e.g. 1,0")
     ap.add_argument("--pass", dest="passes", type=csv_list(str), help="fwd,fwd_bwd")
     ap.add_argument("--layout", choices=["zigzag", "contiguous"], default="zigzag")
+    ap.add_argument("--windows", type=csv_list(int), help="causal sliding windows, 0 = none, e.g. 0,4096 "
+                    f"(only {', '.join(WINDOW_ALGORITHMS)} take one; non-causal rows skip windows)")
     ap.add_argument("--transport", choices=["gloo", "nccl", "ipc"])
     ap.add_argument("--warmup", type=int)
     ap.add_argument("--iters", type=int)

@@ -146,7 +146,8 @@ def _predicted_max(row):
     else:
         per_rank = ringattn.predict_comm_bytes(row["resolved_algorithm"], seq_len=L, world_size=W, layout=row["layout"],
                                                causal=causal, batch=B, heads_q=hq, heads_kv=hkv, head_dim=D,
-                                               dtype=dtype, backward=bwd)
+                                               dtype=dtype, backward=bwd,
+                                               sliding_window=int(row["window"]) if row.get("window") else None)
     return (max(sum(s for s, _ in ch.values()) for ch in per_rank),
             max(sum(v for _, v in ch.values()) for ch in per_rank))
 
@@ -279,6 +280,34 @@ def test_ipc_transport_host_simulation_sweep(tmp_path):
         assert r["error"] == "" and r["transport"] == "ipc" and r["device"].endswith("ipc-host-sim"), r
         assert float(r["max_abs_err"]) < 2e-5, r
         assert (int(r["sent_bytes_max"]), int(r["recv_bytes_max"])) == _predicted_max(r), r
+
+
+def test_sliding_window_sweep(tmp_path):
+    """--windows 0,8: windowed rows for the algorithms that take a window (the all-gather baseline
+    is skipped for them), checked against a windowed float64 reference, bytes equal the formula
+    (KV rotation stops after one step at W = 3, contiguous), FLOPs of the band."""
+    out = tmp_path / "win.csv"
+    _run_sweep("--transport", "gloo", "--worlds", "3", "--seqs", "96", "--heads", "4/2", "--head-dim", "16",
+               "--causal", "1", "--windows", "0,8", "--layout", "contiguous", "--pass", "fwd_bwd", "--warmup", "1",
+               "--iters", "1", "--overlap-iters", "0", "--out", str(out))
+    fields, rows = _rows(out)
+    assert "window" in fields
+    got = sorted((r["algorithm"], r["window"]) for r in rows)
+    assert got == sorted([(a, w) for a in ("single", "ring", "token_ring", "auto") for w in ("", "8")]
+                         + [("allgather", "")]), got
+    by = {(r["algorithm"], r["window"]): r for r in rows}
+    for r in rows:
+        assert r["error"] == "" and float(r["max_abs_err"]) < 2e-5, r
+        assert r["err_check"] == "full64:out,dq,dk,dv", r
+        flops = sweep.attention_flops(1, 4, 96, 16, True, "fwd_bwd", r["window"] or None)
+        assert float(r["tflops_per_rank"]) == pytest.approx(flops / int(r["world"]) / (float(r["ms_median"]) * 1e-3)
+                                                            / 1e12, rel=1e-4)
+        if r["algorithm"] != "single":
+            assert (int(r["sent_bytes_max"]), int(r["recv_bytes_max"])) == _predicted_max(r), r
+    assert int(by[("ring", "8")]["sent_bytes_max"]) < int(by[("ring", "")]["sent_bytes_max"])
+    assert int(by[("token_ring", "8")]["sent_bytes_max"]) < int(by[("token_ring", "")]["sent_bytes_max"])
+    assert by[("auto", "8")]["resolved_algorithm"] == "token_ring"
+    assert sweep.attention_flops(1, 1, 10, 1, True, "fwd", 3) == 4 * (3 * 4 // 2 + 7 * 3)  # 27 visible pairs
 
 
 def test_overlap_fraction_rule():
