@@ -281,3 +281,64 @@ def test_gpu_layer_matches_hf_symm(split):
     from test_fused_allreduce_rmsnorm import run_gpu_world
 
     print(run_gpu_world(2, "test_tokenweave_layer:_gpu_layer", split))
+
+
+def _w_sliding_window_drop_in(family, attn):
+    """Sliding-window models (Mistral: every layer; Qwen2: layer 0 full, layer 1 sliding) with every
+    layer swapped for TokenWeaveDecoderLayer: the model's own (sliding) masks, or none (the layer's
+    band alone: a single layer against the HF layer given the band as its mask), equal the
+    unsharded model; and the window changes that model's output (so the test sees it)."""
+    import transformers
+
+    from ringattn.tokenweave import TokenWeaveDecoderLayer
+
+    W_ = 4
+    extra = dict(sliding_window=W_) if family == "mistral" else dict(use_sliding_window=True, sliding_window=W_,
+                                                                     max_window_layers=1)
+    cls = {"mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config}[family]
+
+    def make(**over):
+        cfg = cls(hidden_size=64, intermediate_size=96, num_attention_heads=8, num_key_value_heads=4,
+                  num_hidden_layers=2, vocab_size=32, max_position_embeddings=256, **dict(extra, **over))
+        cfg._attn_implementation = attn
+        torch.manual_seed(3)
+        model = transformers.AutoModel.from_config(cfg).eval().double()
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.dim() == 2:
+                    p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) / p.shape[1] ** 0.5)
+        return model
+
+    model = make()
+    nowin = make(sliding_window=None, **({} if family == "mistral" else dict(use_sliding_window=False)))
+    g = torch.Generator().manual_seed(12)
+    h = torch.randn(2, 13, 64, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        ref = model(inputs_embeds=h, use_cache=False).last_hidden_state
+        differs = (nowin(inputs_embeds=h, use_cache=False).last_hidden_state - ref).abs().max().item()
+        # one windowed layer, no mask given: the layer's own band against the HF layer with it as a mask
+        li = 1
+        pos = torch.arange(13)[None].expand(2, 13)
+        pe = model.rotary_emb(h, pos)
+        d = torch.arange(13)[:, None] - torch.arange(13)[None, :]
+        band = torch.zeros(13, 13, dtype=torch.float64).masked_fill(~((d >= 0) & (d < W_)), torch.finfo(torch.float64).min)
+        one_ref = _t(model.layers[li](h, attention_mask=band[None, None].expand(2, 1, 13, 13), position_embeddings=pe))
+        one = _t(TokenWeaveDecoderLayer(model.layers[li], dist.group.WORLD, token_split=True, split_min_tokens=0)(
+            h, attention_mask=None, position_embeddings=pe))
+        windows = []
+        for i, layer in enumerate(model.layers):
+            model.layers[i] = TokenWeaveDecoderLayer(layer, dist.group.WORLD, token_split=True, split_min_tokens=0)
+            windows.append(model.layers[i].window)
+        got = model(inputs_embeds=h, use_cache=False).last_hidden_state
+    scale = ref.abs().max().item()
+    return dict(err=(got - ref).abs().max().item() / scale, one=(one - one_ref).abs().max().item() / scale,
+                differs=differs / scale, windows=windows)
+
+
+@pytest.mark.parametrize("family, attn", [("mistral", "sdpa"), ("qwen2", "eager")])
+def test_sliding_window_layers_inside_hf_model(family, attn):
+    for rank, r in enumerate(get_pool(2).run(_w_sliding_window_drop_in, family, attn, timeout=240)):
+        assert r["err"] < 1e-6 and r["one"] < 1e-6, (rank, r)
+        assert r["differs"] > 1e-3, (rank, r)  # the window matters for this model
+        assert r["windows"] == ([4, 4] if family == "mistral" else [None, 4]), (rank, r)

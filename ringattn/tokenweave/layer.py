@@ -23,7 +23,8 @@ queries attend to the first half's keys/values, which are kept for the layer.
 
 Scope: forward (inference prefill) of Llama / Mistral / Qwen2 / Qwen3-style layers (rotary
 position_embeddings given by the model, optional q/k norms and biases), causal attention with an
-optional 4-D mask; no KV cache, no sliding window, no training (each refused with an error).
+optional 4-D mask; sliding-window layers apply their window (the module's or its config's
+sliding_window, AND-ed into any mask); no KV cache, no training (each refused with an error).
 """
 from __future__ import annotations
 
@@ -103,8 +104,14 @@ class TokenWeaveDecoderLayer(nn.Module):
         missing += [f"mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj", "act_fn") if mlp is not None and not hasattr(mlp, n)]
         if missing:
             raise TypeError(f"TokenWeaveDecoderLayer needs a Llama-style decoder layer; {type(hf_layer).__name__} lacks {missing}")
-        if getattr(attn, "sliding_window", None) not in (None, 0):
-            raise NotImplementedError("sliding-window attention layers are not supported by TokenWeaveDecoderLayer")
+        # Sliding-window layers (Mistral/Qwen2-style): the window this layer's attention applies, as
+        # the HF integration reads it (the module's own attribute, else its config's)
+        window = getattr(attn, "sliding_window", getattr(getattr(attn, "config", None), "sliding_window", None))
+        if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
+            raise ValueError(f"TokenWeaveDecoderLayer: sliding_window must be None or an int >= 1, got {window!r}")
+        self.window = window
+        if hasattr(hf_layer, "attention_type"):  # models that pick each layer's mask by it (Qwen2 on 4.x)
+            self.attention_type = hf_layer.attention_type
         W, r = self.world_size, self.rank
         D = int(getattr(attn, "head_dim", 0) or attn.q_proj.out_features // attn.config.num_attention_heads)
         hq, hkv = attn.q_proj.out_features // D, attn.k_proj.out_features // D
@@ -163,6 +170,23 @@ class TokenWeaveDecoderLayer(nn.Module):
     def handle(self, device: torch.device) -> AllReduceRMSNorm:
         return get_allreduce_rmsnorm(self.group, device, self.config)
 
+    def _band(self, qs: int, qe: int, device) -> torch.Tensor:
+        """(qe-qs, qe) bool: query position p in [qs, qe) sees key t iff t <= p (and p - t < window)."""
+        d = torch.arange(qs, qe, device=device)[:, None] - torch.arange(qe, device=device)[None, :]
+        m = d >= 0
+        return m & (d < self.window) if self.window is not None else m
+
+    def _windowed(self, m: torch.Tensor, qs: int, qe: int) -> torch.Tensor:
+        """A caller's mask rows [qs, qe) x keys [0, qe), with the layer's window applied too (a mask that
+        already holds it is unchanged: the band is AND-ed in; bool or additive float masks)."""
+        if self.window is None or self.window >= qe:
+            return m
+        d = torch.arange(qs, qe, device=m.device)[:, None] - torch.arange(qe, device=m.device)[None, :]
+        far = d >= self.window
+        if m.dtype == torch.bool:
+            return m & ~far
+        return m.masked_fill(far, torch.finfo(m.dtype).min)
+
     def attention_into(self, y, t0, t1, cos, sin, mask, batch, seqlen, k_store, v_store, out) -> None:
         """Row-parallel attention partial of tokens [t0, t1) (flattened B*S order) into `out` (n x H).
 
@@ -192,9 +216,9 @@ class TokenWeaveDecoderLayer(nn.Module):
             qb = q[rows].transpose(0, 1)[None]  # 1 x hq x m x D
             kb, vb = (self._kv_heads(t[b * seqlen : b * seqlen + qe]) for t in (k_store, v_store))
             if mask is not None:
-                m = mask[b : b + 1, :, qs:qe, :qe]
-            else:  # query at position qs+i sees keys 0..qs+i (bottom-right causal)
-                m = torch.arange(qs, qe, device=q.device)[:, None] >= torch.arange(qe, device=q.device)[None, :]
+                m = self._windowed(mask[b : b + 1, :, qs:qe, :qe], qs, qe)
+            else:  # query at position qs+i sees keys 0..qs+i (bottom-right causal), within the window
+                m = self._band(qs, qe, q.device)
             o = F.scaled_dot_product_attention(qb, kb[None], vb[None], attn_mask=m, scale=self.scaling)
             attn[rows] = o[0].transpose(0, 1)
         if full:
@@ -204,7 +228,11 @@ class TokenWeaveDecoderLayer(nn.Module):
             kv = [t[b0 * seqlen : (b0 + nb) * seqlen].reshape(nb, seqlen, self.hkv, D).transpose(1, 2) for t in (k_store, v_store)]
             kb, vb = (x.repeat_interleave(self.n_rep, dim=1) if self.n_rep > 1 else x for x in kv)
             if mask is not None:
-                o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask[b0 : b0 + nb], scale=self.scaling)
+                o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=self._windowed(mask[b0 : b0 + nb], 0, seqlen),
+                                                   scale=self.scaling)
+            elif self.window is not None and self.window < seqlen:
+                o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=self._band(0, seqlen, q.device),
+                                                   scale=self.scaling)
             else:
                 o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=self.scaling)
             attn[rows] = o.transpose(1, 2).reshape(nb * seqlen, self.hq, D)
