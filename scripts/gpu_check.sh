@@ -167,7 +167,7 @@ run_step() {  # run_step NAME CAP_S LOGFILE CMD...
 # Order: what never ran on a GPU first (IPC transport, sequence parallel over IPC, TokenWeave),
 # then the op and block-attention tests that passed on the H100 on 2026-11-22, then the rest; a
 # budget cut then loses the least new information.
-first="tests/test_cuda_ipc.py tests/test_sequence_parallel.py tests/test_fused_allreduce_rmsnorm.py tests/test_tokenweave_layer.py tests/test_ops.py tests/test_block_attention.py"
+first="tests/test_cuda_ipc.py tests/test_sequence_parallel.py tests/test_sliding_window.py tests/test_documents.py tests/test_fused_allreduce_rmsnorm.py tests/test_tokenweave_layer.py tests/test_ops.py tests/test_block_attention.py"
 DEFAULT_TESTS="$first $(for f in tests/test_*.py; do case " $first " in *" $f "*) ;; *) printf '%s ' "$f";; esac; done)"
 if [ "${GPU_CHECK_SKIP_TESTS:-0}" != 1 ]; then
   # --timeout: pytest-timeout (in the image); each test's own deadlines sit below it.
@@ -195,9 +195,15 @@ if [ "${GPU_CHECK_SKIP_BENCH:-0}" != 1 ]; then
     [ -f "perf/$name.py" ] || continue
     run_step "$name" "$cap" "$RES/$name.txt" "$PY" "perf/$name.py" --out "$RES"
   done
+  # Sliding windows (never measured on a GPU): W=4 on this GPU, 32k, GQA, window 4096 vs none,
+  # contiguous; the windowed single baseline is ringattn's own one-process windowed attention.
+  [ -f perf/sweep.py ] && run_step "sweep --windows" "${GPU_CHECK_WINDOW_TIMEOUT:-90}" "$RES/bench_sweep_windows.txt" \
+    "$PY" perf/sweep.py --transport ipc --worlds 4 --seqs 32768 --heads 32/8 --head-dim 128 --dtype bfloat16 \
+    --causal 1 --windows 0,4096 --layout contiguous --algorithms ring,token_ring,auto --pass fwd,fwd_bwd \
+    --warmup 1 --iters 3 --overlap-iters 0 --out "$RES/windows" --no-progress
   # PNGs of what was measured, into results.tgz (best effort: matplotlib may be missing there).
   if [ "$DRY" != 1 ]; then
-    for csvf in "$RES/sweep.csv" "$RES/bench_tokenweave_fused.csv"; do
+    for csvf in "$RES/sweep.csv" "$RES/windows/sweep.csv" "$RES/bench_tokenweave_fused.csv"; do
       [ -f "$csvf" ] && { "$PY" perf/plot.py "$csvf" --out "$RES" >/dev/null 2>&1 || log "no plot for $csvf"; }
     done
   fi
