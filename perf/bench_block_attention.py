@@ -158,7 +158,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="directory for bench_block_attention.csv/.json")
     p.add_argument("--quick", action="store_true", help="tiny sizes, few iterations (CPU smoke run)")
-    p.add_argument("--seqs", type=int, nargs="+", default=[4096, 16384])
+    p.add_argument("--seqs", type=int, nargs="+", default=[1024, 4096, 16384],
+                   help="square block sizes (1024: the size of sliding-window pieces, for the cost model)")
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, nargs="+", default=[32, 8])
     p.add_argument("--head-dim", type=int, default=128)

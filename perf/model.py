@@ -375,10 +375,21 @@ def _sweep_module():
 
 def measure_sweep_argv(out_csv, mask, *, worlds, seqs, heads, head_dim, passes, reps, timeout, threads=1):
     """perf/sweep.py arguments for one round of the validation grid and one mask: "zigzag" = causal
-    zigzag, "contiguous" = non-causal contiguous; ring and token_ring only, fp32 gloo, no single
+    zigzag, "contiguous" = non-causal contiguous, "causal" = causal contiguous, "windowN" = causal
+    contiguous with a sliding window of N; ring and token_ring only, fp32 gloo, no single
     baseline and no overlap runs (the model validates total time)."""
-    causal, layout = ("1", "zigzag") if mask == "zigzag" else ("0", "contiguous")
-    return ["--out", out_csv, "--fresh", "--transport", "gloo", "--algorithms", "ring,token_ring", "--no-single",
+    extra = []
+    if mask == "zigzag":
+        causal, layout = "1", "zigzag"
+    elif mask == "contiguous":
+        causal, layout = "0", "contiguous"
+    elif mask == "causal" or mask.startswith("window"):
+        causal, layout = "1", "contiguous"
+        if mask != "causal":
+            extra = ["--windows", str(int(mask[len("window"):]))]
+    else:
+        raise ValueError(f"mask must be zigzag, contiguous, causal or windowN, got {mask!r}")
+    return extra + ["--out", out_csv, "--fresh", "--transport", "gloo", "--algorithms", "ring,token_ring", "--no-single",
             "--overlap-iters", "0", "--worlds", ",".join(str(w) for w in worlds),
             "--seqs", ",".join(str(L) for L in seqs), "--heads", ",".join(heads), "--head-dim", str(head_dim),
             "--batch", "1", "--dtype", "float32", "--causal", causal, "--layout", layout, "--pass", ",".join(passes),
@@ -468,20 +479,21 @@ def validate(rows, profile, profile_topo, preset, cores, threads, stat="min"):
     out = []
     for row in rows:
         alg = row.get("resolved_algorithm") or row.get("algorithm")
-        if row.get("error") or not row.get(f"ms_{stat}") or alg not in cm.ALGORITHMS or row.get("window"):
-            continue  # (sliding windows: not modelled)
+        if row.get("error") or not row.get(f"ms_{stat}") or alg not in cm.ALGORITHMS:
+            continue
+        window = int(row["window"]) if str(row.get("window") or "").strip() not in ("", "0") else None
         topo = topology_for_row(row, profile_topo, preset, cores, threads)
         e = DTYPE_BYTES[str(row["dtype"]).replace("torch.", "")]
         p = cm.predict(alg, seq_len=int(row["seq_len"]), world_size=int(row["world"]), layout=row["layout"],
                        causal=_bool(row["causal"]), batch=int(row["batch"]), heads_q=int(row["heads_q"]),
                        heads_kv=int(row["heads_kv"]), head_dim=int(row["head_dim"]), dtype=e,
-                       backward=row["pass"] == "fwd_bwd", topology=topo, profile=profile)
+                       backward=row["pass"] == "fwd_bwd", topology=topo, profile=profile, sliding_window=window)
         meas = float(row[f"ms_{stat}"])
         sent_pred = max(sum(s for s, _ in ch.values()) for ch in p.bytes) if p.bytes else 0
         out.append(dict(date=row.get("date", ""), device=row.get("device", ""), algorithm=alg, world=row["world"],
                         seq_len=row["seq_len"], heads_q=row["heads_q"], heads_kv=row["heads_kv"],
                         head_dim=row["head_dim"], dtype=row["dtype"], causal=row["causal"], layout=row["layout"],
-                        **{"pass": row["pass"]}, measured_ms=meas, predicted_ms=round(p.total_s * 1e3, 4),
+                        window=window or "", **{"pass": row["pass"]}, measured_ms=meas, predicted_ms=round(p.total_s * 1e3, 4),
                         predicted_compute_ms=round(p.compute_s * 1e3, 4),
                         predicted_exposed_ms=round(p.exposed_comm_s * 1e3, 4),
                         rel_err=round(p.total_s * 1e3 / meas - 1, 4),
@@ -494,8 +506,8 @@ def winner_agreement(vrows):
     """Per config measured with both algorithms: does the predicted faster one match the measured one?"""
     pairs = {}
     for r in vrows:
-        key = tuple(str(r[k]) for k in ("world", "seq_len", "heads_q", "heads_kv", "head_dim", "dtype", "causal",
-                                        "layout", "pass"))
+        key = tuple(str(r.get(k, "")) for k in ("world", "seq_len", "heads_q", "heads_kv", "head_dim", "dtype",
+                                                "causal", "layout", "window", "pass"))
         pairs.setdefault(key, {})[r["algorithm"]] = r
     res = []
     for key, d in pairs.items():
@@ -511,12 +523,13 @@ def validation_markdown(vrows):
     the measured vs predicted TokenRing speedup (ring ms / token_ring ms)."""
     pairs = {}
     for r in vrows:
-        key = tuple(str(r[k]) for k in ("world", "seq_len", "heads_q", "heads_kv", "causal", "layout", "pass"))
+        key = tuple(str(r.get(k, "")) for k in ("world", "seq_len", "heads_q", "heads_kv", "causal", "layout", "window",
+                                                "pass"))
         pairs.setdefault(key, {})[r["algorithm"]] = r
     lines = ["| W | L | Hq/Hkv | mask | pass | ring meas / pred ms (err) | token_ring meas / pred ms (err) "
              "| TR speedup meas / pred |", "|---|---|---|---|---|---|---|---|"]
     for key, d in pairs.items():
-        W, L, hq, hkv, causal, layout, pss = key
+        W, L, hq, hkv, causal, layout, window, pss = key
         cells = []
         for alg in cm.ALGORITHMS:
             r = d.get(alg)
@@ -526,7 +539,9 @@ def validation_markdown(vrows):
         if len(d) == 2:
             sp = (f"{float(d['ring']['measured_ms']) / float(d['token_ring']['measured_ms']):.2f} / "
                   f"{float(d['ring']['predicted_ms']) / float(d['token_ring']['predicted_ms']):.2f}")
-        mask = "causal zigzag" if _bool(causal) else f"non-causal {layout}"
+        mask = f"causal {layout}" if _bool(causal) else f"non-causal {layout}"
+        if window:
+            mask += f", window {window}"
         lines.append(f"| {W} | {L} | {hq}/{hkv} | {mask} | {pss} | {cells[0]} | {cells[1]} | {sp} |")
     return "\n".join(lines)
 
@@ -681,6 +696,11 @@ def cmd_measure(a):
     print(f"wrote {a.out}")
 
 
+def _mask_label(r) -> str:
+    label = (("zigzag c" if r["layout"] == "zigzag" else "contig c") if _bool(r["causal"]) else r["layout"][:10])
+    return label + (f" w{r['window']}" if r.get("window") else "")
+
+
 def cmd_validate(a):
     prof, ptopo, meta = load_profile(a.profile)
     cores = a.cores or meta.get("cores") or os.cpu_count()
@@ -690,11 +710,11 @@ def cmd_validate(a):
         raise SystemExit(f"no usable rows (ring/token_ring, no error) in {a.sweep}")
     print(f"predicted vs measured ({a.sweep}; profile {a.profile}; topology "
           f"{a.topology or (ptopo.source if ptopo else '?')})")
-    print(f"{'alg':>10} {'W':>2} {'L':>6} {'Hq/Hkv':>6} {'mask':>10} {'pass':>7} {'meas ms':>9} {'pred ms':>9} "
+    print(f"{'alg':>10} {'W':>2} {'L':>6} {'Hq/Hkv':>6} {'mask':>14} {'pass':>7} {'meas ms':>9} {'pred ms':>9} "
           f"{'err':>7} {'ranks/dev':>9}")
     for r in v:
         print(f"{r['algorithm']:>10} {r['world']:>2} {r['seq_len']:>6} {r['heads_q']}/{r['heads_kv']:<4} "
-              f"{('zigzag c' if _bool(r['causal']) else r['layout'][:10]):>10} {r['pass']:>7} {r['measured_ms']:9.2f} "
+              f"{_mask_label(r):>14} {r['pass']:>7} {r['measured_ms']:9.2f} "
               f"{r['predicted_ms']:9.2f} {100 * r['rel_err']:6.1f}% {r['ranks_per_device']:9.1f}")
     errs = [abs(r["rel_err"]) for r in v]
     print(f"rows {len(v)}: median |err| {100 * statistics.median(errs):.1f}%, max {100 * max(errs):.1f}%")
@@ -796,7 +816,8 @@ def main(argv=None):
     m.add_argument("--seqs", type=int, nargs="+")
     m.add_argument("--heads", nargs="+", help="Hq/Hkv pairs, e.g. 8/8 8/2")
     m.add_argument("--head-dim", type=int, default=64)
-    m.add_argument("--masks", nargs="+", choices=("zigzag", "contiguous"), help="zigzag = causal zigzag")
+    m.add_argument("--masks", nargs="+", help="zigzag = causal zigzag, contiguous = non-causal contiguous, "
+                   "causal = causal contiguous, windowN = causal contiguous, sliding window N (e.g. window512)")
     m.add_argument("--passes", nargs="+", choices=("fwd", "fwd_bwd"))
     m.add_argument("--wait-idle", type=float, default=0.0, help="wait until the CPU is this idle (0..1)")
     m.add_argument("--max-wait", type=float, default=600)

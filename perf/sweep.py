@@ -37,7 +37,7 @@ sliding_window=w (the all-gather baseline and torch_cp take none and are skipped
 rows); their single baseline is ringattn's own windowed attention in one process (the band's
 pieces on the same block kernels: there is no single windowed cuDNN call to compare with); the
 reference masks keys more than w-1 back; tflops_per_rank counts the band's pairs
-(attention_flops). The cost model does not model windows (model.py validate skips those rows).
+(attention_flops). model.py validate predicts windowed rows with the window (cost_model: pieces).
 Transports (--transport): gloo (CPU processes, default without CUDA), nccl (one GPU per rank),
 ipc (several ranks SHARING ONE GPU: ringattn.transport.CudaIpcTransport via
 ringattn.comm.set_transport_factory, one transport per (group, channel) with as many inbox slots

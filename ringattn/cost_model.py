@@ -42,7 +42,7 @@ import functools
 import math
 from typing import Callable
 
-from ringattn.layout import SequenceLayout, attention_block
+from ringattn.layout import RingPlan, SequenceLayout
 
 ALGORITHMS = ("ring", "token_ring")
 
@@ -387,6 +387,12 @@ class _Shape:
     Hkv: int
     D: int
     e: int
+    plan: RingPlan = dataclasses.field(default=None, compare=False)  # the blocks (and pieces) of the mask
+
+    def block(self, q_owner: int, kv_owner: int):
+        """The code's block of this pair (RingPlan.block: layout.attention_block, trimmed and cut
+        into pieces for packed documents and sliding windows), or None."""
+        return self.plan.block(q_owner, kv_owner)
 
 
 class _Builder:
@@ -398,11 +404,49 @@ class _Builder:
         self.msgs = msgs
         self.blocks: dict = {}   # (pass, step) -> [(op, Sq, Sk, causal)]
 
-    def attn(self, op, step, Sq, Sk, causal):
+    def attn(self, op, step, Sq, Sk, causal, B=None):
         sh = self.sh
-        t = self.prof.attn_time(op, self.backend, B=sh.B, Hq=sh.Hq, Sq=Sq, Sk=Sk, D=sh.D, causal=causal)
-        self.blocks.setdefault(step, []).append((op, Sq, Sk, bool(causal)))
+        B = sh.B if B is None else B
+        t = self.prof.attn_time(op, self.backend, B=B, Hq=sh.Hq, Sq=Sq, Sk=Sk, D=sh.D, causal=causal)
+        self.blocks.setdefault(step, []).append((op, Sq, Sk, bool(causal)) + ((B,) if B != sh.B else ()))
         self.ops.append(_Op("compute", step, t * self.share, f"attn {op} {Sq}x{Sk}{' causal' if causal else ''}"))
+
+    def block(self, op, step, blk):
+        """Block `blk` (layout.Block) forward or backward (with its fp32 accumulate), as
+        documents.block_forward / block_backward run it: one block attention; or, for a block cut
+        into pieces (packed documents, sliding windows), one per piece plus the passes around them
+        -- the zero-filled fp32 out / -inf lse and its cast (forward), a merge per piece, and for
+        an anti-causal piece the reversed copies in and out (and, backward, the fp32 scratch added
+        back). So many small pieces cost their per-call overhead, as they do on the device."""
+        sh = self.sh
+        ps = blk.pieces
+        if not ps or (len(ps) == 1 and (ps[0].q_off, ps[0].q_len, ps[0].kv_off, ps[0].kv_len, ps[0].nb, ps[0].flip)
+                      == (0, blk.q_len, 0, blk.kv_len, 0, False)):
+            self.attn(op, step, blk.q_len, blk.kv_len, ps[0].causal if ps else blk.causal)
+            if op == "bwd":
+                _bwd_accumulate(self, step, blk.q_len, blk.kv_len)
+            return
+        q_row, kv_row, e = sh.Hq * sh.D, sh.Hkv * sh.D, sh.e  # elements of one token's q / k
+        if op == "fwd":
+            self.mem(step, sh.B * blk.q_len * sh.Hq * (sh.D + 1) * 4, "zero fp32 out, -inf lse (pieced block)")
+        for p in ps:
+            B = p.nb or sh.B
+            if p.flip:  # reversed copies (read + write) of the rows in and of the results out
+                if op == "fwd":
+                    nb = 2 * B * (2 * p.q_len * q_row * e + 2 * p.kv_len * kv_row * e + p.q_len * sh.Hq * 4)
+                else:
+                    nb = 2 * B * (3 * p.q_len * q_row * e + 2 * p.kv_len * kv_row * e + p.q_len * sh.Hq * 4)
+                    nb += B * (p.q_len * q_row + 2 * p.kv_len * kv_row) * 4  # zero the fp32 scratch
+                self.mem(step, nb, "reverse an anti-causal piece")
+            self.attn(op, step, p.q_len, p.kv_len, True if p.flip else p.causal, B)
+            if op == "fwd":
+                self.mem(step, _merge_bytes(sh, p.q_len, B), "merge a piece")
+            else:
+                _bwd_accumulate(self, step, p.q_len, p.kv_len, B)
+                if p.flip:
+                    self.mem(step, B * (p.q_len * q_row + 2 * p.kv_len * kv_row) * 12, "add the scratch back")
+        if op == "fwd":
+            self.mem(step, sh.B * blk.q_len * q_row * (4 + e), "cast the pieced block's out")
 
     def mem(self, step, nbytes, what):
         if nbytes > 0:
@@ -433,40 +477,42 @@ class _Builder:
         self.ops.append(_Op("wait", step, channel=channel))
 
 
-def _merge_bytes(sh: _Shape, rows: int) -> int:
+def _merge_bytes(sh: _Shape, rows: int, B: int | None = None) -> int:
     # merge_attn_states_ (as perf/bench_ops.py counts it): fp32 acc out read+write, partial out
     # read (q dtype), fp32 acc lse read+write, fp32 partial lse read
-    return sh.B * rows * sh.Hq * (sh.D * (8 + sh.e) + 12)
+    return (sh.B if B is None else B) * rows * sh.Hq * (sh.D * (8 + sh.e) + 12)
 
 
 def _ring_fwd(b: _Builder):
     sh, r = b.sh, b.r
     lay, W = sh.lay, sh.lay.world_size
     n = lay.local_lengths
+    S = sh.plan.ring_steps  # KV rotation runs steps 0..S (the early stop of windows / documents)
     kv_tok = sh.B * sh.Hkv * sh.D * sh.e  # bytes of k (or v) per token
     nxt, prv = (r + 1) % W, (r - 1) % W
-    for s in range(W):
+    for s in range(S + 1):
         st = ("fwd", s)
         j = (r - s) % W
-        if s + 1 < W:
+        if s < S:
             b.post(st, s, "fwd.kv", [(nxt, [kv_tok * n[j]] * 2)], [(prv, [kv_tok * n[(r - s - 1) % W]] * 2)])
-        blk = attention_block(lay, r, j, sh.causal)
+        blk = sh.block(r, j)
         if blk is not None:
-            b.attn("fwd", st, blk.q_len, blk.kv_len, blk.causal)
+            b.block("fwd", st, blk)
             if s == 0:
                 b.mem(st, sh.B * n[r] * sh.Hq * sh.D * (sh.e + 4), "init fp32 accumulator")
             else:
                 b.mem(st, _merge_bytes(sh, blk.q_len), "merge")
-        if s + 1 < W:
+        if s < S:
             b.wait(st, "fwd.kv")
-    b.mem(("fwd", W - 1), sh.B * n[r] * sh.Hq * sh.D * (4 + sh.e), "cast out")
+    b.mem(("fwd", S), sh.B * n[r] * sh.Hq * sh.D * (4 + sh.e), "cast out")
 
 
-def _bwd_accumulate(b: _Builder, st, q_rows, kv_rows):
+def _bwd_accumulate(b: _Builder, st, q_rows, kv_rows, B=None):
     """The fp32 accumulate of one block backward, when the profile's backward did not include it."""
     if not b.prof.bwd_accumulates:
         sh = b.sh
-        b.mem(st, sh.B * sh.D * (8 + sh.e) * (q_rows * sh.Hq + 2 * kv_rows * sh.Hkv), "accumulate dq/dk/dv")
+        B = sh.B if B is None else B
+        b.mem(st, B * sh.D * (8 + sh.e) * (q_rows * sh.Hq + 2 * kv_rows * sh.Hkv), "accumulate dq/dk/dv")
 
 
 def _ring_bwd(b: _Builder):
@@ -477,39 +523,39 @@ def _ring_bwd(b: _Builder):
     dkv_tok = sh.B * sh.Hkv * sh.D * 4
     q_el = sh.B * n[r] * sh.Hq * sh.D
     nxt, prv = (r + 1) % W, (r - 1) % W
+    S = sh.plan.ring_steps
     b.mem(("bwd", 0), q_el * 4, "zero dq")
-    if W == 1:
+    if S == 0:  # a world of one, or no rank needs another's K/V: local only
         st = ("bwd", 0)
         b.mem(st, 2 * 4 * n[r] * sh.B * sh.Hkv * sh.D, "zero dk/dv")
-        blk = attention_block(lay, r, r, sh.causal)
-        b.attn("bwd", st, blk.q_len, blk.kv_len, blk.causal)
-        _bwd_accumulate(b, st, blk.q_len, blk.kv_len)
+        b.block("bwd", st, sh.block(r, r))
         b.mem(st, (q_el + 2 * sh.B * n[r] * sh.Hkv * sh.D) * (4 + sh.e), "cast dq/dk/dv")
         return
-    for s in range(W):
+    for s in range(S + 1):
         st = ("bwd", s)
         j = (r - s) % W
         kv_el = sh.B * sh.Hkv * sh.D
-        if s + 1 < W:
+        if s < S:
             b.post(st, s, "bwd.kv", [(nxt, [kv_tok * n[j]] * 2)], [(prv, [kv_tok * n[(r - s - 1) % W]] * 2)])
-        blk = attention_block(lay, r, j, sh.causal)
+        blk = sh.block(r, j)
         if s == 0:
             b.mem(st, 2 * 4 * n[j] * kv_el, "zero dk/dv sums")
-            b.attn("bwd", st, blk.q_len, blk.kv_len, blk.causal)
-            _bwd_accumulate(b, st, blk.q_len, blk.kv_len)
+            b.block("bwd", st, blk)
         else:
             if blk is not None:
                 b.mem(st, 2 * 4 * blk.kv_len * kv_el, "zero dk/dv scratch")
-                b.attn("bwd", st, blk.q_len, blk.kv_len, blk.causal)
-                _bwd_accumulate(b, st, blk.q_len, blk.kv_len)
+                b.block("bwd", st, blk)
             b.wait(st, "bwd.dkv")
             if blk is not None:
                 b.mem(st, 2 * 12 * blk.kv_len * kv_el, "add scratch into dk/dv sums")
-        # the sums posted now are in flight during the next step's compute: phase s + 1
-        b.post(st, s + 1, "bwd.dkv", [(nxt, [dkv_tok * n[j]] * 2)], [(prv, [dkv_tok * n[(r - s - 1) % W]] * 2)])
-        if s + 1 < W:
+        # the sums posted now are in flight during the next step's compute: phase s + 1. After step
+        # S they go straight home to j (S = W - 1: the next rank, the ring's last hop).
+        to, frm = (nxt, prv) if s < S else (j, (r + S) % W)
+        n_in = n[(r - s - 1) % W] if s < S else n[r]
+        b.post(st, s + 1, "bwd.dkv", [(to, [dkv_tok * n[j]] * 2)], [(frm, [dkv_tok * n_in] * 2)])
+        if s < S:
             b.wait(st, "bwd.kv")
-    st = ("bwd", W - 1)
+    st = ("bwd", S)
     b.wait(st, "bwd.dkv")
     b.mem(st, (q_el + 2 * sh.B * n[r] * sh.Hkv * sh.D) * (4 + sh.e), "cast dq/dk/dv")
 
@@ -525,15 +571,13 @@ def _token_ring_pass(b: _Builder, op: str):
     st0 = (op, 0)
     if op == "bwd":
         b.mem(st0, q_el * 4 + 2 * 4 * B * n[r] * Hkv * D, "zero dq/dk/dv")
-    diag = attention_block(lay, r, r, sh.causal)
+    diag = sh.block(r, r)
     cast = q_el * (4 + e) if op == "fwd" else (q_el + 2 * B * n[r] * Hkv * D) * (4 + e)
 
     def diagonal_block():
-        b.attn(op, st0, diag.q_len, diag.kv_len, diag.causal)
+        b.block(op, st0, diag)
         if op == "fwd":
             b.mem(st0, q_el * (e + 4), "init fp32 accumulator")
-        else:
-            _bwd_accumulate(b, st0, diag.q_len, diag.kv_len)
 
     if W == 1:
         diagonal_block()
@@ -557,7 +601,7 @@ def _token_ring_pass(b: _Builder, op: str):
 
     def post_q(s, st, phase):
         dst, src = (r + s) % W, (r - s) % W
-        send_blk, recv_blk = attention_block(lay, r, dst, sh.causal), attention_block(lay, src, r, sh.causal)
+        send_blk, recv_blk = sh.block(r, dst), sh.block(src, r)
         if send_blk is not None and send_blk.q_len != n[r] and (send_blk.q_start, send_blk.q_len) not in copied:
             copied.add((send_blk.q_start, send_blk.q_len))  # _Payload.rows: one contiguous copy per call
             b.mem(st, sum(q_sizes(send_blk.q_len)) * 2, "contiguous copy of the late-chunk payload")
@@ -579,15 +623,13 @@ def _token_ring_pass(b: _Builder, op: str):
             if op == "bwd":
                 b.mem(st, B * blk.q_len * Hq * D * 4, "zero dq partial")
                 b.mem(st, B * blk.q_len * Hq * D * (e + 28), "out' = dout * delta / |dout|^2")
-            b.attn(op, st, blk.q_len, blk.kv_len, blk.causal)
-            if op == "bwd":
-                _bwd_accumulate(b, st, blk.q_len, blk.kv_len)
+            b.block(op, st, blk)
         b.wait(st, rch)
         if pending is not None:
             b.mem(st, _merge_bytes(sh, pending) if op == "fwd" else B * pending * Hq * D * 12,
                   "merge partial" if op == "fwd" else "add dq partial")
             pending = None
-        own = attention_block(lay, r, dst, sh.causal)
+        own = sh.block(r, dst)
         # posted after this step's compute: in flight during the next step (phase s + 1)
         b.post(st, s + 1, rch, [(src, reply_sizes(blk.q_len))] if blk else [],
                [(dst, reply_sizes(own.q_len))] if own else [])
@@ -720,6 +762,13 @@ def _simulate(programs, msgs, W):
     return t, busy, steps, comm
 
 
+@functools.lru_cache(maxsize=16)
+def _plan(lay: SequenceLayout, causal: bool, documents, window) -> RingPlan:
+    """A RingPlan for the blocks only (RingPlan.block does not depend on the rank); cached, so
+    predicting both algorithms, or forward and backward, cuts the blocks once."""
+    return RingPlan(None, 0, lay.world_size, lay, causal, 1.0, "auto", documents, window)
+
+
 def _elem(dtype) -> int:
     if isinstance(dtype, int):
         return dtype
@@ -731,17 +780,26 @@ def _elem(dtype) -> int:
 
 def predict(algorithm: str, *, seq_len: int, world_size: int, layout: str = "contiguous", causal: bool = False,
             batch: int = 1, heads_q: int, heads_kv: int, head_dim: int, dtype=2, backward: bool = True,
-            topology="nvswitch", profile: ComputeProfile | None = None, backend: str = "auto") -> Prediction:
+            topology="nvswitch", profile: ComputeProfile | None = None, backend: str = "auto",
+            cu_seqlens=None, sliding_window=None) -> Prediction:
     """Predicted time of one call (forward, plus backward when `backward`) on every rank.
 
     dtype: of q/k/v (a torch.dtype or its element size; default 2 = bf16). topology: a preset
-    name (PRESETS) or a Topology. profile: ComputeProfile (default H100_BF16)."""
+    name (PRESETS) or a Topology. profile: ComputeProfile (default H100_BF16). cu_seqlens /
+    sliding_window: the call's packed documents / causal sliding window, as
+    sequence_parallel_attention takes them: the blocks are then the code's trimmed, pieced ones,
+    KV rotation stops after RingPlan.ring_steps, TokenRing skips the pairs the mask never joins."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    from ringattn.sequence_parallel import _documents_arg, _window_arg  # (it imports this module lazily too)
+
     topo = get_topology(topology)
     prof = profile or H100_BF16
     lay = SequenceLayout.build(seq_len, world_size, layout)
-    sh = _Shape(lay, bool(causal), batch, heads_q, heads_kv, head_dim, _elem(dtype))
+    docs = _documents_arg(cu_seqlens, seq_len, batch)
+    window = _window_arg(sliding_window, causal, seq_len)
+    plan = _plan(lay, bool(causal), docs, window)
+    sh = _Shape(lay, bool(causal), batch, heads_q, heads_kv, head_dim, _elem(dtype), plan)
     msgs: dict = {}
     passes = ("fwd", "bwd") if backward else ("fwd",)
     programs = []
@@ -779,6 +837,9 @@ def compare(**kw) -> dict:
 # auto does not run it. And it predicts at L rounded to a quarter octave (auto_seq_len): the
 # predicted gap changes slowly with L, and this bounds the cache when lengths vary per call.
 AUTO_MAX_WORLD = 64
+# Packed documents change with every batch, so each new packing is a new simulation: only up to
+# this world size (~25 ms at 16, 0.1 s at 32, 0.5 s at 64 on one CPU core, measured 2026-12-03).
+AUTO_MAX_WORLD_DOCUMENTS = 16
 
 
 def auto_seq_len(seq_len: int, world_size: int, layout: str) -> int:
@@ -789,9 +850,16 @@ def auto_seq_len(seq_len: int, world_size: int, layout: str) -> int:
 
 @functools.lru_cache(maxsize=4096)
 def predicted_times(seq_len: int, world_size: int, layout: str, causal: bool, batch: int, heads_q: int,
-                    heads_kv: int, head_dim: int, elem_size: int, backward: bool, topology) -> tuple[float, float]:
+                    heads_kv: int, head_dim: int, elem_size: int, backward: bool, topology,
+                    window: int | None = None, documents: tuple | None = None) -> tuple[float, float]:
     """(ring, token_ring) predicted seconds with the default H100 profile; cached (choose_algorithm
-    calls it on every call)."""
+    calls it on every call). window / documents: the sliding window / packed documents (normalised,
+    as sequence_parallel._window_arg / _documents_arg give them)."""
     kw = dict(seq_len=seq_len, world_size=world_size, layout=layout, causal=causal, batch=batch, heads_q=heads_q,
-              heads_kv=heads_kv, head_dim=head_dim, dtype=elem_size, backward=backward, topology=topology)
+              heads_kv=heads_kv, head_dim=head_dim, dtype=elem_size, backward=backward, topology=topology,
+              cu_seqlens=documents, sliding_window=window)
     return predict("ring", **kw).total_s, predict("token_ring", **kw).total_s
+
+
+# packed documents: a cache of its own (every batch brings new boundaries; one forward's layers ask the same)
+predicted_times_packed = functools.lru_cache(maxsize=8)(predicted_times.__wrapped__)

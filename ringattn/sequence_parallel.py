@@ -464,10 +464,14 @@ def choose_algorithm(*, seq_len: int, world_size: int, layout: str = "contiguous
     3. Otherwise (a gap inside the model's error) the one whose busiest rank moves fewer bytes
        (max over ranks of max(sent, received), forward + backward when `backward`); ties go to
        ring (one peer per step, fewer messages).
-    Packed sequences (cu_seqlens with > 1 document) and sliding windows shorter than the sequence:
-    the cost model does not model those masks, so bytes decide (rule 3 alone; TokenRing's bytes
-    then count only the pairs that share a document / that the window reaches; O(W^2) block cuts,
-    cached for the last 8 masks only).
+    Masks: sliding windows shorter than the sequence and packed sequences (cu_seqlens with > 1
+    document) are simulated with the code's own trimmed, pieced blocks, KV rotation's early stop
+    and TokenRing's skipped pairs (cost_model.predict's cu_seqlens / sliding_window). A window
+    alone is predicted at the rounded length, like no mask. Packed documents bring new boundaries
+    with every batch, so they are predicted at the exact length and only for
+    W <= cost_model.AUTO_MAX_WORLD_DOCUMENTS (16; ~25 ms per new packing there), above which bytes
+    decide (TokenRing's bytes count only the pairs that share a document / that the window
+    reaches; O(W^2) block cuts, cached for the last 8 masks only).
     Deterministic in its arguments, so every rank picks the same. Cached per distinct set of
     arguments (it runs on every call: uncached, the per-rank byte formulas alone cost ~1 ms at
     W = 32, and the model's first run up to a second at W = 64).
@@ -493,38 +497,41 @@ def _choose_algorithm(seq_len, world_size, layout, causal, batch, heads_q, heads
                             for ch in ranks), default=0)
     if world_size == 1:
         return AlgorithmChoice("ring", per_alg, "world size 1: no communication")
-    if documents is not None or window is not None:
-        alg = "token_ring" if per_alg["token_ring"] < per_alg["ring"] else "ring"
-        what = []
-        if documents is not None:
-            rows = f" in {len(documents)} row packings" if per_row(documents) else ""
-            what.append(f"packed sequence ({documents_count(documents)} documents{rows})")
-        if window is not None:
-            what.append(f"sliding window {window}")
-        return AlgorithmChoice(alg, per_alg, f"{', '.join(what)}: the cost model does not model these masks; "
-                               "fewer bottleneck bytes (ties: ring)")
     from ringattn import cost_model  # pure Python; imported here to keep this module's imports as they are
 
+    what = []  # the masks, for the reason
+    if documents is not None:
+        rows = f" in {len(documents)} row packings" if per_row(documents) else ""
+        what.append(f"packed sequence ({documents_count(documents)} documents{rows})")
+    if window is not None:
+        what.append(f"sliding window {window}")
+    mask = f"{', '.join(what)}; " if what else ""
     topo = topology if topology is not None else ("nvswitch" if world_size <= MESH_MAX_WORLD else "inter_node")
     name = topo if isinstance(topo, str) else topo.kind
-    if world_size > cost_model.AUTO_MAX_WORLD:  # the simulation would take seconds: bytes alone
+    limit = cost_model.AUTO_MAX_WORLD if documents is None else cost_model.AUTO_MAX_WORLD_DOCUMENTS
+    if world_size > limit:  # the simulation would take seconds (documents: on every new packing)
         alg = "token_ring" if per_alg["token_ring"] < per_alg["ring"] else "ring"
-        return AlgorithmChoice(alg, per_alg, f"world size {world_size} > {cost_model.AUTO_MAX_WORLD}: cost model "
-                               "not run; fewer bottleneck bytes (ties: ring)", {}, name)
-    t_ring, t_tr = cost_model.predicted_times(cost_model.auto_seq_len(seq_len, world_size, layout), world_size,
-                                              layout, causal, batch, heads_q, heads_kv, head_dim,
-                                              elem_size, backward, topo)
+        return AlgorithmChoice(alg, per_alg, f"{mask}world size {world_size} > {limit}: cost model not run; "
+                               "fewer bottleneck bytes (ties: ring)", {}, name)
+    if documents is None:  # the rounded length: one prediction serves nearby lengths
+        t_ring, t_tr = cost_model.predicted_times(cost_model.auto_seq_len(seq_len, world_size, layout), world_size,
+                                                  layout, causal, batch, heads_q, heads_kv, head_dim,
+                                                  elem_size, backward, topo, window)
+    else:  # the boundaries fix the length
+        t_ring, t_tr = cost_model.predicted_times_packed(seq_len, world_size, layout, causal, batch, heads_q,
+                                                         heads_kv, head_dim, elem_size, backward, topo, window,
+                                                         documents)
     secs = {"ring": t_ring, "token_ring": t_tr}
     if t_ring > (1 + AUTO_MARGIN) * t_tr:
-        return AlgorithmChoice("token_ring", per_alg, f"cost model ({name}): TokenRing predicted "
+        return AlgorithmChoice("token_ring", per_alg, f"{mask}cost model ({name}): TokenRing predicted "
                                f"{t_ring / t_tr:.2f}x faster", secs, name)
     if t_tr > (1 + AUTO_MARGIN) * t_ring:
-        return AlgorithmChoice("ring", per_alg, f"cost model ({name}): KV rotation predicted "
+        return AlgorithmChoice("ring", per_alg, f"{mask}cost model ({name}): KV rotation predicted "
                                f"{t_tr / t_ring:.2f}x faster", secs, name)
     if per_alg["token_ring"] < per_alg["ring"]:
-        return AlgorithmChoice("token_ring", per_alg, f"cost model ({name}): within {AUTO_MARGIN:.0%}; "
+        return AlgorithmChoice("token_ring", per_alg, f"{mask}cost model ({name}): within {AUTO_MARGIN:.0%}; "
                                "TokenRing moves fewer bytes", secs, name)
-    return AlgorithmChoice("ring", per_alg, f"cost model ({name}): within {AUTO_MARGIN:.0%}; KV rotation "
+    return AlgorithmChoice("ring", per_alg, f"{mask}cost model ({name}): within {AUTO_MARGIN:.0%}; KV rotation "
                            "moves fewer (or equal) bytes", secs, name)
 
 

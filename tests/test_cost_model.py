@@ -259,3 +259,156 @@ def test_validate_predicts_each_row_with_its_own_topology():
     assert v["rel_err"] == pytest.approx(want.total_s * 1e3 / 8.0 - 1, abs=1e-4)  # against ms_min
     assert model.topology_for_row(row, topo, "shared_gpu", 2, 1).ranks_per_device == 4.0
     assert model.validate([dict(row, algorithm="allgather", resolved_algorithm="allgather")], prof, topo, None, 2, 1) == []
+
+
+# --- masks: sliding windows and packed documents -------------------------------------------------
+MASKS = [dict(sliding_window=5), dict(sliding_window=13), dict(cu_seqlens="thirds"),
+         dict(cu_seqlens="thirds", sliding_window=7), dict(cu_seqlens="rows")]
+
+
+def _mask(m, L):
+    m = dict(m)
+    if m.get("cu_seqlens") == "thirds":
+        m["cu_seqlens"] = [0, L // 3, L // 2, L]
+    elif m.get("cu_seqlens") == "rows":  # one packing per batch row
+        m["cu_seqlens"] = [[0, L // 2, L], [0, 3, L]]
+    return m
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_masked_simulated_bytes_equal_predict_comm_bytes(layout):
+    """With a sliding window / packed documents the simulated schedules post exactly the bytes of
+    the code's formulas: KV rotation's early stop (and the dK/dV sums' hop home), TokenRing's
+    skipped pairs and trimmed Q rows."""
+    n = 0
+    for W in range(1, 7):
+        for L in (4 * W + 3, 97):
+            for m in MASKS:
+                for backward in (False, True):
+                    for alg in cm.ALGORITHMS:
+                        kw = dict(seq_len=L, world_size=W, layout=layout, causal=True, batch=2, heads_q=4,
+                                  heads_kv=2, head_dim=8, dtype=torch.bfloat16, backward=backward, **_mask(m, L))
+                        assert _nonzero(cm.predict(alg, **kw).bytes) == _nonzero(sp.predict_comm_bytes(alg, **kw)), kw
+                        n += 1
+    assert n == 6 * 2 * len(MASKS) * 2 * 2
+
+
+@pytest.mark.parametrize("alg", cm.ALGORITHMS)
+def test_masked_blocks_are_the_codes_pieces(alg):
+    """Each step computes the pieces RingPlan.block cuts for that pair (one attention per piece,
+    anti-causal pieces as causal squares; per-row packings with their batch rows), and KV
+    rotation runs steps 0..ring_steps only."""
+    from ringattn.layout import RingPlan, SequenceLayout
+
+    W, L = 4, 67
+    for m in MASKS:
+        mm = _mask(m, L)
+        lay = SequenceLayout.build(L, W, "contiguous")
+        docs = sp._documents_arg(mm.get("cu_seqlens"), L, 2)
+        plan = RingPlan(None, 0, W, lay, True, 1.0, "auto", docs, mm.get("sliding_window"))
+        p = cm.predict(alg, seq_len=L, world_size=W, causal=True, batch=2, heads_q=4, heads_kv=2, head_dim=8,
+                       backward=True, **mm)
+        for r, steps in enumerate(p.rank_steps):
+            if alg == "ring":
+                assert sorted({st.step for st in steps}) == list(range(plan.ring_steps + 1)), (m, r)
+            for st in steps:
+                pair = (r, (r - st.step) % W) if alg == "ring" else ((r - st.step) % W, r)
+                blk = plan.block(*pair)
+                if blk is None:
+                    assert st.blocks == (), (m, r, st)
+                    continue
+                if not blk.pieces:
+                    want = [(st.pass_, blk.q_len, blk.kv_len, blk.causal)]
+                else:
+                    whole = len(blk.pieces) == 1 and blk.pieces[0][:4] == (0, blk.q_len, 0, blk.kv_len) \
+                        and not blk.pieces[0].nb and not blk.pieces[0].flip
+                    want = [(st.pass_, pc.q_len, pc.kv_len, pc.causal or pc.flip) + ((pc.nb,) if pc.nb and pc.nb != 2
+                                                                                    else ())
+                            for pc in blk.pieces]
+                    if whole:
+                        want = [(st.pass_, blk.q_len, blk.kv_len, blk.pieces[0].causal)]
+                assert list(st.blocks) == want, (m, r, st)
+    assert any(b.pieces for b in plan._blocks.values() if b is not None)
+
+
+def test_window_ring_stops_early_and_sends_home():
+    """Contiguous, a window within one chunk: ring_steps = 1, so with no compute the forward is
+    one K/V hop (not W - 1); the backward's K/V hop runs beside step 0's dK/dV sums (posted at the
+    same instant, in different phases), then the sums go home after step 1 (to the previous rank:
+    W = 2, the same link as the ring's next hop): two dK/dV hops, whatever W."""
+    bw, lat = 100e9, 7e-6
+    topo = cm.Topology("nvswitch", bw, lat, call_s=0.0)
+    L, w = 8192, 512
+    for W in (2, 4):
+        n = L // W
+        kv, dkv = 2 * n * 8 * 128 * 2, 2 * n * 8 * 128 * 4
+        kw = dict(seq_len=L, world_size=W, causal=True, topology=topo, profile=ZERO_COMPUTE, sliding_window=w,
+                  **SHAPE)
+        assert cm.predict("ring", backward=False, **kw).total_s == pytest.approx(lat + kv / bw, rel=1e-12)
+        assert cm.predict("ring", backward=True, **kw).total_s == pytest.approx(
+            (lat + kv / bw) + 2 * (lat + dkv / bw), rel=1e-12)
+        full = cm.predict("ring", backward=False, **dict(kw, sliding_window=None))
+        assert full.total_s == pytest.approx((W - 1) * (lat + kv / bw), rel=1e-12)
+
+
+def test_window_compute_is_its_pieces():
+    """W = 1, free links: a windowed call costs the attention of each of its pieces plus the fp32
+    passes around them, written out here from documents.block_forward; far less than the full
+    causal block, and more than the band's FLOPs at the full block's rate (every piece pays its
+    own per-call overhead)."""
+    from ringattn.documents import window_pieces
+
+    prof, L, w = cm.H100_BF16, 131072, 4096
+    B, Hq, D, e = 1, 32, 128, 2
+    att = mem = 0.0
+    pieces = window_pieces(0, L, 0, L, w)
+    for (_, pq, _, pk, causal, flip) in pieces:
+        att += prof.attn_time("fwd", "auto", B=B, Hq=Hq, Sq=pq, Sk=pk, D=D, causal=causal or flip)
+        mem += prof.mem_time(B * pq * Hq * (D * (8 + e) + 12))  # merge of the piece
+        if flip:
+            mem += prof.mem_time(2 * B * (2 * pq * Hq * D * e + 2 * pk * 8 * D * e + pq * Hq * 4))
+    el = L * Hq * D
+    mem += prof.mem_time(L * Hq * (D + 1) * 4) + prof.mem_time(el * (4 + e))  # zero-fill; cast of the block
+    mem += prof.mem_time(el * (e + 4)) + prof.mem_time(el * (4 + e))           # ring's accumulator; cast out
+    p = cm.predict("ring", seq_len=L, world_size=1, causal=True, backward=False, topology=FREE_LINKS,
+                   sliding_window=w, **SHAPE)
+    assert p.total_s == pytest.approx(att + mem, rel=1e-12)
+    full = cm.predict("ring", seq_len=L, world_size=1, causal=True, backward=False, topology=FREE_LINKS, **SHAPE)
+    assert p.total_s < full.total_s / 4
+    band = sum(pq * pk / (2 if (c or f) else 1) for (_, pq, _, pk, c, f) in pieces) / (L * L / 2)
+    assert p.total_s > band * full.total_s
+
+
+def test_auto_follows_the_model_under_masks():
+    """auto with a window: the model's prediction at the rounded length (like no mask), cached
+    with it; with packed documents: at the exact length, up to AUTO_MAX_WORLD_DOCUMENTS ranks,
+    bytes above. The reason names the mask either way."""
+    kw = dict(layout="contiguous", causal=True, batch=1, heads_q=32, heads_kv=32, head_dim=128,
+              dtype=torch.bfloat16, backward=True)
+    seen = set()
+    for W in (2, 4, 8):
+        for hkv in (32, 8):
+            c = sp.choose_algorithm(seq_len=100000, world_size=W, sliding_window=4096, **dict(kw, heads_kv=hkv))
+            want = cm.compare(seq_len=cm.auto_seq_len(100000, W, "contiguous"), world_size=W, topology="nvswitch",
+                              sliding_window=4096, **dict(kw, heads_kv=hkv))
+            assert c.predicted_s == {a: p.total_s for a, p in want.items()}, c
+            assert "sliding window 4096" in c.reason and "cost model (nvswitch)" in c.reason, c
+            tr, tt = c.predicted_s["ring"], c.predicted_s["token_ring"]
+            if max(tr, tt) > (1 + sp.AUTO_MARGIN) * min(tr, tt):
+                assert c.algorithm == ("ring" if tr < tt else "token_ring"), c
+            seen.add(c.algorithm)
+            L = 65536
+            docs = [0, 1000, 30000, 30001, L]
+            d = sp.choose_algorithm(seq_len=L, world_size=W, cu_seqlens=docs, **dict(kw, heads_kv=hkv))
+            want = cm.compare(seq_len=L, world_size=W, topology="nvswitch", cu_seqlens=docs, **dict(kw, heads_kv=hkv))
+            assert d.predicted_s == {a: p.total_s for a, p in want.items()}, d
+            assert "packed sequence (4 documents)" in d.reason, d
+    # a window that reaches every key is no mask
+    assert sp.choose_algorithm(seq_len=8192, world_size=4, sliding_window=8192, **kw) == \
+        sp.choose_algorithm(seq_len=8192, world_size=4, **kw)
+    big = cm.AUTO_MAX_WORLD_DOCUMENTS * 2
+    d = sp.choose_algorithm(seq_len=1 << 17, world_size=big, cu_seqlens=[0, 5000, 1 << 17], **kw)
+    assert d.predicted_s == {} and f"world size {big} > {cm.AUTO_MAX_WORLD_DOCUMENTS}" in d.reason, d
+    assert d.algorithm == ("token_ring" if d.predicted_bytes["token_ring"] < d.predicted_bytes["ring"] else "ring")
+    w = sp.choose_algorithm(seq_len=1 << 17, world_size=big, sliding_window=4096, **kw)  # windows: up to 64
+    assert set(w.predicted_s) == {"ring", "token_ring"}, w

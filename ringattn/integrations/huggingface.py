@@ -70,6 +70,15 @@ LAYOUTS = ("contiguous", "zigzag")
 _POSITION_ONLY_ROPE = ("default", "linear", "llama3", "yarn")
 
 
+def layer_window(attn_module, config=None):
+    """The causal sliding window a Hugging Face attention module applies (None: full attention):
+    its own `sliding_window` attribute (set per layer by Mistral/Qwen2-style modules, None on
+    full-attention layers), else its config's. apply_sequence_parallel and
+    TokenWeaveDecoderLayer both read a layer's window with this one rule."""
+    cfg = config if config is not None else getattr(attn_module, "config", None)
+    return getattr(attn_module, "sliding_window", getattr(cfg, "sliding_window", None))
+
+
 # ----------------------------------------------------------------------------------------------
 # Layout bookkeeping shared by the HF wrapper, the 2-D (Ulysses x ring) mode and the demo.
 # ----------------------------------------------------------------------------------------------
@@ -790,7 +799,7 @@ def apply_sequence_parallel(model, group=None, algorithm: str = "auto", layout: 
         if hasattr(m, "num_key_value_groups") and hasattr(m, "layer_idx"):  # the attention modules
             m._ringattn_plan = plan
             # the window this layer's attention passes (its own attribute, else the config's)
-            m._ringattn_window = getattr(m, "sliding_window", getattr(cfg, "sliding_window", None))
+            m._ringattn_window = layer_window(m, cfg)
             n_attn += 1
     if n_attn != cfg.num_hidden_layers:
         raise ValueError(f"ringattn: found {n_attn} attention modules in {type(model).__name__}, expected {cfg.num_hidden_layers}")

@@ -37,6 +37,7 @@ from torch import nn
 
 import torch.distributed as dist
 
+from ringattn.integrations.huggingface import layer_window
 from ringattn.tokenweave.fused_allreduce_rmsnorm import (
     AllReduceRMSNorm,
     TokenWeaveConfig,
@@ -104,9 +105,8 @@ class TokenWeaveDecoderLayer(nn.Module):
         missing += [f"mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj", "act_fn") if mlp is not None and not hasattr(mlp, n)]
         if missing:
             raise TypeError(f"TokenWeaveDecoderLayer needs a Llama-style decoder layer; {type(hf_layer).__name__} lacks {missing}")
-        # Sliding-window layers (Mistral/Qwen2-style): the window this layer's attention applies, as
-        # the HF integration reads it (the module's own attribute, else its config's)
-        window = getattr(attn, "sliding_window", getattr(getattr(attn, "config", None), "sliding_window", None))
+        # Sliding-window layers (Mistral/Qwen2-style): the window this layer's attention applies
+        window = layer_window(attn)
         if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
             raise ValueError(f"TokenWeaveDecoderLayer: sliding_window must be None or an int >= 1, got {window!r}")
         self.window = window
