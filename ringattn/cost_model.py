@@ -415,9 +415,10 @@ class _Builder:
         """Block `blk` (layout.Block) forward or backward (with its fp32 accumulate), as
         documents.block_forward / block_backward run it: one block attention; or, for a block cut
         into pieces (packed documents, sliding windows), one per piece plus the passes around them
-        -- the zero-filled fp32 out / -inf lse and its cast (forward), a merge per piece, and for
-        an anti-causal piece the reversed copies in and out (and, backward, the fp32 scratch added
-        back). So many small pieces cost their per-call overhead, as they do on the device."""
+        -- the zero-filled fp32 out / -inf lse and its cast (forward), a merge per piece, for an
+        anti-causal piece the reversed copies in and out, for a tiled piece (documents.tile_pieces:
+        T tiles run as T times the batch rows) its reshape copies (batch > 1) and lse reorder, and
+        backward the fp32 scratch of either added back. Each call pays the profile's intercept."""
         sh = self.sh
         ps = blk.pieces
         if not ps or (len(ps) == 1 and (ps[0].q_off, ps[0].q_len, ps[0].kv_off, ps[0].kv_len, ps[0].nb, ps[0].flip)
@@ -430,21 +431,25 @@ class _Builder:
         if op == "fwd":
             self.mem(step, sh.B * blk.q_len * sh.Hq * (sh.D + 1) * 4, "zero fp32 out, -inf lse (pieced block)")
         for p in ps:
-            B = p.nb or sh.B
-            if p.flip:  # reversed copies (read + write) of the rows in and of the results out
-                if op == "fwd":
-                    nb = 2 * B * (2 * p.q_len * q_row * e + 2 * p.kv_len * kv_row * e + p.q_len * sh.Hq * 4)
-                else:
-                    nb = 2 * B * (3 * p.q_len * q_row * e + 2 * p.kv_len * kv_row * e + p.q_len * sh.Hq * 4)
-                    nb += B * (p.q_len * q_row + 2 * p.kv_len * kv_row) * 4  # zero the fp32 scratch
-                self.mem(step, nb, "reverse an anti-causal piece")
-            self.attn(op, step, p.q_len, p.kv_len, True if p.flip else p.causal, B)
+            B, T = p.nb or sh.B, p.tiles
+            qn, kn = p.q_len * T, p.kv_len * T     # the rows the piece spans
+            copied = p.flip or (T > 1 and B > 1)   # inputs reversed, or tiles reshaped into new batch rows
+            seq_in = (1 if op == "fwd" else 3) * qn * q_row * e + 2 * kn * kv_row * e  # q (dout, out), k, v
+            nb = 2 * B * seq_in if copied else 0
+            if p.flip and op == "fwd":
+                nb += 2 * B * qn * q_row * e       # out reversed back
+            if p.flip or T > 1:
+                nb += 2 * B * qn * sh.Hq * 4       # lse reversed / reordered
+                if op == "bwd":
+                    nb += B * (qn * q_row + 2 * kn * kv_row) * 4  # zero the fp32 scratch
+            self.mem(step, nb, "reverse / tile a piece")
+            self.attn(op, step, p.q_len, p.kv_len, True if p.flip else p.causal, B * T)
             if op == "fwd":
-                self.mem(step, _merge_bytes(sh, p.q_len, B), "merge a piece")
+                self.mem(step, _merge_bytes(sh, qn, B), "merge a piece")
             else:
-                _bwd_accumulate(self, step, p.q_len, p.kv_len, B)
-                if p.flip:
-                    self.mem(step, B * (p.q_len * q_row + 2 * p.kv_len * kv_row) * 12, "add the scratch back")
+                _bwd_accumulate(self, step, p.q_len, p.kv_len, B * T)
+                if p.flip or T > 1:
+                    self.mem(step, B * (qn * q_row + 2 * kn * kv_row) * 12, "add the scratch back")
         if op == "fwd":
             self.mem(step, sh.B * blk.q_len * q_row * (4 + e), "cast the pieced block's out")
 

@@ -34,9 +34,16 @@ block_attention call; a pieced block is one call per piece, the pieces' (out, ls
 fp32 accumulators (each piece's share, computed with the FINAL lse, is exact). Rows of a trimmed
 block that no piece covers get out = 0, lse = -inf, which the ring's merge folds exactly.
 
-Cost: one block-attention call per piece (per group of batch rows with the same pieces), so a block meeting many short documents costs many
-small launches (a varlen kernel would take them in one; not done). Every row meets its own
-document on the diagonal, so every rank's diagonal block covers all of its rows.
+    tiles   pieces of the same shape and mask that follow each other along the diagonal (tile t:
+            q rows a + t*n, k/v rows c + t*m; a sliding window's band: its causal squares, and
+            its anti-causal squares; equal-length documents) become ONE piece of `tiles` tiles,
+            run as one call with the tiles as extra batch rows ((B, T*n) -> (B*T, n))
+
+Cost: one block-attention call per piece (per group of batch rows with the same pieces), so a
+block meeting many short documents of different lengths costs many small launches (a varlen
+kernel would take them in one; not done); a window's band costs a few calls whatever its length.
+Every row meets its own document on the diagonal, so every rank's diagonal block covers all of
+its rows.
 """
 from __future__ import annotations
 
@@ -64,6 +71,8 @@ class Piece(NamedTuple):
     nb: int = 0   # 0: every batch row
     flip: bool = False  # sliding window: an ANTI-causal square (row i sees keys j >= i), run as a
     #                     causal square on the rows and keys in reverse order
+    tiles: int = 1  # T tiles: q rows q_off + t*q_len, k/v rows kv_off + t*kv_len, t < T, each
+    #                 this piece's mask; the piece spans T*q_len q rows and T*kv_len k/v rows
 
 
 def _row(values, what: str) -> tuple[tuple | None, str | None]:
@@ -222,7 +231,8 @@ def window_pieces(a: int, n: int, c: int, m: int, w: int) -> list[tuple]:
       full    the keys every row of the segment sees,
       causal  keys [q0, q0+h): row i sees keys j <= i (only where hi rises with q),
     three squares/rectangles every backend runs. Where both rise (the band), rows go in tiles of
-    h = max(1, w-1) so the anti and causal squares never overlap: ~2 * rows / w pieces."""
+    h = max(1, w-1) so the anti and causal squares never overlap: ~2 * rows / w pieces (of two
+    sizes along the diagonal: tile_pieces runs each run of them as one call)."""
     out = []
     r_lo, r_hi = max(a, c), min(a + n, c + m + w - 1)  # rows that see any key
     if r_lo >= r_hi:
@@ -246,9 +256,25 @@ def window_pieces(a: int, n: int, c: int, m: int, w: int) -> list[tuple]:
     return out
 
 
+def tile_pieces(pieces) -> list:
+    """Pieces (q_row, q_len, kv_row, kv_len, causal, flip) -> (..., tiles): each piece that has
+    the shape and mask of an earlier one and starts where that one (or its last tile) ends, on
+    both sides, becomes its next tile. The covered positions and masks are unchanged."""
+    out, open_ = [], {}  # (shape, mask, next q row, next kv row) -> index in out
+    for a, n, c, m, causal, flip in pieces:
+        i = open_.pop((n, m, causal, flip, a, c), None)
+        if i is None:
+            out.append((a, n, c, m, causal, flip, 1))
+            i = len(out) - 1
+        else:
+            out[i] = out[i][:6] + (out[i][6] + 1,)
+        open_[(n, m, causal, flip, a + n, c + m)] = i
+    return out
+
+
 def _block_pieces(lay, docs: tuple, q_owner: int, kv_owner: int, causal: bool, blk, window=None) -> list:
     """One packing's pieces of block `blk`, in absolute local rows:
-    (q_row, q_len, kv_row, kv_len, causal, flip)."""
+    (q_row, q_len, kv_row, kv_len, causal, flip, tiles)."""
     pieces = []
     for q_row, q_g, q_n in _runs(lay, q_owner, blk.q_start, blk.q_len):
         q_docs = _split(docs, q_g, q_n)
@@ -269,7 +295,7 @@ def _block_pieces(lay, docs: tuple, q_owner: int, kv_owner: int, causal: bool, b
                         raise AssertionError(f"ringattn.documents: a partial causal overlap (q {qg}+{qn}, "
                                              f"kv {kg}+{kn}) cannot come from the layout's chunks")
                 pieces.append((q_row + qg - q_g, qn, kv_row + kg - kv_g, kn, bool(causal and square), False))
-    return pieces
+    return tile_pieces(pieces)
 
 
 def document_block(lay, docs: tuple, q_owner: int, kv_owner: int, causal: bool, blk, window: int | None = None):
@@ -296,10 +322,10 @@ def document_block(lay, docs: tuple, q_owner: int, kv_owner: int, causal: bool, 
     if not pieces:
         return None
     q0 = min(p[0] for p in pieces)
-    q1 = max(p[0] + p[1] for p in pieces)
+    q1 = max(p[0] + p[1] * p[6] for p in pieces)
     k0 = min(p[2] for p in pieces)
-    k1 = max(p[2] + p[3] for p in pieces)
-    rel = tuple(Piece(a - q0, n, b - k0, m, c, b0, nb, f) for b0, nb, ps in groups for a, n, b, m, c, f in ps)
+    k1 = max(p[2] + p[3] * p[6] for p in pieces)
+    rel = tuple(Piece(a - q0, n, b - k0, m, c, b0, nb, f, T) for b0, nb, ps in groups for a, n, b, m, c, f, T in ps)
     return Block(q0, q1 - q0, k0, k1 - k0, False, rel)
 
 
@@ -308,19 +334,43 @@ def _rows(t, p: Piece):
 
 
 def _q(t, p: Piece):
-    return _rows(t, p).narrow(1, p.q_off, p.q_len)
+    return _rows(t, p).narrow(1, p.q_off, p.q_len * p.tiles)
 
 
 def _kv(t, p: Piece):
-    return _rows(t, p).narrow(1, p.kv_off, p.kv_len)
+    return _rows(t, p).narrow(1, p.kv_off, p.kv_len * p.tiles)
 
 
 def _lse(t, p: Piece):
-    return _rows(t, p).narrow(2, p.q_off, p.q_len)
+    return _rows(t, p).narrow(2, p.q_off, p.q_len * p.tiles)
 
 
 def _whole(blk, p: Piece) -> bool:
-    return (p.q_off, p.q_len, p.kv_off, p.kv_len, p.nb, p.flip) == (0, blk.q_len, 0, blk.kv_len, 0, False)
+    return (p.q_off, p.q_len, p.kv_off, p.kv_len, p.nb, p.flip, p.tiles) == (0, blk.q_len, 0, blk.kv_len, 0, False, 1)
+
+
+# A tiled piece runs with its tiles as batch rows: (B, T*n, H, D) <-> (B*T, n, H, D) (a view for
+# B = 1 or when the rows are the whole tensor, else a copy), lse (B, H, T*n) <-> (B*T, H, n).
+def _tile(t, T: int):
+    return t if T == 1 else t.reshape(t.shape[0] * T, t.shape[1] // T, *t.shape[2:])
+
+
+def _untile(t, B: int):
+    return t if t.shape[0] == B else t.reshape(B, -1, *t.shape[2:])
+
+
+def _tile_lse(t, T: int):
+    if T == 1:
+        return t
+    B, H, n = t.shape
+    return t.unflatten(2, (T, n // T)).transpose(1, 2).reshape(B * T, H, n // T)
+
+
+def _untile_lse(t, B: int):
+    if t.shape[0] == B:
+        return t
+    T, H, n = t.shape[0] // B, t.shape[1], t.shape[2]
+    return t.unflatten(0, (B, T)).transpose(1, 2).reshape(B, H, T * n)
 
 
 def _rev(t, dim: int = 1):
@@ -328,8 +378,9 @@ def _rev(t, dim: int = 1):
     return t.flip(dim)
 
 
-def _zeros_like_rows(t):
-    return torch.zeros(t.shape, dtype=t.dtype, device=t.device)
+def _zeros_like_rows(t, T: int = 1):
+    """fp32 (or t's dtype) zeros shaped like t's rows, tiled: (B*T, n/T, ...)."""
+    return torch.zeros((t.shape[0] * T, t.shape[1] // T, *t.shape[2:]), dtype=t.dtype, device=t.device)
 
 
 def block_forward(blk, q, k, v, *, softmax_scale, backend):
@@ -343,14 +394,15 @@ def block_forward(blk, q, k, v, *, softmax_scale, backend):
     out = torch.zeros((B, n, Hq, D), dtype=_F32, device=q.device)
     lse = torch.full((B, Hq, n), float("-inf"), dtype=_F32, device=q.device)
     for p in blk.pieces:
+        T, Bp = p.tiles, p.nb or B
+        qp, kp, vp = _tile(_q(q, p), T), _tile(_kv(k, p), T), _tile(_kv(v, p), T)
         if p.flip:  # anti-causal: the causal square of the reversed rows and keys, reversed back
-            o, l = block_attn_forward(_rev(_q(q, p)), _rev(_kv(k, p)), _rev(_kv(v, p)), causal=True,
+            o, l = block_attn_forward(_rev(qp), _rev(kp), _rev(vp), causal=True,
                                       softmax_scale=softmax_scale, backend=backend)
             o, l = _rev(o), _rev(l, 2)
         else:
-            o, l = block_attn_forward(_q(q, p), _kv(k, p), _kv(v, p), causal=p.causal, softmax_scale=softmax_scale,
-                                      backend=backend)
-        merge_attn_states_(_q(out, p), _lse(lse, p), o, l)
+            o, l = block_attn_forward(qp, kp, vp, causal=p.causal, softmax_scale=softmax_scale, backend=backend)
+        merge_attn_states_(_q(out, p), _lse(lse, p), _untile(o, Bp), _untile_lse(l, Bp).contiguous())
     return out.to(q.dtype), lse
 
 
@@ -362,15 +414,17 @@ def block_backward(blk, dout, q, k, v, out, lse, *, dq_out, dk_out, dv_out, soft
                             dv_out=dv_out, **kw)
         return
     for p in blk.pieces:
-        if p.flip:  # reversed rows and keys into scratch accumulators, added back in order
-            dq, dk, dv = (_zeros_like_rows(_q(dq_out, p)), _zeros_like_rows(_kv(dk_out, p)),
-                          _zeros_like_rows(_kv(dv_out, p)))
-            block_attn_backward(_rev(_q(dout, p)), _rev(_q(q, p)), _rev(_kv(k, p)), _rev(_kv(v, p)),
-                                _rev(_q(out, p)), _rev(_lse(lse, p), 2), causal=True, dq_out=dq, dk_out=dk,
-                                dv_out=dv, **kw)
-            _q(dq_out, p).add_(_rev(dq))
-            _kv(dk_out, p).add_(_rev(dk))
-            _kv(dv_out, p).add_(_rev(dv))
+        if p.flip or p.tiles > 1:  # (reversed) tiles into fp32 scratch accumulators, added back in order
+            T, Bp = p.tiles, p.nb or q.shape[0]
+            r = _rev if p.flip else (lambda t, dim=1: t)
+            dq, dk, dv = (_zeros_like_rows(_q(dq_out, p), T), _zeros_like_rows(_kv(dk_out, p), T),
+                          _zeros_like_rows(_kv(dv_out, p), T))
+            block_attn_backward(r(_tile(_q(dout, p), T)), r(_tile(_q(q, p), T)), r(_tile(_kv(k, p), T)),
+                                r(_tile(_kv(v, p), T)), r(_tile(_q(out, p), T)), r(_tile_lse(_lse(lse, p), T), 2),
+                                causal=True if p.flip else p.causal, dq_out=dq, dk_out=dk, dv_out=dv, **kw)
+            _q(dq_out, p).add_(_untile(r(dq), Bp))
+            _kv(dk_out, p).add_(_untile(r(dk), Bp))
+            _kv(dv_out, p).add_(_untile(r(dv), Bp))
             continue
         block_attn_backward(_q(dout, p), _q(q, p), _kv(k, p), _kv(v, p), _q(out, p), _lse(lse, p), causal=p.causal,
                             dq_out=_q(dq_out, p), dk_out=_kv(dk_out, p), dv_out=_kv(dv_out, p), **kw)
@@ -383,12 +437,15 @@ def block_lse_backward_(blk, dlse, q, k, lse, *, dq_out, dk_out, softmax_scale, 
         block_lse_backward(dlse, q, k, lse, causal=blk.causal, dq_out=dq_out, dk_out=dk_out, **kw)
         return
     for p in blk.pieces:
-        if p.flip:
-            dq, dk = _zeros_like_rows(_q(dq_out, p)), _zeros_like_rows(_kv(dk_out, p))
-            block_lse_backward(_rev(_lse(dlse, p), 2), _rev(_q(q, p)), _rev(_kv(k, p)), _rev(_lse(lse, p), 2),
-                               causal=True, dq_out=dq, dk_out=dk, **kw)
-            _q(dq_out, p).add_(_rev(dq))
-            _kv(dk_out, p).add_(_rev(dk))
+        if p.flip or p.tiles > 1:
+            T, Bp = p.tiles, p.nb or q.shape[0]
+            r = _rev if p.flip else (lambda t, dim=1: t)
+            dq, dk = _zeros_like_rows(_q(dq_out, p), T), _zeros_like_rows(_kv(dk_out, p), T)
+            block_lse_backward(r(_tile_lse(_lse(dlse, p), T), 2), r(_tile(_q(q, p), T)), r(_tile(_kv(k, p), T)),
+                               r(_tile_lse(_lse(lse, p), T), 2), causal=True if p.flip else p.causal,
+                               dq_out=dq, dk_out=dk, **kw)
+            _q(dq_out, p).add_(_untile(r(dq), Bp))
+            _kv(dk_out, p).add_(_untile(r(dk), Bp))
             continue
         block_lse_backward(_lse(dlse, p), _q(q, p), _kv(k, p), _lse(lse, p), causal=p.causal,
                            dq_out=_q(dq_out, p), dk_out=_kv(dk_out, p), **kw)

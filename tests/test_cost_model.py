@@ -322,8 +322,8 @@ def test_masked_blocks_are_the_codes_pieces(alg):
                 else:
                     whole = len(blk.pieces) == 1 and blk.pieces[0][:4] == (0, blk.q_len, 0, blk.kv_len) \
                         and not blk.pieces[0].nb and not blk.pieces[0].flip
-                    want = [(st.pass_, pc.q_len, pc.kv_len, pc.causal or pc.flip) + ((pc.nb,) if pc.nb and pc.nb != 2
-                                                                                    else ())
+                    want = [(st.pass_, pc.q_len, pc.kv_len, pc.causal or pc.flip)
+                            + (((pc.nb or 2) * pc.tiles,) if (pc.nb or 2) * pc.tiles != 2 else ())
                             for pc in blk.pieces]
                     if whole:
                         want = [(st.pass_, blk.q_len, blk.kv_len, blk.pieces[0].causal)]
@@ -352,21 +352,27 @@ def test_window_ring_stops_early_and_sends_home():
 
 
 def test_window_compute_is_its_pieces():
-    """W = 1, free links: a windowed call costs the attention of each of its pieces plus the fp32
-    passes around them, written out here from documents.block_forward; far less than the full
-    causal block, and more than the band's FLOPs at the full block's rate (every piece pays its
-    own per-call overhead)."""
-    from ringattn.documents import window_pieces
+    """W = 1, free links: a windowed call costs the attention of each of its (tiled) pieces plus
+    the fp32 passes around them, written out here from documents.block_forward (B = 1: tiles are
+    views, only their lse is reordered); far less than the full causal block, and more than the
+    band's FLOPs at the full block's rate (every call pays its intercept)."""
+    from ringattn.layout import RingPlan, SequenceLayout
 
     prof, L, w = cm.H100_BF16, 131072, 4096
     B, Hq, D, e = 1, 32, 128, 2
+    pieces = RingPlan(None, 0, 1, SequenceLayout.build(L, 1, "contiguous"), True, 1.0, "auto", None, w).block(0, 0).pieces
+    assert len(pieces) <= 6 and max(p.tiles for p in pieces) > 1
     att = mem = 0.0
-    pieces = window_pieces(0, L, 0, L, w)
-    for (_, pq, _, pk, causal, flip) in pieces:
-        att += prof.attn_time("fwd", "auto", B=B, Hq=Hq, Sq=pq, Sk=pk, D=D, causal=causal or flip)
-        mem += prof.mem_time(B * pq * Hq * (D * (8 + e) + 12))  # merge of the piece
-        if flip:
-            mem += prof.mem_time(2 * B * (2 * pq * Hq * D * e + 2 * pk * 8 * D * e + pq * Hq * 4))
+    for p in pieces:
+        T = p.tiles
+        att += prof.attn_time("fwd", "auto", B=B * T, Hq=Hq, Sq=p.q_len, Sk=p.kv_len, D=D, causal=p.causal or p.flip)
+        mem += prof.mem_time(B * p.q_len * T * Hq * (D * (8 + e) + 12))  # merge of the piece
+        nb = 0
+        if p.flip:  # q, k, v reversed in, out reversed back
+            nb += 2 * B * T * (2 * p.q_len * Hq * D * e + 2 * p.kv_len * 8 * D * e)
+        if p.flip or T > 1:
+            nb += 2 * B * T * p.q_len * Hq * 4
+        mem += prof.mem_time(nb)
     el = L * Hq * D
     mem += prof.mem_time(L * Hq * (D + 1) * 4) + prof.mem_time(el * (4 + e))  # zero-fill; cast of the block
     mem += prof.mem_time(el * (e + 4)) + prof.mem_time(el * (4 + e))           # ring's accumulator; cast out
@@ -375,7 +381,7 @@ def test_window_compute_is_its_pieces():
     assert p.total_s == pytest.approx(att + mem, rel=1e-12)
     full = cm.predict("ring", seq_len=L, world_size=1, causal=True, backward=False, topology=FREE_LINKS, **SHAPE)
     assert p.total_s < full.total_s / 4
-    band = sum(pq * pk / (2 if (c or f) else 1) for (_, pq, _, pk, c, f) in pieces) / (L * L / 2)
+    band = sum(pc.q_len * pc.kv_len * pc.tiles / (2 if (pc.causal or pc.flip) else 1) for pc in pieces) / (L * L / 2)
     assert p.total_s > band * full.total_s
 
 

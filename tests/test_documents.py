@@ -59,6 +59,13 @@ def patterns(L, seed):
 
 
 # --- 1. pieces cover exactly the mask ---------------------------------------------------------
+def expand_tiles(pieces):
+    """Each tiled piece as its tiles (tile t: q rows q_off + t*q_len, k/v rows kv_off + t*kv_len)."""
+    for p in pieces:
+        for t in range(p.tiles):
+            yield p._replace(q_off=p.q_off + t * p.q_len, kv_off=p.kv_off + t * p.kv_len, tiles=1)
+
+
 def covered_pieces(plan, lay, world, label):
     """(piece, global query positions, global key positions) of every block's pieces; the
     diagonal block covers every row (TokenRing/ring initialise from it)."""
@@ -71,7 +78,7 @@ def covered_pieces(plan, lay, world, label):
                 continue
             if i == j:
                 assert (blk.q_start, blk.q_len) == (0, lay.local_len(i)), (label, blk)
-            for p in blk.pieces or (Piece(0, blk.q_len, 0, blk.kv_len, blk.causal),):
+            for p in expand_tiles(blk.pieces or (Piece(0, blk.q_len, 0, blk.kv_len, blk.causal),)):
                 qs = pi[blk.q_start + p.q_off: blk.q_start + p.q_off + p.q_len]
                 ks = pj[blk.kv_start + p.kv_off: blk.kv_start + p.kv_off + p.kv_len]
                 if p.causal and not p.flip:  # (flip: a sliding window's anti-causal square)

@@ -63,6 +63,30 @@ def test_window_pieces_count_is_about_two_per_window_of_rows():
     assert sum(p[1] * p[3] for p in ps if not p[4]) + sum(p[1] * (p[1] + 1) // 2 for p in ps if p[4]) > 0
 
 
+def test_band_tiles_into_a_few_batched_pieces():
+    """documents.tile_pieces: the band's equal squares along the diagonal become one piece each
+    (the causal ones, the anti-causal ones), so a block costs a few block-attention calls
+    whatever its length; the tiles cover what the untiled pieces covered."""
+    from ringattn.documents import tile_pieces
+
+    for L, w in ((8192, 512), (131072, 4096), (64, 4)):
+        plan = RingPlan(None, 0, 1, SequenceLayout.build(L, 1, "contiguous"), True, 1.0, "math", None, w)
+        ps = plan.block(0, 0).pieces
+        assert len(ps) <= 6, (L, w, ps)
+        assert max(p.tiles for p in ps) >= (L - w) // (w - 1) - 1, ps
+        raw = window_pieces(0, L, 0, L, w)
+        expanded = sorted((p.q_off + t * p.q_len, p.q_len, p.kv_off + t * p.kv_len, p.kv_len, p.causal, p.flip)
+                          for p in ps for t in range(p.tiles))
+        assert expanded == sorted(raw), (L, w)
+    # pieces that do not line up stay apart: a gap, another shape, another mask
+    assert tile_pieces([(0, 2, 0, 2, True, False), (3, 2, 3, 2, True, False)]) == \
+        [(0, 2, 0, 2, True, False, 1), (3, 2, 3, 2, True, False, 1)]
+    assert tile_pieces([(0, 2, 0, 2, True, False), (2, 3, 2, 3, True, False)])[1][6] == 1
+    assert tile_pieces([(0, 2, 0, 2, True, False), (2, 2, 2, 2, False, False)])[1][6] == 1
+    assert tile_pieces([(0, 2, 0, 2, True, False), (2, 2, 2, 2, True, False), (4, 2, 4, 2, True, False)]) == \
+        [(0, 2, 0, 2, True, False, 3)]
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_plan_pieces_cover_exactly_the_band(layout, world):
@@ -156,6 +180,11 @@ def window_cases(world):
                       as_tensor=True, seed=7003 + i))
     cases.append(dict(cases[3], alg="token_ring", layout="contiguous", seq_len=L, window=3, batch=2,
                       cu=per_row_patterns(L, 2, world), lse_grad=True, seed=7004 + i))
+    # long bands: many tiles per tiled piece (batch 2: the tiles are copied into batch rows)
+    cases.append(dict(cases[0], alg="ring", layout="contiguous", seq_len=16 * world, window=4, batch=2, hq=4, hkv=2,
+                      lse_grad=True, seed=7005 + i))
+    cases.append(dict(cases[0], alg="token_ring", layout="zigzag", seq_len=16 * world + 1, window=3, batch=2,
+                      hq=2, hkv=1, seed=7006 + i))
     return cases
 
 
