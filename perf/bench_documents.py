@@ -15,8 +15,13 @@ Three tables, each compared with a baseline computed in the same process:
           S=128k, W=8, 32q/8kv heads, d=128, bf16, causal zigzag: busiest rank's bytes of KV rotation
           and of TokenRing, for documents of 1000, 3000, 10000, 30000 tokens (TokenRing sends Q only
           to ranks holding keys of its documents).
-  host    host time of algorithm="auto"'s byte rule for a new packing (every rank computes the
-          trimmed size of all W^2 blocks) at W = 8, 32, 64, S=128k.
+  host    host time of algorithm="auto" for a new packing (every rank computes the trimmed size
+          of all W^2 blocks; up to W = 16 the cost model also simulates both schedules) at
+          W = 8, 32, 64, S=128k.
+  window  W = 1, causal, sliding_window=w (--windows): forward and forward+backward with the
+          band's tiled pieces run batched (documents.TILE_MODE="batched": one call per run of
+          equal squares, the tiles as batch rows) and tile by tile ("per_tile"), against the same
+          call without a window (full causal). "auto" is batched on CUDA, per tile on CPU.
 Writes documents.csv and documents.json (date, device, torch version, command, rows) into --out
 and prints the tables.
 """
@@ -34,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import int_list, median_ms, parse_common, run_meta, write_and_print  # noqa: E402
 import ringattn  # noqa: E402
 from ringattn.block_attention import block_attn_backward, block_attn_forward  # noqa: E402
+from ringattn.layout import RingPlan, SequenceLayout  # noqa: E402
 
 
 def boundaries(L: int, doc_len: int) -> list[int]:
@@ -80,6 +86,46 @@ def time_rows(args, device, dtype):
     return rows
 
 
+def window_rows(args, device, dtype):
+    import ringattn.documents as rdoc
+
+    B, L, Hq, Hkv, D = 1, args.seq, args.heads_q, args.heads_kv, args.head_dim
+    g = torch.Generator(device=device).manual_seed(1)
+    q = torch.randn(B, L, Hq, D, generator=g, device=device).to(dtype)
+    k, v = (torch.randn(B, L, Hkv, D, generator=g, device=device).to(dtype) for _ in range(2))
+    dout = torch.randn_like(q)
+
+    def call(window, bwd):
+        def run():
+            leaves = [t.detach().requires_grad_(bwd) for t in (q, k, v)]
+            with torch.set_grad_enabled(bwd):
+                out = ringattn.sequence_parallel_attention(*leaves, causal=True, sliding_window=window)
+                if bwd:
+                    out.backward(dout)
+        return run
+
+    rows, before = [], rdoc.TILE_MODE
+    try:
+        for w in args.windows:
+            plan = RingPlan(None, 0, 1, SequenceLayout.build(L, 1, "contiguous"), True, 1.0, "auto", None, w)
+            blk = plan.block(0, 0)
+            for bwd in (False, True):
+                t = {}
+                for mode in ("batched", "per_tile"):
+                    rdoc.TILE_MODE = mode
+                    t[mode] = median_ms(call(w, bwd), device, args.warmup, args.reps)
+                rdoc.TILE_MODE = before
+                t_full = median_ms(call(None, bwd), device, args.warmup, args.reps)
+                rows.append(dict(table="window", window=w, seq_len=L, pass_="fwd_bwd" if bwd else "fwd",
+                                 calls_batched=len(blk.pieces), calls_per_tile=len(rdoc._per_tile(blk.pieces)),
+                                 ms_batched=round(t["batched"], 4), ms_per_tile=round(t["per_tile"], 4),
+                                 ms_full_causal=round(t_full, 4), batched_vs_per_tile=round(t["batched"] / t["per_tile"], 4),
+                                 batched_vs_full=round(t["batched"] / t_full, 4)))
+    finally:
+        rdoc.TILE_MODE = before
+    return rows
+
+
 def byte_rows(doc_lens):
     rows = []
     L, W = 131072, 8
@@ -116,15 +162,17 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seq", type=int, default=None)
     p.add_argument("--doc-lens", type=int_list, default=None)
+    p.add_argument("--windows", type=int_list, default=None, help="sliding windows of the window table")
     args, device, dtype, small = parse_common(p, argv, warmup=2, reps=5, small_heads=(4, 2, 64))
     args.seq = args.seq or (2048 if small else 16384)
     args.doc_lens = args.doc_lens or ([128, 512] if small else [512, 2048, 8192])
     # document lengths that do not divide the 16 zigzag chunks of 8192 tokens (aligned ones never cross a rank)
     rows = time_rows(args, device, dtype) + byte_rows([1000, 3000, 10000, 30000])
-    rows += host_rows(1000)
+    args.windows = args.windows or ([128, 512] if small else [1024, 4096])
+    rows += host_rows(1000) + window_rows(args, device, dtype)
     meta = run_meta(device, dtype, shape=dict(batch=1, seq_len=args.seq, heads_q=args.heads_q, heads_kv=args.heads_kv,
                            head_dim=args.head_dim))
-    write_and_print(args.out, "documents", meta, rows, ("time", "bytes", "host"))
+    write_and_print(args.out, "documents", meta, rows, ("time", "bytes", "host", "window"))
 
 
 if __name__ == "__main__":

@@ -256,7 +256,8 @@ def local_compute_profile(threads: int, reps: int, quick: bool, concurrent: int 
     prof = cm.ComputeProfile("local_cpu", "float32", curves, mem, {"auto": "math"}, True,
                              f"measured on {platform.node()} ({platform.processor() or 'cpu'}) by "
                              f"perf/model.py calibrate --calibrate-local: torch.set_num_threads({threads}), "
-                             f"{concurrent} processes timing each shape at the same time (min of {reps}, averaged)")
+                             f"{concurrent} processes timing each shape at the same time (min of {reps}, averaged)",
+                             batched_tiles=False)  # documents.TILE_MODE "auto" runs tiles one by one on CPU
     return prof, table, mtab
 
 

@@ -134,7 +134,8 @@ class ComputeProfile:
     one merge_attn_states_-like pass (also used for zero-fill, add, cast). aliases: {"auto":
     the backend auto resolves to}. bwd_accumulates: True if the measured backward already added
     into fp32 accumulators (the CPU calibration passes them; the H100 bench did not, so the
-    model adds that pass)."""
+    model adds that pass). batched_tiles: a tiled piece (documents.tile_pieces) runs as one call
+    with its tiles as batch rows (CUDA), else tile by tile (documents.TILE_MODE "auto" on CPU)."""
 
     name: str
     dtype: str
@@ -143,6 +144,7 @@ class ComputeProfile:
     aliases: dict
     bwd_accumulates: bool = False
     source: str = ""
+    batched_tiles: bool = True
 
     def backend(self, backend: str) -> str:
         b = self.aliases.get(backend, backend)
@@ -162,6 +164,7 @@ class ComputeProfile:
 
     def to_json(self) -> dict:
         return dict(name=self.name, dtype=self.dtype, source=self.source, bwd_accumulates=self.bwd_accumulates,
+                    batched_tiles=self.batched_tiles,
                     aliases=dict(self.aliases),
                     memory=dict(overhead_s=self.memory.overhead_s, bytes_per_s=self.memory.rate,
                                 points=[list(p) for p in self.memory.points]),
@@ -175,8 +178,11 @@ class ComputeProfile:
         att = {(a["backend"], a["op"], bool(a["causal"])): Curve(a["overhead_s"], a["flops_per_s"], pts(a))
                for a in d["attention"]}
         m = d["memory"]
+        # (profiles written before tiling: a math-only profile is a CPU one, which runs tiles one by one)
+        batched = d.get("batched_tiles", not all(a["backend"] == "math" for a in d["attention"]))
         return ComputeProfile(d["name"], d["dtype"], att, Curve(m["overhead_s"], m["bytes_per_s"], pts(m)),
-                              dict(d.get("aliases", {})), bool(d.get("bwd_accumulates", False)), d.get("source", ""))
+                              dict(d.get("aliases", {})), bool(d.get("bwd_accumulates", False)), d.get("source", ""),
+                              bool(batched))
 
 
 def _c(a_us, tflops):
@@ -427,6 +433,9 @@ class _Builder:
             if op == "bwd":
                 _bwd_accumulate(self, step, blk.q_len, blk.kv_len)
             return
+        if not self.prof.batched_tiles and any(p.tiles > 1 for p in ps):
+            from ringattn.documents import _per_tile
+            ps = _per_tile(ps)
         q_row, kv_row, e = sh.Hq * sh.D, sh.Hkv * sh.D, sh.e  # elements of one token's q / k
         if op == "fwd":
             self.mem(step, sh.B * blk.q_len * sh.Hq * (sh.D + 1) * 4, "zero fp32 out, -inf lse (pieced block)")

@@ -48,6 +48,8 @@ its rows.
 from __future__ import annotations
 
 import bisect
+import functools
+import os
 import zlib
 from typing import NamedTuple
 
@@ -57,6 +59,15 @@ from ringattn.block_attention import block_attn_backward, block_attn_forward, bl
 from ringattn.ops import merge_attn_states_
 
 _F32 = torch.float32
+
+# How a tiled piece runs (tile_pieces): "auto" = as ONE call with its tiles as batch rows on CUDA
+# (one launch instead of T), tile by tile elsewhere (the CPU math backend is slower batched: its
+# scores of T tiles at once fall out of cache; perf/RESULTS.md, 2026-12-03); "batched" /
+# "per_tile" force one way (the CPU tests run both). Env RINGATTN_TILES sets the default.
+TILE_MODES = ("auto", "batched", "per_tile")
+TILE_MODE = os.environ.get("RINGATTN_TILES", "auto")
+if TILE_MODE not in TILE_MODES:
+    raise ValueError(f"RINGATTN_TILES must be one of {TILE_MODES}, got {TILE_MODE!r}")
 
 
 class Piece(NamedTuple):
@@ -329,6 +340,19 @@ def document_block(lay, docs: tuple, q_owner: int, kv_owner: int, causal: bool, 
     return Block(q0, q1 - q0, k0, k1 - k0, False, rel)
 
 
+@functools.lru_cache(maxsize=256)
+def _per_tile(pieces: tuple) -> tuple:
+    return tuple(p._replace(q_off=p.q_off + t * p.q_len, kv_off=p.kv_off + t * p.kv_len, tiles=1)
+                 for p in pieces for t in range(p.tiles))
+
+
+def run_pieces(blk, device: torch.device) -> tuple:
+    """blk.pieces as they run on `device` (TILE_MODE): tiled, or each tile its own piece."""
+    if TILE_MODE == "batched" or (TILE_MODE == "auto" and device.type == "cuda"):
+        return blk.pieces
+    return _per_tile(blk.pieces) if any(p.tiles > 1 for p in blk.pieces) else blk.pieces
+
+
 def _rows(t, p: Piece):
     return t if p.nb == 0 else t.narrow(0, p.b0, p.nb)
 
@@ -393,7 +417,7 @@ def block_forward(blk, q, k, v, *, softmax_scale, backend):
     B, n, Hq, D = q.shape
     out = torch.zeros((B, n, Hq, D), dtype=_F32, device=q.device)
     lse = torch.full((B, Hq, n), float("-inf"), dtype=_F32, device=q.device)
-    for p in blk.pieces:
+    for p in run_pieces(blk, q.device):
         T, Bp = p.tiles, p.nb or B
         qp, kp, vp = _tile(_q(q, p), T), _tile(_kv(k, p), T), _tile(_kv(v, p), T)
         if p.flip:  # anti-causal: the causal square of the reversed rows and keys, reversed back
@@ -413,7 +437,7 @@ def block_backward(blk, dout, q, k, v, out, lse, *, dq_out, dk_out, dv_out, soft
         block_attn_backward(dout, q, k, v, out, lse, causal=blk.causal, dq_out=dq_out, dk_out=dk_out,
                             dv_out=dv_out, **kw)
         return
-    for p in blk.pieces:
+    for p in run_pieces(blk, q.device):
         if p.flip or p.tiles > 1:  # (reversed) tiles into fp32 scratch accumulators, added back in order
             T, Bp = p.tiles, p.nb or q.shape[0]
             r = _rev if p.flip else (lambda t, dim=1: t)
@@ -436,7 +460,7 @@ def block_lse_backward_(blk, dlse, q, k, lse, *, dq_out, dk_out, softmax_scale, 
     if not blk.pieces:
         block_lse_backward(dlse, q, k, lse, causal=blk.causal, dq_out=dq_out, dk_out=dk_out, **kw)
         return
-    for p in blk.pieces:
+    for p in run_pieces(blk, q.device):
         if p.flip or p.tiles > 1:
             T, Bp = p.tiles, p.nb or q.shape[0]
             r = _rev if p.flip else (lambda t, dim=1: t)

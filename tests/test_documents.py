@@ -204,7 +204,18 @@ def band(L, w):
 
 def run_doc_case(c, device="cpu"):
     """One case (a dict: alg, causal, layout, seq_len, cu (None: one sequence), optional window,
-    hq, hkv, batch, head_dim, dtype, lse_grad, as_tensor, seed) against float64; None or the failure."""
+    hq, hkv, batch, head_dim, dtype, lse_grad, as_tensor, seed, optional tiles: how tiled pieces
+    run, documents.TILE_MODE) against float64; None or the failure."""
+    import ringattn.documents as rdoc
+
+    before, rdoc.TILE_MODE = rdoc.TILE_MODE, c.get("tiles", "auto")
+    try:
+        return _run_doc_case(c, device)
+    finally:
+        rdoc.TILE_MODE = before
+
+
+def _run_doc_case(c, device):
     rank, world = dist.get_rank(), dist.get_world_size()
     B, L, Hq, Hkv, D, dtype = c["batch"], c["seq_len"], c["hq"], c["hkv"], c["head_dim"], c["dtype"]
     cu, w = c["cu"], c.get("window")
@@ -276,7 +287,8 @@ def doc_cases(world):
                             hq, hkv = ((4, 2), (4, 4), (2, 1))[i % 3]
                             cases.append(dict(alg=alg, causal=causal, layout=layout, seq_len=L, cu=pats[name],
                                               pattern=name, hq=hq, hkv=hkv, batch=1 + i % 2, head_dim=8,
-                                              dtype=dtype, lse_grad=i % 4 == 1, as_tensor=i % 2 == 0, seed=i))
+                                              dtype=dtype, lse_grad=i % 4 == 1, as_tensor=i % 2 == 0, seed=i,
+                                              tiles=("batched", "per_tile")[i % 3 == 0]))
                             i += 1
     # per-row packings: batch 2 and 3, both algorithms, causal and not, both layouts
     for j, (alg, causal, layout, B) in enumerate((("ring", True, "zigzag", 2), ("token_ring", True, "zigzag", 3),

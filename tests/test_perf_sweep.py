@@ -370,3 +370,23 @@ def test_model_measure_drives_the_sweep(tmp_path):
                         os.path.join(ROOT, "perf/results/2026-12-01_cost_model_cpu_profile.json")],
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert v.returncode == 0 and "rows 4" in v.stdout, v.stdout[-2000:] + v.stderr[-2000:]
+
+
+def test_bench_documents_window_table_times_both_tile_modes():
+    """perf/bench_documents.py's window table: the same windowed call with the band's tiles run
+    batched and tile by tile, against full causal, in one process; TILE_MODE is left as it was."""
+    import argparse
+
+    import bench_documents
+
+    import ringattn.documents as rdoc
+
+    args = argparse.Namespace(seq=256, heads_q=2, heads_kv=1, head_dim=16, windows=[16, 64], warmup=0, reps=1)
+    before = rdoc.TILE_MODE
+    rows = bench_documents.window_rows(args, torch.device("cpu"), torch.float32)
+    assert rdoc.TILE_MODE == before
+    assert [(r["window"], r["pass_"]) for r in rows] == [(16, "fwd"), (16, "fwd_bwd"), (64, "fwd"), (64, "fwd_bwd")]
+    for r in rows:
+        assert r["calls_batched"] < r["calls_per_tile"], r  # the band's squares tiled
+        assert r["ms_batched"] > 0 and r["ms_per_tile"] > 0 and r["ms_full_causal"] > 0, r
+        assert r["batched_vs_per_tile"] == pytest.approx(r["ms_batched"] / r["ms_per_tile"], rel=1e-2)

@@ -170,7 +170,8 @@ def window_cases(world):
                         hq, hkv = ((4, 2), (4, 4), (2, 1))[i % 3]
                         cases.append(dict(alg=alg, causal=True, layout=layout, seq_len=L, cu=None, window=w,
                                           hq=hq, hkv=hkv, batch=1 + i % 2, head_dim=8, dtype=dtype,
-                                          lse_grad=i % 5 == 1, as_tensor=False, seed=7000 + i))
+                                          lse_grad=i % 5 == 1, as_tensor=False, seed=7000 + i,
+                                          tiles=("batched", "per_tile")[i % 2]))
                         i += 1
     L = 7 * world - 1
     # auto; a window beyond the sequence (plain causal); documents inside the window; per-row packings
@@ -181,10 +182,11 @@ def window_cases(world):
     cases.append(dict(cases[3], alg="token_ring", layout="contiguous", seq_len=L, window=3, batch=2,
                       cu=per_row_patterns(L, 2, world), lse_grad=True, seed=7004 + i))
     # long bands: many tiles per tiled piece (batch 2: the tiles are copied into batch rows)
-    cases.append(dict(cases[0], alg="ring", layout="contiguous", seq_len=16 * world, window=4, batch=2, hq=4, hkv=2,
-                      lse_grad=True, seed=7005 + i))
-    cases.append(dict(cases[0], alg="token_ring", layout="zigzag", seq_len=16 * world + 1, window=3, batch=2,
-                      hq=2, hkv=1, seed=7006 + i))
+    for tiles in ("batched", "per_tile"):
+        cases.append(dict(cases[0], alg="ring", layout="contiguous", seq_len=16 * world, window=4, batch=2, hq=4,
+                          hkv=2, lse_grad=True, seed=7005 + i, tiles=tiles))
+        cases.append(dict(cases[0], alg="token_ring", layout="zigzag", seq_len=16 * world + 1, window=3, batch=2,
+                          hq=2, hkv=1, seed=7006 + i, tiles=tiles))
     return cases
 
 
