@@ -557,8 +557,11 @@ ANSWER_TOPOLOGIES = ["nvswitch", "pcie", "inter_node"]
 
 
 def answer_grid(profile, topologies=ANSWER_TOPOLOGIES, worlds=ANSWER_W, lengths=ANSWER_L, *,
-                rate_only=False, latency_scale=1.0, bandwidth_scale=1.0):
-    """One row per (topology, heads, mask, pass, W, L): predicted ring and TokenRing ms."""
+                rate_only=False, latency_scale=1.0, bandwidth_scale=1.0, window=None):
+    """One row per (topology, heads, mask, pass, W, L): predicted ring and TokenRing ms.
+    window: instead of the causal zigzag / non-causal masks, causal contiguous with this sliding
+    window (the layout to use with windows, docs/sequence_parallel.md)."""
+    masks = ((True, "contiguous"),) if window else ((True, "zigzag"), (False, "contiguous"))
     if rate_only:  # sensitivity: no fixed per-call cost (the small-block extrapolation's other bound)
         profile = dataclasses.replace(
             profile, name=profile.name + "_rate_only",
@@ -567,16 +570,17 @@ def answer_grid(profile, topologies=ANSWER_TOPOLOGIES, worlds=ANSWER_W, lengths=
     for tname in topologies:
         topo = cm.get_topology(tname).scaled(bandwidth=bandwidth_scale, latency=latency_scale)
         for hq, hkv in ((32, 32), (32, 8)):
-            for causal, layout in ((True, "zigzag"), (False, "contiguous")):
+            for causal, layout in masks:
                 for backward in (False, True):
                     for W in worlds:
                         for L in lengths:
                             c = cm.compare(seq_len=L, world_size=W, layout=layout, causal=causal, batch=1,
                                            heads_q=hq, heads_kv=hkv, head_dim=128, dtype=2, backward=backward,
-                                           topology=topo, profile=profile)
+                                           topology=topo, profile=profile, sliding_window=window)
                             r, t = c["ring"], c["token_ring"]
-                            rows.append(dict(topology=tname, heads_q=hq, heads_kv=hkv,
-                                             mask="causal zigzag" if causal else "non-causal",
+                            mask = ("causal zigzag" if causal else "non-causal") if not window else \
+                                f"causal contiguous, window {window}"
+                            rows.append(dict(topology=tname, heads_q=hq, heads_kv=hkv, mask=mask,
                                              **{"pass": "fwd_bwd" if backward else "fwd"}, world=W, seq_len=L,
                                              ring_ms=round(r.total_s * 1e3, 4), token_ring_ms=round(t.total_s * 1e3, 4),
                                              ring_exposed_ms=round(r.exposed_comm_s * 1e3, 4),
@@ -755,9 +759,9 @@ def cmd_answer(a):
                      seq_len=int(r["seq_len"]), speedup=float(r["speedup"])) for r in csv.DictReader(open(a.from_csv))]
         alt = [dict(r, speedup=float(r["speedup_rate_only"])) for r in rows] if "speedup_rate_only" in rows[0] else None
     else:
-        rows = answer_grid(prof, latency_scale=a.latency_scale, bandwidth_scale=a.bandwidth_scale)
-        alt = answer_grid(prof, rate_only=True, latency_scale=a.latency_scale, bandwidth_scale=a.bandwidth_scale) \
-            if a.rate_only_alt else None
+        rows = answer_grid(prof, latency_scale=a.latency_scale, bandwidth_scale=a.bandwidth_scale, window=a.window)
+        alt = answer_grid(prof, rate_only=True, latency_scale=a.latency_scale, bandwidth_scale=a.bandwidth_scale,
+                          window=a.window) if a.rate_only_alt else None
     if alt and not a.from_csv:
         for r, x in zip(rows, alt):
             r["speedup_rate_only"] = x["speedup"]
@@ -778,7 +782,7 @@ def cmd_answer(a):
         print(f"rate-only compute (no fitted overhead): {verdict_changes(rows, alt)} cells change verdict")
     for name, kw in (("latency x 0", dict(latency_scale=0.0)), ("latency x 4", dict(latency_scale=4.0)),
                      ("bandwidth x 0.5", dict(bandwidth_scale=0.5))) if a.sensitivity else ():
-        other = answer_grid(prof, **kw)
+        other = answer_grid(prof, window=a.window, **kw)
         print(f"{name}: {verdict_changes(rows, other)} of {len(rows)} cells change verdict")
 
 
@@ -850,6 +854,8 @@ def main(argv=None):
     w = sub.add_parser("answer")
     w.add_argument("--profile", default=None, help="default: cost_model.H100_BF16")
     w.add_argument("--latency-scale", type=float, default=1.0)
+    w.add_argument("--window", type=int, default=None,
+                   help="sliding window: causal contiguous with this window instead of the two unmasked masks")
     w.add_argument("--bandwidth-scale", type=float, default=1.0)
     w.add_argument("--rate-only-alt", action="store_true",
                    help="also run with zero compute overhead; show its value where the winner differs")
