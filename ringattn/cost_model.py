@@ -502,13 +502,17 @@ def _ring_fwd(b: _Builder):
     lay, W = sh.lay, sh.lay.world_size
     n = lay.local_lengths
     S = sh.plan.ring_steps  # KV rotation runs steps 0..S (the early stop of windows / documents)
+    m = [rows for _, rows in sh.plan.kv_ranges]  # the travelling rows of each rank's K/V
     kv_tok = sh.B * sh.Hkv * sh.D * sh.e  # bytes of k (or v) per token
     nxt, prv = (r + 1) % W, (r - 1) % W
     for s in range(S + 1):
         st = ("fwd", s)
         j = (r - s) % W
         if s < S:
-            b.post(st, s, "fwd.kv", [(nxt, [kv_tok * n[j]] * 2)], [(prv, [kv_tok * n[(r - s - 1) % W]] * 2)])
+            if s == 0 and sh.B > 1 and 0 < m[r] < n[r]:  # (batch 1: the rows are a contiguous view)
+                b.mem(st, 2 * kv_tok * m[r] * 2, "contiguous copy of the travelling K/V rows")
+            b.post(st, s, "fwd.kv", [(nxt, [kv_tok * m[j]] * 2)] if m[j] else [],
+                   [(prv, [kv_tok * m[(r - s - 1) % W]] * 2)] if m[(r - s - 1) % W] else [])
         blk = sh.block(r, j)
         if blk is not None:
             b.block("fwd", st, blk)
@@ -545,16 +549,23 @@ def _ring_bwd(b: _Builder):
         b.block("bwd", st, sh.block(r, r))
         b.mem(st, (q_el + 2 * sh.B * n[r] * sh.Hkv * sh.D) * (4 + sh.e), "cast dq/dk/dv")
         return
+    m = [rows for _, rows in sh.plan.kv_ranges]  # the travelling rows of each rank's K/V and dK/dV sums
+    keep = m[r] != n[r]  # our other rows' dK/dV stay home (ring_attention.ring_backward)
+    kv_el = sh.B * sh.Hkv * sh.D
     for s in range(S + 1):
         st = ("bwd", s)
         j = (r - s) % W
-        kv_el = sh.B * sh.Hkv * sh.D
         if s < S:
-            b.post(st, s, "bwd.kv", [(nxt, [kv_tok * n[j]] * 2)], [(prv, [kv_tok * n[(r - s - 1) % W]] * 2)])
+            if s == 0 and sh.B > 1 and 0 < m[r] < n[r]:
+                b.mem(st, 2 * kv_tok * m[r] * 2, "contiguous copy of the travelling K/V rows")
+            b.post(st, s, "bwd.kv", [(nxt, [kv_tok * m[j]] * 2)] if m[j] else [],
+                   [(prv, [kv_tok * m[(r - s - 1) % W]] * 2)] if m[(r - s - 1) % W] else [])
         blk = sh.block(r, j)
         if s == 0:
-            b.mem(st, 2 * 4 * n[j] * kv_el, "zero dk/dv sums")
+            b.mem(st, 2 * 4 * n[j] * kv_el, "zero dk/dv sums" if not keep else "zero dk/dv home")
             b.block("bwd", st, blk)
+            if keep:
+                b.mem(st, 2 * 8 * m[r] * kv_el, "copy the travelling rows' dk/dv into the sums")
         else:
             if blk is not None:
                 b.mem(st, 2 * 4 * blk.kv_len * kv_el, "zero dk/dv scratch")
@@ -565,12 +576,15 @@ def _ring_bwd(b: _Builder):
         # the sums posted now are in flight during the next step's compute: phase s + 1. After step
         # S they go straight home to j (S = W - 1: the next rank, the ring's last hop).
         to, frm = (nxt, prv) if s < S else (j, (r + S) % W)
-        n_in = n[(r - s - 1) % W] if s < S else n[r]
-        b.post(st, s + 1, "bwd.dkv", [(to, [dkv_tok * n[j]] * 2)], [(frm, [dkv_tok * n_in] * 2)])
+        m_in = m[(r - s - 1) % W] if s < S else m[r]
+        b.post(st, s + 1, "bwd.dkv", [(to, [dkv_tok * m[j]] * 2)] if m[j] else [],
+               [(frm, [dkv_tok * m_in] * 2)] if m_in else [])
         if s < S:
             b.wait(st, "bwd.kv")
     st = ("bwd", S)
     b.wait(st, "bwd.dkv")
+    if keep:
+        b.mem(st, 2 * 8 * m[r] * kv_el, "sums home into dk/dv")
     b.mem(st, (q_el + 2 * sh.B * n[r] * sh.Hkv * sh.D) * (4 + sh.e), "cast dq/dk/dv")
 
 

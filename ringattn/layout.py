@@ -353,6 +353,16 @@ class RingPlan:
             return self.world_size - 1  # every distance has a block (contiguous causal: the last rank's)
         return ring_steps(self.layout, self.causal, self.documents, self.window)
 
+    @functools.cached_property
+    def kv_ranges(self) -> tuple:
+        """(start, length) per rank j of the K/V rows of j that travel in KV rotation: the union of
+        the rows its receivers j+1 .. j+S need (their blocks' kv rows; S = ring_steps); (0, 0)
+        when none needs any. The whole chunk without windows / documents (some receiver always
+        needs all of it); with a window in the contiguous layout only the last w-1 rows."""
+        if self.documents is None and self.window is None:
+            return tuple((0, n) for n in self.layout.local_lengths)
+        return kv_ranges(self.layout, self.causal, self.documents, self.window)
+
     def block(self, q_owner: int, kv_owner: int) -> Block | None:
         key = (q_owner, kv_owner)
         if key not in self._blocks:
@@ -372,6 +382,20 @@ def ring_steps(lay: SequenceLayout, causal: bool, documents, window) -> int:
     plan = RingPlan(None, 0, lay.world_size, lay, causal, 1.0, "auto", documents, window)
     W = lay.world_size
     return max((s for s in range(1, W) for r in range(W) if plan.block(r, (r - s) % W) is not None), default=0)
+
+
+@functools.lru_cache(maxsize=32)
+def kv_ranges(lay: SequenceLayout, causal: bool, documents, window) -> tuple:
+    """RingPlan.kv_ranges of a call with these masks, cached across calls."""
+    plan = RingPlan(None, 0, lay.world_size, lay, causal, 1.0, "auto", documents, window)
+    W, S = lay.world_size, ring_steps(lay, causal, documents, window)
+    out = []
+    for j in range(W):
+        blks = [b for s in range(1, S + 1) if (b := plan.block((j + s) % W, j)) is not None]
+        lo = min((b.kv_start for b in blks), default=0)
+        hi = max((b.kv_start + b.kv_len for b in blks), default=0)
+        out.append((lo, hi - lo) if hi > lo else (0, 0))
+    return tuple(out)
 
 
 def flat_view(flat: torch.Tensor, shape) -> torch.Tensor:

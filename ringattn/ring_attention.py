@@ -53,6 +53,17 @@ def _lse_rows(lse: torch.Tensor, start: int, length: int) -> torch.Tensor:
     return lse.narrow(2, start, length)
 
 
+def _travelling(t: torch.Tensor, rows: tuple) -> torch.Tensor:
+    """Rows (start, length) of t (B, n, H, D) as a contiguous tensor (a view when they are one)."""
+    start, length = rows
+    return _rows(t, start, length).contiguous()
+
+
+def _shifted(blk: Block | None, offset: int) -> Block | None:
+    """blk with its kv rows counted from `offset` (the first row of a travelling range)."""
+    return blk if blk is None or offset == 0 else blk._replace(kv_start=blk.kv_start - offset)
+
+
 def _q_side(blk: Block, q, out=None, dout=None, lse=None):
     return tuple(None if t is None else (_lse_rows(t, blk.q_start, blk.q_len) if t.dim() == 3
                                          else _rows(t, blk.q_start, blk.q_len))
@@ -62,32 +73,38 @@ def _q_side(blk: Block, q, out=None, dout=None, lse=None):
 def ring_forward(plan: RingPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """q: (B, n_r, Hq, D); k, v: (B, n_r, Hkv, D) contiguous, this rank's tokens.
     Returns out (B, n_r, Hq, D) in q.dtype and lse (B, Hq, n_r) fp32."""
-    W, r, lay = plan.world_size, plan.rank, plan.layout
+    W, r = plan.world_size, plan.rank
     B, _, Hq, D = q.shape
     Hkv = k.shape[2]
     S = plan.ring_steps       # last step any rank has a block at (W - 1 unless windows/documents)
-    numel = B * max(lay.local_lengths) * Hkv * D
+    R = plan.kv_ranges        # (start, rows) of each rank's K/V that travel (all, unless windows/documents)
+    numel = B * max(m for _, m in R) * Hkv * D
     comm = P2PComm(plan.group, "fwd.kv", numel * k.element_size()) if S > 0 else None
     k_bufs = [torch.empty(numel, dtype=k.dtype, device=k.device) for _ in range(2 if S > 0 else 0)]
     v_bufs = [torch.empty(numel, dtype=v.dtype, device=v.device) for _ in range(2 if S > 0 else 0)]
 
     out_acc = lse_acc = None  # (B, n_r, Hq, D) fp32, (B, Hq, n_r) fp32
-    k_cur, v_cur = k, v       # (B, n_j, Hkv, D): the block of rank j = (r - s) mod W
+    k_cur = v_cur = None      # (B, m_j, Hkv, D): rows R[j] of rank j = (r - s) mod W, received
     for s in range(S + 1):
         j = (r - s) % W
         if s < S:
-            shape = (B, lay.local_len((r - s - 1) % W), Hkv, D)
+            # pass block j on: at step 0 our own travelling rows R[r] (copies unless contiguous)
+            k_out, v_out = (_travelling(k, R[r]), _travelling(v, R[r])) if s == 0 else (k_cur, v_cur)
+            shape = (B, R[(r - s - 1) % W][1], Hkv, D)
             k_next, v_next = flat_view(k_bufs[(s + 1) % 2], shape), flat_view(v_bufs[(s + 1) % 2], shape)
-            comm.send(k_cur, plan.next)
-            comm.send(v_cur, plan.next)
-            comm.recv(k_next, plan.prev)
-            comm.recv(v_next, plan.prev)
+            if k_out.shape[1]:  # (no rows: nobody downstream needs them; the receiver knows)
+                comm.send(k_out, plan.next)
+                comm.send(v_out, plan.next)
+            if shape[1]:
+                comm.recv(k_next, plan.prev)
+                comm.recv(v_next, plan.prev)
             comm.commit()
-        blk = plan.block(r, j)
+        blk = _shifted(plan.block(r, j), R[j][0] if s else 0)  # kv rows into what we hold of j
         if blk is not None:
+            k_blk, v_blk = (k, v) if s == 0 else (k_cur, v_cur)
             q_rows = _rows(q, blk.q_start, blk.q_len)
             out_p, lse_p = block_forward(
-                blk, q_rows, _rows(k_cur, blk.kv_start, blk.kv_len), _rows(v_cur, blk.kv_start, blk.kv_len),
+                blk, q_rows, _rows(k_blk, blk.kv_start, blk.kv_len), _rows(v_blk, blk.kv_start, blk.kv_len),
                 softmax_scale=plan.softmax_scale, backend=plan.backend)
             if s == 0:  # the diagonal block covers every row: it initialises the accumulator
                 out_acc = torch.empty(q.shape, dtype=_F32, device=q.device).copy_(out_p)
@@ -108,7 +125,7 @@ def ring_backward(plan: RingPlan, dout, q, k, v, out, lse, dlse=None):
 
     lse's gradient: each block gets a second, lse-only backward (block_lse_backward). Local compute
     only: the ring moves the same messages, so ranks with and without a dlse stay in lockstep."""
-    W, r, lay = plan.world_size, plan.rank, plan.layout
+    W, r = plan.world_size, plan.rank
     B, n_r, Hq, D = q.shape
     Hkv = k.shape[2]
     dq_acc = torch.zeros(q.shape, dtype=_F32, device=q.device)
@@ -133,7 +150,8 @@ def ring_backward(plan: RingPlan, dout, q, k, v, out, lse, dlse=None):
         block_backward(plan.block(r, r), k, v, dk, dv)
         return dq_acc.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
-    numel = B * max(lay.local_lengths) * Hkv * D
+    R = plan.kv_ranges  # (start, rows) of each rank's K/V (and dK/dV sums) that travel
+    numel = B * max(m for _, m in R) * Hkv * D
     kv_comm = P2PComm(plan.group, "bwd.kv", numel * k.element_size())
     dkv_comm = P2PComm(plan.group, "bwd.dkv", numel * 4)
     dev = k.device
@@ -142,24 +160,38 @@ def ring_backward(plan: RingPlan, dout, q, k, v, out, lse, dlse=None):
     dk_bufs = [torch.empty(numel, dtype=_F32, device=dev) for _ in range(2)]  # travelling sums
     dv_bufs = [torch.empty(numel, dtype=_F32, device=dev) for _ in range(2)]
     dk_part, dv_part = (torch.empty(numel, dtype=_F32, device=dev) for _ in range(2))  # scratch
+    a_r, m_r = R[r]
+    # Our rows outside R[r] never travel: their dK/dV (our own diagonal block's) stay here, in
+    # dk_home / dv_home (B, n_r, Hkv, D) fp32, and the sums of R[r] come home into them at the end.
+    # With the whole chunk travelling (no windows / documents) there is nothing to keep.
+    keep = (a_r, m_r) != (0, n_r)
 
-    k_cur, v_cur = k, v
+    k_cur = v_cur = None  # (B, m_j, Hkv, D): rows R[j] of rank j = (r - s) mod W, received
     for s in range(S + 1):
         j = (r - s) % W
-        shape_j = (B, lay.local_len(j), Hkv, D)
+        shape_j = (B, R[j][1], Hkv, D)
         if s < S:
-            shape = (B, lay.local_len((r - s - 1) % W), Hkv, D)
+            k_out, v_out = (_travelling(k, R[r]), _travelling(v, R[r])) if s == 0 else (k_cur, v_cur)
+            shape = (B, R[(r - s - 1) % W][1], Hkv, D)
             k_next, v_next = flat_view(k_bufs[(s + 1) % 2], shape), flat_view(v_bufs[(s + 1) % 2], shape)
-            kv_comm.send(k_cur, plan.next)
-            kv_comm.send(v_cur, plan.next)
-            kv_comm.recv(k_next, plan.prev)
-            kv_comm.recv(v_next, plan.prev)
+            if k_out.shape[1]:
+                kv_comm.send(k_out, plan.next)
+                kv_comm.send(v_out, plan.next)
+            if shape[1]:
+                kv_comm.recv(k_next, plan.prev)
+                kv_comm.recv(v_next, plan.prev)
             kv_comm.commit()
-        blk = plan.block(r, j)
-        if s == 0:  # own block: accumulate straight into the running sums that will travel
-            dk_run, dv_run = flat_view(dk_bufs[0], shape_j).zero_(), flat_view(dv_bufs[0], shape_j).zero_()
-            block_backward(blk, k_cur, v_cur, dk_run, dv_run)
+        if s == 0:  # own block: into the running sums that will travel (or home, then their rows)
+            if keep:
+                dk_home, dv_home = (torch.zeros(t.shape, dtype=_F32, device=dev) for t in (k, v))
+                block_backward(plan.block(r, r), k, v, dk_home, dv_home)
+                dk_run = flat_view(dk_bufs[0], shape_j).copy_(_rows(dk_home, a_r, m_r))
+                dv_run = flat_view(dv_bufs[0], shape_j).copy_(_rows(dv_home, a_r, m_r))
+            else:
+                dk_run, dv_run = flat_view(dk_bufs[0], shape_j).zero_(), flat_view(dv_bufs[0], shape_j).zero_()
+                block_backward(plan.block(r, r), k, v, dk_run, dv_run)
         else:
+            blk = _shifted(plan.block(r, j), R[j][0])  # kv rows into what we hold of j
             if blk is not None:
                 pk, pv = flat_view(dk_part, shape_j), flat_view(dv_part, shape_j)
                 _rows(pk, blk.kv_start, blk.kv_len).zero_()
@@ -173,19 +205,26 @@ def ring_backward(plan: RingPlan, dout, q, k, v, out, lse, dlse=None):
         # Pass block j's sums on; after step S they go straight home to j (S = W-1: that is the
         # next rank, the ring's last hop). Receive the next block's (after step S: our own).
         to, frm = (plan.next, plan.prev) if s < S else (j, (r + S) % W)
-        shape_in = (B, lay.local_len((r - s - 1) % W if s < S else r), Hkv, D)
-        dkv_comm.send(dk_run, to)
-        dkv_comm.send(dv_run, to)
-        dkv_comm.recv(flat_view(dk_bufs[(s + 1) % 2], shape_in), frm)
-        dkv_comm.recv(flat_view(dv_bufs[(s + 1) % 2], shape_in), frm)
+        shape_in = (B, R[(r - s - 1) % W if s < S else r][1], Hkv, D)
+        if shape_j[1]:
+            dkv_comm.send(dk_run, to)
+            dkv_comm.send(dv_run, to)
+        if shape_in[1]:
+            dkv_comm.recv(flat_view(dk_bufs[(s + 1) % 2], shape_in), frm)
+            dkv_comm.recv(flat_view(dv_bufs[(s + 1) % 2], shape_in), frm)
         dkv_comm.commit()
         if s < S:
             kv_comm.wait()
             k_cur, v_cur = k_next, v_next
     dkv_comm.wait()
-    own = (B, n_r, Hkv, D)
-    dk = flat_view(dk_bufs[(S + 1) % 2], own).to(k.dtype, copy=True)
-    dv = flat_view(dv_bufs[(S + 1) % 2], own).to(v.dtype, copy=True)
+    sums = (B, m_r, Hkv, D)  # our travelling rows' sums, home from rank r + S
+    if not keep:
+        dk = flat_view(dk_bufs[(S + 1) % 2], sums).to(k.dtype, copy=True)
+        dv = flat_view(dv_bufs[(S + 1) % 2], sums).to(v.dtype, copy=True)
+        return dq_acc.to(q.dtype), dk, dv
+    _rows(dk_home, a_r, m_r).copy_(flat_view(dk_bufs[(S + 1) % 2], sums))
+    _rows(dv_home, a_r, m_r).copy_(flat_view(dv_bufs[(S + 1) % 2], sums))
+    dk, dv = dk_home.to(k.dtype), dv_home.to(v.dtype)
     return dq_acc.to(q.dtype), dk, dv
 
 
@@ -214,20 +253,23 @@ class RingAttention(torch.autograd.Function):
 
 
 def ring_comm_bytes(lay: SequenceLayout, rank: int, *, batch: int, heads_kv: int, head_dim: int,
-                    elem_size: int, backward: bool, steps: int | None = None) -> dict[str, tuple[int, int]]:
+                    elem_size: int, backward: bool, steps: int | None = None,
+                    rows: tuple | None = None) -> dict[str, tuple[int, int]]:
     """Bytes (sent, received) by `rank` per channel, in closed form (docs/sequence_parallel.md),
-    with S = steps (RingPlan.ring_steps; None: W - 1, the full ring):
+    with S = steps (RingPlan.ring_steps; None: W - 1, the full ring) and m_j = the travelling rows
+    of rank j (rows[j], RingPlan.kv_ranges' lengths; None: n_j, the whole chunk):
 
-      fwd.kv, bwd.kv  sent 2*B*Hkv*D*e * sum_{s=0}^{S-1} n_{r-s}   (S = W-1: L - n_{r+1})
-                      recv 2*B*Hkv*D*e * sum_{s=1}^{S}   n_{r-s}   (S = W-1: L - n_r)
-      bwd.dkv         sent = recv = 2*B*Hkv*D*4 * sum_{s=0}^{S} n_{r-s}   (S = W-1: L)
-    Independent of causal and layout up to S (masked blocks are still forwarded). S = 0: nothing.
+      fwd.kv, bwd.kv  sent 2*B*Hkv*D*e * sum_{s=0}^{S-1} m_{r-s}   (S = W-1, m = n: L - n_{r+1})
+                      recv 2*B*Hkv*D*e * sum_{s=1}^{S}   m_{r-s}   (S = W-1, m = n: L - n_r)
+      bwd.dkv         sent = recv = 2*B*Hkv*D*4 * sum_{s=0}^{S} m_{r-s}   (S = W-1, m = n: L)
+    Independent of causal and layout without windows / documents (masked blocks are still
+    forwarded). S = 0: nothing.
     """
     W = lay.world_size
     S = W - 1 if steps is None else steps
     if W == 1 or S == 0:
         return {}
-    n = lay.local_lengths
+    n = lay.local_lengths if rows is None else rows
     blocks = lambda a, b: sum(n[(rank - s) % W] for s in range(a, b + 1))  # noqa: E731
     per_token = 2 * batch * heads_kv * head_dim
     kv = (per_token * elem_size * blocks(0, S - 1), per_token * elem_size * blocks(1, S))

@@ -402,9 +402,10 @@ def predict_comm_bytes(algorithm: str, *, seq_len: int, world_size: int, layout:
     window = _window_arg(sliding_window, causal, seq_len)
     e = _elem_size(dtype)
     if algorithm == "ring":
-        steps = RingPlan(None, 0, world_size, lay, bool(causal), 1.0, "auto", docs, window).ring_steps
+        plan = RingPlan(None, 0, world_size, lay, bool(causal), 1.0, "auto", docs, window)
+        rows = tuple(m for _, m in plan.kv_ranges)
         return [ring_comm_bytes(lay, r, batch=batch, heads_kv=heads_kv, head_dim=head_dim, elem_size=e,
-                                backward=backward, steps=steps) for r in range(world_size)]
+                                backward=backward, steps=plan.ring_steps, rows=rows) for r in range(world_size)]
     if algorithm == "token_ring":
         return [token_ring_comm_bytes(lay, r, causal=causal, batch=batch, heads_q=heads_q, head_dim=head_dim,
                                       elem_size=e, backward=backward, lse_grad=lse_grad, documents=docs,

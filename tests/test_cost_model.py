@@ -332,23 +332,26 @@ def test_masked_blocks_are_the_codes_pieces(alg):
 
 
 def test_window_ring_stops_early_and_sends_home():
-    """Contiguous, a window within one chunk: ring_steps = 1, so with no compute the forward is
-    one K/V hop (not W - 1); the backward's K/V hop runs beside step 0's dK/dV sums (posted at the
-    same instant, in different phases), then the sums go home after step 1 (to the previous rank:
-    W = 2, the same link as the ring's next hop): two dK/dV hops, whatever W."""
+    """Contiguous, a window within one chunk: ring_steps = 1, and only the last w - 1 rows of a
+    rank's K/V travel (RingPlan.kv_ranges; the last rank's none: nobody after it sees them). With
+    no compute the forward is one hop of those rows (not W - 1 hops of whole chunks); the
+    backward's K/V hop runs beside step 0's dK/dV sums (posted at the same instant, in different
+    phases), then the sums go home after step 1: two dK/dV hops of w - 1 rows, whatever W."""
     bw, lat = 100e9, 7e-6
     topo = cm.Topology("nvswitch", bw, lat, call_s=0.0)
     L, w = 8192, 512
     for W in (2, 4):
         n = L // W
-        kv, dkv = 2 * n * 8 * 128 * 2, 2 * n * 8 * 128 * 4
+        kv, dkv = 2 * (w - 1) * 8 * 128 * 2, 2 * (w - 1) * 8 * 128 * 4
         kw = dict(seq_len=L, world_size=W, causal=True, topology=topo, profile=ZERO_COMPUTE, sliding_window=w,
                   **SHAPE)
-        assert cm.predict("ring", backward=False, **kw).total_s == pytest.approx(lat + kv / bw, rel=1e-12)
+        fwd = cm.predict("ring", backward=False, **kw)
+        assert fwd.total_s == pytest.approx(lat + kv / bw, rel=1e-12)
+        assert [b.get("fwd.kv", (0, 0)) for b in fwd.bytes] == [(kv, 0)] + [(kv, kv)] * (W - 2) + [(0, kv)]
         assert cm.predict("ring", backward=True, **kw).total_s == pytest.approx(
             (lat + kv / bw) + 2 * (lat + dkv / bw), rel=1e-12)
         full = cm.predict("ring", backward=False, **dict(kw, sliding_window=None))
-        assert full.total_s == pytest.approx((W - 1) * (lat + kv / bw), rel=1e-12)
+        assert full.total_s == pytest.approx((W - 1) * (lat + 2 * n * 8 * 128 * 2 / bw), rel=1e-12)
 
 
 def test_window_compute_is_its_pieces():

@@ -306,7 +306,11 @@ def test_sliding_window_sweep(tmp_path):
             assert (int(r["sent_bytes_max"]), int(r["recv_bytes_max"])) == _predicted_max(r), r
     assert int(by[("ring", "8")]["sent_bytes_max"]) < int(by[("ring", "")]["sent_bytes_max"])
     assert int(by[("token_ring", "8")]["sent_bytes_max"]) < int(by[("token_ring", "")]["sent_bytes_max"])
-    assert by[("auto", "8")]["resolved_algorithm"] == "token_ring"
+    want = ringattn.choose_algorithm(seq_len=96, world_size=3, layout="contiguous", causal=True, batch=1, heads_q=4,
+                                     heads_kv=2, head_dim=16, dtype=torch.float32, backward=True, sliding_window=8)
+    assert by[("auto", "8")]["resolved_algorithm"] == want.algorithm, want
+    # GQA: the ring's 7 travelling K/V rows (2 heads) are fewer bytes than TokenRing's 7 Q rows (4 heads)
+    assert want.algorithm == "ring" and "sliding window 8" in want.reason, want
     assert sweep.attention_flops(1, 1, 10, 1, True, "fwd", 3) == 4 * (3 * 4 // 2 + 7 * 3)  # 27 visible pairs
 
 

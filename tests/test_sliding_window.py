@@ -137,14 +137,17 @@ def test_far_blocks_are_skipped_and_tokenring_sends_less():
     ch = sp.choose_algorithm(**kw, sliding_window=5)
     assert ch.algorithm == "token_ring" and "sliding window 5" in ch.reason, ch
     # KV rotation stops after one step (no rank needs keys from two ranks back): K/V move one
-    # hop, the dK/dV sums two (one step, then home), instead of W - 1 and W
-    assert RingPlan(None, 0, 4, lay, True, 1.0, "math", None, 5).ring_steps == 1
+    # hop, the dK/dV sums two (one step, then home), instead of W - 1 and W; and only the rows
+    # the next rank's window reaches travel: the last 4 of each chunk, none of the last rank's
+    plan = RingPlan(None, 0, 4, lay, True, 1.0, "math", None, 5)
+    assert plan.ring_steps == 1 and plan.kv_ranges == ((12, 4), (12, 4), (12, 4), (0, 0))
     ring_full = sp.predict_comm_bytes("ring", **kw)
     ring_win = sp.predict_comm_bytes("ring", **kw, sliding_window=5)
     e, per = 2, 2 * 1 * 8 * 16  # bf16; k and v of one token
+    m = (4, 4, 4, 0)
     for r in range(4):
-        assert ring_win[r]["fwd.kv"] == (per * e * 16, per * e * 16), ring_win[r]
-        assert ring_win[r]["bwd.dkv"] == (per * 4 * 32, per * 4 * 32), ring_win[r]
+        assert ring_win[r]["fwd.kv"] == (per * e * m[r], per * e * m[r - 1]), ring_win[r]
+        assert ring_win[r]["bwd.dkv"] == (per * 4 * (m[r] + m[r - 1]),) * 2, ring_win[r]
         assert ring_full[r]["fwd.kv"] == (per * e * 48, per * e * 48), ring_full[r]
     zig = RingPlan(None, 0, 4, SequenceLayout.build(64, 4, "zigzag"), True, 1.0, "math", None, 5)
     assert zig.ring_steps == 3  # zigzag: each late chunk needs the next rank's late chunk (distance W-1)
