@@ -502,17 +502,12 @@ def _ring_fwd(b: _Builder):
     lay, W = sh.lay, sh.lay.world_size
     n = lay.local_lengths
     S = sh.plan.ring_steps  # KV rotation runs steps 0..S (the early stop of windows / documents)
-    m = [rows for _, rows in sh.plan.kv_ranges]  # the travelling rows of each rank's K/V
     kv_tok = sh.B * sh.Hkv * sh.D * sh.e  # bytes of k (or v) per token
-    nxt, prv = (r + 1) % W, (r - 1) % W
     for s in range(S + 1):
         st = ("fwd", s)
         j = (r - s) % W
         if s < S:
-            if s == 0 and sh.B > 1 and 0 < m[r] < n[r]:  # (batch 1: the rows are a contiguous view)
-                b.mem(st, 2 * kv_tok * m[r] * 2, "contiguous copy of the travelling K/V rows")
-            b.post(st, s, "fwd.kv", [(nxt, [kv_tok * m[j]] * 2)] if m[j] else [],
-                   [(prv, [kv_tok * m[(r - s - 1) % W]] * 2)] if m[(r - s - 1) % W] else [])
+            _post_kv(b, st, s, "fwd.kv", j, kv_tok)
         blk = sh.block(r, j)
         if blk is not None:
             b.block("fwd", st, blk)
@@ -523,6 +518,19 @@ def _ring_fwd(b: _Builder):
         if s < S:
             b.wait(st, "fwd.kv")
     b.mem(("fwd", S), sh.B * n[r] * sh.Hq * sh.D * (4 + sh.e), "cast out")
+
+
+def _post_kv(b: _Builder, st, s: int, channel: str, j: int, kv_tok: int):
+    """Step s of KV rotation: send block j's rows that hop s+1 carries (RingPlan.kv_hops; a copy
+    when they are a strict part of what we hold and batch > 1), receive block r-s-1's."""
+    sh, r, W = b.sh, b.r, b.sh.lay.world_size
+    H = sh.plan.kv_hops
+    held = sh.lay.local_len(r) if s == 0 else H[j][s - 1][1]
+    out, inn = H[j][s][1], H[(r - s - 1) % W][s][1]
+    if sh.B > 1 and 0 < out < held:
+        b.mem(st, 2 * kv_tok * out * 2, "contiguous copy of the travelling K/V rows")
+    b.post(st, s, channel, [((r + 1) % W, [kv_tok * out] * 2)] if out else [],
+           [((r - 1) % W, [kv_tok * inn] * 2)] if inn else [])
 
 
 def _bwd_accumulate(b: _Builder, st, q_rows, kv_rows, B=None):
@@ -556,10 +564,7 @@ def _ring_bwd(b: _Builder):
         st = ("bwd", s)
         j = (r - s) % W
         if s < S:
-            if s == 0 and sh.B > 1 and 0 < m[r] < n[r]:
-                b.mem(st, 2 * kv_tok * m[r] * 2, "contiguous copy of the travelling K/V rows")
-            b.post(st, s, "bwd.kv", [(nxt, [kv_tok * m[j]] * 2)] if m[j] else [],
-                   [(prv, [kv_tok * m[(r - s - 1) % W]] * 2)] if m[(r - s - 1) % W] else [])
+            _post_kv(b, st, s, "bwd.kv", j, kv_tok)
         blk = sh.block(r, j)
         if s == 0:
             b.mem(st, 2 * 4 * n[j] * kv_el, "zero dk/dv sums" if not keep else "zero dk/dv home")

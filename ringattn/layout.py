@@ -354,14 +354,25 @@ class RingPlan:
         return ring_steps(self.layout, self.causal, self.documents, self.window)
 
     @functools.cached_property
+    def kv_hops(self) -> tuple:
+        """Per rank j, per hop h = 1..S (S = ring_steps): the (start, length) of j's K/V rows that
+        hop h carries (to rank j + h): the union of the rows ranks j+h .. j+S need (their blocks'
+        kv rows), so a block shrinks as it passes the ranks that need it. Causal contiguous:
+        nothing after rank W-1 (earlier ranks see none of it); causal zigzag: whole on every hop
+        except rank 0's block, which carries only its first chunk (later ranks see only that; a
+        ring sending K/V the other way would shrink every block after the earlier ranks: not
+        done); a window (contiguous): the last w-1 rows, one hop. Non-causal without documents:
+        whole, every hop."""
+        W, S = self.world_size, self.ring_steps
+        if not self.causal and self.documents is None and self.window is None:
+            return tuple(((0, n),) * S for n in self.layout.local_lengths)
+        return kv_hops(self.layout, self.causal, self.documents, self.window)
+
+    @functools.cached_property
     def kv_ranges(self) -> tuple:
-        """(start, length) per rank j of the K/V rows of j that travel in KV rotation: the union of
-        the rows its receivers j+1 .. j+S need (their blocks' kv rows; S = ring_steps); (0, 0)
-        when none needs any. The whole chunk without windows / documents (some receiver always
-        needs all of it); with a window in the contiguous layout only the last w-1 rows."""
-        if self.documents is None and self.window is None:
-            return tuple((0, n) for n in self.layout.local_lengths)
-        return kv_ranges(self.layout, self.causal, self.documents, self.window)
+        """(start, length) per rank j of the rows its K/V's first hop carries (kv_hops[j][0], the
+        union over every receiver): the rows its dK/dV sums travel over; (0, 0) when S = 0."""
+        return tuple(h[0] if h else (0, 0) for h in self.kv_hops)
 
     def block(self, q_owner: int, kv_owner: int) -> Block | None:
         key = (q_owner, kv_owner)
@@ -385,16 +396,19 @@ def ring_steps(lay: SequenceLayout, causal: bool, documents, window) -> int:
 
 
 @functools.lru_cache(maxsize=32)
-def kv_ranges(lay: SequenceLayout, causal: bool, documents, window) -> tuple:
-    """RingPlan.kv_ranges of a call with these masks, cached across calls."""
+def kv_hops(lay: SequenceLayout, causal: bool, documents, window) -> tuple:
+    """RingPlan.kv_hops of a call with these masks, cached across calls."""
     plan = RingPlan(None, 0, lay.world_size, lay, causal, 1.0, "auto", documents, window)
     W, S = lay.world_size, ring_steps(lay, causal, documents, window)
     out = []
     for j in range(W):
-        blks = [b for s in range(1, S + 1) if (b := plan.block((j + s) % W, j)) is not None]
-        lo = min((b.kv_start for b in blks), default=0)
-        hi = max((b.kv_start + b.kv_len for b in blks), default=0)
-        out.append((lo, hi - lo) if hi > lo else (0, 0))
+        lo, hi, hops = lay.local_len(j), 0, []
+        for h in range(S, 0, -1):  # the union over receivers j+h .. j+S, from the last one back
+            b = plan.block((j + h) % W, j)
+            if b is not None:
+                lo, hi = min(lo, b.kv_start), max(hi, b.kv_start + b.kv_len)
+            hops.append((lo, hi - lo) if hi > lo else (0, 0))
+        out.append(tuple(reversed(hops)))
     return tuple(out)
 
 

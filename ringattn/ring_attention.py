@@ -25,8 +25,10 @@ each dK/dV accumulator goes straight to its owner (rank r sends block r-S's to r
 own from r+S) instead of around the rest of the ring.
 Computing each step's dk/dv into a scratch and adding the incoming accumulator afterwards lets
 the accumulator transfer overlap the block backward. Causal blocks that are fully masked are
-skipped (contiguous: blocks of later ranks) but still forwarded, so every rank sends the same
-bytes in every layout; the formula is ring_comm_bytes. Memory per rank: the local tensors, two
+skipped, and a hop carries only the rows of a block that some rank still ahead needs
+(plan.kv_hops: causal contiguous stops a block after rank W-1; a window sends the w-1 rows it
+reaches; the dK/dV sums travel over the first hop's rows, the owner keeping the rest home);
+zero-row messages are not posted. The formula is ring_comm_bytes. Memory per rank: the local tensors, two
 K/V receive buffers, two fp32 dK/dV buffers and one fp32 dK/dV scratch, each sized by the
 largest local length (uneven layouts) -- never L x L.
 """
@@ -53,10 +55,13 @@ def _lse_rows(lse: torch.Tensor, start: int, length: int) -> torch.Tensor:
     return lse.narrow(2, start, length)
 
 
-def _travelling(t: torch.Tensor, rows: tuple) -> torch.Tensor:
-    """Rows (start, length) of t (B, n, H, D) as a contiguous tensor (a view when they are one)."""
+def _travelling(t: torch.Tensor, rows: tuple, held_start: int = 0) -> torch.Tensor:
+    """Rows (start, length) of a rank's K/V, from t (B, n, H, D) holding its rows from held_start
+    on, as a contiguous tensor (a view when they are one)."""
     start, length = rows
-    return _rows(t, start, length).contiguous()
+    if length == 0:  # (an empty range is (0, 0), wherever the held rows start)
+        return t.narrow(1, 0, 0)
+    return _rows(t, start - held_start, length).contiguous()
 
 
 def _shifted(blk: Block | None, offset: int) -> Block | None:
@@ -77,20 +82,23 @@ def ring_forward(plan: RingPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     B, _, Hq, D = q.shape
     Hkv = k.shape[2]
     S = plan.ring_steps       # last step any rank has a block at (W - 1 unless windows/documents)
-    R = plan.kv_ranges        # (start, rows) of each rank's K/V that travel (all, unless windows/documents)
+    H = plan.kv_hops          # H[j][h-1]: (start, rows) of rank j's K/V that hop h carries
+    R = plan.kv_ranges        # H[j][0]: the most of j's rows that travel
     numel = B * max(m for _, m in R) * Hkv * D
     comm = P2PComm(plan.group, "fwd.kv", numel * k.element_size()) if S > 0 else None
     k_bufs = [torch.empty(numel, dtype=k.dtype, device=k.device) for _ in range(2 if S > 0 else 0)]
     v_bufs = [torch.empty(numel, dtype=v.dtype, device=v.device) for _ in range(2 if S > 0 else 0)]
 
     out_acc = lse_acc = None  # (B, n_r, Hq, D) fp32, (B, Hq, n_r) fp32
-    k_cur = v_cur = None      # (B, m_j, Hkv, D): rows R[j] of rank j = (r - s) mod W, received
+    k_cur = v_cur = None      # (B, rows, Hkv, D): rows H[j][s-1] of rank j = (r - s) mod W, received
     for s in range(S + 1):
         j = (r - s) % W
+        held = (0, k.shape[1]) if s == 0 else H[j][s - 1]
         if s < S:
-            # pass block j on: at step 0 our own travelling rows R[r] (copies unless contiguous)
-            k_out, v_out = (_travelling(k, R[r]), _travelling(v, R[r])) if s == 0 else (k_cur, v_cur)
-            shape = (B, R[(r - s - 1) % W][1], Hkv, D)
+            # pass block j on: the rows of it that hop s+1 carries (copies unless contiguous)
+            k_out, v_out = (_travelling(k, H[j][s]), _travelling(v, H[j][s])) if s == 0 else \
+                (_travelling(k_cur, H[j][s], held[0]), _travelling(v_cur, H[j][s], held[0]))
+            shape = (B, H[(r - s - 1) % W][s][1], Hkv, D)
             k_next, v_next = flat_view(k_bufs[(s + 1) % 2], shape), flat_view(v_bufs[(s + 1) % 2], shape)
             if k_out.shape[1]:  # (no rows: nobody downstream needs them; the receiver knows)
                 comm.send(k_out, plan.next)
@@ -99,7 +107,7 @@ def ring_forward(plan: RingPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                 comm.recv(k_next, plan.prev)
                 comm.recv(v_next, plan.prev)
             comm.commit()
-        blk = _shifted(plan.block(r, j), R[j][0] if s else 0)  # kv rows into what we hold of j
+        blk = _shifted(plan.block(r, j), held[0])  # kv rows into what we hold of j
         if blk is not None:
             k_blk, v_blk = (k, v) if s == 0 else (k_cur, v_cur)
             q_rows = _rows(q, blk.q_start, blk.q_len)
@@ -150,7 +158,8 @@ def ring_backward(plan: RingPlan, dout, q, k, v, out, lse, dlse=None):
         block_backward(plan.block(r, r), k, v, dk, dv)
         return dq_acc.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
-    R = plan.kv_ranges  # (start, rows) of each rank's K/V (and dK/dV sums) that travel
+    H = plan.kv_hops    # H[j][h-1]: (start, rows) of rank j's K/V that hop h carries
+    R = plan.kv_ranges  # H[j][0]: the rows of j's dK/dV sums (every contributor's rows)
     numel = B * max(m for _, m in R) * Hkv * D
     kv_comm = P2PComm(plan.group, "bwd.kv", numel * k.element_size())
     dkv_comm = P2PComm(plan.group, "bwd.dkv", numel * 4)
@@ -166,13 +175,15 @@ def ring_backward(plan: RingPlan, dout, q, k, v, out, lse, dlse=None):
     # With the whole chunk travelling (no windows / documents) there is nothing to keep.
     keep = (a_r, m_r) != (0, n_r)
 
-    k_cur = v_cur = None  # (B, m_j, Hkv, D): rows R[j] of rank j = (r - s) mod W, received
+    k_cur = v_cur = None  # (B, rows, Hkv, D): rows H[j][s-1] of rank j = (r - s) mod W, received
     for s in range(S + 1):
         j = (r - s) % W
-        shape_j = (B, R[j][1], Hkv, D)
+        shape_j = (B, R[j][1], Hkv, D)  # block j's sums
+        held = (0, n_r) if s == 0 else H[j][s - 1]
         if s < S:
-            k_out, v_out = (_travelling(k, R[r]), _travelling(v, R[r])) if s == 0 else (k_cur, v_cur)
-            shape = (B, R[(r - s - 1) % W][1], Hkv, D)
+            k_out, v_out = (_travelling(k, H[j][s]), _travelling(v, H[j][s])) if s == 0 else \
+                (_travelling(k_cur, H[j][s], held[0]), _travelling(v_cur, H[j][s], held[0]))
+            shape = (B, H[(r - s - 1) % W][s][1], Hkv, D)
             k_next, v_next = flat_view(k_bufs[(s + 1) % 2], shape), flat_view(v_bufs[(s + 1) % 2], shape)
             if k_out.shape[1]:
                 kv_comm.send(k_out, plan.next)
@@ -191,17 +202,19 @@ def ring_backward(plan: RingPlan, dout, q, k, v, out, lse, dlse=None):
                 dk_run, dv_run = flat_view(dk_bufs[0], shape_j).zero_(), flat_view(dv_bufs[0], shape_j).zero_()
                 block_backward(plan.block(r, r), k, v, dk_run, dv_run)
         else:
-            blk = _shifted(plan.block(r, j), R[j][0])  # kv rows into what we hold of j
-            if blk is not None:
-                pk, pv = flat_view(dk_part, shape_j), flat_view(dv_part, shape_j)
+            blk = _shifted(plan.block(r, j), held[0])  # kv rows into what we hold of j
+            off = held[0] - R[j][0]  # the held rows inside the sums' rows
+            if blk is not None:  # scratch over the held rows
+                pk = _rows(flat_view(dk_part, shape_j), off, held[1])
+                pv = _rows(flat_view(dv_part, shape_j), off, held[1])
                 _rows(pk, blk.kv_start, blk.kv_len).zero_()
                 _rows(pv, blk.kv_start, blk.kv_len).zero_()
                 block_backward(blk, k_cur, v_cur, pk, pv)
             dkv_comm.wait()  # block j's running sums (ranks j..r-1) are here; our last send is done
             dk_run, dv_run = flat_view(dk_bufs[s % 2], shape_j), flat_view(dv_bufs[s % 2], shape_j)
             if blk is not None:
-                _rows(dk_run, blk.kv_start, blk.kv_len).add_(_rows(pk, blk.kv_start, blk.kv_len))
-                _rows(dv_run, blk.kv_start, blk.kv_len).add_(_rows(pv, blk.kv_start, blk.kv_len))
+                _rows(dk_run, off + blk.kv_start, blk.kv_len).add_(_rows(pk, blk.kv_start, blk.kv_len))
+                _rows(dv_run, off + blk.kv_start, blk.kv_len).add_(_rows(pv, blk.kv_start, blk.kv_len))
         # Pass block j's sums on; after step S they go straight home to j (S = W-1: that is the
         # next rank, the ring's last hop). Receive the next block's (after step S: our own).
         to, frm = (plan.next, plan.prev) if s < S else (j, (r + S) % W)
@@ -254,27 +267,32 @@ class RingAttention(torch.autograd.Function):
 
 def ring_comm_bytes(lay: SequenceLayout, rank: int, *, batch: int, heads_kv: int, head_dim: int,
                     elem_size: int, backward: bool, steps: int | None = None,
-                    rows: tuple | None = None) -> dict[str, tuple[int, int]]:
+                    hops: tuple | None = None) -> dict[str, tuple[int, int]]:
     """Bytes (sent, received) by `rank` per channel, in closed form (docs/sequence_parallel.md),
-    with S = steps (RingPlan.ring_steps; None: W - 1, the full ring) and m_j = the travelling rows
-    of rank j (rows[j], RingPlan.kv_ranges' lengths; None: n_j, the whole chunk):
+    with S = steps (RingPlan.ring_steps; None: W - 1, the full ring) and h_j(t) = the rows of
+    rank j's K/V that hop t carries (hops[j][t-1], RingPlan.kv_hops' lengths; None: n_j, the
+    whole chunk, every hop); m_j = h_j(1), the rows of j's dK/dV sums:
 
-      fwd.kv, bwd.kv  sent 2*B*Hkv*D*e * sum_{s=0}^{S-1} m_{r-s}   (S = W-1, m = n: L - n_{r+1})
-                      recv 2*B*Hkv*D*e * sum_{s=1}^{S}   m_{r-s}   (S = W-1, m = n: L - n_r)
-      bwd.dkv         sent = recv = 2*B*Hkv*D*4 * sum_{s=0}^{S} m_{r-s}   (S = W-1, m = n: L)
-    Independent of causal and layout without windows / documents (masked blocks are still
-    forwarded). S = 0: nothing.
+      fwd.kv, bwd.kv  sent 2*B*Hkv*D*e * sum_{s=0}^{S-1} h_{r-s}(s+1)
+                      recv 2*B*Hkv*D*e * sum_{s=0}^{S-1} h_{r-s-1}(s+1)
+      bwd.dkv         sent = recv = 2*B*Hkv*D*4 * sum_{s=0}^{S} m_{r-s}
+    Whole chunks, S = W - 1 (non-causal): sent L - n_{r+1}, received L - n_r, dK/dV L. Causal
+    contiguous: a block stops after rank W-1; causal zigzag: rank 0's block carries only its
+    first chunk (RingPlan.kv_hops). S = 0: nothing.
     """
     W = lay.world_size
     S = W - 1 if steps is None else steps
     if W == 1 or S == 0:
         return {}
-    n = lay.local_lengths if rows is None else rows
-    blocks = lambda a, b: sum(n[(rank - s) % W] for s in range(a, b + 1))  # noqa: E731
+    if hops is None:
+        hops = tuple((n,) * S for n in lay.local_lengths)
     per_token = 2 * batch * heads_kv * head_dim
-    kv = (per_token * elem_size * blocks(0, S - 1), per_token * elem_size * blocks(1, S))
+    sent = sum(hops[(rank - s) % W][s] for s in range(S))
+    recv = sum(hops[(rank - s - 1) % W][s] for s in range(S))
+    kv = (per_token * elem_size * sent, per_token * elem_size * recv)
     result = {"fwd.kv": kv}
     if backward:
+        sums = per_token * 4 * sum(hops[(rank - s) % W][0] for s in range(S + 1))
         result["bwd.kv"] = kv
-        result["bwd.dkv"] = (per_token * 4 * blocks(0, S), per_token * 4 * blocks(0, S))
+        result["bwd.dkv"] = (sums, sums)
     return result

@@ -133,3 +133,28 @@ def _gather_mismatch():
 def test_gather_rejects_mismatched_shapes_on_every_rank(dist_pool):
     msgs = dist_pool(2).run(_gather_mismatch, timeout=30)
     assert msgs[0] == msgs[1] and "disagree" in msgs[0], msgs
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_kv_hops_of_plain_masks_written_from_the_chunk_table(layout):
+    """RingPlan.kv_hops without windows / documents: non-causal, every hop carries the whole
+    chunk. Causal contiguous: a block travels whole while a rank after it is still ahead (hop h
+    reaches j+h <= W-1), then nothing (the earlier ranks see none of it). Causal zigzag: later
+    ranks see only a block's first chunk, earlier ones all of it, and every block but rank 0's
+    ends its trip at an earlier rank: whole on every hop; rank 0's only its first chunk."""
+    for W in range(1, 6):
+        for n_tok in (2 * W, 2 * W + 1, 7 * W + 3):
+            lay = L.SequenceLayout.build(n_tok, W, layout)
+            for causal in (False, True):
+                plan = L.RingPlan(None, 0, W, lay, causal, 1.0, "auto")
+                assert plan.ring_steps == W - 1
+                for j in range(W):
+                    n = lay.local_len(j)
+                    if not causal:
+                        want = ((0, n),) * (W - 1)
+                    elif layout == "contiguous":
+                        want = tuple((0, n) if j + h <= W - 1 else (0, 0) for h in range(1, W))
+                    else:
+                        want = ((0, n) if j >= 1 else (0, lay.first_len(0)),) * (W - 1)
+                    assert plan.kv_hops[j] == want, (W, n_tok, causal, j, plan.kv_hops[j])
+                    assert plan.kv_ranges[j] == (want[0] if want else (0, 0))

@@ -241,7 +241,7 @@ def _run_auto():
             sp.sequence_parallel_attention(q, k, v, causal=True, layout="zigzag").sum().backward()
         want = sp.choose_algorithm(seq_len=L, world_size=world, layout="zigzag", causal=True, batch=1, heads_q=hq,
                                    heads_kv=hkv, head_dim=8, dtype=torch.float32, backward=True).algorithm
-        ran = "ring" if "fwd.kv" in st.sent_by_channel else "token_ring"
+        ran = "ring" if {"fwd.kv", "bwd.kv"} & (set(st.sent_by_channel) | set(st.recv_by_channel)) else "token_ring"
         seen.append((hq, hkv, want, ran))
     return seen
 
@@ -407,7 +407,7 @@ def _run_lse_grad(compiled=False):
                         if not ratio <= 1.0:
                             failures.append(f"rank {rank} {dtype} causal={causal} {layout} {alg} only_rank0={only_rank0} "
                                             f"{name}: err {err.max().item():.3g} ({ratio:.2f}x the bound)")
-                    ran = "ring" if "fwd.kv" in st.sent_by_channel else "token_ring"
+                    ran = "ring" if {"fwd.kv", "bwd.kv"} & (set(st.sent_by_channel) | set(st.recv_by_channel)) else "token_ring"
                     if alg != "auto" and ran != alg and world > 1:
                         failures.append(f"rank {rank} {alg}: ran {ran}")
                     want = sp.predict_comm_bytes(ran, seq_len=L, world_size=world, layout=layout, causal=causal,

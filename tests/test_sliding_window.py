@@ -148,7 +148,9 @@ def test_far_blocks_are_skipped_and_tokenring_sends_less():
     for r in range(4):
         assert ring_win[r]["fwd.kv"] == (per * e * m[r], per * e * m[r - 1]), ring_win[r]
         assert ring_win[r]["bwd.dkv"] == (per * 4 * (m[r] + m[r - 1]),) * 2, ring_win[r]
-        assert ring_full[r]["fwd.kv"] == (per * e * 48, per * e * 48), ring_full[r]
+        # no window, causal contiguous: a block stops after rank W-1 -- rank r < 3 forwards blocks
+        # 0..r, rank 3 nothing (rank 0 sees none of it); rank r receives blocks 0..r-1
+        assert ring_full[r]["fwd.kv"] == (per * e * 16 * (r + 1 if r < 3 else 0), per * e * 16 * r), ring_full[r]
     zig = RingPlan(None, 0, 4, SequenceLayout.build(64, 4, "zigzag"), True, 1.0, "math", None, 5)
     assert zig.ring_steps == 3  # zigzag: each late chunk needs the next rank's late chunk (distance W-1)
     # a window reaching the whole sequence is plain causal attention
