@@ -447,17 +447,18 @@ class _Builder:
             nb = 2 * B * seq_in if copied else 0
             if p.flip and op == "fwd":
                 nb += 2 * B * qn * q_row * e       # out reversed back
+            scratch = op == "bwd" and (p.flip or (T > 1 and B > 1))  # batch 1: tiles are views of the sums
             if p.flip or T > 1:
                 nb += 2 * B * qn * sh.Hq * 4       # lse reversed / reordered
-                if op == "bwd":
-                    nb += B * (qn * q_row + 2 * kn * kv_row) * 4  # zero the fp32 scratch
+            if scratch:
+                nb += B * (qn * q_row + 2 * kn * kv_row) * 4  # zero the fp32 scratch
             self.mem(step, nb, "reverse / tile a piece")
             self.attn(op, step, p.q_len, p.kv_len, True if p.flip else p.causal, B * T)
             if op == "fwd":
                 self.mem(step, _merge_bytes(sh, qn, B), "merge a piece")
             else:
                 _bwd_accumulate(self, step, p.q_len, p.kv_len, B * T)
-                if p.flip or T > 1:
+                if scratch:
                     self.mem(step, B * (qn * q_row + 2 * kn * kv_row) * 12, "add the scratch back")
         if op == "fwd":
             self.mem(step, sh.B * blk.q_len * q_row * (4 + e), "cast the pieced block's out")

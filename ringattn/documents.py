@@ -379,6 +379,14 @@ def _tile(t, T: int):
     return t if T == 1 else t.reshape(t.shape[0] * T, t.shape[1] // T, *t.shape[2:])
 
 
+def _tile_view(t, T: int):
+    """t's rows as T tiles WITHOUT a copy (an accumulator to add into), or None if that needs one."""
+    try:
+        return t.view(t.shape[0] * T, t.shape[1] // T, *t.shape[2:])
+    except RuntimeError:
+        return None
+
+
 def _untile(t, B: int):
     return t if t.shape[0] == B else t.reshape(B, -1, *t.shape[2:])
 
@@ -438,8 +446,16 @@ def block_backward(blk, dout, q, k, v, out, lse, *, dq_out, dk_out, dv_out, soft
                             dv_out=dv_out, **kw)
         return
     for p in run_pieces(blk, q.device):
+        T = p.tiles
+        acc = None if p.flip or T == 1 else \
+            [_tile_view(x, T) for x in (_q(dq_out, p), _kv(dk_out, p), _kv(dv_out, p))]
+        if acc is not None and all(a is not None for a in acc):  # tiles straight into the accumulators (batch 1)
+            block_attn_backward(_tile(_q(dout, p), T), _tile(_q(q, p), T), _tile(_kv(k, p), T), _tile(_kv(v, p), T),
+                                _tile(_q(out, p), T), _tile_lse(_lse(lse, p), T), causal=p.causal,
+                                dq_out=acc[0], dk_out=acc[1], dv_out=acc[2], **kw)
+            continue
         if p.flip or p.tiles > 1:  # (reversed) tiles into fp32 scratch accumulators, added back in order
-            T, Bp = p.tiles, p.nb or q.shape[0]
+            Bp = p.nb or q.shape[0]
             r = _rev if p.flip else (lambda t, dim=1: t)
             dq, dk, dv = (_zeros_like_rows(_q(dq_out, p), T), _zeros_like_rows(_kv(dk_out, p), T),
                           _zeros_like_rows(_kv(dv_out, p), T))
@@ -461,8 +477,14 @@ def block_lse_backward_(blk, dlse, q, k, lse, *, dq_out, dk_out, softmax_scale, 
         block_lse_backward(dlse, q, k, lse, causal=blk.causal, dq_out=dq_out, dk_out=dk_out, **kw)
         return
     for p in run_pieces(blk, q.device):
+        T = p.tiles
+        acc = None if p.flip or T == 1 else [_tile_view(x, T) for x in (_q(dq_out, p), _kv(dk_out, p))]
+        if acc is not None and all(a is not None for a in acc):  # tiles straight into the accumulators
+            block_lse_backward(_tile_lse(_lse(dlse, p), T), _tile(_q(q, p), T), _tile(_kv(k, p), T),
+                               _tile_lse(_lse(lse, p), T), causal=p.causal, dq_out=acc[0], dk_out=acc[1], **kw)
+            continue
         if p.flip or p.tiles > 1:
-            T, Bp = p.tiles, p.nb or q.shape[0]
+            Bp = p.nb or q.shape[0]
             r = _rev if p.flip else (lambda t, dim=1: t)
             dq, dk = _zeros_like_rows(_q(dq_out, p), T), _zeros_like_rows(_kv(dk_out, p), T)
             block_lse_backward(r(_tile_lse(_lse(dlse, p), T), 2), r(_tile(_q(q, p), T)), r(_tile(_kv(k, p), T)),
