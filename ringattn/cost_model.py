@@ -503,10 +503,11 @@ def _ring_fwd(b: _Builder):
     lay, W = sh.lay, sh.lay.world_size
     n = lay.local_lengths
     S = sh.plan.ring_steps  # KV rotation runs steps 0..S (the early stop of windows / documents)
+    d = sh.plan.direction   # K/V go to r + d
     kv_tok = sh.B * sh.Hkv * sh.D * sh.e  # bytes of k (or v) per token
     for s in range(S + 1):
         st = ("fwd", s)
-        j = (r - s) % W
+        j = (r - d * s) % W
         if s < S:
             _post_kv(b, st, s, "fwd.kv", j, kv_tok)
         blk = sh.block(r, j)
@@ -525,13 +526,13 @@ def _post_kv(b: _Builder, st, s: int, channel: str, j: int, kv_tok: int):
     """Step s of KV rotation: send block j's rows that hop s+1 carries (RingPlan.kv_hops; a copy
     when they are a strict part of what we hold and batch > 1), receive block r-s-1's."""
     sh, r, W = b.sh, b.r, b.sh.lay.world_size
-    H = sh.plan.kv_hops
+    H, d = sh.plan.kv_hops, sh.plan.direction
     held = sh.lay.local_len(r) if s == 0 else H[j][s - 1][1]
-    out, inn = H[j][s][1], H[(r - s - 1) % W][s][1]
+    out, inn = H[j][s][1], H[(r - d * (s + 1)) % W][s][1]
     if sh.B > 1 and 0 < out < held:
         b.mem(st, 2 * kv_tok * out * 2, "contiguous copy of the travelling K/V rows")
-    b.post(st, s, channel, [((r + 1) % W, [kv_tok * out] * 2)] if out else [],
-           [((r - 1) % W, [kv_tok * inn] * 2)] if inn else [])
+    b.post(st, s, channel, [((r + d) % W, [kv_tok * out] * 2)] if out else [],
+           [((r - d) % W, [kv_tok * inn] * 2)] if inn else [])
 
 
 def _bwd_accumulate(b: _Builder, st, q_rows, kv_rows, B=None):
@@ -549,7 +550,8 @@ def _ring_bwd(b: _Builder):
     kv_tok = sh.B * sh.Hkv * sh.D * sh.e
     dkv_tok = sh.B * sh.Hkv * sh.D * 4
     q_el = sh.B * n[r] * sh.Hq * sh.D
-    nxt, prv = (r + 1) % W, (r - 1) % W
+    d = sh.plan.direction  # K/V and the dK/dV sums go to r + d
+    nxt, prv = (r + d) % W, (r - d) % W
     S = sh.plan.ring_steps
     b.mem(("bwd", 0), q_el * 4, "zero dq")
     if S == 0:  # a world of one, or no rank needs another's K/V: local only
@@ -563,7 +565,7 @@ def _ring_bwd(b: _Builder):
     kv_el = sh.B * sh.Hkv * sh.D
     for s in range(S + 1):
         st = ("bwd", s)
-        j = (r - s) % W
+        j = (r - d * s) % W
         if s < S:
             _post_kv(b, st, s, "bwd.kv", j, kv_tok)
         blk = sh.block(r, j)
@@ -581,8 +583,8 @@ def _ring_bwd(b: _Builder):
                 b.mem(st, 2 * 12 * blk.kv_len * kv_el, "add scratch into dk/dv sums")
         # the sums posted now are in flight during the next step's compute: phase s + 1. After step
         # S they go straight home to j (S = W - 1: the next rank, the ring's last hop).
-        to, frm = (nxt, prv) if s < S else (j, (r + S) % W)
-        m_in = m[(r - s - 1) % W] if s < S else m[r]
+        to, frm = (nxt, prv) if s < S else (j, (r + d * S) % W)
+        m_in = m[(r - d * (s + 1)) % W] if s < S else m[r]
         b.post(st, s + 1, "bwd.dkv", [(to, [dkv_tok * m[j]] * 2)] if m[j] else [],
                [(frm, [dkv_tok * m_in] * 2)] if m_in else [])
         if s < S:

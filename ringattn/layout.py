@@ -335,38 +335,50 @@ class RingPlan:
     window: int | None = None
     _blocks: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 
+    @functools.cached_property
+    def direction(self) -> int:
+        """+1: K/V travel to rank r+1 (the ring of the papers); -1: to rank r-1. KV rotation takes
+        the direction in which its blocks shrink more (kv_hops: fewer K/V and dK/dV rows moved;
+        ties +1). Causal zigzag: -1 -- a block then visits the earlier ranks first, which need all
+        of it, and the later ones after, which need only its first chunk (~25% fewer K/V bytes).
+        Causal contiguous and windows (contiguous): +1. Non-causal without documents: +1."""
+        if self.world_size <= 2 or (not self.causal and self.documents is None and self.window is None):
+            return 1
+        return ring_direction(self.layout, self.causal, self.documents, self.window)
+
     @property
     def next(self) -> int:
-        return (self.rank + 1) % self.world_size
+        """Where K/V go each step (rank r + direction)."""
+        return (self.rank + self.direction) % self.world_size
 
     @property
     def prev(self) -> int:
-        return (self.rank - 1) % self.world_size
+        """Where K/V come from each step (rank r - direction)."""
+        return (self.rank - self.direction) % self.world_size
 
     @functools.cached_property
     def ring_steps(self) -> int:
-        """S: the last ring step (distance s = q_owner - kv_owner mod W) at which any rank still
-        has a block. KV rotation stops after step S: W - 1 for plain (causal) attention; less when
-        a sliding window or short documents keep every rank's keys within S ranks of the queries
-        that see them (contiguous layout, a window no longer than a chunk: 1)."""
+        """S: the last ring step (distance s = (q_owner - kv_owner) * direction mod W) at which any
+        rank still has a block. KV rotation stops after step S: W - 1 for plain (causal) attention;
+        less when a sliding window or short documents keep every rank's keys within S ranks of
+        the queries that see them (contiguous layout, a window no longer than a chunk: 1)."""
         if self.documents is None and self.window is None:
             return self.world_size - 1  # every distance has a block (contiguous causal: the last rank's)
-        return ring_steps(self.layout, self.causal, self.documents, self.window)
+        return ring_steps(self.layout, self.causal, self.documents, self.window, self.direction)
 
     @functools.cached_property
     def kv_hops(self) -> tuple:
         """Per rank j, per hop h = 1..S (S = ring_steps): the (start, length) of j's K/V rows that
-        hop h carries (to rank j + h): the union of the rows ranks j+h .. j+S need (their blocks'
-        kv rows), so a block shrinks as it passes the ranks that need it. Causal contiguous:
-        nothing after rank W-1 (earlier ranks see none of it); causal zigzag: whole on every hop
-        except rank 0's block, which carries only its first chunk (later ranks see only that; a
-        ring sending K/V the other way would shrink every block after the earlier ranks: not
-        done); a window (contiguous): the last w-1 rows, one hop. Non-causal without documents:
-        whole, every hop."""
-        W, S = self.world_size, self.ring_steps
+        hop h carries (to rank j + h*direction): the union of the rows the ranks it still reaches
+        need (their blocks' kv rows), so a block shrinks as it passes the ranks that need it.
+        Causal contiguous (+1): nothing after rank W-1 (earlier ranks see none of it); causal
+        zigzag (-1): whole while earlier ranks are ahead, then only its first chunk (later ranks
+        see only that); a window (contiguous, +1): the last w-1 rows, one hop. Non-causal without
+        documents: whole, every hop."""
+        S = self.ring_steps
         if not self.causal and self.documents is None and self.window is None:
             return tuple(((0, n),) * S for n in self.layout.local_lengths)
-        return kv_hops(self.layout, self.causal, self.documents, self.window)
+        return kv_hops(self.layout, self.causal, self.documents, self.window, self.direction)
 
     @functools.cached_property
     def kv_ranges(self) -> tuple:
@@ -387,29 +399,41 @@ class RingPlan:
 
 
 @functools.lru_cache(maxsize=32)
-def ring_steps(lay: SequenceLayout, causal: bool, documents, window) -> int:
+def ring_steps(lay: SequenceLayout, causal: bool, documents, window, direction: int = 1) -> int:
     """RingPlan.ring_steps of a call with these masks, cached across calls (the layers of a model
     ask with the same): all W^2 block cuts, ~20-40 ms at W = 64 on the host, once."""
     plan = RingPlan(None, 0, lay.world_size, lay, causal, 1.0, "auto", documents, window)
     W = lay.world_size
-    return max((s for s in range(1, W) for r in range(W) if plan.block(r, (r - s) % W) is not None), default=0)
+    return max((s for s in range(1, W) for r in range(W) if plan.block(r, (r - direction * s) % W) is not None),
+               default=0)
 
 
 @functools.lru_cache(maxsize=32)
-def kv_hops(lay: SequenceLayout, causal: bool, documents, window) -> tuple:
-    """RingPlan.kv_hops of a call with these masks, cached across calls."""
+def kv_hops(lay: SequenceLayout, causal: bool, documents, window, direction: int = 1) -> tuple:
+    """RingPlan.kv_hops of a call with these masks and K/V direction, cached across calls."""
     plan = RingPlan(None, 0, lay.world_size, lay, causal, 1.0, "auto", documents, window)
-    W, S = lay.world_size, ring_steps(lay, causal, documents, window)
+    W, S = lay.world_size, ring_steps(lay, causal, documents, window, direction)
     out = []
     for j in range(W):
         lo, hi, hops = lay.local_len(j), 0, []
-        for h in range(S, 0, -1):  # the union over receivers j+h .. j+S, from the last one back
-            b = plan.block((j + h) % W, j)
+        for h in range(S, 0, -1):  # the union over the receivers of hops h .. S, from the last one back
+            b = plan.block((j + direction * h) % W, j)
             if b is not None:
                 lo, hi = min(lo, b.kv_start), max(hi, b.kv_start + b.kv_len)
             hops.append((lo, hi - lo) if hi > lo else (0, 0))
         out.append(tuple(reversed(hops)))
     return tuple(out)
+
+
+@functools.lru_cache(maxsize=32)
+def ring_direction(lay: SequenceLayout, causal: bool, documents, window) -> int:
+    """RingPlan.direction: the K/V direction that moves fewer rows (K/V over its hops, counted
+    twice for forward + backward, and the fp32 dK/dV sums, twice the bytes of bf16 K/V, over
+    theirs: S + 1 hops of the first hop's rows); ties +1."""
+    def rows(d):
+        H, S = kv_hops(lay, causal, documents, window, d), ring_steps(lay, causal, documents, window, d)
+        return 2 * sum(m for h in H for _, m in h) + 2 * (S + 1) * sum(h[0][1] for h in H if h)
+    return -1 if rows(-1) < rows(1) else 1
 
 
 def flat_view(flat: torch.Tensor, shape) -> torch.Tensor:

@@ -1,5 +1,8 @@
 """Ring Self-Attention (KV rotation): Q stays, K/V blocks travel one hop per step.
 
+Written for K/V travelling to r+1; plan.direction = -1 (causal zigzag: blocks shrink more that
+way, RingPlan.direction) sends them to r-1: read r-1 for r+1 and j = (r + s) mod W.
+
 Forward on rank r of W (step s = 0..W-1 holds the K/V block of rank j = (r - s) mod W):
 
     post   fwd.kv: send (k_cur, v_cur) -> r+1, recv (k_next, v_next) <- r-1   (double buffer)
@@ -26,7 +29,8 @@ own from r+S) instead of around the rest of the ring.
 Computing each step's dk/dv into a scratch and adding the incoming accumulator afterwards lets
 the accumulator transfer overlap the block backward. Causal blocks that are fully masked are
 skipped, and a hop carries only the rows of a block that some rank still ahead needs
-(plan.kv_hops: causal contiguous stops a block after rank W-1; a window sends the w-1 rows it
+(plan.kv_hops: causal contiguous stops a block after rank W-1; causal zigzag, K/V going to r-1,
+sends a block's first chunk only once the earlier ranks have it; a window sends the w-1 rows it
 reaches; the dK/dV sums travel over the first hop's rows, the owner keeping the rest home);
 zero-row messages are not posted. The formula is ring_comm_bytes. Memory per rank: the local tensors, two
 K/V receive buffers, two fp32 dK/dV buffers and one fp32 dK/dV scratch, each sized by the
@@ -78,7 +82,7 @@ def _q_side(blk: Block, q, out=None, dout=None, lse=None):
 def ring_forward(plan: RingPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """q: (B, n_r, Hq, D); k, v: (B, n_r, Hkv, D) contiguous, this rank's tokens.
     Returns out (B, n_r, Hq, D) in q.dtype and lse (B, Hq, n_r) fp32."""
-    W, r = plan.world_size, plan.rank
+    W, r, d = plan.world_size, plan.rank, plan.direction  # K/V go to r + d (plan.next)
     B, _, Hq, D = q.shape
     Hkv = k.shape[2]
     S = plan.ring_steps       # last step any rank has a block at (W - 1 unless windows/documents)
@@ -90,15 +94,15 @@ def ring_forward(plan: RingPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     v_bufs = [torch.empty(numel, dtype=v.dtype, device=v.device) for _ in range(2 if S > 0 else 0)]
 
     out_acc = lse_acc = None  # (B, n_r, Hq, D) fp32, (B, Hq, n_r) fp32
-    k_cur = v_cur = None      # (B, rows, Hkv, D): rows H[j][s-1] of rank j = (r - s) mod W, received
+    k_cur = v_cur = None      # (B, rows, Hkv, D): rows H[j][s-1] of rank j = (r - d*s) mod W, received
     for s in range(S + 1):
-        j = (r - s) % W
+        j = (r - d * s) % W
         held = (0, k.shape[1]) if s == 0 else H[j][s - 1]
         if s < S:
             # pass block j on: the rows of it that hop s+1 carries (copies unless contiguous)
             k_out, v_out = (_travelling(k, H[j][s]), _travelling(v, H[j][s])) if s == 0 else \
                 (_travelling(k_cur, H[j][s], held[0]), _travelling(v_cur, H[j][s], held[0]))
-            shape = (B, H[(r - s - 1) % W][s][1], Hkv, D)
+            shape = (B, H[(r - d * (s + 1)) % W][s][1], Hkv, D)
             k_next, v_next = flat_view(k_bufs[(s + 1) % 2], shape), flat_view(v_bufs[(s + 1) % 2], shape)
             if k_out.shape[1]:  # (no rows: nobody downstream needs them; the receiver knows)
                 comm.send(k_out, plan.next)
@@ -133,7 +137,7 @@ def ring_backward(plan: RingPlan, dout, q, k, v, out, lse, dlse=None):
 
     lse's gradient: each block gets a second, lse-only backward (block_lse_backward). Local compute
     only: the ring moves the same messages, so ranks with and without a dlse stay in lockstep."""
-    W, r = plan.world_size, plan.rank
+    W, r, d = plan.world_size, plan.rank, plan.direction  # K/V and the sums go to r + d (plan.next)
     B, n_r, Hq, D = q.shape
     Hkv = k.shape[2]
     dq_acc = torch.zeros(q.shape, dtype=_F32, device=q.device)
@@ -175,15 +179,15 @@ def ring_backward(plan: RingPlan, dout, q, k, v, out, lse, dlse=None):
     # With the whole chunk travelling (no windows / documents) there is nothing to keep.
     keep = (a_r, m_r) != (0, n_r)
 
-    k_cur = v_cur = None  # (B, rows, Hkv, D): rows H[j][s-1] of rank j = (r - s) mod W, received
+    k_cur = v_cur = None  # (B, rows, Hkv, D): rows H[j][s-1] of rank j = (r - d*s) mod W, received
     for s in range(S + 1):
-        j = (r - s) % W
+        j = (r - d * s) % W
         shape_j = (B, R[j][1], Hkv, D)  # block j's sums
         held = (0, n_r) if s == 0 else H[j][s - 1]
         if s < S:
             k_out, v_out = (_travelling(k, H[j][s]), _travelling(v, H[j][s])) if s == 0 else \
                 (_travelling(k_cur, H[j][s], held[0]), _travelling(v_cur, H[j][s], held[0]))
-            shape = (B, H[(r - s - 1) % W][s][1], Hkv, D)
+            shape = (B, H[(r - d * (s + 1)) % W][s][1], Hkv, D)
             k_next, v_next = flat_view(k_bufs[(s + 1) % 2], shape), flat_view(v_bufs[(s + 1) % 2], shape)
             if k_out.shape[1]:
                 kv_comm.send(k_out, plan.next)
@@ -210,15 +214,15 @@ def ring_backward(plan: RingPlan, dout, q, k, v, out, lse, dlse=None):
                 _rows(pk, blk.kv_start, blk.kv_len).zero_()
                 _rows(pv, blk.kv_start, blk.kv_len).zero_()
                 block_backward(blk, k_cur, v_cur, pk, pv)
-            dkv_comm.wait()  # block j's running sums (ranks j..r-1) are here; our last send is done
+            dkv_comm.wait()  # block j's running sums (ranks j .. r - d) are here; our last send is done
             dk_run, dv_run = flat_view(dk_bufs[s % 2], shape_j), flat_view(dv_bufs[s % 2], shape_j)
             if blk is not None:
                 _rows(dk_run, off + blk.kv_start, blk.kv_len).add_(_rows(pk, blk.kv_start, blk.kv_len))
                 _rows(dv_run, off + blk.kv_start, blk.kv_len).add_(_rows(pv, blk.kv_start, blk.kv_len))
         # Pass block j's sums on; after step S they go straight home to j (S = W-1: that is the
         # next rank, the ring's last hop). Receive the next block's (after step S: our own).
-        to, frm = (plan.next, plan.prev) if s < S else (j, (r + S) % W)
-        shape_in = (B, R[(r - s - 1) % W if s < S else r][1], Hkv, D)
+        to, frm = (plan.next, plan.prev) if s < S else (j, (r + d * S) % W)
+        shape_in = (B, R[(r - d * (s + 1)) % W if s < S else r][1], Hkv, D)
         if shape_j[1]:
             dkv_comm.send(dk_run, to)
             dkv_comm.send(dv_run, to)
@@ -267,7 +271,7 @@ class RingAttention(torch.autograd.Function):
 
 def ring_comm_bytes(lay: SequenceLayout, rank: int, *, batch: int, heads_kv: int, head_dim: int,
                     elem_size: int, backward: bool, steps: int | None = None,
-                    hops: tuple | None = None) -> dict[str, tuple[int, int]]:
+                    hops: tuple | None = None, direction: int = 1) -> dict[str, tuple[int, int]]:
     """Bytes (sent, received) by `rank` per channel, in closed form (docs/sequence_parallel.md),
     with S = steps (RingPlan.ring_steps; None: W - 1, the full ring) and h_j(t) = the rows of
     rank j's K/V that hop t carries (hops[j][t-1], RingPlan.kv_hops' lengths; None: n_j, the
@@ -277,8 +281,8 @@ def ring_comm_bytes(lay: SequenceLayout, rank: int, *, batch: int, heads_kv: int
                       recv 2*B*Hkv*D*e * sum_{s=0}^{S-1} h_{r-s-1}(s+1)
       bwd.dkv         sent = recv = 2*B*Hkv*D*4 * sum_{s=0}^{S} m_{r-s}
     Whole chunks, S = W - 1 (non-causal): sent L - n_{r+1}, received L - n_r, dK/dV L. Causal
-    contiguous: a block stops after rank W-1; causal zigzag: rank 0's block carries only its
-    first chunk (RingPlan.kv_hops). S = 0: nothing.
+    contiguous: a block stops after rank W-1; causal zigzag (direction -1, W > 2): a block hops
+    whole while earlier ranks are ahead, then as its first chunk (RingPlan.kv_hops). S = 0: nothing.
     """
     W = lay.world_size
     S = W - 1 if steps is None else steps
@@ -287,12 +291,13 @@ def ring_comm_bytes(lay: SequenceLayout, rank: int, *, batch: int, heads_kv: int
     if hops is None:
         hops = tuple((n,) * S for n in lay.local_lengths)
     per_token = 2 * batch * heads_kv * head_dim
-    sent = sum(hops[(rank - s) % W][s] for s in range(S))
-    recv = sum(hops[(rank - s - 1) % W][s] for s in range(S))
+    d = direction  # (RingPlan.direction: K/V go to rank + d; r-s below means r - d*s)
+    sent = sum(hops[(rank - d * s) % W][s] for s in range(S))
+    recv = sum(hops[(rank - d * (s + 1)) % W][s] for s in range(S))
     kv = (per_token * elem_size * sent, per_token * elem_size * recv)
     result = {"fwd.kv": kv}
     if backward:
-        sums = per_token * 4 * sum(hops[(rank - s) % W][0] for s in range(S + 1))
+        sums = per_token * 4 * sum(hops[(rank - d * s) % W][0] for s in range(S + 1))
         result["bwd.kv"] = kv
         result["bwd.dkv"] = (sums, sums)
     return result

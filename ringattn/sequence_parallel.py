@@ -405,7 +405,8 @@ def predict_comm_bytes(algorithm: str, *, seq_len: int, world_size: int, layout:
         plan = RingPlan(None, 0, world_size, lay, bool(causal), 1.0, "auto", docs, window)
         hops = tuple(tuple(m for _, m in h) for h in plan.kv_hops)
         return [ring_comm_bytes(lay, r, batch=batch, heads_kv=heads_kv, head_dim=head_dim, elem_size=e,
-                                backward=backward, steps=plan.ring_steps, hops=hops) for r in range(world_size)]
+                                backward=backward, steps=plan.ring_steps, hops=hops, direction=plan.direction)
+                for r in range(world_size)]
     if algorithm == "token_ring":
         return [token_ring_comm_bytes(lay, r, causal=causal, batch=batch, heads_q=heads_q, head_dim=head_dim,
                                       elem_size=e, backward=backward, lse_grad=lse_grad, documents=docs,

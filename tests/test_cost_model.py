@@ -122,8 +122,8 @@ def test_causal_zigzag_block_shapes_per_step(L):
     """Written from the chunk table, not from layout.attention_block: at step s rank r's block is
     TokenRing: src = r-s's Q against our K/V -- we (the K/V owner) earlier than src: all of src's
     Q x our first chunk; we later: only src's late chunk x all of our K/V (the half-Q trick).
-    Ring: our Q against the K/V of j = r-s -- j earlier: all our Q x j's first chunk; j later:
-    our late chunk x all of j."""
+    Ring (K/V travel to r-1 in causal zigzag, RingPlan.direction = -1): our Q against the K/V of
+    j = r+s -- j earlier: all our Q x j's first chunk; j later: our late chunk x all of j."""
     W = 4
     lay = SequenceLayout.build(L, W, "zigzag")
     c = lay.chunk_sizes
@@ -137,10 +137,11 @@ def test_causal_zigzag_block_shapes_per_step(L):
                 if s == 0:
                     assert st.blocks == ((st.pass_, n[r], n[r], True),)
                     continue
-                o = (r - s) % W
                 if alg == "token_ring":
+                    o = (r - s) % W
                     want = (n[o], c[r]) if r < o else (late[o], n[r])
                 else:
+                    o = (r + s) % W
                     want = (n[r], c[o]) if o < r else (late[r], n[o])
                 assert st.blocks == ((st.pass_,) + want + (False,),), (alg, r, st)
 

@@ -139,9 +139,9 @@ def test_gather_rejects_mismatched_shapes_on_every_rank(dist_pool):
 def test_kv_hops_of_plain_masks_written_from_the_chunk_table(layout):
     """RingPlan.kv_hops without windows / documents: non-causal, every hop carries the whole
     chunk. Causal contiguous: a block travels whole while a rank after it is still ahead (hop h
-    reaches j+h <= W-1), then nothing (the earlier ranks see none of it). Causal zigzag: later
-    ranks see only a block's first chunk, earlier ones all of it, and every block but rank 0's
-    ends its trip at an earlier rank: whole on every hop; rank 0's only its first chunk."""
+    reaches j+h <= W-1), then nothing (the earlier ranks see none of it). Causal zigzag: K/V go
+    the other way (direction -1, W > 2), earlier ranks (need all of a block) first, then the
+    later ones, which see only its first chunk: hop h of block j (to j-h) whole while h <= j."""
     for W in range(1, 6):
         for n_tok in (2 * W, 2 * W + 1, 7 * W + 3):
             lay = L.SequenceLayout.build(n_tok, W, layout)
@@ -155,6 +155,7 @@ def test_kv_hops_of_plain_masks_written_from_the_chunk_table(layout):
                     elif layout == "contiguous":
                         want = tuple((0, n) if j + h <= W - 1 else (0, 0) for h in range(1, W))
                     else:
-                        want = ((0, n) if j >= 1 else (0, lay.first_len(0)),) * (W - 1)
+                        assert plan.direction == (-1 if causal and W > 2 else 1)
+                        want = tuple((0, n) if h <= j else (0, lay.first_len(j)) for h in range(1, W))
                     assert plan.kv_hops[j] == want, (W, n_tok, causal, j, plan.kv_hops[j])
                     assert plan.kv_ranges[j] == (want[0] if want else (0, 0))
