@@ -14,7 +14,7 @@
     python perf/model.py validate --sweep <gpu sweep csv> --profile perf/results/2026-12-01_cost_model_h100_profile.json \
         --topology shared_gpu
     python perf/model.py predict --algorithm token_ring --seq-len 131072 --world 8 --causal --layout zigzag
-    python perf/model.py answer --out-csv perf/results/2026-12-01_cost_model_answer.csv --out-md /tmp/answer.md
+    python perf/model.py answer --out-csv perf/results/2026-12-03_cost_model_answer.csv --out-md /tmp/answer.md
 
 Profile JSON: {"compute": ComputeProfile.to_json(), "topology": Topology.to_json() or null,
 "meta": {...}, "fit": [rows measured vs fitted]}. Every number in it is a fit to measured rows
