@@ -46,23 +46,34 @@ def boundaries(L: int, doc_len: int) -> list[int]:
     return list(range(0, L, doc_len)) + [L]
 
 
-def time_rows(args, device, dtype):
+def _inputs(args, device, dtype, seed: int):
+    """q (1, L, Hq, D), k, v (1, L, Hkv, D), dout like q."""
     B, L, Hq, Hkv, D = 1, args.seq, args.heads_q, args.heads_kv, args.head_dim
-    g = torch.Generator(device=device).manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(seed)
     q = torch.randn(B, L, Hq, D, generator=g, device=device).to(dtype)
     k, v = (torch.randn(B, L, Hkv, D, generator=g, device=device).to(dtype) for _ in range(2))
-    dout = torch.randn_like(q)
+    return q, k, v, torch.randn_like(q)
+
+
+def _sp_runner(q, k, v, dout, bwd: bool, **kw):
+    """One causal sequence_parallel_attention call (W = 1), with its backward when bwd."""
+    def run():
+        leaves = [t.detach().requires_grad_(bwd) for t in (q, k, v)]
+        with torch.set_grad_enabled(bwd):
+            out = ringattn.sequence_parallel_attention(*leaves, causal=True, **kw)
+            if bwd:
+                out.backward(dout)
+        return out
+    return run
+
+
+def time_rows(args, device, dtype):
+    L = args.seq
+    q, k, v, dout = _inputs(args, device, dtype, 0)
     rows = []
 
     def sp_call(docs, bwd):
-        def run():
-            leaves = [t.detach().requires_grad_(bwd) for t in (q, k, v)]
-            with torch.set_grad_enabled(bwd):
-                out = ringattn.sequence_parallel_attention(*leaves, causal=True, cu_seqlens=docs)
-                if bwd:
-                    out.backward(dout)
-            return out
-        return run
+        return _sp_runner(q, k, v, dout, bwd, cu_seqlens=docs)
 
     def loop_call(docs, bwd):
         def run():
@@ -89,20 +100,11 @@ def time_rows(args, device, dtype):
 def window_rows(args, device, dtype):
     import ringattn.documents as rdoc
 
-    B, L, Hq, Hkv, D = 1, args.seq, args.heads_q, args.heads_kv, args.head_dim
-    g = torch.Generator(device=device).manual_seed(1)
-    q = torch.randn(B, L, Hq, D, generator=g, device=device).to(dtype)
-    k, v = (torch.randn(B, L, Hkv, D, generator=g, device=device).to(dtype) for _ in range(2))
-    dout = torch.randn_like(q)
+    L = args.seq
+    q, k, v, dout = _inputs(args, device, dtype, 1)
 
     def call(window, bwd):
-        def run():
-            leaves = [t.detach().requires_grad_(bwd) for t in (q, k, v)]
-            with torch.set_grad_enabled(bwd):
-                out = ringattn.sequence_parallel_attention(*leaves, causal=True, sliding_window=window)
-                if bwd:
-                    out.backward(dout)
-        return run
+        return _sp_runner(q, k, v, dout, bwd, sliding_window=window)
 
     rows, before = [], rdoc.TILE_MODE
     try:

@@ -802,7 +802,9 @@ def _simulate(programs, msgs, W):
 def _plan(lay: SequenceLayout, causal: bool, documents, window) -> RingPlan:
     """A RingPlan for the blocks only (RingPlan.block does not depend on the rank); cached, so
     predicting both algorithms, or forward and backward, cuts the blocks once."""
-    return RingPlan(None, 0, lay.world_size, lay, causal, 1.0, "auto", documents, window)
+    from ringattn.layout import _mask_plan
+
+    return _mask_plan(lay, causal, documents, window)
 
 
 def _elem(dtype) -> int:

@@ -399,10 +399,17 @@ class RingPlan:
 
 
 @functools.lru_cache(maxsize=32)
+def _mask_plan(lay: SequenceLayout, causal: bool, documents, window) -> "RingPlan":
+    """One RingPlan per mask whose block cache ring_steps / kv_hops / ring_direction share (the
+    block cuts, O(W^2), are the expensive part: ~20-40 ms at W = 64 for a packing)."""
+    return RingPlan(None, 0, lay.world_size, lay, causal, 1.0, "auto", documents, window)
+
+
+@functools.lru_cache(maxsize=32)
 def ring_steps(lay: SequenceLayout, causal: bool, documents, window, direction: int = 1) -> int:
     """RingPlan.ring_steps of a call with these masks, cached across calls (the layers of a model
     ask with the same): all W^2 block cuts, ~20-40 ms at W = 64 on the host, once."""
-    plan = RingPlan(None, 0, lay.world_size, lay, causal, 1.0, "auto", documents, window)
+    plan = _mask_plan(lay, causal, documents, window)
     W = lay.world_size
     return max((s for s in range(1, W) for r in range(W) if plan.block(r, (r - direction * s) % W) is not None),
                default=0)
@@ -411,7 +418,7 @@ def ring_steps(lay: SequenceLayout, causal: bool, documents, window, direction: 
 @functools.lru_cache(maxsize=32)
 def kv_hops(lay: SequenceLayout, causal: bool, documents, window, direction: int = 1) -> tuple:
     """RingPlan.kv_hops of a call with these masks and K/V direction, cached across calls."""
-    plan = RingPlan(None, 0, lay.world_size, lay, causal, 1.0, "auto", documents, window)
+    plan = _mask_plan(lay, causal, documents, window)
     W, S = lay.world_size, ring_steps(lay, causal, documents, window, direction)
     out = []
     for j in range(W):

@@ -42,7 +42,8 @@ import torch
 
 from ringattn.comm import P2PComm, reply_group
 from ringattn.documents import block_backward, block_forward, block_lse_backward_
-from ringattn.layout import Block, RingPlan, SequenceLayout, collective_device, flat_view, no_autocast
+from ringattn.layout import (Block, RingPlan, SequenceLayout, _mask_plan, collective_device, flat_view,
+                             no_autocast)
 from ringattn.ops import merge_attn_states_
 
 _F32 = torch.float32
@@ -288,7 +289,7 @@ class TokenRingAttention(torch.autograd.Function):
 def _q_lens(lay: SequenceLayout, causal: bool, documents: tuple | None, window: int | None = None) -> tuple:
     """q_len of every trimmed (Q owner, K/V owner) block of a packed sequence or a sliding window
     (0: skipped)."""
-    plan = RingPlan(None, 0, lay.world_size, lay, causal, 1.0, "auto", documents, window)
+    plan = _mask_plan(lay, causal, documents, window)  # (its block cuts shared with KV rotation's)
     W = lay.world_size
     return tuple(tuple(0 if (b := plan.block(i, j)) is None else b.q_len for j in range(W)) for i in range(W))
 
