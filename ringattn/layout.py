@@ -340,7 +340,8 @@ class RingPlan:
         """+1: K/V travel to rank r+1 (the ring of the papers); -1: to rank r-1. KV rotation takes
         the direction in which its blocks shrink more (kv_hops: fewer K/V and dK/dV rows moved;
         ties +1). Causal zigzag: -1 -- a block then visits the earlier ranks first, which need all
-        of it, and the later ones after, which need only its first chunk (~25% fewer K/V bytes).
+        of it, and the later ones after, which need only its first chunk (25% fewer K/V bytes in
+        total; the busiest rank's are unchanged).
         Causal contiguous and windows (contiguous): +1. Non-causal without documents: +1."""
         if self.world_size <= 2 or (not self.causal and self.documents is None and self.window is None):
             return 1
