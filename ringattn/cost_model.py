@@ -425,16 +425,16 @@ class _Builder:
         anti-causal piece the reversed copies in and out, for a tiled piece (documents.tile_pieces:
         T tiles run as T times the batch rows) its reshape copies (batch > 1) and lse reorder, and
         backward the fp32 scratch of either added back. Each call pays the profile's intercept."""
+        from ringattn.documents import _per_tile, _whole
+
         sh = self.sh
         ps = blk.pieces
-        if not ps or (len(ps) == 1 and (ps[0].q_off, ps[0].q_len, ps[0].kv_off, ps[0].kv_len, ps[0].nb, ps[0].flip)
-                      == (0, blk.q_len, 0, blk.kv_len, 0, False)):
+        if not ps or (len(ps) == 1 and _whole(blk, ps[0])):
             self.attn(op, step, blk.q_len, blk.kv_len, ps[0].causal if ps else blk.causal)
             if op == "bwd":
                 _bwd_accumulate(self, step, blk.q_len, blk.kv_len)
             return
         if not self.prof.batched_tiles and any(p.tiles > 1 for p in ps):
-            from ringattn.documents import _per_tile
             ps = _per_tile(ps)
         q_row, kv_row, e = sh.Hq * sh.D, sh.Hkv * sh.D, sh.e  # elements of one token's q / k
         if op == "fwd":

@@ -98,10 +98,10 @@ def ring_forward(plan: RingPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     for s in range(S + 1):
         j = (r - d * s) % W
         held = (0, k.shape[1]) if s == 0 else H[j][s - 1]
+        k_have, v_have = (k, v) if s == 0 else (k_cur, v_cur)  # rows `held` of block j
         if s < S:
             # pass block j on: the rows of it that hop s+1 carries (copies unless contiguous)
-            k_out, v_out = (_travelling(k, H[j][s]), _travelling(v, H[j][s])) if s == 0 else \
-                (_travelling(k_cur, H[j][s], held[0]), _travelling(v_cur, H[j][s], held[0]))
+            k_out, v_out = _travelling(k_have, H[j][s], held[0]), _travelling(v_have, H[j][s], held[0])
             shape = (B, H[(r - d * (s + 1)) % W][s][1], Hkv, D)
             k_next, v_next = flat_view(k_bufs[(s + 1) % 2], shape), flat_view(v_bufs[(s + 1) % 2], shape)
             if k_out.shape[1]:  # (no rows: nobody downstream needs them; the receiver knows)
@@ -113,10 +113,9 @@ def ring_forward(plan: RingPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
             comm.commit()
         blk = _shifted(plan.block(r, j), held[0])  # kv rows into what we hold of j
         if blk is not None:
-            k_blk, v_blk = (k, v) if s == 0 else (k_cur, v_cur)
             q_rows = _rows(q, blk.q_start, blk.q_len)
             out_p, lse_p = block_forward(
-                blk, q_rows, _rows(k_blk, blk.kv_start, blk.kv_len), _rows(v_blk, blk.kv_start, blk.kv_len),
+                blk, q_rows, _rows(k_have, blk.kv_start, blk.kv_len), _rows(v_have, blk.kv_start, blk.kv_len),
                 softmax_scale=plan.softmax_scale, backend=plan.backend)
             if s == 0:  # the diagonal block covers every row: it initialises the accumulator
                 out_acc = torch.empty(q.shape, dtype=_F32, device=q.device).copy_(out_p)
@@ -184,9 +183,9 @@ def ring_backward(plan: RingPlan, dout, q, k, v, out, lse, dlse=None):
         j = (r - d * s) % W
         shape_j = (B, R[j][1], Hkv, D)  # block j's sums
         held = (0, n_r) if s == 0 else H[j][s - 1]
+        k_have, v_have = (k, v) if s == 0 else (k_cur, v_cur)  # rows `held` of block j
         if s < S:
-            k_out, v_out = (_travelling(k, H[j][s]), _travelling(v, H[j][s])) if s == 0 else \
-                (_travelling(k_cur, H[j][s], held[0]), _travelling(v_cur, H[j][s], held[0]))
+            k_out, v_out = _travelling(k_have, H[j][s], held[0]), _travelling(v_have, H[j][s], held[0])
             shape = (B, H[(r - d * (s + 1)) % W][s][1], Hkv, D)
             k_next, v_next = flat_view(k_bufs[(s + 1) % 2], shape), flat_view(v_bufs[(s + 1) % 2], shape)
             if k_out.shape[1]:
@@ -213,7 +212,7 @@ def ring_backward(plan: RingPlan, dout, q, k, v, out, lse, dlse=None):
                 pv = _rows(flat_view(dv_part, shape_j), off, held[1])
                 _rows(pk, blk.kv_start, blk.kv_len).zero_()
                 _rows(pv, blk.kv_start, blk.kv_len).zero_()
-                block_backward(blk, k_cur, v_cur, pk, pv)
+                block_backward(blk, k_have, v_have, pk, pv)
             dkv_comm.wait()  # block j's running sums (ranks j .. r - d) are here; our last send is done
             dk_run, dv_run = flat_view(dk_bufs[s % 2], shape_j), flat_view(dv_bufs[s % 2], shape_j)
             if blk is not None:
