@@ -7,12 +7,15 @@ host-side checks) and the surrounding model compiles without graph breaks, fullg
 included:
 
     ringattn::sp_attention(q, k, v, group_name, algorithm, causal, softmax_scale, layout,
-                           backend, grad, lse_grad, cu_seqlens=None, sliding_window=-1) -> (out, lse, meta)
+                           backend, grad, lse_grad, cu_seqlens=None, sliding_window=-1,
+                           sinks=-1) -> (out, lse, meta)
         q: (B, S_local, Hq, D); k, v: (B, S_local, Hkv, D); out like q (contiguous);
         lse: (B, Hq, S_local) fp32; meta: int64 (4,) on CPU = [algorithm code (1 ring,
         2 token_ring), softmax_scale as float64 bits, global seq_len, the plan's sliding window
         (-1: none)] -- what the backward needs to rebuild the plan without communicating again.
-        sliding_window: -1 for none. cu_seqlens: packed sequences'
+        sliding_window: -1 for none. sinks: the number of sink logits (-1: none; only for the
+        signature every rank checks: the rescale, ringattn.sinks, is traced around the op, which
+        then runs with lse_grad). cu_seqlens: packed sequences'
         global document boundaries, an int tensor (a list is made one; a Python list is a
         constant of the graph, so each new packing would recompile: pass a tensor).
     ringattn::sp_attention_backward(dout, q, k, v, out, lse, dlse, meta, group_name, causal,
@@ -42,6 +45,7 @@ import torch.distributed as dist
 from ringattn import sequence_parallel as sp
 from ringattn.documents import as_documents, documents_tensor, packed
 from ringattn.layout import RingPlan, SequenceLayout, group_rank_and_size, no_autocast
+from ringattn.sinks import sinks_problem
 from ringattn.ring_attention import ring_backward, ring_forward
 from ringattn.token_ring import reply_for, token_ring_backward, token_ring_forward
 
@@ -83,13 +87,14 @@ def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name: 
                  softmax_scale: float | None, layout: str, backend: str,
                  grad: bool, lse_grad: bool,
                  cu_seqlens: torch.Tensor | None = None,
-                 sliding_window: int = -1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 sliding_window: int = -1, sinks: int = -1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     CALLS["sp_attention"] += 1
     group = resolve_group(group_name)
     plan, q, k, v, grad = sp._prepare("ringattn sequence-parallel attention", q, k, v, algorithm=algorithm,
                                       causal=causal, softmax_scale=softmax_scale, group=group, layout=layout,
                                       backend=backend, grad=grad, lse_grad=lse_grad, cu_seqlens=cu_seqlens,
-                                      sliding_window=None if sliding_window == -1 else sliding_window)
+                                      sliding_window=None if sliding_window == -1 else sliding_window,
+                                      sinks=None if sinks == -1 else sinks)
     alg = sp._resolve_algorithm(algorithm, plan, q, k, grad)
     with no_autocast(q.device):
         if alg == "ring":
@@ -103,7 +108,7 @@ def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name: 
 
 @sp_attention.register_fake
 def _(q, k, v, group_name, algorithm, causal, softmax_scale, layout, backend, grad, lse_grad, cu_seqlens=None,
-      sliding_window=-1):
+      sliding_window=-1, sinks=-1):
     B, S, Hq, _ = q.shape
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             q.new_empty((B, Hq, S), dtype=torch.float32), torch.empty(4, dtype=torch.int64, device="cpu"))
@@ -147,7 +152,7 @@ def _backward(ctx, dout, dlse, _dmeta):
     name, causal, layout, backend, lse_grad = ctx.args
     dq, dk, dv = torch.ops.ringattn.sp_attention_backward(dout, q, k, v, out, lse, dlse if lse_grad else None,
                                                           meta, name, causal, layout, backend, lse_grad, cu_seqlens)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None
 
 
 sp_attention.register_autograd(_backward, setup_context=_setup_context)
@@ -171,28 +176,33 @@ def _docs_tensor(cu_seqlens):
 
 
 def traced_attention(fn, q, k, v, *, algorithm, causal, softmax_scale, group, layout, backend, return_lse,
-                     lse_grad=False, cu_seqlens=None, sliding_window=None):
-    """sequence_parallel._run under torch.compile (see the module docstring)."""
+                     lse_grad=False, cu_seqlens=None, sliding_window=None, sinks=None):
+    """sequence_parallel._run under torch.compile (see the module docstring). Sinks: the op runs
+    with lse_grad (as the eager path does) and the rescale (ringattn.sinks) is traced around it."""
     docs = _docs_tensor(cu_seqlens)
     window_ok = sliding_window is None or (isinstance(sliding_window, int) and not isinstance(sliding_window, bool)
                                            and 1 <= sliding_window < (1 << 62))
+    four_d = all(isinstance(t, torch.Tensor) for t in (q, k, v)) and q.dim() == k.dim() == v.dim() == 4
     if docs is False or not window_ok or not (
-            all(isinstance(t, torch.Tensor) for t in (q, k, v)) and q.dim() == k.dim() == v.dim() == 4
-            and isinstance(algorithm, str) and isinstance(layout, str) and isinstance(backend, str)):
+            four_d and isinstance(algorithm, str) and isinstance(layout, str) and isinstance(backend, str)) or (
+            sinks_problem(sinks, q.shape[2], q.device) is not None):
         return _eager(fn, q, k, v, algorithm=algorithm, causal=causal, softmax_scale=softmax_scale, group=group,
                       layout=layout, backend=backend, return_lse=return_lse, lse_grad=lse_grad,
-                      cu_seqlens=cu_seqlens, sliding_window=sliding_window)
+                      cu_seqlens=cu_seqlens, sliding_window=sliding_window, sinks=sinks)
     if softmax_scale is not None:
         try:
             softmax_scale = float(softmax_scale)
         except (TypeError, ValueError):
             softmax_scale = math.nan  # refused at run time, on every rank, by the signature check
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    lse_grad = bool(lse_grad)
+    inner_lse_grad = bool(lse_grad) or sinks is not None
     out, lse, _meta = torch.ops.ringattn.sp_attention(q, k, v, group_name(group), algorithm, bool(causal),
-                                                      softmax_scale, layout, backend, bool(grad), lse_grad, docs,
-                                                      -1 if sliding_window is None else sliding_window)
-    return (out, lse if lse_grad else lse.detach()) if return_lse else out
+                                                      softmax_scale, layout, backend, bool(grad), inner_lse_grad, docs,
+                                                      -1 if sliding_window is None else sliding_window,
+                                                      -1 if sinks is None else sinks.shape[0])
+    if not inner_lse_grad:
+        lse = lse.detach()
+    return sp.finish(out, lse, sinks=sinks, lse_grad=bool(lse_grad), return_lse=return_lse)
 
 
 # --------------------------------------------------------------------------------------------

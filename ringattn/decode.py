@@ -21,6 +21,7 @@ Phases (one small class-free pipeline, all on the compute stream):
               (4 B * Tq * Hq * (D + 1) * B per rank)
   4. divide   out = sum(out_r w_r) / sum(w_r), lse = m + log(sum w_r); rows no key reaches
               (every rank empty, no new keys): out 0, lse -inf
+  5. sinks    (sinks= given) out * sigmoid(lse - s_h), lse = logaddexp(lse, s_h) (ringattn.sinks)
 
 The all-reduced buffers are bitwise the same on every rank, so every rank computes the same
 output (generation does not diverge). Bytes per call do not depend on the cache length, and no
@@ -44,8 +45,9 @@ import torch.distributed as dist
 from ringattn.block_attention import block_attn_forward
 from ringattn.layout import collective_device, dtype_code, group_rank_and_size, no_autocast
 from ringattn.ops import merge_attn_states_
+from ringattn.sinks import apply_sinks, sinks_problem
 
-_MAGIC = 0x4B56_5348_01  # "KVSH", version 1
+_MAGIC = 0x4B56_5348_02  # "KVSH", version 2 (sinks)
 _DEVICE_CODE = {"cpu": 1, "cuda": 2, "meta": 3, "xpu": 4, "mps": 5}
 # Problem categories: one bit each in the signature, so every rank names every rank's problems.
 _PROBLEMS = (
@@ -59,16 +61,18 @@ _PROBLEMS = (
     "inference only (no backward): call it under torch.no_grad() / torch.inference_mode(), or train with "
     "ring_attention / token_ring_attention",
     "the requested block-attention backend cannot run these inputs",
+    "sinks must be None or a 1-D floating tensor of heads_q logits on q's device",
 )
-_P_Q, _P_SHAPE, _P_DTYPE, _P_DEVICE, _P_HEADS, _P_SCALE, _P_GRAD, _P_BACKEND = (1 << i for i in range(len(_PROBLEMS)))
+_P_Q, _P_SHAPE, _P_DTYPE, _P_DEVICE, _P_HEADS, _P_SCALE, _P_GRAD, _P_BACKEND, _P_SINKS = (
+    1 << i for i in range(len(_PROBLEMS)))
 _FIELDS = ("magic", "group_size", "group_ranks", "batch", "tq", "hq", "hkv", "d", "dtype", "device",
-           "scale", "new", "problems")
+           "scale", "new", "sinks", "problems")
 _IX = {f: i for i, f in enumerate(_FIELDS)}
 _AGREE = (("the call (ranks called different ringattn functions or versions)", "magic"),
           ("group size", "group_size"), ("group ranks (crc32)", "group_ranks"), ("batch", "batch"),
           ("number of queries Tq", "tq"), ("heads_q", "hq"), ("heads_kv", "hkv"), ("head_dim", "d"),
           ("dtype (codes)", "dtype"), ("device type (codes)", "device"), ("softmax_scale (float bits)", "scale"),
-          ("whether k_new/v_new were given", "new"))
+          ("whether k_new/v_new were given", "new"), ("sinks (number of logits; -1: none)", "sinks"))
 
 
 def _pieces(x, name: str) -> tuple:
@@ -80,7 +84,7 @@ def _pieces(x, name: str) -> tuple:
                      f"tuple of them, got {type(x).__name__}")
 
 
-def _local_problems(q, ks, vs, k_new, v_new, scale) -> tuple[int, list[str]]:
+def _local_problems(q, ks, vs, k_new, v_new, scale, sinks=None) -> tuple[int, list[str]]:
     """(problem bits, details) of this rank's inputs; (0, []) when they are fine."""
     if not isinstance(q, torch.Tensor) or q.dim() != 4 or not q.is_floating_point() or min(
             q.shape[0], q.shape[2], q.shape[3]) <= 0:
@@ -120,7 +124,13 @@ def _local_problems(q, ks, vs, k_new, v_new, scale) -> tuple[int, list[str]]:
     if not (scale > 0 and math.isfinite(scale)):
         bits |= _P_SCALE
         detail.append(f"softmax_scale={scale}")
+    s_problem = sinks_problem(sinks, Hq, q.device)
+    if s_problem:
+        bits |= _P_SINKS
+        detail.append(s_problem)
     tensors = [q] + [t for _, t in named if isinstance(t, torch.Tensor)]
+    if isinstance(sinks, torch.Tensor):
+        tensors.append(sinks)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         bits |= _P_GRAD
         detail.append("an input requires grad and grad mode is on")
@@ -139,7 +149,7 @@ def _exchange(sig: list[int], group, world: int, device) -> list[list[int]]:
     return [row[:len(sig)] for row in table]
 
 
-def _check(q, ks, vs, k_new, v_new, *, group, softmax_scale, backend) -> tuple[int, int, float]:
+def _check(q, ks, vs, k_new, v_new, *, group, softmax_scale, backend, sinks=None) -> tuple[int, int, float]:
     """Validate across the group; (rank, world, scale) or the same ValueError on every rank."""
     rank, world = group_rank_and_size(group)
     scale = softmax_scale
@@ -149,7 +159,7 @@ def _check(q, ks, vs, k_new, v_new, *, group, softmax_scale, backend) -> tuple[i
         scale = float(scale)
     except (TypeError, ValueError):
         scale = float("nan")
-    bits, detail = _local_problems(q, ks, vs, k_new, v_new, scale)
+    bits, detail = _local_problems(q, ks, vs, k_new, v_new, scale, sinks)
     if not bits and backend != "auto":
         try:  # zero-length probe: the backend's support checks, nothing computed
             block_attn_forward(q[:, :0], ks[0][:, :0], vs[0][:, :0], softmax_scale=scale, backend=backend)
@@ -160,7 +170,8 @@ def _check(q, ks, vs, k_new, v_new, *, group, softmax_scale, backend) -> tuple[i
     sig = [_MAGIC, world, 0, B, Tq, Hq, ks[0].shape[2] if ks[0].dim() == 4 else -1, D,
            dtype_code(q.dtype) if isinstance(q, torch.Tensor) else -1,
            _DEVICE_CODE.get(q.device.type, 99) if isinstance(q, torch.Tensor) else -1,
-           struct.unpack("<q", struct.pack("<d", scale))[0], int(k_new is not None), bits]
+           struct.unpack("<q", struct.pack("<d", scale))[0], int(k_new is not None),
+           sinks.shape[0] if sinks is not None and not bits & _P_SINKS else -1, bits]
     if world > 1:
         sig[_IX["group_ranks"]] = zlib.crc32(",".join(map(str, dist.get_process_group_ranks(
             group or dist.GroupMember.WORLD))).encode())
@@ -192,7 +203,7 @@ def _check(q, ks, vs, k_new, v_new, *, group, softmax_scale, backend) -> tuple[i
 
 
 def sharded_kv_attention(q, k_cache, v_cache, *, k_new=None, v_new=None, group=None, softmax_scale=None,
-                         backend="auto", return_lse=False, check=True):
+                         backend="auto", return_lse=False, check=True, sinks=None):
     """Attention of the same queries on every rank over a KV cache sharded across `group`.
 
     See the module docstring for shapes and phases. Returns out (B, Tq, Hq, D) in q.dtype, or
@@ -202,11 +213,14 @@ def sharded_kv_attention(q, k_cache, v_cache, *, k_new=None, v_new=None, group=N
     check=False skips the cross-rank validation (its all_gather and the host synchronisation of
     reading it back, which on a GPU would stall the launch queue once per layer and step). Only
     for callers that guarantee agreement, e.g. generate() after its first, checked, decode step:
-    inputs that disagree then give a wrong answer or a hang instead of an error."""
+    inputs that disagree then give a wrong answer or a hang instead of an error.
+
+    sinks: (Hq,) attention-sink logits (ringattn.sinks), applied to the merged fp32 result after
+    phase 4 (identically on every rank); the returned lse includes them."""
     ks, vs = _pieces(k_cache, "k_cache"), _pieces(v_cache, "v_cache")
     if check:
         rank, world, scale = _check(q, ks, vs, k_new, v_new, group=group, softmax_scale=softmax_scale,
-                                    backend=backend)
+                                    backend=backend, sinks=sinks)
     else:
         rank, world = group_rank_and_size(group)
         scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[3])
@@ -234,6 +248,8 @@ def sharded_kv_attention(q, k_cache, v_cache, *, k_new=None, v_new=None, group=N
             num, den = buf[..., :D], buf[..., D:]
             acc = torch.where(den > 0, num / den.clamp(min=torch.finfo(torch.float32).tiny), torch.zeros_like(num))
             acc_lse = (m_safe + torch.log(den.squeeze(-1).transpose(1, 2))).contiguous()
+        if sinks is not None:  # 5. sinks: rescale the merged fp32 rows (ringattn.sinks)
+            acc, acc_lse = apply_sinks(acc, acc_lse, sinks)
     out = acc.to(q.dtype)
     return (out, acc_lse) if return_lse else out
 

@@ -47,6 +47,7 @@ from ringattn.documents import (as_documents, documents_count, documents_crc, do
 from ringattn.layout import (LAYOUTS, RingPlan, SequenceLayout, collective_device, dtype_code,  # noqa: F401
                              gather_sequence, group_rank_and_size, no_autocast, seq_len_error, shard_sequence)
 from ringattn.ring_attention import RingAttention, ring_comm_bytes
+from ringattn.sinks import apply_sinks, sinks_problem
 from ringattn.token_ring import TokenRingAttention, token_ring_comm_bytes
 
 ALGORITHMS = ("ring", "token_ring")
@@ -54,7 +55,7 @@ ALGORITHMS = ("ring", "token_ring")
 # world size and "inter_node" (8 GPUs per node) above it (choose_algorithm).
 MESH_MAX_WORLD = 8
 
-_MAGIC = 0x52494E47_04  # "RING", signature version 4 (2: lse_grad, 3: cu_seqlens, 4: sliding_window)
+_MAGIC = 0x52494E47_05  # "RING", signature version 5 (2: lse_grad, 3: cu_seqlens, 4: sliding_window, 5: sinks)
 _ALG_CODE = {"auto": 0, "ring": 1, "token_ring": 2}
 _LAYOUT_CODE = {"contiguous": 1, "zigzag": 2}
 _DEVICE_CODE = {"cpu": 1, "cuda": 2, "meta": 3, "xpu": 4, "mps": 5}
@@ -80,9 +81,10 @@ _PROBLEMS = (
     "cu_seqlens must be the global document boundaries: 0, then strictly increasing ints (a list or a 1-D "
     "integer tensor; or one such row per batch row)",
     "sliding_window must be None or an int >= 1 (keys each query sees, itself included), with causal=True",
+    "sinks must be None or a 1-D floating tensor of heads_q logits (one per query head) on q's device",
 )
 (_P_NOT_TENSOR, _P_NOT_4D, _P_NOT_FLOAT, _P_KV_SHAPE, _P_QK_SHAPE, _P_HEADS, _P_DTYPES, _P_DEVICES,
- _P_BACKEND, _P_SCALE, _P_LAYOUT, _P_ALGORITHM, _P_EMPTY, _P_DOCS, _P_WINDOW) = (1 << i for i in range(len(_PROBLEMS)))
+ _P_BACKEND, _P_SCALE, _P_LAYOUT, _P_ALGORITHM, _P_EMPTY, _P_DOCS, _P_WINDOW, _P_SINKS) = (1 << i for i in range(len(_PROBLEMS)))
 
 
 def _float_bits(x: float) -> int:
@@ -96,7 +98,7 @@ def _bits_float(b: int) -> float:
 _FIELDS = ("magic", "algorithm", "layout", "causal", "group_size", "group_ranks",
            "q0", "q1", "q2", "q3", "k0", "k1", "k2", "k3", "v0", "v1", "v2", "v3",
            "q_dtype", "k_dtype", "v_dtype", "device", "scale", "grad", "lse_grad", "docs_n", "docs_crc",
-           "window", "problems")
+           "window", "sinks", "problems")
 _IX = {f: i for i, f in enumerate(_FIELDS)}
 
 
@@ -124,7 +126,9 @@ def window_problem(sliding_window, causal) -> str | None:
 
 
 def _local_signature(fn, q, k, v, *, algorithm, layout, causal, softmax_scale, backend, world,
-                     global_ranks, grad=None, lse_grad=False, cu_seqlens=None, sliding_window=None) -> _Local:
+                     global_ranks, grad=None, lse_grad=False, cu_seqlens=None, sliding_window=None,
+                     sinks=None) -> _Local:
+    """sinks: None, the sinks tensor, or (the traced op, ringattn.compiled) its length, checked."""
     sig = [-1] * len(_FIELDS)
     sig[_IX["magic"]] = _MAGIC
     sig[_IX["group_size"]] = world
@@ -148,6 +152,16 @@ def _local_signature(fn, q, k, v, *, algorithm, layout, causal, softmax_scale, b
         error = error or ValueError(f"{fn}: {w_problem}")
     elif sliding_window is not None:
         sig[_IX["window"]] = min(sliding_window, 1 << 62)  # (an int64 field; >= any sequence length)
+    if isinstance(sinks, int) and not isinstance(sinks, bool):
+        sig[_IX["sinks"]] = sinks
+    elif sinks is not None:
+        four_d = isinstance(q, torch.Tensor) and q.dim() == 4
+        s_problem = sinks_problem(sinks, q.shape[2] if four_d else None, q.device if four_d else None)
+        if s_problem:
+            problems |= _P_SINKS
+            error = error or ValueError(f"{fn}: {s_problem}")
+        else:
+            sig[_IX["sinks"]] = sinks.shape[0]
     if algorithm in _ALG_CODE:
         sig[_IX["algorithm"]] = _ALG_CODE[algorithm]
     else:
@@ -197,7 +211,7 @@ def _local_signature(fn, q, k, v, *, algorithm, layout, causal, softmax_scale, b
             sig[_IX["scale"]] = _float_bits(scale)
         except (TypeError, ValueError):
             problems |= _P_SCALE
-    if not problems & ~(_P_DOCS | _P_WINDOW) and backend != "auto":
+    if not problems & ~(_P_DOCS | _P_WINDOW | _P_SINKS) and backend != "auto":
         try:  # zero-length probe: the backend's support checks run, nothing is computed
             block_attn_forward(q[:, :0], k[:, :0], v[:, :0], causal=bool(causal), softmax_scale=scale,
                                backend=backend)
@@ -236,6 +250,7 @@ _AGREE = (
     ("lse_grad", ("lse_grad",)),
     ("cu_seqlens (number of documents, crc32 of the boundaries; -1: none)", ("docs_n", "docs_crc")),
     ("sliding_window (-1: none)", ("window",)),
+    ("sinks (number of sink logits; -1: none)", ("sinks",)),
 )
 
 
@@ -352,7 +367,7 @@ def effective_window(sliding_window, seq_len: int) -> int | None:
 
 
 def _prepare(fn: str, q, k, v, *, algorithm, causal, softmax_scale, group, layout, backend, grad=None,
-             lse_grad=False, cu_seqlens=None, sliding_window=None):
+             lse_grad=False, cu_seqlens=None, sliding_window=None, sinks=None):
     """Validate across ranks; return (plan, q, k, v contiguous, requires backward)."""
     rank, world = group_rank_and_size(group)
     if world > 1:
@@ -362,7 +377,7 @@ def _prepare(fn: str, q, k, v, *, algorithm, causal, softmax_scale, group, layou
     local = _local_signature(fn, q, k, v, algorithm=algorithm, layout=layout, causal=causal,
                              softmax_scale=softmax_scale, backend=backend, world=world,
                              global_ranks=global_ranks, grad=grad, lse_grad=lse_grad, cu_seqlens=cu_seqlens,
-                             sliding_window=sliding_window)
+                             sliding_window=sliding_window, sinks=sinks)
     device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
     sigs = _exchange(fn, group, world, global_ranks, local,
                      collective_device(group, device) if world > 1 else device)
@@ -567,60 +582,76 @@ def _autocast(q, k, v):
 
 
 def _run(fn, q, k, v, *, algorithm, causal, softmax_scale, group, layout, backend, return_lse, lse_grad=False,
-         cu_seqlens=None, sliding_window=None):
+         cu_seqlens=None, sliding_window=None, sinks=None):
     q, k, v = _autocast(q, k, v)
     if torch.compiler.is_compiling():  # under torch.compile: one opaque custom op (ringattn.compiled)
         from ringattn.compiled import traced_attention
         return traced_attention(fn, q, k, v, algorithm=algorithm, causal=causal, softmax_scale=softmax_scale,
                                 group=group, layout=layout, backend=backend, return_lse=return_lse,
-                                lse_grad=lse_grad, cu_seqlens=cu_seqlens, sliding_window=sliding_window)
-    lse_grad = bool(lse_grad)
+                                lse_grad=lse_grad, cu_seqlens=cu_seqlens, sliding_window=sliding_window, sinks=sinks)
+    # Sinks (ringattn.sinks): the attention runs as usual with a differentiable lse (the flag every
+    # rank agrees on, and TokenRing's wire format, include it), then each rank rescales its rows.
+    inner_lse_grad = bool(lse_grad) or sinks is not None
     plan, q, k, v, grad = _prepare(fn, q, k, v, algorithm=algorithm, causal=causal, softmax_scale=softmax_scale,
-                                   group=group, layout=layout, backend=backend, lse_grad=lse_grad,
-                                   cu_seqlens=cu_seqlens, sliding_window=sliding_window)
+                                   group=group, layout=layout, backend=backend, lse_grad=inner_lse_grad,
+                                   cu_seqlens=cu_seqlens, sliding_window=sliding_window, sinks=sinks)
     algorithm = _resolve_algorithm(algorithm, plan, q, k, grad)
     # The kernels run with autocast off: their fp32 accumulation (math backend, merges, deltas)
     # must not be cast down by an enclosing autocast region (the backward does the same).
     with no_autocast(q.device):
         if algorithm == "ring":
-            out, lse = RingAttention.apply(q, k, v, plan, lse_grad)
+            out, lse = RingAttention.apply(q, k, v, plan, inner_lse_grad)
         else:
-            out, lse = TokenRingAttention.apply(q, k, v, plan, lse_grad)
+            out, lse = TokenRingAttention.apply(q, k, v, plan, inner_lse_grad)
+    return finish(out, lse, sinks=sinks, lse_grad=lse_grad, return_lse=return_lse)
+
+
+def finish(out, lse, *, sinks, lse_grad, return_lse):
+    """The public result from the ring's (out, lse): sinks applied, lse detached unless lse_grad."""
+    if sinks is not None:
+        with no_autocast(out.device):
+            out, lse = apply_sinks(out, lse, sinks)
+        if not lse_grad:
+            lse = lse.detach()
     return (out, lse) if return_lse else out
 
 
 def ring_attention(q, k, v, *, causal=False, softmax_scale=None, group=None, layout="contiguous",
-                   backend="auto", return_lse=False, lse_grad=False, cu_seqlens=None, sliding_window=None):
+                   backend="auto", return_lse=False, lse_grad=False, cu_seqlens=None, sliding_window=None,
+                   sinks=None):
     """Ring Self-Attention: K/V rotate one hop per step, Q stays (ringattn.ring_attention).
     lse_grad=True: the returned lse is differentiable (docs/sequence_parallel.md).
     cu_seqlens: packed sequences, the GLOBAL document boundaries (0, ..., L), the same on every rank:
     tokens attend only within their document (ringattn.documents).
     sliding_window=w (causal only): each query sees its w most recent keys, itself included
     (0 <= q - k < w, Hugging Face's config.sliding_window); blocks the window never reaches are
-    skipped, and K/V rotation stops once no rank has a block further back (RingPlan.ring_steps)."""
+    skipped, and K/V rotation stops once no rank has a block further back (RingPlan.ring_steps).
+    sinks: (heads_q,) attention-sink logits, one per query head, that join every row's softmax
+    (gpt-oss; ringattn.sinks); differentiable, returned lse includes them."""
     return _run("ringattn.ring_attention", q, k, v, algorithm="ring", causal=causal,
                 softmax_scale=softmax_scale, group=group, layout=layout, backend=backend, return_lse=return_lse,
-                lse_grad=lse_grad, cu_seqlens=cu_seqlens, sliding_window=sliding_window)
+                lse_grad=lse_grad, cu_seqlens=cu_seqlens, sliding_window=sliding_window, sinks=sinks)
 
 
 def token_ring_attention(q, k, v, *, causal=False, softmax_scale=None, group=None, layout="contiguous",
-                         backend="auto", return_lse=False, lse_grad=False, cu_seqlens=None, sliding_window=None):
+                         backend="auto", return_lse=False, lse_grad=False, cu_seqlens=None, sliding_window=None,
+                         sinks=None):
     """TokenRing: K/V stay, Q travels one way and partials come straight back (ringattn.token_ring).
     lse_grad=True: the returned lse is differentiable (docs/sequence_parallel.md).
     cu_seqlens: packed sequences, as in ring_attention; Q rows travel only to ranks holding keys of
     their documents. sliding_window: as in ring_attention; Q rows travel only to ranks holding
-    keys inside their window."""
+    keys inside their window. sinks: as in ring_attention."""
     return _run("ringattn.token_ring_attention", q, k, v, algorithm="token_ring", causal=causal,
                 softmax_scale=softmax_scale, group=group, layout=layout, backend=backend, return_lse=return_lse,
-                lse_grad=lse_grad, cu_seqlens=cu_seqlens, sliding_window=sliding_window)
+                lse_grad=lse_grad, cu_seqlens=cu_seqlens, sliding_window=sliding_window, sinks=sinks)
 
 
 def sequence_parallel_attention(q, k, v, *, causal=False, softmax_scale=None, group=None, layout="contiguous",
                                 backend="auto", return_lse=False, algorithm="auto", lse_grad=False,
-                                cu_seqlens=None, sliding_window=None):
+                                cu_seqlens=None, sliding_window=None, sinks=None):
     """ring_attention or token_ring_attention; "auto" picks the one ringattn.cost_model predicts
     faster, bytes deciding inside its 5% margin (choose_algorithm; packed sequences and sliding
     windows: bytes)."""
     return _run("ringattn.sequence_parallel_attention", q, k, v, algorithm=algorithm, causal=causal,
                 softmax_scale=softmax_scale, group=group, layout=layout, backend=backend, return_lse=return_lse,
-                lse_grad=lse_grad, cu_seqlens=cu_seqlens, sliding_window=sliding_window)
+                lse_grad=lse_grad, cu_seqlens=cu_seqlens, sliding_window=sliding_window, sinks=sinks)

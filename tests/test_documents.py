@@ -188,12 +188,19 @@ def test_single_process_helpers_check_cu_seqlens():
 
 
 # --- 2. against float64 on real processes -----------------------------------------------------
-def reference(q, k, v, mask, scale):
+def reference(q, k, v, mask, scale, sinks=None):
+    """Masked softmax attention; sinks (Hq,): one extra logit per head in every row's softmax,
+    written as gpt-oss's eager attention does it (a column appended, then dropped)."""
     g = q.shape[2] // k.shape[2]
     kk, vv = k.repeat_interleave(g, 2), v.repeat_interleave(g, 2)
     s = torch.einsum("bqhd,bkhd->bhqk", q, kk) * scale
     s = s.masked_fill(~mask, float("-inf"))
-    return torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, -1), vv), torch.logsumexp(s, -1)
+    if sinks is not None:
+        s = torch.cat([s, sinks.view(1, -1, 1, 1).expand(*s.shape[:3], 1)], dim=-1)
+    p = torch.softmax(s, -1)
+    if sinks is not None:
+        p = p[..., :-1]
+    return torch.einsum("bhqk,bkhd->bqhd", p, vv), torch.logsumexp(s, -1)
 
 
 def band(L, w):
@@ -205,7 +212,8 @@ def band(L, w):
 def run_doc_case(c, device="cpu"):
     """One case (a dict: alg, causal, layout, seq_len, cu (None: one sequence), optional window,
     hq, hkv, batch, head_dim, dtype, lse_grad, as_tensor, seed, optional tiles: how tiled pieces
-    run, documents.TILE_MODE) against float64; None or the failure."""
+    run, documents.TILE_MODE; optional sinks: a dtype, then attention sinks of that dtype (their
+    gradient summed over ranks is checked too)) against float64; None or the failure."""
     import ringattn.documents as rdoc
 
     before, rdoc.TILE_MODE = rdoc.TILE_MODE, c.get("tiles", "auto")
@@ -226,9 +234,11 @@ def _run_doc_case(c, device):
     q, dout = (torch.randn(B, L, Hq, D, generator=gen).to(dtype) for _ in range(2))
     k, v = (torch.randn(B, L, Hkv, D, generator=gen).to(dtype) for _ in range(2))
     dlse = torch.randn(B, Hq, L, generator=gen) if c["lse_grad"] else None
+    sinks = (2 * torch.randn(Hq, generator=gen)).to(c["sinks"]) if c.get("sinks") else None
     scale = 1.0 / math.sqrt(D)
     ref = [t.double().requires_grad_() for t in (q, k, v)]
-    ref_out, ref_lse = reference(*ref, mask, scale)
+    ref_sinks = sinks.double().requires_grad_() if sinks is not None else None
+    ref_out, ref_lse = reference(*ref, mask, scale, ref_sinks)
     loss = (ref_out * dout.double()).sum() + ((ref_lse * dlse.double()).sum() if dlse is not None else 0)
     loss.backward()
 
@@ -241,9 +251,10 @@ def _run_doc_case(c, device):
         cu_arg = documents_tensor(as_documents(cu)[0])
     else:
         cu_arg = cu
+    loc_sinks = sinks.to(device).requires_grad_() if sinks is not None else None
     with comm_stats() as st:
         out, lse = fn(*loc, causal=c["causal"], layout=c["layout"], return_lse=True, lse_grad=c["lse_grad"],
-                      cu_seqlens=cu_arg, sliding_window=w)
+                      cu_seqlens=cu_arg, sliding_window=w, **({"sinks": loc_sinks} if sinks is not None else {}))
         loss = ((out * dout[:, pos].to(device)).sum()
                 + ((lse * dlse[:, :, pos].to(device)).sum() if dlse is not None else 0))
         loss.backward()
@@ -251,6 +262,15 @@ def _run_doc_case(c, device):
     errors = []
     pairs = [("out", out, ref_out[:, pos]), ("lse", lse, ref_lse[:, :, pos])]
     pairs += [(f"d{n}", t.grad, r.grad[:, pos]) for n, t, r in zip("qkv", loc, ref)]
+    if sinks is not None:
+        # each rank's sink gradient covers its own rows: summed over the group (as a parameter's;
+        # every rank joins the all_reduce, a missing gradient counting as a failure, not a hang)
+        g_s = loc_sinks.grad
+        if g_s is None or g_s.dtype != sinks.dtype:
+            errors.append(f"dsinks: {None if g_s is None else g_s.dtype}, expected a {sinks.dtype} gradient")
+        d_sinks = g_s.detach().float().cpu().clone() if g_s is not None else torch.zeros(Hq)
+        dist.all_reduce(d_sinks)
+        pairs.append(("dsinks", d_sinks, ref_sinks.grad))
     for name, got, want in pairs:
         if got is None or got.shape != want.shape:
             errors.append(f"{name}: shape {None if got is None else tuple(got.shape)} != {tuple(want.shape)}")
@@ -262,7 +282,7 @@ def _run_doc_case(c, device):
     kw = dict(seq_len=L, world_size=world, layout=c["layout"], causal=c["causal"], batch=B, heads_q=Hq,
               heads_kv=Hkv, head_dim=D, dtype=dtype, cu_seqlens=cu, sliding_window=w)
     alg = c["alg"] if c["alg"] != "auto" else sp.choose_algorithm(**kw).algorithm
-    want_bytes = sp.predict_comm_bytes(alg, **kw, backward=True, lse_grad=c["lse_grad"])[rank]
+    want_bytes = sp.predict_comm_bytes(alg, **kw, backward=True, lse_grad=c["lse_grad"] or sinks is not None)[rank]
     got_bytes = {ch: (st.sent_by_channel[ch], st.recv_by_channel[ch])
                  for ch in set(st.sent_by_channel) | set(st.recv_by_channel)}
     nz = lambda d: {ch: b for ch, b in d.items() if b != (0, 0)}  # noqa: E731

@@ -249,7 +249,8 @@ def _piece_lengths(plan, seg_len_local: int) -> list[int]:
 
 
 def ulysses_ring_attention(q, k, v, *, plan, causal: bool = True, softmax_scale: float | None = None,
-                           use_deepspeed: bool | None = None, cu_seqlens=None, sliding_window: int | None = None):
+                           use_deepspeed: bool | None = None, cu_seqlens=None, sliding_window: int | None = None,
+                           sinks=None):
     """2-D sequence-parallel attention. q: (batch, piece, heads_q, head_dim); k, v: (batch, piece,
     heads_kv, head_dim), this rank's piece as laid out by plan.shard. Returns (batch, piece,
     heads_q, head_dim). Differentiable. `plan` is a SequenceParallelPlan with ulysses_size > 1.
@@ -258,7 +259,9 @@ def ulysses_ring_attention(q, k, v, *, plan, causal: bool = True, softmax_scale:
     pre-hook took from its cu_seqlens= kwarg). The all-to-all rebuilds ring segment Z_j in token
     order, so the ring group's sequence is the global one laid out over the R ring ranks and the
     same global boundaries hold there unchanged: the ring / TokenRing call masks by document.
-    sliding_window: a causal window in global positions, the same way."""
+    sliding_window: a causal window in global positions, the same way.
+    sinks: (heads_q,) attention-sink logits (ringattn.sinks); Ulysses rank i runs head block i, so
+    it passes the ring sinks[i * heads_q/U : (i + 1) * heads_q/U] (a differentiable slice)."""
     from ringattn.integrations.huggingface import _sp_module
 
     sequence_parallel_attention, _, _ = _sp_module()
@@ -277,12 +280,18 @@ def ulysses_ring_attention(q, k, v, *, plan, causal: bool = True, softmax_scale:
         raise ValueError(f"ringattn: got {q.shape[1]} tokens, expected {piece_lens[plan.ulysses_rank]} for this rank")
 
     docs = plan._documents if cu_seqlens is None else cu_seqlens
+    if sinks is not None:
+        from ringattn.sinks import sinks_problem
+
+        if sinks_problem(sinks, hq, q.device) is None:  # (else passed on whole: the ring's check names it
+            hl = hq // u                                    # on every rank instead of this rank alone)
+            sinks = sinks[plan.ulysses_rank * hl:(plan.ulysses_rank + 1) * hl]  # this rank's head block
 
     def ring(qs, ks, vs):  # (B, Z_j, H/U, D) -> same, over the ring group
         return sequence_parallel_attention(
             qs, ks, vs, causal=causal, softmax_scale=softmax_scale, group=plan.ring_group,
             layout=plan.layout, backend=plan.backend, algorithm=plan.ring_algorithm, cu_seqlens=docs,
-            sliding_window=sliding_window,
+            sliding_window=sliding_window, sinks=sinks,
         )
 
     want_ds = plan.use_deepspeed if use_deepspeed is None else use_deepspeed

@@ -59,10 +59,15 @@ ATTN_IMPLEMENTATION = "ringattn_sp"
 # Q/K/V dispatched through AttentionInterface, each checked exact against the single-process model
 # on a tiny random config (tests/test_huggingface.py; the first three across the whole matrix).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gemma", "phi3", "olmo",
-                         "olmo2", "granite", "cohere", "starcoder2", "glm", "helium", "smollm3")
+                         "olmo2", "granite", "cohere", "starcoder2", "glm", "helium", "smollm3", "gemma3_text",
+                         "gpt_oss")
 # Families whose attention modules pass sliding_window= to the attention function (checked per
 # layer against the config at every call, _attention_forward): their windows run exactly.
-SLIDING_WINDOW_MODEL_TYPES = ("mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "phi3", "starcoder2", "smollm3")
+SLIDING_WINDOW_MODEL_TYPES = ("mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "phi3", "starcoder2", "smollm3",
+                              "gemma3_text", "gpt_oss")
+# Families whose attention passes per-head attention-sink logits (s_aux=) to the attention
+# function: they run as ringattn's sinks= (ringattn.sinks), training and generate() alike.
+SINK_MODEL_TYPES = ("gpt_oss",)
 ALGORITHMS = ("auto", "ring", "token_ring", "ulysses+ring", "ulysses+token_ring", "ulysses+auto")
 LAYOUTS = ("contiguous", "zigzag")
 # RoPE variants whose frequencies depend only on the position (not on the sequence length seen
@@ -214,19 +219,21 @@ class SequenceParallelPlan:
         return self.shard(_global_positions(seq_len, documents, device), dim=1)
 
     # -- attention ---------------------------------------------------------------------------
-    def attention(self, q, k, v, *, causal: bool, softmax_scale: float | None, sliding_window: int | None = None):
+    def attention(self, q, k, v, *, causal: bool, softmax_scale: float | None, sliding_window: int | None = None,
+                  sinks=None):
         """q: (batch, seq_local, heads_q, head_dim); k, v: (batch, seq_local, heads_kv, head_dim).
-        sliding_window: the layer's causal window (each query sees its w most recent keys)."""
+        sliding_window: the layer's causal window (each query sees its w most recent keys).
+        sinks: the layer's (heads_q,) attention-sink logits (ringattn.sinks), or None."""
         if self.is_2d:
             from ringattn.integrations.deepspeed import ulysses_ring_attention
 
             return ulysses_ring_attention(q, k, v, plan=self, causal=causal, softmax_scale=softmax_scale,
-                                          sliding_window=sliding_window)
+                                          sliding_window=sliding_window, sinks=sinks)
         sequence_parallel_attention, _, _ = _sp_module()
         return sequence_parallel_attention(
             q, k, v, causal=causal, softmax_scale=softmax_scale, group=self.group,
             layout=self.layout, backend=self.backend, algorithm=self.algorithm, cu_seqlens=self._documents,
-            sliding_window=sliding_window,
+            sliding_window=sliding_window, sinks=sinks,
         )
 
 
@@ -294,6 +301,9 @@ def check_supported(model) -> None:
             f"{', '.join(SUPPORTED_MODEL_TYPES)}. Other architectures are refused rather than run "
             f"unchecked (different masks, position schemes or attention variants)."
         )
+    if getattr(cfg, "use_bidirectional_attention", False):
+        raise ValueError(f"ringattn: {name} has config.use_bidirectional_attention=True; ringattn runs causal "
+                         "decoder attention only")
     if getattr(cfg, "is_encoder_decoder", False):
         raise ValueError(f"ringattn: {name} is an encoder-decoder model; only decoder-only causal LMs are supported")
     sw = getattr(cfg, "sliding_window", None)
@@ -371,10 +381,12 @@ def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, s
         raise ValueError(f"ringattn: {type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) asks for "
                          f"sliding_window={window!r}, but its config gives this layer {want_window!r} (config."
                          "sliding_window / layer_types changed after apply_sequence_parallel? apply it again)")
-    for name in ("softcap", "s_aux", "sinks"):
-        if kwargs.get(name) is not None:
-            what = {"s_aux": "attention sinks", "sinks": "attention sinks"}.get(name, name)
-            raise ValueError(f"ringattn: {type(module).__name__} asks for {what}={kwargs[name]!r}; not supported")
+    if kwargs.get("softcap") is not None:
+        raise ValueError(f"ringattn: {type(module).__name__} asks for softcap={kwargs['softcap']!r}; not supported")
+    sinks = kwargs.get("s_aux", kwargs.get("sinks"))
+    if sinks is not None and not getattr(module, "_ringattn_sinks", False):
+        raise ValueError(f"ringattn: {type(module).__name__} passes attention sinks, but its family is not one "
+                         f"ringattn checked with sinks ({', '.join(SINK_MODEL_TYPES)})")
     if dropout:
         raise ValueError(f"ringattn: attention dropout {dropout} is not supported; set config.attention_dropout=0.0")
     if kwargs.get("output_attentions"):
@@ -382,7 +394,7 @@ def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, s
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # -> (batch, seq_local, heads, head_dim)
     if plan._serve is not None and plan._serve.phase == "decode":
-        return _decode_attention(plan, q, k, v, scaling, window), None
+        return _decode_attention(plan, q, k, v, scaling, window, sinks), None
     if k.shape[1] != q.shape[1]:
         raise ValueError(f"ringattn: attention got {k.shape[1]} keys for {q.shape[1]} queries on rank {plan.rank}: "
                          "a KV cache outside ringattn.integrations.huggingface.generate() is not supported")
@@ -390,7 +402,7 @@ def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, s
         expected = plan.local_lengths(plan._seq_len)[plan.rank]
         if q.shape[1] != expected:
             raise ValueError(f"ringattn: attention got {q.shape[1]} tokens on rank {plan.rank}, expected {expected}")
-    out = plan.attention(q, k, v, causal=bool(causal), softmax_scale=scaling, sliding_window=window)
+    out = plan.attention(q, k, v, causal=bool(causal), softmax_scale=scaling, sliding_window=window, sinks=sinks)
     return out, None
 
 
@@ -800,6 +812,8 @@ def apply_sequence_parallel(model, group=None, algorithm: str = "auto", layout: 
             m._ringattn_plan = plan
             # the window this layer's attention passes (its own attribute, else the config's)
             m._ringattn_window = layer_window(m, cfg)
+            # sinks are accepted only from families checked with them (SINK_MODEL_TYPES)
+            m._ringattn_sinks = cfg.model_type in SINK_MODEL_TYPES
             n_attn += 1
     if n_attn != cfg.num_hidden_layers:
         raise ValueError(f"ringattn: found {n_attn} attention modules in {type(model).__name__}, expected {cfg.num_hidden_layers}")
@@ -833,6 +847,8 @@ def remove_sequence_parallel(model, attn_implementation: str | None = None):
             del m._ringattn_plan
         if hasattr(m, "_ringattn_window"):
             del m._ringattn_window
+        if hasattr(m, "_ringattn_sinks"):
+            del m._ringattn_sinks
     impl = attn_implementation or getattr(model, "_ringattn_previous_attn", None) or "sdpa"
     _set_attn_implementation(model, impl)
     for attr in ("_ringattn_hooks", "_ringattn_previous_attn", "ringattn_plan"):
@@ -866,13 +882,14 @@ class _Serving:
     prompt_len: int = 0      # L, the (padded) prompt's global length: generated token t sits at index L + t
 
 
-def _decode_attention(plan, q, k, v, scale, window=None):
+def _decode_attention(plan, q, k, v, scale, window=None, sinks=None):
     """One decode step of one layer. q: (B, Tq, Hq, D), the same on every rank; k, v: (B, S_r + n,
     Hkv, D), what the rank's DynamicCache returned: its prompt shard (S_r) then every generated
     token so far, the Tq new ones last (the generated ones are in every rank's cache). Each rank
     attends to its shard plus its 1/W slice of the earlier generated tokens; the new ones' causal
     block is sharded_kv_attention's. window: the layer's sliding window (keys older than the
-    window are left out, like a left-padded row's padding). Returns (B, Tq, Hq, D)."""
+    window are left out, like a left-padded row's padding). sinks: the layer's attention-sink
+    logits, or None. Returns (B, Tq, Hq, D)."""
     from ringattn.decode import sharded_kv_attention
 
     s_r, tq = plan._serve.prefill_local, q.shape[1]
@@ -897,7 +914,7 @@ def _decode_attention(plan, q, k, v, scale, window=None):
     if not starts or not any(starts):
         return sharded_kv_attention(q, (k[:, :s_r], k[:, gen]), (v[:, :s_r], v[:, gen]), k_new=k[:, -tq:],
                                     v_new=v[:, -tq:], group=plan.group, softmax_scale=scale, backend=plan.backend,
-                                    check=check)
+                                    check=check, sinks=sinks)
     # Left-padded prompts: a row's padded prompt keys (global position < its first real token) are
     # left out; a sliding window leaves out every key before its start the same way. Rows with the
     # same first key share the pieces (this rank's runs of prompt keys at or after it, and its
@@ -920,7 +937,7 @@ def _decode_attention(plan, q, k, v, scale, window=None):
         pv = tuple(vb[:, a:b] for a, b in runs) + (vb[:, g],)
         res = sharded_kv_attention(q if whole else q.index_select(0, idx), pk, pv, k_new=kb[:, -tq:],
                                    v_new=vb[:, -tq:], group=plan.group, softmax_scale=scale, backend=plan.backend,
-                                   check=check)
+                                   check=check, sinks=sinks)
         if whole:
             return res
         out[idx] = res
