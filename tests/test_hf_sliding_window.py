@@ -12,8 +12,8 @@ import torch.distributed as dist
 transformers = pytest.importorskip("transformers")
 
 import ringattn.integrations.huggingface as rhf  # noqa: E402
-from test_huggingface import (SEQ, assert_close, compare, global_batch, greedy_reference,  # noqa: E402
-                              padded_greedy_reference, reference, sp_step, tiny_model)
+from test_huggingface import (SEQ, assert_close, compare, family_available, global_batch,  # noqa: E402
+                              greedy_reference, padded_greedy_reference, reference, sp_step, tiny_model)
 
 WINDOW = 5
 # family -> config overrides that turn the window on (tiny configs: 2 layers)
@@ -27,7 +27,13 @@ WINDOWED = {
     "qwen3": dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
     "qwen3_moe": dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
     "smollm3": dict(use_sliding_window=True, sliding_window=WINDOW, layer_types=["full_attention", "sliding_attention"]),
+    # layer 0 sliding, layer 1 full (Gemma 3: 5 of 6 sliding; gpt-oss: alternating, with sinks)
+    "gemma3_text": dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]),
+    "gpt_oss": dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]),
 }
+# Families whose caches need an int window on sliding layers: "no window" = every layer full.
+NO_WINDOW = {"gemma3_text": dict(layer_types=["full_attention", "full_attention"]),
+             "gpt_oss": dict(layer_types=["full_attention", "full_attention"])}
 
 
 def test_every_window_family_is_tested():
@@ -36,6 +42,8 @@ def test_every_window_family_is_tested():
 
 def no_window(family):
     """The same tiny config without the window."""
+    if family in NO_WINDOW:
+        return NO_WINDOW[family]
     kw = {k: v for k, v in WINDOWED[family].items() if k != "layer_types"}
     kw["sliding_window"] = None
     if "use_sliding_window" in kw:
@@ -65,7 +73,7 @@ def _check_windowed(world, families):
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_windowed_families_match_single_process(dist_pool, world):
-    families = tuple(WINDOWED) if world != 1 else ("mistral", "qwen2")
+    families = tuple(f for f in WINDOWED if family_available(f)) if world != 1 else ("mistral", "qwen2")
     results = dist_pool(world).run(_check_windowed, world, families, timeout=300)
     assert_close([{k: err for k, (err, _, _) in r.items()} for r in results])
     for rank, r in enumerate(results):
@@ -80,7 +88,7 @@ def _generate_windowed(world):
     out = {}
     prompt, _ = global_batch(SEQ[world])
     steps = 2 * WINDOW  # decode runs past the window: the oldest keys drop out step by step
-    for family in ("mistral", "qwen2", "phi3"):
+    for family in ("mistral", "qwen2", "phi3", "gemma3_text") + (("gpt_oss",) if family_available("gpt_oss") else ()):
         model = tiny_model(family, **WINDOWED[family])
         ref_tokens, ref_logits = greedy_reference(copy.deepcopy(model), prompt, steps)
         for algorithm, layout in (("ring", "zigzag"), ("token_ring", "contiguous")):
@@ -127,11 +135,13 @@ def test_window_changed_after_wrapping_is_refused(dist_pool):
 def _check_windowed_2d():
     out = {}
     input_ids, labels = global_batch(29)
-    for algorithm, layout in (("ulysses+ring", "zigzag"), ("ulysses+token_ring", "contiguous")):
-        model = tiny_model("qwen2", **WINDOWED["qwen2"])
-        ref = reference(model, input_ids, labels)
-        rhf.apply_sequence_parallel(model, algorithm=algorithm, layout=layout, ulysses_size=2, use_deepspeed=False)
-        out[(algorithm, layout)] = compare(model.ringattn_plan, ref, sp_step(model, input_ids, labels))
+    # gpt-oss: each Ulysses rank's ring gets its head block's sinks
+    for family in ("qwen2",) + (("gpt_oss",) if family_available("gpt_oss") else ()):
+        for algorithm, layout in (("ulysses+ring", "zigzag"), ("ulysses+token_ring", "contiguous")):
+            model = tiny_model(family, **WINDOWED[family])
+            ref = reference(model, input_ids, labels)
+            rhf.apply_sequence_parallel(model, algorithm=algorithm, layout=layout, ulysses_size=2, use_deepspeed=False)
+            out[(family, algorithm, layout)] = compare(model.ringattn_plan, ref, sp_step(model, input_ids, labels))
     return out
 
 
