@@ -8,14 +8,15 @@ included:
 
     ringattn::sp_attention(q, k, v, group_name, algorithm, causal, softmax_scale, layout,
                            backend, grad, lse_grad, cu_seqlens=None, sliding_window=-1,
-                           sinks=-1) -> (out, lse, meta)
+                           sinks=None) -> (out, lse, meta)
         q: (B, S_local, Hq, D); k, v: (B, S_local, Hkv, D); out like q (contiguous);
         lse: (B, Hq, S_local) fp32; meta: int64 (4,) on CPU = [algorithm code (1 ring,
         2 token_ring), softmax_scale as float64 bits, global seq_len, the plan's sliding window
         (-1: none)] -- what the backward needs to rebuild the plan without communicating again.
-        sliding_window: -1 for none. sinks: the number of sink logits (-1: none; only for the
-        signature every rank checks: the rescale, ringattn.sinks, is traced around the op, which
-        then runs with lse_grad). cu_seqlens: packed sequences'
+        sliding_window: -1 for none. sinks: (Hq,) attention-sink logits or None: out is then the
+        sinked out' and lse the attention's own (ringattn.sinks; lse' = logaddexp(lse, s) is
+        traced outside the op), and the autograd formula folds the sinks into the backward op's
+        dout and returns their gradient. cu_seqlens: packed sequences'
         global document boundaries, an int tensor (a list is made one; a Python list is a
         constant of the graph, so each new packing would recompile: pass a tensor).
     ringattn::sp_attention_backward(dout, q, k, v, out, lse, dlse, meta, group_name, causal,
@@ -45,7 +46,7 @@ import torch.distributed as dist
 from ringattn import sequence_parallel as sp
 from ringattn.documents import as_documents, documents_tensor, packed
 from ringattn.layout import RingPlan, SequenceLayout, group_rank_and_size, no_autocast
-from ringattn.sinks import sinks_problem
+from ringattn.sinks import rescale, sinks_backward, sinks_problem
 from ringattn.ring_attention import ring_backward, ring_forward
 from ringattn.token_ring import reply_for, token_ring_backward, token_ring_forward
 
@@ -87,20 +88,23 @@ def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name: 
                  softmax_scale: float | None, layout: str, backend: str,
                  grad: bool, lse_grad: bool,
                  cu_seqlens: torch.Tensor | None = None,
-                 sliding_window: int = -1, sinks: int = -1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 sliding_window: int = -1,
+                 sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     CALLS["sp_attention"] += 1
     group = resolve_group(group_name)
     plan, q, k, v, grad = sp._prepare("ringattn sequence-parallel attention", q, k, v, algorithm=algorithm,
                                       causal=causal, softmax_scale=softmax_scale, group=group, layout=layout,
                                       backend=backend, grad=grad, lse_grad=lse_grad, cu_seqlens=cu_seqlens,
                                       sliding_window=None if sliding_window == -1 else sliding_window,
-                                      sinks=None if sinks == -1 else sinks)
+                                      sinks=sinks)
     alg = sp._resolve_algorithm(algorithm, plan, q, k, grad)
     with no_autocast(q.device):
         if alg == "ring":
             out, lse = ring_forward(plan, q, k, v)
         else:
             out, lse = token_ring_forward(plan, q, k, v, reply_for(plan, q.device))
+        if sinks is not None:
+            out = rescale(out, lse, sinks)
     meta = torch.tensor([_ALG[alg], sp._float_bits(plan.softmax_scale), plan.layout.seq_len,
                          -1 if plan.window is None else plan.window], dtype=torch.int64)
     return out.contiguous(), lse.contiguous(), meta
@@ -108,7 +112,7 @@ def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name: 
 
 @sp_attention.register_fake
 def _(q, k, v, group_name, algorithm, causal, softmax_scale, layout, backend, grad, lse_grad, cu_seqlens=None,
-      sliding_window=-1, sinks=-1):
+      sliding_window=-1, sinks=None):
     B, S, Hq, _ = q.shape
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             q.new_empty((B, Hq, S), dtype=torch.float32), torch.empty(4, dtype=torch.int64, device="cpu"))
@@ -140,19 +144,24 @@ def _(dout, q, k, v, out, lse, dlse, meta, group_name, causal, layout, backend, 
 def _setup_context(ctx, inputs, output):
     q, k, v, name, _alg, causal, _scale, layout, backend, _grad, lse_grad = inputs[:11]
     cu_seqlens = inputs[11] if len(inputs) > 11 else None
+    sinks = inputs[13] if len(inputs) > 13 else None
     out, lse, meta = output
-    ctx.save_for_backward(q, k, v, out, lse, meta, cu_seqlens)
+    ctx.save_for_backward(q, k, v, out, lse, meta, cu_seqlens, sinks)
     ctx.args = (name, causal, layout, backend, lse_grad)
 
 
 def _backward(ctx, dout, dlse, _dmeta):
     # (grads of unused outputs arrive as zeros: a rank whose loss ignores lse still sends its
     # zero lse gradient, the wire format every rank agreed on)
-    q, k, v, out, lse, meta, cu_seqlens = ctx.saved_tensors
+    q, k, v, out, lse, meta, cu_seqlens, sinks = ctx.saved_tensors
     name, causal, layout, backend, lse_grad = ctx.args
+    dsinks = None
+    if sinks is not None:  # (traced into the backward graph: a few elementwise ops and a sum)
+        with no_autocast(q.device):
+            dout, dsinks = sinks_backward(dout, out, lse, sinks)
     dq, dk, dv = torch.ops.ringattn.sp_attention_backward(dout, q, k, v, out, lse, dlse if lse_grad else None,
                                                           meta, name, causal, layout, backend, lse_grad, cu_seqlens)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, dsinks
 
 
 sp_attention.register_autograd(_backward, setup_context=_setup_context)
@@ -177,8 +186,7 @@ def _docs_tensor(cu_seqlens):
 
 def traced_attention(fn, q, k, v, *, algorithm, causal, softmax_scale, group, layout, backend, return_lse,
                      lse_grad=False, cu_seqlens=None, sliding_window=None, sinks=None):
-    """sequence_parallel._run under torch.compile (see the module docstring). Sinks: the op runs
-    with lse_grad (as the eager path does) and the rescale (ringattn.sinks) is traced around it."""
+    """sequence_parallel._run under torch.compile (see the module docstring)."""
     docs = _docs_tensor(cu_seqlens)
     window_ok = sliding_window is None or (isinstance(sliding_window, int) and not isinstance(sliding_window, bool)
                                            and 1 <= sliding_window < (1 << 62))
@@ -194,15 +202,15 @@ def traced_attention(fn, q, k, v, *, algorithm, causal, softmax_scale, group, la
             softmax_scale = float(softmax_scale)
         except (TypeError, ValueError):
             softmax_scale = math.nan  # refused at run time, on every rank, by the signature check
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    inner_lse_grad = bool(lse_grad) or sinks is not None
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                        or (sinks is not None and sinks.requires_grad))
+    lse_grad = bool(lse_grad)
     out, lse, _meta = torch.ops.ringattn.sp_attention(q, k, v, group_name(group), algorithm, bool(causal),
-                                                      softmax_scale, layout, backend, bool(grad), inner_lse_grad, docs,
-                                                      -1 if sliding_window is None else sliding_window,
-                                                      -1 if sinks is None else sinks.shape[0])
-    if not inner_lse_grad:
+                                                      softmax_scale, layout, backend, bool(grad), lse_grad, docs,
+                                                      -1 if sliding_window is None else sliding_window, sinks)
+    if not lse_grad:
         lse = lse.detach()
-    return sp.finish(out, lse, sinks=sinks, lse_grad=bool(lse_grad), return_lse=return_lse)
+    return sp.finish(out, lse, sinks=sinks, lse_grad=lse_grad, return_lse=return_lse)
 
 
 # --------------------------------------------------------------------------------------------

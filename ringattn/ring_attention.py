@@ -45,6 +45,7 @@ from ringattn.documents import block_backward as run_block_backward
 from ringattn.documents import block_forward, block_lse_backward_
 from ringattn.layout import Block, RingPlan, SequenceLayout, flat_view, no_autocast
 from ringattn.ops import merge_attn_states_
+from ringattn.sinks import rescale, sinks_backward
 
 _F32 = torch.float32
 
@@ -245,13 +246,18 @@ def ring_backward(plan: RingPlan, dout, q, k, v, out, lse, dlse=None):
 
 
 class RingAttention(torch.autograd.Function):
-    """(q, k, v local shards, plan, lse_grad) -> (out, lse); lse differentiable iff lse_grad."""
+    """(q, k, v local shards, plan, lse_grad, sinks) -> (out, lse); lse differentiable iff
+    lse_grad. sinks (Hq,) or None: out is the sinked out' and lse the attention's own (the caller
+    takes lse' = sinks.sink_lse(lse, sinks)); the backward folds the sinks into dout and delta
+    (ringattn.sinks) and returns their gradient."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan: RingPlan, lse_grad: bool = False):
+    def forward(ctx, q, k, v, plan: RingPlan, lse_grad: bool = False, sinks=None):
         out, lse = ring_forward(plan, q, k, v)
+        if sinks is not None:
+            out = rescale(out, lse, sinks)
         ctx.plan = plan
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse, sinks)
         ctx.set_materialize_grads(False)  # dout/dlse None when unused
         if not lse_grad:
             ctx.mark_non_differentiable(lse)
@@ -260,12 +266,15 @@ class RingAttention(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, sinks = ctx.saved_tensors
         if dout is None:  # only lse was used: the ring still runs (every rank takes part)
             dout = torch.zeros_like(out)
+        dsinks = None
         with no_autocast(q.device):  # fp32 accumulation, even if backward runs under autocast
+            if sinks is not None:
+                dout, dsinks = sinks_backward(dout, out, lse, sinks)
             dq, dk, dv = ring_backward(ctx.plan, dout, q, k, v, out, lse, dlse)
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, dsinks
 
 
 def ring_comm_bytes(lay: SequenceLayout, rank: int, *, batch: int, heads_kv: int, head_dim: int,

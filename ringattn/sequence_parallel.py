@@ -47,7 +47,7 @@ from ringattn.documents import (as_documents, documents_count, documents_crc, do
 from ringattn.layout import (LAYOUTS, RingPlan, SequenceLayout, collective_device, dtype_code,  # noqa: F401
                              gather_sequence, group_rank_and_size, no_autocast, seq_len_error, shard_sequence)
 from ringattn.ring_attention import RingAttention, ring_comm_bytes
-from ringattn.sinks import apply_sinks, sinks_problem
+from ringattn.sinks import sink_lse, sinks_problem
 from ringattn.token_ring import TokenRingAttention, token_ring_comm_bytes
 
 ALGORITHMS = ("ring", "token_ring")
@@ -181,7 +181,8 @@ def _local_signature(fn, q, k, v, *, algorithm, layout, causal, softmax_scale, b
             sig[_IX[f"{name}_dtype"]] = dtype_code(t.dtype)
         sig[_IX["device"]] = _DEVICE_CODE.get(q.device.type, 99)
         if grad is None:  # the traced path (ringattn.compiled) passes it: autograd is off inside a custom op
-            grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+            grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors + (
+                (sinks,) if isinstance(sinks, torch.Tensor) else ()))
         sig[_IX["grad"]] = int(bool(grad))
         if any(t.dim() != 4 for t in tensors):
             problems |= _P_NOT_4D
@@ -589,28 +590,28 @@ def _run(fn, q, k, v, *, algorithm, causal, softmax_scale, group, layout, backen
         return traced_attention(fn, q, k, v, algorithm=algorithm, causal=causal, softmax_scale=softmax_scale,
                                 group=group, layout=layout, backend=backend, return_lse=return_lse,
                                 lse_grad=lse_grad, cu_seqlens=cu_seqlens, sliding_window=sliding_window, sinks=sinks)
-    # Sinks (ringattn.sinks): the attention runs as usual with a differentiable lse (the flag every
-    # rank agrees on, and TokenRing's wire format, include it), then each rank rescales its rows.
-    inner_lse_grad = bool(lse_grad) or sinks is not None
+    lse_grad = bool(lse_grad)
     plan, q, k, v, grad = _prepare(fn, q, k, v, algorithm=algorithm, causal=causal, softmax_scale=softmax_scale,
-                                   group=group, layout=layout, backend=backend, lse_grad=inner_lse_grad,
+                                   group=group, layout=layout, backend=backend, lse_grad=lse_grad,
                                    cu_seqlens=cu_seqlens, sliding_window=sliding_window, sinks=sinks)
     algorithm = _resolve_algorithm(algorithm, plan, q, k, grad)
     # The kernels run with autocast off: their fp32 accumulation (math backend, merges, deltas)
     # must not be cast down by an enclosing autocast region (the backward does the same).
     with no_autocast(q.device):
+        # sinks (ringattn.sinks): the Functions rescale their rows and fold the sinks into the backward
         if algorithm == "ring":
-            out, lse = RingAttention.apply(q, k, v, plan, inner_lse_grad)
+            out, lse = RingAttention.apply(q, k, v, plan, lse_grad, sinks)
         else:
-            out, lse = TokenRingAttention.apply(q, k, v, plan, inner_lse_grad)
+            out, lse = TokenRingAttention.apply(q, k, v, plan, lse_grad, sinks)
     return finish(out, lse, sinks=sinks, lse_grad=lse_grad, return_lse=return_lse)
 
 
 def finish(out, lse, *, sinks, lse_grad, return_lse):
-    """The public result from the ring's (out, lse): sinks applied, lse detached unless lse_grad."""
-    if sinks is not None:
+    """The public result from the Functions' (out', lse): lse' = logaddexp(lse, s_h) with sinks
+    (ringattn.sinks), detached unless lse_grad."""
+    if return_lse and sinks is not None:
         with no_autocast(out.device):
-            out, lse = apply_sinks(out, lse, sinks)
+            lse = sink_lse(lse, sinks)
         if not lse_grad:
             lse = lse.detach()
     return (out, lse) if return_lse else out

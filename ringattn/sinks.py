@@ -11,12 +11,18 @@ which is the plain attention (out, lse) of the same row, rescaled:
     out'  = out * exp(lse) / (exp(lse) + exp(s_h)) = out * sigmoid(lse - s_h)
     lse'  = logaddexp(lse, s_h)                      (the row's normaliser, the sink included)
 
-So a sink never changes what travels in the ring: the sequence-parallel attention runs as usual
-with a differentiable lse (lse_grad=True), and the rescale is applied to each rank's own rows
-(apply_sinks). Gradients reach q/k/v through out and lse, and the sinks through the sigmoid;
-each rank's sink gradient covers its own rows, so -- like every other parameter's -- it is summed
-over the sequence-parallel group (what the Hugging Face integration's gradient all-reduce / DDP
-does). Rows no key reaches (lse = -inf): out' = 0, lse' = s_h.
+So a sink never changes what travels in the ring. The autograd Functions of both algorithms
+take the sinks (RingAttention / TokenRingAttention(..., sinks)): the forward rescales its rows
+(rescale) and returns (out', lse); lse' = sink_lse(lse, sinks) is taken outside, so a loss on lse'
+reaches lse through ordinary autograd. The backward needs no extra pass: with dout_a = w * dout'
+(w = sigmoid(lse - s_h)) the score gradients are P_ij (dP_ij - delta_i) with
+delta_i = dout_a . out' -- the usual attention backward run with dout_a and the SINKED output in
+place of out (as flash-attention 3 does it), so ring_backward / token_ring_backward get
+(dout_a, out') and nothing else changes (sinks_backward). The sinks' own gradient is
+ds_h = -sum_rows (dout' . out') (1 - w), plus (1 - w) dlse' through sink_lse. Each rank's sink
+gradient covers its own rows, so -- like every other parameter's -- it is summed over the
+sequence-parallel group (what the Hugging Face integration's gradient all-reduce / DDP does).
+Rows no key reaches (lse = -inf): out' = 0, lse' = s_h.
 
     sinks: (heads_q,) floating (any float dtype; computed in fp32), the same values on every rank
            (not checked: like any replicated weight)
@@ -48,10 +54,29 @@ def sink_scale(lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(x.masked_fill(torch.isnan(x), float("-inf")))
 
 
-def apply_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out', lse') of module docstring: out (B, S, Hq, D) any float dtype (out' in the same dtype,
-    the product taken in fp32), lse (B, Hq, S) fp32. Differentiable in out, lse and sinks."""
+def rescale(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """out' = out * sigmoid(lse - s_h): out (B, S, Hq, D) in its dtype (the product in fp32)."""
     w = sink_scale(lse, sinks).transpose(1, 2).unsqueeze(-1)                      # (B, S, Hq, 1)
-    new_out = (out.float() * w).to(out.dtype)                                      # (B, S, Hq, D)
-    new_lse = torch.logaddexp(lse, sinks.float().view(1, -1, 1).expand_as(lse))    # (B, Hq, S)
-    return new_out, new_lse
+    return (out.float() * w).to(out.dtype)                                         # (B, S, Hq, D)
+
+
+def sink_lse(lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """lse' = logaddexp(lse, s_h), (B, Hq, S) fp32; differentiable in both."""
+    return torch.logaddexp(lse, sinks.float().view(1, -1, 1).expand_as(lse))
+
+
+def apply_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out', lse') of the module docstring (out (B, S, Hq, D), lse (B, Hq, S) fp32)."""
+    return rescale(out, lse, sinks), sink_lse(lse, sinks)
+
+
+def sinks_backward(dout: torch.Tensor, out_sinked: torch.Tensor, lse: torch.Tensor,
+                   sinks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dout_a, ds) from out''s gradient dout (B, S, Hq, D), the sinked output out' and the
+    attention's own lse (B, Hq, S): dout_a = w * dout' (in dout's dtype) goes to the attention
+    backward together with out'; ds (Hq,) in sinks' dtype is the sinks' gradient through out'."""
+    w = sink_scale(lse, sinks)                                                     # (B, Hq, S)
+    dot = (dout.float() * out_sinked.float()).sum(-1).transpose(1, 2)              # (B, Hq, S)
+    ds = -(dot * (1 - w)).sum((0, 2))                                              # (Hq,)
+    dout_a = (dout.float() * w.transpose(1, 2).unsqueeze(-1)).to(dout.dtype)       # (B, S, Hq, D)
+    return dout_a, ds.to(sinks.dtype)

@@ -45,6 +45,7 @@ from ringattn.documents import block_backward, block_forward, block_lse_backward
 from ringattn.layout import (Block, RingPlan, SequenceLayout, _mask_plan, collective_device, flat_view,
                              no_autocast)
 from ringattn.ops import merge_attn_states_
+from ringattn.sinks import rescale, sinks_backward
 
 _F32 = torch.float32
 
@@ -261,14 +262,17 @@ def reply_for(plan: RingPlan, device: torch.device):
 
 
 class TokenRingAttention(torch.autograd.Function):
-    """(q, k, v local shards, plan, lse_grad) -> (out, lse); lse differentiable iff lse_grad."""
+    """(q, k, v local shards, plan, lse_grad, sinks) -> (out, lse); lse differentiable iff
+    lse_grad; sinks as in ring_attention.RingAttention (ringattn.sinks)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan: RingPlan, lse_grad: bool = False):
+    def forward(ctx, q, k, v, plan: RingPlan, lse_grad: bool = False, sinks=None):
         reply = reply_for(plan, q.device)
         out, lse = token_ring_forward(plan, q, k, v, reply)
+        if sinks is not None:
+            out = rescale(out, lse, sinks)
         ctx.plan, ctx.reply, ctx.lse_grad = plan, reply, lse_grad
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse, sinks)
         ctx.set_materialize_grads(False)  # dout/dlse None when unused
         if not lse_grad:
             ctx.mark_non_differentiable(lse)
@@ -277,12 +281,15 @@ class TokenRingAttention(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, sinks = ctx.saved_tensors
         if dout is None:  # only lse was used: the ring still runs (every rank takes part)
             dout = torch.zeros_like(out)
+        dsinks = None
         with no_autocast(q.device):  # fp32 accumulation, even if backward runs under autocast
+            if sinks is not None:
+                dout, dsinks = sinks_backward(dout, out, lse, sinks)
             dq, dk, dv = token_ring_backward(ctx.plan, dout, q, k, v, out, lse, ctx.reply, dlse, ctx.lse_grad)
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, dsinks
 
 
 @functools.lru_cache(maxsize=8)

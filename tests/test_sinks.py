@@ -5,7 +5,7 @@
    sliding windows x packed documents x MHA/GQA/MQA x fp32/bf16 (sinks in fp32 and in the input
    dtype) x lse_grad on/off: out, lse (the sink included), dq, dk, dv and the rank-summed sink
    gradient against float64 with random upstream gradients (test_documents.run_doc_case), and the
-   bytes each rank moved against predict_comm_bytes(lse_grad=True) (a sink adds nothing else).
+   bytes each rank moved against predict_comm_bytes (a sink adds none: the same messages).
 3. torch.compile(fullgraph=True): one op forward and backward, the same out and gradients as eager.
 4. sharded_kv_attention(sinks=): against float64 over every rank's cache keys, bitwise the same on
    every rank.
