@@ -342,3 +342,63 @@ def test_sliding_window_layers_inside_hf_model(family, attn):
         assert r["err"] < 1e-6 and r["one"] < 1e-6, (rank, r)
         assert r["differs"] > 1e-3, (rank, r)  # the window matters for this model
         assert r["windows"] == ([4, 4] if family == "mistral" else [None, 4]), (rank, r)
+
+
+# ---- families: which HF decoder layers the wrapper reproduces, and which it refuses ----------------
+
+
+def _w_families():
+    """Every family of the HF tests' FAMILY_CONFIGS the installed transformers has: a layer of the
+    TOKENWEAVE_MODEL_TYPES, tensor-parallel over this world, against the unsharded HF layer
+    (fp32, causal mask); any other family's layer must be refused, naming its model_type."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_huggingface import FAMILY_CONFIGS, family_available, tiny_config
+
+    from ringattn.tokenweave import TokenWeaveDecoderLayer
+    from ringattn.tokenweave.layer import TOKENWEAVE_MODEL_TYPES
+
+    out = {}
+    for family in FAMILY_CONFIGS:
+        if not family_available(family):
+            continue
+        torch.manual_seed(0)
+        model = transformers.AutoModel.from_config(tiny_config(family, attn_implementation="eager")).float().eval()
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():  # norms away from 1 (Gemma's 1 + w must show), weights that matter
+            for name, p in model.named_parameters():
+                p.copy_((1 + 0.3 * torch.randn(p.shape, generator=g)) if "norm" in name and p.dim() == 1
+                        else torch.randn(p.shape, generator=g) / (p.shape[-1] ** 0.5 if p.dim() == 2 else 5))
+        layer = model.layers[0]
+        try:
+            tw = TokenWeaveDecoderLayer(layer, token_split=False)
+        except TypeError as e:
+            out[family] = ("refused", str(e))
+            continue
+        B, S = 2, 11
+        h = torch.randn(B, S, model.config.hidden_size, generator=g)
+        pos = torch.arange(S)[None].expand(B, S)
+        rope = model.rotary_emb
+        lt = getattr(model.config, "layer_types", None)
+        pe = rope(h, pos) if not isinstance(getattr(rope, "rope_type", None), dict) else rope(h, pos, lt[0])
+        mask = torch.zeros(B, 1, S, S).masked_fill(torch.ones(S, S, dtype=torch.bool).triu(1), float("-inf"))
+        with torch.no_grad():
+            ref = _t(layer(h, position_embeddings=pe, attention_mask=mask, position_ids=pos))
+            got = _t(tw(h, position_embeddings=pe, attention_mask=mask))
+        out[family] = ("ran", (got - ref).abs().max().item() / ref.abs().max().item(), family in TOKENWEAVE_MODEL_TYPES)
+    return out
+
+
+def test_tokenweave_families_match_or_are_refused():
+    from ringattn.tokenweave.layer import TOKENWEAVE_MODEL_TYPES
+
+    for rank, out in enumerate(get_pool(2).run(_w_families, timeout=240)):
+        ran = {f for f, r in out.items() if r[0] == "ran"}
+        assert ran == set(TOKENWEAVE_MODEL_TYPES) & set(out), (rank, ran)
+        for family, r in out.items():
+            if r[0] == "ran":
+                assert r[1] < 1e-5 and r[2], (rank, family, r)  # fp32 rounding only
+            elif family not in ("qwen3_moe", "mixtral", "phi3", "olmo2", "cohere", "starcoder2", "glm", "gpt_oss"):
+                # (those lack a Llama part by name: "lacks [...]"); the rest are refused by model_type
+                assert f"model_type='{family}'" in r[1], (rank, family, r)

@@ -31,13 +31,15 @@ right-padded rows; pass ``batch["attention_mask"]`` to the model. The pre-hook g
 (only when some rank holds padding) and turns each row's run of real tokens into per-row
 boundaries, so every real token's output equals the unsharded model's under the mask.
 
-Sliding-window layers (Mistral, Mixtral, Qwen2/3, Qwen3-MoE, Phi-3, StarCoder2, SmolLM3: the
-families in ``SLIDING_WINDOW_MODEL_TYPES``, whose attention passes its window to the attention
-function) run ringattn's causal sliding window, training and generate() alike; each layer's call
-is checked against the window its config gives it.
+Sliding-window layers (Mistral, Mixtral, Qwen2/3, Qwen3-MoE, Phi-3, StarCoder2, SmolLM3, Gemma 3,
+gpt-oss: the families in ``SLIDING_WINDOW_MODEL_TYPES``, whose attention passes its window to the
+attention function) run ringattn's causal sliding window, training and generate() alike; each
+layer's call is checked against the window its config gives it. gpt-oss's attention sinks
+(``s_aux``) run as ringattn's ``sinks=`` (ringattn.sinks).
 
 Refused with an error instead of computed wrongly: model families other than the ones listed in
-``SUPPORTED_MODEL_TYPES``, sliding windows in other families, attention-logit softcapping, attention sinks,
+``SUPPORTED_MODEL_TYPES``, sliding windows in other families, attention-logit softcapping, attention sinks
+outside ``SINK_MODEL_TYPES``, bidirectional attention (Gemma 3's use_bidirectional_attention),
 attention dropout, RoPE variants that depend on the sequence length (dynamic, longrope),
 padding masks with zeros between real tokens (only left/right padding, or padding at the ends
 of packed documents), custom 4-D masks, KV caches outside

@@ -21,9 +21,12 @@ while the main stream runs one half's attention or MLP, the other half's fused o
 high-priority side stream (events only). A split inside a sequence is exact: the second half's
 queries attend to the first half's keys/values, which are kept for the layer.
 
-Scope: forward (inference prefill) of Llama / Mistral / Qwen2 / Qwen3-style layers (rotary
-position_embeddings given by the model, optional q/k norms and biases), causal attention with an
-optional 4-D mask; sliding-window layers apply their window (the module's or its config's
+Scope: forward (inference prefill) of the decoder layers of TOKENWEAVE_MODEL_TYPES (Llama,
+Mistral, Qwen2, Qwen3, SmolLM3, Gemma, Granite: rotary position_embeddings given by the model,
+optional q/k norms and biases; Gemma's (1 + w) norms and Granite's residual_multiplier folded into
+the weights), each checked against the HF layer; other families' layers are refused (their
+sandwich norms, interleaved RoPE or other blocks would otherwise be silently dropped). Causal
+attention with an optional 4-D mask; sliding-window layers apply their window (the module's or its config's
 sliding_window, AND-ed into any mask); no KV cache, no training (each refused with an error).
 """
 from __future__ import annotations
@@ -44,6 +47,22 @@ from ringattn.tokenweave.fused_allreduce_rmsnorm import (
     get_allreduce_rmsnorm,
 )
 from ringattn.tokenweave.token_split import SideStream, num_sms, split_min_tokens, split_ranges
+
+
+# Decoder-layer families whose layer this module reproduces exactly (tests/test_tokenweave_layer.py,
+# against the HF layer): the Llama block (pre-norm attention and MLP, RMSNorm x * w, rotate-half
+# RoPE, gate/up/down MLP); Gemma's RMSNorm x * (1 + w) and Granite's residual_multiplier are
+# folded into the weights. Anything else (Gemma 3's sandwich norms, Helium's interleaved RoPE,
+# Cohere's parallel block, ...) is refused by name rather than computed as a Llama block.
+TOKENWEAVE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma", "granite")
+# RMSNorms that scale by (1 + weight) (Gemma's): their weight enters the fused kernel as 1 + w.
+_ONE_PLUS_NORMS = ("GemmaRMSNorm",)
+
+
+def _norm_weight(norm: nn.Module) -> torch.Tensor:
+    """The weight the fused kernel multiplies by for this HF norm (1 + w for Gemma's)."""
+    w = norm.weight.detach()
+    return (1.0 + w.float()).to(w.dtype) if type(norm).__name__ in _ONE_PLUS_NORMS else w
 
 
 def _rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -105,6 +124,12 @@ class TokenWeaveDecoderLayer(nn.Module):
         missing += [f"mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj", "act_fn") if mlp is not None and not hasattr(mlp, n)]
         if missing:
             raise TypeError(f"TokenWeaveDecoderLayer needs a Llama-style decoder layer; {type(hf_layer).__name__} lacks {missing}")
+        model_type = getattr(getattr(attn, "config", None), "model_type", None)
+        if model_type not in TOKENWEAVE_MODEL_TYPES:
+            raise TypeError(
+                f"TokenWeaveDecoderLayer: {type(hf_layer).__name__} (model_type={model_type!r}) is not one of the "
+                f"decoder layers it reproduces exactly ({', '.join(TOKENWEAVE_MODEL_TYPES)}); refused rather than "
+                "run as a Llama block (its norms, RoPE or block structure may differ)")
         # Sliding-window layers (Mistral/Qwen2-style): the window this layer's attention applies
         window = layer_window(attn)
         if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
@@ -137,21 +162,28 @@ class TokenWeaveDecoderLayer(nn.Module):
         vw, vb = rows(attn.v_proj, self.hkv * D)
         self.qkv_weight = _param(torch.cat([qw, kw, vw]))
         self.qkv_bias = _param(torch.cat([qb, kb, vb])) if qb is not None else None
-        self.o_weight = _param(attn.o_proj.weight[:, r * self.hq * D : (r + 1) * self.hq * D])
+        # Granite: residual + out * residual_multiplier after attention and MLP -> folded into the
+        # row-parallel weights and biases (1.0 elsewhere: unchanged)
+        res_mult = float(getattr(hf_layer, "residual_multiplier", 1.0))
+
+        def scaled(t):
+            return t if t is None or res_mult == 1.0 else t * res_mult
+
+        self.o_weight = _param(scaled(attn.o_proj.weight[:, r * self.hq * D : (r + 1) * self.hq * D]))
         # Row-parallel biases are added once, by rank 0, to its partial sum.
-        self.o_bias = _param(attn.o_proj.bias) if attn.o_proj.bias is not None and r == 0 else None
+        self.o_bias = _param(scaled(attn.o_proj.bias)) if attn.o_proj.bias is not None and r == 0 else None
         gw, gb = rows(mlp.gate_proj, il)
         uw, ub = rows(mlp.up_proj, il)
         self.gate_up_weight = _param(torch.cat([gw, uw]))
         self.gate_up_bias = _param(torch.cat([gb, ub])) if gb is not None else None
-        self.down_weight = _param(mlp.down_proj.weight[:, r * il : (r + 1) * il])
-        self.down_bias = _param(mlp.down_proj.bias) if mlp.down_proj.bias is not None and r == 0 else None
+        self.down_weight = _param(scaled(mlp.down_proj.weight[:, r * il : (r + 1) * il]))
+        self.down_bias = _param(scaled(mlp.down_proj.bias)) if mlp.down_proj.bias is not None and r == 0 else None
         self.act_fn = mlp.act_fn
         self.q_norm = copy.deepcopy(attn.q_norm) if getattr(attn, "q_norm", None) is not None else None
         self.k_norm = copy.deepcopy(attn.k_norm) if getattr(attn, "k_norm", None) is not None else None
-        self.input_norm_weight = _param(hf_layer.input_layernorm.weight)
+        self.input_norm_weight = _param(_norm_weight(hf_layer.input_layernorm))
         self.input_norm_eps = _norm_eps(hf_layer.input_layernorm)
-        self.post_norm_weight = _param(hf_layer.post_attention_layernorm.weight)
+        self.post_norm_weight = _param(_norm_weight(hf_layer.post_attention_layernorm))
         self.post_norm_eps = _norm_eps(hf_layer.post_attention_layernorm)
         # transformers 4.x layers return a tuple (hidden_states, ...), 5.x a tensor: answer alike so
         # the wrapper drops into the model's own layer loop.
@@ -289,7 +321,7 @@ class TokenWeaveDecoderStack(nn.Module):
             for l in layers
         ]  # fmt: skip
         self.layers = nn.ModuleList(wrapped)
-        self.final_norm_weight = _param(final_norm.weight) if final_norm is not None else None
+        self.final_norm_weight = _param(_norm_weight(final_norm)) if final_norm is not None else None
         self.final_norm_eps = _norm_eps(final_norm) if final_norm is not None else None
         if device is not None and self.final_norm_weight is not None:
             self.final_norm_weight.data = self.final_norm_weight.data.to(device)
