@@ -233,3 +233,34 @@ def test_sinks_on_another_device_are_named():
     with pytest.raises(ValueError, match="sinks must be None or a 1-D floating tensor") as e:
         sp.ring_attention(q, q, q, sinks=torch.zeros(2, device="meta"))
     assert "sinks is on meta, q on cpu" in str(e.value.__cause__)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("window", (None, 128))
+@pytest.mark.parametrize("alg", ("ring", "token_ring"))
+def test_gpu_sinks_with_the_fused_kernels(alg, window):
+    """Sinks through the CUDA block kernels backend="auto" picks (the sinked output as the
+    backward's out, for delta), a world of one, bf16 against float64, causal, with and without a
+    window; dsinks too."""
+    from test_documents import band, reference
+
+    gen = torch.Generator().manual_seed(78)
+    L, Hq = 512, 8
+    q, go = (torch.randn(1, L, Hq, 128, generator=gen).bfloat16() for _ in range(2))
+    k, v = (torch.randn(1, L, 2, 128, generator=gen).bfloat16() for _ in range(2))
+    sinks = 2 * torch.randn(Hq, generator=gen)
+    mask = band(L, window if window else L)
+    ref = [t.double().requires_grad_() for t in (q, k, v)] + [sinks.double().requires_grad_()]
+    ro, _ = reference(*ref[:3], mask, 128 ** -0.5, ref[3])
+    (ro * go.double()).sum().backward()
+    loc = [t.cuda().requires_grad_() for t in (q, k, v)] + [sinks.cuda().requires_grad_()]
+    fn = sp.ring_attention if alg == "ring" else sp.token_ring_attention
+    out = fn(*loc[:3], causal=True, sliding_window=window, sinks=loc[3])
+    (out.float() * go.cuda()).sum().backward()
+    atol, rtol = tolerance(torch.bfloat16, 1)
+    assert ((out.double().cpu() - ro).abs() <= atol + rtol * ro.abs()).all()
+    for name, t, r in zip(("q", "k", "v", "sinks"), loc, ref):
+        err = (t.grad.double().cpu() - r.grad).abs()
+        scale = 1.0 if name != "sinks" else max(1.0, r.grad.abs().max().item())  # a sum over L rows
+        assert (err <= (atol + rtol * r.grad.abs()) * scale).all(), (name, err.max().item())
