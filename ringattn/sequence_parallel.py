@@ -128,7 +128,6 @@ def window_problem(sliding_window, causal) -> str | None:
 def _local_signature(fn, q, k, v, *, algorithm, layout, causal, softmax_scale, backend, world,
                      global_ranks, grad=None, lse_grad=False, cu_seqlens=None, sliding_window=None,
                      sinks=None) -> _Local:
-    """sinks: None, the sinks tensor, or (the traced op, ringattn.compiled) its length, checked."""
     sig = [-1] * len(_FIELDS)
     sig[_IX["magic"]] = _MAGIC
     sig[_IX["group_size"]] = world
@@ -152,9 +151,7 @@ def _local_signature(fn, q, k, v, *, algorithm, layout, causal, softmax_scale, b
         error = error or ValueError(f"{fn}: {w_problem}")
     elif sliding_window is not None:
         sig[_IX["window"]] = min(sliding_window, 1 << 62)  # (an int64 field; >= any sequence length)
-    if isinstance(sinks, int) and not isinstance(sinks, bool):
-        sig[_IX["sinks"]] = sinks
-    elif sinks is not None:
+    if sinks is not None:
         four_d = isinstance(q, torch.Tensor) and q.dim() == 4
         s_problem = sinks_problem(sinks, q.shape[2] if four_d else None, q.device if four_d else None)
         if s_problem:
