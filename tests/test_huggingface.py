@@ -545,7 +545,7 @@ def test_generate_packed_prompts_continue_each_rows_last_document(dist_pool, wor
 def _generate_every_family():
     prompt, _ = global_batch(23)
     out = {}
-    for family in FAMILY_CONFIGS:
+    for family in (f for f in FAMILY_CONFIGS if family_available(f)):
         model = tiny_model(family)
         ref, _ = greedy_reference(copy.deepcopy(model), prompt, 5)
         rhf.apply_sequence_parallel(model, algorithm="auto", layout="zigzag")
