@@ -93,5 +93,8 @@ setup(
         "hf": ["transformers"],
         "deepspeed": ["deepspeed"],
         "perf": ["matplotlib", "tqdm"],
+        # the peer libraries perf/sweep.py compares with (perf/peers.py); install with --no-deps
+        # where flash-attn cannot be built (their kernel is then perf/flash_attn_shim)
+        "peers": ["ring-flash-attn==0.1.8", "yunchang==0.6.4"],
     },
 )

@@ -98,23 +98,31 @@ shapes and pass, since it runs that same schedule):
   the CPU numbers exercise the method, and most come out not resolvable.
 
 Peers (project requirement: run a peer library on the same shapes where one can run here).
-  PyTorch context parallel (torch.distributed.tensor.experimental.context_parallel, DeviceMesh
-  over the sweep's group), algorithm torch_cp: it replaces only the CUDA SDPA ops
-  (_scaled_dot_product_flash/efficient/cudnn_attention). On CPU with gloo (torch 2.14.1) it does
-  NOT run: the default SDPA path raises "NotImplementedError: Operator
-  aten._scaled_dot_product_flash_attention_for_cpu.default does not have a sharding strategy
-  registered", and forcing SDPBackend.MATH raises "aten.add.Tensor got mixed torch.Tensor and
-  DTensor". On ranks sharing one GPU it needs a CUDA mesh: NCCL refuses two ranks on one GPU;
-  a gloo mesh over CUDA tensors is untested (no GPU was available to this sweep's author), so
-  torch_cp is opt-in (--algorithms ...,torch_cp) and writes an error row where it fails.
-  ring-flash-attn 0.1.8 (PyPI): its package __init__ imports every variant, and every variant
-  imports flash_attn at module level -> ModuleNotFoundError: flash_attn is not installed on
-  either machine and cannot be built here. yunchang 0.6.4: imports without flash_attn, but its
-  torch-kernel ring (ring_pytorch_attn_func) calls aten._scaled_dot_product_flash_attention
-  (CUDA only: NotImplementedError on CPU), the "math" kernel returns lse = 0 (wrong merges),
-  its torch backward raises "Not implemented backward for PyTorch attention types", and its
-  RingComm uses torch.distributed P2P (NCCL on GPU: refused for ranks sharing one GPU). Neither
-  can run here; nothing of theirs is measured.
+  rfa, usp, ds_ulysses, torch_ring (perf/peers.py; opt-in: --algorithms ...,rfa,usp,ds_ulysses,torch_ring):
+  ring-flash-attn 0.1.8, yunchang 0.6.4 (USP), DeepSpeed-Ulysses (deepspeed 0.19.8) and PyTorch's own
+  ring engine (_templated_ring_attention, what its context_parallel dispatches to), in the same
+  worker processes, on the same inputs and reference. flash_attn cannot be installed on this
+  project's machines, so the three flash-attn users run on perf/flash_attn_shim: flash-attn 2.7's
+  private block API computed with ringattn's own block kernel (math on CPU, cuDNN on an H100;
+  the real flash_attn is used where it imports, on CUDA: block_backend says which). With the shim
+  every algorithm of a row group runs the same kernel: the comparison is of schedules,
+  communication and merges, not kernels. A configuration a peer cannot run (uneven lengths,
+  non-causal zigzag, fp32 for the flash-attn users, head counts its all-to-all cannot split,
+  windows) is written as an "unsupported: <why>" error row without spawning anything, shown as
+  n/a in the table. Peers' bytes are not counted (empty columns); peer_config records their own
+  settings (usp: U x R; torch_ring: rotate method, balancing).
+  Ranks sharing one GPU (--transport ipc): the peers talk torch.distributed, where NCCL refuses
+  two ranks on one GPU and gloo aborts on CUDA send/recv. rfa's and yunchang's ring messages all
+  go through one small class (RingComm: queue P2POps, batch_isend_irecv, wait), so perf/peers.py
+  posts those batches on a CudaIpcTransport instead (the same transport ringattn's rows use):
+  rfa and usp with Ulysses degree 1 run there, on the shim's cuDNN; ds_ulysses, torch_ring and
+  usp with U > 1 (all-to-all / all-gather collectives) do not. On a multi-GPU NCCL machine they
+  all run as they ship (--transport nccl).
+  torch_cp (opt-in): PyTorch context parallel through its public API (context_parallel, DeviceMesh
+  over the sweep's group). It replaces only the CUDA SDPA ops; on CPU with gloo (torch 2.14.1) it
+  does not run ("Operator aten._scaled_dot_product_flash_attention_for_cpu.default does not have a
+  sharding strategy registered"; forcing SDPBackend.MATH: "aten.add.Tensor got mixed torch.Tensor
+  and DTensor"), hence torch_ring above for its engine.
 """
 from __future__ import annotations
 
@@ -151,14 +159,15 @@ COLUMNS = [
     "max_abs_err", "compute_only_ms", "overlap_fraction", "error", "ratio_vs_single",
     # extras
     "comm_only_ms", "comm_sched_ms", "sched_only_ms", "ms_median_per_rank", "err_check",
-    "block_backend", "cuda", "warmup", "iters", "command",
+    "block_backend", "cuda", "warmup", "iters", "command", "peer_config",
 ]
 KEY = ("device", "transport", "algorithm", "world", "seq_len", "batch", "heads_q", "heads_kv", "head_dim",
        "dtype", "causal", "layout", "window", "pass")
 SINGLE_KEY = ("device", "seq_len", "batch", "heads_q", "heads_kv", "head_dim", "dtype", "causal", "window", "pass")
 # Algorithms that take sliding_window= (the all-gather baseline and PyTorch's CP do not: skipped)
 WINDOW_ALGORITHMS = ("ring", "token_ring", "auto", "single")
-SP_ALGORITHMS = ("ring", "token_ring", "auto", "allgather", "torch_cp")
+PEER_ALGORITHMS = ("rfa", "usp", "ds_ulysses", "torch_ring")   # perf/peers.py
+SP_ALGORITHMS = ("ring", "token_ring", "auto", "allgather", "torch_cp") + PEER_ALGORITHMS
 OVERLAP_ALGORITHMS = ("ring", "token_ring")
 # Messages per peer in one batch of each channel (docs/sequence_parallel.md): the IPC inbox slots.
 IPC_SLOTS = {"allgather": 1, "fwd.kv": 2, "bwd.kv": 2, "bwd.dkv": 2, "fwd.q": 1, "fwd.partial": 2, "bwd.q": 4, "bwd.dq": 1}  # bwd.q: 5 with lse_grad (not swept)
@@ -386,6 +395,9 @@ class _Shape:
         full = _gen_full((B, L, Hq, Hkv, D, dtype), dev)
         if cfg["algorithm"] == "single":
             pos = torch.arange(L, device=dev)
+        elif cfg["algorithm"] in PEER_ALGORITHMS:
+            import peers
+            pos = peers.positions(cfg["algorithm"], cfg, env.world, env.rank, dev)
         else:
             pos = SequenceLayout.build(L, env.world, cfg["layout"]).positions(env.rank, dev)
         self.pos = pos
@@ -435,6 +447,10 @@ def _call_fn(cfg, env, shape):
     if alg == "allgather":
         t = env.baseline_transport()
         return lambda q, k, v: baselines.allgather_attention(q, k, v, causal=causal, layout=layout, transport=t)
+    if alg in PEER_ALGORITHMS:
+        import peers
+        return peers.make_fn(alg, dict(cfg, device_type=env.device.type),
+                             transport_factory=env.ipc_factory if env.transport_kind == "ipc" else None)
     raise ValueError(alg)
 
 
@@ -595,7 +611,7 @@ def _combine(cfg, env, per_rank, overlap_cache):
     flops = attention_flops(cfg["batch"], cfg["heads_q"], cfg["seq_len"], cfg["head_dim"], cfg["causal"], cfg["pass"],
                             _window(cfg))
     row["tflops_per_rank"] = flops / W / (row["ms_median"] * 1e-3) / 1e12
-    if cfg["algorithm"] != "torch_cp":
+    if cfg["algorithm"] not in ("torch_cp",) + PEER_ALGORITHMS:  # their traffic bypasses comm_stats
         row["sent_bytes_max"], row["recv_bytes_max"] = mx("sent"), mx("recv")
     row["peak_mem_bytes"] = mx("peak")
     row["max_abs_err"] = mx("err")
@@ -616,9 +632,20 @@ def _combine(cfg, env, per_rank, overlap_cache):
                         device=env.device)
         k = torch.empty(cfg["batch"], 1, cfg["heads_kv"], cfg["head_dim"], dtype=q.dtype, device=env.device)
         row["block_backend"] = ringattn.select_backend(q, k, k, causal=cfg["causal"])
+    if cfg["algorithm"] in PEER_ALGORITHMS:   # the peer's kernel: the same one via the shim, or flash_attn
+        import peers
+        row["block_backend"] = peers.kernel_label(cfg["algorithm"], env.device.type, row["block_backend"])
+        row["peer_config"] = peers.config_label(cfg["algorithm"], cfg, W)
     row["err_check"] = env.err_check
     row["warmup"], row["iters"] = env.args["warmup"], env.args["iters"]
     return row
+
+
+def _positions_kind(cfg):
+    """What decides a configuration's tokens per rank besides the shape (the _Shape cache key)."""
+    if cfg["algorithm"] == "usp":
+        return "usp"      # ring layout over R ranks, then U pieces (perf/peers.py)
+    return cfg["algorithm"] == "torch_cp"   # keeps the full tensors too
 
 
 def _worker(rank, world, init_file, args, configs, results):
@@ -639,7 +666,7 @@ def _worker(rank, world, init_file, args, configs, results):
             if rank == 0:
                 results.put(("start", key, None))
             sk = (cfg["batch"], cfg["seq_len"], cfg["heads_q"], cfg["heads_kv"], cfg["head_dim"], cfg["dtype"],
-                  cfg["causal"], cfg["layout"], _window(cfg), cfg["algorithm"] == "torch_cp")
+                  cfg["causal"], cfg["layout"], _window(cfg), _positions_kind(cfg))
             if sk != shape_key:
                 shape = shape_key = None
                 if env.device.type == "cuda":
@@ -776,6 +803,22 @@ def _error_row(cfg, msg):
     return row
 
 
+def _refuse_unsupported(configs, transport, on_row):
+    """Write an "unsupported: ..." error row for each peer configuration perf/peers.py cannot run
+    (without spawning anything); return the rest."""
+    keep = []
+    for c in configs:
+        why = None
+        if c["algorithm"] in PEER_ALGORITHMS:
+            import peers
+            why = peers.problem(c["algorithm"], c, c["world"])
+        if why:
+            on_row(_error_row(c, "unsupported: " + why))
+        else:
+            keep.append(c)
+    return keep
+
+
 def _parse_heads(spec):
     out = []
     for h in spec:
@@ -803,8 +846,10 @@ def build_configs(args, device_name):
                             for alg in args.algorithms:
                                 if w and alg not in WINDOW_ALGORITHMS:
                                     continue
-                                by_world.setdefault(W, []).append(dict(base, transport=args.transport,
-                                                                       algorithm=alg, world=W, layout=args.layout))
+                                c = dict(base, transport=args.transport, algorithm=alg, world=W, layout=args.layout)
+                                if alg == "usp" and getattr(args, "usp_ulysses", None):
+                                    c["usp_ulysses"] = args.usp_ulysses
+                                by_world.setdefault(W, []).append(c)
     out = []
     for group in ([singles] if singles else []) + [by_world[w] for w in sorted(by_world)]:
         for c in group:
@@ -877,22 +922,24 @@ def print_table(rows, file=sys.stdout):
     algs = [a for a in SP_ALGORITHMS if any(r["algorithm"] == a for r in rows)]
     sp = [r for r in rows if r["algorithm"] != "single"]
     singles = {_key(r, SINGLE_KEY): r for r in rows if r["algorithm"] == "single"}
-    head = f"{'W':>2} {'L':>7} {'Hq/Hkv':>6} {'causal':>6} {'window':>6} {'pass':>7} | {'single ms':>9} |" + "".join(
+    head = f"{'W':>2} {'L':>7} {'Hq/Hkv':>6} {'causal':>6} {'layout':>10} {'window':>6} {'pass':>7} | {'single ms':>9} |" + "".join(
         f" {a + ' ms (x single, overlap)':>34} |" for a in algs) + " auto->"
     print(head, file=file)
     groups = {}
     for r in sp:
         groups.setdefault((r["world"], r["seq_len"], r["heads_q"], r["heads_kv"], r["causal"], r.get("window", ""),
-                           r["pass"]), []).append(r)
-    for (W, L, hq, hkv, causal, win, p), mine in groups.items():
+                           r["pass"], r.get("layout", "")), []).append(r)
+    for (W, L, hq, hkv, causal, win, p, lay), mine in groups.items():
         s = singles.get(_key(mine[0], SINGLE_KEY))
-        line = f"{W:>2} {L:>7} {f'{hq}/{hkv}':>6} {str(causal):>6} {str(win or '-'):>6} {p:>7} | " \
+        line = f"{W:>2} {L:>7} {f'{hq}/{hkv}':>6} {str(causal):>6} {lay:>10} {str(win or '-'):>6} {p:>7} | " \
                f"{(_num(s['ms_median']) if s and not s.get('error') else '-'):>9} |"
         resolved = "-"
         for a in algs:
             r = next((x for x in mine if x["algorithm"] == a), None)
             if r is None:
                 cell = "-"
+            elif str(r.get("error")).startswith("unsupported:"):
+                cell = "n/a"
             elif r.get("error"):
                 cell = "ERROR"
             else:
@@ -930,6 +977,8 @@ def main(argv=None):
     ap.add_argument("--windows", type=csv_list(int), help="causal sliding windows, 0 = none, e.g. 0,4096 "
                     f"(only {', '.join(WINDOW_ALGORITHMS)} take one; non-causal rows skip windows)")
     ap.add_argument("--transport", choices=["gloo", "nccl", "ipc"])
+    ap.add_argument("--usp-ulysses", type=int, help="usp (yunchang): Ulysses degree U (default: the largest "
+                    "divisor of the world size dividing both head counts); its ring degree is W/U")
     ap.add_argument("--warmup", type=int)
     ap.add_argument("--iters", type=int)
     ap.add_argument("--overlap-iters", type=int, help="timed calls of each overlap run (0: skip them)")
@@ -1023,6 +1072,7 @@ def main(argv=None):
     stopped = None
     try:
         for g in todo:
+            g = _refuse_unsupported(g, args.transport, on_row)
             if not g:
                 continue
             W = g[0]["world"]

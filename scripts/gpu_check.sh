@@ -39,6 +39,8 @@ mkdir -p "$RES"
 PY="${PYTHON:-python3}"
 # Imports find ringattn in this checkout in every process (pytest, spawned ranks, perf scripts).
 export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# Peer libraries carried from a machine with a package index (scripts/prebuild_for_device.sh), last.
+if [ -d "$ROOT/.carry/peers" ]; then export PYTHONPATH="$PYTHONPATH:$ROOT/.carry/peers"; fi
 # Stream memory waits (CudaIpcTransport) park a hardware work queue; streams beyond
 # CUDA_DEVICE_MAX_CONNECTIONS (default 8) share queues, so give every stream its own.
 export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-32}"
@@ -201,6 +203,17 @@ if [ "${GPU_CHECK_SKIP_BENCH:-0}" != 1 ]; then
     "$PY" perf/sweep.py --transport ipc --worlds 4 --seqs 32768 --heads 32/8 --head-dim 128 --dtype bfloat16 \
     --causal 1 --windows 0,4096 --layout contiguous --algorithms ring,token_ring,auto --pass fwd,fwd_bwd \
     --warmup 1 --iters 3 --overlap-iters 0 --out "$RES/windows" --no-progress
+  # Peers on the same cuDNN kernel (perf/peers.py; never run on a GPU yet): ring-flash-attn's and
+  # yunchang's zigzag rings, their messages over the same CUDA IPC transport, W=4, 32k, next to
+  # the issue-3 rows in the same CSV (its table then shows ringattn and the peers side by side).
+  if "$PY" -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('ring_flash_attn') and u.find_spec('yunchang') else 1)" 2>/dev/null; then
+    [ -f perf/sweep.py ] && run_step "sweep peers" "${GPU_CHECK_PEERS_TIMEOUT:-90}" "$RES/bench_sweep_peers.txt" \
+      "$PY" perf/sweep.py --transport ipc --worlds 4 --seqs 32768 --heads 32/32,32/8 --head-dim 128 --dtype bfloat16 \
+      --causal 1 --layout zigzag --algorithms rfa,usp --pass fwd,fwd_bwd --warmup 1 --iters 3 --overlap-iters 0 \
+      --out "$RES" --no-progress
+  else
+    step_notes+=("sweep peers: SKIPPED (ring-flash-attn / yunchang not importable: carry .carry/peers)")
+  fi
   # PNGs of what was measured, into results.tgz (best effort: matplotlib may be missing there).
   if [ "$DRY" != 1 ]; then
     for csvf in "$RES/sweep.csv" "$RES/windows/sweep.csv" "$RES/bench_tokenweave_fused.csv"; do

@@ -3,6 +3,7 @@
 # machine's torch, so that scripts/gpu_check.sh spends none of the device budget on the build:
 #
 #   bash scripts/prebuild_for_device.sh         # writes .carry/_C.abi3.so + .carry/_C.abi3.so.sources.sha256
+#                                               # and .carry/peers (ring-flash-attn, yunchang: pure Python)
 #   then, with the device tool: carry [".carry"], command
 #     bash scripts/gpu_check.sh $OUT     (it takes .carry/_C.abi3.so when present)
 #
@@ -37,6 +38,11 @@ print("[prebuild] torch", torch.__version__, "- CUDA kernels registered")
 EOF
 mkdir -p .carry
 cp "$so" .carry/_C.abi3.so
+# The peer libraries the GPU sweep compares with (perf/peers.py): pure Python, and the device
+# reaches no package index, so they travel in .carry/peers (gpu_check puts it on PYTHONPATH).
+rm -rf .carry/peers
+"$DIR/.venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps --target .carry/peers \
+  ring-flash-attn==0.1.8 yunchang==0.6.4 2>&1 | grep -v "^WARNING: Location" || true
 bash scripts/gpu_check.sh --source-hash > .carry/_C.abi3.so.sources.sha256
 echo "[prebuild] .carry/_C.abi3.so for TORCH_CUDA_ARCH_LIST=$ARCH, $(du -h .carry/_C.abi3.so | cut -f1)," \
      "sources $(cut -c1-12 .carry/_C.abi3.so.sources.sha256), in $(( $(date +%s) - start )) s"

@@ -35,6 +35,12 @@ if [ ${#need[@]} -gt 0 ]; then
   echo "[setup] installing ${need[*]}"
   pip_q "${need[@]}"
 fi
+# The peer libraries perf/peers.py measures next to ringattn (pure Python, ~1 MB): --no-deps, since
+# their flash-attn kernel cannot be built here (perf/flash_attn_shim stands in for it).
+if ! "$VPY" -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('ring_flash_attn') and u.find_spec('yunchang') else 1)"; then
+  echo "[setup] installing ring-flash-attn==0.1.8 yunchang==0.6.4 (--no-deps)"
+  pip_q --no-deps ring-flash-attn==0.1.8 yunchang==0.6.4
+fi
 # Skip the (minutes-long with CUDA) build when sources and switches are unchanged since the last one.
 stamp="$( (echo "${RINGATTN_CUDA:-auto} ${TORCH_CUDA_ARCH_LIST:-}"; bash scripts/source_hash.sh) | sha256sum | cut -d' ' -f1)"
 if [ -f .venv/ringattn_build.stamp ] && [ "$(cat .venv/ringattn_build.stamp)" = "$stamp" ] && ls ringattn/_C*.so >/dev/null 2>&1 \
