@@ -33,7 +33,11 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator  # noqa: 
 ALG_STYLE = {  # colour, marker
     "ring": ("tab:blue", "o"), "token_ring": ("tab:orange", "s"), "auto": ("tab:green", "^"),
     "allgather": ("tab:red", "D"), "torch_cp": ("tab:purple", "v"), "single": ("black", None),
+    # peers (perf/peers.py): dashed lines
+    "rfa": ("tab:brown", "P"), "usp": ("tab:pink", "X"), "ds_ulysses": ("tab:olive", "*"),
+    "torch_ring": ("tab:cyan", "v"),
 }
+PEERS = ("rfa", "usp", "ds_ulysses", "torch_ring", "torch_cp")
 TARGET_RATIO = 1.15
 
 METRICS = [
@@ -115,7 +119,8 @@ def plot_metric(rows, suffix, ylabel, value, logy, out_path, title):
                 continue
             color, marker = ALG_STYLE[a]
             # auto runs ring or token_ring: dotted with open markers, so the line it sits on shows
-            style = dict(ls=":", lw=2.2, mfc="none", ms=8, zorder=3) if a == "auto" else dict(lw=1.6, ms=5)
+            style = dict(ls=":", lw=2.2, mfc="none", ms=8, zorder=3) if a == "auto" else \
+                dict(ls="--", lw=1.2, ms=6) if a in PEERS else dict(lw=1.6, ms=5)
             h, = ax.plot([x for x, _ in pts], [y for _, y in pts], color=color, marker=marker, label=a, **style)
             handles[a] = h
         if suffix == "overlap" and not any(len(line.get_xdata()) for line in ax.get_lines()):
