@@ -23,6 +23,12 @@ the rest -- never a stuck run. Algorithms (--algorithms):
                            attention(algorithm="auto"), backend="auto" (cuDNN on H100/H200, the
                            math kernel on CPU); resolved_algorithm = what auto picked
                            (ringattn.choose_algorithm with the same arguments: backward iff fwd_bwd)
+  ulysses_ring             ringattn's 2-D mode (integrations: Ulysses all-to-all over U consecutive
+                           ranks, its own uneven-capable all-to-all, then ring over R = W/U), with
+                           the U that usp (yunchang) gets for the same row (perf/peers.py
+                           usp_degrees), so the two 2-D rows split alike; refused where that U is 1
+                           (plain ring) and on ipc (the all-to-all is a gloo collective there). Its
+                           all-to-all bytes are not in comm_stats: sent/recv columns stay empty
   allgather                perf/baselines.py: all-gather K/V of the whole sequence, local Q
                            against it, reduce-scatter dK/dV (collectives on gloo/nccl; P2P over
                            CudaIpcTransport on ipc); same block kernels
@@ -167,7 +173,7 @@ SINGLE_KEY = ("device", "seq_len", "batch", "heads_q", "heads_kv", "head_dim", "
 # Algorithms that take sliding_window= (the all-gather baseline and PyTorch's CP do not: skipped)
 WINDOW_ALGORITHMS = ("ring", "token_ring", "auto", "single")
 PEER_ALGORITHMS = ("rfa", "usp", "ds_ulysses", "torch_ring")   # perf/peers.py
-SP_ALGORITHMS = ("ring", "token_ring", "auto", "allgather", "torch_cp") + PEER_ALGORITHMS
+SP_ALGORITHMS = ("ring", "token_ring", "auto", "ulysses_ring", "allgather", "torch_cp") + PEER_ALGORITHMS
 OVERLAP_ALGORITHMS = ("ring", "token_ring")
 # Messages per peer in one batch of each channel (docs/sequence_parallel.md): the IPC inbox slots.
 IPC_SLOTS = {"allgather": 1, "fwd.kv": 2, "bwd.kv": 2, "bwd.dkv": 2, "fwd.q": 1, "fwd.partial": 2, "bwd.q": 4, "bwd.dq": 1}  # bwd.q: 5 with lse_grad (not swept)
@@ -295,6 +301,7 @@ class _Env:
             torch.set_flush_denormal(True)
         self.ctrl = None if self.transport_kind != "nccl" else dist.new_group(backend="gloo")
         self.ipc = {}
+        self.cache = {}
 
     # ---- transports -----------------------------------------------------------------------
     def ipc_factory(self, group, channel):
@@ -398,6 +405,8 @@ class _Shape:
         elif cfg["algorithm"] in PEER_ALGORITHMS:
             import peers
             pos = peers.positions(cfg["algorithm"], cfg, env.world, env.rank, dev)
+        elif cfg["algorithm"] == "ulysses_ring":
+            pos = _ulysses_plan(cfg, env).shard(torch.arange(L, device=dev)[None], dim=1)[0]
         else:
             pos = SequenceLayout.build(L, env.world, cfg["layout"]).positions(env.rank, dev)
         self.pos = pos
@@ -447,11 +456,37 @@ def _call_fn(cfg, env, shape):
     if alg == "allgather":
         t = env.baseline_transport()
         return lambda q, k, v: baselines.allgather_attention(q, k, v, causal=causal, layout=layout, transport=t)
+    if alg == "ulysses_ring":
+        plan = _ulysses_plan(cfg, env)
+        plan._seq_len = cfg["seq_len"]   # as the HF pre-hook sets it per forward
+        return lambda q, k, v: plan.attention(q, k, v, causal=causal, softmax_scale=None)
     if alg in PEER_ALGORITHMS:
         import peers
         return peers.make_fn(alg, dict(cfg, device_type=env.device.type),
                              transport_factory=env.ipc_factory if env.transport_kind == "ipc" else None)
     raise ValueError(alg)
+
+
+def ulysses_degree(cfg, world):
+    """ulysses_ring's U: the one usp (yunchang) uses for the same configuration (perf/peers.py),
+    so the two 2-D rows split the same way."""
+    import peers
+    return peers.usp_degrees(world, cfg["heads_q"], cfg["heads_kv"], cfg.get("usp_ulysses"), cfg.get("transport"))[0]
+
+
+def _ulysses_plan(cfg, env):
+    """ringattn's 2-D plan (Ulysses U x ring R, ringattn's own all-to-all) for this configuration."""
+    from ringattn.integrations.deepspeed import make_ulysses_ring_groups
+    from ringattn.integrations.huggingface import SequenceParallelPlan
+
+    u = ulysses_degree(cfg, env.world)
+    key = ("ulysses_plan", u, cfg["layout"])
+    if key not in env.cache:
+        ug, rg = make_ulysses_ring_groups(u)   # collective over the default group; cached by ringattn
+        env.cache[key] = SequenceParallelPlan(group=None, algorithm="ulysses+ring", layout=cfg["layout"],
+                                              ulysses_size=u, ulysses_group=ug, ring_group=rg,
+                                              use_deepspeed=False)
+    return env.cache[key]
 
 
 def _make_step(cfg, env, shape, stack):
@@ -611,7 +646,7 @@ def _combine(cfg, env, per_rank, overlap_cache):
     flops = attention_flops(cfg["batch"], cfg["heads_q"], cfg["seq_len"], cfg["head_dim"], cfg["causal"], cfg["pass"],
                             _window(cfg))
     row["tflops_per_rank"] = flops / W / (row["ms_median"] * 1e-3) / 1e12
-    if cfg["algorithm"] not in ("torch_cp",) + PEER_ALGORITHMS:  # their traffic bypasses comm_stats
+    if cfg["algorithm"] not in ("torch_cp", "ulysses_ring") + PEER_ALGORITHMS:  # traffic comm_stats does not see
         row["sent_bytes_max"], row["recv_bytes_max"] = mx("sent"), mx("recv")
     row["peak_mem_bytes"] = mx("peak")
     row["max_abs_err"] = mx("err")
@@ -636,6 +671,9 @@ def _combine(cfg, env, per_rank, overlap_cache):
         import peers
         row["block_backend"] = peers.kernel_label(cfg["algorithm"], env.device.type, row["block_backend"])
         row["peer_config"] = peers.config_label(cfg["algorithm"], cfg, W)
+    if cfg["algorithm"] == "ulysses_ring":
+        u = ulysses_degree(cfg, W)
+        row["peer_config"] = f"ringattn ulysses+ring U={u} R={W // u} (its own all-to-all)"
     row["err_check"] = env.err_check
     row["warmup"], row["iters"] = env.args["warmup"], env.args["iters"]
     return row
@@ -643,8 +681,8 @@ def _combine(cfg, env, per_rank, overlap_cache):
 
 def _positions_kind(cfg):
     """What decides a configuration's tokens per rank besides the shape (the _Shape cache key)."""
-    if cfg["algorithm"] == "usp":
-        return "usp"      # ring layout over R ranks, then U pieces (perf/peers.py)
+    if cfg["algorithm"] in ("usp", "ulysses_ring"):
+        return "2d"       # ring layout over R ranks, then U pieces (the same rule in both)
     return cfg["algorithm"] == "torch_cp"   # keeps the full tensors too
 
 
@@ -803,6 +841,19 @@ def _error_row(cfg, msg):
     return row
 
 
+def _ulysses_problem(c):
+    u = ulysses_degree(c, c["world"])
+    if u == 1:
+        return "ulysses_ring: Ulysses degree 1 (the usp rule for this configuration) is plain ring"
+    if c["transport"] == "ipc":
+        return "ulysses_ring: its all-to-all is a torch.distributed collective (gloo only on ranks sharing one GPU)"
+    if c["heads_q"] % u or c["heads_kv"] % u:
+        return f"ulysses_ring: U={u} must divide heads_q={c['heads_q']} and heads_kv={c['heads_kv']}"
+    if _window(c) is not None:
+        return "ulysses_ring: sliding windows are not wired up in the sweep"
+    return None
+
+
 def _refuse_unsupported(configs, transport, on_row):
     """Write an "unsupported: ..." error row for each peer configuration perf/peers.py cannot run
     (without spawning anything); return the rest."""
@@ -812,6 +863,8 @@ def _refuse_unsupported(configs, transport, on_row):
         if c["algorithm"] in PEER_ALGORITHMS:
             import peers
             why = peers.problem(c["algorithm"], c, c["world"])
+        elif c["algorithm"] == "ulysses_ring":
+            why = _ulysses_problem(c)
         if why:
             on_row(_error_row(c, "unsupported: " + why))
         else:

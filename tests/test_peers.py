@@ -255,13 +255,22 @@ def test_sweep_runs_the_peers(tmp_path):
         assert row["peer_config"] and row["sent_bytes_max"] == "", row
     assert rows["ring"]["block_backend"] == "math" and float(rows["ring"]["max_abs_err"]) < 0.05
     assert "U=1 R=2" in rows["usp"]["peer_config"]
-    # zigzag, non-causal: refused up front, written as an unsupported row, shown as n/a
-    out2 = tmp_path / "refused.csv"
-    r = subprocess.run([sys.executable, os.path.join(PERF, "sweep.py"), "--no-progress", "--worlds", "2",
-                        "--seqs", "128", "--heads", "4/4", "--head-dim", "16", "--dtype", "bfloat16", "--causal", "0",
-                        "--pass", "fwd", "--layout", "zigzag", "--algorithms", "rfa", "--no-single", "--warmup", "1",
-                        "--iters", "1", "--out", str(out2)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    # W = 4, zigzag: ringattn's 2-D mode next to yunchang's USP (same U x R = 2 x 2 split, same
+    # token rule); non-causal zigzag is refused up front for the peers (an "unsupported:" row, n/a
+    # in the table) while ringattn's runs it
+    out2 = tmp_path / "w4.csv"
+    r = subprocess.run([sys.executable, os.path.join(PERF, "sweep.py"), "--no-progress", "--worlds", "4",
+                        "--seqs", "128", "--heads", "4/4", "--head-dim", "16", "--dtype", "bfloat16", "--causal", "1,0",
+                        "--pass", "fwd_bwd", "--layout", "zigzag", "--algorithms", "ulysses_ring,usp,rfa", "--no-single",
+                        "--warmup", "1", "--iters", "1", "--out", str(out2)], capture_output=True, text=True, timeout=200,
+                       cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
-    (row,) = list(csv.DictReader(open(out2, newline="")))
-    assert row["error"].startswith("unsupported: rfa: its zigzag ring asserts causal=True"), row["error"]
+    rows = {(row["algorithm"], row["causal"]): row for row in csv.DictReader(open(out2, newline=""))}
+    for alg in ("ulysses_ring", "usp", "rfa"):
+        row = rows[(alg, "True")]
+        assert not row["error"] and float(row["max_abs_err"]) < 0.05, (alg, row["error"], row["max_abs_err"])
+    assert "U=2 R=2" in rows[("ulysses_ring", "True")]["peer_config"] and "U=2 R=2" in rows[("usp", "True")]["peer_config"]
+    assert not rows[("ulysses_ring", "False")]["error"] and float(rows[("ulysses_ring", "False")]["max_abs_err"]) < 0.05
+    assert rows[("rfa", "False")]["error"].startswith("unsupported: rfa: its zigzag ring asserts causal=True")
+    assert rows[("usp", "False")]["error"].startswith("unsupported: usp: yunchang's zigzag ring asserts causal=True")
     assert "n/a" in r.stdout
