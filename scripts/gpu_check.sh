@@ -18,6 +18,8 @@
 # scripts/prebuild_for_device.sh makes .carry/_C.abi3.so (+ stamp) for the lent machine's torch
 # 2.11 / sm_90a on a GPU-less machine: carry [".carry"]; that file is the default prebuilt when
 # present (GPU_CHECK_PREBUILT=none: build anyway).
+# GPU_CHECK_STEPS: a comma list of step names to run, the rest skipped (e.g. "sweep peers" or
+# "GPU tests,bench_tokenweave"; names as printed in the summary), for a second short call.
 # GPU_CHECK_DRY_RUN=1: no build, no MPS; each step's command is checked instead of run (pytest
 # --collect-only; the perf scripts parse their arguments and exit), to prove every command line
 # matches its script's options.
@@ -149,6 +151,9 @@ sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")'
 run_step() {  # run_step NAME CAP_S LOGFILE CMD...
   local name="$1" cap="$2" logf="$3"; shift 3
+  if [ -n "${GPU_CHECK_STEPS:-}" ] && [[ ",$GPU_CHECK_STEPS," != *",$name,"* ]]; then
+    step_notes+=("$name: not selected (GPU_CHECK_STEPS)"); return 0
+  fi
   local left; left=$(left_s)
   if [ "$left" -lt 20 ]; then step_notes+=("$name: SKIPPED (budget spent)"); log "skip $name (budget)"; return 0; fi
   local lim=$(( cap < left ? cap : left )) t0; t0=$(date +%s)
@@ -181,6 +186,8 @@ if [ "${GPU_CHECK_SKIP_TESTS:-0}" != 1 ]; then
     tests_line="dry run: $(awk -F': ' '/^tests\/.*: [0-9]+$/ {n += $2} END {print n + 0}' "$RES/gpu_tests.log") GPU tests collected"
   elif [ -f "$RES/gpu_tests.log" ]; then
     tests_line="$(grep -E "passed|failed|error|selected|collected" "$RES/gpu_tests.log" | tail -1)"
+  elif [ -n "${GPU_CHECK_STEPS:-}" ] && [[ ",$GPU_CHECK_STEPS," != *",GPU tests,"* ]]; then
+    tests_line="not selected (GPU_CHECK_STEPS)"; test_rc=0
   else
     tests_line="NOT RUN (budget spent before the tests)"; test_rc=3
   fi

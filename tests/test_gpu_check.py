@@ -27,6 +27,20 @@ def test_gpu_check_dry_run(tmp_path):
     assert (tmp_path / "results.tgz").stat().st_size > 0
 
 
+def test_gpu_check_runs_only_the_selected_steps(tmp_path):
+    """GPU_CHECK_STEPS (a second, short device call): the named steps run, the others are listed as
+    not selected, and an unselected test step is not a failure."""
+    env = dict(os.environ, GPU_CHECK_DRY_RUN="1", PYTHON=sys.executable, GPU_CHECK_STEPS="sweep peers,bench_ops")
+    p = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh"), str(tmp_path)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    summary = (tmp_path / "summary.txt").read_text()
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    ran = dict(re.findall(r"^step: (.*): rc=(\d+)", summary, re.M))
+    assert ran == {"bench_ops": "0", "sweep peers": "0"}, summary
+    assert "step: GPU tests: not selected" in summary and "step: bench_tokenweave: not selected" in summary
+    assert "tests: not selected" in summary
+
+
 def test_helper_scripts_parse():
     for name in ("gpu_check.sh", "prebuild_for_device.sh", "setup_env.sh", "source_hash.sh", "test.sh", "demo.sh"):
         path = os.path.join(ROOT, "scripts", name)
