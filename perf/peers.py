@@ -42,8 +42,10 @@ points its commit at a CudaIpcTransport for that group (_route_ring_comm): those
 
 What a peer cannot do is refused up front with the reason (the sweep writes an error row):
 lengths its layout cannot split evenly (they do not support uneven shards; see `problem`), head
-counts its all-to-all cannot split, masks it lacks. Its bytes are not counted (they bypass
-ringattn.comm_stats): sent/recv columns stay empty.
+counts its all-to-all cannot split, masks it lacks. Bytes: every message rfa's and yunchang's
+RingComm posts is recorded in ringattn.accounting (channel "peer.ring"), so ringattn.comm_stats()
+counts them as it counts ringattn's own (counts_bytes says when that is ALL of a peer's traffic);
+the collectives of ds_ulysses, torch_ring and usp with U > 1 are not counted.
 """
 from __future__ import annotations
 
@@ -290,6 +292,7 @@ def _route_ring_comm(cls, group, transport_factory, max_message_bytes: int) -> N
     Both ends of every pair post in the same program order (their K/V and dK/dV batches), which is
     the transport's matching rule; one transport with 4 slots holds a K/V batch and a dK/dV batch
     in flight at once (backward)."""
+    _patch_ring_comm(cls)
     key = (cls, _group_key(group))
     if transport_factory is None:
         _ROUTES.pop(key, None)
@@ -300,17 +303,42 @@ def _route_ring_comm(cls, group, transport_factory, max_message_bytes: int) -> N
     if hasattr(t, "reserve"):
         t.reserve(int(max_message_bytes))   # collective over the group
     _ROUTES[key] = t
-    if not getattr(cls, "_ringattn_routed", False):
-        import torch.distributed as dist
 
-        def commit(self):
-            if self._reqs is not None:
-                raise RuntimeError("commit called twice")
-            t = _ROUTES.get((type(self), _group_key(self._process_group)))
-            self._reqs = (t.batch_isend_irecv if t is not None else dist.batch_isend_irecv)(self._ops)
 
-        cls.commit = commit
-        cls._ringattn_routed = True
+PEER_CHANNEL = "peer.ring"   # ringattn.comm_stats channel of the peers' ring messages
+
+
+def _patch_ring_comm(cls) -> None:
+    """Replace cls.commit (once): record every queued message in ringattn.accounting (channel
+    "peer.ring", so ringattn.comm_stats() counts the peer's ring bytes like ringattn's own), then
+    post the batch on the routed transport, or dist.batch_isend_irecv as the original does."""
+    if getattr(cls, "_ringattn_routed", False):
+        return
+    import torch.distributed as dist
+
+    from ringattn import accounting
+
+    def commit(self):
+        if self._reqs is not None:
+            raise RuntimeError("commit called twice")
+        for op in self._ops:
+            accounting.record(PEER_CHANNEL, op.peer, op.tensor.numel() * op.tensor.element_size(),
+                              op.op in (dist.isend, dist.send))
+        t = _ROUTES.get((type(self), _group_key(self._process_group)))
+        self._reqs = (t.batch_isend_irecv if t is not None else dist.batch_isend_irecv)(self._ops)
+
+    cls.commit = commit
+    cls._ringattn_routed = True
+
+
+def counts_bytes(alg: str, cfg: dict, world: int) -> bool:
+    """Whether ringattn.comm_stats() sees ALL of peer `alg`'s traffic: rfa's and usp's ring (when
+    usp has no Ulysses all-to-all, U = 1); not the collectives of ds_ulysses, torch_ring or usp U > 1."""
+    if alg == "rfa":
+        return True
+    if alg == "usp":
+        return usp_degrees(world, cfg["heads_q"], cfg["heads_kv"], cfg.get("usp_ulysses"), cfg.get("transport"))[0] == 1
+    return False
 
 
 @functools.lru_cache(maxsize=None)

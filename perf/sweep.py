@@ -115,8 +115,11 @@ Peers (project requirement: run a peer library on the same shapes where one can 
   communication and merges, not kernels. A configuration a peer cannot run (uneven lengths,
   non-causal zigzag, fp32 for the flash-attn users, head counts its all-to-all cannot split,
   windows) is written as an "unsupported: <why>" error row without spawning anything, shown as
-  n/a in the table. Peers' bytes are not counted (empty columns); peer_config records their own
-  settings (usp: U x R; torch_ring: rotate method, balancing).
+  n/a in the table. Bytes: rfa's and yunchang's ring messages (their RingComm batches) are
+  recorded in ringattn.comm_stats (channel "peer.ring"), so rfa and usp with U = 1 have exact
+  sent/recv columns like ringattn's rows; the collectives of ds_ulysses, torch_ring and usp U > 1
+  are not counted (empty). peer_config records their own settings (usp: U x R; torch_ring: rotate
+  method, balancing).
   Ranks sharing one GPU (--transport ipc): the peers talk torch.distributed, where NCCL refuses
   two ranks on one GPU and gloo aborts on CUDA send/recv. rfa's and yunchang's ring messages all
   go through one small class (RingComm: queue P2POps, batch_isend_irecv, wait), so perf/peers.py
@@ -646,7 +649,11 @@ def _combine(cfg, env, per_rank, overlap_cache):
     flops = attention_flops(cfg["batch"], cfg["heads_q"], cfg["seq_len"], cfg["head_dim"], cfg["causal"], cfg["pass"],
                             _window(cfg))
     row["tflops_per_rank"] = flops / W / (row["ms_median"] * 1e-3) / 1e12
-    if cfg["algorithm"] not in ("torch_cp", "ulysses_ring") + PEER_ALGORITHMS:  # traffic comm_stats does not see
+    counted = cfg["algorithm"] not in ("torch_cp", "ulysses_ring") + PEER_ALGORITHMS
+    if cfg["algorithm"] in PEER_ALGORITHMS:
+        import peers
+        counted = peers.counts_bytes(cfg["algorithm"], cfg, W)   # their ring messages are recorded too
+    if counted:  # (else traffic comm_stats does not see: collectives)
         row["sent_bytes_max"], row["recv_bytes_max"] = mx("sent"), mx("recv")
     row["peak_mem_bytes"] = mx("peak")
     row["max_abs_err"] = mx("err")

@@ -252,7 +252,13 @@ def test_sweep_runs_the_peers(tmp_path):
         assert not row["error"], (alg, row["error"])
         assert float(row["max_abs_err"]) < 0.05, (alg, row["max_abs_err"])
         assert "math" in row["block_backend"], row["block_backend"]   # the same kernel as ringattn's rows
-        assert row["peer_config"] and row["sent_bytes_max"] == "", row
+        assert row["peer_config"], row
+    # rfa's and usp's (U = 1) ring messages are counted (ringattn.comm_stats, channel peer.ring):
+    # K,V (bf16) for W-1 steps forward and again backward, dK,dV (fp32) for W steps
+    kv = 1 * (128 // 2) * 4 * 16 * 2
+    for alg in ("rfa", "usp"):
+        assert int(rows[alg]["sent_bytes_max"]) == int(rows[alg]["recv_bytes_max"]) == (4 * 1 + 4 * 2) * kv, rows[alg]
+    assert rows["ds_ulysses"]["sent_bytes_max"] == rows["torch_ring"]["sent_bytes_max"] == ""   # collectives
     assert rows["ring"]["block_backend"] == "math" and float(rows["ring"]["max_abs_err"]) < 0.05
     assert "U=1 R=2" in rows["usp"]["peer_config"]
     # W = 4, zigzag: ringattn's 2-D mode next to yunchang's USP (same U x R = 2 x 2 split, same
