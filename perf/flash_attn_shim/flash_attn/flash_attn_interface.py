@@ -29,13 +29,23 @@ def _causal(causal: bool):
     return "bottom_right" if causal else False   # flash-attn >= 2.1 aligns causal bottom-right
 
 
+def _backend(q, k, v, causal) -> str:
+    """ringattn's auto choice, except its own "flash_attn" backend: with this shim on sys.path that
+    backend would be the shim itself (only reachable when torch's flash SDPA is switched off)."""
+    import ringattn
+
+    b = ringattn.select_backend(q, k, v, causal=_causal(causal))
+    return "math" if b == "flash_attn" else b
+
+
 def _flash_attn_forward(q, k, v, dropout_p, softmax_scale, causal, window_size_left=-1,
                         window_size_right=-1, softcap=0.0, alibi_slopes=None, return_softmax=False):
     """-> (out (B,Sq,Hq,D) q.dtype, softmax_lse (B,Hq,Sq) fp32, S_dmask None, rng_state None)."""
     import ringattn
 
     _check(q, dropout_p, window_size_left, window_size_right, softcap, alibi_slopes)
-    out, lse = ringattn.block_attn_forward(q, k, v, causal=_causal(causal), softmax_scale=softmax_scale)
+    out, lse = ringattn.block_attn_forward(q, k, v, causal=_causal(causal), softmax_scale=softmax_scale,
+                                           backend=_backend(q, k, v, causal))
     return out, lse, None, None
 
 
@@ -47,7 +57,7 @@ def _flash_attn_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p,
 
     _check(q, dropout_p, window_size_left, window_size_right, softcap, alibi_slopes)
     gq, gk, gv = ringattn.block_attn_backward(dout, q, k, v, out, softmax_lse, causal=_causal(causal),
-                                              softmax_scale=softmax_scale)
+                                              softmax_scale=softmax_scale, backend=_backend(q, k, v, causal))
     for buf, g in ((dq, gq), (dk, gk), (dv, gv)):
         if buf is not None:
             buf.copy_(g)
