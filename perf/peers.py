@@ -44,8 +44,9 @@ What a peer cannot do is refused up front with the reason (the sweep writes an e
 lengths its layout cannot split evenly (they do not support uneven shards; see `problem`), head
 counts its all-to-all cannot split, masks it lacks. Bytes: every message rfa's and yunchang's
 RingComm posts is recorded in ringattn.accounting (channel "peer.ring"), so ringattn.comm_stats()
-counts them as it counts ringattn's own (counts_bytes says when that is ALL of a peer's traffic);
-the collectives of ds_ulysses, torch_ring and usp with U > 1 are not counted.
+counts them as it counts ringattn's own; torch_ring's all-gathers and permutes are recorded while its
+engine runs (channel "peer.collective", as direct exchanges). counts_bytes says when that is ALL of
+a peer's traffic; the all-to-alls of ds_ulysses and usp with U > 1 are not counted.
 """
 from __future__ import annotations
 
@@ -333,9 +334,12 @@ def _patch_ring_comm(cls) -> None:
 
 def counts_bytes(alg: str, cfg: dict, world: int) -> bool:
     """Whether ringattn.comm_stats() sees ALL of peer `alg`'s traffic: rfa's and usp's ring (when
-    usp has no Ulysses all-to-all, U = 1); not the collectives of ds_ulysses, torch_ring or usp U > 1."""
+    usp has no Ulysses all-to-all, U = 1), torch_ring's functional collectives; not the all-to-alls
+    of ds_ulysses or usp U > 1 (their autograd backward runs outside any call of ours)."""
     if alg == "rfa":
         return True
+    if alg == "torch_ring":   # its functional collectives, counted while the engine runs
+        return hasattr(_torch_cp_engine(), "ft_c")
     if alg == "usp":
         return usp_degrees(world, cfg["heads_q"], cfg["heads_kv"], cfg.get("usp_ulysses"), cfg.get("transport"))[0] == 1
     return False
@@ -381,7 +385,7 @@ class _TorchRing(torch.autograd.Function):
     def forward(ctx, q, k, v, group, causal, zigzag):
         mod = _torch_cp_engine()
         qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))   # (B, H, S, D)
-        with _load_balance(mod, zigzag):
+        with _load_balance(mod, zigzag, group):
             out, lse = mod._templated_ring_attention(group, 2, _op_forward, qt, kt, vt, is_causal=causal)[:2]
         ctx.save_for_backward(qt, kt, vt, out, lse)
         ctx.group, ctx.causal, ctx.zigzag = group, causal, zigzag
@@ -391,7 +395,7 @@ class _TorchRing(torch.autograd.Function):
     def backward(ctx, dout):
         mod = _torch_cp_engine()
         qt, kt, vt, out, lse = ctx.saved_tensors
-        with _load_balance(mod, ctx.zigzag):
+        with _load_balance(mod, ctx.zigzag, ctx.group):
             dq, dk, dv = mod._templated_ring_attention_backward(
                 ctx.group, 2, _op_backward, dout.transpose(1, 2).contiguous(), "grad_out", qt, kt, vt, out, lse,
                 is_causal=ctx.causal)[:3]
@@ -399,17 +403,64 @@ class _TorchRing(torch.autograd.Function):
 
 
 class _load_balance:
-    """Set torch's global CP option enable_load_balance for one call (zigzag <=> head-tail balancing)."""
+    """For one engine call: torch's global CP option enable_load_balance (zigzag <=> head-tail
+    balancing), and the engine's functional collectives (its module global `ft_c`) swapped for a
+    proxy that records their bytes in ringattn.accounting (channel "peer.collective"), as a direct
+    exchange: all_gather_single sends the tensor to, and receives one from, every other rank;
+    permute_tensor sends it to its destination and receives one from its source."""
 
-    def __init__(self, mod, on: bool):
-        self.mod, self.on = mod, on
+    def __init__(self, mod, on: bool, group=None):
+        self.mod, self.on, self.group = mod, on, group
 
     def __enter__(self):
         self.old = self.mod._cp_options.enable_load_balance
         self.mod._cp_options.enable_load_balance = self.on
+        self.real = getattr(self.mod, "ft_c", None)
+        if self.real is not None and self.group is not None:
+            self.mod.ft_c = _CountingCollectives(self.real, self.group)
 
     def __exit__(self, *exc):
         self.mod._cp_options.enable_load_balance = self.old
+        if self.real is not None:
+            self.mod.ft_c = self.real
+
+
+class _CountingCollectives:
+    """torch.distributed._functional_collectives with all_gather_single / permute_tensor counted."""
+
+    def __init__(self, real, group):
+        import torch.distributed as dist
+
+        self._real = real
+        self._ranks = dist.get_process_group_ranks(group)
+        self._me = dist.get_rank(group)
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def all_gather_single(self, x, *args, **kwargs):
+        from ringattn import accounting
+
+        n = x.numel() * x.element_size()
+        for j, peer in enumerate(self._ranks):
+            if j != self._me:
+                accounting.record(COLLECTIVE_CHANNEL, peer, n, True)
+                accounting.record(COLLECTIVE_CHANNEL, peer, n, False)
+        return self._real.all_gather_single(x, *args, **kwargs)
+
+    def permute_tensor(self, x, src_dst, *args, **kwargs):
+        from ringattn import accounting
+
+        n = x.numel() * x.element_size()
+        dst, src = src_dst[self._me], list(src_dst).index(self._me)   # rank i sends to src_dst[i]
+        if dst != self._me:
+            accounting.record(COLLECTIVE_CHANNEL, self._ranks[dst], n, True)
+        if src != self._me:
+            accounting.record(COLLECTIVE_CHANNEL, self._ranks[src], n, False)
+        return self._real.permute_tensor(x, src_dst, *args, **kwargs)
+
+
+COLLECTIVE_CHANNEL = "peer.collective"
 
 
 # ---------------------------------------------------------------------------------------------
