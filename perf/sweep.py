@@ -116,9 +116,10 @@ Peers (project requirement: run a peer library on the same shapes where one can 
   non-causal zigzag, fp32 for the flash-attn users, head counts its all-to-all cannot split,
   windows) is written as an "unsupported: <why>" error row without spawning anything, shown as
   n/a in the table. Bytes: rfa's and yunchang's ring messages (their RingComm batches) are
-  recorded in ringattn.comm_stats (channel "peer.ring"), so rfa and usp with U = 1 have exact
-  sent/recv columns like ringattn's rows; the collectives of ds_ulysses, torch_ring and usp U > 1
-  are not counted (empty). peer_config records their own settings (usp: U x R; torch_ring: rotate
+  recorded in ringattn.comm_stats (channel "peer.ring"), and torch_ring's all-gathers / permutes
+  (channel "peer.collective", as direct exchanges), so rfa, torch_ring and usp with U = 1 have
+  exact sent/recv columns like ringattn's rows; the all-to-alls of ds_ulysses and usp U > 1 are
+  not counted (empty). peer_config records their own settings (usp: U x R; torch_ring: rotate
   method, balancing).
   Ranks sharing one GPU (--transport ipc): the peers talk torch.distributed, where NCCL refuses
   two ranks on one GPU and gloo aborts on CUDA send/recv. rfa's and yunchang's ring messages all
