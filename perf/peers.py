@@ -44,9 +44,9 @@ What a peer cannot do is refused up front with the reason (the sweep writes an e
 lengths its layout cannot split evenly (they do not support uneven shards; see `problem`), head
 counts its all-to-all cannot split, masks it lacks. Bytes: every message rfa's and yunchang's
 RingComm posts is recorded in ringattn.accounting (channel "peer.ring"), so ringattn.comm_stats()
-counts them as it counts ringattn's own; torch_ring's all-gathers and permutes are recorded while its
-engine runs (channel "peer.collective", as direct exchanges). counts_bytes says when that is ALL of
-a peer's traffic; the all-to-alls of ds_ulysses and usp with U > 1 are not counted.
+counts them as it counts ringattn's own; torch_ring's all-gathers and permutes (while its engine
+runs) and yunchang's Ulysses all-to-alls are recorded too (channel "peer.collective", as direct
+exchanges). counts_bytes says when that is ALL of a peer's traffic: all but ds_ulysses.
 """
 from __future__ import annotations
 
@@ -255,8 +255,11 @@ def _usp_fn(cfg, world, group, transport_factory=None):
         _STATE[key] = (yunchang.globals.PROCESS_GROUP.ULYSSES_PG, yunchang.globals.PROCESS_GROUP.RING_PG)
     yunchang.globals.PROCESS_GROUP.ULYSSES_PG, yunchang.globals.PROCESS_GROUP.RING_PG = _STATE[key]
     from yunchang.ring.utils import RingComm
+    import yunchang.comm.all_to_all as a2a
 
     _route_ring_comm(RingComm, _STATE[key][1], transport_factory, ipc_message_bytes("usp", cfg, world))
+    if not isinstance(a2a.dist, _CountingDist):   # its Ulysses all-to-alls, forward and backward
+        a2a.dist = _CountingDist(a2a.dist)
     attn = yunchang.LongContextAttention(ring_impl_type="zigzag" if cfg["layout"] == "zigzag" else "basic",
                                          attn_type=AttnType.FA)
     causal = cfg["causal"]
@@ -333,16 +336,14 @@ def _patch_ring_comm(cls) -> None:
 
 
 def counts_bytes(alg: str, cfg: dict, world: int) -> bool:
-    """Whether ringattn.comm_stats() sees ALL of peer `alg`'s traffic: rfa's and usp's ring (when
-    usp has no Ulysses all-to-all, U = 1), torch_ring's functional collectives; not the all-to-alls
-    of ds_ulysses or usp U > 1 (their autograd backward runs outside any call of ours)."""
+    """Whether ringattn.comm_stats() sees ALL of peer `alg`'s traffic: rfa's ring, usp's ring and
+    all-to-alls, torch_ring's functional collectives; not ds_ulysses' all-to-alls (deepspeed.comm,
+    shared with ringattn's own 2-D DeepSpeed path, is left alone)."""
     if alg == "rfa":
         return True
     if alg == "torch_ring":   # its functional collectives, counted while the engine runs
         return hasattr(_torch_cp_engine(), "ft_c")
-    if alg == "usp":
-        return usp_degrees(world, cfg["heads_q"], cfg["heads_kv"], cfg.get("usp_ulysses"), cfg.get("transport"))[0] == 1
-    return False
+    return alg == "usp"       # its ring and its Ulysses all-to-alls
 
 
 @functools.lru_cache(maxsize=None)
@@ -461,6 +462,33 @@ class _CountingCollectives:
 
 
 COLLECTIVE_CHANNEL = "peer.collective"
+
+
+class _CountingDist:
+    """torch.distributed as one peer module sees it (yunchang.comm.all_to_all's `dist` global),
+    with all_to_all_single's bytes recorded (channel "peer.collective"): even splits, so 1/W of
+    the input to each other rank and 1/W of the output from each."""
+
+    def __init__(self, real):
+        self._real = real
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def all_to_all_single(self, output, input, output_split_sizes=None, input_split_sizes=None, group=None,
+                          *args, **kwargs):
+        from ringattn import accounting
+
+        if output_split_sizes is not None or input_split_sizes is not None:
+            raise NotImplementedError("peers: counting uneven all_to_all_single is not wired up")
+        ranks = self._real.get_process_group_ranks(group or self._real.group.WORLD)
+        me, w = self._real.get_rank(group), len(ranks)
+        for j, peer in enumerate(ranks):
+            if j != me:
+                accounting.record(COLLECTIVE_CHANNEL, peer, input.numel() * input.element_size() // w, True)
+                accounting.record(COLLECTIVE_CHANNEL, peer, output.numel() * output.element_size() // w, False)
+        return self._real.all_to_all_single(output, input, output_split_sizes, input_split_sizes, group,
+                                            *args, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,8 +27,9 @@ the rest -- never a stuck run. Algorithms (--algorithms):
                            ranks, its own uneven-capable all-to-all, then ring over R = W/U), with
                            the U that usp (yunchang) gets for the same row (perf/peers.py
                            usp_degrees), so the two 2-D rows split alike; refused where that U is 1
-                           (plain ring) and on ipc (the all-to-all is a gloo collective there). Its
-                           all-to-all bytes are not in comm_stats: sent/recv columns stay empty
+                           (plain ring) and on ipc (the all-to-all is a gloo collective there).
+                           sent_bytes_max = its ring messages + its all-to-alls' sent bytes
+                           (integrations.deepspeed.a2a_bytes_sent); recv_bytes_max stays empty
   allgather                perf/baselines.py: all-gather K/V of the whole sequence, local Q
                            against it, reduce-scatter dK/dV (collectives on gloo/nccl; P2P over
                            CudaIpcTransport on ipc); same block kernels
@@ -117,9 +118,9 @@ Peers (project requirement: run a peer library on the same shapes where one can 
   windows) is written as an "unsupported: <why>" error row without spawning anything, shown as
   n/a in the table. Bytes: rfa's and yunchang's ring messages (their RingComm batches) are
   recorded in ringattn.comm_stats (channel "peer.ring"), and torch_ring's all-gathers / permutes
-  (channel "peer.collective", as direct exchanges), so rfa, torch_ring and usp with U = 1 have
-  exact sent/recv columns like ringattn's rows; the all-to-alls of ds_ulysses and usp U > 1 are
-  not counted (empty). peer_config records their own settings (usp: U x R; torch_ring: rotate
+  and yunchang's all-to-alls (channel "peer.collective", as direct exchanges), so rfa, usp and
+  torch_ring have exact sent/recv columns like ringattn's rows; ds_ulysses' all-to-alls are not
+  counted (empty). peer_config records their own settings (usp: U x R; torch_ring: rotate
   method, balancing).
   Ranks sharing one GPU (--transport ipc): the peers talk torch.distributed, where NCCL refuses
   two ranks on one GPU and gloo aborts on CUDA send/recv. rfa's and yunchang's ring messages all
@@ -600,10 +601,13 @@ def _run_config(cfg, env, shape, overlap_cache):
         step = _make_step(cfg, env, shape, stack)
         env.sync()
         env.barrier()
+        from ringattn.integrations.deepspeed import a2a_bytes_sent
+        a2a0 = a2a_bytes_sent()
         with ringattn.comm_stats() as st:
             out, grads = step()
         env.sync()
         res["sent"], res["recv"] = st.sent_bytes, st.recv_bytes
+        res["a2a_sent"] = a2a_bytes_sent() - a2a0   # ulysses_ring's all-to-alls (sent side only)
         res["err"] = shape.max_err(out, grads)
         del out, grads
         a = env.args
@@ -656,6 +660,8 @@ def _combine(cfg, env, per_rank, overlap_cache):
         counted = peers.counts_bytes(cfg["algorithm"], cfg, W)   # their ring messages are recorded too
     if counted:  # (else traffic comm_stats does not see: collectives)
         row["sent_bytes_max"], row["recv_bytes_max"] = mx("sent"), mx("recv")
+    elif cfg["algorithm"] == "ulysses_ring":   # its ring + its all-to-alls' sent bytes; received: not tracked
+        row["sent_bytes_max"] = max(r["sent"] + r["a2a_sent"] for r in per_rank)
     row["peak_mem_bytes"] = mx("peak")
     row["max_abs_err"] = mx("err")
     ov_key = (cfg["seq_len"], cfg["batch"], cfg["heads_q"], cfg["heads_kv"], cfg["head_dim"], cfg["dtype"],

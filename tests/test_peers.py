@@ -33,6 +33,7 @@ if PERF not in sys.path:
     sys.path.insert(0, PERF)
 
 import peers  # noqa: E402
+import ringattn  # noqa: E402
 from test_sequence_parallel import reference, tolerance  # noqa: E402
 
 _MISSING = [m for m in ("ring_flash_attn", "yunchang", "deepspeed") if importlib.util.find_spec(m) is None]
@@ -280,6 +281,15 @@ def test_sweep_runs_the_peers(tmp_path):
         row = rows[(alg, "True")]
         assert not row["error"] and float(row["max_abs_err"]) < 0.05, (alg, row["error"], row["max_abs_err"])
     assert "U=2 R=2" in rows[("ulysses_ring", "True")]["peer_config"] and "U=2 R=2" in rows[("usp", "True")]["peer_config"]
+    # bytes: each all-to-all moves half of a (1, 32, 4, 16) bf16 tensor (2 KiB): q, k, v, out forward
+    # and their gradients backward = 16 KiB on both; then the ring over R = 2 on (1, 64, 2, 16):
+    # yunchang's K,V + fp32 dK,dV (12 x 4 KiB) against ringattn's ring (predict_comm_bytes)
+    a2a = 8 * 2048
+    assert int(rows[("usp", "True")]["sent_bytes_max"]) == int(rows[("usp", "True")]["recv_bytes_max"]) == a2a + 12 * 4096
+    ring = max(sum(s for s, _ in ch.values()) for ch in ringattn.predict_comm_bytes(
+        "ring", seq_len=128, world_size=2, layout="zigzag", causal=True, batch=1, heads_q=2, heads_kv=2, head_dim=16,
+        dtype=torch.bfloat16, backward=True))
+    assert int(rows[("ulysses_ring", "True")]["sent_bytes_max"]) == a2a + ring < a2a + 12 * 4096
     assert not rows[("ulysses_ring", "False")]["error"] and float(rows[("ulysses_ring", "False")]["max_abs_err"]) < 0.05
     assert rows[("rfa", "False")]["error"].startswith("unsupported: rfa: its zigzag ring asserts causal=True")
     assert rows[("usp", "False")]["error"].startswith("unsupported: usp: yunchang's zigzag ring asserts causal=True")
