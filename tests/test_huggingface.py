@@ -18,6 +18,12 @@ import ringattn.integrations.huggingface as rhf  # noqa: E402
 # bounds are ~10x that. Logits and loss absolute (O(1) and O(5) values), gradients relative to
 # each tensor's largest entry.
 TOL = {"logits": 2e-6, "loss": 1e-5, "grad": 2e-5}
+# Per-family overrides. Gemma 3's sandwich norms (an RMSNorm right after attention) rescale the
+# attention output, so the fp32 rounding of ringattn's merges reaches its logits ~10x larger than
+# in the other families (max |ref logits| 1.28 there): measured 2.03e-6 at W=3 (transformers
+# 4.53.3, 2026-12-07, AMD EPYC VM; 1.6e-6 with ring) against <= 4.8e-7 for every other family --
+# and 1.1e-6 with the whole model in float64, since the merge accumulators are fp32 either way.
+FAMILY_TOL = {"gemma3_text": {"logits": 1e-5}}
 FAMILIES = ("llama", "mistral", "qwen2")
 # Uneven global lengths on purpose: chunks differ by one token.
 SEQ = {1: 20, 2: 23, 3: 29}
@@ -142,9 +148,11 @@ def assert_close(results, tol=TOL):
     bad = []
     for rank, per_case in enumerate(results):
         for case, err in per_case.items():
+            family = case[0] if isinstance(case, tuple) and case else None
+            t = dict(tol, **FAMILY_TOL.get(family, {}))
             for key, e in err.items():
-                if not e <= tol[key]:
-                    bad.append(f"rank {rank} {case} {key}: {e:.3e} > {tol[key]:.0e}")
+                if not e <= t[key]:
+                    bad.append(f"rank {rank} {case} {key}: {e:.3e} > {t[key]:.0e}")
     assert not bad, "\n".join(bad)
 
 
