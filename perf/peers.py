@@ -115,6 +115,11 @@ def usp_degrees(world: int, heads_q: int, heads_kv: int, ulysses: int | None = N
     return ulysses, world // ulysses
 
 
+def usp_split(cfg: dict, world: int) -> tuple[int, int]:
+    """(U, R) of usp for a sweep configuration (usp_degrees on its heads, --usp-ulysses, transport)."""
+    return usp_degrees(world, cfg["heads_q"], cfg["heads_kv"], cfg.get("usp_ulysses"), cfg.get("transport"))
+
+
 def problem(alg: str, cfg: dict, world: int) -> str | None:
     """Why peer `alg` cannot run this configuration (None: it can)."""
     L, Hq, Hkv, causal, layout = cfg["seq_len"], cfg["heads_q"], cfg["heads_kv"], cfg["causal"], cfg["layout"]
@@ -137,7 +142,7 @@ def problem(alg: str, cfg: dict, world: int) -> str | None:
     if alg == "usp":
         if zig and not causal:
             return "usp: yunchang's zigzag ring asserts causal=True"
-        U, R = usp_degrees(world, Hq, Hkv, cfg.get("usp_ulysses"), cfg.get("transport"))
+        U, R = usp_split(cfg, world)
         if Hq % U or Hkv % U:
             return f"usp: ulysses degree {U} must divide heads_q={Hq} and heads_kv={Hkv}"
         if U > 1 and cfg.get("transport") == "ipc":
@@ -171,7 +176,7 @@ def positions(alg: str, cfg: dict, world: int, rank: int, device) -> torch.Tenso
     L, layout = cfg["seq_len"], cfg["layout"]
     if alg != "usp":
         return SequenceLayout.build(L, world, layout).positions(rank, device)
-    U, R = usp_degrees(world, cfg["heads_q"], cfg["heads_kv"], cfg.get("usp_ulysses"), cfg.get("transport"))
+    U, R = usp_split(cfg, world)
     seg = SequenceLayout.build(L, R, layout).positions(rank // U, device)   # ring rank j = g // U
     return seg.chunk(U)[rank % U]                                            # Ulysses piece i = g % U
 
@@ -248,7 +253,7 @@ def _usp_fn(cfg, world, group, transport_factory=None):
 
     if group is not None and dist.get_world_size(group) != dist.get_world_size():
         raise ValueError("usp: yunchang builds its groups over the default group; run it on the whole world")
-    U, R = usp_degrees(world, cfg["heads_q"], cfg["heads_kv"], cfg.get("usp_ulysses"), cfg.get("transport"))
+    U, R = usp_split(cfg, world)
     key = ("usp_groups", U, R)
     if key not in _STATE:   # new_group is collective: every rank reaches this in the same order
         yunchang.set_seq_parallel_pg(U, R, dist.get_rank(), world)
@@ -284,7 +289,7 @@ def ipc_message_bytes(alg: str, cfg: dict, world: int) -> int:
     sum, which both rfa and yunchang carry in fp32 (4 bytes per element)."""
     B, L, Hkv, D = cfg.get("batch", 1), cfg["seq_len"], cfg["heads_kv"], cfg.get("head_dim", 1)
     if alg == "usp":   # the ring runs over R ranks on (B, L/R, Hkv/U, D) after the all-to-all
-        U, R = usp_degrees(world, cfg["heads_q"], Hkv, cfg.get("usp_ulysses"), cfg.get("transport"))
+        U, R = usp_split(cfg, world)
         return B * -(-L // R) * (Hkv // U) * D * 4
     return B * -(-L // world) * Hkv * D * 4
 
@@ -309,7 +314,19 @@ def _route_ring_comm(cls, group, transport_factory, max_message_bytes: int) -> N
     _ROUTES[key] = t
 
 
-PEER_CHANNEL = "peer.ring"   # ringattn.comm_stats channel of the peers' ring messages
+PEER_CHANNEL = "peer.ring"                 # ringattn.comm_stats channel of the peers' ring messages
+COLLECTIVE_CHANNEL = "peer.collective"     # ... and of their collectives (torch_ring, usp's all-to-alls)
+
+
+def _record_exchange(ranks, me: int, sent: int, received: int) -> None:
+    """A collective counted as a direct exchange: `sent` bytes to and `received` bytes from every
+    other rank of the group (global `ranks`; this rank is index `me`)."""
+    from ringattn import accounting
+
+    for j, peer in enumerate(ranks):
+        if j != me:
+            accounting.record(COLLECTIVE_CHANNEL, peer, sent, True)
+            accounting.record(COLLECTIVE_CHANNEL, peer, received, False)
 
 
 def _patch_ring_comm(cls) -> None:
@@ -440,13 +457,8 @@ class _CountingCollectives:
         return getattr(self._real, name)
 
     def all_gather_single(self, x, *args, **kwargs):
-        from ringattn import accounting
-
         n = x.numel() * x.element_size()
-        for j, peer in enumerate(self._ranks):
-            if j != self._me:
-                accounting.record(COLLECTIVE_CHANNEL, peer, n, True)
-                accounting.record(COLLECTIVE_CHANNEL, peer, n, False)
+        _record_exchange(self._ranks, self._me, n, n)
         return self._real.all_gather_single(x, *args, **kwargs)
 
     def permute_tensor(self, x, src_dst, *args, **kwargs):
@@ -460,8 +472,6 @@ class _CountingCollectives:
             accounting.record(COLLECTIVE_CHANNEL, self._ranks[src], n, False)
         return self._real.permute_tensor(x, src_dst, *args, **kwargs)
 
-
-COLLECTIVE_CHANNEL = "peer.collective"
 
 
 class _CountingDist:
@@ -477,16 +487,12 @@ class _CountingDist:
 
     def all_to_all_single(self, output, input, output_split_sizes=None, input_split_sizes=None, group=None,
                           *args, **kwargs):
-        from ringattn import accounting
-
         if output_split_sizes is not None or input_split_sizes is not None:
             raise NotImplementedError("peers: counting uneven all_to_all_single is not wired up")
         ranks = self._real.get_process_group_ranks(group or self._real.group.WORLD)
-        me, w = self._real.get_rank(group), len(ranks)
-        for j, peer in enumerate(ranks):
-            if j != me:
-                accounting.record(COLLECTIVE_CHANNEL, peer, input.numel() * input.element_size() // w, True)
-                accounting.record(COLLECTIVE_CHANNEL, peer, output.numel() * output.element_size() // w, False)
+        w = len(ranks)
+        _record_exchange(ranks, self._real.get_rank(group), input.numel() * input.element_size() // w,
+                         output.numel() * output.element_size() // w)
         return self._real.all_to_all_single(output, input, output_split_sizes, input_split_sizes, group,
                                             *args, **kwargs)
 
@@ -509,7 +515,7 @@ def config_label(alg: str, cfg: dict, world: int) -> str:
     if alg == "rfa":
         return "ring-flash-attn " + ("zigzag_ring_flash_attn_func" if zig else "ring_flash_attn_func")
     if alg == "usp":
-        U, R = usp_degrees(world, cfg["heads_q"], cfg["heads_kv"], cfg.get("usp_ulysses"), cfg.get("transport"))
+        U, R = usp_split(cfg, world)
         return f"yunchang LongContextAttention U={U} R={R} ring={'zigzag' if zig else 'basic'}"
     if alg == "ds_ulysses":
         return "deepspeed DistributedAttention + flash_attn_func"

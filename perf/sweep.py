@@ -476,7 +476,7 @@ def ulysses_degree(cfg, world):
     """ulysses_ring's U: the one usp (yunchang) uses for the same configuration (perf/peers.py),
     so the two 2-D rows split the same way."""
     import peers
-    return peers.usp_degrees(world, cfg["heads_q"], cfg["heads_kv"], cfg.get("usp_ulysses"), cfg.get("transport"))[0]
+    return peers.usp_split(cfg, world)[0]
 
 
 def _ulysses_plan(cfg, env):
@@ -654,10 +654,11 @@ def _combine(cfg, env, per_rank, overlap_cache):
     flops = attention_flops(cfg["batch"], cfg["heads_q"], cfg["seq_len"], cfg["head_dim"], cfg["causal"], cfg["pass"],
                             _window(cfg))
     row["tflops_per_rank"] = flops / W / (row["ms_median"] * 1e-3) / 1e12
-    counted = cfg["algorithm"] not in ("torch_cp", "ulysses_ring") + PEER_ALGORITHMS
     if cfg["algorithm"] in PEER_ALGORITHMS:
         import peers
         counted = peers.counts_bytes(cfg["algorithm"], cfg, W)   # their ring messages are recorded too
+    else:
+        counted = cfg["algorithm"] not in ("torch_cp", "ulysses_ring")
     if counted:  # (else traffic comm_stats does not see: collectives)
         row["sent_bytes_max"], row["recv_bytes_max"] = mx("sent"), mx("recv")
     elif cfg["algorithm"] == "ulysses_ring":   # its ring + its all-to-alls' sent bytes; received: not tracked
@@ -868,7 +869,7 @@ def _ulysses_problem(c):
     return None
 
 
-def _refuse_unsupported(configs, transport, on_row):
+def _refuse_unsupported(configs, on_row):
     """Write an "unsupported: ..." error row for each peer configuration perf/peers.py cannot run
     (without spawning anything); return the rest."""
     keep = []
@@ -1139,7 +1140,7 @@ def main(argv=None):
     stopped = None
     try:
         for g in todo:
-            g = _refuse_unsupported(g, args.transport, on_row)
+            g = _refuse_unsupported(g, on_row)
             if not g:
                 continue
             W = g[0]["world"]
