@@ -46,7 +46,8 @@ counts its all-to-all cannot split, masks it lacks. Bytes: every message rfa's a
 RingComm posts is recorded in ringattn.accounting (channel "peer.ring"), so ringattn.comm_stats()
 counts them as it counts ringattn's own; torch_ring's all-gathers and permutes (while its engine
 runs) and yunchang's Ulysses all-to-alls are recorded too (channel "peer.collective", as direct
-exchanges). counts_bytes says when that is ALL of a peer's traffic: all but ds_ulysses.
+exchanges), and so are DeepSpeed-Ulysses' all-to-alls while its call runs. counts_bytes says when
+that is ALL of a peer's traffic.
 """
 from __future__ import annotations
 
@@ -215,7 +216,7 @@ def make_fn(alg: str, cfg: dict, group=None, transport_factory=None):
 
         attn = DistributedAttention(lambda q, k, v, *a, **kw: flash_attn_func(q, k, v, causal=causal),
                                     group if group is not None else dist.group.WORLD, scatter_idx=2, gather_idx=1)
-        return lambda q, k, v: attn(q, k, v, 0)
+        return _counted_ds_ulysses(attn)
     if alg == "torch_ring":
         g = group if group is not None else dist.group.WORLD
         return lambda q, k, v: _TorchRing.apply(q, k, v, g, causal, zig)
@@ -354,13 +355,11 @@ def _patch_ring_comm(cls) -> None:
 
 def counts_bytes(alg: str, cfg: dict, world: int) -> bool:
     """Whether ringattn.comm_stats() sees ALL of peer `alg`'s traffic: rfa's ring, usp's ring and
-    all-to-alls, torch_ring's functional collectives; not ds_ulysses' all-to-alls (deepspeed.comm,
-    shared with ringattn's own 2-D DeepSpeed path, is left alone)."""
-    if alg == "rfa":
-        return True
+    all-to-alls, torch_ring's functional collectives, ds_ulysses' all-to-alls (counted only while
+    its own forward and backward run, _counted_ds_ulysses)."""
     if alg == "torch_ring":   # its functional collectives, counted while the engine runs
         return hasattr(_torch_cp_engine(), "ft_c")
-    return alg == "usp"       # its ring and its Ulysses all-to-alls
+    return alg in ("rfa", "usp", "ds_ulysses")
 
 
 @functools.lru_cache(maxsize=None)
@@ -475,26 +474,73 @@ class _CountingCollectives:
 
 
 class _CountingDist:
-    """torch.distributed as one peer module sees it (yunchang.comm.all_to_all's `dist` global),
-    with all_to_all_single's bytes recorded (channel "peer.collective"): even splits, so 1/W of
-    the input to each other rank and 1/W of the output from each."""
+    """torch.distributed (or deepspeed.comm) as one peer module sees it (yunchang.comm.all_to_all's
+    or deepspeed.sequence.layer's `dist` global), with all_to_all_single's bytes recorded (channel
+    "peer.collective") while `counting()` is true: even splits, so 1/W of the input to each other
+    rank and 1/W of the output from each."""
 
-    def __init__(self, real):
-        self._real = real
+    def __init__(self, real, counting=lambda: True):
+        self._real, self._counting = real, counting
 
     def __getattr__(self, name):
         return getattr(self._real, name)
 
     def all_to_all_single(self, output, input, output_split_sizes=None, input_split_sizes=None, group=None,
                           *args, **kwargs):
-        if output_split_sizes is not None or input_split_sizes is not None:
-            raise NotImplementedError("peers: counting uneven all_to_all_single is not wired up")
-        ranks = self._real.get_process_group_ranks(group or self._real.group.WORLD)
-        w = len(ranks)
-        _record_exchange(ranks, self._real.get_rank(group), input.numel() * input.element_size() // w,
-                         output.numel() * output.element_size() // w)
+        if self._counting():
+            import torch.distributed as dist
+
+            if output_split_sizes is not None or input_split_sizes is not None:
+                raise NotImplementedError("peers: counting uneven all_to_all_single is not wired up")
+            ranks = dist.get_process_group_ranks(group or dist.group.WORLD)
+            w = len(ranks)
+            _record_exchange(ranks, ranks.index(dist.get_rank()), input.numel() * input.element_size() // w,
+                             output.numel() * output.element_size() // w)
         return self._real.all_to_all_single(output, input, output_split_sizes, input_split_sizes, group,
                                             *args, **kwargs)
+
+
+_DS_COUNTING = [False]   # True while a ds_ulysses call's forward or backward runs (_counted_ds_ulysses)
+
+
+class _DsCounting(torch.autograd.Function):
+    """Identity that sets _DS_COUNTING to `on` when the gradient flows through it: placed on
+    DistributedAttention's output (on: its backward all-to-alls follow) and inputs (off: they are done)."""
+
+    @staticmethod
+    def forward(ctx, on, *xs):
+        ctx.on = on
+        return tuple(x.view_as(x) for x in xs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        _DS_COUNTING[0] = ctx.on
+        return (None, *grads)
+
+
+def _counted_ds_ulysses(attn):
+    """fn(q, k, v) running DeepSpeed's DistributedAttention with its all-to-alls counted.
+
+    deepspeed.sequence.layer calls them through its module global `dist` (deepspeed.comm), which
+    ringattn's own 2-D DeepSpeed path (integrations/deepspeed.py, which counts its all-to-alls
+    itself) goes through too: the proxy counts only inside this call's forward and, through the
+    _DsCounting markers around it, its backward (the autograd engine runs the output's marker
+    first, then DeepSpeed's backward all-to-alls, then the inputs' marker)."""
+    import deepspeed.sequence.layer as ds_layer
+
+    if not isinstance(ds_layer.dist, _CountingDist):
+        ds_layer.dist = _CountingDist(ds_layer.dist, lambda: _DS_COUNTING[0])
+
+    def fn(q, k, v):
+        q, k, v = _DsCounting.apply(False, q, k, v)
+        _DS_COUNTING[0] = True
+        try:
+            out = attn(q, k, v, 0)
+        finally:
+            _DS_COUNTING[0] = False
+        (out,) = _DsCounting.apply(True, out)
+        return out
+    return fn
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ the rest -- never a stuck run. Algorithms (--algorithms):
   ulysses_ring             ringattn's 2-D mode (integrations: Ulysses all-to-all over U consecutive
                            ranks, its own uneven-capable all-to-all, then ring over R = W/U), with
                            the U that usp (yunchang) gets for the same row (perf/peers.py
-                           usp_degrees), so the two 2-D rows split alike; refused where that U is 1
+                           usp_degrees), so the two 2-D rows split alike (--usp-ulysses sets both;
+                           U = W is pure Ulysses, DeepSpeed-Ulysses' schedule); refused where U is 1
                            (plain ring) and on ipc (the all-to-all is a gloo collective there).
                            sent_bytes_max = its ring messages + its all-to-alls' sent bytes
                            (integrations.deepspeed.a2a_bytes_sent); recv_bytes_max stays empty
@@ -915,7 +916,7 @@ def build_configs(args, device_name):
                                 if w and alg not in WINDOW_ALGORITHMS:
                                     continue
                                 c = dict(base, transport=args.transport, algorithm=alg, world=W, layout=args.layout)
-                                if alg == "usp" and getattr(args, "usp_ulysses", None):
+                                if alg in ("usp", "ulysses_ring") and getattr(args, "usp_ulysses", None):
                                     c["usp_ulysses"] = args.usp_ulysses
                                 by_world.setdefault(W, []).append(c)
     out = []
@@ -1045,8 +1046,9 @@ def main(argv=None):
     ap.add_argument("--windows", type=csv_list(int), help="causal sliding windows, 0 = none, e.g. 0,4096 "
                     f"(only {', '.join(WINDOW_ALGORITHMS)} take one; non-causal rows skip windows)")
     ap.add_argument("--transport", choices=["gloo", "nccl", "ipc"])
-    ap.add_argument("--usp-ulysses", type=int, help="usp (yunchang): Ulysses degree U (default: the largest "
-                    "divisor of the world size dividing both head counts); its ring degree is W/U")
+    ap.add_argument("--usp-ulysses", type=int, help="usp (yunchang) and ulysses_ring (ringattn's 2-D mode, the "
+                    "same split): Ulysses degree U (default: the largest divisor of the world size dividing both "
+                    "head counts, with W/U >= 2 on gloo); the ring degree is W/U (U = W: pure Ulysses)")
     ap.add_argument("--warmup", type=int)
     ap.add_argument("--iters", type=int)
     ap.add_argument("--overlap-iters", type=int, help="timed calls of each overlap run (0: skip them)")

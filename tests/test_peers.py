@@ -164,6 +164,36 @@ def test_peers_match_float64_reference(dist_pool, world):
     assert n >= (18 if world == 2 else 16), n
 
 
+def _ds_scope_worker():
+    """ds_ulysses' all-to-alls are counted in its own forward and backward only: a second
+    DistributedAttention on the same deepspeed module (as ringattn's 2-D DeepSpeed path uses it)
+    records nothing. Returns (bytes in the call, bytes outside it, expected)."""
+    from deepspeed.sequence.layer import DistributedAttention
+
+    import ringattn
+
+    world = dist.get_world_size()
+    c = dict(alg="ds_ulysses", seq_len=8 * world, heads_q=4, heads_kv=4, causal=True, layout="contiguous",
+             dtype="bfloat16", transport="gloo", batch=1, seed=0)
+    x = [torch.randn(1, 8, 4, 16).bfloat16().requires_grad_() for _ in range(3)]   # (B, L/W, H, D)
+    fn = peers.make_fn("ds_ulysses", c)
+    with ringattn.comm_stats() as inside:
+        fn(*x).float().sum().backward()
+    other = DistributedAttention(lambda q, k, v, *a, **kw: q + k + v, dist.group.WORLD, scatter_idx=2, gather_idx=1)
+    with ringattn.comm_stats() as outside:
+        other(*x, 0).float().sum().backward()
+    fn(*x).float().sum().backward()   # and again after it: still counted (the proxy stays installed)
+    local = 8 * 4 * 16 * 2
+    return inside.sent_by_channel[peers.COLLECTIVE_CHANNEL], outside.sent_bytes, 8 * local * (world - 1) // world
+
+
+@needs_peers
+def test_ds_ulysses_all_to_alls_are_counted_in_its_call_only(dist_pool):
+    for got, outside, want in dist_pool(2).run(_ds_scope_worker, timeout=120):
+        assert got == want, (got, want)
+        assert outside == 0, outside
+
+
 class _Counting:
     """A transport proxy counting what a peer's RingComm posts through it (CudaIpcTransport's
     host simulation underneath: the same code path as ranks sharing one GPU, on CPU)."""
@@ -263,7 +293,10 @@ def test_sweep_runs_the_peers(tmp_path):
     # fp32 dK,dV permuted to the next rank at each of the W steps -- the same total here
     assert int(rows["torch_ring"]["sent_bytes_max"]) == int(rows["torch_ring"]["recv_bytes_max"]) == \
         (2 * 1 + 2 * 1 + 2 * 2 * 2) * kv, rows["torch_ring"]
-    assert rows["ds_ulysses"]["sent_bytes_max"] == ""   # its all-to-alls are not counted
+    # ds_ulysses (channel peer.collective): q, k, v, out forward and their gradients backward, each
+    # all-to-all sending 1/W of a (1, 64, 4, 16) bf16 tensor to the other rank; counted only while
+    # its call runs (ringattn's own all-to-alls go through the same deepspeed module global)
+    assert int(rows["ds_ulysses"]["sent_bytes_max"]) == int(rows["ds_ulysses"]["recv_bytes_max"]) == 8 * kv // 2
     assert rows["ring"]["block_backend"] == "math" and float(rows["ring"]["max_abs_err"]) < 0.05
     assert "U=1 R=2" in rows["usp"]["peer_config"]
     # W = 4, zigzag: ringattn's 2-D mode next to yunchang's USP (same U x R = 2 x 2 split, same
