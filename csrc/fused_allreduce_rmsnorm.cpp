@@ -204,6 +204,8 @@ void fused_allreduce_rmsnorm_cpu_(const at::Tensor& local_in, at::Tensor& y_out,
   auto* const* bufs = reinterpret_cast<char* const*>(buffer_ptrs);
   auto* const* pads = reinterpret_cast<uint32_t* const*>(signal_pad_ptrs);
   const HostStatus status{reinterpret_cast<int32_t*>(status_ptr)};
+  // Fail-stop, as the CUDA kernel: after a recorded failure, touch neither pads nor buffers.
+  if (status.words != nullptr && __atomic_load_n(&status.words[kStCode], __ATOMIC_ACQUIRE) != kOk) return;
   const LaunchShape shape = launch_shape(H, local_in.element_size());
   const int64_t blocks = effective_blocks(num_blocks, T, int(world_size), one_shot, shape.rows_per_block);
   const uint32_t sig = call_signature(T, H, int64_t(dt), mode, blocks);

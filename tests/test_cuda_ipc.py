@@ -307,6 +307,7 @@ def _host_never_blocks_worker():
     t = _make("cuda", nbytes=1 << 20)
     dev = torch.device("cuda", 0)
     x = torch.randn(1 << 18, device=dev)
+    (x * 2).sum().item()  # load the kernels used below before a recv is parked (lazy module loading)
     if rank == 0:
         y = torch.empty_like(x)
         t0 = time.monotonic()

@@ -233,6 +233,87 @@ def test_bad_input_fused_path_reports_not_hangs(kind):
         assert out[1] == "skipped" and "barrier timeout" in out[0] and "peer 1" in out[0], out
 
 
+def _w_fail_stop():
+    """After a recorded failure (here: rank 0's status word set by hand, as a barrier timeout would
+    leave it) the kernel touches neither pads nor buffers: rank 0's call returns at once with its
+    output region untouched, and rank 1, whose peer never arrived, times out naming it -- instead
+    of the two pairing up (with stale signals after a real failure: mixed rows)."""
+    import time
+
+    cfg = TokenWeaveConfig(path="symm", symm_backend="host-sim", one_shot_max_tokens=0, timeout_s=2)
+    h = AllReduceRMSNorm(dist.group.WORLD, torch.device("cpu"), cfg)
+    r = h.rank
+    T, H = 8, 32
+    xs, res, w = make_inputs(11, h.world_size, T, H, torch.float32)
+    h(xs[r], res, w)  # a good call first: the workspace exists, the pads are zero
+    assert h.signal_pads_zero()
+    dist.barrier()  # (before a peer's next kernel puts its start signal into our pad)
+    (_, out_v, _), _ = h._ws.regions(T, H, torch.float32, 0)
+    out_v.fill_(-7.0)
+    if r == 0:
+        h._status[0] = 1  # kTimeout, recorded by an earlier call
+    t0 = time.monotonic()
+    try:
+        h._fused("symm_twoshot", xs[r].clone(), res, w, 1e-6, False, False, 0, False)
+        got = "no error"
+    except TokenWeaveError as e:
+        got = str(e)
+    return got, time.monotonic() - t0, bool((out_v == -7.0).all())
+
+
+@needs_tw_op
+def test_kernel_fail_stop_after_a_recorded_failure_host_sim():
+    (got0, took0, untouched0), (got1, took1, untouched1) = get_pool(2).run(_w_fail_stop, timeout=60)
+    assert took0 < 1.0 and untouched0, (got0, took0)      # returned at once, wrote nothing
+    assert "barrier timeout" in got1 and "peer 0" in got1, got1
+    assert took1 >= 1.5, took1                           # rank 1 really waited for it
+
+
+def _w_growth_alone():
+    """Ranks disagree on the token count and only rank 1's call needs a bigger buffer: rank 1 must
+    not block alone in the growth's collectives (30 min on gloo) -- it raises after
+    RINGATTN_SYNC_TIMEOUT_S, and rank 0's kernel reports rank 1 missing."""
+    import time
+
+    os.environ["RINGATTN_SYNC_TIMEOUT_S"] = "3"
+    try:
+        cfg = TokenWeaveConfig(path="symm", symm_backend="host-sim", one_shot_max_tokens=0, timeout_s=3)
+        h = AllReduceRMSNorm(dist.group.WORLD, torch.device("cpu"), cfg)
+        T = 8 if h.rank == 0 else 256                    # 256 x 1024 fp32 x 3 regions > the first 1 MiB slot
+        xs, res, w = make_inputs(5, h.world_size, T, 1024, torch.float32)
+        t0 = time.monotonic()
+        try:
+            h(xs[h.rank], res, w)
+            got = "no error"
+        except (TokenWeaveError, ValueError) as e:
+            got = f"{type(e).__name__}: {e}"
+        return got, time.monotonic() - t0
+    finally:
+        del os.environ["RINGATTN_SYNC_TIMEOUT_S"]
+
+
+@needs_tw_op
+def test_growth_needed_by_one_rank_raises_instead_of_hanging():
+    try:
+        (got0, t0), (got1, t1) = get_pool(2).run(_w_growth_alone, timeout=60)
+    finally:
+        get_pool(2).close(kill=True)  # an abandoned collective stays posted: start a fresh world
+    assert "barrier timeout" in got0 and "peer 1" in got0, got0
+    assert got1.startswith("TokenWeaveError") and "had to grow the symmetric buffer for a 256 x 1024 float32" in got1, got1
+    assert "different token counts" in got1 and t1 < 30, (got1, t1)
+
+
+def test_ranks_sharing_a_gpu_need_every_cta_resident():
+    """Each CTA spins in its barriers and takes a whole SM: ranks sharing a GPU fall back when all
+    their CTAs of both slots cannot be resident at once (an agreed decision, from gathered facts)."""
+    h100 = [dict(uuid="GPU-0", sms=132)] * 4
+    assert far.co_resident_ctas(h100, 8) is None                     # 4 x 8 x 2 = 64 <= 132
+    why = far.co_resident_ctas(h100, 32)                              # 4 x 32 x 2 = 256 > 132
+    assert why is not None and "256 spinning CTAs" in why and "132 SMs" in why and "RINGATTN_TW_MAX_CTAS" in why
+    assert far.co_resident_ctas([dict(uuid=f"GPU-{i}", sms=132) for i in range(8)], 32) is None  # one rank per GPU
+    assert far.co_resident_ctas([dict(uuid="GPU-0", sms=132)] * 2 + [dict(uuid="GPU-1", sms=132)] * 6, 16) is not None
+
+
 def _w_fake_symm_workspace(kind):
     """_Workspace over a fake torch symmetric-memory module (CPU tensors stand in for the device
     allocation): what every rank raises or sees, never one rank blocked in a collective.

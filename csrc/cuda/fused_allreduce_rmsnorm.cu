@@ -269,6 +269,17 @@ template <typename T, typename Wt, int VEC, int PER>
 __global__ void __launch_bounds__(kMaxThreads, 1) fused_allreduce_rmsnorm_kernel(KernelArgs a) {
   __shared__ float s_red[kMaxThreads / 32 * (kMaxThreads / 32)];
   __shared__ int32_t s_code;
+  // Fail-stop: once this rank's status holds a failure (a timeout or a mismatch in an earlier
+  // call, which leaves stale signals in the pads), every later kernel -- e.g. calls queued before
+  // the host saw the failure -- touches neither pads nor buffers; its peers time out and report
+  // too, instead of pairing with a stale signal and mixing rows. Read once per block (thread 0),
+  // broadcast through shared memory so the block takes one branch.
+  if (threadIdx.x == 0) {
+    const volatile int32_t* st = a.barrier.status.words;
+    s_code = st != nullptr ? st[kStCode] : kOk;
+  }
+  __syncthreads();
+  if (s_code != kOk) return;
   const int rank = a.barrier.rank, world = a.barrier.world_size;
   const bool one_shot = a.mode & kOneShot;
   const bool multimem = a.mode & kMultimem;

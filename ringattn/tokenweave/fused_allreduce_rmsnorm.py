@@ -27,7 +27,7 @@ full (T x H, replicated) or shard layouts for the input and the returned residua
 
 Environment (must be equal on all ranks; the handle checks it): RINGATTN_TW_PATH (force a path),
 RINGATTN_TW_MAX_CTAS (kernel CTAs, default 8), RINGATTN_TW_ONE_SHOT_MAX_TOKENS (default 64),
-RINGATTN_TW_TIMEOUT_S (kernel barrier timeout, default 30, 0 = never), RINGATTN_TW_DEBUG=1
+RINGATTN_TW_TIMEOUT_S (kernel barrier timeout, default 600 like NCCL's watchdog, 0 = never), RINGATTN_TW_DEBUG=1
 (log every call's path, synchronise and check the kernel status after every call, timeout 10 s),
 RINGATTN_TW_VALIDATE=0 (skip the per-call shape check on the collective paths).
 """
@@ -80,7 +80,10 @@ class TokenWeaveConfig:
     path: str | None = None  # force a base path (one of BASE_PATHS); None = best available
     max_ctas: int = 8  # CTAs (~SMs) of the fused kernel; TokenWeave uses 2-8
     one_shot_max_tokens: int = 64  # full-residual calls with at most this many tokens go one-shot
-    timeout_s: float = 30.0  # kernel barrier timeout (0 = wait forever)
+    # kernel barrier timeout (0 = wait forever). Long by default: a fused call's kernel spins until
+    # every peer's kernel arrives, and a rank legitimately late (a checkpoint save, a data stall)
+    # must not make the others give up and poison the group; debug mode and tests use seconds.
+    timeout_s: float = 600.0
     debug: bool = False
     validate: bool = True  # collective paths: check (T, H, dtype, layout) agree across ranks per call
     symm_backend: str = "cuda"  # "cuda" (torch symmetric memory) or "host-sim" (CPU test vehicle)
@@ -92,7 +95,7 @@ class TokenWeaveConfig:
             path=os.environ.get("RINGATTN_TW_PATH") or None,
             max_ctas=_env_int("RINGATTN_TW_MAX_CTAS", 8),
             one_shot_max_tokens=_env_int("RINGATTN_TW_ONE_SHOT_MAX_TOKENS", 64),
-            timeout_s=_env_float("RINGATTN_TW_TIMEOUT_S", 10.0 if debug else 30.0),
+            timeout_s=_env_float("RINGATTN_TW_TIMEOUT_S", 10.0 if debug else 600.0),
             debug=debug,
             validate=os.environ.get("RINGATTN_TW_VALIDATE", "1") not in ("", "0"),
         )
@@ -123,6 +126,24 @@ def shard_bounds(num_tokens: int, world_size: int, rank: int) -> tuple[int, int]
     """Rows [begin, end) of the token shard of `rank`: ceil(T / W) rows per rank, last ones shorter."""
     chunk = -(-num_tokens // world_size)
     return min(rank * chunk, num_tokens), min((rank + 1) * chunk, num_tokens)
+
+
+def co_resident_ctas(facts: list[dict], max_ctas: int) -> str | None:
+    """Why the fused kernel cannot run on ranks sharing a GPU (None: it can). Each CTA spins in its
+    barriers until the same CTA of every peer arrives, and takes a whole SM (512 threads, up to 128
+    registers): every rank's CTAs of both slots (the two token-split halves) must be resident at
+    once, or the ones waiting hold the SMs the missing ones need -- a deadlock until the timeout.
+    Decided from gathered facts (every rank the same answer)."""
+    per_gpu: dict = {}
+    for f in facts:
+        per_gpu[f["uuid"]] = per_gpu.get(f["uuid"], 0) + 1
+    sharing = max(per_gpu.values())
+    sms = min(f.get("sms", 0) for f in facts)
+    if sharing > 1 and sms and sharing * max_ctas * NUM_SLOTS > sms:
+        return (f"{sharing} ranks share a GPU: {sharing} x max_ctas={max_ctas} x {NUM_SLOTS} slots = "
+                f"{sharing * max_ctas * NUM_SLOTS} spinning CTAs (one SM each) exceed its {sms} SMs; "
+                "lower RINGATTN_TW_MAX_CTAS")
+    return None
 
 
 def num_blocks_for(num_tokens: int, world_size: int, one_shot: bool, max_ctas: int) -> int:
@@ -205,6 +226,8 @@ def _add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     """(y, x + residual): ringattn's add_rmsnorm op where it has a kernel for the device, else the
     same math in eager PyTorch (fp32 inside, new residual rounded to x's dtype first)."""
     x, residual, weight = x.contiguous(), residual.contiguous(), weight.contiguous()
+    if weight.dtype not in (x.dtype, torch.float32, torch.float64):  # the CUDA kernel takes x's dtype or fp32
+        weight = weight.float()
     op = _ringattn_op("add_rmsnorm", x.device.type)
     if op is not None and x.dtype != torch.float64:  # the op computes in fp32; float64 stays float64
         return op(x, residual, weight, float(eps))
@@ -331,8 +354,9 @@ class _Workspace:
                     + "; ".join(f"rank {r}: {e}" for r, e in enumerate(errs) if e)
                 )
             self.handle = _symm_module().rendezvous(self.buffer, group)
-        pad_size = int(getattr(self.handle, "signal_pad_size", 0) or 0)
-        if pad_size and pad_size < need_pad:
+        # torch versions without a configurable pad size (no attribute) have a fixed 2048-byte pad
+        pad_size = int(getattr(self.handle, "signal_pad_size", 0) or 0) or 2048
+        if backend != "host-sim" and pad_size < need_pad:
             raise RuntimeError(f"symmetric-memory signal pad is {pad_size} bytes, the fused kernel needs {need_pad}")
         self.rank = self.handle.rank if isinstance(self.handle.rank, int) else dist.get_rank(group)
         ptrs = list(self.handle.buffer_ptrs)
@@ -452,6 +476,7 @@ class AllReduceRMSNorm:
             symm_module=_symm_module() is not None,
             cc=torch.cuda.get_device_capability(self.device) if self.device.type == "cuda" else (0, 0),
             overlap_env=os.environ.get("TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES", "0") == "1",
+            sms=torch.cuda.get_device_properties(self.device).multi_processor_count if self.device.type == "cuda" else 0,
         )
         facts = [None] * self.world_size
         dist.all_gather_object(facts, my_facts, group=self.group)
@@ -482,6 +507,8 @@ class AllReduceRMSNorm:
                 "ranks share a GPU and TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES=1 is not set "
                 "(set it, and run under MPS so the ranks' kernels run concurrently)"
             )
+        elif (crowd := co_resident_ctas(facts, cfg.max_ctas)) is not None:
+            why_not = crowd
         if why_not is None:
             ok, err, mc = True, "", 0
             try:
@@ -584,10 +611,42 @@ class AllReduceRMSNorm:
             )
         need = 3 * _Workspace.region_bytes(num_tokens, hidden, dtype)
         slot = max(need, 2 * self._ws.slot_bytes)
+        self._agree_on_growth(num_tokens, hidden, dtype, slot)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # in-flight kernels still use the old buffer
         self._old_ws.append(self._ws)  # views handed out earlier stay valid
         self._ws = _Workspace(self.group, self.device, slot, self.config.symm_backend)
+
+    def _agree_on_growth(self, num_tokens: int, hidden: int, dtype: torch.dtype, slot_bytes: int) -> None:
+        """Before the collectives that grow the buffer: every rank must be growing, to the same size.
+        A call (not reserve()) grows implicitly when it does not fit, so ranks that disagree on the
+        token count can leave one rank growing alone: it would block in the allocation's collectives
+        until the process-group timeout (30 min on gloo) while its peers' kernels time out. One small
+        all_gather on the host, polled: a rank left alone raises after RINGATTN_SYNC_TIMEOUT_S, and
+        ranks growing to different sizes all raise the same ValueError."""
+        if self.world_size == 1:
+            return
+        from ringattn.comm import ControlGroupTimeout, control_group
+        from ringattn.sequence_parallel import _wait_or_raise, sync_timeout_s
+
+        what = f"{num_tokens} x {hidden} {str(dtype).replace('torch.', '')}"
+        try:
+            cgroup, cdev = control_group(self.group, self.device)
+            mine = torch.tensor([slot_bytes], dtype=torch.int64, device=cdev)
+            table = [torch.empty_like(mine) for _ in range(self.world_size)]
+            work = dist.all_gather(table, mine, group=cgroup, async_op=True)
+            ranks = dist.get_process_group_ranks(self.group) if self.group is not None else list(range(self.world_size))
+            _wait_or_raise(work, fn="fused_allreduce_rmsnorm", global_ranks=ranks, call=0, timeout_s=sync_timeout_s())
+        except (RuntimeError, ControlGroupTimeout) as e:
+            self._poisoned = (f"rank {self.rank} had to grow the symmetric buffer for a {what} call and not every "
+                              "rank of the group did: the ranks called with different token counts / hidden sizes "
+                              f"/ dtypes, or a rank skipped the call ({e})")
+            raise TokenWeaveError(self._poisoned) from e
+        sizes = [int(t) for t in table]
+        if len(set(sizes)) != 1:
+            raise ValueError(f"fused_allreduce_rmsnorm: the ranks grow the symmetric buffer to different sizes "
+                             f"({sizes} bytes per slot; this rank for a {what} call): they called with different "
+                             "token counts, hidden sizes or dtypes")
 
     def input_buffer(self, num_tokens: int, hidden: int, dtype: torch.dtype, slot: int = 0) -> torch.Tensor:
         """Where producers write their partial sums (T x H): the symmetric in-region when the call

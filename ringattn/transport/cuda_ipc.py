@@ -496,6 +496,11 @@ class _CudaBackend:
         self.probe_timeout_s = min(timeout_s, 30.0)
         with torch.cuda.device(device):
             self.sync = _select_sync(sync_kind, device, self.probe_timeout_s)
+            # Load the kernels a recv queues behind its flag wait (the header compare and
+            # _assert_async) now: with lazy module loading (CUDA's default) a first launch may need a
+            # context synchronisation, which would wait on a parked recv whose sender waits on us.
+            torch._assert_async(torch.zeros(1, dtype=torch.int64, device=device) == 0)
+            torch.cuda.synchronize(device)
         props = torch.cuda.get_device_properties(device)
         self.device_id = str(getattr(props, "uuid", "")) or f"{props.name}:{getattr(props, 'pci_bus_id', device.index)}"
 
