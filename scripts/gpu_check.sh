@@ -129,6 +129,20 @@ if [ "$DRY" != 1 ] && command -v nvidia-cuda-mps-control >/dev/null 2>&1; then
     # A client that cannot reach the MPS server gets no GPU at all: check one, else run without.
     if ! timeout 90 "$PY" -c "import torch; x = torch.ones(1, device='cuda'); torch.cuda.synchronize(); assert x.item() == 1" >>"$RES/mps.log" 2>&1; then
       stop_mps; mps_started=0; mps_note="off (a CUDA client failed under MPS, results/mps.log)"
+    else
+      # The tests run 4 clients at once, each with many streams: under MPS the clients share one
+      # pool of hardware connections and CUDA_DEVICE_MAX_CONNECTIONS can cost clients (NVIDIA's MPS
+      # docs). Start 4 such clients together; if one fails, fall back to 8 connections each.
+      probe="import torch; ss = [torch.cuda.Stream() for _ in range(16)]; x = torch.ones(1, device='cuda')
+for s in ss:
+    with torch.cuda.stream(s): y = x * 2
+torch.cuda.synchronize(); assert y.item() == 2"
+      pids=(); for i in 1 2 3 4; do timeout 90 "$PY" -c "$probe" >>"$RES/mps.log" 2>&1 & pids+=($!); done
+      ok=1; for p in "${pids[@]}"; do wait "$p" || ok=0; done
+      if [ "$ok" = 0 ]; then
+        export CUDA_DEVICE_MAX_CONNECTIONS=8
+        mps_note="on (4 clients with 32 connections each failed: CUDA_DEVICE_MAX_CONNECTIONS=8, results/mps.log)"
+      fi
     fi
   fi
   if [ "$mps_note" = "${mps_note#on}" ]; then unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY; fi
