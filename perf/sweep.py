@@ -19,6 +19,9 @@ What runs. Per world size W the sweep spawns W worker processes (spawn, file:// 
 run every configuration of that W in order; a configuration that raises, or reports nothing
 within --timeout seconds (a hang), becomes an error row, the world is killed and respawned for
 the rest -- never a stuck run. Algorithms (--algorithms):
+  ulysses                  ringattn.ulysses_attention (algorithm="ulysses": all-to-all to head
+                           shards, one attention over the sequence, all-to-all back; any layout and
+                           length; refused where the group cannot split the heads)
   ring, token_ring, auto   ringattn.ring_attention / token_ring_attention / sequence_parallel_
                            attention(algorithm="auto"), backend="auto" (cuDNN on H100/H200, the
                            math kernel on CPU); resolved_algorithm = what auto picked
@@ -177,9 +180,9 @@ KEY = ("device", "transport", "algorithm", "world", "seq_len", "batch", "heads_q
        "dtype", "causal", "layout", "window", "pass")
 SINGLE_KEY = ("device", "seq_len", "batch", "heads_q", "heads_kv", "head_dim", "dtype", "causal", "window", "pass")
 # Algorithms that take sliding_window= (the all-gather baseline and PyTorch's CP do not: skipped)
-WINDOW_ALGORITHMS = ("ring", "token_ring", "auto", "single")
+WINDOW_ALGORITHMS = ("ring", "token_ring", "auto", "ulysses", "single")
 PEER_ALGORITHMS = ("rfa", "usp", "ds_ulysses", "torch_ring")   # perf/peers.py
-SP_ALGORITHMS = ("ring", "token_ring", "auto", "ulysses_ring", "allgather", "torch_cp") + PEER_ALGORITHMS
+SP_ALGORITHMS = ("ring", "token_ring", "auto", "ulysses", "ulysses_ring", "allgather", "torch_cp") + PEER_ALGORITHMS
 OVERLAP_ALGORITHMS = ("ring", "token_ring")
 # Messages per peer in one batch of each channel (docs/sequence_parallel.md): the IPC inbox slots.
 IPC_SLOTS = {"allgather": 1, "fwd.kv": 2, "bwd.kv": 2, "bwd.dkv": 2, "fwd.q": 1, "fwd.partial": 2, "bwd.q": 4, "bwd.dq": 1}  # bwd.q: 5 with lse_grad (not swept)
@@ -456,7 +459,7 @@ def _call_fn(cfg, env, shape):
     alg = cfg["algorithm"]
     if alg == "ring":
         return lambda q, k, v: ringattn.ring_attention(q, k, v, causal=causal, layout=layout, sliding_window=w)
-    if alg in ("token_ring", "auto"):
+    if alg in ("token_ring", "auto", "ulysses"):
         return lambda q, k, v: ringattn.sequence_parallel_attention(q, k, v, causal=causal, layout=layout,
                                                                     algorithm=alg, sliding_window=w)
     if alg == "allgather":
@@ -881,6 +884,9 @@ def _refuse_unsupported(configs, on_row):
             why = peers.problem(c["algorithm"], c, c["world"])
         elif c["algorithm"] == "ulysses_ring":
             why = _ulysses_problem(c)
+        elif c["algorithm"] == "ulysses":
+            from ringattn.ulysses import heads_problem
+            why = heads_problem(c["heads_q"], c["heads_kv"], c["world"])
         if why:
             on_row(_error_row(c, "unsupported: " + why))
         else:

@@ -29,6 +29,7 @@ from ringattn.sequence_parallel import (  # noqa: E402
     ring_attention,
     sequence_parallel_attention,
     token_ring_attention,
+    ulysses_attention,
 )
 from ringattn.block_attention import select_backend  # noqa: E402
 from ringattn.decode import sharded_kv_attention  # noqa: E402
@@ -43,7 +44,7 @@ from ringattn.tokenweave import (  # noqa: E402
 
 __all__ += [
     "shard_sequence", "gather_sequence", "ring_attention", "token_ring_attention",
-    "sequence_parallel_attention", "comm_stats", "CommStats", "choose_algorithm", "AlgorithmChoice",
+    "sequence_parallel_attention", "ulysses_attention", "comm_stats", "CommStats", "choose_algorithm", "AlgorithmChoice",
     "predict_comm_bytes", "select_backend", "sharded_kv_attention", "tokenweave", "TokenWeaveDecoderLayer",
     "TokenWeaveDecoderStack", "fused_allreduce_rmsnorm", "fused_allreduce_rmsnorm_path",
 ]

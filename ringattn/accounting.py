@@ -75,7 +75,8 @@ def comm_stats():
     try:
         yield st
     finally:
-        _ACTIVE.remove(st)
+        # by identity: nested contexts holding equal counts compare equal (a dataclass)
+        del _ACTIVE[next(i for i, x in enumerate(_ACTIVE) if x is st)]
 
 
 def totals() -> CommStats:

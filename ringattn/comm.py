@@ -50,7 +50,7 @@ from ringattn import accounting
 # never match each other even on one group. NCCL ignores tags (it matches in posting order, which
 # every algorithm here keeps identical on both ends of each pair).
 CHANNEL_TAGS = {"fwd.kv": 11, "bwd.kv": 12, "bwd.dkv": 13, "fwd.q": 21, "fwd.partial": 22,
-                "bwd.q": 23, "bwd.dq": 24}
+                "bwd.q": 23, "bwd.dq": 24, "fwd.a2a": 31, "fwd.out": 32, "bwd.dout": 33, "bwd.dqkv": 34}
 
 
 class P2PComm:

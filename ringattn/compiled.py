@@ -191,7 +191,7 @@ def traced_attention(fn, q, k, v, *, algorithm, causal, softmax_scale, group, la
     window_ok = sliding_window is None or (isinstance(sliding_window, int) and not isinstance(sliding_window, bool)
                                            and 1 <= sliding_window < (1 << 62))
     four_d = all(isinstance(t, torch.Tensor) for t in (q, k, v)) and q.dim() == k.dim() == v.dim() == 4
-    if docs is False or not window_ok or not (
+    if docs is False or not window_ok or algorithm == "ulysses" or not (
             four_d and isinstance(algorithm, str) and isinstance(layout, str) and isinstance(backend, str)) or (
             sinks_problem(sinks, q.shape[2], q.device) is not None):
         return _eager(fn, q, k, v, algorithm=algorithm, causal=causal, softmax_scale=softmax_scale, group=group,

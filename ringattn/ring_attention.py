@@ -130,10 +130,11 @@ def ring_forward(plan: RingPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     return out_acc.to(q.dtype), lse_acc
 
 
-def ring_backward(plan: RingPlan, dout, q, k, v, out, lse, dlse=None):
+def ring_backward(plan: RingPlan, dout, q, k, v, out, lse, dlse=None, kv_grad_dtype=None):
     """Gradients of the local shards. dout, out: (B, n_r, Hq, D); lse: (B, Hq, n_r) fp32 (the
     final, merged forward results); dlse: lse's gradient (B, Hq, n_r) or None. Returns dq, dk, dv
-    in the input dtypes (fp32 accumulation).
+    in the input dtypes (fp32 accumulation); dk, dv in kv_grad_dtype when given (Ulysses sums the
+    partial dK/dV of a KV head that several ranks hold: fp32, rounded once after the sum).
 
     lse's gradient: each block gets a second, lse-only backward (block_lse_backward). Local compute
     only: the ring moves the same messages, so ranks with and without a dlse stay in lockstep."""
@@ -160,7 +161,7 @@ def ring_backward(plan: RingPlan, dout, q, k, v, out, lse, dlse=None):
         dk = torch.zeros(k.shape, dtype=_F32, device=k.device)
         dv = torch.zeros(v.shape, dtype=_F32, device=v.device)
         block_backward(plan.block(r, r), k, v, dk, dv)
-        return dq_acc.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+        return dq_acc.to(q.dtype), dk.to(kv_grad_dtype or k.dtype), dv.to(kv_grad_dtype or v.dtype)
 
     H = plan.kv_hops    # H[j][h-1]: (start, rows) of rank j's K/V that hop h carries
     R = plan.kv_ranges  # H[j][0]: the rows of j's dK/dV sums (every contributor's rows)
@@ -236,12 +237,12 @@ def ring_backward(plan: RingPlan, dout, q, k, v, out, lse, dlse=None):
     dkv_comm.wait()
     sums = (B, m_r, Hkv, D)  # our travelling rows' sums, home from rank r + S
     if not keep:
-        dk = flat_view(dk_bufs[(S + 1) % 2], sums).to(k.dtype, copy=True)
-        dv = flat_view(dv_bufs[(S + 1) % 2], sums).to(v.dtype, copy=True)
+        dk = flat_view(dk_bufs[(S + 1) % 2], sums).to(kv_grad_dtype or k.dtype, copy=True)
+        dv = flat_view(dv_bufs[(S + 1) % 2], sums).to(kv_grad_dtype or v.dtype, copy=True)
         return dq_acc.to(q.dtype), dk, dv
     _rows(dk_home, a_r, m_r).copy_(flat_view(dk_bufs[(S + 1) % 2], sums))
     _rows(dv_home, a_r, m_r).copy_(flat_view(dv_bufs[(S + 1) % 2], sums))
-    dk, dv = dk_home.to(k.dtype), dv_home.to(v.dtype)
+    dk, dv = dk_home.to(kv_grad_dtype or k.dtype), dv_home.to(kv_grad_dtype or v.dtype)
     return dq_acc.to(q.dtype), dk, dv
 
 

@@ -49,6 +49,7 @@ from ringattn.layout import (LAYOUTS, RingPlan, SequenceLayout, collective_devic
 from ringattn.ring_attention import RingAttention, ring_comm_bytes
 from ringattn.sinks import sink_lse, sinks_problem
 from ringattn.token_ring import TokenRingAttention, token_ring_comm_bytes
+from ringattn.ulysses import UlyssesAttention, heads_problem, ulysses_comm_bytes
 
 ALGORITHMS = ("ring", "token_ring")
 # GPUs in one NVLink/NVSwitch node: auto's default cost-model topology is "nvswitch" up to this
@@ -56,7 +57,7 @@ ALGORITHMS = ("ring", "token_ring")
 MESH_MAX_WORLD = 8
 
 _MAGIC = 0x52494E47_05  # "RING", signature version 5 (2: lse_grad, 3: cu_seqlens, 4: sliding_window, 5: sinks)
-_ALG_CODE = {"auto": 0, "ring": 1, "token_ring": 2}
+_ALG_CODE = {"auto": 0, "ring": 1, "token_ring": 2, "ulysses": 3}
 _LAYOUT_CODE = {"contiguous": 1, "zigzag": 2}
 _DEVICE_CODE = {"cpu": 1, "cuda": 2, "meta": 3, "xpu": 4, "mps": 5}
 
@@ -76,7 +77,7 @@ _PROBLEMS = (
     "the requested block-attention backend cannot run these inputs",
     "softmax_scale must be a finite number > 0",
     "unknown layout (choose 'contiguous' or 'zigzag')",
-    "unknown algorithm (choose 'auto', 'ring' or 'token_ring')",
+    "unknown algorithm (choose 'auto', 'ring', 'token_ring' or 'ulysses')",
     "batch, heads and head_dim must be > 0",
     "cu_seqlens must be the global document boundaries: 0, then strictly increasing ints (a list or a 1-D "
     "integer tensor; or one such row per batch row)",
@@ -383,6 +384,8 @@ def _prepare(fn: str, q, k, v, *, algorithm, causal, softmax_scale, group, layou
     message, lay = _check_table("ringattn sequence-parallel attention", sigs, layout, local.documents)
     if message:
         raise ValueError(message) from local.error
+    if algorithm == "ulysses" and (problem := heads_problem(q.shape[2], k.shape[2], world)):
+        raise ValueError(f"ringattn sequence-parallel attention: {problem}")  # (every rank: they agree on heads)
     scale = _bits_float(sigs[0][_IX["scale"]])
     docs = packed(local.documents)  # one document: plain attention
     plan = RingPlan(group, rank, world, lay, bool(causal), scale, backend, docs,
@@ -420,12 +423,18 @@ def predict_comm_bytes(algorithm: str, *, seq_len: int, world_size: int, layout:
         return [ring_comm_bytes(lay, r, batch=batch, heads_kv=heads_kv, head_dim=head_dim, elem_size=e,
                                 backward=backward, steps=plan.ring_steps, hops=hops, direction=plan.direction)
                 for r in range(world_size)]
+    if algorithm == "ulysses":
+        problem = heads_problem(heads_q, heads_kv, world_size)
+        if problem:
+            raise ValueError(problem)
+        return [ulysses_comm_bytes(lay, r, batch=batch, heads_q=heads_q, heads_kv=heads_kv, head_dim=head_dim,
+                                   elem_size=e, backward=backward, lse_grad=lse_grad) for r in range(world_size)]
     if algorithm == "token_ring":
         return [token_ring_comm_bytes(lay, r, causal=causal, batch=batch, heads_q=heads_q, head_dim=head_dim,
                                       elem_size=e, backward=backward, lse_grad=lse_grad, documents=docs,
                                       window=window)
                 for r in range(world_size)]
-    raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    raise ValueError(f"algorithm must be one of {ALGORITHMS + ('ulysses',)}, got {algorithm!r}")
 
 
 def _window_arg(sliding_window, causal, seq_len: int) -> int | None:
@@ -598,6 +607,8 @@ def _run(fn, q, k, v, *, algorithm, causal, softmax_scale, group, layout, backen
         # sinks (ringattn.sinks): the Functions rescale their rows and fold the sinks into the backward
         if algorithm == "ring":
             out, lse = RingAttention.apply(q, k, v, plan, lse_grad, sinks)
+        elif algorithm == "ulysses":
+            out, lse = UlyssesAttention.apply(q, k, v, plan, lse_grad, sinks)
         else:
             out, lse = TokenRingAttention.apply(q, k, v, plan, lse_grad, sinks)
     return finish(out, lse, sinks=sinks, lse_grad=lse_grad, return_lse=return_lse)
@@ -644,12 +655,28 @@ def token_ring_attention(q, k, v, *, causal=False, softmax_scale=None, group=Non
                 lse_grad=lse_grad, cu_seqlens=cu_seqlens, sliding_window=sliding_window, sinks=sinks)
 
 
+def ulysses_attention(q, k, v, *, causal=False, softmax_scale=None, group=None, layout="contiguous",
+                      backend="auto", return_lse=False, lse_grad=False, cu_seqlens=None, sliding_window=None,
+                      sinks=None):
+    """Ulysses (DeepSpeed-Ulysses' schedule, ringattn.ulysses): all-to-all from sequence shards to
+    head shards, one attention over the whole sequence per rank for heads_q/W heads, all-to-all
+    back. Same inputs, layouts, lengths, masks (cu_seqlens, sliding_window, sinks), lse and
+    gradients as ring_attention; the group size must divide heads_q, and heads_kv must divide or
+    be a multiple of it (a KV head is then sent to the W/heads_kv ranks whose query heads use it).
+    Its all-to-alls move (W-1)/W of q, k, v and out per call, which does not grow with W; they are
+    not overlapped with compute. Under torch.compile it runs eagerly (a graph break)."""
+    return _run("ringattn.ulysses_attention", q, k, v, algorithm="ulysses", causal=causal,
+                softmax_scale=softmax_scale, group=group, layout=layout, backend=backend, return_lse=return_lse,
+                lse_grad=lse_grad, cu_seqlens=cu_seqlens, sliding_window=sliding_window, sinks=sinks)
+
+
 def sequence_parallel_attention(q, k, v, *, causal=False, softmax_scale=None, group=None, layout="contiguous",
                                 backend="auto", return_lse=False, algorithm="auto", lse_grad=False,
                                 cu_seqlens=None, sliding_window=None, sinks=None):
-    """ring_attention or token_ring_attention; "auto" picks the one ringattn.cost_model predicts
-    faster, bytes deciding inside its 5% margin (choose_algorithm; packed sequences and sliding
-    windows: bytes)."""
+    """ring_attention, token_ring_attention or ulysses_attention (algorithm="ulysses"); "auto"
+    picks ring or token_ring, the one ringattn.cost_model predicts faster, bytes deciding inside its
+    5% margin (choose_algorithm; packed sequences and sliding windows: bytes). auto does not
+    consider Ulysses (not yet in the cost model)."""
     return _run("ringattn.sequence_parallel_attention", q, k, v, algorithm=algorithm, causal=causal,
                 softmax_scale=softmax_scale, group=group, layout=layout, backend=backend, return_lse=return_lse,
                 lse_grad=lse_grad, cu_seqlens=cu_seqlens, sliding_window=sliding_window, sinks=sinks)

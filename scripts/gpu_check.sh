@@ -188,7 +188,7 @@ run_step() {  # run_step NAME CAP_S LOGFILE CMD...
 # Order: what never ran on a GPU first (IPC transport, sequence parallel over IPC, TokenWeave),
 # then the op and block-attention tests that passed on the H100 on 2026-11-22, then the rest; a
 # budget cut then loses the least new information.
-first="tests/test_cuda_ipc.py tests/test_sequence_parallel.py tests/test_sliding_window.py tests/test_documents.py tests/test_sinks.py tests/test_fused_allreduce_rmsnorm.py tests/test_tokenweave_layer.py tests/test_ops.py tests/test_block_attention.py"
+first="tests/test_cuda_ipc.py tests/test_sequence_parallel.py tests/test_ulysses.py tests/test_sliding_window.py tests/test_documents.py tests/test_sinks.py tests/test_fused_allreduce_rmsnorm.py tests/test_tokenweave_layer.py tests/test_ops.py tests/test_block_attention.py"
 DEFAULT_TESTS="$first $(for f in tests/test_*.py; do case " $first " in *" $f "*) ;; *) printf '%s ' "$f";; esac; done)"
 if [ "${GPU_CHECK_SKIP_TESTS:-0}" != 1 ]; then
   # --timeout: pytest-timeout (in the image); each test's own deadlines sit below it.
@@ -230,7 +230,7 @@ if [ "${GPU_CHECK_SKIP_BENCH:-0}" != 1 ]; then
   if "$PY" -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('ring_flash_attn') and u.find_spec('yunchang') else 1)" 2>/dev/null; then
     [ -f perf/sweep.py ] && run_step "sweep peers" "${GPU_CHECK_PEERS_TIMEOUT:-90}" "$RES/bench_sweep_peers.txt" \
       "$PY" perf/sweep.py --transport ipc --worlds 4 --seqs 32768 --heads 32/32,32/8 --head-dim 128 --dtype bfloat16 \
-      --causal 1 --layout zigzag --algorithms rfa,usp --pass fwd,fwd_bwd --warmup 1 --iters 3 --overlap-iters 0 \
+      --causal 1 --layout zigzag --algorithms rfa,usp,ulysses --pass fwd,fwd_bwd --warmup 1 --iters 3 --overlap-iters 0 \
       --out "$RES" --no-progress
   else
     step_notes+=("sweep peers: SKIPPED (ring-flash-attn / yunchang not importable: carry .carry/peers)")

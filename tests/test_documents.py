@@ -245,7 +245,7 @@ def _run_doc_case(c, device):
     pos = positions(L, world, c["layout"], rank)
     loc = [t[:, pos].to(device).requires_grad_() for t in (q, k, v)]
     fn = {"ring": sp.ring_attention, "token_ring": sp.token_ring_attention,
-          "auto": sp.sequence_parallel_attention}[c["alg"]]
+          "auto": sp.sequence_parallel_attention, "ulysses": sp.ulysses_attention}[c["alg"]]
     if c["as_tensor"] and cu is not None:
         from ringattn.documents import as_documents, documents_tensor
         cu_arg = documents_tensor(as_documents(cu)[0])
