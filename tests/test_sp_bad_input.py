@@ -240,7 +240,7 @@ def test_rank_outside_the_group(dist_pool):
 def test_unknown_algorithm_single_process():
     q, k, v = _inputs(0)
     with pytest.raises(ValueError, match="unknown algorithm"):
-        sp.sequence_parallel_attention(q, k, v, algorithm="ulysses")
+        sp.sequence_parallel_attention(q, k, v, algorithm="striped")
 
 
 # --- ranks that pass different groups (or call in a different order) -----------------------------
