@@ -99,12 +99,13 @@ def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name: 
                                       sinks=sinks)
     alg = sp._resolve_algorithm(algorithm, plan, q, k, grad)
     with no_autocast(q.device):
+        f32 = torch.float32 if sinks is not None else None  # sinks: rescale the fp32 rows, round once
         if alg == "ring":
-            out, lse = ring_forward(plan, q, k, v)
+            out, lse = ring_forward(plan, q, k, v, f32)
         else:
-            out, lse = token_ring_forward(plan, q, k, v, reply_for(plan, q.device))
+            out, lse = token_ring_forward(plan, q, k, v, reply_for(plan, q.device), f32)
         if sinks is not None:
-            out = rescale(out, lse, sinks)
+            out = rescale(out, lse, sinks).to(q.dtype)
     meta = torch.tensor([_ALG[alg], sp._float_bits(plan.softmax_scale), plan.layout.seq_len,
                          -1 if plan.window is None else plan.window], dtype=torch.int64)
     return out.contiguous(), lse.contiguous(), meta

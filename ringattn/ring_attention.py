@@ -80,9 +80,10 @@ def _q_side(blk: Block, q, out=None, dout=None, lse=None):
                  for t in (q, out, dout, lse))
 
 
-def ring_forward(plan: RingPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+def ring_forward(plan: RingPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_dtype=None):
     """q: (B, n_r, Hq, D); k, v: (B, n_r, Hkv, D) contiguous, this rank's tokens.
-    Returns out (B, n_r, Hq, D) in q.dtype and lse (B, Hq, n_r) fp32."""
+    Returns out (B, n_r, Hq, D) in q.dtype (out_dtype when given: fp32 keeps the merged rows
+    unrounded for the sinks' rescale) and lse (B, Hq, n_r) fp32."""
     W, r, d = plan.world_size, plan.rank, plan.direction  # K/V go to r + d (plan.next)
     B, _, Hq, D = q.shape
     Hkv = k.shape[2]
@@ -127,7 +128,7 @@ def ring_forward(plan: RingPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         if s < S:
             comm.wait()
             k_cur, v_cur = k_next, v_next
-    return out_acc.to(q.dtype), lse_acc
+    return out_acc.to(out_dtype or q.dtype), lse_acc
 
 
 def ring_backward(plan: RingPlan, dout, q, k, v, out, lse, dlse=None, kv_grad_dtype=None):
@@ -254,9 +255,9 @@ class RingAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, plan: RingPlan, lse_grad: bool = False, sinks=None):
-        out, lse = ring_forward(plan, q, k, v)
-        if sinks is not None:
-            out = rescale(out, lse, sinks)
+        out, lse = ring_forward(plan, q, k, v, _F32 if sinks is not None else None)
+        if sinks is not None:  # on the fp32 merged rows: the output is rounded once
+            out = rescale(out, lse, sinks).to(q.dtype)
         ctx.plan = plan
         ctx.save_for_backward(q, k, v, out, lse, sinks)
         ctx.set_materialize_grads(False)  # dout/dlse None when unused

@@ -591,6 +591,10 @@ def _autocast(q, k, v):
 def _run(fn, q, k, v, *, algorithm, causal, softmax_scale, group, layout, backend, return_lse, lse_grad=False,
          cu_seqlens=None, sliding_window=None, sinks=None):
     q, k, v = _autocast(q, k, v)
+    if isinstance(sinks, torch.Tensor) and sinks.dtype in (torch.bfloat16, torch.float16):
+        # One fp32 copy for both uses (the Function's rescale and finish's lse'): their gradients
+        # then add in fp32 and are rounded to the sinks' dtype once, by this cast's backward.
+        sinks = sinks.float()
     if torch.compiler.is_compiling():  # under torch.compile: one opaque custom op (ringattn.compiled)
         from ringattn.compiled import traced_attention
         return traced_attention(fn, q, k, v, algorithm=algorithm, causal=causal, softmax_scale=softmax_scale,

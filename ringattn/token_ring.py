@@ -114,7 +114,7 @@ class _QExchange:
         return received, recv_blk
 
 
-def token_ring_forward(plan: RingPlan, q, k, v, reply):
+def token_ring_forward(plan: RingPlan, q, k, v, reply, out_dtype=None):
     """q: (B, n_r, Hq, D); k, v: (B, n_r, Hkv, D), this rank's tokens. Returns out (B, n_r, Hq, D)
     in q.dtype and lse (B, Hq, n_r) fp32."""
     W, r = plan.world_size, plan.rank
@@ -128,7 +128,7 @@ def token_ring_forward(plan: RingPlan, q, k, v, reply):
     out_acc = torch.empty(q.shape, dtype=_F32, device=q.device).copy_(out_p)  # (B, n_r, Hq, D)
     lse_acc = lse_p.to(_F32).contiguous()                                      # (B, Hq, n_r)
     if W == 1:
-        return out_acc.to(q.dtype), lse_acc
+        return out_acc.to(out_dtype or q.dtype), lse_acc
 
     numel = B * max(plan.layout.local_lengths) * Hq * D
     part_comm = P2PComm(reply, "fwd.partial", max(numel * q.element_size(), numel // D * 4))  # out, lse
@@ -168,7 +168,7 @@ def token_ring_forward(plan: RingPlan, q, k, v, reply):
     if pending is not None:
         own, o, l = pending
         merge_attn_states_(_rows(out_acc, own.q_start, own.q_len), _lse_rows(lse_acc, own.q_start, own.q_len), o, l)
-    return out_acc.to(q.dtype), lse_acc
+    return out_acc.to(out_dtype or q.dtype), lse_acc
 
 
 def _out_with_delta(dout: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -268,9 +268,9 @@ class TokenRingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan: RingPlan, lse_grad: bool = False, sinks=None):
         reply = reply_for(plan, q.device)
-        out, lse = token_ring_forward(plan, q, k, v, reply)
-        if sinks is not None:
-            out = rescale(out, lse, sinks)
+        out, lse = token_ring_forward(plan, q, k, v, reply, _F32 if sinks is not None else None)
+        if sinks is not None:  # on the fp32 merged rows: the output is rounded once
+            out = rescale(out, lse, sinks).to(q.dtype)
         ctx.plan, ctx.reply, ctx.lse_grad = plan, reply, lse_grad
         ctx.save_for_backward(q, k, v, out, lse, sinks)
         ctx.set_materialize_grads(False)  # dout/dlse None when unused

@@ -182,9 +182,10 @@ def ulysses_forward(plan: RingPlan, q, k, v, sinks=None):
     qb, kb = [(a, b) for a, b, _, _ in hb], [(c, d) for _, _, c, d in hb]
     order = _token_order(plan.layout, q.device)
     q_h, k_h, v_h = _to_heads(plan, "fwd.a2a", [q, k, v], [qb, kb, kb], order)
-    out_h, lse_h = ring_forward(_single(plan), q_h, k_h, v_h)   # (B, L, hq, D), (B, hq, L) fp32
-    if sinks is not None:
-        out_h = rescale(out_h, lse_h, sinks[qb[r][0]:qb[r][1]])
+    out_h, lse_h = ring_forward(_single(plan), q_h, k_h, v_h,   # (B, L, hq, D), (B, hq, L) fp32
+                                _F32 if sinks is not None else None)
+    if sinks is not None:  # on the fp32 rows: the output is rounded once
+        out_h = rescale(out_h, lse_h, sinks[qb[r][0]:qb[r][1]]).to(q.dtype)
     out, lse = _to_seq(plan, "fwd.out", [out_h, lse_h], [qb, qb], order, [q.dtype, _F32])
     return out, lse, _Saved(q_h, k_h, v_h, out_h, lse_h, Hkv)
 

@@ -264,3 +264,67 @@ def test_gpu_sinks_with_the_fused_kernels(alg, window):
         err = (t.grad.double().cpu() - r.grad).abs()
         scale = 1.0 if name != "sinks" else max(1.0, r.grad.abs().max().item())  # a sum over L rows
         assert (err <= (atol + rtol * r.grad.abs()) * scale).all(), (name, err.max().item())
+
+
+# --- 6. precision regressions (found by tests/test_fuzz_sequence_parallel.py's campaign) -----------
+def test_bf16_sinks_gradient_is_rounded_once():
+    """bf16 sinks with lse_grad: the sinks' gradient arrives along two paths (through out' and
+    through lse'); they must add in fp32 and round to bf16 once. Rounded separately and added in
+    bf16 (before the fix) the two large, nearly cancelling shares left 14 bf16 ulps of error here."""
+    import math
+    gen = torch.Generator().manual_seed(10_000 + 314496)
+    B, L, H, D = 2, 2, 1, 64
+    q = torch.randn(B, L, H, D, generator=gen) * 2.5                      # (B, L, Hq, D) fp32
+    k, v = (torch.randn(B, L, H, D, generator=gen) for _ in range(2))
+    dout, dlse = torch.randn(B, L, H, D, generator=gen), torch.randn(B, H, L, generator=gen)
+    sinks = torch.tensor([0.8246]).bfloat16()
+    s64 = sinks.double().requires_grad_()
+    sc = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) / math.sqrt(D)
+    sc = sc.masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf"))
+    sc = torch.cat([sc, s64.view(1, H, 1, 1).expand(B, H, L, 1)], -1)
+    o = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(sc, -1)[..., :L], v.double())
+    ((o * dout.double()).sum() + (torch.logsumexp(sc, -1) * dlse.double()).sum()).backward()
+    want = s64.grad.item()
+    ulp = 2.0 ** (math.floor(math.log2(abs(want))) - 7)
+    for fn in (sp.ring_attention, sp.token_ring_attention, sp.ulysses_attention):
+        s = sinks.clone().requires_grad_()
+        out, lse = fn(q, k, v, causal=True, sinks=s, return_lse=True, lse_grad=True)
+        ((out * dout).sum() + (lse * dlse).sum()).backward()
+        assert s.grad.dtype == torch.bfloat16
+        assert abs(s.grad.item() - want) <= ulp, (fn.__name__, s.grad.item(), want)
+
+
+def _rounded_once():
+    """bf16 inputs with sinks at W = 2: the returned out' must be the fp32 merged rows rescaled and
+    rounded ONCE -- bitwise the rescale of the algorithm's own fp32 result (before the fix the rows
+    were rounded to bf16, rescaled and rounded again)."""
+    from ringattn.ring_attention import ring_forward
+    from ringattn.sinks import rescale
+    from ringattn.token_ring import reply_for, token_ring_forward
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator().manual_seed(348746)
+    L = 8 * world
+    q = (torch.randn(1, L, 4, 8, generator=g) * 2.5).bfloat16()
+    k, v = (torch.randn(1, L, 1, 8, generator=g).bfloat16() for _ in range(2))
+    sinks = torch.tensor([2.2208, 2.8807, 2.8328, float("-inf")])
+    pos = positions(L, world, "contiguous", rank)
+    loc = [t[:, pos] for t in (q, k, v)]
+    bad = []
+    for name, fn in (("ring", sp.ring_attention), ("token_ring", sp.token_ring_attention)):
+        got = fn(*loc, causal=True, sinks=sinks, softmax_scale=1.0)
+        plan, *qkv, _ = sp._prepare("test", *loc, algorithm=name, causal=True, softmax_scale=1.0, group=None,
+                                    layout="contiguous", backend="auto")
+        if name == "ring":
+            out32, lse = ring_forward(plan, *qkv, torch.float32)
+        else:
+            out32, lse = token_ring_forward(plan, *qkv, reply_for(plan, q.device), torch.float32)
+        want = rescale(out32, lse, sinks).bfloat16()
+        if not torch.equal(got, want):
+            bad.append(f"{name}: {(got.float() - want.float()).ne(0).sum().item()} elements differ")
+    return bad
+
+
+def test_sinked_output_is_rounded_once(dist_pool):
+    results = dist_pool(2).run(_rounded_once, timeout=120)
+    assert all(not b for b in results), results
