@@ -70,6 +70,17 @@ def apply_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> tu
     return rescale(out, lse, sinks), sink_lse(lse, sinks)
 
 
+def attention_dout(dout, out: torch.Tensor, lse: torch.Tensor, sinks) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(dout for the attention backward, the sinks' gradient or None), in a Function's backward:
+    zeros when only lse was used (every rank still takes part in the backward's messages), folded
+    with the sinks when there are (sinks_backward). Call it with autocast off."""
+    if dout is None:
+        dout = torch.zeros_like(out)
+    if sinks is None:
+        return dout, None
+    return sinks_backward(dout, out, lse, sinks)
+
+
 def sinks_backward(dout: torch.Tensor, out_sinked: torch.Tensor, lse: torch.Tensor,
                    sinks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(dout_a, ds) from out''s gradient dout (B, S, Hq, D), the sinked output out' and the

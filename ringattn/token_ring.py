@@ -45,7 +45,7 @@ from ringattn.documents import block_backward, block_forward, block_lse_backward
 from ringattn.layout import (Block, RingPlan, SequenceLayout, _mask_plan, collective_device, flat_view,
                              no_autocast)
 from ringattn.ops import merge_attn_states_
-from ringattn.sinks import rescale, sinks_backward
+from ringattn.sinks import attention_dout, rescale
 
 _F32 = torch.float32
 
@@ -282,12 +282,8 @@ class TokenRingAttention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, sinks = ctx.saved_tensors
-        if dout is None:  # only lse was used: the ring still runs (every rank takes part)
-            dout = torch.zeros_like(out)
-        dsinks = None
         with no_autocast(q.device):  # fp32 accumulation, even if backward runs under autocast
-            if sinks is not None:
-                dout, dsinks = sinks_backward(dout, out, lse, sinks)
+            dout, dsinks = attention_dout(dout, out, lse, sinks)
             dq, dk, dv = token_ring_backward(ctx.plan, dout, q, k, v, out, lse, ctx.reply, dlse, ctx.lse_grad)
         return dq, dk, dv, None, None, dsinks
 

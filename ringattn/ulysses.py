@@ -225,15 +225,11 @@ class UlyssesAttention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dlse):
         from ringattn.layout import no_autocast
-        from ringattn.sinks import sinks_backward
+        from ringattn.sinks import attention_dout
 
         out, lse, sinks = ctx.saved_tensors
-        if dout is None:  # only lse was used: the all-to-alls still run (every rank takes part)
-            dout = torch.zeros_like(out)
-        dsinks = None
         with no_autocast(out.device):
-            if sinks is not None:
-                dout, dsinks = sinks_backward(dout, out, lse, sinks)
+            dout, dsinks = attention_dout(dout, out, lse, sinks)
             dq, dk, dv = ulysses_backward(ctx.plan, ctx.saved, dout, dlse)
         ctx.saved = None
         return dq, dk, dv, None, None, dsinks
