@@ -1,4 +1,4 @@
-"""Cost model CLI (ringattn/cost_model.py): calibrate, measure, predict, validate, answer.
+"""Cost model CLI (ringattn/cost_model.py): calibrate, measure, predict, validate, answer, auto.
 
     # compute side from the measured H100 CSVs (writes the profile JSON, prints fit vs measured)
     python perf/model.py calibrate --block-csv perf/results/2026-11-22_h100_bench_block_attention.csv \
@@ -15,6 +15,8 @@
         --topology shared_gpu
     python perf/model.py predict --algorithm token_ring --seq-len 131072 --world 8 --causal --layout zigzag
     python perf/model.py answer --out-csv perf/results/2026-12-03_cost_model_answer.csv --out-md /tmp/answer.md
+    # what algorithm="auto" picks (ring / token_ring / ulysses) over the same grid, and without the fit's intercepts
+    python perf/model.py auto --out-csv perf/results/2026-12-07_cost_model_auto.csv --out-md /tmp/auto.md
 
 Profile JSON: {"compute": ComputeProfile.to_json(), "topology": Topology.to_json() or null,
 "meta": {...}, "fit": [rows measured vs fitted]}. Every number in it is a fit to measured rows
@@ -374,11 +376,13 @@ def _sweep_module():
     return sweep
 
 
-def measure_sweep_argv(out_csv, mask, *, worlds, seqs, heads, head_dim, passes, reps, timeout, threads=1):
+def measure_sweep_argv(out_csv, mask, *, worlds, seqs, heads, head_dim, passes, reps, timeout, threads=1,
+                       algorithms=("ring", "token_ring")):
     """perf/sweep.py arguments for one round of the validation grid and one mask: "zigzag" = causal
     zigzag, "contiguous" = non-causal contiguous, "causal" = causal contiguous, "windowN" = causal
-    contiguous with a sliding window of N; ring and token_ring only, fp32 gloo, no single
-    baseline and no overlap runs (the model validates total time)."""
+    contiguous with a sliding window of N; `algorithms` (default ring and token_ring; any of
+    cost_model.MODELED), fp32 gloo, no single baseline and no overlap runs (the model validates
+    total time)."""
     extra = []
     if mask == "zigzag":
         causal, layout = "1", "zigzag"
@@ -390,7 +394,7 @@ def measure_sweep_argv(out_csv, mask, *, worlds, seqs, heads, head_dim, passes, 
             extra = ["--windows", str(int(mask[len("window"):]))]
     else:
         raise ValueError(f"mask must be zigzag, contiguous, causal or windowN, got {mask!r}")
-    return extra + ["--out", out_csv, "--fresh", "--transport", "gloo", "--algorithms", "ring,token_ring", "--no-single",
+    return extra + ["--out", out_csv, "--fresh", "--transport", "gloo", "--algorithms", ",".join(algorithms), "--no-single",
             "--overlap-iters", "0", "--worlds", ",".join(str(w) for w in worlds),
             "--seqs", ",".join(str(L) for L in seqs), "--heads", ",".join(heads), "--head-dim", str(head_dim),
             "--batch", "1", "--dtype", "float32", "--causal", causal, "--layout", layout, "--pass", ",".join(passes),
@@ -480,7 +484,7 @@ def validate(rows, profile, profile_topo, preset, cores, threads, stat="min"):
     out = []
     for row in rows:
         alg = row.get("resolved_algorithm") or row.get("algorithm")
-        if row.get("error") or not row.get(f"ms_{stat}") or alg not in cm.ALGORITHMS:
+        if row.get("error") or not row.get(f"ms_{stat}") or alg not in cm.MODELED:
             continue
         window = int(row["window"]) if str(row.get("window") or "").strip() not in ("", "0") else None
         topo = topology_for_row(row, profile_topo, preset, cores, threads)
@@ -503,47 +507,46 @@ def validate(rows, profile, profile_topo, preset, cores, threads, stat="min"):
     return out
 
 
-def winner_agreement(vrows):
-    """Per config measured with both algorithms: does the predicted faster one match the measured one?"""
+def _by_config(vrows, fields):
     pairs = {}
     for r in vrows:
-        key = tuple(str(r.get(k, "")) for k in ("world", "seq_len", "heads_q", "heads_kv", "head_dim", "dtype",
-                                                "causal", "layout", "window", "pass"))
-        pairs.setdefault(key, {})[r["algorithm"]] = r
+        pairs.setdefault(tuple(str(r.get(k, "")) for k in fields), {})[r["algorithm"]] = r
+    return pairs
+
+
+def winner_agreement(vrows):
+    """Per config measured with two or more algorithms: the measured and the predicted fastest."""
     res = []
-    for key, d in pairs.items():
-        if len(d) == 2:
-            m = d["ring"]["measured_ms"] / d["token_ring"]["measured_ms"]
-            p = d["ring"]["predicted_ms"] / d["token_ring"]["predicted_ms"]
-            res.append(dict(key=key, measured_speedup=m, predicted_speedup=p))
+    for key, d in _by_config(vrows, ("world", "seq_len", "heads_q", "heads_kv", "head_dim", "dtype", "causal",
+                                     "layout", "window", "pass")).items():
+        if len(d) >= 2:
+            res.append(dict(key=key, measured=min(d, key=lambda a: d[a]["measured_ms"]),
+                            predicted=min(d, key=lambda a: d[a]["predicted_ms"])))
     return res
 
 
 def validation_markdown(vrows):
-    """One line per config: measured and predicted ms of both algorithms, the relative errors, and
-    the measured vs predicted TokenRing speedup (ring ms / token_ring ms)."""
-    pairs = {}
-    for r in vrows:
-        key = tuple(str(r.get(k, "")) for k in ("world", "seq_len", "heads_q", "heads_kv", "causal", "layout", "window",
-                                                "pass"))
-        pairs.setdefault(key, {})[r["algorithm"]] = r
-    lines = ["| W | L | Hq/Hkv | mask | pass | ring meas / pred ms (err) | token_ring meas / pred ms (err) "
-             "| TR speedup meas / pred |", "|---|---|---|---|---|---|---|---|"]
-    for key, d in pairs.items():
+    """One line per config: measured and predicted ms of each algorithm measured, the relative
+    errors, and the fastest measured / predicted."""
+    algs = [a for a in cm.MODELED if any(r["algorithm"] == a for r in vrows)]
+    lines = ["| W | L | Hq/Hkv | mask | pass | " + " | ".join(f"{a} meas / pred ms (err)" for a in algs)
+             + " | fastest meas / pred |", "|---|---|---|---|---|" + "---|" * (len(algs) + 1)]
+    for key, d in _by_config(vrows, ("world", "seq_len", "heads_q", "heads_kv", "causal", "layout", "window",
+                                     "pass")).items():
         W, L, hq, hkv, causal, layout, window, pss = key
         cells = []
-        for alg in cm.ALGORITHMS:
+        for alg in algs:
             r = d.get(alg)
             cells.append("-" if r is None else
                          f"{float(r['measured_ms']):.1f} / {float(r['predicted_ms']):.1f} ({100 * float(r['rel_err']):+.0f}%)")
-        sp = "-"
-        if len(d) == 2:
-            sp = (f"{float(d['ring']['measured_ms']) / float(d['token_ring']['measured_ms']):.2f} / "
-                  f"{float(d['ring']['predicted_ms']) / float(d['token_ring']['predicted_ms']):.2f}")
+        best = "-"
+        if len(d) >= 2:
+            best = (min(d, key=lambda a: float(d[a]["measured_ms"])) + " / "
+                    + min(d, key=lambda a: float(d[a]["predicted_ms"])))
         mask = f"causal {layout}" if _bool(causal) else f"non-causal {layout}"
         if window:
             mask += f", window {window}"
-        lines.append(f"| {W} | {L} | {hq}/{hkv} | {mask} | {pss} | {cells[0]} | {cells[1]} | {sp} |")
+        lines.append(f"| {W} | {L} | {hq}/{hkv} | {mask} | {pss} | " + " | ".join(cells) + f" | {best} |")
     return "\n".join(lines)
 
 
@@ -693,7 +696,8 @@ def cmd_measure(a):
         wait_idle(a.wait_idle, a.max_wait)
     rows = measure(a.out, rounds=a.rounds, masks=a.masks or MEASURE_MASKS, worlds=a.worlds or MEASURE_WORLDS,
                    seqs=a.seqs or MEASURE_SEQS, heads=a.heads or MEASURE_HEADS, head_dim=a.head_dim,
-                   passes=a.passes or MEASURE_PASSES, reps=a.reps, timeout=a.timeout, threads=a.threads)
+                   passes=a.passes or MEASURE_PASSES, reps=a.reps, timeout=a.timeout, threads=a.threads,
+                   algorithms=tuple(a.algorithms))
     for r in rows:
         print(f"{r['algorithm']:>10} W={r['world']} L={r['seq_len']} {r['heads_q']}/{r['heads_kv']} "
               f"{r['layout']:>10} causal={r['causal']!s:5} {r['pass']:>7} ms_min {float(r['ms_min'] or 'nan'):9.2f}"
@@ -712,7 +716,7 @@ def cmd_validate(a):
     rows = list(csv.DictReader(open(a.sweep)))
     v = validate(rows, prof, ptopo, a.topology, cores, a.threads, stat=a.stat)
     if not v:
-        raise SystemExit(f"no usable rows (ring/token_ring, no error) in {a.sweep}")
+        raise SystemExit(f"no usable rows (an algorithm the model simulates, no error) in {a.sweep}")
     print(f"predicted vs measured ({a.sweep}; profile {a.profile}; topology "
           f"{a.topology or (ptopo.source if ptopo else '?')})")
     print(f"{'alg':>10} {'W':>2} {'L':>6} {'Hq/Hkv':>6} {'mask':>14} {'pass':>7} {'meas ms':>9} {'pred ms':>9} "
@@ -725,8 +729,8 @@ def cmd_validate(a):
     print(f"rows {len(v)}: median |err| {100 * statistics.median(errs):.1f}%, max {100 * max(errs):.1f}%")
     agree = winner_agreement(v)
     if agree:
-        ok = sum((x["measured_speedup"] > 1) == (x["predicted_speedup"] > 1) for x in agree)
-        print(f"faster algorithm predicted correctly in {ok}/{len(agree)} configs measured with both")
+        ok = sum(x["measured"] == x["predicted"] for x in agree)
+        print(f"fastest algorithm predicted correctly in {ok}/{len(agree)} configs measured with two or more")
     if a.out:
         _write_csv(a.out, v)
         print(f"wrote {a.out}")
@@ -786,6 +790,94 @@ def cmd_answer(a):
         print(f"{name}: {verdict_changes(rows, other)} of {len(rows)} cells change verdict")
 
 
+# --------------------------------------------------------------------------------------------
+# auto: what algorithm="auto" picks over the answer grid, Ulysses included
+
+
+AUTO_LETTER = {"ring": "R", "token_ring": "T", "ulysses": "U"}
+
+
+def auto_grid(profile, topologies=ANSWER_TOPOLOGIES, worlds=ANSWER_W, lengths=ANSWER_L, *, rate_only=False):
+    """One row per (topology, heads, mask, pass, W, L): the three predicted ms and the algorithm
+    sequence_parallel.auto_rule picks from them (bottleneck bytes from the same predictions)."""
+    from ringattn.sequence_parallel import auto_rule
+
+    if rate_only:
+        profile = dataclasses.replace(profile, name=profile.name + "_rate_only",
+                                      attention={k: cm.Curve(0.0, c.rate) for k, c in profile.attention.items()})
+    rows = []
+    for tname in topologies:
+        for hq, hkv in ((32, 32), (32, 8)):
+            for causal, layout in ((True, "zigzag"), (False, "contiguous")):
+                for backward in (False, True):
+                    for W in worlds:
+                        for L in lengths:
+                            c = cm.compare(seq_len=L, world_size=W, layout=layout, causal=causal, batch=1,
+                                           heads_q=hq, heads_kv=hkv, head_dim=128, dtype=2, backward=backward,
+                                           topology=tname, profile=profile)
+                            secs = {a: p.total_s for a, p in c.items()}
+                            nbytes = {a: max((max(sum(x for x, _ in ch.values()), sum(y for _, y in ch.values()))
+                                              for ch in p.bytes), default=0) for a, p in c.items()}
+                            pick, _ = auto_rule(secs, nbytes)
+                            rows.append(dict(topology=tname, heads_q=hq, heads_kv=hkv,
+                                             mask="causal zigzag" if causal else "non-causal",
+                                             **{"pass": "fwd_bwd" if backward else "fwd"}, world=W, seq_len=L,
+                                             **{f"{a}_ms": round(t * 1e3, 4) for a, t in secs.items()},
+                                             ulysses_exposed_ms=round(c["ulysses"].exposed_comm_s * 1e3, 4)
+                                             if "ulysses" in c else "",
+                                             auto=pick))
+    return rows
+
+
+def auto_markdown(rows, alt=None):
+    """Per (topology, heads, mask, pass, W): auto's pick at each L (R ring, T token_ring, U ulysses)
+    and, bold, Ulysses' predicted speedup over the faster ring; alt (the rate-only grid) in
+    parentheses where its pick differs."""
+    key7 = ("topology", "heads_q", "heads_kv", "mask", "pass", "world", "seq_len")
+    alt_map = {tuple(r[k] for k in key7): r for r in (alt or [])}
+    idx = {tuple(r[k] for k in key7): r for r in rows}
+    lengths = sorted({r["seq_len"] for r in rows})
+    lines = ["| topology | Hq/Hkv | mask | pass | W | " + " | ".join(_fmt_L(L) for L in lengths) + " |",
+             "|---|---|---|---|---|" + "---|" * len(lengths)]
+    for key in dict.fromkeys(tuple(r[k] for k in key7[:6]) for r in rows):
+        cells = []
+        for L in lengths:
+            r = idx[key + (L,)]
+            cell = AUTO_LETTER[r["auto"]]
+            if r["auto"] == "ulysses":
+                cell += f" {min(r['ring_ms'], r['token_ring_ms']) / r['ulysses_ms']:.2f}"
+            a = alt_map.get(key + (L,))
+            if a is not None and a["auto"] != r["auto"]:
+                cell += f" ({AUTO_LETTER[a['auto']]})"
+            cells.append(cell)
+        t, hq, hkv, mask, pss, W = key
+        lines.append(f"| {t} | {hq}/{hkv} | {mask} | {pss} | {W} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def cmd_auto(a):
+    prof = load_profile(a.profile)[0] if a.profile else cm.H100_BF16
+    rows = auto_grid(prof)
+    alt = auto_grid(prof, rate_only=True)
+    for r, x in zip(rows, alt):
+        r["auto_rate_only"] = x["auto"]
+    if a.out_csv:
+        _write_csv(a.out_csv, rows)
+        print(f"wrote {a.out_csv}")
+    md = auto_markdown(rows, alt)
+    if a.out_md:
+        with open(a.out_md, "w") as f:
+            f.write(md + "\n")
+        print(f"wrote {a.out_md}")
+    else:
+        print(md)
+    for name, grid in (("fitted profile", rows), ("rate-only", alt)):
+        n = {alg: sum(r["auto"] == alg for r in grid) for alg in AUTO_LETTER}
+        print(f"{name}: cells {len(grid)}; auto picks " + ", ".join(f"{k} {v}" for k, v in n.items()))
+    print(f"cells whose pick changes without the fitted per-call overhead: "
+          f"{sum(r['auto'] != x['auto'] for r, x in zip(rows, alt))}")
+
+
 def _verdict(speedup: float) -> str:
     return "token_ring" if speedup > 1.05 else "ring" if speedup < 1 / 1.05 else "within 5%"
 
@@ -824,6 +916,7 @@ def main(argv=None):
     m.add_argument("--masks", nargs="+", help="zigzag = causal zigzag, contiguous = non-causal contiguous, "
                    "causal = causal contiguous, windowN = causal contiguous, sliding window N (e.g. window512)")
     m.add_argument("--passes", nargs="+", choices=("fwd", "fwd_bwd"))
+    m.add_argument("--algorithms", nargs="+", choices=cm.MODELED, default=["ring", "token_ring"])
     m.add_argument("--wait-idle", type=float, default=0.0, help="wait until the CPU is this idle (0..1)")
     m.add_argument("--max-wait", type=float, default=600)
     v = sub.add_parser("validate")
@@ -838,7 +931,7 @@ def main(argv=None):
     v.add_argument("--out", default=None)
     v.add_argument("--out-md", default=None, help="a markdown table, one line per config")
     q = sub.add_parser("predict")
-    q.add_argument("--algorithm", choices=cm.ALGORITHMS, required=True)
+    q.add_argument("--algorithm", choices=cm.MODELED, required=True)
     q.add_argument("--seq-len", type=int, required=True)
     q.add_argument("--world", type=int, required=True)
     q.add_argument("--layout", default="zigzag")
@@ -851,6 +944,11 @@ def main(argv=None):
     q.add_argument("--fwd-only", action="store_true")
     q.add_argument("--topology", default="nvswitch", choices=sorted(cm.PRESETS))
     q.add_argument("--profile", default=None)
+    u = sub.add_parser("auto", help="what algorithm='auto' picks over the answer grid (Ulysses included), with "
+                       "the rate-only profile's pick where it differs")
+    u.add_argument("--profile", default=None, help="default: cost_model.H100_BF16")
+    u.add_argument("--out-csv", default=None)
+    u.add_argument("--out-md", default=None)
     w = sub.add_parser("answer")
     w.add_argument("--profile", default=None, help="default: cost_model.H100_BF16")
     w.add_argument("--latency-scale", type=float, default=1.0)
@@ -866,7 +964,7 @@ def main(argv=None):
     w.add_argument("--out-md", default=None)
     a = p.parse_args(argv)
     {"calibrate": cmd_calibrate, "measure": cmd_measure, "validate": cmd_validate, "predict": cmd_predict,
-     "answer": cmd_answer}[a.cmd](a)
+     "answer": cmd_answer, "auto": cmd_auto}[a.cmd](a)
 
 
 if __name__ == "__main__":

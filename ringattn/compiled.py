@@ -25,8 +25,9 @@ included:
         it TokenRing carries lse's gradient with Q, so every rank must use the same wire format).
 
 Both run the same code as the eager path at run time: the signature exchange (every rank
-raises the same error on bad input), algorithm="auto", the byte accounting (comm_stats), the
-transports. Fake implementations give the shapes to the compiler. The group travels by name
+raises the same error on bad input), algorithm="auto" (choosing between the two rings only:
+auto's third candidate, Ulysses, has no traced op and would break the graph), the byte
+accounting (comm_stats), the transports. Fake implementations give the shapes to the compiler. The group travels by name
 ("" = the default group, or a world of one without torch.distributed); `grad` (whether a
 backward will follow, part of the signature every rank agrees on) is decided at trace time from
 requires_grad, because autograd is off inside a custom op. lse is returned detached, as in
@@ -97,7 +98,7 @@ def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name: 
                                       backend=backend, grad=grad, lse_grad=lse_grad, cu_seqlens=cu_seqlens,
                                       sliding_window=None if sliding_window == -1 else sliding_window,
                                       sinks=sinks)
-    alg = sp._resolve_algorithm(algorithm, plan, q, k, grad)
+    alg = sp._resolve_algorithm(algorithm, plan, q, k, grad, sp.ALGORITHMS)  # the rings: Ulysses would break the graph
     with no_autocast(q.device):
         f32 = torch.float32 if sinks is not None else None  # sinks: rescale the fp32 rows, round once
         if alg == "ring":

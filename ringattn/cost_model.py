@@ -1,12 +1,14 @@
-"""Cost model of ring attention (KV rotation) and TokenRing (Q rotation): predicted per-step and
-total time for W ranks, from measured block-attention speed and link bandwidth/latency.
+"""Cost model of ring attention (KV rotation), TokenRing (Q rotation) and Ulysses (all-to-all to
+head shards): predicted per-step and total time for W ranks, from measured block-attention speed
+and link bandwidth/latency.
 
     from ringattn import cost_model as cm
     p = cm.predict("token_ring", seq_len=131072, world_size=8, layout="zigzag", causal=True,
                    batch=1, heads_q=32, heads_kv=8, head_dim=128, dtype=torch.bfloat16,
                    backward=True, topology="nvswitch")          # profile: H100 cuDNN by default
     p.total_s, p.exposed_comm_s, p.steps, p.bytes                # bytes == predict_comm_bytes
-    cm.compare(...) -> {"ring": Prediction, "token_ring": Prediction}
+    cm.compare(...) -> {"ring": Prediction, "token_ring": Prediction, "ulysses": Prediction}
+                                                                 # (ulysses where W splits the heads)
 
 What is simulated (docs/cost_model.md has the equations): every rank's program exactly as
 ring_attention.py / token_ring.py run it -- per step the block attention of the rows that
@@ -16,14 +18,16 @@ and waits of each channel in the code's order. A discrete-event pass runs the W 
 together: compute advances a rank's stream; a message starts when both ends have posted it and
 ends latency + transfer later; a wait advances the stream to the end of the batch it waits on.
 So a step costs max(compute, comm) plus whatever the code does not overlap (TokenRing's last
-partial, ring's last dK/dV hop, merges between waits, load imbalance).
+partial, ring's last dK/dV hop, merges between waits, load imbalance). Ulysses (ulysses.py) is
+three steps per pass: the all-to-all to head shards with the copies around it, the world-1 ring
+program over the whole sequence for Hq/W heads, the all-to-all back -- nothing overlapped.
 
 Transfers: a topology maps each (src, dst) pair to the resources it crosses (a GPU's NVSwitch
 port per direction, a PCIe link, a shared host bridge, ring/mesh links, a NIC) and a latency.
 Messages are grouped into the compute step during which the code has them in flight (a
 "phase"); all messages of one phase share each resource and finish together: a message's
 transfer time is max over its resources of (phase bytes on it / its bandwidth). That is exact
-for the symmetric steps of both algorithms and pessimistic for a small message sharing a link
+for the symmetric steps of the rings and an all-to-all's even split, and pessimistic for a small message sharing a link
 with a large one.
 
 Compute: ComputeProfile, t = overhead + work / rate per (backend, op, causal) -- a TFLOP/s that
@@ -31,7 +35,10 @@ saturates with block size -- fitted to measured rows (perf/model.py calibrate); 
 passes (merge, add, zero, cast) t = overhead + bytes / bandwidth, fitted to the measured
 merge_attn_states_ rows. The default profile H100_BF16 is the fit to the H100 CSVs in
 perf/results (2026-11-22); its block shapes were square S in {4096, 16384} only, so other block
-shapes (rectangular zigzag blocks, small blocks at large W) are EXTRAPOLATED by FLOP count.
+shapes (rectangular zigzag blocks, small blocks at large W) are EXTRAPOLATED by FLOP count. Its
+per-call intercepts (e.g. ~0.3 ms per cuDNN backward) come from that two-size fit, so many small
+blocks (a ring at short L / large W) are likely over-charged next to Ulysses' one big attention:
+the model favours Ulysses there by more than a GPU may.
 Link numbers in the presets are ASSUMED spec-sheet values (named where each is defined), not
 measurements. Pure Python: no tensor is created.
 """
@@ -44,7 +51,8 @@ from typing import Callable
 
 from ringattn.layout import RingPlan, SequenceLayout
 
-ALGORITHMS = ("ring", "token_ring")
+ALGORITHMS = ("ring", "token_ring")   # the two ring schedules (compare, perf/model.py's validation grid)
+MODELED = ALGORITHMS + ("ulysses",)    # what predict simulates: also Ulysses' all-to-alls (ulysses.py)
 
 # --------------------------------------------------------------------------------------------
 # Compute profile
@@ -498,7 +506,8 @@ def _merge_bytes(sh: _Shape, rows: int, B: int | None = None) -> int:
     return (sh.B if B is None else B) * rows * sh.Hq * (sh.D * (8 + sh.e) + 12)
 
 
-def _ring_fwd(b: _Builder):
+def _ring_fwd(b: _Builder, at: int = 0):
+    """KV rotation's forward; its steps are numbered from `at` (Ulysses runs it at world 1 as its step 1)."""
     sh, r = b.sh, b.r
     lay, W = sh.lay, sh.lay.world_size
     n = lay.local_lengths
@@ -506,7 +515,7 @@ def _ring_fwd(b: _Builder):
     d = sh.plan.direction   # K/V go to r + d
     kv_tok = sh.B * sh.Hkv * sh.D * sh.e  # bytes of k (or v) per token
     for s in range(S + 1):
-        st = ("fwd", s)
+        st = ("fwd", at + s)
         j = (r - d * s) % W
         if s < S:
             _post_kv(b, st, s, "fwd.kv", j, kv_tok)
@@ -519,7 +528,7 @@ def _ring_fwd(b: _Builder):
                 b.mem(st, _merge_bytes(sh, blk.q_len), "merge")
         if s < S:
             b.wait(st, "fwd.kv")
-    b.mem(("fwd", S), sh.B * n[r] * sh.Hq * sh.D * (4 + sh.e), "cast out")
+    b.mem(("fwd", at + S), sh.B * n[r] * sh.Hq * sh.D * (4 + sh.e), "cast out")
 
 
 def _post_kv(b: _Builder, st, s: int, channel: str, j: int, kv_tok: int):
@@ -543,7 +552,8 @@ def _bwd_accumulate(b: _Builder, st, q_rows, kv_rows, B=None):
         b.mem(st, B * sh.D * (8 + sh.e) * (q_rows * sh.Hq + 2 * kv_rows * sh.Hkv), "accumulate dq/dk/dv")
 
 
-def _ring_bwd(b: _Builder):
+def _ring_bwd(b: _Builder, at: int = 0):
+    """KV rotation's backward; steps numbered from `at`, as in _ring_fwd."""
     sh, r = b.sh, b.r
     lay, W = sh.lay, sh.lay.world_size
     n = lay.local_lengths
@@ -553,9 +563,9 @@ def _ring_bwd(b: _Builder):
     d = sh.plan.direction  # K/V and the dK/dV sums go to r + d
     nxt, prv = (r + d) % W, (r - d) % W
     S = sh.plan.ring_steps
-    b.mem(("bwd", 0), q_el * 4, "zero dq")
+    b.mem(("bwd", at), q_el * 4, "zero dq")
     if S == 0:  # a world of one, or no rank needs another's K/V: local only
-        st = ("bwd", 0)
+        st = ("bwd", at)
         b.mem(st, 2 * 4 * n[r] * sh.B * sh.Hkv * sh.D, "zero dk/dv")
         b.block("bwd", st, sh.block(r, r))
         b.mem(st, (q_el + 2 * sh.B * n[r] * sh.Hkv * sh.D) * (4 + sh.e), "cast dq/dk/dv")
@@ -564,7 +574,7 @@ def _ring_bwd(b: _Builder):
     keep = m[r] != n[r]  # our other rows' dK/dV stay home (ring_attention.ring_backward)
     kv_el = sh.B * sh.Hkv * sh.D
     for s in range(S + 1):
-        st = ("bwd", s)
+        st = ("bwd", at + s)
         j = (r - d * s) % W
         if s < S:
             _post_kv(b, st, s, "bwd.kv", j, kv_tok)
@@ -589,7 +599,7 @@ def _ring_bwd(b: _Builder):
                [(frm, [dkv_tok * m_in] * 2)] if m_in else [])
         if s < S:
             b.wait(st, "bwd.kv")
-    st = ("bwd", S)
+    st = ("bwd", at + S)
     b.wait(st, "bwd.dkv")
     if keep:
         b.mem(st, 2 * 8 * m[r] * kv_el, "sums home into dk/dv")
@@ -679,10 +689,86 @@ def _token_ring_pass(b: _Builder, op: str):
     b.mem(st, cast, "cast")
 
 
+def _heads_shape(b: _Builder) -> tuple:
+    """(world-1 shape of this rank's head block over the whole sequence, its KV heads of every rank)."""
+    from ringattn.ulysses import head_blocks
+
+    sh, W = b.sh, b.sh.lay.world_size
+    hb = head_blocks(sh.Hq, sh.Hkv, W)
+    kv = [d - c for _, _, c, d in hb]
+    lay1 = SequenceLayout.build(sh.lay.seq_len, 1, "contiguous")
+    plan1 = _plan(lay1, sh.causal, sh.plan.documents, sh.plan.window)
+    return dataclasses.replace(sh, lay=lay1, Hq=sh.Hq // W, Hkv=kv[b.r], plan=plan1), kv
+
+
+def _single_rank(b: _Builder, sh1: _Shape, program, op: str) -> None:
+    """Run a ring program at world 1 (ulysses' attention of its head block) as step 1 of `op`."""
+    sh, r = b.sh, b.r
+    b.sh, b.r = sh1, 0
+    try:
+        program(b, at=1)
+    finally:
+        b.sh, b.r = sh, r
+
+
+def _ulysses_pass(b: _Builder, op: str):
+    """Ulysses forward ("fwd") or backward ("bwd"), as ulysses.py runs them: step 0 the all-to-all
+    to head shards (the head pieces' copies, one batch of W-1 sends and receives, the concatenation
+    and, zigzag, the reorder into token order), step 1 the world-1 ring program over the whole
+    sequence for this rank's heads, step 2 the all-to-all back (reorder, the pieces' copies, the
+    batch, the assembly of the received head blocks; shared KV heads' fp32 dK/dV summed and cast).
+    Nothing overlaps: every batch is waited for before the next op."""
+    sh, r = b.sh, b.r
+    W, n = sh.lay.world_size, sh.lay.local_lengths
+    L, B, D, e, Hq = sh.lay.seq_len, sh.B, sh.D, sh.e, sh.Hq
+    sh1, kv = _heads_shape(b)
+    hq = Hq // W
+    zig = sh.lay.layout == "zigzag"
+    shared = op == "bwd" and sh.Hkv < W  # W/Hkv ranks share a KV head: fp32 dK/dV on the wire, summed
+    kv_e = 4 if shared else e
+    peers = [j for j in range(W) if j != r]
+    row = B * D  # elements of one token of one head
+    # step 0: seq -> heads. fwd: q, k, v (hq, kv_j, kv_j heads of my n_r tokens to rank j); bwd: dout.
+    st = (op, 0)
+    ch_in, ch_out = ("fwd.a2a", "fwd.out") if op == "fwd" else ("bwd.dout", "bwd.dqkv")
+    heads_in = (lambda j: [hq, kv[j], kv[j]]) if op == "fwd" else (lambda j: [hq])
+    if W > 1:  # head slices of (B, n, H, D) are strided: one contiguous copy each (my own block too)
+        b.mem(st, 2 * row * e * n[r] * sum(sum(heads_in(j)) for j in range(W)), "head pieces, contiguous")
+    b.post(st, 0, ch_in, [(j, [row * e * n[r] * h for h in heads_in(j)]) for j in peers],
+           [(j, [row * e * n[j] * h for h in heads_in(r)]) for j in peers])
+    b.wait(st, ch_in)
+    mine = row * e * L * sum(heads_in(r))          # the head-layout tensors over the whole sequence
+    b.mem(st, 2 * mine * (2 if zig else 1), "concatenate" + (", reorder into token order" if zig else ""))
+    # step 1: the world-1 attention of my head block
+    _single_rank(b, sh1, _ring_fwd if op == "fwd" else _ring_bwd, op)
+    # step 2: heads -> seq. fwd: out (q dtype) and lse (fp32); bwd: dq (q dtype), dk, dv (kv_e)
+    st = (op, 2)
+    # per tensor: (heads of rank j's block, element size, is an lse)
+    if op == "fwd":
+        outs = [(lambda j: hq, e, False), (lambda j: hq, 4, True)]                 # out, lse
+    else:
+        outs = [(lambda j: hq, e, False), (lambda j: kv[j], kv_e, False), (lambda j: kv[j], kv_e, False)]
+    nb = 0
+    for h, size, lse in outs:  # zigzag: index_select back to rank order; strided token slices: a copy
+        whole = (B * h(r) if lse else row * h(r)) * size * L
+        nb += 2 * whole * (int(zig) + int(lse and B * h(r) > 1 or (not lse and B > 1)))
+    b.mem(st, nb, ("reorder into rank order, " if zig else "") + "token pieces, contiguous")
+    per = lambda h, size, lse, j: (B * h(j) if lse else row * h(j)) * size  # noqa: E731  one token of j's block
+    b.post(st, 2, ch_out, [(j, [per(*t, r) * n[j] for t in outs]) for j in peers],
+           [(j, [per(*t, j) * n[r] for t in outs]) for j in peers])
+    b.wait(st, ch_out)
+    got = sum(per(*t, j) for j in range(W) for t in outs) * n[r]
+    b.mem(st, 3 * got, "assemble the head blocks (zero-fill, copy" + (" / fp32 add)" if shared else ")"))
+    if shared:
+        b.mem(st, 2 * row * sh.Hkv * n[r] * (4 + e), "cast the summed fp32 dk/dv")
+
+
 _PROGRAMS: dict[tuple[str, str], Callable] = {
     ("ring", "fwd"): _ring_fwd, ("ring", "bwd"): _ring_bwd,
     ("token_ring", "fwd"): lambda b: _token_ring_pass(b, "fwd"),
     ("token_ring", "bwd"): lambda b: _token_ring_pass(b, "bwd"),
+    ("ulysses", "fwd"): lambda b: _ulysses_pass(b, "fwd"),
+    ("ulysses", "bwd"): lambda b: _ulysses_pass(b, "bwd"),
 }
 
 
@@ -827,9 +913,13 @@ def predict(algorithm: str, *, seq_len: int, world_size: int, layout: str = "con
     sliding_window: the call's packed documents / causal sliding window, as
     sequence_parallel_attention takes them: the blocks are then the code's trimmed, pieced ones,
     KV rotation stops after RingPlan.ring_steps, TokenRing skips the pairs the mask never joins."""
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    if algorithm not in MODELED:
+        raise ValueError(f"algorithm must be one of {MODELED}, got {algorithm!r}")
     from ringattn.sequence_parallel import _documents_arg, _window_arg  # (it imports this module lazily too)
+    from ringattn.ulysses import heads_problem
+
+    if algorithm == "ulysses" and (problem := heads_problem(heads_q, heads_kv, world_size)):
+        raise ValueError(problem)
 
     topo = get_topology(topology)
     prof = profile or H100_BF16
@@ -866,8 +956,12 @@ def predict(algorithm: str, *, seq_len: int, world_size: int, layout: str = "con
 
 
 def compare(**kw) -> dict:
-    """{"ring": Prediction, "token_ring": Prediction} for the same arguments as predict."""
-    return {alg: predict(alg, **kw) for alg in ALGORITHMS}
+    """{"ring": Prediction, "token_ring": Prediction[, "ulysses": Prediction]} for the same
+    arguments as predict; Ulysses where the world size splits the heads (ulysses.heads_problem)."""
+    from ringattn.ulysses import heads_problem
+
+    algs = ALGORITHMS + (() if heads_problem(kw["heads_q"], kw["heads_kv"], kw["world_size"]) else ("ulysses",))
+    return {alg: predict(alg, **kw) for alg in algs}
 
 
 # choose_algorithm's use of the model. The simulation is O(W^2) Python operations (15 ms at W = 8,
@@ -889,14 +983,15 @@ def auto_seq_len(seq_len: int, world_size: int, layout: str) -> int:
 @functools.lru_cache(maxsize=4096)
 def predicted_times(seq_len: int, world_size: int, layout: str, causal: bool, batch: int, heads_q: int,
                     heads_kv: int, head_dim: int, elem_size: int, backward: bool, topology,
-                    window: int | None = None, documents: tuple | None = None) -> tuple[float, float]:
-    """(ring, token_ring) predicted seconds with the default H100 profile; cached (choose_algorithm
-    calls it on every call). window / documents: the sliding window / packed documents (normalised,
-    as sequence_parallel._window_arg / _documents_arg give them)."""
+                    window: int | None = None, documents: tuple | None = None) -> dict:
+    """{algorithm: predicted seconds} with the default H100 profile for ring, token_ring and (where
+    the world size splits the heads) ulysses; cached (choose_algorithm calls it on every call).
+    window / documents: the sliding window / packed documents (normalised, as
+    sequence_parallel._window_arg / _documents_arg give them)."""
     kw = dict(seq_len=seq_len, world_size=world_size, layout=layout, causal=causal, batch=batch, heads_q=heads_q,
               heads_kv=heads_kv, head_dim=head_dim, dtype=elem_size, backward=backward, topology=topology,
               cu_seqlens=documents, sliding_window=window)
-    return predict("ring", **kw).total_s, predict("token_ring", **kw).total_s
+    return {alg: p.total_s for alg, p in compare(**kw).items()}
 
 
 # packed documents: a cache of its own (every batch brings new boundaries; one forward's layers ask the same)

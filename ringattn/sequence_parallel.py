@@ -465,29 +465,41 @@ AUTO_MARGIN = 0.05
 
 @dataclasses.dataclass(frozen=True)
 class AlgorithmChoice:
-    algorithm: str          # "ring" | "token_ring"
+    algorithm: str          # "ring" | "token_ring" | "ulysses"
     predicted_bytes: dict   # algorithm -> bottleneck bytes: max over ranks of max(sent, received)
     reason: str
     predicted_s: dict = dataclasses.field(default_factory=dict)  # algorithm -> cost-model seconds (W > 1)
     topology: str = ""      # the cost-model topology the prediction assumed
 
 
+# what auto may pick: the two rings always; Ulysses where the group size splits the heads
+AUTO_CANDIDATES = ALGORITHMS + ("ulysses",)
+
+
 def choose_algorithm(*, seq_len: int, world_size: int, layout: str = "contiguous", causal: bool = False,
                      batch: int, heads_q: int, heads_kv: int, head_dim: int, dtype=torch.bfloat16,
-                     backward: bool = True, topology=None, cu_seqlens=None, sliding_window=None) -> AlgorithmChoice:
+                     backward: bool = True, topology=None, cu_seqlens=None, sliding_window=None,
+                     candidates=AUTO_CANDIDATES) -> AlgorithmChoice:
     """algorithm="auto": the algorithm ringattn.cost_model predicts faster (docs/cost_model.md).
 
+    candidates: what may be picked (default ring, token_ring and ulysses; ulysses only where the
+    world size splits the heads, ulysses.heads_problem; under torch.compile auto passes the two
+    rings only, since Ulysses would break the graph).
     1. W == 1: ring (no communication either way).
-    2. The cost model simulates both schedules step by step with the H100 compute profile
+    2. The cost model simulates the schedules step by step with the H100 compute profile
        (cost_model.H100_BF16, fitted to the measured block-attention rows) on `topology`:
        None -> "nvswitch" for W <= MESH_MAX_WORLD (one 8-GPU NVSwitch node) and "inter_node"
        (8 GPUs per node, one NIC per GPU) above; or a cost_model.PRESETS name or a
-       cost_model.Topology. The one predicted faster by more than AUTO_MARGIN (5%) is chosen.
+       cost_model.Topology. Of the two rings, the one predicted faster by more than AUTO_MARGIN
+       (5%) is chosen.
        (Predicted at seq_len rounded to a quarter octave, cost_model.auto_seq_len; not run for
-       W > cost_model.AUTO_MAX_WORLD (64), where the simulation would take seconds: bytes decide.)
-    3. Otherwise (a gap inside the model's error) the one whose busiest rank moves fewer bytes
+       W > cost_model.AUTO_MAX_WORLD (64), where the simulation would take seconds: bytes decide
+       between the rings and Ulysses is not considered.)
+    3. Otherwise (a gap inside the model's error) the ring whose busiest rank moves fewer bytes
        (max over ranks of max(sent, received), forward + backward when `backward`); ties go to
        ring (one peer per step, fewer messages).
+    4. Ulysses replaces that ring only when predicted faster than BOTH rings by more than
+       AUTO_MARGIN: its all-to-alls are never hidden behind compute, so a near tie goes to a ring.
     Masks: sliding windows shorter than the sequence and packed sequences (cu_seqlens with > 1
     document) are simulated with the code's own trimmed, pieced blocks, KV rotation's early stop
     and TokenRing's skipped pairs (cost_model.predict's cu_seqlens / sliding_window). A window
@@ -500,8 +512,13 @@ def choose_algorithm(*, seq_len: int, world_size: int, layout: str = "contiguous
     arguments (it runs on every call: uncached, the per-rank byte formulas alone cost ~1 ms at
     W = 32, and the model's first run up to a second at W = 64).
     """
+    cands = tuple(a for a in AUTO_CANDIDATES if a in tuple(candidates))
+    if not set(ALGORITHMS) <= set(cands) or len(cands) != len(tuple(candidates)):
+        raise ValueError(f"candidates must hold 'ring' and 'token_ring', and may add 'ulysses'; got {candidates!r}")
+    if "ulysses" in cands and heads_problem(heads_q, heads_kv, world_size):
+        cands = ALGORITHMS
     args = (seq_len, world_size, layout, bool(causal), batch, heads_q, heads_kv, head_dim, _elem_size(dtype),
-            bool(backward), topology)
+            bool(backward), topology, cands)
     docs = _documents_arg(cu_seqlens, seq_len, batch)
     window = _window_arg(sliding_window, causal, seq_len)
     if docs is not None or window is not None:  # a small cache of its own: every packed batch brings new
@@ -509,11 +526,32 @@ def choose_algorithm(*, seq_len: int, world_size: int, layout: str = "contiguous
     return _choose_algorithm(*args)
 
 
+def auto_rule(secs: dict, nbytes: dict) -> tuple[str, str]:
+    """choose_algorithm's steps 2-4 on predicted seconds and bottleneck bytes per algorithm
+    ({"ring", "token_ring"[, "ulysses"]}): (algorithm, why)."""
+    t_ring, t_tr = secs["ring"], secs["token_ring"]
+    if t_ring > (1 + AUTO_MARGIN) * t_tr:
+        alg, why = "token_ring", f"TokenRing predicted {t_ring / t_tr:.2f}x faster than KV rotation"
+    elif t_tr > (1 + AUTO_MARGIN) * t_ring:
+        alg, why = "ring", f"KV rotation predicted {t_tr / t_ring:.2f}x faster than TokenRing"
+    elif nbytes["token_ring"] < nbytes["ring"]:
+        alg, why = "token_ring", f"rings within {AUTO_MARGIN:.0%}; TokenRing moves fewer bytes"
+    else:
+        alg, why = "ring", f"rings within {AUTO_MARGIN:.0%}; KV rotation moves fewer (or equal) bytes"
+    if "ulysses" in secs:
+        best = min(t_ring, t_tr)
+        if best > (1 + AUTO_MARGIN) * secs["ulysses"]:
+            alg, why = "ulysses", f"Ulysses predicted {best / secs['ulysses']:.2f}x faster than the faster ring"
+        else:
+            why += f"; Ulysses not {AUTO_MARGIN:.0%} faster than both"
+    return alg, why
+
+
 @functools.lru_cache(maxsize=4096)
 def _choose_algorithm(seq_len, world_size, layout, causal, batch, heads_q, heads_kv, head_dim, elem_size, backward,
-                      topology, documents=None, window=None) -> AlgorithmChoice:
+                      topology, candidates, documents=None, window=None) -> AlgorithmChoice:
     per_alg = {}
-    for alg in ALGORITHMS:
+    for alg in candidates:
         ranks = predict_comm_bytes(alg, seq_len=seq_len, world_size=world_size, layout=layout, causal=causal,
                                    batch=batch, heads_q=heads_q, heads_kv=heads_kv, head_dim=head_dim,
                                    dtype=elem_size, backward=backward, cu_seqlens=documents, sliding_window=window)
@@ -536,27 +574,17 @@ def _choose_algorithm(seq_len, world_size, layout, causal, batch, heads_q, heads
     if world_size > limit:  # the simulation would take seconds (documents: on every new packing)
         alg = "token_ring" if per_alg["token_ring"] < per_alg["ring"] else "ring"
         return AlgorithmChoice(alg, per_alg, f"{mask}world size {world_size} > {limit}: cost model not run; "
-                               "fewer bottleneck bytes (ties: ring)", {}, name)
+                               "fewer bottleneck bytes between the rings (ties: ring)", {}, name)
     if documents is None:  # the rounded length: one prediction serves nearby lengths
-        t_ring, t_tr = cost_model.predicted_times(cost_model.auto_seq_len(seq_len, world_size, layout), world_size,
-                                                  layout, causal, batch, heads_q, heads_kv, head_dim,
-                                                  elem_size, backward, topo, window)
+        secs = cost_model.predicted_times(cost_model.auto_seq_len(seq_len, world_size, layout), world_size,
+                                          layout, causal, batch, heads_q, heads_kv, head_dim,
+                                          elem_size, backward, topo, window)
     else:  # the boundaries fix the length
-        t_ring, t_tr = cost_model.predicted_times_packed(seq_len, world_size, layout, causal, batch, heads_q,
-                                                         heads_kv, head_dim, elem_size, backward, topo, window,
-                                                         documents)
-    secs = {"ring": t_ring, "token_ring": t_tr}
-    if t_ring > (1 + AUTO_MARGIN) * t_tr:
-        return AlgorithmChoice("token_ring", per_alg, f"{mask}cost model ({name}): TokenRing predicted "
-                               f"{t_ring / t_tr:.2f}x faster", secs, name)
-    if t_tr > (1 + AUTO_MARGIN) * t_ring:
-        return AlgorithmChoice("ring", per_alg, f"{mask}cost model ({name}): KV rotation predicted "
-                               f"{t_tr / t_ring:.2f}x faster", secs, name)
-    if per_alg["token_ring"] < per_alg["ring"]:
-        return AlgorithmChoice("token_ring", per_alg, f"{mask}cost model ({name}): within {AUTO_MARGIN:.0%}; "
-                               "TokenRing moves fewer bytes", secs, name)
-    return AlgorithmChoice("ring", per_alg, f"{mask}cost model ({name}): within {AUTO_MARGIN:.0%}; KV rotation "
-                           "moves fewer (or equal) bytes", secs, name)
+        secs = cost_model.predicted_times_packed(seq_len, world_size, layout, causal, batch, heads_q,
+                                                 heads_kv, head_dim, elem_size, backward, topo, window, documents)
+    secs = {a: t for a, t in secs.items() if a in candidates}
+    alg, why = auto_rule(secs, per_alg)
+    return AlgorithmChoice(alg, per_alg, f"{mask}cost model ({name}): {why}", secs, name)
 
 
 _choose_algorithm_packed = functools.lru_cache(maxsize=8)(_choose_algorithm.__wrapped__)
@@ -566,13 +594,13 @@ _choose_algorithm_packed = functools.lru_cache(maxsize=8)(_choose_algorithm.__wr
 # Public entry points
 
 
-def _resolve_algorithm(algorithm: str, plan: RingPlan, q, k, grad: bool) -> str:
+def _resolve_algorithm(algorithm: str, plan: RingPlan, q, k, grad: bool, candidates=AUTO_CANDIDATES) -> str:
     if algorithm != "auto":
         return algorithm
     return choose_algorithm(
         seq_len=plan.layout.seq_len, world_size=plan.world_size, layout=plan.layout.layout, causal=plan.causal,
         batch=q.shape[0], heads_q=q.shape[2], heads_kv=k.shape[2], head_dim=q.shape[3], dtype=q.dtype,
-        backward=grad, cu_seqlens=plan.documents, sliding_window=plan.window).algorithm
+        backward=grad, cu_seqlens=plan.documents, sliding_window=plan.window, candidates=candidates).algorithm
 
 
 def _autocast(q, k, v):

@@ -214,7 +214,7 @@ class UlyssesAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan: RingPlan, lse_grad: bool = False, sinks=None):
         out, lse, saved = ulysses_forward(plan, q, k, v, sinks)
-        ctx.plan, ctx.saved = plan, saved
+        ctx.plan, ctx.saved, ctx.lse_grad = plan, saved, lse_grad
         ctx.save_for_backward(out, lse, sinks)
         ctx.set_materialize_grads(False)
         if not lse_grad:
@@ -228,6 +228,8 @@ class UlyssesAttention(torch.autograd.Function):
         from ringattn.sinks import attention_dout
 
         out, lse, sinks = ctx.saved_tensors
+        if ctx.lse_grad and dlse is None:  # this rank's loss did not use lse, another's may have: the
+            dlse = torch.zeros_like(lse)   # wire format is the forward's flag's, the same on every rank
         with no_autocast(out.device):
             dout, dsinks = attention_dout(dout, out, lse, sinks)
             dq, dk, dv = ulysses_backward(ctx.plan, ctx.saved, dout, dlse)

@@ -103,8 +103,13 @@ def _compiled_case(c, backend="aot_eager"):
     q, dout = (torch.randn(B, L, Hq, D, generator=gen).to(dtype) for _ in range(2))
     k, v = (torch.randn(B, L, Hkv, D, generator=gen).to(dtype) for _ in range(2))
     pos = positions(L, world, c["layout"], rank)
+    eager_kw = dict(kw)
+    if c["alg"] == "auto":  # compiled, auto weighs the two rings only (Ulysses would break the graph):
+        eager_kw["algorithm"] = sp.choose_algorithm(  # the eager twin runs that ring explicitly
+            seq_len=L, world_size=world, layout=c["layout"], causal=c["causal"], batch=B, heads_q=Hq, heads_kv=Hkv,
+            head_dim=D, dtype=dtype, backward=True, candidates=sp.ALGORITHMS).algorithm
     results = {}
-    for mode, f in (("compiled", compiled), ("eager", lambda q, k, v: fn(q, k, v, **kw))):
+    for mode, f in (("compiled", compiled), ("eager", lambda q, k, v: fn(q, k, v, **eager_kw))):
         loc = [t[:, pos].clone().requires_grad_() for t in (q, k, v)]
         before = dict(rc.CALLS)
         res = f(*loc)
@@ -167,6 +172,12 @@ def _run_compiled_matrix(world):
 def test_compiled_matches_float64_and_eager(dist_pool, world):
     failures = [f for r in dist_pool(world).run(_run_compiled_matrix, world, timeout=300) for f in r]
     assert not failures, "\n".join(failures[:20])
+    if world == 2:  # auto cases where eager auto would run Ulysses: compiled, a ring ran as one traced op
+        eager_picks = {sp.choose_algorithm(seq_len=c["seq_len"], world_size=world, layout=c["layout"], causal=c["causal"],
+                                           batch=c["batch"], heads_q=c["hq"], heads_kv=c["hkv"], head_dim=c["head_dim"],
+                                           dtype=c["dtype"]).algorithm
+                       for c in _compiled_cases(world) if c["alg"] == "auto"}
+        assert "ulysses" in eager_picks, eager_picks
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -187,13 +198,18 @@ def _run_inductor_and_no_grad():
     wq = torch.randn(D, D, generator=g, dtype=torch.float64) / 4
     pos = positions(L, world, "zigzag", rank)
 
-    def block(x, w):
+    def block(x, w, algorithm="auto"):
         q = torch.nn.functional.silu(x @ w)
-        o = sp.sequence_parallel_attention(q, x[:, :, :2], x[:, :, 2:], causal=True, layout="zigzag")
+        o = sp.sequence_parallel_attention(q, x[:, :, :2], x[:, :, 2:], causal=True, layout="zigzag",
+                                           algorithm=algorithm)
         return torch.tanh(o) * 2
 
+    # compiled, auto weighs the two rings only: the eager twin runs the ring it picks
+    ring = sp.choose_algorithm(seq_len=L, world_size=world, layout="zigzag", causal=True, batch=2, heads_q=4,
+                               heads_kv=2, head_dim=D, dtype=torch.float64, candidates=sp.ALGORITHMS).algorithm
     res = {}
-    for mode, f in (("inductor", torch.compile(block, fullgraph=True)), ("eager", block)):
+    for mode, f in (("inductor", torch.compile(block, fullgraph=True)),
+                    ("eager", lambda x, w: block(x, w, ring))):
         xl, w = x[:, pos].clone().requires_grad_(), wq.clone().requires_grad_()
         out = f(xl, w)
         out.backward(torch.ones_like(out))

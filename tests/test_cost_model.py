@@ -117,6 +117,78 @@ def test_exposed_communication_is_what_the_schedules_leave_unhidden():
         call + fwd + bwd, rel=1e-9)
 
 
+# --- Ulysses --------------------------------------------------------------------------------------
+ULYSSES_HEADS = ((4, 4), (8, 2), (8, 1), (12, 6), (24, 4))
+
+
+@pytest.mark.parametrize("layout,causal", [("contiguous", False), ("zigzag", True)])
+def test_ulysses_simulated_bytes_equal_its_formula(layout, causal):
+    """Ulysses' simulated all-to-alls move exactly ulysses_comm_bytes (what the real counters are
+    checked against in tests/test_ulysses.py): KV heads shared by W/Hkv ranks (fp32 dK/dV), uneven
+    lengths, batch > 1, masks (which do not change an all-to-all)."""
+    n = 0
+    for W in range(1, 9):
+        for L in sorted({2 * W, 4 * W + 3, 97}):
+            for hq, hkv in ULYSSES_HEADS:
+                if sp.heads_problem(hq, hkv, W):
+                    with pytest.raises(ValueError, match="algorithm='ulysses' splits the heads"):
+                        cm.predict("ulysses", seq_len=L, world_size=W, heads_q=hq, heads_kv=hkv, head_dim=8)
+                    continue
+                for backward in (False, True):
+                    for m in (dict(), dict(sliding_window=5), dict(cu_seqlens=[0, L // 2, L])) if causal else (dict(),):
+                        kw = dict(seq_len=L, world_size=W, layout=layout, causal=causal, batch=2, heads_q=hq,
+                                  heads_kv=hkv, head_dim=8, dtype=torch.bfloat16, backward=backward, **m)
+                        got = _nonzero(cm.predict("ulysses", **kw).bytes)
+                        assert got == _nonzero(sp.predict_comm_bytes("ulysses", **kw)), kw
+                        n += 1
+    assert n == (114 if not causal else 342)  # the whole grid ran
+
+
+def test_ulysses_attention_is_the_world_one_ring_of_its_head_block():
+    """Step 1 of each pass is the single-rank ring program over the whole sequence for Hq/W query
+    heads and the rank's KV heads: the same blocks (the mask's pieces included) and the same
+    compute as predict("ring", world_size=1) of that head block."""
+    for W, hq, hkv, m in ((4, 32, 8, dict()), (8, 32, 4, dict(sliding_window=1000)),
+                          (2, 16, 16, dict(cu_seqlens=[0, 3000, 8192]))):
+        kw = dict(seq_len=8192, causal=True, batch=1, head_dim=128, dtype=torch.bfloat16, topology=FREE_LINKS)
+        p = cm.predict("ulysses", world_size=W, layout="zigzag", heads_q=hq, heads_kv=hkv, **kw, **m)
+        one = cm.predict("ring", world_size=1, heads_q=hq // W, heads_kv=max(hkv // W, 1), **kw, **m)
+        for r, steps in enumerate(p.rank_steps):
+            att = {st.pass_: st for st in steps if st.step == 1}
+            for ps in ("fwd", "bwd"):
+                want = [st for st in one.rank_steps[0] if st.pass_ == ps]
+                assert att[ps].blocks == want[0].blocks, (W, r, ps)
+                assert att[ps].compute_s == pytest.approx(sum(st.compute_s for st in want), rel=1e-12)
+            assert [st.step for st in steps] == [0, 1, 2, 0, 1, 2]
+
+
+def test_ulysses_hides_nothing():
+    """Zero compute: each pass is its two all-to-alls, each latency + (a port's bytes) / bandwidth
+    (the W-1 messages of a rank share its port). With compute: total = compute + those transfers
+    + the call's metadata all_gather, exactly -- nothing is overlapped (symmetric ranks)."""
+    bw, lat, call = 100e9, 7e-6, 30e-6
+    W, L, hq_all, hkv_all, D = 4, 8192, 32, 8, 128
+    n, hq, kv = L // W, hq_all // W, hkv_all // W
+    a2a = (W - 1) * n * (hq + 2 * kv) * D * 2          # q, k, v pieces to the W-1 others
+    out = (W - 1) * n * hq * (D * 2 + 4)               # out + fp32 lse back
+    dout, dqkv = (W - 1) * n * hq * D * 2, a2a
+    comm = {False: 2 * lat + (a2a + out) / bw, True: 4 * lat + (a2a + out + dout + dqkv) / bw}
+    topo = cm.Topology("nvswitch", bw, lat, call_s=0.0)
+    for backward in (False, True):
+        kw = dict(seq_len=L, world_size=W, causal=False, batch=1, heads_q=hq_all, heads_kv=hkv_all, head_dim=D,
+                  backward=backward)
+        z = cm.predict("ulysses", topology=topo, profile=ZERO_COMPUTE, **kw)
+        assert z.total_s == pytest.approx(comm[backward], rel=1e-12) and z.compute_s == 0
+        full = cm.predict("ulysses", topology=cm.Topology("nvswitch", bw, lat, call_s=call), **kw)
+        assert full.total_s == pytest.approx(full.compute_s + comm[backward] + call, rel=1e-12)
+        assert full.exposed_comm_s == pytest.approx(comm[backward] + call, rel=1e-12)
+    # a ring at the same shape hides its transfers behind compute: less exposed, more compute (its
+    # W small blocks each pay the profile's per-call intercept, the merges between them)
+    ring = cm.predict("ring", topology=topo, **kw)
+    uly = cm.predict("ulysses", topology=topo, **kw)
+    assert ring.exposed_comm_s < uly.exposed_comm_s and ring.compute_s > uly.compute_s
+
+
 @pytest.mark.parametrize("L", [64, 67])  # even and uneven chunk tables
 def test_causal_zigzag_block_shapes_per_step(L):
     """Written from the chunk table, not from layout.attention_block: at step s rank r's block is
@@ -147,16 +219,31 @@ def test_causal_zigzag_block_shapes_per_step(L):
 
 
 # --- auto follows the model ----------------------------------------------------------------------
+def _auto_rule(secs: dict, nbytes: dict) -> str:
+    """choose_algorithm's rule, written out: the faster ring beyond AUTO_MARGIN (else the one moving
+    fewer bytes, ties ring), replaced by Ulysses only when it beats both rings beyond the margin."""
+    tr, tt = secs["ring"], secs["token_ring"]
+    if max(tr, tt) > (1 + sp.AUTO_MARGIN) * min(tr, tt):
+        pick = "ring" if tr < tt else "token_ring"
+    else:
+        pick = "token_ring" if nbytes["token_ring"] < nbytes["ring"] else "ring"
+    if "ulysses" in secs and min(tr, tt) > (1 + sp.AUTO_MARGIN) * secs["ulysses"]:
+        pick = "ulysses"
+    return pick
+
+
 def test_auto_agrees_with_the_model():
-    """Over a grid of realistic shapes, algorithm="auto" is the model's faster algorithm wherever
-    the predicted gap exceeds AUTO_MARGIN, else the one moving fewer bytes. And the model
-    matters: in some cells it overrules the byte rule, in others it confirms it."""
+    """Over a grid of realistic shapes, algorithm="auto" is _auto_rule applied to the model's
+    predictions (Ulysses a candidate exactly where W splits the heads). And the model matters:
+    between the rings it overrules the byte rule in some cells and confirms it in others, and each
+    of the three algorithms is picked somewhere. With candidates = the rings (torch.compile),
+    Ulysses is never picked and the rings' rule is unchanged."""
     overruled = confirmed = 0
     chosen = set()
     for topo in (None, "pcie"):
-        for W in (2, 4, 8, 16):
+        for W in (2, 3, 4, 8, 16):
             for L in (8192, 131072):
-                for hq, hkv in ((32, 32), (32, 8)):
+                for hq, hkv in ((32, 32), (32, 8), (24, 8)):
                     for causal, layout in ((True, "zigzag"), (False, "contiguous")):
                         for backward in (False, True):
                             kw = dict(seq_len=L, world_size=W, layout=layout, causal=causal, batch=1, heads_q=hq,
@@ -164,20 +251,34 @@ def test_auto_agrees_with_the_model():
                             choice = sp.choose_algorithm(**kw, topology=topo)
                             want_topo = topo or ("nvswitch" if W <= sp.MESH_MAX_WORLD else "inter_node")
                             c = cm.compare(**kw, topology=want_topo)
-                            tr, tt = c["ring"].total_s, c["token_ring"].total_s
-                            by_bytes = "token_ring" if choice.predicted_bytes["token_ring"] < \
-                                choice.predicted_bytes["ring"] else "ring"
+                            secs = {a: p.total_s for a, p in c.items()}
+                            assert ("ulysses" in secs) == (hq % W == 0 and (hkv % W == 0 or W % hkv == 0)), kw
+                            assert choice.predicted_s == secs
+                            assert set(choice.predicted_bytes) == set(secs)
+                            assert choice.algorithm == _auto_rule(secs, choice.predicted_bytes), (kw, topo, choice)
+                            rings = sp.choose_algorithm(**kw, topology=topo, candidates=sp.ALGORITHMS)
+                            ring_secs = {a: secs[a] for a in sp.ALGORITHMS}
+                            assert rings.predicted_s == ring_secs
+                            assert rings.algorithm == _auto_rule(ring_secs, rings.predicted_bytes)
+                            tr, tt = secs["ring"], secs["token_ring"]
                             if max(tr, tt) > (1 + sp.AUTO_MARGIN) * min(tr, tt):
-                                model = "ring" if tr < tt else "token_ring"
-                                assert choice.algorithm == model, (kw, topo, tr, tt, choice)
-                                overruled += model != by_bytes
-                                confirmed += model == by_bytes
-                            else:
-                                assert choice.algorithm == by_bytes, (kw, topo, tr, tt, choice)
-                            assert choice.predicted_s == {"ring": tr, "token_ring": tt}
+                                by_bytes = "token_ring" if choice.predicted_bytes["token_ring"] < \
+                                    choice.predicted_bytes["ring"] else "ring"
+                                overruled += rings.algorithm != by_bytes
+                                confirmed += rings.algorithm == by_bytes
                             chosen.add(choice.algorithm)
-    assert chosen == {"ring", "token_ring"}
+    assert chosen == {"ring", "token_ring", "ulysses"}
     assert overruled > 0 and confirmed > 0, (overruled, confirmed)
+
+
+def test_auto_candidates_are_checked():
+    kw = dict(seq_len=8192, world_size=4, batch=1, heads_q=32, heads_kv=8, head_dim=128)
+    for bad in (("ring",), ("ring", "token_ring", "striped"), ("ulysses",)):
+        with pytest.raises(ValueError, match="candidates must hold 'ring' and 'token_ring'"):
+            sp.choose_algorithm(**kw, candidates=bad)
+    # heads Ulysses cannot split: the rings only, whatever the candidates say
+    odd = sp.choose_algorithm(**dict(kw, heads_q=30, heads_kv=10))
+    assert set(odd.predicted_s) == set(odd.predicted_bytes) == {"ring", "token_ring"}
 
 
 def test_auto_rounds_the_length_and_skips_the_model_for_huge_worlds():
@@ -403,15 +504,14 @@ def test_auto_follows_the_model_under_masks():
                               sliding_window=4096, **dict(kw, heads_kv=hkv))
             assert c.predicted_s == {a: p.total_s for a, p in want.items()}, c
             assert "sliding window 4096" in c.reason and "cost model (nvswitch)" in c.reason, c
-            tr, tt = c.predicted_s["ring"], c.predicted_s["token_ring"]
-            if max(tr, tt) > (1 + sp.AUTO_MARGIN) * min(tr, tt):
-                assert c.algorithm == ("ring" if tr < tt else "token_ring"), c
+            assert c.algorithm == _auto_rule(c.predicted_s, c.predicted_bytes), c
             seen.add(c.algorithm)
             L = 65536
             docs = [0, 1000, 30000, 30001, L]
             d = sp.choose_algorithm(seq_len=L, world_size=W, cu_seqlens=docs, **dict(kw, heads_kv=hkv))
             want = cm.compare(seq_len=L, world_size=W, topology="nvswitch", cu_seqlens=docs, **dict(kw, heads_kv=hkv))
             assert d.predicted_s == {a: p.total_s for a, p in want.items()}, d
+            assert d.algorithm == _auto_rule(d.predicted_s, d.predicted_bytes), d
             assert "packed sequence (4 documents)" in d.reason, d
     # a window that reaches every key is no mask
     assert sp.choose_algorithm(seq_len=8192, world_size=4, sliding_window=8192, **kw) == \
@@ -421,4 +521,4 @@ def test_auto_follows_the_model_under_masks():
     assert d.predicted_s == {} and f"world size {big} > {cm.AUTO_MAX_WORLD_DOCUMENTS}" in d.reason, d
     assert d.algorithm == ("token_ring" if d.predicted_bytes["token_ring"] < d.predicted_bytes["ring"] else "ring")
     w = sp.choose_algorithm(seq_len=1 << 17, world_size=big, sliding_window=4096, **kw)  # windows: up to 64
-    assert set(w.predicted_s) == {"ring", "token_ring"}, w
+    assert set(w.predicted_s) == {"ring", "token_ring", "ulysses"}, w
