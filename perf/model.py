@@ -596,30 +596,34 @@ def _fmt_L(L):
     return f"{L // 1048576}M" if L >= 1048576 else f"{L // 1024}k"
 
 
-def answer_markdown(rows, alt=None, alt_name=""):
-    """Per (topology, heads, mask, pass, W): TokenRing speedup over ring at each L (>1: TokenRing
-    faster). alt: a sensitivity grid shown as a second number where its winner differs."""
-    alt_map = {tuple(r[k] for k in ("topology", "heads_q", "heads_kv", "mask", "pass", "world", "seq_len")): r
-               for r in (alt or [])}
+_GRID_KEY = ("topology", "heads_q", "heads_kv", "mask", "pass", "world", "seq_len")
+
+
+def grid_markdown(rows, alt, cell) -> str:
+    """One line per (topology, heads, mask, pass, W), one column per L: cell(row, alt_row or None)."""
+    alt_map = {tuple(r[k] for k in _GRID_KEY): r for r in (alt or [])}
+    idx = {tuple(r[k] for k in _GRID_KEY): r for r in rows}
     lengths = sorted({r["seq_len"] for r in rows})
-    lines = [f"| topology | Hq/Hkv | mask | pass | W | " + " | ".join(_fmt_L(L) for L in lengths) + " |",
+    lines = ["| topology | Hq/Hkv | mask | pass | W | " + " | ".join(_fmt_L(L) for L in lengths) + " |",
              "|---|---|---|---|---|" + "---|" * len(lengths)]
-    keys = list(dict.fromkeys((r["topology"], r["heads_q"], r["heads_kv"], r["mask"], r["pass"], r["world"])
-                              for r in rows))
-    idx = {tuple(r[k] for k in ("topology", "heads_q", "heads_kv", "mask", "pass", "world", "seq_len")): r
-           for r in rows}
-    for key in keys:
-        cells = []
-        for L in lengths:
-            s = idx[key + (L,)]["speedup"]
-            cell = f"**{s:.2f}**" if s > 1.05 else f"{s:.2f}"
-            a = alt_map.get(key + (L,))
-            if a is not None and (a["speedup"] > 1.05) != (s > 1.05):
-                cell += f" ({a['speedup']:.2f})"
-            cells.append(cell)
+    for key in dict.fromkeys(tuple(r[k] for k in _GRID_KEY[:6]) for r in rows):
+        cells = [cell(idx[key + (L,)], alt_map.get(key + (L,))) for L in lengths]
         t, hq, hkv, mask, pss, W = key
         lines.append(f"| {t} | {hq}/{hkv} | {mask} | {pss} | {W} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def answer_markdown(rows, alt=None, alt_name=""):
+    """Per (topology, heads, mask, pass, W): TokenRing speedup over ring at each L (>1: TokenRing
+    faster). alt: a sensitivity grid shown as a second number where its winner differs."""
+    def cell(r, a):
+        s = r["speedup"]
+        text = f"**{s:.2f}**" if s > 1.05 else f"{s:.2f}"
+        if a is not None and (a["speedup"] > 1.05) != (s > 1.05):
+            text += f" ({a['speedup']:.2f})"
+        return text
+
+    return grid_markdown(rows, alt, cell)
 
 
 def answer_summary_markdown(rows):
@@ -735,9 +739,7 @@ def cmd_validate(a):
         _write_csv(a.out, v)
         print(f"wrote {a.out}")
     if a.out_md:
-        with open(a.out_md, "w") as f:
-            f.write(validation_markdown(v) + "\n")
-        print(f"wrote {a.out_md}")
+        _emit_markdown(validation_markdown(v), a.out_md)
 
 
 def cmd_predict(a):
@@ -756,6 +758,16 @@ def cmd_predict(a):
     print("bytes sent by the critical rank:", sent)
 
 
+def _emit_markdown(md: str, path) -> None:
+    """Write md to path (a --out-md argument), or print it when there is none."""
+    if path:
+        with open(path, "w") as f:
+            f.write(md + "\n")
+        print(f"wrote {path}")
+    else:
+        print(md)
+
+
 def cmd_answer(a):
     prof = load_profile(a.profile)[0] if a.profile else cm.H100_BF16
     if a.from_csv:  # re-render a grid computed before
@@ -772,13 +784,7 @@ def cmd_answer(a):
     if a.out_csv and not a.from_csv:
         _write_csv(a.out_csv, rows)
         print(f"wrote {a.out_csv}")
-    md = answer_summary_markdown(rows) + "\n\n" + answer_markdown(rows, alt)
-    if a.out_md:
-        with open(a.out_md, "w") as f:
-            f.write(md + "\n")
-        print(f"wrote {a.out_md}")
-    else:
-        print(md)
+    _emit_markdown(answer_summary_markdown(rows) + "\n\n" + answer_markdown(rows, alt), a.out_md)
     won = [r for r in rows if r["speedup"] > 1.05]
     lost = [r for r in rows if r["speedup"] < 1 / 1.05]
     print(f"cells: {len(rows)}; TokenRing faster by > 5%: {len(won)}; ring faster by > 5%: {len(lost)}")
@@ -831,28 +837,17 @@ def auto_grid(profile, topologies=ANSWER_TOPOLOGIES, worlds=ANSWER_W, lengths=AN
 
 def auto_markdown(rows, alt=None):
     """Per (topology, heads, mask, pass, W): auto's pick at each L (R ring, T token_ring, U ulysses)
-    and, bold, Ulysses' predicted speedup over the faster ring; alt (the rate-only grid) in
-    parentheses where its pick differs."""
-    key7 = ("topology", "heads_q", "heads_kv", "mask", "pass", "world", "seq_len")
-    alt_map = {tuple(r[k] for k in key7): r for r in (alt or [])}
-    idx = {tuple(r[k] for k in key7): r for r in rows}
-    lengths = sorted({r["seq_len"] for r in rows})
-    lines = ["| topology | Hq/Hkv | mask | pass | W | " + " | ".join(_fmt_L(L) for L in lengths) + " |",
-             "|---|---|---|---|---|" + "---|" * len(lengths)]
-    for key in dict.fromkeys(tuple(r[k] for k in key7[:6]) for r in rows):
-        cells = []
-        for L in lengths:
-            r = idx[key + (L,)]
-            cell = AUTO_LETTER[r["auto"]]
-            if r["auto"] == "ulysses":
-                cell += f" {min(r['ring_ms'], r['token_ring_ms']) / r['ulysses_ms']:.2f}"
-            a = alt_map.get(key + (L,))
-            if a is not None and a["auto"] != r["auto"]:
-                cell += f" ({AUTO_LETTER[a['auto']]})"
-            cells.append(cell)
-        t, hq, hkv, mask, pss, W = key
-        lines.append(f"| {t} | {hq}/{hkv} | {mask} | {pss} | {W} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    and Ulysses' predicted speedup over the faster ring; alt (the rate-only grid) in parentheses
+    where its pick differs."""
+    def cell(r, a):
+        text = AUTO_LETTER[r["auto"]]
+        if r["auto"] == "ulysses":
+            text += f" {min(r['ring_ms'], r['token_ring_ms']) / r['ulysses_ms']:.2f}"
+        if a is not None and a["auto"] != r["auto"]:
+            text += f" ({AUTO_LETTER[a['auto']]})"
+        return text
+
+    return grid_markdown(rows, alt, cell)
 
 
 def cmd_auto(a):
@@ -864,13 +859,7 @@ def cmd_auto(a):
     if a.out_csv:
         _write_csv(a.out_csv, rows)
         print(f"wrote {a.out_csv}")
-    md = auto_markdown(rows, alt)
-    if a.out_md:
-        with open(a.out_md, "w") as f:
-            f.write(md + "\n")
-        print(f"wrote {a.out_md}")
-    else:
-        print(md)
+    _emit_markdown(auto_markdown(rows, alt), a.out_md)
     for name, grid in (("fitted profile", rows), ("rate-only", alt)):
         n = {alg: sum(r["auto"] == alg for r in grid) for alg in AUTO_LETTER}
         print(f"{name}: cells {len(grid)}; auto picks " + ", ".join(f"{k} {v}" for k, v in n.items()))

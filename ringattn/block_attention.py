@@ -451,8 +451,18 @@ def block_lse_backward(dlse, q, k, lse, *, causal=False, softmax_scale=None, bac
 # math: fp32 (fp64 for fp64 inputs), chunked over query rows, GQA without repeating K/V.
 
 
-def _math_rows_per_chunk(B: int, Hq: int, Sk: int) -> int:
-    return max(1, _MATH_CHUNK_ELEMS // max(1, B * Hq * Sk))
+# Causal: at most 1/_MATH_CAUSAL_SPLIT of the query rows per chunk (at least _MATH_CAUSAL_MIN_ROWS),
+# so a chunk's keys stop near its last row: the masked triangle computed is <= 1/8 of the work
+# (with one chunk, e.g. few heads over a long sequence -- Ulysses' world-1 attention -- the
+# whole square was computed, twice the causal FLOPs).
+_MATH_CAUSAL_SPLIT, _MATH_CAUSAL_MIN_ROWS = 8, 256
+
+
+def _math_rows_per_chunk(B: int, Hq: int, Sk: int, case: "_Case | None" = None) -> int:
+    rows = max(1, _MATH_CHUNK_ELEMS // max(1, B * Hq * Sk))
+    if case is not None and case.alignment is not None:
+        rows = min(rows, max(_MATH_CAUSAL_MIN_ROWS, -(-case.sq // _MATH_CAUSAL_SPLIT)))
+    return rows
 
 
 def _grouped(x, Hkv: int, ct):
@@ -496,7 +506,7 @@ def _math_forward(q, k, v, scale, case):
     vf = v.to(ct).transpose(1, 2)
     out = torch.zeros(B, Sq, Hq, D, dtype=q.dtype, device=q.device)
     lse = torch.full((B, Hq, Sq), _NEG_INF, dtype=torch.float32, device=q.device)
-    rows = _math_rows_per_chunk(B, Hq, case.sk)
+    rows = _math_rows_per_chunk(B, Hq, case.sk, case)
     for r0 in range(0, Sq, rows):
         r1 = min(Sq, r0 + rows)
         n = r1 - r0
@@ -525,7 +535,7 @@ def _math_backward(dout, q, k, v, out, lse, scale, case, accs):
     dq = dq_out if full(dq_out) else torch.zeros(B, Sq, Hq, D, dtype=ct, device=q.device)
     dk = torch.zeros(B, Hkv, Sk, D, dtype=ct, device=q.device)
     dv = torch.zeros(B, Hkv, Sk, D, dtype=ct, device=q.device)
-    rows = _math_rows_per_chunk(B, Hq, Sk)
+    rows = _math_rows_per_chunk(B, Hq, Sk, case)
     for r0 in range(0, Sq, rows):
         r1 = min(Sq, r0 + rows)
         n = r1 - r0

@@ -57,7 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, help="optimizer steps")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--algorithm", default="auto",
-                   choices=["auto", "ring", "token_ring", "ulysses+ring", "ulysses+token_ring"])
+                   choices=["auto", "ring", "token_ring", "ulysses", "ulysses+ring", "ulysses+token_ring"])
     p.add_argument("--layout", default="zigzag", choices=["zigzag", "contiguous"])
     p.add_argument("--ulysses-size", type=int, default=None, help="2-D mode: ranks per Ulysses group")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: float32 on CPU, bfloat16 on GPU")
@@ -144,7 +144,7 @@ def train(args, info) -> int:
     rank, world, dev = info.rank, info.world_size, info.device
     dtype = getattr(torch, args.dtype)
     launcher = os.environ.get("RINGATTN_DEMO_LAUNCHER", info.launcher)
-    u = args.ulysses_size or (math.gcd(world, args.kv_heads) if args.algorithm.startswith("ulysses") else 1)
+    u = args.ulysses_size or (math.gcd(world, args.kv_heads) if args.algorithm.startswith("ulysses+") else 1)
     msg = rhf.seq_len_error(args.seq, world, args.layout, args.algorithm, u)
     if msg:
         raise SystemExit(msg + " (--seq)")
@@ -165,7 +165,7 @@ def train(args, info) -> int:
         dist.broadcast(ref_loss, src=0)
 
     rhf.apply_sequence_parallel(model, algorithm=args.algorithm, layout=args.layout,
-                                ulysses_size=args.ulysses_size if args.algorithm.startswith("ulysses") else None)
+                                ulysses_size=args.ulysses_size if args.algorithm.startswith("ulysses+") else None)
     plan = model.ringattn_plan
     batch = rhf.shard_batch(model, input_ids, labels)
     del input_ids, labels
@@ -341,7 +341,7 @@ def main(argv=None) -> int:
         # Fail fast on a bad length before starting any process.
         import ringattn.integrations.huggingface as rhf
 
-        u = args.ulysses_size or (math.gcd(args.ranks, args.kv_heads) if args.algorithm.startswith("ulysses") else 1)
+        u = args.ulysses_size or (math.gcd(args.ranks, args.kv_heads) if args.algorithm.startswith("ulysses+") else 1)
         msg = rhf.seq_len_error(args.seq, args.ranks, args.layout, args.algorithm, u)
         if msg:
             raise SystemExit(msg + " (--seq / --ranks)")

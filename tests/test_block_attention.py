@@ -190,11 +190,9 @@ def test_softmax_scale_is_used():
         torch.testing.assert_close(got, want)
 
 
-def test_math_chunking_bounds_score_memory(monkeypatch):
-    """A (B=1, H=2, 64 x 64) block with a 512-element budget runs in 4-row chunks: the math path
-    never builds the whole (Sq, Sk) score matrix (a 4k x 4k block per head stays ~64 MiB)."""
-    assert ba._math_rows_per_chunk(1, 32, 4096) * 32 * 4096 <= ba._MATH_CHUNK_ELEMS
-    monkeypatch.setattr(ba, "_MATH_CHUNK_ELEMS", 512)
+@pytest.fixture
+def score_sizes(monkeypatch):
+    """The element count of every score tile the math path builds, in order."""
     sizes = []
     real = ba._math_scores
 
@@ -204,10 +202,42 @@ def test_math_chunking_bounds_score_memory(monkeypatch):
         return s
 
     monkeypatch.setattr(ba, "_math_scores", spy)
+    return sizes
+
+
+def test_math_chunking_bounds_score_memory(monkeypatch, score_sizes):
+    """A (B=1, H=2, 64 x 64) block with a 512-element budget runs in 4-row chunks: the math path
+    never builds the whole (Sq, Sk) score matrix (a 4k x 4k block per head stays ~64 MiB)."""
+    assert ba._math_rows_per_chunk(1, 32, 4096) * 32 * 4096 <= ba._MATH_CHUNK_ELEMS
+    monkeypatch.setattr(ba, "_MATH_CHUNK_ELEMS", 512)
+    sizes = score_sizes
     q, k, v, _ = make_inputs(1, 64, 64, 2, 1, 8, torch.float32)
     out, _ = block_attn_forward(q, k, v, causal=True)
     assert len(sizes) == 16 and max(sizes) <= 512
     torch.testing.assert_close(out.double(), reference(q, k, v, True)[0], **FWD_TOL[torch.float32])
+
+
+def test_math_causal_chunks_skip_the_masked_triangle(score_sizes):
+    """Causal with few heads over a long sequence (Ulysses' world-1 attention: Hq/W heads x L):
+    the score budget alone would make it ONE chunk and compute the whole L x L square, twice the
+    causal work. The rows are split in 8, so the scores built are 9/16 of the square (the exact
+    triangle is 1/2); non-causal stays one chunk. Forward and backward still equal the reference."""
+    sizes = score_sizes
+    L = 2048
+    q, k, v, dout = make_inputs(1, L, L, 1, 1, 8, torch.float32)
+    assert ba._math_rows_per_chunk(1, 1, L) >= L  # the budget alone: one chunk
+    out, lse = block_attn_forward(q, k, v, causal=True)
+    assert len(sizes) == 8 and sum(sizes) == L * L * 9 // 16, sizes
+    sizes.clear()
+    block_attn_forward(q, k, v, causal=False)
+    assert sizes == [L * L]
+    ref_out, ref_lse, ref_dq, ref_dk, ref_dv = reference_grads(q, k, v, dout, causal=True)
+    torch.testing.assert_close(out.double(), ref_out, **FWD_TOL[torch.float32])
+    sizes.clear()
+    grads = block_attn_backward(dout, q, k, v, out, lse, causal=True)
+    assert len(sizes) == 8 and sum(sizes) == L * L * 9 // 16, sizes
+    for got, want in zip(grads, (ref_dq, ref_dk, ref_dv)):
+        torch.testing.assert_close(got.double(), want, **BWD_TOL[torch.float32])
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])

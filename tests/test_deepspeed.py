@@ -27,7 +27,7 @@ needs_deepspeed = pytest.mark.skipif(not HAVE_DEEPSPEED, reason="deepspeed not i
 def _check_2d(use_deepspeed, seq_len):
     out = {}
     input_ids, labels = th.global_batch(seq_len)
-    for algorithm in ("ulysses+ring", "ulysses+token_ring"):
+    for algorithm in ("ulysses+ring", "ulysses+token_ring", "ulysses+auto"):  # (auto: any of the three inside)
         for layout in ("contiguous", "zigzag"):
             model = th.tiny_model("llama")
             ref = th.reference(model, input_ids, labels)

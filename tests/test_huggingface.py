@@ -164,6 +164,34 @@ def test_matches_single_process(dist_pool, family, world):
     assert_close(results)
 
 
+def _check_ulysses(seq_len):
+    """algorithm="ulysses" (1-D, ringattn's own all-to-all): heads the group splits match the
+    single-process model; heads it cannot split are refused when wrapping, on every rank."""
+    world = dist.get_world_size()
+    if world == 3:  # the tiny models have 4 query heads
+        try:
+            rhf.apply_sequence_parallel(tiny_model("llama"), algorithm="ulysses")
+        except ValueError as e:
+            return {"refused": str(e)}
+        return {"refused": None}
+    out = {}
+    for family, layouts in (("llama", ("contiguous", "zigzag")), ("qwen2", ("zigzag",))):
+        for (alg, layout), err in _check_family(family, ("ulysses",), layouts, seq_len).items():
+            out[(family, alg, layout)] = err
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_ulysses_matches_single_process(dist_pool, world):
+    results = dist_pool(world).run(_check_ulysses, SEQ[world], timeout=180)
+    if world == 3:
+        for r in results:
+            assert r["refused"] and "heads_q=4 must be a multiple of the group size 3" in r["refused"], r
+        return
+    assert all(len(r) == 3 for r in results), results
+    assert_close(results)
+
+
 # Every other supported family, once per algorithm (different norms, q/k norms, NoPE layers,
 # MoE MLPs, attention/embedding/logit multipliers, parallel blocks: the model's own code around
 # the same attention call).

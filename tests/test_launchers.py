@@ -58,10 +58,13 @@ def test_torchrun_demo():
     assert len(rows) == 3 and all(sent == predicted for sent, predicted in rows), p.stdout  # counter == byte model
 
 
-def test_spawned_demo():
+@pytest.mark.parametrize("algorithm", ["token_ring", "ulysses"])
+def test_spawned_demo(algorithm):
     # no launcher: the demo starts its own ranks (default 4; 2 here to keep the suite short)
-    p = _run([sys.executable, "-m", "ringattn.demo", "--quick", "--ranks", "2", "--algorithm", "token_ring"])
+    p = _run([sys.executable, "-m", "ringattn.demo", "--quick", "--ranks", "2", "--algorithm", algorithm])
     _demo_ok(p, 2, "spawn")
+    rows = _bytes_columns(p.stdout)
+    assert len(rows) == 2 and all(sent == predicted for sent, predicted in rows), p.stdout  # counter == byte model
 
 
 def test_single_process_demo():

@@ -70,7 +70,7 @@ SLIDING_WINDOW_MODEL_TYPES = ("mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral
 # Families whose attention passes per-head attention-sink logits (s_aux=) to the attention
 # function: they run as ringattn's sinks= (ringattn.sinks), training and generate() alike.
 SINK_MODEL_TYPES = ("gpt_oss",)
-ALGORITHMS = ("auto", "ring", "token_ring", "ulysses+ring", "ulysses+token_ring", "ulysses+auto")
+ALGORITHMS = ("auto", "ring", "token_ring", "ulysses", "ulysses+ring", "ulysses+token_ring", "ulysses+auto")
 LAYOUTS = ("contiguous", "zigzag")
 # RoPE variants whose frequencies depend only on the position (not on the sequence length seen
 # by the forward): exact when each rank applies them to its own tokens' global positions.
@@ -146,7 +146,7 @@ def seq_len_error(seq_len: int, world: int, layout: str, algorithm: str = "auto"
 class SequenceParallelPlan:
     """Who holds which tokens and how attention runs across ranks.
 
-    1-D (algorithm ring / token_ring / auto): the group's W ranks hold the sequence in `layout`.
+    1-D (algorithm ring / token_ring / ulysses / auto): the group's W ranks hold the sequence in `layout`.
     2-D (algorithm ulysses+*): W = U x R ranks; SP rank g is ring index j = g // U and Ulysses
     index i = g % U. The ring layout over the R ring ranks gives segment Z_j; inside the Ulysses
     group j, Z_j is split contiguously into U pieces (earlier pieces bigger) and rank i holds
@@ -758,7 +758,10 @@ def apply_sequence_parallel(model, group=None, algorithm: str = "auto", layout: 
     """Make `model` (a Llama / Mistral / Qwen2 causal LM) run its attention sequence-parallel over
     `group` (default: the whole world). Returns the same model object, modified in place.
 
-    algorithm: "auto" | "ring" (K/V rotation) | "token_ring" (Q rotation) | "ulysses+ring" |
+    algorithm: "auto" (the cost model's pick among ring, token_ring and ulysses; the rings only
+      under torch.compile) | "ring" (K/V rotation) | "token_ring" (Q rotation) | "ulysses"
+      (ringattn's all-to-all to head shards over the whole group: W must divide the query heads,
+      and the KV heads must divide or be a multiple of W) | "ulysses+ring" |
       "ulysses+token_ring" (2-D: DeepSpeed-Ulysses all-to-all over heads inside groups of
       `ulysses_size` consecutive ranks, ring across them; every rank of the default world must
       call this, as it creates process groups).
@@ -789,7 +792,14 @@ def apply_sequence_parallel(model, group=None, algorithm: str = "auto", layout: 
             )
         ug, rg = make_ulysses_ring_groups(u, group)
         plan_kwargs = dict(ulysses_size=u, ulysses_group=ug, ring_group=rg, use_deepspeed=use_deepspeed)
-    elif ulysses_size not in (None, 1):
+    elif algorithm == "ulysses":
+        from ringattn.ulysses import heads_problem
+
+        hkv = cfg.num_key_value_heads or cfg.num_attention_heads
+        problem = heads_problem(cfg.num_attention_heads, hkv, dist.get_world_size(group))
+        if problem:
+            raise ValueError(f"ringattn: {problem}")
+    if not algorithm.startswith("ulysses+") and ulysses_size not in (None, 1):
         raise ValueError(f"ringattn: ulysses_size={ulysses_size} needs algorithm='ulysses+ring' or 'ulysses+token_ring'")
     plan = SequenceParallelPlan(group=group, algorithm=algorithm, layout=layout, backend=backend, **plan_kwargs)
     if plan.ulysses_size > 1:
