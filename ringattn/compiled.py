@@ -26,8 +26,9 @@ included:
 
 Both run the same code as the eager path at run time: the signature exchange (every rank
 raises the same error on bad input), algorithm="auto" (choosing between the two rings only:
-auto's third candidate, Ulysses, has no traced op and would break the graph), the byte
-accounting (comm_stats), the transports. Fake implementations give the shapes to the compiler. The group travels by name
+which op runs, and so its output shapes, must be fixed at trace time, and the global length
+auto's choice of Ulysses depends on is not), the byte accounting (comm_stats), the transports.
+algorithm="ulysses" is its own op pair (below). Fake implementations give the shapes to the compiler. The group travels by name
 ("" = the default group, or a world of one without torch.distributed); `grad` (whether a
 backward will follow, part of the signature every rank agrees on) is decided at trace time from
 requires_grad, because autograd is off inside a custom op. lse is returned detached, as in
@@ -50,11 +51,12 @@ from ringattn.layout import RingPlan, SequenceLayout, group_rank_and_size, no_au
 from ringattn.sinks import rescale, sinks_backward, sinks_problem
 from ringattn.ring_attention import ring_backward, ring_forward
 from ringattn.token_ring import reply_for, token_ring_backward, token_ring_forward
+from ringattn.ulysses import _Saved, head_blocks, ulysses_backward, ulysses_forward
 
 # Runs of each op's implementation in this process (tests check that compiled code took the op).
 CALLS: collections.Counter = collections.Counter()
 
-_ALG = {"ring": 1, "token_ring": 2}
+_ALG = {"ring": 1, "token_ring": 2, "ulysses": 3}
 _ALG_NAME = {v: k for k, v in _ALG.items()}
 
 
@@ -98,7 +100,10 @@ def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name: 
                                       backend=backend, grad=grad, lse_grad=lse_grad, cu_seqlens=cu_seqlens,
                                       sliding_window=None if sliding_window == -1 else sliding_window,
                                       sinks=sinks)
-    alg = sp._resolve_algorithm(algorithm, plan, q, k, grad, sp.ALGORITHMS)  # the rings: Ulysses would break the graph
+    alg = sp._resolve_algorithm(algorithm, plan, q, k, grad, sp.ALGORITHMS)  # auto: the rings (see traced_attention)
+    if alg not in _ALG or alg == "ulysses":
+        raise ValueError(f"ringattn::sp_attention runs 'ring', 'token_ring' or 'auto', not {alg!r} "
+                         "(algorithm='ulysses' is ringattn::ulysses_attention)")
     with no_autocast(q.device):
         f32 = torch.float32 if sinks is not None else None  # sinks: rescale the fp32 rows, round once
         if alg == "ring":
@@ -169,6 +174,146 @@ def _backward(ctx, dout, dlse, _dmeta):
 sp_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
+# --------------------------------------------------------------------------------------------
+# algorithm="ulysses" as one op. Its backward needs the forward's head-layout q, k, v, out, lse
+# over the WHOLE sequence (B, L, h, D), whose length L no rank knows at trace time (uneven
+# shards). So the op returns them at the start of buffers sized for an upper bound of L that the
+# local shard implies (ulysses_rows), and the backward op takes the first L tokens (L from meta).
+#
+#   ringattn::ulysses_attention(q, k, v, group_name, causal, softmax_scale, layout, backend, grad,
+#                               lse_grad, cu_seqlens=None, sliding_window=-1, sinks=None)
+#       -> out, lse, meta, q_h, k_h, v_h, out_h, lse_h   (the last five: 0-size unless grad)
+#   ringattn::ulysses_attention_backward(dout, dlse, q_h, k_h, v_h, out_h, lse_h, meta, group_name,
+#                                        causal, layout, backend, heads_kv, cu_seqlens=None) -> dq, dk, dv
+
+
+def ulysses_rows(n_local: int, world: int) -> int:
+    """Tokens the head-layout buffers hold: >= the global length any rank's shard implies (chunks
+    differ by at most one token, a rank holds one chunk, zigzag two: L <= W * (n_local + 2))."""
+    return world * (n_local + 2)
+
+
+def _prefix(buf: torch.Tensor, length: int) -> torch.Tensor:
+    """The (B, length, h, D) / (B, h, length) tensor stored at the start of a padded buffer (a view)."""
+    dim = 2 if buf.dim() == 3 else 1
+    shape = list(buf.shape)
+    shape[dim] = length
+    return buf.view(-1)[:math.prod(shape)].view(shape)
+
+
+class _Padded:
+    """ulysses_forward's allocator: each head-layout tensor at the start of a buffer of `rows` tokens."""
+
+    def __init__(self, rows: int):
+        self.rows, self.buffers = rows, []
+
+    def buffer(self, shape, dtype, device) -> torch.Tensor:
+        dim = 2 if len(shape) == 3 else 1
+        full = list(shape)
+        full[dim] = self.rows
+        buf = torch.empty(full, dtype=dtype, device=device)
+        buf.view(-1)[math.prod(shape):].zero_()  # the rows past L: defined (an op's outputs are compared)
+        self.buffers.append(buf)
+        return buf
+
+    def __call__(self, shape, dtype, device):
+        return _prefix(self.buffer(shape, dtype, device), shape[2 if len(shape) == 3 else 1])
+
+
+@torch.library.custom_op("ringattn::ulysses_attention", mutates_args=())
+def ulysses_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name: str, causal: bool,
+                         softmax_scale: float | None, layout: str, backend: str, grad: bool, lse_grad: bool,
+                         cu_seqlens: torch.Tensor | None = None, sliding_window: int = -1,
+                         sinks: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                    torch.Tensor, torch.Tensor, torch.Tensor]:
+    CALLS["ulysses_attention"] += 1
+    plan, q, k, v, _ = sp._prepare("ringattn sequence-parallel attention", q, k, v, algorithm="ulysses",
+                                   causal=causal, softmax_scale=softmax_scale, group=resolve_group(group_name),
+                                   layout=layout, backend=backend, grad=grad, lse_grad=lse_grad,
+                                   cu_seqlens=cu_seqlens, sliding_window=None if sliding_window == -1 else sliding_window,
+                                   sinks=sinks)
+    pad = _Padded(ulysses_rows(q.shape[1], plan.world_size)) if grad else None
+    with no_autocast(q.device):
+        out, lse, saved = ulysses_forward(plan, q, k, v, sinks, pad)
+    meta = torch.tensor([_ALG["ulysses"], sp._float_bits(plan.softmax_scale), plan.layout.seq_len,
+                         -1 if plan.window is None else plan.window], dtype=torch.int64)
+    if grad:
+        heads = list(pad.buffers)  # q_h, k_h, v_h (written in place by the forward)
+        for t in saved.tensors[3:]:  # out_h, lse_h: copied into buffers of the same kind
+            buf = pad.buffer(t.shape, t.dtype, t.device)
+            _prefix(buf, plan.layout.seq_len).copy_(t)
+            heads.append(buf)
+    else:
+        heads = [q.new_empty(0), k.new_empty(0), v.new_empty(0), q.new_empty(0), q.new_empty(0, dtype=torch.float32)]
+    return (out.contiguous(), lse.contiguous(), meta, *heads)
+
+
+@ulysses_attention_op.register_fake
+def _(q, k, v, group_name, causal, softmax_scale, layout, backend, grad, lse_grad, cu_seqlens=None,
+      sliding_window=-1, sinks=None):
+    B, n, Hq, D = q.shape
+    out = (torch.empty_like(q, memory_format=torch.contiguous_format),
+           q.new_empty((B, Hq, n), dtype=torch.float32), torch.empty(4, dtype=torch.int64, device="cpu"))
+    if not grad:
+        return out + (q.new_empty(0), k.new_empty(0), v.new_empty(0), q.new_empty(0),
+                      q.new_empty(0, dtype=torch.float32))
+    rank, world = group_rank_and_size(resolve_group(group_name))
+    rows = ulysses_rows(n, world)
+    lo, hi, klo, khi = head_blocks(Hq, k.shape[2], world)[rank]  # (heads Ulysses cannot split: the op raises)
+    return out + (q.new_empty((B, rows, hi - lo, D)), k.new_empty((B, rows, khi - klo, D)),
+                  v.new_empty((B, rows, khi - klo, D)), q.new_empty((B, rows, hi - lo, D)),
+                  q.new_empty((B, hi - lo, rows), dtype=torch.float32))
+
+
+@torch.library.custom_op("ringattn::ulysses_attention_backward", mutates_args=())
+def ulysses_attention_backward(dout: torch.Tensor, dlse: torch.Tensor | None, q_h: torch.Tensor, k_h: torch.Tensor,
+                               v_h: torch.Tensor, out_h: torch.Tensor, lse_h: torch.Tensor, meta: torch.Tensor,
+                               group_name: str, causal: bool, layout: str, backend: str, heads_kv: int,
+                               cu_seqlens: torch.Tensor | None = None
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    CALLS["ulysses_attention_backward"] += 1
+    plan, _ = _plan_from_meta(resolve_group(group_name), meta, causal, layout, backend, cu_seqlens)
+    L = plan.layout.seq_len
+    saved = _Saved(*(_prefix(t, L) for t in (q_h, k_h, v_h, out_h, lse_h)), heads_kv)
+    with no_autocast(dout.device):
+        return ulysses_backward(plan, saved, dout.contiguous(), None if dlse is None else dlse.contiguous())
+
+
+@ulysses_attention_backward.register_fake
+def _(dout, dlse, q_h, k_h, v_h, out_h, lse_h, meta, group_name, causal, layout, backend, heads_kv, cu_seqlens=None):
+    B, n, _, D = dout.shape
+    return (dout.new_empty(dout.shape, dtype=q_h.dtype), dout.new_empty((B, n, heads_kv, D), dtype=k_h.dtype),
+            dout.new_empty((B, n, heads_kv, D), dtype=v_h.dtype))
+
+
+def _ulysses_setup(ctx, inputs, output):
+    _q, k, _v, name, causal, _scale, layout, backend, _grad, lse_grad = inputs[:10]
+    cu_seqlens = inputs[10] if len(inputs) > 10 else None
+    sinks = inputs[12] if len(inputs) > 12 else None
+    out, lse, meta, *heads = output
+    ctx.save_for_backward(out, lse, meta, cu_seqlens, sinks, *heads)
+    ctx.args = (name, causal, layout, backend, lse_grad, k.shape[2])
+
+
+def _ulysses_backward(ctx, dout, dlse, *_unused):
+    out, lse, meta, cu_seqlens, sinks, *heads = ctx.saved_tensors
+    name, causal, layout, backend, lse_grad, heads_kv = ctx.args
+    if heads[0].dim() != 4:
+        raise RuntimeError("ringattn::ulysses_attention ran with grad=False (no head-layout tensors kept), "
+                           "so it has no backward; pass grad=True when its inputs require grad")
+    dsinks = None
+    if sinks is not None:  # (traced into the backward graph, as for the rings)
+        with no_autocast(out.device):
+            dout, dsinks = sinks_backward(dout, out, lse, sinks)
+    dq, dk, dv = torch.ops.ringattn.ulysses_attention_backward(dout, dlse if lse_grad else None, *heads, meta, name,
+                                                               causal, layout, backend, heads_kv, cu_seqlens)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, dsinks
+
+
+ulysses_attention_op.register_autograd(_ulysses_backward, setup_context=_ulysses_setup)
+
+
 @torch.compiler.disable(reason="ringattn sequence-parallel attention: inputs the traced op cannot describe "
                                "(non-tensors or not 4-D, for which the eager path raises the error) run eagerly")
 def _eager(fn, q, k, v, **kw):
@@ -193,7 +338,7 @@ def traced_attention(fn, q, k, v, *, algorithm, causal, softmax_scale, group, la
     window_ok = sliding_window is None or (isinstance(sliding_window, int) and not isinstance(sliding_window, bool)
                                            and 1 <= sliding_window < (1 << 62))
     four_d = all(isinstance(t, torch.Tensor) for t in (q, k, v)) and q.dim() == k.dim() == v.dim() == 4
-    if docs is False or not window_ok or algorithm == "ulysses" or not (
+    if docs is False or not window_ok or not (
             four_d and isinstance(algorithm, str) and isinstance(layout, str) and isinstance(backend, str)) or (
             sinks_problem(sinks, q.shape[2], q.device) is not None):
         return _eager(fn, q, k, v, algorithm=algorithm, causal=causal, softmax_scale=softmax_scale, group=group,
@@ -207,9 +352,10 @@ def traced_attention(fn, q, k, v, *, algorithm, causal, softmax_scale, group, la
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                         or (sinks is not None and sinks.requires_grad))
     lse_grad = bool(lse_grad)
-    out, lse, _meta = torch.ops.ringattn.sp_attention(q, k, v, group_name(group), algorithm, bool(causal),
-                                                      softmax_scale, layout, backend, bool(grad), lse_grad, docs,
-                                                      -1 if sliding_window is None else sliding_window, sinks)
+    op = torch.ops.ringattn.ulysses_attention if algorithm == "ulysses" else torch.ops.ringattn.sp_attention
+    args = () if algorithm == "ulysses" else (algorithm,)
+    out, lse = op(q, k, v, group_name(group), *args, bool(causal), softmax_scale, layout, backend, bool(grad),
+                  lse_grad, docs, -1 if sliding_window is None else sliding_window, sinks)[:2]
     if not lse_grad:
         lse = lse.detach()
     return sp.finish(out, lse, sinks=sinks, lse_grad=lse_grad, return_lse=return_lse)

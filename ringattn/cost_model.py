@@ -713,10 +713,11 @@ def _single_rank(b: _Builder, sh1: _Shape, program, op: str) -> None:
 
 def _ulysses_pass(b: _Builder, op: str):
     """Ulysses forward ("fwd") or backward ("bwd"), as ulysses.py runs them: step 0 the all-to-all
-    to head shards (the head pieces' copies, one batch of W-1 sends and receives, the concatenation
-    and, zigzag, the reorder into token order), step 1 the world-1 ring program over the whole
-    sequence for this rank's heads, step 2 the all-to-all back (reorder, the pieces' copies, the
-    batch, the assembly of the received head blocks; shared KV heads' fp32 dK/dV summed and cast).
+    to head shards (the other ranks' head pieces copied contiguous, one batch of W-1 sends and
+    receives, one concatenation of every rank's chunks in token order), step 1 the world-1 ring
+    program over the whole sequence for this rank's heads, step 2 the all-to-all back (each
+    rank's rows: zigzag's two chunks concatenated, strided ones copied; the batch; one
+    concatenation of the received head blocks, or shared KV heads' fp32 dK/dV summed and cast).
     Nothing overlaps: every batch is waited for before the next op."""
     sh, r = b.sh, b.r
     W, n = sh.lay.world_size, sh.lay.local_lengths
@@ -732,13 +733,13 @@ def _ulysses_pass(b: _Builder, op: str):
     st = (op, 0)
     ch_in, ch_out = ("fwd.a2a", "fwd.out") if op == "fwd" else ("bwd.dout", "bwd.dqkv")
     heads_in = (lambda j: [hq, kv[j], kv[j]]) if op == "fwd" else (lambda j: [hq])
-    if W > 1:  # head slices of (B, n, H, D) are strided: one contiguous copy each (my own block too)
-        b.mem(st, 2 * row * e * n[r] * sum(sum(heads_in(j)) for j in range(W)), "head pieces, contiguous")
+    if W > 1:  # head slices of (B, n, H, D) are strided: one contiguous copy for each other rank
+        b.mem(st, 2 * row * e * n[r] * sum(sum(heads_in(j)) for j in peers), "head pieces, contiguous")
     b.post(st, 0, ch_in, [(j, [row * e * n[r] * h for h in heads_in(j)]) for j in peers],
            [(j, [row * e * n[j] * h for h in heads_in(r)]) for j in peers])
     b.wait(st, ch_in)
     mine = row * e * L * sum(heads_in(r))          # the head-layout tensors over the whole sequence
-    b.mem(st, 2 * mine * (2 if zig else 1), "concatenate" + (", reorder into token order" if zig else ""))
+    b.mem(st, 2 * mine, "one concatenation of every rank's chunks in token order")
     # step 1: the world-1 attention of my head block
     _single_rank(b, sh1, _ring_fwd if op == "fwd" else _ring_bwd, op)
     # step 2: heads -> seq. fwd: out (q dtype) and lse (fp32); bwd: dq (q dtype), dk, dv (kv_e)
@@ -748,17 +749,18 @@ def _ulysses_pass(b: _Builder, op: str):
         outs = [(lambda j: hq, e, False), (lambda j: hq, 4, True)]                 # out, lse
     else:
         outs = [(lambda j: hq, e, False), (lambda j: kv[j], kv_e, False), (lambda j: kv[j], kv_e, False)]
-    nb = 0
-    for h, size, lse in outs:  # zigzag: index_select back to rank order; strided token slices: a copy
-        whole = (B * h(r) if lse else row * h(r)) * size * L
-        nb += 2 * whole * (int(zig) + int(lse and B * h(r) > 1 or (not lse and B > 1)))
-    b.mem(st, nb, ("reorder into rank order, " if zig else "") + "token pieces, contiguous")
     per = lambda h, size, lse, j: (B * h(j) if lse else row * h(j)) * size  # noqa: E731  one token of j's block
+    nb = 0
+    for h, size, lse in outs:  # rank j's rows: zigzag, two chunks concatenated; else a view, copied
+        strided = B * h(r) > 1 if lse else B > 1  # to be sent when strided (my own rows never travel)
+        nb += sum(2 * per(h, size, lse, r) * n[j] for j in range(W) if zig or (strided and j != r))
+    b.mem(st, nb, "token pieces, contiguous")
     b.post(st, 2, ch_out, [(j, [per(*t, r) * n[j] for t in outs]) for j in peers],
            [(j, [per(*t, j) * n[r] for t in outs]) for j in peers])
     b.wait(st, ch_out)
-    got = sum(per(*t, j) for j in range(W) for t in outs) * n[r]
-    b.mem(st, 3 * got, "assemble the head blocks (zero-fill, copy" + (" / fp32 add)" if shared else ")"))
+    for i, t in enumerate(outs):  # disjoint head blocks: one concatenation; shared KV heads: zero-fill + fp32 adds
+        got = sum(per(*t, j) for j in range(W)) * n[r]
+        b.mem(st, (3 if shared and i > 0 else 2) * got, "assemble the head blocks")
     if shared:
         b.mem(st, 2 * row * sh.Hkv * n[r] * (4 + e), "cast the summed fp32 dk/dv")
 

@@ -484,7 +484,7 @@ def choose_algorithm(*, seq_len: int, world_size: int, layout: str = "contiguous
 
     candidates: what may be picked (default ring, token_ring and ulysses; ulysses only where the
     world size splits the heads, ulysses.heads_problem; under torch.compile auto passes the two
-    rings only, since Ulysses would break the graph).
+    rings only: the traced op must be fixed at trace time, before the global length is known).
     1. W == 1: ring (no communication either way).
     2. The cost model simulates the schedules step by step with the H100 compute profile
        (cost_model.H100_BF16, fitted to the measured block-attention rows) on `topology`:
@@ -696,7 +696,8 @@ def ulysses_attention(q, k, v, *, causal=False, softmax_scale=None, group=None, 
     gradients as ring_attention; the group size must divide heads_q, and heads_kv must divide or
     be a multiple of it (a KV head is then sent to the W/heads_kv ranks whose query heads use it).
     Its all-to-alls move (W-1)/W of q, k, v and out per call, which does not grow with W; they are
-    not overlapped with compute. Under torch.compile it runs eagerly (a graph break)."""
+    not overlapped with compute. Under torch.compile it is one traced op pair
+    (ringattn::ulysses_attention, ringattn.compiled)."""
     return _run("ringattn.ulysses_attention", q, k, v, algorithm="ulysses", causal=causal,
                 softmax_scale=softmax_scale, group=group, layout=layout, backend=backend, return_lse=return_lse,
                 lse_grad=lse_grad, cu_seqlens=cu_seqlens, sliding_window=sliding_window, sinks=sinks)

@@ -7,8 +7,8 @@ Rank r of W, n_j = tokens of rank j, L = sum n_j, hq = Hq/W query heads per rank
 share, sent to W/Hkv ranks -- K/V are never repeated per query head):
 
     fwd.a2a   send q[:, :, heads_j], k, v[:, :, kv_j] of my n_r tokens to every j != r; receive
-              j's n_j tokens of my heads: (B, L, hq, D) and (B, L, hkv_r, D) in rank order
-    order     rank order -> global token order (zigzag: an index_select; contiguous: none)
+              j's n_j tokens of my heads; one concatenation of every rank's chunks (mine from my
+              own tensors) in global token order, zigzag included -> (B, L, hq, D), (B, L, hkv_r, D)
     attend    one attention over the whole sequence for my heads: the world-1 plan of the ring
               code (ring_forward), so causal / documents / windows mask exactly as in the rings;
               sinks (per head) rescale here, on my head block
@@ -59,11 +59,15 @@ def head_blocks(heads_q: int, heads_kv: int, world: int) -> list[tuple[int, int,
     return out
 
 
-def _token_order(lay: SequenceLayout, device) -> torch.Tensor | None:
-    """Global position of each row of the rank-order concatenation (None: already in order)."""
-    if lay.layout == "contiguous":
-        return None
-    return torch.cat([lay.positions(j, device) for j in range(lay.world_size)])
+def _global_order(lay: SequenceLayout) -> list[tuple[int, int, int, int]]:
+    """(global start, rank, local offset, length) of every chunk, in global token order."""
+    segs = []
+    for j in range(lay.world_size):
+        off = 0
+        for start, n in lay.segments(j):
+            segs.append((start, j, off, n))
+            off += n
+    return sorted(segs)
 
 
 def _single(plan: RingPlan) -> RingPlan:
@@ -73,11 +77,11 @@ def _single(plan: RingPlan) -> RingPlan:
 
 
 def _exchange(plan: RingPlan, channel: str, send, recv_shapes, device) -> list:
-    """One all-to-all batch. send[j]: list of contiguous tensors for rank j (ignored for j = r);
-    recv_shapes[j]: list of (shape, dtype) to receive from j. Returns recv[j] (list of tensors);
-    recv[r] is send[r] itself (no copy, no message)."""
+    """One all-to-all batch. send[j]: list of contiguous tensors for rank j != r; recv_shapes[j]:
+    list of (shape, dtype) to receive from j != r. Returns recv[j] (list of tensors; [] for j = r:
+    a rank's own block never travels)."""
     W, r = plan.world_size, plan.rank
-    recv = [[torch.empty(s, dtype=dt, device=device) for s, dt in recv_shapes[j]] if j != r else list(send[r])
+    recv = [[torch.empty(s, dtype=dt, device=device) for s, dt in recv_shapes[j]] if j != r else []
             for j in range(W)]
     biggest = max([t.numel() * t.element_size() for j in range(W) if j != r for t in send[j] + recv[j]] or [0])
     comm = P2PComm(plan.group, channel, biggest)
@@ -94,17 +98,25 @@ def _exchange(plan: RingPlan, channel: str, send, recv_shapes, device) -> list:
     return recv
 
 
-def _to_heads(plan: RingPlan, channel: str, tensors: list, blocks: list, order) -> list:
+def _heads(t, lo, hi):
+    """Heads lo:hi of a (B, n, H, D) / lse-like (B, H, n) tensor (a view)."""
+    return t[:, lo:hi] if t.dim() == 3 else t[:, :, lo:hi]
+
+
+def _empty(shape, dtype, device, alloc):
+    return torch.empty(shape, dtype=dtype, device=device) if alloc is None else alloc(shape, dtype, device)
+
+
+def _to_heads(plan: RingPlan, channel: str, tensors: list, blocks: list, alloc=None) -> list:
     """seq -> heads: each (B, n_r, H_i, D) / lse-like (B, H_i, n_r) tensor of this rank to its head
-    block on every rank, concatenated in global token order: (B, L, h, D) / (B, h, L).
-    blocks[i][j] = (lo, hi) of tensor i's heads for rank j."""
+    block on every rank; returns (B, L, h, D) / (B, h, L) in global token order, assembled by ONE
+    concatenation of every rank's chunks in token order (zigzag included: no reorder pass).
+    blocks[i][j] = (lo, hi) of tensor i's heads for rank j. alloc(shape, dtype, device): where the
+    results go (default torch.empty)."""
     W, r, lay = plan.world_size, plan.rank, plan.layout
     dev = tensors[0].device
-
-    def piece(t, lo, hi):  # this rank's tokens, heads lo:hi, contiguous
-        return (t[:, lo:hi] if t.dim() == 3 else t[:, :, lo:hi]).contiguous()
-
-    send = [[piece(t, *blocks[i][j]) for i, t in enumerate(tensors)] for j in range(W)]
+    send = [[_heads(t, *blocks[i][j]).contiguous() for i, t in enumerate(tensors)] if j != r else []
+            for j in range(W)]
     shapes = []
     for j in range(W):
         n = lay.local_len(j)
@@ -114,30 +126,36 @@ def _to_heads(plan: RingPlan, channel: str, tensors: list, blocks: list, order) 
             row.append(((t.shape[0], h, n) if t.dim() == 3 else (t.shape[0], n, h, t.shape[3]), t.dtype))
         shapes.append(row)
     recv = _exchange(plan, channel, send, shapes, dev)
+    order = _global_order(lay)
     out = []
     for i, t in enumerate(tensors):
         dim = 2 if t.dim() == 3 else 1
-        x = torch.cat([recv[j][i] for j in range(W)], dim=dim)
-        if order is not None:
-            x = torch.empty_like(x).index_copy_(dim, order, x)
+        part = [recv[j][i] if j != r else _heads(t, *blocks[i][r]) for j in range(W)]
+        shape = list(part[r].shape)
+        shape[dim] = lay.seq_len
+        x = _empty(shape, t.dtype, dev, alloc)
+        torch.cat([part[j].narrow(dim, off, n) for _, j, off, n in order], dim=dim, out=x)
         out.append(x)
     return out
 
 
-def _to_seq(plan: RingPlan, channel: str, tensors: list, blocks: list, order, wire_dtypes: list) -> list:
+def _to_seq(plan: RingPlan, channel: str, tensors: list, blocks: list, wire_dtypes: list) -> list:
     """heads -> seq, the inverse of _to_heads: each (B, L, h, D) / (B, h, L) head-block tensor back
     to the token owners; this rank gets (B, n_r, H, D) / (B, H, n_r) with every rank's head
     blocks. Heads several ranks hold (a shared KV head) are summed in fp32. wire_dtypes[i]: the
     dtype tensor i travels in."""
     W, r, lay = plan.world_size, plan.rank, plan.layout
     dev = tensors[0].device
-    starts = [sum(lay.local_lengths[:j]) for j in range(W)]
+
+    def rows_of(x, j, dim):  # rank j's tokens of a global-order tensor (one chunk: a view)
+        segs = [x.narrow(dim, start, n) for start, n in lay.segments(j)]
+        return segs[0] if len(segs) == 1 else torch.cat(segs, dim=dim)
+
     parts = []
     for t, wd in zip(tensors, wire_dtypes):
         dim = 2 if t.dim() == 3 else 1
-        x = t.index_select(dim, order) if order is not None else t  # global order -> rank order
-        parts.append([x.narrow(dim, starts[j], lay.local_len(j)).to(wd).contiguous() for j in range(W)])
-    send = [[parts[i][j] for i in range(len(tensors))] for j in range(W)]
+        parts.append([rows_of(t, j, dim).to(wd) for j in range(W)])
+    send = [[parts[i][j].contiguous() for i in range(len(tensors))] if j != r else [] for j in range(W)]
     n_r = lay.local_len(r)
     shapes = []
     for j in range(W):
@@ -149,17 +167,16 @@ def _to_seq(plan: RingPlan, channel: str, tensors: list, blocks: list, order, wi
     recv = _exchange(plan, channel, send, shapes, dev)
     out = []
     for i, t in enumerate(tensors):
-        H = max(b[1] for b in blocks[i])
-        shared = len({b for b in blocks[i]}) < W  # some heads live on several ranks: sum them
+        hdim = 1 if t.dim() == 3 else 2
+        got = [recv[j][i] if j != r else parts[i][r] for j in range(W)]
+        if len(set(blocks[i])) == W:  # disjoint head blocks in rank order: one concatenation
+            out.append(torch.cat(got, dim=hdim))
+            continue
+        H = max(b[1] for b in blocks[i])  # some heads live on several ranks: sum them in fp32
         shape = (t.shape[0], H, n_r) if t.dim() == 3 else (t.shape[0], n_r, H, t.shape[3])
-        full = torch.zeros(shape, dtype=_F32 if shared else wire_dtypes[i], device=dev)
+        full = torch.zeros(shape, dtype=_F32, device=dev)
         for j in range(W):
-            lo, hi = blocks[i][j]
-            dst = full[:, lo:hi] if t.dim() == 3 else full[:, :, lo:hi]
-            if shared:
-                dst.add_(recv[j][i])
-            else:
-                dst.copy_(recv[j][i])
+            _heads(full, *blocks[i][j]).add_(got[j])
         out.append(full)
     return out
 
@@ -172,21 +189,21 @@ class _Saved:
         self.heads_kv = heads_kv  # the call's Hkv (k_h holds this rank's block of it)
 
 
-def ulysses_forward(plan: RingPlan, q, k, v, sinks=None):
+def ulysses_forward(plan: RingPlan, q, k, v, sinks=None, alloc=None):
     """q: (B, n_r, Hq, D); k, v: (B, n_r, Hkv, D) contiguous. Returns out (B, n_r, Hq, D) in q's
     dtype (rescaled by `sinks` when given), lse (B, Hq, n_r) fp32 (without the sinks, as the rings
-    return it), and the head-layout tensors the backward needs."""
+    return it), and the head-layout tensors the backward needs. alloc: where the head-layout q, k,
+    v go (_to_heads; the traced op's padded buffers)."""
     W, r = plan.world_size, plan.rank
     Hq, Hkv = q.shape[2], k.shape[2]
     hb = head_blocks(Hq, Hkv, W)
     qb, kb = [(a, b) for a, b, _, _ in hb], [(c, d) for _, _, c, d in hb]
-    order = _token_order(plan.layout, q.device)
-    q_h, k_h, v_h = _to_heads(plan, "fwd.a2a", [q, k, v], [qb, kb, kb], order)
+    q_h, k_h, v_h = _to_heads(plan, "fwd.a2a", [q, k, v], [qb, kb, kb], alloc)
     out_h, lse_h = ring_forward(_single(plan), q_h, k_h, v_h,   # (B, L, hq, D), (B, hq, L) fp32
                                 _F32 if sinks is not None else None)
     if sinks is not None:  # on the fp32 rows: the output is rounded once
         out_h = rescale(out_h, lse_h, sinks[qb[r][0]:qb[r][1]]).to(q.dtype)
-    out, lse = _to_seq(plan, "fwd.out", [out_h, lse_h], [qb, qb], order, [q.dtype, _F32])
+    out, lse = _to_seq(plan, "fwd.out", [out_h, lse_h], [qb, qb], [q.dtype, _F32])
     return out, lse, _Saved(q_h, k_h, v_h, out_h, lse_h, Hkv)
 
 
@@ -197,14 +214,13 @@ def ulysses_backward(plan: RingPlan, saved: _Saved, dout, dlse=None):
     W, Hq = plan.world_size, dout.shape[2]
     hb = head_blocks(Hq, saved.heads_kv, W)
     qb, kb = [(a, b) for a, b, _, _ in hb], [(c, d) for _, _, c, d in hb]
-    order = _token_order(plan.layout, dout.device)
     ins = [dout.contiguous()] + ([dlse.contiguous()] if dlse is not None else [])
-    got = _to_heads(plan, "bwd.dout", ins, [qb, qb][:len(ins)], order)
+    got = _to_heads(plan, "bwd.dout", ins, [qb, qb][:len(ins)])
     dout_h, dlse_h = got[0], (got[1] if dlse is not None else None)
     shared_kv = len(set(kb)) < W  # W/Hkv ranks hold each KV head: their partial dK/dV are summed
     kv_wire = _F32 if shared_kv else k_h.dtype
     dq_h, dk_h, dv_h = ring_backward(_single(plan), dout_h, q_h, k_h, v_h, out_h, lse_h, dlse_h, kv_wire)
-    dq, dk, dv = _to_seq(plan, "bwd.dqkv", [dq_h, dk_h, dv_h], [qb, kb, kb], order, [q_h.dtype, kv_wire, kv_wire])
+    dq, dk, dv = _to_seq(plan, "bwd.dqkv", [dq_h, dk_h, dv_h], [qb, kb, kb], [q_h.dtype, kv_wire, kv_wire])
     return dq, dk.to(k_h.dtype), dv.to(v_h.dtype)
 
 

@@ -61,6 +61,29 @@ def test_opcheck_sp_attention(algorithm, causal):
         assert meta.tolist()[0] in (1, 2) and meta.tolist()[2] == q.shape[1]
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_opcheck_ulysses_attention(causal):
+    for grad in (True, False):
+        q, k, v = _qkv(grad=grad)  # (grad=False keeps no head-layout tensors: inputs without grad)
+        for lse_grad in (False, True):
+            args = (q, k, v, "", causal, None, "zigzag", "auto", grad, lse_grad)
+            torch.library.opcheck(torch.ops.ringattn.ulysses_attention.default, args)
+            out, lse, meta, *heads = torch.ops.ringattn.ulysses_attention(*args)
+            assert meta.tolist()[0] == 3 and meta.tolist()[2] == q.shape[1]
+            if not grad:
+                assert all(t.numel() == 0 for t in heads)
+                continue
+            assert heads[0].shape[1] == q.shape[1] + 2  # ulysses_rows(9, 1): room for the global length
+            dout, dlse = torch.randn_like(out), torch.randn_like(lse) if lse_grad else None
+            torch.library.opcheck(torch.ops.ringattn.ulysses_attention_backward.default,
+                                  (dout, dlse, *(t.detach() for t in heads), meta, "", causal, "zigzag", "auto",
+                                   k.shape[2]))
+    q, k, v = _qkv()  # a call that promised no backward (grad=False) refuses one clearly
+    out = torch.ops.ringattn.ulysses_attention(q, k, v, "", causal, None, "zigzag", "auto", False, False)[0]
+    with pytest.raises(RuntimeError, match="ran with grad=False"):
+        out.sum().backward()
+
+
 def test_opcheck_gather_and_fused_allreduce_rmsnorm():
     x = torch.randn(2, 7, 3, dtype=torch.float64, requires_grad=True)
     torch.library.opcheck(torch.ops.ringattn.gather_sequence.default, (x, 1, "", "zigzag", 7))
@@ -104,7 +127,7 @@ def _compiled_case(c, backend="aot_eager"):
     k, v = (torch.randn(B, L, Hkv, D, generator=gen).to(dtype) for _ in range(2))
     pos = positions(L, world, c["layout"], rank)
     eager_kw = dict(kw)
-    if c["alg"] == "auto":  # compiled, auto weighs the two rings only (Ulysses would break the graph):
+    if c["alg"] == "auto":  # compiled, auto weighs the two rings only (the op is fixed at trace time):
         eager_kw["algorithm"] = sp.choose_algorithm(  # the eager twin runs that ring explicitly
             seq_len=L, world_size=world, layout=c["layout"], causal=c["causal"], batch=B, heads_q=Hq, heads_kv=Hkv,
             head_dim=D, dtype=dtype, backward=True, candidates=sp.ALGORITHMS).algorithm

@@ -9,7 +9,8 @@
    bytes against the formula.
 3. The all-to-alls over CudaIpcTransport's host simulation (the CPU stand-in of ranks sharing one
    GPU): every message goes through it, same results.
-4. torch.compile: runs eagerly (a graph break), same values.
+4. torch.compile(fullgraph=True): one traced op forward and one backward (head-layout tensors
+   kept in buffers sized at trace time), bitwise the eager values.
 5. Bad input: heads the group cannot split, ranks that disagree on the algorithm: the same
    ValueError on every rank, the group still usable. The GPU run (ranks sharing the H100 over
    CUDA IPC) is test_gpu_ulysses_ranks_sharing_one_gpu, in scripts/gpu_check.sh.
@@ -110,27 +111,80 @@ def test_ulysses_over_the_cuda_ipc_host_simulation(dist_pool, world):
     assert results[0][1] >= 10 and all(sent > 0 for _, _, sent in results)
 
 
-def _compiled():
+def _compiled_cases(world):
+    """Explicit algorithm="ulysses" under torch.compile(fullgraph=True): uneven lengths, both
+    layouts, KV heads shared by W/Hkv ranks, lse_grad, sinks, packed documents (a tensor),
+    a sliding window, batch 2, bf16, a call without grad, and inductor."""
+    L = 5 * world + 1
+    base = dict(hq=2 * world, hkv=world, L=L, layout="zigzag", causal=True, batch=1, dtype=torch.float32)
+    return [base, dict(base, layout="contiguous", causal=False, hkv=1, batch=2),
+            dict(base, lse_grad=True), dict(base, sinks=True, hkv=1),
+            dict(base, cu_seqlens=(0, L // 3, L)), dict(base, window=3, layout="contiguous"),
+            dict(base, dtype=torch.bfloat16), dict(base, no_grad=True), dict(base, backend="inductor")]
+
+
+def _compiled_case(c):
+    """One case compiled (fullgraph; aot_eager unless the case names inductor) and eager: the traced ops ran once each, and out,
+    lse and every gradient are bitwise the eager ones (the same code behind the op)."""
+    import ringattn.compiled as rc
+
     rank, world = dist.get_rank(), dist.get_world_size()
-    g = torch.Generator().manual_seed(9)
-    q, k, v = (torch.randn(1, 5 * world, 2 * world, 8, generator=g) for _ in range(3))
-    pos = sp.SequenceLayout.build(5 * world, world, "zigzag").positions(rank)
-    loc = [t[:, pos].clone().requires_grad_() for t in (q, k, v)]
-    eager = sp.ulysses_attention(*loc, causal=True, layout="zigzag")
-    eager.sum().backward()
-    grads = [t.grad.clone() for t in loc]
-    for t in loc:
-        t.grad = None
-    fn = torch.compile(lambda a, b, c: sp.ulysses_attention(a, b, c, causal=True, layout="zigzag") * 2)
-    out = fn(*loc)
-    out.sum().backward()
-    return ((out / 2 - eager).abs().max().item(),
-            max((t.grad / 2 - g_).abs().max().item() for t, g_ in zip(loc, grads)))
+    g = torch.Generator().manual_seed(c["L"] * 7 + c["hkv"])
+    B, L, D = c["batch"], c["L"], 8
+    q, dout = (torch.randn(B, L, c["hq"], D, generator=g).to(c["dtype"]) for _ in range(2))
+    k, v = (torch.randn(B, L, c["hkv"], D, generator=g).to(c["dtype"]) for _ in range(2))
+    dlse = torch.randn(B, c["hq"], L, generator=g)
+    sinks = torch.randn(c["hq"], generator=g).requires_grad_() if c.get("sinks") else None
+    pos = sp.SequenceLayout.build(L, world, c["layout"]).positions(rank)
+    kw = dict(causal=c["causal"], layout=c["layout"], return_lse=True, lse_grad=c.get("lse_grad", False),
+              sinks=sinks, sliding_window=c.get("window"),
+              cu_seqlens=torch.tensor(c["cu_seqlens"]) if c.get("cu_seqlens") else None)
+    res = {}
+    for mode in ("compiled", "eager"):
+        torch._dynamo.reset()
+        call = lambda a, b_, c_: sp.ulysses_attention(a, b_, c_, **kw)  # noqa: E731
+        f = torch.compile(call, fullgraph=True, backend=c.get("backend", "aot_eager")) if mode == "compiled" else call
+        loc = [t[:, pos].clone().requires_grad_(not c.get("no_grad")) for t in (q, k, v)]
+        if sinks is not None:
+            sinks.grad = None
+        before = dict(rc.CALLS)
+        out, lse = f(*loc)
+        if not c.get("no_grad"):
+            loss = (out.float() * dout[:, pos].float()).sum() + ((lse * dlse[:, :, pos]).sum() if kw["lse_grad"] else 0)
+            loss.backward()
+        ran = tuple(rc.CALLS[n] - before.get(n, 0) for n in ("ulysses_attention", "ulysses_attention_backward"))
+        res[mode] = ([out.detach(), lse.detach()] + [t.grad for t in loc]
+                     + ([sinks.grad.clone()] if sinks is not None else []), ran)
+    errors = []
+    want_ran = (1, 0) if c.get("no_grad") else (1, 1)
+    if res["compiled"][1] != want_ran or res["eager"][1] != (0, 0):
+        errors.append(f"traced ops ran {res['compiled'][1]} compiled (want {want_ran}), {res['eager'][1]} eager")
+    for name, a_, b_ in zip(("out", "lse", "dq", "dk", "dv", "dsinks"), res["compiled"][0], res["eager"][0]):
+        if (a_ is None) != (b_ is None) or (a_ is not None and not torch.equal(a_, b_)):
+            errors.append(f"{name}: compiled != eager")
+    return f"rank {rank} {c}: " + "; ".join(errors) if errors else None
 
 
-def test_ulysses_under_torch_compile_runs_eagerly(dist_pool):
-    for d_out, d_grad in dist_pool(2).run(_compiled, timeout=240):
-        assert d_out < 1e-6 and d_grad < 1e-6, (d_out, d_grad)
+def _run_compiled(world):
+    return [f for c in _compiled_cases(world) if (f := _compiled_case(c)) is not None]
+
+
+@pytest.mark.parametrize("world", (2, 3))
+def test_ulysses_under_torch_compile_is_one_traced_op(dist_pool, world):
+    failures = [f for r in dist_pool(world).run(_run_compiled, world, timeout=400) for f in r]
+    assert not failures, "\n".join(failures[:20])
+
+
+def test_ulysses_op_buffers_hold_any_global_length():
+    """The head-layout buffers' rows (known at trace time from the local shard) cover every global
+    length consistent with that shard, in both layouts (uneven chunks differ by one token)."""
+    from ringattn.compiled import ulysses_rows
+
+    for W in range(1, 9):
+        for layout in ("contiguous", "zigzag"):
+            for L in range(2 * W, 12 * W + 3):
+                lay = sp.SequenceLayout.build(L, W, layout)
+                assert all(ulysses_rows(n, W) >= L for n in lay.local_lengths), (W, layout, L)
 
 
 def _bad(scenario):
