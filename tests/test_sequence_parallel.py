@@ -162,7 +162,7 @@ def test_shortest_sequences(dist_pool, world):
     assert not failures, "\n".join(failures)
 
 
-# --- sub-groups: ranks [1, 2] of 4, and [0, 2] / [1, 3] side by side ---------------------------
+# --- sub-groups: ranks [1, 2] of 4, and [0, 2] / [1, 3] side by side (rings and Ulysses) --------
 def _run_subgroups():
     rank = dist.get_rank()
     g12 = dist.new_group([1, 2])           # every rank of the world creates every group
@@ -170,7 +170,7 @@ def _run_subgroups():
     failures = []
     case = dict(causal=True, layout="zigzag", hq=4, hkv=2, seq_len=11, batch=2, dtype=torch.float32,
                 head_dim=8, return_lse=True)
-    for i, alg in enumerate(ALGORITHMS):
+    for i, alg in enumerate(ALGORITHMS + ("ulysses",)):
         if rank in (1, 2):
             failures.append(run_case(dict(case, alg=alg, seed=700 + i), group=g12))
         pair = g02 if rank in (0, 2) else g13
