@@ -33,6 +33,7 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator  # noqa: 
 ALG_STYLE = {  # colour, marker
     "ring": ("tab:blue", "o"), "token_ring": ("tab:orange", "s"), "auto": ("tab:green", "^"),
     "allgather": ("tab:red", "D"), "torch_cp": ("tab:purple", "v"), "single": ("black", None),
+    "ulysses": ("tab:gray", "h"), "ulysses_ring": ("gold", "d"),
     # peers (perf/peers.py): dashed lines
     "rfa": ("tab:brown", "P"), "usp": ("tab:pink", "X"), "ds_ulysses": ("tab:olive", "*"),
     "torch_ring": ("tab:cyan", "v"),

@@ -198,7 +198,7 @@ PRESETS = {
     # the CPU sweep of perf/RESULTS.md (~10 min on 2 cores)
     "cpu": dict(transport="gloo", worlds=[2, 4], seqs=[1024, 4096], heads=["8/8", "8/2"], head_dim=64, batch=1,
                 dtype="float32", causal=[True], passes=["fwd", "fwd_bwd"],
-                algorithms=["ring", "token_ring", "auto", "allgather"], warmup=1, iters=5, overlap_iters=3,
+                algorithms=["ring", "token_ring", "ulysses", "auto", "allgather"], warmup=1, iters=5, overlap_iters=3,
                 timeout=300),
     # issue 3: 4 ranks sharing one GPU (CUDA IPC + MPS) against one cuDNN attention over the full
     # sequence; few calls so that it fits in ~3 minutes of an H100 (scripts/gpu_check.sh)
