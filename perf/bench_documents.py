@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import int_list, median_ms, parse_common, run_meta, write_and_print  # noqa: E402
 import ringattn  # noqa: E402
+from ringattn.sequence_parallel import bottleneck_bytes  # noqa: E402
 from ringattn.block_attention import block_attn_backward, block_attn_forward  # noqa: E402
 from ringattn.layout import RingPlan, SequenceLayout  # noqa: E402
 
@@ -134,13 +135,10 @@ def byte_rows(doc_lens):
     kw = dict(seq_len=L, world_size=W, layout="zigzag", causal=True, batch=1, heads_q=32, heads_kv=8,
               head_dim=128, dtype=torch.bfloat16, backward=True)
 
-    def busiest(per_rank):
-        return max(max(sum(s for s, _ in ch.values()), sum(r for _, r in ch.values())) for ch in per_rank)
-
     for doc_len in [None] + list(doc_lens):
         docs = None if doc_len is None else boundaries(L, doc_len)
-        ring = busiest(ringattn.predict_comm_bytes("ring", **kw, cu_seqlens=docs))
-        tr = busiest(ringattn.predict_comm_bytes("token_ring", **kw, cu_seqlens=docs))
+        ring = bottleneck_bytes(ringattn.predict_comm_bytes("ring", **kw, cu_seqlens=docs))
+        tr = bottleneck_bytes(ringattn.predict_comm_bytes("token_ring", **kw, cu_seqlens=docs))
         rows.append(dict(table="bytes", doc_len=doc_len or L, docs=1 if docs is None else len(docs) - 1, seq_len=L,
                          world=W, ring_mib=round(ring / 2**20, 2), token_ring_mib=round(tr / 2**20, 2),
                          token_ring_vs_ring=round(tr / ring, 4)))

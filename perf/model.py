@@ -559,36 +559,50 @@ ANSWER_W = [2, 4, 8, 16, 32]
 ANSWER_TOPOLOGIES = ["nvswitch", "pcie", "inter_node"]
 
 
-def answer_grid(profile, topologies=ANSWER_TOPOLOGIES, worlds=ANSWER_W, lengths=ANSWER_L, *,
-                rate_only=False, latency_scale=1.0, bandwidth_scale=1.0, window=None):
-    """One row per (topology, heads, mask, pass, W, L): predicted ring and TokenRing ms.
-    window: instead of the causal zigzag / non-causal masks, causal contiguous with this sliding
-    window (the layout to use with windows, docs/sequence_parallel.md)."""
+def rate_only_profile(profile):
+    """profile without the fitted per-call attention cost (the small-block extrapolation's other bound)."""
+    return dataclasses.replace(profile, name=profile.name + "_rate_only",
+                               attention={k: cm.Curve(0.0, c.rate) for k, c in profile.attention.items()})
+
+
+def model_grid(profile, topologies=ANSWER_TOPOLOGIES, worlds=ANSWER_W, lengths=ANSWER_L, *, algorithms=cm.MODELED,
+               latency_scale=1.0, bandwidth_scale=1.0, window=None):
+    """Yield (cell, cost_model.compare of `algorithms`) per (topology, heads 32/32 and 32/8, mask,
+    pass, W, L); cell holds those keys as the grids' CSV columns. window: instead of the causal
+    zigzag / non-causal masks, causal contiguous with this sliding window."""
     masks = ((True, "contiguous"),) if window else ((True, "zigzag"), (False, "contiguous"))
-    if rate_only:  # sensitivity: no fixed per-call cost (the small-block extrapolation's other bound)
-        profile = dataclasses.replace(
-            profile, name=profile.name + "_rate_only",
-            attention={k: cm.Curve(0.0, c.rate) for k, c in profile.attention.items()})
-    rows = []
     for tname in topologies:
         topo = cm.get_topology(tname).scaled(bandwidth=bandwidth_scale, latency=latency_scale)
         for hq, hkv in ((32, 32), (32, 8)):
             for causal, layout in masks:
+                mask = ("causal zigzag" if causal else "non-causal") if not window else \
+                    f"causal contiguous, window {window}"
                 for backward in (False, True):
                     for W in worlds:
                         for L in lengths:
                             c = cm.compare(seq_len=L, world_size=W, layout=layout, causal=causal, batch=1,
                                            heads_q=hq, heads_kv=hkv, head_dim=128, dtype=2, backward=backward,
-                                           topology=topo, profile=profile, sliding_window=window)
-                            r, t = c["ring"], c["token_ring"]
-                            mask = ("causal zigzag" if causal else "non-causal") if not window else \
-                                f"causal contiguous, window {window}"
-                            rows.append(dict(topology=tname, heads_q=hq, heads_kv=hkv, mask=mask,
-                                             **{"pass": "fwd_bwd" if backward else "fwd"}, world=W, seq_len=L,
-                                             ring_ms=round(r.total_s * 1e3, 4), token_ring_ms=round(t.total_s * 1e3, 4),
-                                             ring_exposed_ms=round(r.exposed_comm_s * 1e3, 4),
-                                             token_ring_exposed_ms=round(t.exposed_comm_s * 1e3, 4),
-                                             speedup=round(r.total_s / t.total_s, 4)))
+                                           topology=topo, profile=profile, sliding_window=window,
+                                           algorithms=algorithms)
+                            yield (dict(topology=tname, heads_q=hq, heads_kv=hkv, mask=mask,
+                                        **{"pass": "fwd_bwd" if backward else "fwd"}, world=W, seq_len=L), c)
+
+
+def answer_grid(profile, topologies=ANSWER_TOPOLOGIES, worlds=ANSWER_W, lengths=ANSWER_L, *,
+                rate_only=False, latency_scale=1.0, bandwidth_scale=1.0, window=None):
+    """One row per (topology, heads, mask, pass, W, L): predicted ring and TokenRing ms.
+    window: instead of the causal zigzag / non-causal masks, causal contiguous with this sliding
+    window (the layout to use with windows, docs/sequence_parallel.md)."""
+    if rate_only:  # sensitivity: no fixed per-call cost (the small-block extrapolation's other bound)
+        profile = rate_only_profile(profile)
+    rows = []
+    for cell, c in model_grid(profile, topologies, worlds, lengths, algorithms=cm.ALGORITHMS,
+                              latency_scale=latency_scale, bandwidth_scale=bandwidth_scale, window=window):
+        r, t = c["ring"], c["token_ring"]
+        rows.append(dict(cell, ring_ms=round(r.total_s * 1e3, 4), token_ring_ms=round(t.total_s * 1e3, 4),
+                         ring_exposed_ms=round(r.exposed_comm_s * 1e3, 4),
+                         token_ring_exposed_ms=round(t.exposed_comm_s * 1e3, 4),
+                         speedup=round(r.total_s / t.total_s, 4)))
     return rows
 
 
@@ -806,32 +820,15 @@ AUTO_LETTER = {"ring": "R", "token_ring": "T", "ulysses": "U"}
 def auto_grid(profile, topologies=ANSWER_TOPOLOGIES, worlds=ANSWER_W, lengths=ANSWER_L, *, rate_only=False):
     """One row per (topology, heads, mask, pass, W, L): the three predicted ms and the algorithm
     sequence_parallel.auto_rule picks from them (bottleneck bytes from the same predictions)."""
-    from ringattn.sequence_parallel import auto_rule
+    from ringattn.sequence_parallel import auto_rule, bottleneck_bytes
 
-    if rate_only:
-        profile = dataclasses.replace(profile, name=profile.name + "_rate_only",
-                                      attention={k: cm.Curve(0.0, c.rate) for k, c in profile.attention.items()})
     rows = []
-    for tname in topologies:
-        for hq, hkv in ((32, 32), (32, 8)):
-            for causal, layout in ((True, "zigzag"), (False, "contiguous")):
-                for backward in (False, True):
-                    for W in worlds:
-                        for L in lengths:
-                            c = cm.compare(seq_len=L, world_size=W, layout=layout, causal=causal, batch=1,
-                                           heads_q=hq, heads_kv=hkv, head_dim=128, dtype=2, backward=backward,
-                                           topology=tname, profile=profile)
-                            secs = {a: p.total_s for a, p in c.items()}
-                            nbytes = {a: max((max(sum(x for x, _ in ch.values()), sum(y for _, y in ch.values()))
-                                              for ch in p.bytes), default=0) for a, p in c.items()}
-                            pick, _ = auto_rule(secs, nbytes)
-                            rows.append(dict(topology=tname, heads_q=hq, heads_kv=hkv,
-                                             mask="causal zigzag" if causal else "non-causal",
-                                             **{"pass": "fwd_bwd" if backward else "fwd"}, world=W, seq_len=L,
-                                             **{f"{a}_ms": round(t * 1e3, 4) for a, t in secs.items()},
-                                             ulysses_exposed_ms=round(c["ulysses"].exposed_comm_s * 1e3, 4)
-                                             if "ulysses" in c else "",
-                                             auto=pick))
+    for cell, c in model_grid(rate_only_profile(profile) if rate_only else profile, topologies, worlds, lengths):
+        secs = {a: p.total_s for a, p in c.items()}
+        pick, _ = auto_rule(secs, {a: bottleneck_bytes(p.bytes) for a, p in c.items()})
+        rows.append(dict(cell, **{f"{a}_ms": round(t * 1e3, 4) for a, t in secs.items()},
+                         ulysses_exposed_ms=round(c["ulysses"].exposed_comm_s * 1e3, 4) if "ulysses" in c else "",
+                         auto=pick))
     return rows
 
 

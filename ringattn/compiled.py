@@ -51,7 +51,7 @@ from ringattn.layout import RingPlan, SequenceLayout, group_rank_and_size, no_au
 from ringattn.sinks import rescale, sinks_backward, sinks_problem
 from ringattn.ring_attention import ring_backward, ring_forward
 from ringattn.token_ring import reply_for, token_ring_backward, token_ring_forward
-from ringattn.ulysses import _Saved, head_blocks, ulysses_backward, ulysses_forward
+from ringattn.ulysses import _Saved, head_blocks, seq_dim, ulysses_backward, ulysses_forward
 
 # Runs of each op's implementation in this process (tests check that compiled code took the op).
 CALLS: collections.Counter = collections.Counter()
@@ -101,7 +101,7 @@ def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name: 
                                       sliding_window=None if sliding_window == -1 else sliding_window,
                                       sinks=sinks)
     alg = sp._resolve_algorithm(algorithm, plan, q, k, grad, sp.ALGORITHMS)  # auto: the rings (see traced_attention)
-    if alg not in _ALG or alg == "ulysses":
+    if alg == "ulysses":
         raise ValueError(f"ringattn::sp_attention runs 'ring', 'token_ring' or 'auto', not {alg!r} "
                          "(algorithm='ulysses' is ringattn::ulysses_attention)")
     with no_autocast(q.device):
@@ -187,6 +187,11 @@ sp_attention.register_autograd(_backward, setup_context=_setup_context)
 #                                        causal, layout, backend, heads_kv, cu_seqlens=None) -> dq, dk, dv
 
 
+def _no_heads(q, k, v) -> tuple:
+    """The op's five head-layout outputs when no backward follows (grad=False): 0-size tensors."""
+    return (q.new_empty(0), k.new_empty(0), v.new_empty(0), q.new_empty(0), q.new_empty(0, dtype=torch.float32))
+
+
 def ulysses_rows(n_local: int, world: int) -> int:
     """Tokens the head-layout buffers hold: >= the global length any rank's shard implies (chunks
     differ by at most one token, a rank holds one chunk, zigzag two: L <= W * (n_local + 2))."""
@@ -195,9 +200,8 @@ def ulysses_rows(n_local: int, world: int) -> int:
 
 def _prefix(buf: torch.Tensor, length: int) -> torch.Tensor:
     """The (B, length, h, D) / (B, h, length) tensor stored at the start of a padded buffer (a view)."""
-    dim = 2 if buf.dim() == 3 else 1
     shape = list(buf.shape)
-    shape[dim] = length
+    shape[seq_dim(buf.dim())] = length
     return buf.view(-1)[:math.prod(shape)].view(shape)
 
 
@@ -208,16 +212,15 @@ class _Padded:
         self.rows, self.buffers = rows, []
 
     def buffer(self, shape, dtype, device) -> torch.Tensor:
-        dim = 2 if len(shape) == 3 else 1
         full = list(shape)
-        full[dim] = self.rows
+        full[seq_dim(len(shape))] = self.rows
         buf = torch.empty(full, dtype=dtype, device=device)
         buf.view(-1)[math.prod(shape):].zero_()  # the rows past L: defined (an op's outputs are compared)
         self.buffers.append(buf)
         return buf
 
     def __call__(self, shape, dtype, device):
-        return _prefix(self.buffer(shape, dtype, device), shape[2 if len(shape) == 3 else 1])
+        return _prefix(self.buffer(shape, dtype, device), shape[seq_dim(len(shape))])
 
 
 @torch.library.custom_op("ringattn::ulysses_attention", mutates_args=())
@@ -245,7 +248,7 @@ def ulysses_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grou
             _prefix(buf, plan.layout.seq_len).copy_(t)
             heads.append(buf)
     else:
-        heads = [q.new_empty(0), k.new_empty(0), v.new_empty(0), q.new_empty(0), q.new_empty(0, dtype=torch.float32)]
+        heads = _no_heads(q, k, v)
     return (out.contiguous(), lse.contiguous(), meta, *heads)
 
 
@@ -256,8 +259,7 @@ def _(q, k, v, group_name, causal, softmax_scale, layout, backend, grad, lse_gra
     out = (torch.empty_like(q, memory_format=torch.contiguous_format),
            q.new_empty((B, Hq, n), dtype=torch.float32), torch.empty(4, dtype=torch.int64, device="cpu"))
     if not grad:
-        return out + (q.new_empty(0), k.new_empty(0), v.new_empty(0), q.new_empty(0),
-                      q.new_empty(0, dtype=torch.float32))
+        return out + _no_heads(q, k, v)
     rank, world = group_rank_and_size(resolve_group(group_name))
     rows = ulysses_rows(n, world)
     lo, hi, klo, khi = head_blocks(Hq, k.shape[2], world)[rank]  # (heads Ulysses cannot split: the op raises)

@@ -957,13 +957,15 @@ def predict(algorithm: str, *, seq_len: int, world_size: int, layout: str = "con
                       tuple(per_rank_bytes), comm[crit], topo.kind, prof.name)
 
 
-def compare(**kw) -> dict:
+def compare(algorithms=MODELED, **kw) -> dict:
     """{"ring": Prediction, "token_ring": Prediction[, "ulysses": Prediction]} for the same
-    arguments as predict; Ulysses where the world size splits the heads (ulysses.heads_problem)."""
+    arguments as predict: each of `algorithms` (default all), Ulysses only where the world size
+    splits the heads (ulysses.heads_problem)."""
     from ringattn.ulysses import heads_problem
 
-    algs = ALGORITHMS + (() if heads_problem(kw["heads_q"], kw["heads_kv"], kw["world_size"]) else ("ulysses",))
-    return {alg: predict(alg, **kw) for alg in algs}
+    if heads_problem(kw["heads_q"], kw["heads_kv"], kw["world_size"]):
+        algorithms = tuple(a for a in algorithms if a != "ulysses")
+    return {alg: predict(alg, **kw) for alg in algorithms}
 
 
 # choose_algorithm's use of the model. The simulation is O(W^2) Python operations (15 ms at W = 8,

@@ -437,6 +437,12 @@ def predict_comm_bytes(algorithm: str, *, seq_len: int, world_size: int, layout:
     raise ValueError(f"algorithm must be one of {ALGORITHMS + ('ulysses',)}, got {algorithm!r}")
 
 
+def bottleneck_bytes(per_rank: list[dict[str, tuple[int, int]]]) -> int:
+    """The busiest rank's traffic in predict_comm_bytes' per-rank {channel: (sent, received)}:
+    max over ranks of max(bytes sent, bytes received) (0 for no ranks)."""
+    return max((max(sum(s for s, _ in ch.values()), sum(r for _, r in ch.values())) for ch in per_rank), default=0)
+
+
 def _window_arg(sliding_window, causal, seq_len: int) -> int | None:
     """sliding_window of a single-process helper, checked (ValueError), as the plan would use it."""
     problem = window_problem(sliding_window, causal)
@@ -555,8 +561,7 @@ def _choose_algorithm(seq_len, world_size, layout, causal, batch, heads_q, heads
         ranks = predict_comm_bytes(alg, seq_len=seq_len, world_size=world_size, layout=layout, causal=causal,
                                    batch=batch, heads_q=heads_q, heads_kv=heads_kv, head_dim=head_dim,
                                    dtype=elem_size, backward=backward, cu_seqlens=documents, sliding_window=window)
-        per_alg[alg] = max((max(sum(s for s, _ in ch.values()), sum(rv for _, rv in ch.values()))
-                            for ch in ranks), default=0)
+        per_alg[alg] = bottleneck_bytes(ranks)
     if world_size == 1:
         return AlgorithmChoice("ring", per_alg, "world size 1: no communication")
     from ringattn import cost_model  # pure Python; imported here to keep this module's imports as they are

@@ -98,6 +98,11 @@ def _exchange(plan: RingPlan, channel: str, send, recv_shapes, device) -> list:
     return recv
 
 
+def seq_dim(ndim: int) -> int:
+    """The token dim of a (B, S, H, D) tensor (1) or an lse-like (B, H, S) one (2); the head dim is the other."""
+    return 2 if ndim == 3 else 1
+
+
 def _heads(t, lo, hi):
     """Heads lo:hi of a (B, n, H, D) / lse-like (B, H, n) tensor (a view)."""
     return t[:, lo:hi] if t.dim() == 3 else t[:, :, lo:hi]
@@ -129,7 +134,7 @@ def _to_heads(plan: RingPlan, channel: str, tensors: list, blocks: list, alloc=N
     order = _global_order(lay)
     out = []
     for i, t in enumerate(tensors):
-        dim = 2 if t.dim() == 3 else 1
+        dim = seq_dim(t.dim())
         part = [recv[j][i] if j != r else _heads(t, *blocks[i][r]) for j in range(W)]
         shape = list(part[r].shape)
         shape[dim] = lay.seq_len
@@ -153,7 +158,7 @@ def _to_seq(plan: RingPlan, channel: str, tensors: list, blocks: list, wire_dtyp
 
     parts = []
     for t, wd in zip(tensors, wire_dtypes):
-        dim = 2 if t.dim() == 3 else 1
+        dim = seq_dim(t.dim())
         parts.append([rows_of(t, j, dim).to(wd) for j in range(W)])
     send = [[parts[i][j].contiguous() for i in range(len(tensors))] if j != r else [] for j in range(W)]
     n_r = lay.local_len(r)
@@ -167,7 +172,7 @@ def _to_seq(plan: RingPlan, channel: str, tensors: list, blocks: list, wire_dtyp
     recv = _exchange(plan, channel, send, shapes, dev)
     out = []
     for i, t in enumerate(tensors):
-        hdim = 1 if t.dim() == 3 else 2
+        hdim = 3 - seq_dim(t.dim())
         got = [recv[j][i] if j != r else parts[i][r] for j in range(W)]
         if len(set(blocks[i])) == W:  # disjoint head blocks in rank order: one concatenation
             out.append(torch.cat(got, dim=hdim))
