@@ -82,6 +82,7 @@ setup(
     version="0.1.0",
     description="Distributed long-context attention for PyTorch: TokenRing, Ring Self-Attention, TokenWeave",
     packages=find_packages(include=["ringattn", "ringattn.*"]),
+    package_data={"ringattn": ["profiles/*.json"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},

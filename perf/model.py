@@ -343,14 +343,14 @@ def _spawn(target, world, args, timeout):
     return value
 
 
-def local_topology(reps: int, quick: bool):
+def local_topology(reps: int, quick: bool, threads: int = 1):
     sizes = [4 << 10, 64 << 10, 1 << 20, 4 << 20, 16 << 20] if not quick else [4 << 10, 1 << 20]
     res = _spawn(_gloo_worker, 2, (sizes, reps), timeout=300)
     one, _ = cm.fit_curve(res["oneway"])
     bidi, _ = cm.fit_curve(res["bidi"])
     cores = os.cpu_count() or 1
     topo = cm.Topology("local", one.rate, one.overhead_s, full_duplex=True, host_bps=2 * bidi.rate,
-                       ranks_per_device=1.0, call_s=res["allgather_s"],
+                       ranks_per_device=1.0, call_s=res["allgather_s"], device_slots=max(1.0, cores / threads),
                        source=(f"MEASURED on {platform.node()} ({cores} CPU cores), gloo over loopback between 2 "
                                f"processes: one-way {one.rate / 1e9:.2f} GB/s + {one.overhead_s * 1e6:.0f} us; "
                                f"both directions at once {bidi.rate / 1e9:.2f} GB/s each (shared host "
@@ -464,20 +464,13 @@ def topology_for_row(row, profile_topo, preset: str | None, cores: int, threads:
     if profile_topo is None:
         raise ValueError("no topology: pass --topology or a profile with a measured topology")
     # the measured local topology: W processes with `threads` threads each on `cores` cores
-    return dataclasses.replace(profile_topo, ranks_per_device=max(1.0, world * threads / cores))
+    return dataclasses.replace(profile_topo, ranks_per_device=max(1.0, world * threads / cores), device_slots=0.0)
 
 
 def shared_gpu_topology(world: int):
-    """W ranks on ONE GPU (the lent-H100 sweep: CudaIpcTransport under MPS): they share its
-    compute (ranks_per_device = W) and its memory bandwidth (every copy crosses the one HBM;
-    CudaIpcTransport copies twice, perf/bench_ipc.py). ASSUMED until perf/bench_ipc.py's
-    numbers are in perf/RESULTS.md: transfers at half the measured H100 D2D copy bandwidth
-    (3005 GB/s read+write, perf/results/2026-11-22_h100_bench_ops.csv -> ~1500 GB/s of payload
-    per copy, halved for the two copies) shared by all ranks; latency 12 us per message (the
-    cross-process flag round trip measured under MPS, /work/shared/design.md)."""
-    copy = 3004.5e9 / 2   # payload bytes/s of one D2D copy (the CSV counts read + write)
-    return cm.Topology("local", copy / 2, 12e-6, host_bps=copy / 2, ranks_per_device=float(world),
-                       source="ASSUMED shared-GPU transport (see perf/model.py shared_gpu_topology)")
+    """W ranks on ONE GPU (the lent-H100 sweep: CudaIpcTransport under MPS): cost_model's
+    "shared_gpu" preset (its numbers are ASSUMED, see there) with ranks_per_device = W spelled out."""
+    return dataclasses.replace(cm.PRESETS["shared_gpu"], ranks_per_device=float(world), device_slots=0.0)
 
 
 def validate(rows, profile, profile_topo, preset, cores, threads, stat="min"):
@@ -686,7 +679,7 @@ def cmd_calibrate(a):
         meta["cpu_idle_before"] = wait_idle(a.wait_idle, a.max_wait) if a.wait_idle else cpu_idle_fraction()
         concurrent = a.concurrent or max(1, (os.cpu_count() or 1) // a.threads)
         prof, btab, mtab = local_compute_profile(a.threads, a.reps, a.quick, concurrent)
-        topo, raw, cores = local_topology(a.reps, a.quick)
+        topo, raw, cores = local_topology(a.reps, a.quick, a.threads)
         meta.update(cores=cores, threads_per_rank=a.threads, concurrent_processes=concurrent, gloo=raw,
                     device=platform.processor() or "cpu")
         print(topo.source)

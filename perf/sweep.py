@@ -25,7 +25,10 @@ the rest -- never a stuck run. Algorithms (--algorithms):
   ring, token_ring, auto   ringattn.ring_attention / token_ring_attention / sequence_parallel_
                            attention(algorithm="auto"), backend="auto" (cuDNN on H100/H200, the
                            math kernel on CPU); resolved_algorithm = what auto picked
-                           (ringattn.choose_algorithm with the same arguments: backward iff fwd_bwd)
+                           (ringattn.choose_algorithm with the same arguments: backward iff fwd_bwd;
+                           its hardware: ringattn.hardware's default for the device, and on ranks
+                           sharing one GPU (--transport ipc) the "shared_gpu" topology unless
+                           RINGATTN_AUTO_TOPOLOGY is set)
   ulysses_ring             ringattn's 2-D mode (integrations: Ulysses all-to-all over U consecutive
                            ranks, its own uneven-capable all-to-all, then ring over R = W/U), with
                            the U that usp (yunchang) gets for the same row (perf/peers.py
@@ -308,6 +311,10 @@ class _Env:
         if self.device.type == "cpu":
             torch.set_num_threads(args["threads"])
             torch.set_flush_denormal(True)
+        if self.transport_kind == "ipc" and self.device.type == "cuda" and not os.environ.get("RINGATTN_AUTO_TOPOLOGY"):
+            import ringattn  # auto is told the ranks share one GPU (ringattn.hardware; the row's auto_topology)
+
+            ringattn.set_auto_hardware(topology="shared_gpu")
         self.ctrl = None if self.transport_kind != "nccl" else dist.new_group(backend="gloo")
         self.ipc = {}
         self.cache = {}
@@ -634,7 +641,7 @@ def _run_config(cfg, env, shape, overlap_cache):
     return res
 
 
-def _resolved(cfg, world):
+def _resolved(cfg, world, device_type):
     import ringattn
 
     if cfg["algorithm"] != "auto":
@@ -642,7 +649,8 @@ def _resolved(cfg, world):
     return ringattn.choose_algorithm(
         seq_len=cfg["seq_len"], world_size=world, layout=cfg["layout"], causal=cfg["causal"], batch=cfg["batch"],
         heads_q=cfg["heads_q"], heads_kv=cfg["heads_kv"], head_dim=cfg["head_dim"],
-        dtype=getattr(torch, cfg["dtype"]), backward=cfg["pass"] == "fwd_bwd", sliding_window=_window(cfg)).algorithm
+        dtype=getattr(torch, cfg["dtype"]), backward=cfg["pass"] == "fwd_bwd", sliding_window=_window(cfg),
+        device=device_type).algorithm
 
 
 def _combine(cfg, env, per_rank, overlap_cache):
@@ -652,7 +660,7 @@ def _combine(cfg, env, per_rank, overlap_cache):
     W = env.world
     mx = lambda name: max(r[name] for r in per_rank) if all(r.get(name) is not None for r in per_rank) else None  # noqa: E731
     row = dict(cfg)
-    row["resolved_algorithm"] = _resolved(cfg, W) if cfg["algorithm"] != "single" else "single"
+    row["resolved_algorithm"] = _resolved(cfg, W, env.device.type) if cfg["algorithm"] != "single" else "single"
     row["ms_median"], row["ms_min"] = mx("median"), mx("min")
     row["ms_median_per_rank"] = ";".join(f"{r['median']:.4g}" for r in per_rank)
     flops = attention_flops(cfg["batch"], cfg["heads_q"], cfg["seq_len"], cfg["head_dim"], cfg["causal"], cfg["pass"],

@@ -32,6 +32,7 @@ from ringattn.sequence_parallel import (  # noqa: E402
     ulysses_attention,
 )
 from ringattn.block_attention import select_backend  # noqa: E402
+from ringattn.hardware import auto_hardware, set_auto_hardware  # noqa: E402
 from ringattn.decode import sharded_kv_attention  # noqa: E402
 from ringattn import compiled  # noqa: E402,F401  (registers ringattn::sp_attention for torch.compile)
 from ringattn import tokenweave  # noqa: E402
@@ -46,5 +47,6 @@ __all__ += [
     "shard_sequence", "gather_sequence", "ring_attention", "token_ring_attention",
     "sequence_parallel_attention", "ulysses_attention", "comm_stats", "CommStats", "choose_algorithm", "AlgorithmChoice",
     "predict_comm_bytes", "select_backend", "sharded_kv_attention", "tokenweave", "TokenWeaveDecoderLayer",
-    "TokenWeaveDecoderStack", "fused_allreduce_rmsnorm", "fused_allreduce_rmsnorm_path",
+    "TokenWeaveDecoderStack", "fused_allreduce_rmsnorm", "fused_allreduce_rmsnorm_path", "set_auto_hardware",
+    "auto_hardware",
 ]

@@ -247,8 +247,11 @@ class Topology:
     host (loopback) capacity, both directions together (0: none); full_duplex: False makes
     each link one resource for both directions; ranks_per_device: ranks sharing one device's
     compute (compute times are multiplied by it; e.g. W processes on fewer CPU cores, or ranks
-    sharing one GPU); call_s: the per-call metadata all_gather (26 int64 per rank) that every
-    forward starts with, -1: latency_s * ceil(log2 W) (an assumed tree of tiny messages)."""
+    sharing one GPU); device_slots: when > 0, ranks_per_device is max(1, W / device_slots)
+    instead (ranks that many at a time run at full speed: the cores / threads per rank of a CPU,
+    1 for ranks sharing one GPU); call_s: the per-call metadata all_gather (26 int64 per rank)
+    that every forward starts with, -1: latency_s * ceil(log2 W) (an assumed tree of tiny
+    messages)."""
 
     kind: str
     link_bps: float
@@ -262,6 +265,11 @@ class Topology:
     ranks_per_device: float = 1.0
     call_s: float = -1.0
     source: str = ""
+    device_slots: float = 0.0
+
+    def ranks_sharing(self, world: int) -> float:
+        """Ranks sharing one device's compute at world size `world` (compute times are multiplied by it)."""
+        return max(1.0, world / self.device_slots) if self.device_slots > 0 else self.ranks_per_device
 
     def _dir(self, name, a, b):
         # a full-duplex link is two resources (one per direction), a half-duplex one is one
@@ -336,6 +344,16 @@ class Topology:
         return Topology(**d)
 
 
+# The lent-H100 case: W ranks on ONE GPU (CudaIpcTransport under MPS). They share its compute
+# (device_slots=1: compute times x W) and its memory bandwidth (every copy crosses the one HBM;
+# CudaIpcTransport copies twice, perf/bench_ipc.py). ASSUMED until perf/bench_ipc.py's numbers are
+# in perf/RESULTS.md: transfers at half the measured H100 D2D copy bandwidth (3005 GB/s read+write,
+# perf/results/2026-11-22_h100_bench_ops.csv -> ~1500 GB/s of payload per copy, halved for the two
+# copies) shared by all ranks; latency 12 us per message (the cross-process flag round trip
+# measured under MPS, /work/shared/design.md).
+_H100_COPY = 3004.5e9 / 2   # payload bytes/s of one D2D copy (the CSV counts read + write)
+
+
 PRESETS = {
     "nvswitch": Topology("nvswitch", NVLINK4_H100_SXM, LAT_NVLINK,
                          source="ASSUMED: H100 SXM NVLink 4 via NVSwitch, 450 GB/s per direction per GPU "
@@ -357,6 +375,10 @@ PRESETS = {
                            source="ASSUMED: nodes of 8 H100 SXM on NVSwitch (450 GB/s per direction), one "
                                   "400 Gb/s NDR NIC per GPU between nodes (50 GB/s per direction, DGX H100 "
                                   "datasheet), non-blocking fabric; latency 5 us (NVLink) / 10 us (IB) assumed"),
+    "shared_gpu": Topology("local", _H100_COPY / 2, 12e-6, host_bps=_H100_COPY / 2, device_slots=1.0,
+                           source="ASSUMED: W ranks sharing ONE H100 over CudaIpcTransport (MPS): compute "
+                                  "shared W ways, every message copied twice through its HBM (half the "
+                                  "measured D2D copy rate, shared by all ranks); 12 us per message"),
 }
 
 
@@ -934,7 +956,7 @@ def predict(algorithm: str, *, seq_len: int, world_size: int, layout: str = "con
     passes = ("fwd", "bwd") if backward else ("fwd",)
     programs = []
     for r in range(world_size):
-        bld = _Builder(r, sh, prof, backend, topo.ranks_per_device, msgs)
+        bld = _Builder(r, sh, prof, backend, topo.ranks_sharing(world_size), msgs)
         bld.delay(("fwd", 0), topo.call_overhead(world_size), "metadata all_gather")
         for p in passes:
             _PROGRAMS[(algorithm, p)](bld)
@@ -987,14 +1009,15 @@ def auto_seq_len(seq_len: int, world_size: int, layout: str) -> int:
 @functools.lru_cache(maxsize=4096)
 def predicted_times(seq_len: int, world_size: int, layout: str, causal: bool, batch: int, heads_q: int,
                     heads_kv: int, head_dim: int, elem_size: int, backward: bool, topology,
-                    window: int | None = None, documents: tuple | None = None) -> dict:
-    """{algorithm: predicted seconds} with the default H100 profile for ring, token_ring and (where
-    the world size splits the heads) ulysses; cached (choose_algorithm calls it on every call).
-    window / documents: the sliding window / packed documents (normalised, as
-    sequence_parallel._window_arg / _documents_arg give them)."""
+                    window: int | None = None, documents: tuple | None = None, hardware=None) -> dict:
+    """{algorithm: predicted seconds} for ring, token_ring and (where the world size splits the
+    heads) ulysses; cached (choose_algorithm calls it on every call). window / documents: the
+    sliding window / packed documents (normalised, as sequence_parallel._window_arg /
+    _documents_arg give them). hardware: a ringattn.hardware.Hardware (hashed by its
+    fingerprint) whose compute profile is used (None: H100_BF16); `topology` is passed apart."""
     kw = dict(seq_len=seq_len, world_size=world_size, layout=layout, causal=causal, batch=batch, heads_q=heads_q,
               heads_kv=heads_kv, head_dim=head_dim, dtype=elem_size, backward=backward, topology=topology,
-              cu_seqlens=documents, sliding_window=window)
+              cu_seqlens=documents, sliding_window=window, profile=hardware.profile if hardware else None)
     return {alg: p.total_s for alg, p in compare(**kw).items()}
 
 

@@ -191,7 +191,7 @@ def train(args, info) -> int:
         shape = dict(seq_len=args.seq, world_size=world, layout=args.layout, causal=True, batch=1,
                      heads_q=args.heads, heads_kv=args.kv_heads, head_dim=args.hidden // args.heads, dtype=dtype)
         if alg_used == "auto":
-            alg_used = choose_algorithm(**shape).algorithm
+            alg_used = choose_algorithm(**shape, device=dev.type).algorithm
         per_call = predict_comm_bytes(alg_used, **shape)
         predicted = [sum(sent for sent, _ in ch.values()) * args.layers * args.steps for ch in per_call]
 

@@ -42,6 +42,7 @@ import torch.distributed as dist
 
 from ringattn.accounting import CommStats, comm_stats  # noqa: F401  (re-exported)
 from ringattn.block_attention import block_attn_forward
+from ringattn import hardware as auto_hw
 from ringattn.documents import (as_documents, documents_count, documents_crc, documents_length,
                                 documents_rows_problem, packed, per_row)
 from ringattn.layout import (LAYOUTS, RingPlan, SequenceLayout, collective_device, dtype_code,  # noqa: F401
@@ -51,12 +52,14 @@ from ringattn.sinks import sink_lse, sinks_problem
 from ringattn.token_ring import TokenRingAttention, token_ring_comm_bytes
 from ringattn.ulysses import UlyssesAttention, heads_problem, ulysses_comm_bytes
 
-ALGORITHMS = ("ring", "token_ring")
-# GPUs in one NVLink/NVSwitch node: auto's default cost-model topology is "nvswitch" up to this
-# world size and "inter_node" (8 GPUs per node) above it (choose_algorithm).
-MESH_MAX_WORLD = 8
+# GPUs in one NVLink/NVSwitch node: the default topology of auto's cost model is "nvswitch" up to
+# this world size and "inter_node" above it (ringattn.hardware, choose_algorithm).
+MESH_MAX_WORLD = auto_hw.MESH_MAX_WORLD
 
-_MAGIC = 0x52494E47_05  # "RING", signature version 5 (2: lse_grad, 3: cu_seqlens, 4: sliding_window, 5: sinks)
+ALGORITHMS = ("ring", "token_ring")
+
+_MAGIC = 0x52494E47_06  # "RING", signature version 6 (2: lse_grad, 3: cu_seqlens, 4: sliding_window, 5: sinks,
+#                          6: the hardware auto assumes)
 _ALG_CODE = {"auto": 0, "ring": 1, "token_ring": 2, "ulysses": 3}
 _LAYOUT_CODE = {"contiguous": 1, "zigzag": 2}
 _DEVICE_CODE = {"cpu": 1, "cuda": 2, "meta": 3, "xpu": 4, "mps": 5}
@@ -83,9 +86,12 @@ _PROBLEMS = (
     "integer tensor; or one such row per batch row)",
     "sliding_window must be None or an int >= 1 (keys each query sees, itself included), with causal=True",
     "sinks must be None or a 1-D floating tensor of heads_q logits (one per query head) on q's device",
+    "algorithm='auto' cannot use the hardware description set by RINGATTN_AUTO_PROFILE / "
+    "RINGATTN_AUTO_TOPOLOGY (ringattn.hardware)",
 )
 (_P_NOT_TENSOR, _P_NOT_4D, _P_NOT_FLOAT, _P_KV_SHAPE, _P_QK_SHAPE, _P_HEADS, _P_DTYPES, _P_DEVICES,
- _P_BACKEND, _P_SCALE, _P_LAYOUT, _P_ALGORITHM, _P_EMPTY, _P_DOCS, _P_WINDOW, _P_SINKS) = (1 << i for i in range(len(_PROBLEMS)))
+ _P_BACKEND, _P_SCALE, _P_LAYOUT, _P_ALGORITHM, _P_EMPTY, _P_DOCS, _P_WINDOW, _P_SINKS,
+ _P_HARDWARE) = (1 << i for i in range(len(_PROBLEMS)))
 
 
 def _float_bits(x: float) -> int:
@@ -99,7 +105,7 @@ def _bits_float(b: int) -> float:
 _FIELDS = ("magic", "algorithm", "layout", "causal", "group_size", "group_ranks",
            "q0", "q1", "q2", "q3", "k0", "k1", "k2", "k3", "v0", "v1", "v2", "v3",
            "q_dtype", "k_dtype", "v_dtype", "device", "scale", "grad", "lse_grad", "docs_n", "docs_crc",
-           "window", "sinks", "problems")
+           "window", "sinks", "hardware", "problems")
 _IX = {f: i for i, f in enumerate(_FIELDS)}
 
 
@@ -162,6 +168,13 @@ def _local_signature(fn, q, k, v, *, algorithm, layout, causal, softmax_scale, b
             sig[_IX["sinks"]] = sinks.shape[0]
     if algorithm in _ALG_CODE:
         sig[_IX["algorithm"]] = _ALG_CODE[algorithm]
+        if algorithm == "auto" and world > 1:  # every rank must predict with the same hardware
+            try:
+                hw = auto_hw.current(q.device.type if isinstance(q, torch.Tensor) else "cpu")
+                sig[_IX["hardware"]] = hw.fingerprint
+            except ValueError as e:
+                problems |= _P_HARDWARE
+                error = error or ValueError(f"{fn}: {e}")
     else:
         problems |= _P_ALGORITHM
     if layout in _LAYOUT_CODE:
@@ -223,6 +236,7 @@ def _local_signature(fn, q, k, v, *, algorithm, layout, causal, softmax_scale, b
     return _Local(sig, error, docs)
 
 
+
 def _describe(field: str, value: int) -> str:
     if field == "scale":
         return f"{_bits_float(value):.6g}" if value != -1 else "?"
@@ -234,6 +248,9 @@ def _describe(field: str, value: int) -> str:
         return {v: k for k, v in _DEVICE_CODE.items()}.get(value, "other")
     if field in ("causal", "grad", "lse_grad"):
         return str(bool(value))
+    if field == "hardware":
+        name = auto_hw.builtin_name(value)  # (only the built-ins: every rank knows their names)
+        return f"{value:#010x}" + (f" (built-in {name!r})" if name else " (set by the user)")
     return str(value)
 
 
@@ -250,6 +267,8 @@ _AGREE = (
     ("cu_seqlens (number of documents, crc32 of the boundaries; -1: none)", ("docs_n", "docs_crc")),
     ("sliding_window (-1: none)", ("window",)),
     ("sinks (number of sink logits; -1: none)", ("sinks",)),
+    ("the hardware algorithm='auto' assumes (crc32 of its cost-model profile and topology: set it alike on "
+     "every rank with ringattn.set_auto_hardware or RINGATTN_AUTO_PROFILE / RINGATTN_AUTO_TOPOLOGY)", ("hardware",)),
 )
 
 
@@ -476,6 +495,7 @@ class AlgorithmChoice:
     reason: str
     predicted_s: dict = dataclasses.field(default_factory=dict)  # algorithm -> cost-model seconds (W > 1)
     topology: str = ""      # the cost-model topology the prediction assumed
+    hardware: str = ""      # the ringattn.hardware.Hardware it assumed (its name)
 
 
 # what auto may pick: the two rings always; Ulysses where the group size splits the heads
@@ -485,19 +505,25 @@ AUTO_CANDIDATES = ALGORITHMS + ("ulysses",)
 def choose_algorithm(*, seq_len: int, world_size: int, layout: str = "contiguous", causal: bool = False,
                      batch: int, heads_q: int, heads_kv: int, head_dim: int, dtype=torch.bfloat16,
                      backward: bool = True, topology=None, cu_seqlens=None, sliding_window=None,
-                     candidates=AUTO_CANDIDATES) -> AlgorithmChoice:
+                     candidates=AUTO_CANDIDATES, hardware=None, device="cuda") -> AlgorithmChoice:
     """algorithm="auto": the algorithm ringattn.cost_model predicts faster (docs/cost_model.md).
+
+    hardware: what the prediction assumes (a ringattn.hardware.Hardware, or anything
+    hardware.resolve_profile takes: "h100", "cpu", a calibration JSON, a ComputeProfile); None:
+    what an auto call on a `device` ("cuda" | "cpu") tensor uses now (hardware.current:
+    set_auto_hardware, else RINGATTN_AUTO_PROFILE / RINGATTN_AUTO_TOPOLOGY, else by device: the
+    H100 profile for GPUs, the CPU one on CPU). topology: replaces the hardware's topology.
 
     candidates: what may be picked (default ring, token_ring and ulysses; ulysses only where the
     world size splits the heads, ulysses.heads_problem; under torch.compile auto passes the two
     rings only: the traced op must be fixed at trace time, before the global length is known).
     1. W == 1: ring (no communication either way).
-    2. The cost model simulates the schedules step by step with the H100 compute profile
-       (cost_model.H100_BF16, fitted to the measured block-attention rows) on `topology`:
-       None -> "nvswitch" for W <= MESH_MAX_WORLD (one 8-GPU NVSwitch node) and "inter_node"
-       (8 GPUs per node, one NIC per GPU) above; or a cost_model.PRESETS name or a
-       cost_model.Topology. Of the two rings, the one predicted faster by more than AUTO_MARGIN
-       (5%) is chosen.
+    2. The cost model simulates the schedules step by step with the hardware's compute profile
+       (default on GPUs cost_model.H100_BF16, fitted to the measured block-attention rows) on its
+       topology (default: "nvswitch" for W <= MESH_MAX_WORLD, one 8-GPU NVSwitch node, and
+       "inter_node", 8 GPUs per node and one NIC per GPU, above; or a cost_model.PRESETS name or
+       a cost_model.Topology). Of the two rings, the one predicted faster by more than
+       AUTO_MARGIN (5%) is chosen.
        (Predicted at seq_len rounded to a quarter octave, cost_model.auto_seq_len; not run for
        W > cost_model.AUTO_MAX_WORLD (64), where the simulation would take seconds: bytes decide
        between the rings and Ulysses is not considered.)
@@ -523,8 +549,16 @@ def choose_algorithm(*, seq_len: int, world_size: int, layout: str = "contiguous
         raise ValueError(f"candidates must hold 'ring' and 'token_ring', and may add 'ulysses'; got {candidates!r}")
     if "ulysses" in cands and heads_problem(heads_q, heads_kv, world_size):
         cands = ALGORITHMS
+    if world_size == 1:
+        hw = None  # (no prediction: nothing travels)
+    elif hardware is None:
+        hw = auto_hw.current(getattr(device, "type", device))
+    else:
+        hw = auto_hw.resolve_profile(hardware)
+    if hw is not None and topology is not None:
+        hw = hw.with_topology(auto_hw.resolve_topology(topology))
     args = (seq_len, world_size, layout, bool(causal), batch, heads_q, heads_kv, head_dim, _elem_size(dtype),
-            bool(backward), topology, cands)
+            bool(backward), hw, cands)
     docs = _documents_arg(cu_seqlens, seq_len, batch)
     window = _window_arg(sliding_window, causal, seq_len)
     if docs is not None or window is not None:  # a small cache of its own: every packed batch brings new
@@ -555,7 +589,7 @@ def auto_rule(secs: dict, nbytes: dict) -> tuple[str, str]:
 
 @functools.lru_cache(maxsize=4096)
 def _choose_algorithm(seq_len, world_size, layout, causal, batch, heads_q, heads_kv, head_dim, elem_size, backward,
-                      topology, candidates, documents=None, window=None) -> AlgorithmChoice:
+                      hw, candidates, documents=None, window=None) -> AlgorithmChoice:
     per_alg = {}
     for alg in candidates:
         ranks = predict_comm_bytes(alg, seq_len=seq_len, world_size=world_size, layout=layout, causal=causal,
@@ -573,23 +607,23 @@ def _choose_algorithm(seq_len, world_size, layout, causal, batch, heads_q, heads
     if window is not None:
         what.append(f"sliding window {window}")
     mask = f"{', '.join(what)}; " if what else ""
-    topo = topology if topology is not None else ("nvswitch" if world_size <= MESH_MAX_WORLD else "inter_node")
+    topo = hw.topology_for(world_size)
     name = topo if isinstance(topo, str) else topo.kind
     limit = cost_model.AUTO_MAX_WORLD if documents is None else cost_model.AUTO_MAX_WORLD_DOCUMENTS
     if world_size > limit:  # the simulation would take seconds (documents: on every new packing)
         alg = "token_ring" if per_alg["token_ring"] < per_alg["ring"] else "ring"
         return AlgorithmChoice(alg, per_alg, f"{mask}world size {world_size} > {limit}: cost model not run; "
-                               "fewer bottleneck bytes between the rings (ties: ring)", {}, name)
+                               "fewer bottleneck bytes between the rings (ties: ring)", {}, name, hw.name)
     if documents is None:  # the rounded length: one prediction serves nearby lengths
         secs = cost_model.predicted_times(cost_model.auto_seq_len(seq_len, world_size, layout), world_size,
                                           layout, causal, batch, heads_q, heads_kv, head_dim,
-                                          elem_size, backward, topo, window)
+                                          elem_size, backward, topo, window, None, hw)
     else:  # the boundaries fix the length
         secs = cost_model.predicted_times_packed(seq_len, world_size, layout, causal, batch, heads_q,
-                                                 heads_kv, head_dim, elem_size, backward, topo, window, documents)
+                                                 heads_kv, head_dim, elem_size, backward, topo, window, documents, hw)
     secs = {a: t for a, t in secs.items() if a in candidates}
     alg, why = auto_rule(secs, per_alg)
-    return AlgorithmChoice(alg, per_alg, f"{mask}cost model ({name}): {why}", secs, name)
+    return AlgorithmChoice(alg, per_alg, f"{mask}cost model ({hw.profile.name}, {name}): {why}", secs, name, hw.name)
 
 
 _choose_algorithm_packed = functools.lru_cache(maxsize=8)(_choose_algorithm.__wrapped__)
@@ -605,7 +639,8 @@ def _resolve_algorithm(algorithm: str, plan: RingPlan, q, k, grad: bool, candida
     return choose_algorithm(
         seq_len=plan.layout.seq_len, world_size=plan.world_size, layout=plan.layout.layout, causal=plan.causal,
         batch=q.shape[0], heads_q=q.shape[2], heads_kv=k.shape[2], head_dim=q.shape[3], dtype=q.dtype,
-        backward=grad, cu_seqlens=plan.documents, sliding_window=plan.window, candidates=candidates).algorithm
+        backward=grad, cu_seqlens=plan.documents, sliding_window=plan.window, candidates=candidates,
+        device=q.device.type).algorithm
 
 
 def _autocast(q, k, v):

@@ -176,6 +176,13 @@ class _Compiled:
 
 
 def _run_compiled_matrix(world):
+    import ringattn
+
+    with ringattn.auto_hardware("h100"):  # (CPU tensors; the H100 model picks Ulysses for some cases)
+        return _compiled_matrix(world)
+
+
+def _compiled_matrix(world):
     failures = []
     orig = (sp.ring_attention, sp.token_ring_attention)
     for c in _compiled_cases(world):
@@ -229,7 +236,8 @@ def _run_inductor_and_no_grad():
 
     # compiled, auto weighs the two rings only: the eager twin runs the ring it picks
     ring = sp.choose_algorithm(seq_len=L, world_size=world, layout="zigzag", causal=True, batch=2, heads_q=4,
-                               heads_kv=2, head_dim=D, dtype=torch.float64, candidates=sp.ALGORITHMS).algorithm
+                               heads_kv=2, head_dim=D, dtype=torch.float64, candidates=sp.ALGORITHMS,
+                               device="cpu").algorithm
     res = {}
     for mode, f in (("inductor", torch.compile(block, fullgraph=True)),
                     ("eager", lambda x, w: block(x, w, ring))):

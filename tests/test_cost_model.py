@@ -503,7 +503,7 @@ def test_auto_follows_the_model_under_masks():
             want = cm.compare(seq_len=cm.auto_seq_len(100000, W, "contiguous"), world_size=W, topology="nvswitch",
                               sliding_window=4096, **dict(kw, heads_kv=hkv))
             assert c.predicted_s == {a: p.total_s for a, p in want.items()}, c
-            assert "sliding window 4096" in c.reason and "cost model (nvswitch)" in c.reason, c
+            assert "sliding window 4096" in c.reason and "cost model (h100_bf16, nvswitch)" in c.reason, c
             assert c.algorithm == _auto_rule(c.predicted_s, c.predicted_bytes), c
             seen.add(c.algorithm)
             L = 65536

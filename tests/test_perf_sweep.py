@@ -179,7 +179,7 @@ def test_smoke_sweep_rows_and_columns(smoke):
         if r["algorithm"] == "auto":
             choice = ringattn.choose_algorithm(seq_len=256, world_size=2, layout="zigzag", causal=r["causal"] == "True",
                                                batch=1, heads_q=4, heads_kv=int(r["heads_kv"]), head_dim=32,
-                                               dtype=torch.float32, backward=r["pass"] == "fwd_bwd")
+                                               dtype=torch.float32, backward=r["pass"] == "fwd_bwd", device="cpu")
             assert r["resolved_algorithm"] == choice.algorithm
         else:
             assert r["resolved_algorithm"] == r["algorithm"]
@@ -307,7 +307,8 @@ def test_sliding_window_sweep(tmp_path):
     assert int(by[("ring", "8")]["sent_bytes_max"]) < int(by[("ring", "")]["sent_bytes_max"])
     assert int(by[("token_ring", "8")]["sent_bytes_max"]) < int(by[("token_ring", "")]["sent_bytes_max"])
     want = ringattn.choose_algorithm(seq_len=96, world_size=3, layout="contiguous", causal=True, batch=1, heads_q=4,
-                                     heads_kv=2, head_dim=16, dtype=torch.float32, backward=True, sliding_window=8)
+                                     heads_kv=2, head_dim=16, dtype=torch.float32, backward=True, sliding_window=8,
+                                     device="cpu")
     assert by[("auto", "8")]["resolved_algorithm"] == want.algorithm, want
     # GQA: the ring's 7 travelling K/V rows (2 heads) are fewer bytes than TokenRing's 7 Q rows (4 heads)
     assert want.algorithm == "ring" and "sliding window 8" in want.reason, want

@@ -223,14 +223,14 @@ def test_auto_rule_follows_the_cost_model_and_bytes_inside_its_margin():
     w16 = sp.choose_algorithm(heads_q=32, heads_kv=32, **dict(kw, world_size=16))
     assert w16.topology == "inter_node" and w16.algorithm == "token_ring", w16
     assert sp.choose_algorithm(heads_q=32, heads_kv=32, **dict(kw, world_size=16, seq_len=32768)).reason.startswith(
-        "cost model (inter_node): TokenRing predicted")
+        "cost model (h100_bf16, inter_node): TokenRing predicted")
     # With Ulysses a candidate (the default): it is picked only when predicted faster than both
     # rings by more than the margin -- at 4k tokens its one attention per rank over the whole
     # sequence (Hq/W heads) beats W small ring blocks by the model's account (their per-call
     # intercepts; docs/cost_model.md), and its all-to-alls do not grow with W.
     full = dict(kw, candidates=sp.AUTO_CANDIDATES)
     uly = sp.choose_algorithm(heads_q=32, heads_kv=8, **full)
-    assert uly.algorithm == "ulysses" and uly.reason.startswith("cost model (nvswitch): Ulysses predicted"), uly
+    assert uly.algorithm == "ulysses" and uly.reason.startswith("cost model (h100_bf16, nvswitch): Ulysses predicted"), uly
     assert uly.predicted_s["ulysses"] * (1 + sp.AUTO_MARGIN) < min(uly.predicted_s["ring"], uly.predicted_s["token_ring"])
     assert {a: uly.predicted_s[a] for a in sp.ALGORITHMS} == gqa.predicted_s
     # heads it cannot split: the rings only (the same choice as without it)
@@ -255,19 +255,23 @@ def _ran(st) -> str:
 
 
 def _run_auto():
+    import ringattn
+
     rank, world = dist.get_rank(), dist.get_world_size()
     seen = []
-    for hq, hkv in ((4, 4), (4, 1)):
-        L = 13
-        pos = positions(L, world, "zigzag", rank)
-        gen = torch.Generator().manual_seed(3)
-        q = torch.randn(1, L, hq, 8, generator=gen)[:, pos].requires_grad_()
-        k, v = (torch.randn(1, L, hkv, 8, generator=gen)[:, pos].requires_grad_() for _ in range(2))
-        with comm_stats() as st:
-            sp.sequence_parallel_attention(q, k, v, causal=True, layout="zigzag").sum().backward()
-        want = sp.choose_algorithm(seq_len=L, world_size=world, layout="zigzag", causal=True, batch=1, heads_q=hq,
-                                   heads_kv=hkv, head_dim=8, dtype=torch.float32, backward=True).algorithm
-        seen.append((hq, hkv, want, _ran(st)))
+    for hardware in (None, "h100"):  # the CPU default (these are CPU tensors), then the H100 profile
+        for hq, hkv in ((4, 4), (4, 1)):
+            L = 13
+            pos = positions(L, world, "zigzag", rank)
+            gen = torch.Generator().manual_seed(3)
+            q = torch.randn(1, L, hq, 8, generator=gen)[:, pos].requires_grad_()
+            k, v = (torch.randn(1, L, hkv, 8, generator=gen)[:, pos].requires_grad_() for _ in range(2))
+            with ringattn.auto_hardware(hardware), comm_stats() as st:
+                sp.sequence_parallel_attention(q, k, v, causal=True, layout="zigzag").sum().backward()
+            want = sp.choose_algorithm(seq_len=L, world_size=world, layout="zigzag", causal=True, batch=1, heads_q=hq,
+                                       heads_kv=hkv, head_dim=8, dtype=torch.float32, backward=True,
+                                       hardware=hardware or "cpu").algorithm
+            seen.append((hq, hkv, want, _ran(st)))
     return seen
 
 
