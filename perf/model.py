@@ -173,8 +173,9 @@ def _time_compute(threads: int, reps: int, quick: bool, barrier=None):
     sync = barrier.wait if barrier is not None else (lambda: None)
     B, Hq, D = 1, 4, 64
     # the block shapes of `measure`'s runs (n = L/W in {256, 512, 1024, 2048}): n x n, and the
-    # zigzag off-diagonal n x n/2 and n/2 x n
-    sizes = [(n, n) for n in (128, 256, 512, 1024, 2048)] + [(n, n // 2) for n in (256, 512, 1024, 2048)] \
+    # zigzag off-diagonal n x n/2 and n/2 x n; and Ulysses' one L x L block (L in {1024, 4096}),
+    # without which its 4096-token block was extrapolated 23% too fast (2026-12-07, RESULTS.md)
+    sizes = [(n, n) for n in (128, 256, 512, 1024, 2048, 4096)] + [(n, n // 2) for n in (256, 512, 1024, 2048)] \
         + [(n // 2, n) for n in (512, 2048)]
     if quick:
         sizes = [(128, 128), (256, 256), (256, 128)]

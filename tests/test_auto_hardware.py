@@ -18,7 +18,7 @@ from ringattn import cost_model as cm
 from ringattn import hardware as hw
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CPU_PROFILE_RESULT = os.path.join(ROOT, "perf/results/2026-12-07_cost_model_cpu_profile_v2.json")
+CPU_PROFILE_RESULT = os.path.join(ROOT, "perf/results/2026-12-07_cost_model_cpu_profile_v3.json")
 # MHA, 4 ranks, 4096 tokens causal zigzag, fwd+bwd: the H100 model predicts Ulysses >2x faster, the
 # CPU model a ring (measured on this CPU: Ulysses 2-21% behind the faster ring at 4k, RESULTS.md)
 SHAPE = dict(seq_len=4096, world_size=4, layout="zigzag", causal=True, batch=1, heads_q=4, heads_kv=4,
