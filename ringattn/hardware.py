@@ -33,6 +33,7 @@ import dataclasses
 import functools
 import json
 import os
+import warnings
 import zlib
 from importlib import resources
 
@@ -216,9 +217,38 @@ def device_default(device_type: str) -> Hardware:
     return _cpu_gloo() if device_type == "cpu" else H100
 
 
-def current(device_type: str = "cuda") -> Hardware:
+# The GPUs the default profile was fitted on (cost_model.H100_BF16: an H100 80GB HBM3, SXM)
+FITTED_GPUS = ("H100",)
+_warned: set = set()
+
+
+def warn_if_unfitted(gpu_name: str) -> bool:
+    """Warn once per GPU name when auto uses the H100 fit on another GPU (True: warned now)."""
+    if any(g in gpu_name for g in FITTED_GPUS) or gpu_name in _warned:
+        return False
+    _warned.add(gpu_name)
+    warnings.warn(
+        f"ringattn: algorithm='auto' predicts with the H100 cost profile, but this GPU is {gpu_name!r}: its "
+        "picks between ring / token_ring / ulysses may not be the fastest here. Fit this GPU "
+        "(perf/bench_block_attention.py and perf/bench_ops.py, then perf/model.py calibrate --block-csv ... "
+        f"--ops-csv ... --out mine.json) and set {ENV_PROFILE}=mine.json (and {ENV_TOPOLOGY} if it is not an "
+        "NVSwitch node), or pass algorithm= explicitly (docs/sequence_parallel.md, 'Telling auto your hardware').",
+        RuntimeWarning, stacklevel=3)
+    return True
+
+
+def current(device_type: str = "cuda", device=None) -> Hardware:
     """The Hardware an auto call on a `device_type` tensor uses now (module docstring: set > env >
-    device). Raises ValueError for a bad environment setting (naming the variable)."""
+    device). Raises ValueError for a bad environment setting (naming the variable). device: the
+    tensor's torch.device; on a GPU the default profile was not fitted to, warns once
+    (warn_if_unfitted)."""
+    hw = _current(device_type)
+    if device_type == "cuda" and device is not None and hw.profile is cm.H100_BF16:
+        warn_if_unfitted(_gpu_name(device))
+    return hw
+
+
+def _current(device_type: str) -> Hardware:
     if _configured is not None:
         hw, topo = _configured
         return (hw or device_default(device_type)).with_topology(topo)
@@ -230,3 +260,10 @@ def current(device_type: str = "cuda") -> Hardware:
         return hw.with_topology(resolve_topology(topo_env or None))
     except (TypeError, ValueError) as e:
         raise ValueError(f"{ENV_PROFILE}={prof_env!r} / {ENV_TOPOLOGY}={topo_env!r}: {e}") from None
+
+
+@functools.lru_cache(maxsize=64)
+def _gpu_name(device) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device)

@@ -170,7 +170,7 @@ def _local_signature(fn, q, k, v, *, algorithm, layout, causal, softmax_scale, b
         sig[_IX["algorithm"]] = _ALG_CODE[algorithm]
         if algorithm == "auto" and world > 1:  # every rank must predict with the same hardware
             try:
-                hw = auto_hw.current(q.device.type if isinstance(q, torch.Tensor) else "cpu")
+                hw = auto_hw.current(q.device.type, q.device) if isinstance(q, torch.Tensor) else auto_hw.current("cpu")
                 sig[_IX["hardware"]] = hw.fingerprint
             except ValueError as e:
                 problems |= _P_HARDWARE

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import time
+import warnings
 
 import pytest
 import torch
@@ -117,6 +118,25 @@ def test_bad_environment_names_the_variable(tmp_path, monkeypatch, env, value, w
         assert w in str(e.value), (w, str(e.value))
 
 
+def test_a_gpu_calibration_from_the_benchmark_csvs_drives_auto(tmp_path, monkeypatch):
+    """The documented route for another GPU: perf/model.py calibrate on the two benchmark CSVs (here
+    the recorded H100 ones) -> JSON -> RINGATTN_AUTO_PROFILE: auto then predicts with that fit."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "mine.json"
+    subprocess.run([sys.executable, os.path.join(ROOT, "perf/model.py"), "calibrate", "--out", str(out)],
+                   check=True, capture_output=True, timeout=120)
+    monkeypatch.setenv(hw.ENV_PROFILE, str(out))
+    mine = hw.current("cuda")
+    assert mine.name == "h100_bf16 (mine.json)" and mine.topology is None and mine != hw.H100
+    kw = dict(SHAPE, seq_len=32768, world_size=8, heads_q=32, heads_kv=8, head_dim=128)
+    got, ref = sp.choose_algorithm(**kw), sp.choose_algorithm(**kw, hardware="h100")
+    assert got.hardware == mine.name and set(got.predicted_s) == set(ref.predicted_s)
+    for alg, t in got.predicted_s.items():  # the shipped constants are this fit rounded (to 0.5%)
+        assert t == pytest.approx(ref.predicted_s[alg], rel=0.01), alg
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="neither a built-in"):
         ringattn.set_auto_hardware("a100")
@@ -127,6 +147,24 @@ def test_bad_arguments():
     with pytest.raises(TypeError, match="topology must be"):
         ringattn.set_auto_hardware("h100", topology=8)
     assert hw._configured is None  # a failed set changes nothing
+
+
+def test_warns_once_on_a_gpu_the_default_profile_was_not_fitted_on(monkeypatch):
+    monkeypatch.setattr(hw, "_warned", set())
+    monkeypatch.setattr(hw, "_gpu_name", lambda device: "NVIDIA A100-SXM4-80GB")
+    gpu = torch.device("cuda", 0)  # (no CUDA needed: the name is what is looked up)
+    with pytest.warns(RuntimeWarning, match="this GPU is 'NVIDIA A100-SXM4-80GB'.*RINGATTN_AUTO_PROFILE=mine.json"):
+        assert hw.current("cuda", gpu) is hw.H100
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert hw.current("cuda", gpu) is hw.H100            # once per GPU name
+        with ringattn.auto_hardware("cpu"):
+            hw.current("cuda", gpu)                          # another profile: nothing to warn about
+        assert not hw.warn_if_unfitted("NVIDIA H100 80GB HBM3")  # the GPU the fit is from
+    monkeypatch.setattr(hw, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="H100 cost profile"):
+        with ringattn.auto_hardware(topology="pcie"):        # the H100 profile on another topology: still
+            hw.current("cuda", gpu)
 
 
 # --- auto follows it -----------------------------------------------------------------------------
