@@ -235,6 +235,28 @@ if [ "${GPU_CHECK_SKIP_BENCH:-0}" != 1 ]; then
   else
     step_notes+=("sweep peers: SKIPPED (ring-flash-attn / yunchang not importable: carry .carry/peers)")
   fi
+  # Cost model (issue 5; pure Python, seconds): refit the compute profile to THIS run's block and
+  # merge benchmarks, and validate the model against this run's multi-rank sweep (W ranks on this
+  # one GPU: the shared_gpu topology), with the shipped H100 fit (what auto uses) and with the refit.
+  # A refit that worked is what RINGATTN_AUTO_PROFILE takes (docs/sequence_parallel.md).
+  if [ "$DRY" = 1 ] || { [ -f "$RES/bench_block_attention.csv" ] && [ -f "$RES/ops.csv" ]; }; then
+    run_step "cost model refit" 60 "$RES/cost_model_refit.txt" "$PY" perf/model.py calibrate \
+      --block-csv "$RES/bench_block_attention.csv" --ops-csv "$RES/ops.csv" --out "$RES/cost_model_profile.json"
+  else
+    step_notes+=("cost model refit: SKIPPED (no bench_block_attention.csv / ops.csv from this run)")
+  fi
+  if [ "$DRY" = 1 ] || [ -f "$RES/sweep.csv" ]; then
+    for prof in shipped refit; do
+      pf="perf/results/2026-12-01_cost_model_h100_profile.json"
+      [ "$prof" = refit ] && pf="$RES/cost_model_profile.json"
+      [ "$DRY" = 1 ] || [ -f "$pf" ] || { step_notes+=("cost model validate ($prof): SKIPPED (no $pf)"); continue; }
+      run_step "cost model validate ($prof)" 60 "$RES/cost_model_validation_$prof.txt" "$PY" perf/model.py validate \
+        --sweep "$RES/sweep.csv" --profile "$pf" --topology shared_gpu --stat median \
+        --out "$RES/cost_model_validation_$prof.csv" --out-md "$RES/cost_model_validation_$prof.md"
+    done
+  else
+    step_notes+=("cost model validate: SKIPPED (no sweep.csv from this run)")
+  fi
   # PNGs of what was measured, into results.tgz (best effort: matplotlib may be missing there).
   if [ "$DRY" != 1 ]; then
     for csvf in "$RES/sweep.csv" "$RES/windows/sweep.csv" "$RES/bench_tokenweave_fused.csv"; do

@@ -21,7 +21,8 @@ def test_gpu_check_dry_run(tmp_path):
     steps = re.findall(r"^step: (.*): rc=(\d+)", summary, re.M)
     names = {n for n, _ in steps}
     for want in ("GPU tests", "sweep --preset issue3", "bench_tokenweave", "bench_ops", "bench_ipc",
-                 "bench_block_attention", "sweep peers"):
+                 "bench_block_attention", "sweep peers", "cost model refit", "cost model validate (shipped)",
+                 "cost model validate (refit)"):
         assert want in names, (want, summary)
     assert all(rc == "0" for _, rc in steps), summary
     assert (tmp_path / "results.tgz").stat().st_size > 0
