@@ -281,7 +281,7 @@ def _run_doc_case(c, device):
             errors.append(f"{name}: max abs err {err.max().item():.3g} ({ratio:.2f}x the bound)")
     kw = dict(seq_len=L, world_size=world, layout=c["layout"], causal=c["causal"], batch=B, heads_q=Hq,
               heads_kv=Hkv, head_dim=D, dtype=dtype, cu_seqlens=cu, sliding_window=w)
-    alg = c["alg"] if c["alg"] != "auto" else sp.choose_algorithm(**kw, device="cpu").algorithm
+    alg = c["alg"] if c["alg"] != "auto" else sp.choose_algorithm(**kw, device=loc[0].device).algorithm
     want_bytes = sp.predict_comm_bytes(alg, **kw, backward=True, lse_grad=c["lse_grad"])[rank]
     got_bytes = {ch: (st.sent_by_channel[ch], st.recv_by_channel[ch])
                  for ch in set(st.sent_by_channel) | set(st.recv_by_channel)}
