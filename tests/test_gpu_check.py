@@ -21,7 +21,7 @@ def test_gpu_check_dry_run(tmp_path):
     steps = re.findall(r"^step: (.*): rc=(\d+)", summary, re.M)
     names = {n for n, _ in steps}
     for want in ("GPU tests", "sweep --preset issue3", "bench_tokenweave", "bench_ops", "bench_ipc",
-                 "bench_block_attention", "sweep peers", "cost model refit", "cost model validate (shipped)",
+                 "bench_block_attention", "bench_overhead", "sweep peers", "cost model refit", "cost model validate (shipped)",
                  "cost model validate (refit)"):
         assert want in names, (want, summary)
     assert all(rc == "0" for _, rc in steps), summary

@@ -395,3 +395,22 @@ def test_bench_documents_window_table_times_both_tile_modes():
         assert r["calls_batched"] < r["calls_per_tile"], r  # the band's squares tiled
         assert r["ms_batched"] > 0 and r["ms_per_tile"] > 0 and r["ms_full_causal"] > 0, r
         assert r["batched_vs_per_tile"] == pytest.approx(r["ms_batched"] / r["ms_per_tile"], rel=1e-2)
+
+
+def test_bench_overhead_measures_the_exchange_against_a_cached_table(tmp_path):
+    """perf/bench_overhead.py: real gloo ranks, each call timed as shipped and with the signature
+    exchange answered from a table (the baseline, same processes), and the exchange alone."""
+    out = tmp_path / "bo"
+    p = subprocess.run([sys.executable, os.path.join(PERF, "bench_overhead.py"), "--out", str(out), "--worlds", "2",
+                        "--seqs", "64", "--algorithms", "ring,token_ring", "--warmup", "1", "--reps", "3",
+                        "--rounds", "1", "--timeout", "120"], capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    rows = list(csv.DictReader(open(out / "bench_overhead.csv")))
+    assert [(r["world"], r["seq_len"], r["algorithm"]) for r in rows] == [("2", "64", "ring"), ("2", "64", "token_ring")]
+    for r in rows:
+        call, cached, ex = float(r["ms_call"]), float(r["ms_call_cached"]), float(r["ms_exchange"])
+        assert call > 0 and cached > 0 and ex > 0, r
+        assert float(r["overhead_ms"]) == pytest.approx(call - cached, abs=2e-4), r
+    meta = json.load(open(out / "bench_overhead.json"))
+    assert meta["command"].startswith("python ") and "baseline ms_call_cached" in meta["shape"]
+    assert "[overhead]" in p.stdout
