@@ -236,7 +236,6 @@ def _local_signature(fn, q, k, v, *, algorithm, layout, causal, softmax_scale, b
     return _Local(sig, error, docs)
 
 
-
 def _describe(field: str, value: int) -> str:
     if field == "scale":
         return f"{_bits_float(value):.6g}" if value != -1 else "?"
