@@ -61,6 +61,10 @@ finish() {  # finish EXIT_CODE: results.tgz + summary.txt (also after a failed b
     echo "tests: $tests_line"
     [ ${#step_notes[@]} -gt 0 ] && printf 'step: %s\n' "${step_notes[@]}"
     echo "total: $(( $(date +%s) - t_start ))s of a ${BUDGET_S}s budget"
+    for f in "$RES"/cost_model_validation_*.txt; do  # the model vs this run, one line each
+      [ -f "$f" ] || continue
+      echo "-- $(basename "$f" .txt): $(grep -E 'median \|err\||fastest algorithm predicted' "$f" | tr '\n' ' ')"
+    done
     for f in "$RES"/bench_*.txt; do
       [ -f "$f" ] || continue
       echo "-- $(basename "$f" .txt) (last lines; full CSV/JSON in results.tgz)"

@@ -25,6 +25,8 @@ def test_gpu_check_dry_run(tmp_path):
                  "cost model validate (refit)"):
         assert want in names, (want, summary)
     assert all(rc == "0" for _, rc in steps), summary
+    for prof in ("shipped", "refit"):  # the model-vs-run line of each validation (empty in a dry run)
+        assert f"-- cost_model_validation_{prof}:" in summary, summary
     assert (tmp_path / "results.tgz").stat().st_size > 0
 
 
