@@ -79,13 +79,19 @@ class Hardware:
         return self.topology
 
     def with_topology(self, topology) -> "Hardware":
-        return Hardware(self.profile, topology) if topology is not None else self
+        return _with_topology(self, topology) if topology is not None else self
 
     def __eq__(self, other):
         return isinstance(other, Hardware) and other.fingerprint == self.fingerprint
 
     def __hash__(self):
         return self.fingerprint
+
+
+@functools.lru_cache(maxsize=64)
+def _with_topology(hw: Hardware, topology) -> Hardware:
+    # cached: every auto call asks (twice); a new Hardware serialises its whole profile to hash it
+    return Hardware(hw.profile, topology)
 
 
 def _load_json(path: str, what: str) -> dict:
@@ -255,6 +261,19 @@ def _current(device_type: str) -> Hardware:
     prof_env, topo_env = os.environ.get(ENV_PROFILE), os.environ.get(ENV_TOPOLOGY)
     if not prof_env and not topo_env:
         return device_default(device_type)
+    # cached per setting (and the files' mtimes): resolving reads and hashes JSON, on every call otherwise
+    return _from_env(prof_env, topo_env, device_type, _mtime(prof_env), _mtime(topo_env))
+
+
+def _mtime(path: str | None) -> float | None:
+    try:
+        return os.path.getmtime(path) if path else None
+    except OSError:
+        return None  # (a built-in or preset name, or a missing file: resolving says which)
+
+
+@functools.lru_cache(maxsize=16)
+def _from_env(prof_env, topo_env, device_type: str, _prof_mtime, _topo_mtime) -> Hardware:
     try:
         hw = resolve_profile(prof_env) if prof_env else device_default(device_type)
         return hw.with_topology(resolve_topology(topo_env or None))

@@ -87,6 +87,10 @@ def test_environment_and_calibration_files(tmp_path, monkeypatch):
     topo.write_text(json.dumps(cm.PRESETS["mesh"].to_json()))
     monkeypatch.setenv(hw.ENV_TOPOLOGY, str(topo))
     assert hw.current("cuda").topology == cm.PRESETS["mesh"]
+    assert hw.current("cuda") is hw.current("cuda")  # resolved once per setting (not on every call)
+    topo.write_text(json.dumps(cm.PRESETS["ring"].to_json()))  # an edited file is read again
+    os.utime(topo, (time.time() + 5, time.time() + 5))
+    assert hw.current("cuda").topology == cm.PRESETS["ring"]
     # set_auto_hardware wins over the environment
     with ringattn.auto_hardware("h100"):
         assert hw.current("cuda").topology is None
