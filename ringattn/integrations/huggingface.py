@@ -776,12 +776,12 @@ def apply_sequence_parallel(model, group=None, algorithm: str = "auto", layout: 
         raise ValueError(f"ringattn: layout={layout!r}; choose one of {LAYOUTS}")
     check_supported(model)
     cfg = model.config
+    hkv = cfg.num_key_value_heads or cfg.num_attention_heads
     plan_kwargs = {}
     if algorithm.startswith("ulysses+"):
         from ringattn.integrations.deepspeed import make_ulysses_ring_groups
 
         w = dist.get_world_size(group)
-        hkv = cfg.num_key_value_heads or cfg.num_attention_heads
         u = ulysses_size or math.gcd(w, hkv)
         if u < 1 or w % u:
             raise ValueError(f"ringattn: ulysses_size={u} must divide the group's {w} ranks")
@@ -795,7 +795,6 @@ def apply_sequence_parallel(model, group=None, algorithm: str = "auto", layout: 
     elif algorithm == "ulysses":
         from ringattn.ulysses import heads_problem
 
-        hkv = cfg.num_key_value_heads or cfg.num_attention_heads
         problem = heads_problem(cfg.num_attention_heads, hkv, dist.get_world_size(group))
         if problem:
             raise ValueError(f"ringattn: {problem}")
