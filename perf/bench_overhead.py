@@ -27,15 +27,14 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import int_list, write_and_print  # noqa: E402
+from model import _spawn  # noqa: E402
 
 
 def _timed(fn, reps: int) -> float:
@@ -106,24 +105,7 @@ def _worker(rank, world, init_file, args, out_q):
 
 
 def run_world(world: int, args: dict) -> list[dict]:
-    ctx = mp.get_context("spawn")
-    out_q = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        init = os.path.join(tmp, "init")
-        procs = [ctx.Process(target=_worker, args=(r, world, init, args, out_q), daemon=True) for r in range(world)]
-        for p in procs:
-            p.start()
-        try:
-            kind, value = out_q.get(timeout=args["timeout"])
-        except Exception:  # noqa: BLE001 - queue.Empty: a hang
-            kind, value = "error", f"no answer within {args['timeout']} s (a hang)"
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-    if kind != "ok":
-        raise RuntimeError(f"W={world}: {value}")
-    return value
+    return _spawn(_worker, world, (args,), timeout=args["timeout"])  # (perf/model.py's rank spawner)
 
 
 def main(argv=None):

@@ -312,7 +312,7 @@ class _Env:
             torch.set_num_threads(args["threads"])
             torch.set_flush_denormal(True)
         if self.transport_kind == "ipc" and self.device.type == "cuda" and not os.environ.get("RINGATTN_AUTO_TOPOLOGY"):
-            import ringattn  # auto is told the ranks share one GPU (ringattn.hardware; the row's auto_topology)
+            import ringattn  # auto is told the ranks share one GPU (ringattn.hardware; module docstring)
 
             ringattn.set_auto_hardware(topology="shared_gpu")
         self.ctrl = None if self.transport_kind != "nccl" else dist.new_group(backend="gloo")
