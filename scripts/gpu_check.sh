@@ -192,7 +192,7 @@ run_step() {  # run_step NAME CAP_S LOGFILE CMD...
 # Order: what never ran on a GPU first (IPC transport, sequence parallel over IPC, TokenWeave),
 # then the op and block-attention tests that passed on the H100 on 2026-11-22, then the rest; a
 # budget cut then loses the least new information.
-first="tests/test_cuda_ipc.py tests/test_sequence_parallel.py tests/test_ulysses.py tests/test_sliding_window.py tests/test_documents.py tests/test_sinks.py tests/test_fused_allreduce_rmsnorm.py tests/test_tokenweave_layer.py tests/test_ops.py tests/test_block_attention.py"
+first="tests/test_cuda_ipc.py tests/test_sequence_parallel.py tests/test_ulysses.py tests/test_sliding_window.py tests/test_documents.py tests/test_sinks.py tests/test_fused_allreduce_rmsnorm.py tests/test_tokenweave_layer.py tests/test_tokenweave_kv_cache.py tests/test_ops.py tests/test_block_attention.py"
 DEFAULT_TESTS="$first $(for f in tests/test_*.py; do case " $first " in *" $f "*) ;; *) printf '%s ' "$f";; esac; done)"
 if [ "${GPU_CHECK_SKIP_TESTS:-0}" != 1 ]; then
   # --timeout: pytest-timeout (in the image); each test's own deadlines sit below it.

@@ -232,14 +232,13 @@ def test_refuses_heads_not_divisible_by_world():
     assert all("needs 3 | query heads (8)" in o[0] for o in out), out
 
 
-def test_refuses_kv_cache_and_missing_rotary():
+def test_refuses_missing_rotary_and_non_llama_layers():
+    """(KV caches are supported and their refusals tested in test_tokenweave_kv_cache.py.)"""
     from ringattn.tokenweave import TokenWeaveDecoderLayer
 
     model = build_model(2, torch.float32)
     layer = TokenWeaveDecoderLayer(model.layers[0], None)
-    h, pe, _ = inputs(model, 3, 1, 5, torch.float32)
-    with pytest.raises(NotImplementedError, match="KV cache"):
-        layer(h, position_embeddings=pe, use_cache=True)
+    h, _, _ = inputs(model, 3, 1, 5, torch.float32)
     with pytest.raises(ValueError, match="position_embeddings"):
         layer(h)
     with pytest.raises(TypeError, match="Llama-style"):

@@ -21,13 +21,18 @@ while the main stream runs one half's attention or MLP, the other half's fused o
 high-priority side stream (events only). A split inside a sequence is exact: the second half's
 queries attend to the first half's keys/values, which are kept for the layer.
 
-Scope: forward (inference prefill) of the decoder layers of TOKENWEAVE_MODEL_TYPES (Llama,
+KV cache (serving): given a HF Cache (past_key_values, or 4.x's past_key_value, as the model's own
+loop passes it), each layer appends this call's keys/values at its layer_idx and attends to what
+the cache keeps before them: prefill, chunked prefill and decode, so generate() runs on a model
+whose layers are swapped (each rank's cache holds its KV-head shard). See _LayerKV.
+
+Scope: forward (inference prefill and decode) of the decoder layers of TOKENWEAVE_MODEL_TYPES (Llama,
 Mistral, Qwen2, Qwen3, SmolLM3, Gemma, Granite: rotary position_embeddings given by the model,
 optional q/k norms and biases; Gemma's (1 + w) norms and Granite's residual_multiplier folded into
 the weights), each checked against the HF layer; other families' layers are refused (their
 sandwich norms, interleaved RoPE or other blocks would otherwise be silently dropped). Causal
 attention with an optional 4-D mask; sliding-window layers apply their window (the module's or its config's
-sliding_window, AND-ed into any mask); no KV cache, no training (each refused with an error).
+sliding_window, AND-ed into any mask); dynamic KV caches (a static cache is refused); no training.
 """
 from __future__ import annotations
 
@@ -135,6 +140,7 @@ class TokenWeaveDecoderLayer(nn.Module):
         if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
             raise ValueError(f"TokenWeaveDecoderLayer: sliding_window must be None or an int >= 1, got {window!r}")
         self.window = window
+        self.layer_idx = getattr(attn, "layer_idx", None)  # where a KV cache keeps this layer's keys
         if hasattr(hf_layer, "attention_type"):  # models that pick each layer's mask by it (Qwen2 on 4.x)
             self.attention_type = hf_layer.attention_type
         W, r = self.world_size, self.rank
@@ -219,13 +225,16 @@ class TokenWeaveDecoderLayer(nn.Module):
             return m & ~far
         return m.masked_fill(far, torch.finfo(m.dtype).min)
 
-    def attention_into(self, y, t0, t1, cos, sin, mask, batch, seqlen, k_store, v_store, out) -> None:
+    def attention_into(self, y, t0, t1, cos, sin, mask, batch, seqlen, k_store, v_store, out, kv=None) -> None:
         """Row-parallel attention partial of tokens [t0, t1) (flattened B*S order) into `out` (n x H).
 
         y: (n, H) normed input of those tokens; cos/sin: (B*S, D); k_store/v_store: (B*S, Hkv_local, D),
-        this layer's keys/values, filled here for [t0, t1) and read for earlier tokens of the same
-        sequences (a split inside a sequence)."""
+        this call's keys/values, filled here for [t0, t1) and read for earlier tokens of the same
+        sequences (a split inside a sequence); kv: the layer's _LayerKV (a KV cache's kept past
+        keys in front of this call's; None: no cache). mask: (B, 1|H, S, P + S) over the kept past
+        P keys and this call's S, or None (causal from position P, within the window)."""
         n, D = t1 - t0, self.head_dim
+        kv = kv if kv is not None else _LayerKV(None, None, k_store, v_store, batch, seqlen)
         qkv = F.linear(y, self.qkv_weight, self.qkv_bias)
         q, k, v = qkv.split([self.hq * D, self.hkv * D, self.hkv * D], dim=-1)
         q, k, v = q.reshape(n, self.hq, D), k.reshape(n, self.hkv, D), v.reshape(n, self.hkv, D)
@@ -237,8 +246,15 @@ class TokenWeaveDecoderLayer(nn.Module):
         q = (q * c + _rotate_half(q) * s).to(y.dtype)
         k_store[t0:t1] = (k * c + _rotate_half(k) * s).to(y.dtype)
         v_store[t0:t1] = v
+        if kv.commit_early:  # one range holds the whole call: append it to the cache now, attend to what it returns
+            kv.commit()
+        P = kv.past
+        if mask is not None and mask.shape[-1] != P + seqlen:
+            raise ValueError(
+                f"attention_mask has {mask.shape[-1]} key columns; this layer attends to {P} cached + {seqlen} new keys "
+                f"(expected (B, 1|H, {seqlen}, {P + seqlen}))")
         attn = q.new_empty(n, self.hq, D)
-        full = []  # whole sequences inside [t0, t1): one batched causal call
+        full = []  # whole sequences inside [t0, t1): one batched call
         for b in range(t0 // seqlen, -(-t1 // seqlen)):
             qs, qe = max(t0, b * seqlen) - b * seqlen, min(t1, (b + 1) * seqlen) - b * seqlen
             if qs == 0 and qe == seqlen:
@@ -246,24 +262,23 @@ class TokenWeaveDecoderLayer(nn.Module):
                 continue
             rows = slice(b * seqlen + qs - t0, b * seqlen + qe - t0)
             qb = q[rows].transpose(0, 1)[None]  # 1 x hq x m x D
-            kb, vb = (self._kv_heads(t[b * seqlen : b * seqlen + qe]) for t in (k_store, v_store))
+            kb, vb = (self._kv_heads(t) for t in kv.keys(b, 1, qe))  # 1 x hq x (P + qe) x D
             if mask is not None:
-                m = self._windowed(mask[b : b + 1, :, qs:qe, :qe], qs, qe)
-            else:  # query at position qs+i sees keys 0..qs+i (bottom-right causal), within the window
-                m = self._band(qs, qe, q.device)
-            o = F.scaled_dot_product_attention(qb, kb[None], vb[None], attn_mask=m, scale=self.scaling)
+                m = self._windowed(mask[b : b + 1, :, qs:qe, : P + qe], P + qs, P + qe)
+            else:  # query at position P+qs+i sees keys 0..P+qs+i (bottom-right causal), within the window
+                m = self._band(P + qs, P + qe, q.device)
+            o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=m, scale=self.scaling)
             attn[rows] = o[0].transpose(0, 1)
         if full:
             b0, nb = full[0], len(full)  # consecutive sequences
             rows = slice(b0 * seqlen - t0, (b0 + nb) * seqlen - t0)
             qb = q[rows].reshape(nb, seqlen, self.hq, D).transpose(1, 2)
-            kv = [t[b0 * seqlen : (b0 + nb) * seqlen].reshape(nb, seqlen, self.hkv, D).transpose(1, 2) for t in (k_store, v_store)]
-            kb, vb = (x.repeat_interleave(self.n_rep, dim=1) if self.n_rep > 1 else x for x in kv)
+            kb, vb = (self._kv_heads(t) for t in kv.keys(b0, nb, seqlen))  # nb x hq x (P + S) x D
             if mask is not None:
-                o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=self._windowed(mask[b0 : b0 + nb], 0, seqlen),
+                o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=self._windowed(mask[b0 : b0 + nb], P, P + seqlen),
                                                    scale=self.scaling)
-            elif self.window is not None and self.window < seqlen:
-                o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=self._band(0, seqlen, q.device),
+            elif P > 0 or (self.window is not None and self.window < seqlen):
+                o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=self._band(P, P + seqlen, q.device),
                                                    scale=self.scaling)
             else:
                 o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=self.scaling)
@@ -275,9 +290,8 @@ class TokenWeaveDecoderLayer(nn.Module):
             torch.mm(a, self.o_weight.t(), out=out)
 
     def _kv_heads(self, t: torch.Tensor) -> torch.Tensor:
-        """(m, Hkv_local, D) -> (Hq_local, m, D): GQA heads repeated to the query heads."""
-        t = t.transpose(0, 1)
-        return t.repeat_interleave(self.n_rep, dim=0) if self.n_rep > 1 else t
+        """(nb, Hkv_local, m, D) -> (nb, Hq_local, m, D): GQA heads repeated to the query heads."""
+        return t.repeat_interleave(self.n_rep, dim=1) if self.n_rep > 1 else t
 
     def mlp_into(self, y: torch.Tensor, out: torch.Tensor) -> None:
         """Row-parallel MLP partial of y (n x H) into `out` (n x H)."""
@@ -295,7 +309,7 @@ class TokenWeaveDecoderLayer(nn.Module):
         out = run_tokenweave_layers(
             [self], hidden_states, position_embeddings, attention_mask, None, None,
             token_split=self.token_split, split_min_tokens=self.split_min_tokens,
-            past_key_values=past_key_values, use_cache=use_cache,
+            past_key_values=_layer_cache(past_key_values, kwargs),
         )  # fmt: skip
         return (out,) if self.returns_tuple else out
 
@@ -326,13 +340,100 @@ class TokenWeaveDecoderStack(nn.Module):
         if device is not None and self.final_norm_weight is not None:
             self.final_norm_weight.data = self.final_norm_weight.data.to(device)
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
         first = self.layers[0]
         return run_tokenweave_layers(
             list(self.layers), hidden_states, position_embeddings, attention_mask,
             self.final_norm_weight, self.final_norm_eps,
             token_split=first.token_split, split_min_tokens=first.split_min_tokens,
+            past_key_values=_layer_cache(past_key_values, kwargs),
         )  # fmt: skip
+
+
+class _LayerKV:
+    """The keys/values one layer's attention reads in one call: a KV cache's kept past (B, Hkv_local,
+    P, D) in front of this call's own (k_store/v_store, (B*S, Hkv_local, D)).
+
+    With a cache, this call's keys are appended with one `cache.update(k, v, layer_idx)` (HF's Cache
+    API, transformers 4.53-5.x): right after the projections when one range holds the whole call
+    (commit_early: attention then reads the tensors update returns), else after every half's
+    attention (a split; the past is read first by appending nothing). Whatever the cache keeps is
+    what is attended: a sliding-window layer's cache keeps its last window - 1 keys, and key j of
+    the P kept precedes the call's first query by P - j positions either way."""
+
+    def __init__(self, cache, layer_idx, k_store, v_store, batch, seqlen, commit_early=False):
+        self.cache, self.layer_idx = cache, layer_idx
+        self.k_store, self.v_store, self.batch, self.seqlen = k_store, v_store, batch, seqlen
+        self.commit_early = cache is not None and commit_early
+        self.past, self.pk, self.pv, self.full = 0, None, None, None
+        if cache is not None and (held := _held_keys(cache, layer_idx)) is not None:
+            self._check(held, 0)  # before any update: a mismatched cache is refused unchanged
+        if cache is not None and not commit_early:
+            self.pk, self.pv = cache.update(self._new()[0][:, :, :0], self._new()[1][:, :, :0], layer_idx)
+            self._check(self.pk, 0)
+            self.past = self.pk.shape[-2]
+
+    def _new(self):
+        """This call's keys and values as (B, Hkv_local, S, D) views of k_store/v_store."""
+        B, S = self.batch, self.seqlen
+        return tuple(t.view(B, S, *t.shape[1:]).transpose(1, 2) for t in (self.k_store, self.v_store))
+
+    def _check(self, k: torch.Tensor, new: int) -> None:
+        B, hkv, D = self.batch, self.k_store.shape[1], self.k_store.shape[2]
+        if k.dim() != 4 or k.shape[0] != B or k.shape[1] != hkv or k.shape[3] != D or k.shape[2] < new:
+            raise ValueError(
+                f"the KV cache of layer {self.layer_idx} holds keys of shape {tuple(k.shape)}; this tensor-parallel "
+                f"rank needs (batch {B}, {hkv} local KV heads, >= {new} positions, head_dim {D}) -- a cache filled "
+                "by the unsharded model or at another tensor-parallel size cannot be reused")
+
+    def commit(self) -> None:
+        """Append this call's keys/values to the cache (once per layer and call)."""
+        k, v = self.cache.update(*self._new(), self.layer_idx)
+        S = self.seqlen
+        self._check(k, S)
+        if self.commit_early:  # attend to what the cache returns: its kept past, then this call's keys
+            self.past, self.full = k.shape[-2] - S, (k, v)
+        elif k.shape[-2] != self.past + S:
+            raise RuntimeError(
+                f"the KV cache of layer {self.layer_idx} returned {k.shape[-2]} positions after appending {S} to the "
+                f"{self.past} it returned before; TokenWeaveDecoderLayer needs a cache that keeps a suffix of the "
+                "keys (DynamicCache)")
+
+    def keys(self, b0: int, nb: int, qe: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(nb, Hkv_local, P + qe, D) keys and values of sequences [b0, b0 + nb): the kept past, then
+        this call's first qe positions."""
+        end = self.past + qe
+        if self.full is not None:
+            return tuple(t[b0 : b0 + nb, :, :end] for t in self.full)
+        S = self.seqlen
+        cur = tuple(t[b0 * S : (b0 + nb) * S].view(nb, S, *t.shape[1:])[:, :qe].transpose(1, 2)
+                    for t in (self.k_store, self.v_store))  # fmt: skip
+        if self.past == 0:
+            return cur
+        return tuple(torch.cat([p[b0 : b0 + nb], c], dim=2) for p, c in zip((self.pk, self.pv), cur))
+
+
+def _held_keys(cache, layer_idx: int):
+    """The keys a HF cache already holds for layer_idx ((B, Hkv, P, D)), or None when it holds none
+    yet (or keeps them where this does not look: then update's own checks apply)."""
+    layers = getattr(cache, "layers", None)  # transformers >= 4.56: one CacheLayer per layer
+    if isinstance(layers, (list, tuple)):
+        if layer_idx < len(layers) and getattr(layers[layer_idx], "is_initialized", True):
+            k = getattr(layers[layer_idx], "keys", None)
+            return k if torch.is_tensor(k) and k.dim() == 4 else None
+        return None
+    kc = getattr(cache, "key_cache", None)  # 4.x DynamicCache
+    if isinstance(kc, list) and layer_idx < len(kc) and torch.is_tensor(kc[layer_idx]) and kc[layer_idx].dim() == 4:
+        return kc[layer_idx]
+    return None
+
+
+def _layer_cache(cache, kwargs):
+    """The HF Cache a layer call appends to (transformers 5: past_key_values; 4.x: past_key_value), or
+    None. use_cache without a cache object caches nothing, as in the HF layers."""
+    if cache is None:
+        cache = kwargs.get("past_key_value")
+    return cache
 
 
 class _Half:
@@ -354,11 +455,21 @@ class _Half:
 @torch.compiler.disable(reason="ringattn TokenWeave layers: the token-split overlap schedule (side streams, "
                                "events, symmetric-memory buffers) runs eagerly, in the order written")
 def run_tokenweave_layers(layers, hidden_states, position_embeddings, attention_mask, final_weight, final_eps, *,
-                          token_split=True, split_min_tokens=1024, past_key_values=None, use_cache=False):
+                          token_split=True, split_min_tokens=1024, past_key_values=None):
     """The TokenWeave schedule over `layers` (see the module docstring). Returns the last layer's
-    output hidden states, or final_norm(them) when final_weight is given."""
-    if past_key_values is not None or use_cache:
-        raise NotImplementedError("TokenWeaveDecoderLayer runs prefill without a KV cache (past_key_values/use_cache)")
+    output hidden states, or final_norm(them) when final_weight is given. past_key_values: a HF
+    Cache this call's keys/values are appended to (each layer at its layer_idx) and attended after
+    what it already holds (prefill, chunked prefill, decode)."""
+    cache = past_key_values
+    if cache is not None:
+        if not hasattr(cache, "update"):
+            raise TypeError(f"past_key_values must be a Hugging Face Cache (DynamicCache), got {type(cache).__name__}")
+        if getattr(cache, "is_compileable", False):
+            raise NotImplementedError(
+                f"TokenWeaveDecoderLayer: {type(cache).__name__} is a fixed-size (static) cache, whose update returns "
+                "unfilled slots; use DynamicCache (generate's default) or cache_implementation='dynamic'")
+        if missing := [i for i, l in enumerate(layers) if l.layer_idx is None]:
+            raise ValueError(f"layers {missing} have no layer_idx (their HF self_attn.layer_idx), needed to use a KV cache")
     if position_embeddings is None:
         raise ValueError("position_embeddings=(cos, sin) are required (as HF Llama models pass them to their layers)")
     if attention_mask is not None and (not torch.is_tensor(attention_mask) or attention_mask.dim() != 4):
@@ -401,12 +512,15 @@ def run_tokenweave_layers(layers, hidden_states, position_embeddings, attention_
             last = li == len(layers) - 1
             k_store = torch.empty(N, hkv, D, dtype=dtype, device=device)
             v_store = torch.empty(N, hkv, D, dtype=dtype, device=device)
+            kv = _LayerKV(cache, layer.layer_idx, k_store, v_store, B, S, commit_early=len(halves) == 1)
             for half in halves:
                 if side is not None:
                     side.join(half.done)
                 buf = handle.input_buffer(half.n, H, dtype, slot=half.slot)
-                layer.attention_into(half.y, half.t0, half.t1, cos, sin, attention_mask, B, S, k_store, v_store, buf)
+                layer.attention_into(half.y, half.t0, half.t1, cos, sin, attention_mask, B, S, k_store, v_store, buf, kv)
                 fused(half, buf, layer.post_norm_weight, layer.post_norm_eps, shard_between(half))
+            if cache is not None and not kv.commit_early:  # a split: every half's keys are in k_store now
+                kv.commit()
             for half in halves:
                 if side is not None:
                     side.join(half.done)

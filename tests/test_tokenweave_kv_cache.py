@@ -1,0 +1,305 @@
+"""TokenWeaveDecoderLayer with a Hugging Face KV cache: prefill, chunked prefill, decode and
+generate() inside HF causal-LM models, tensor-parallel over real gloo ranks, against the unsharded
+model running with its own cache.
+
+Every rank builds the same tiny random model from a seed (transformers on CPU, no downloads),
+swaps its decoder layers for TokenWeaveDecoderLayer (each rank's cache then holds its own KV-head
+shard) and compares, step by step, with the unsharded float64 model:
+- greedy generate(): the same tokens, and per-step logits within tolerance, with left padding
+  (the model's 4-D masks over cached + new keys), token splitting on (prefill halves inside a
+  sequence: the past is read, then this call's keys appended after every half) and off (one range:
+  the keys appended first, attention reads what the cache returns);
+- a manual schedule (prefill 7, a chunk of 9 on top of the cache, three single-token steps) with
+  sdpa (no mask: the layer's own causal band from position P) and eager (a float mask), and with
+  Mistral sliding windows shorter than the context (transformers 5 keeps only the last window - 1
+  keys per layer; 4.53 keeps all and masks), on the gloo fallbacks and on the fused kernel's
+  protocol (host simulation, fp32);
+- the stack (TokenWeaveDecoderStack + final norm) with a cache;
+- refusals: a static cache, a cache filled by the unsharded model, a layer without layer_idx.
+Tolerances: float64 runs compare within 1e-5 of the output's scale (HF's RMSNorm and rotary tables
+run in float32 even for float64 models, so float64 is float32-accurate in places); fp32 runs within
+2x the fp32 HF model's own error against float64 plus a 64-ulp floor.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from conftest import get_pool
+
+transformers = pytest.importorskip("transformers")
+
+_TOL64 = 1e-5
+
+
+def _lm(family: str, seed: int, dtype=torch.float64, attn: str = "sdpa", window: int | None = None, hidden=64, inter=96):
+    """A tiny random causal LM (Llama, or Mistral with `window`), weights scaled so attention and the
+    MLP matter next to the residual."""
+    cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig}[family]
+    extra = dict(sliding_window=window) if family == "mistral" else {}
+    cfg = cls(hidden_size=hidden, intermediate_size=inter, num_attention_heads=8, num_key_value_heads=4, num_hidden_layers=2,
+              vocab_size=40, max_position_embeddings=256, rms_norm_eps=1e-5, pad_token_id=0, bos_token_id=1,
+              eos_token_id=None, **extra)  # fmt: skip
+    cfg._attn_implementation = attn
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            elif p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+    return model.to(dtype)
+
+
+def _dynamic_cache(model):
+    try:
+        return transformers.DynamicCache(config=model.config)  # transformers 5: sliding layers per config
+    except TypeError:
+        return transformers.DynamicCache()  # 4.x
+
+
+def _swap(model, split: bool, config=None):
+    from ringattn.tokenweave import TokenWeaveDecoderLayer
+
+    layers = model.model.layers
+    for i, layer in enumerate(layers):
+        layers[i] = TokenWeaveDecoderLayer(layer, dist.group.WORLD, token_split=split, split_min_tokens=0, config=config)
+    return model
+
+
+def _ids(seed: int, B: int, S: int, pad_row: int = 0):
+    """Token ids (B, S) and the 2-D attention mask; the last row left-padded by pad_row tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 40, (B, S), generator=g)
+    am = torch.ones(B, S, dtype=torch.long)
+    if pad_row:
+        ids[-1, :pad_row], am[-1, :pad_row] = 0, 0
+    return ids, am
+
+
+def _rel(a, b) -> float:
+    return (a.double() - b.double()).abs().max().item() / b.double().abs().max().item()
+
+
+# ---- generate() --------------------------------------------------------------------------------------
+
+
+def _w_generate(split: bool, family: str, window):
+    ref = _lm(family, 5, window=window)
+    tw = _swap(_lm(family, 5, window=window), split)
+    ids, am = _ids(6, 3, 9, pad_row=3)  # 27 prompt tokens: the prefill split falls inside sequence 1
+    kw = dict(attention_mask=am, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None,
+              return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        a = ref.generate(ids, **kw)
+        b = tw.generate(ids, **kw)
+    tag = f"rank {dist.get_rank()} split={split} {family} window={window}"
+    assert a.sequences.tolist() == b.sequences.tolist(), f"{tag}: tokens {b.sequences.tolist()} != {a.sequences.tolist()}"
+    errs = [_rel(y, x) for x, y in zip(a.logits, b.logits)]
+    assert len(errs) == 6 and max(errs) < _TOL64, f"{tag}: per-step logits rel err {errs}"
+    return b.sequences.tolist()
+
+
+@pytest.mark.parametrize("world, split", [(1, True), (2, True), (2, False), (4, True)])
+def test_generate_matches_unsharded_model(world, split):
+    seqs = get_pool(world).run(_w_generate, split, "llama", None, timeout=240)
+    assert all(s == seqs[0] for s in seqs), "ranks generated different tokens"
+
+
+def test_generate_sliding_window_past_the_window():
+    """Mistral, window 4 < 9 prompt + 6 new tokens: the cache keeps (transformers 5) or masks (4.x)
+    what the window drops."""
+    get_pool(2).run(_w_generate, True, "mistral", 4, timeout=240)
+
+
+# ---- manual schedule: prefill, chunk on top of the cache, decode steps ---------------------------------
+
+
+def _w_chunks(family: str, attn: str, window, dtype, split: bool, path, symm_backend):
+    from ringattn.tokenweave import TokenWeaveConfig
+
+    config = TokenWeaveConfig(path=path, symm_backend=symm_backend or "cuda", one_shot_max_tokens=4, timeout_s=20) if path else None
+    ref = _lm(family, 8, attn=attn, window=window)
+    same = _lm(family, 8, dtype, attn=attn, window=window)
+    tw = _swap(_lm(family, 8, dtype, attn=attn, window=window), split, config)
+    B = 3  # 21 and 27 tokens: each split falls inside sequence 1
+    ids, _ = _ids(9, B, 19)
+    steps = [(0, 7), (7, 16), (16, 17), (17, 18), (18, 19)]  # prefill, a chunk of 9, three decode steps
+    caches = {m: _dynamic_cache(m) for m in (ref, same, tw)}
+    out = []
+    with torch.no_grad():
+        for s0, s1 in steps:
+            h = {m: m.model(ids[:, s0:s1], past_key_values=caches[m], use_cache=True).last_hidden_state
+                 for m in (ref, same, tw)}  # fmt: skip
+            tag = f"rank {dist.get_rank()} {family}/{attn} window={window} {dtype} split={split} path={path} step [{s0},{s1})"
+            assert h[tw].shape == (B, s1 - s0, 64) and h[tw].dtype == dtype, tag
+            err = _rel(h[tw], h[ref])
+            if dtype == torch.float64:
+                assert err < _TOL64, f"{tag}: rel err {err:.3e}"
+            else:
+                base = _rel(h[same], h[ref])
+                assert err <= 2 * base + 64 * 2.0**-23, f"{tag}: rel err {err:.3e} > 2 x HF's own {base:.3e}"
+            out.append(err)
+    # the TP caches hold this rank's KV-head shard of every position the reference holds (or keeps)
+    for li in range(2):
+        k_ref = caches[ref].update(torch.zeros(B, 4, 0, 8, dtype=torch.float64),
+                                   torch.zeros(B, 4, 0, 8, dtype=torch.float64), li)[0]  # fmt: skip
+        k_tw = caches[tw].update(torch.zeros(B, 4 // dist.get_world_size(), 0, 8, dtype=dtype),
+                                 torch.zeros(B, 4 // dist.get_world_size(), 0, 8, dtype=dtype), li)[0]  # fmt: skip
+        hs = slice(dist.get_rank() * k_tw.shape[1], (dist.get_rank() + 1) * k_tw.shape[1])
+        assert k_tw.shape[2] == k_ref.shape[2], (li, k_tw.shape, k_ref.shape)
+        assert _rel(k_tw, k_ref[:, hs]) < (_TOL64 if dtype == torch.float64 else 1e-5), f"layer {li} cached keys"
+    return out
+
+
+@pytest.mark.parametrize("family, attn, window", [("llama", "sdpa", None), ("llama", "eager", None),
+                                                  ("mistral", "sdpa", 4), ("mistral", "eager", 5)])
+def test_chunked_prefill_and_decode_match(family, attn, window):
+    get_pool(2).run(_w_chunks, family, attn, window, torch.float64, True, None, None, timeout=240)
+
+
+def test_chunked_prefill_and_decode_match_four_ranks_no_split():
+    get_pool(4).run(_w_chunks, "llama", "sdpa", None, torch.float64, False, None, None, timeout=240)
+
+
+def test_chunked_prefill_and_decode_rs_ag_path():
+    get_pool(2).run(_w_chunks, "mistral", "sdpa", 4, torch.float64, True, "rs_ag", None, timeout=240)
+
+
+@pytest.mark.skipif(
+    not __import__("ringattn.tokenweave.fused_allreduce_rmsnorm", fromlist=["_op_has_kernel"])._op_has_kernel("cpu"),
+    reason="ringattn._C predates the tw op (rebuild the extension)",
+)
+def test_chunked_prefill_and_decode_fused_kernel_protocol_host_sim():
+    """The symm path (host-simulation kernel, fp32): two-shot for the prefill chunks, one-shot for
+    the decode steps (one_shot_max_tokens=4 > 2 tokens)."""
+    get_pool(2).run(_w_chunks, "llama", "eager", None, torch.float32, True, "symm", "host-sim", timeout=240)
+
+
+# ---- the stack ---------------------------------------------------------------------------------------
+
+
+def _w_stack():
+    from ringattn.tokenweave import TokenWeaveDecoderStack
+
+    ref = _lm("llama", 10)
+    model = _lm("llama", 10)
+    stack = TokenWeaveDecoderStack(model.model.layers, model.model.norm, dist.group.WORLD, token_split=True,
+                                   split_min_tokens=0)  # fmt: skip
+    ids, _ = _ids(11, 2, 12)
+    c_ref, c_tw = _dynamic_cache(ref), _dynamic_cache(model)
+    errs = []
+    with torch.no_grad():
+        for s0, s1 in [(0, 10), (10, 11), (11, 12)]:
+            want = ref.model(ids[:, s0:s1], past_key_values=c_ref, use_cache=True).last_hidden_state
+            h = model.model.embed_tokens(ids[:, s0:s1])
+            pos = torch.arange(s0, s1)[None].expand(2, s1 - s0)
+            got = stack(h, position_embeddings=model.model.rotary_emb(h, pos), past_key_values=c_tw)
+            errs.append(_rel(got, want))
+    assert max(errs) < _TOL64, f"rank {dist.get_rank()}: stack with a cache, rel errs {errs}"
+    return errs
+
+
+def test_stack_with_cache_matches():
+    get_pool(2).run(_w_stack, timeout=240)
+
+
+# ---- refusals ----------------------------------------------------------------------------------------
+
+
+def _w_refusals():
+    from ringattn.tokenweave import TokenWeaveDecoderLayer
+
+    out = {}
+    model = _lm("llama", 12)
+    full = _lm("llama", 12)
+    ids, _ = _ids(13, 1, 5)
+    with torch.no_grad():
+        unsharded = _dynamic_cache(full)
+        full.model(ids, past_key_values=unsharded, use_cache=True)  # 4 KV heads per layer
+        _swap(model, False)
+        try:
+            model.model(ids[:, :1], past_key_values=unsharded, use_cache=True)
+            out["unsharded"] = "ran"
+        except ValueError as e:
+            out["unsharded"] = str(e)
+        try:
+            static = transformers.StaticCache(config=model.config, max_cache_len=16)
+        except TypeError:  # 4.x
+            static = transformers.StaticCache(config=model.config, max_batch_size=1, max_cache_len=16,
+                                              dtype=torch.float64)  # fmt: skip
+        try:
+            model.model(ids, past_key_values=static, use_cache=True)
+            out["static"] = "ran"
+        except NotImplementedError as e:
+            out["static"] = str(e)
+        layer = model.model.layers[0]
+        layer.layer_idx = None
+        h = model.model.embed_tokens(ids)
+        pe = model.model.rotary_emb(h, torch.arange(5)[None])
+        try:
+            layer(h, position_embeddings=pe, past_key_values=_dynamic_cache(model))
+            out["layer_idx"] = "ran"
+        except ValueError as e:
+            out["layer_idx"] = str(e)
+        try:
+            layer(h, position_embeddings=pe, past_key_values=object())
+            out["type"] = "ran"
+        except TypeError as e:
+            out["type"] = str(e)
+        # use_cache without a cache object caches nothing (as the HF layer): it just runs
+        y = layer(h, position_embeddings=pe, use_cache=True)
+        out["use_cache"] = tuple((y[0] if isinstance(y, tuple) else y).shape)
+    return out
+
+
+def test_cache_refusals():
+    for o in get_pool(2).run(_w_refusals, timeout=240):
+        assert "cache filled by the unsharded model" in o["unsharded"] and "2 local KV heads" in o["unsharded"], o
+        assert "static" in o["static"] and "DynamicCache" in o["static"], o
+        assert "no layer_idx" in o["layer_idx"], o
+        assert "must be a Hugging Face Cache" in o["type"], o
+        assert o["use_cache"] == (1, 5, 64), o
+
+
+# ---- GPU tier ----------------------------------------------------------------------------------------
+
+
+def _gpu_chunks(window):
+    """2 ranks on cuda:0 (MPS), the fused symm path, bf16: a split prefill of 2 x 700, a chunk of 37
+    on top of the cache, four decode steps; each step against the float64 model (the 2x rule)."""
+    from ringattn.tokenweave import TokenWeaveConfig
+
+    dev = torch.device("cuda", 0)
+    family = "mistral" if window else "llama"
+    kw = dict(window=window, hidden=512, inter=1024)
+    ref = _lm(family, 14, **kw).to(dev)
+    same = _lm(family, 14, torch.bfloat16, **kw).to(dev)
+    tw = _swap(_lm(family, 14, torch.bfloat16, **kw).to(dev), True, TokenWeaveConfig(path="symm", timeout_s=30))
+    ids = _ids(15, 2, 741)[0].to(dev)
+    caches = {m: _dynamic_cache(m) for m in (ref, same, tw)}
+    errs = []
+    with torch.no_grad():
+        for s0, s1 in [(0, 700), (700, 737), (737, 738), (738, 739), (739, 740), (740, 741)]:
+            h = {m: m.model(ids[:, s0:s1], past_key_values=caches[m], use_cache=True).last_hidden_state
+                 for m in (ref, same, tw)}  # fmt: skip
+            torch.cuda.synchronize()
+            err, base = _rel(h[tw], h[ref]), _rel(h[same], h[ref])
+            assert err <= 2 * base + 64 * 2.0**-8, f"rank {dist.get_rank()} window={window} [{s0},{s1}): {err:.3e} > 2 x {base:.3e}"
+            errs.append(round(err, 5))
+    handle = tw.model.layers[0].handle(dev)
+    dist.barrier()  # every rank's last call done before any pad is read
+    assert handle.signal_pads_zero()
+    return errs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("window", [None, 256])
+def test_gpu_chunked_prefill_and_decode_symm(window):
+    from test_fused_allreduce_rmsnorm import run_gpu_world
+
+    print(run_gpu_world(2, "test_tokenweave_kv_cache:_gpu_chunks", window))
