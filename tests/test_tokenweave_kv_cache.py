@@ -115,6 +115,51 @@ def test_generate_sliding_window_past_the_window():
     get_pool(2).run(_w_generate, True, "mistral", 4, timeout=240)
 
 
+def _w_families_generate():
+    """Every TokenWeave family the installed transformers has (the HF tests' tiny configs with 4
+    layers, so SmolLM3's NoPE layer 3 is in it; sdpa, as HF's eager float64 turns left-padded rows
+    into NaN), float64, every layer swapped: greedy generate() with left padding gives the unsharded
+    model's tokens and per-step logits. (Before 2026-12-07 SmolLM3's NoPE layers got RoPE: 6.6%.)"""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_huggingface import FAMILY_CONFIGS, family_available, tiny_config
+
+    from ringattn.tokenweave.layer import TOKENWEAVE_MODEL_TYPES
+
+    out = {}
+    for family in TOKENWEAVE_MODEL_TYPES:
+        if family not in FAMILY_CONFIGS or not family_available(family):
+            continue
+        models = []
+        for _ in range(2):
+            torch.manual_seed(0)
+            m = transformers.AutoModelForCausalLM.from_config(tiny_config(family, num_hidden_layers=4, attn_implementation="sdpa")).double().eval()
+            g = torch.Generator().manual_seed(1)
+            with torch.no_grad():  # norms away from 1 (Gemma's 1 + w must show), weights that matter
+                for name, p in m.named_parameters():
+                    p.copy_((1 + 0.3 * torch.randn(p.shape, generator=g)) if "norm" in name and p.dim() == 1
+                            else torch.randn(p.shape, generator=g) / (p.shape[-1] ** 0.5 if p.dim() == 2 else 5))
+            models.append(m)
+        ref, tw = models[0], _swap(models[1], True)
+        ids, am = _ids(3, 2, 7, pad_row=2)
+        kw = dict(attention_mask=am, max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None,
+                  return_dict_in_generate=True, output_logits=True)
+        with torch.no_grad():
+            a, b = ref.generate(ids, **kw), tw.generate(ids, **kw)
+        err = max(_rel(y, x) for x, y in zip(a.logits, b.logits))
+        out[family] = (a.sequences.tolist() == b.sequences.tolist(), err)
+    return out
+
+
+def test_every_tokenweave_family_generates_like_the_unsharded_model():
+    for o in get_pool(2).run(_w_families_generate, timeout=300):
+        assert {"llama", "mistral", "qwen2", "gemma", "granite"} <= set(o), o
+        bad = {f: v for f, v in o.items() if not v[0] or v[1] > _TOL64}
+        assert not bad, f"families whose TP generate differs (same tokens, max logits rel err): {bad}"
+
+
 # ---- manual schedule: prefill, chunk on top of the cache, decode steps ---------------------------------
 
 

@@ -27,7 +27,7 @@ the cache keeps before them: prefill, chunked prefill and decode, so generate() 
 whose layers are swapped (each rank's cache holds its KV-head shard). See _LayerKV.
 
 Scope: forward (inference prefill and decode) of the decoder layers of TOKENWEAVE_MODEL_TYPES (Llama,
-Mistral, Qwen2, Qwen3, SmolLM3, Gemma, Granite: rotary position_embeddings given by the model,
+Mistral, Qwen2, Qwen3, SmolLM3 (its NoPE layers skip RoPE), Gemma, Granite: rotary position_embeddings given by the model,
 optional q/k norms and biases; Gemma's (1 + w) norms and Granite's residual_multiplier folded into
 the weights), each checked against the HF layer; other families' layers are refused (their
 sandwich norms, interleaved RoPE or other blocks would otherwise be silently dropped). Causal
@@ -141,6 +141,8 @@ class TokenWeaveDecoderLayer(nn.Module):
             raise ValueError(f"TokenWeaveDecoderLayer: sliding_window must be None or an int >= 1, got {window!r}")
         self.window = window
         self.layer_idx = getattr(attn, "layer_idx", None)  # where a KV cache keeps this layer's keys
+        # SmolLM3's NoPE layers (every 4th by default) skip the rotary embedding the model still passes
+        self.use_rope = bool(getattr(attn, "use_rope", True))
         if hasattr(hf_layer, "attention_type"):  # models that pick each layer's mask by it (Qwen2 on 4.x)
             self.attention_type = hf_layer.attention_type
         W, r = self.world_size, self.rank
@@ -242,9 +244,10 @@ class TokenWeaveDecoderLayer(nn.Module):
             q = self.q_norm(q)
         if self.k_norm is not None:
             k = self.k_norm(k)
-        c, s = cos[t0:t1, None, :], sin[t0:t1, None, :]
-        q = (q * c + _rotate_half(q) * s).to(y.dtype)
-        k_store[t0:t1] = (k * c + _rotate_half(k) * s).to(y.dtype)
+        if self.use_rope:
+            c, s = cos[t0:t1, None, :], sin[t0:t1, None, :]
+            q, k = (q * c + _rotate_half(q) * s).to(y.dtype), (k * c + _rotate_half(k) * s).to(y.dtype)
+        k_store[t0:t1] = k
         v_store[t0:t1] = v
         if kv.commit_early:  # one range holds the whole call: append it to the cache now, attend to what it returns
             kv.commit()
