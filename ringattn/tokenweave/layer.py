@@ -280,6 +280,8 @@ class TokenWeaveDecoderLayer(nn.Module):
             if mask is not None:
                 o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=self._windowed(mask[b0 : b0 + nb], P, P + seqlen),
                                                    scale=self.scaling)
+            elif seqlen == 1 and (self.window is None or self.window > P):  # a decode step sees every kept key
+                o = F.scaled_dot_product_attention(qb, kb, vb, scale=self.scaling)
             elif P > 0 or (self.window is not None and self.window < seqlen):
                 o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=self._band(P, P + seqlen, q.device),
                                                    scale=self.scaling)
