@@ -39,6 +39,7 @@ from ringattn import tokenweave  # noqa: E402
 from ringattn.tokenweave import (  # noqa: E402
     TokenWeaveDecoderLayer,
     TokenWeaveDecoderStack,
+    apply_tokenweave,
     fused_allreduce_rmsnorm,
     fused_allreduce_rmsnorm_path,
 )
@@ -47,6 +48,6 @@ __all__ += [
     "shard_sequence", "gather_sequence", "ring_attention", "token_ring_attention",
     "sequence_parallel_attention", "ulysses_attention", "comm_stats", "CommStats", "choose_algorithm", "AlgorithmChoice",
     "predict_comm_bytes", "select_backend", "sharded_kv_attention", "tokenweave", "TokenWeaveDecoderLayer",
-    "TokenWeaveDecoderStack", "fused_allreduce_rmsnorm", "fused_allreduce_rmsnorm_path", "set_auto_hardware",
+    "TokenWeaveDecoderStack", "apply_tokenweave", "fused_allreduce_rmsnorm", "fused_allreduce_rmsnorm_path", "set_auto_hardware",
     "auto_hardware",
 ]

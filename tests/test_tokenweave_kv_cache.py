@@ -62,11 +62,11 @@ def _dynamic_cache(model):
 
 
 def _swap(model, split: bool, config=None):
-    from ringattn.tokenweave import TokenWeaveDecoderLayer
+    """Every decoder layer swapped for a TokenWeaveDecoderLayer over the world (the one-call API)."""
+    from ringattn.tokenweave import TokenWeaveDecoderLayer, apply_tokenweave
 
-    layers = model.model.layers
-    for i, layer in enumerate(layers):
-        layers[i] = TokenWeaveDecoderLayer(layer, dist.group.WORLD, token_split=split, split_min_tokens=0, config=config)
+    assert apply_tokenweave(model, token_split=split, split_min_tokens=0, config=config) is model
+    assert all(isinstance(l, TokenWeaveDecoderLayer) for l in model.model.layers)
     return model
 
 
@@ -250,6 +250,61 @@ def _w_stack():
 
 def test_stack_with_cache_matches():
     get_pool(2).run(_w_stack, timeout=240)
+
+
+# ---- apply_tokenweave ---------------------------------------------------------------------------------
+
+
+def _w_apply():
+    from ringattn.integrations.huggingface import apply_sequence_parallel
+    from ringattn.tokenweave import TokenWeaveDecoderLayer, apply_tokenweave
+
+    out = {}
+    ids, _ = _ids(16, 2, 6)
+    ref = _lm("llama", 17)
+    with torch.no_grad():
+        want = ref(ids).logits
+    # atomic: a layer it cannot wrap leaves every layer as it was
+    model = _lm("llama", 17)
+    first = model.model.layers[0]
+    model.model.layers[1] = torch.nn.Linear(3, 3)
+    try:
+        apply_tokenweave(model)
+        out["atomic"] = "applied"
+    except TypeError as e:
+        out["atomic"] = str(e) if model.model.layers[0] is first else "layer 0 was swapped: " + str(e)
+    # applied once; a second call with the same group changes nothing
+    model = apply_tokenweave(_lm("llama", 17))
+    layers = list(model.model.layers)
+    apply_tokenweave(model, dist.group.WORLD)
+    out["idempotent"] = all(a is b for a, b in zip(layers, model.model.layers))
+    # a forward in a graph (train mode, grad on): the same logits; a backward through the layers raises
+    model.train()
+    logits = model(ids).logits
+    out["train_forward_err"] = _rel(logits, want)
+    try:
+        logits.sum().backward()
+        out["backward"] = "ran"
+    except RuntimeError as e:
+        out["backward"] = str(e)
+    # not combined with sequence parallelism
+    sp = apply_sequence_parallel(_lm("llama", 17), algorithm="ring")
+    try:
+        apply_tokenweave(sp)
+        out["sp"] = "applied"
+    except ValueError as e:
+        out["sp"] = str(e)
+    out["layer_types"] = sorted({type(l).__name__ for l in model.model.layers})
+    return out
+
+
+def test_apply_tokenweave_one_call():
+    for o in get_pool(2).run(_w_apply, timeout=240):
+        assert "Llama-style" in o["atomic"] and not o["atomic"].startswith("layer 0"), o
+        assert o["idempotent"] is True and o["layer_types"] == ["TokenWeaveDecoderLayer"], o
+        assert o["train_forward_err"] < _TOL64, o
+        assert "inference-only" in o["backward"], o
+        assert "sequence parallelism" in o["sp"], o
 
 
 # ---- refusals ----------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from ringattn.tokenweave.fused_allreduce_rmsnorm import (
     get_allreduce_rmsnorm,
     shard_bounds,
 )
-from ringattn.tokenweave.layer import TokenWeaveDecoderLayer, TokenWeaveDecoderStack, run_tokenweave_layers
+from ringattn.tokenweave.layer import TokenWeaveDecoderLayer, TokenWeaveDecoderStack, apply_tokenweave, run_tokenweave_layers
 from ringattn.tokenweave.token_split import split_ranges, wave_aware_split
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "shard_bounds",
     "TokenWeaveDecoderLayer",
     "TokenWeaveDecoderStack",
+    "apply_tokenweave",
     "run_tokenweave_layers",
     "split_ranges",
     "wave_aware_split",

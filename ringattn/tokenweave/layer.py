@@ -3,6 +3,7 @@
     layer = TokenWeaveDecoderLayer(hf_decoder_layer, group=tp_group)
     out = layer(hidden_states, position_embeddings=(cos, sin), attention_mask=None)  # == hf layer
 
+    model = apply_tokenweave(hf_model, group=tp_group)  # every decoder layer swapped; generate() as before
     stack = TokenWeaveDecoderStack(hf_model.model.layers, final_norm=hf_model.model.norm, group=tp_group)
     y = stack(hidden_states, position_embeddings=(cos, sin))  # == norm(layers(hidden_states))
 
@@ -543,4 +544,53 @@ def run_tokenweave_layers(layers, hidden_states, position_embeddings, attention_
             if side is not None:
                 side.join(half.done)
             out[half.t0 : half.t1] = half.y if final_weight is not None else half.residual
-    return out.view(B, S, H)
+    out = out.view(B, S, H)
+    if torch.is_grad_enabled() and hidden_states.requires_grad:  # in a graph: a backward through it must fail loudly
+        out = _NoBackward.apply(hidden_states, out)
+    return out
+
+
+class _NoBackward(torch.autograd.Function):
+    """The layers' output joined to the autograd graph of their input, so that a backward through
+    them raises instead of silently giving the layers below (and their inputs) no gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden_states, out):
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError(
+            "TokenWeave layers are inference-only (prefill/decode): they have no backward. Train with the "
+            "unsharded layers (or ringattn's sequence parallelism); run TokenWeave under torch.no_grad() / "
+            "torch.inference_mode() to keep autograd from recording it")
+
+
+def apply_tokenweave(model: nn.Module, group=None, *, token_split: bool | None = None,
+                     split_min_tokens: int | None = None, config: TokenWeaveConfig | None = None) -> nn.Module:
+    """Swap every decoder layer of a Hugging Face Llama-style model (a *ForCausalLM or the bare
+    model) for a TokenWeaveDecoderLayer tensor-parallel over `group` (default: the world). Every
+    rank of the group calls it on the same model (same weights); each keeps its 1/W shard of the
+    layers' weights and the originals are dropped. Embeddings, the final norm and lm_head stay
+    replicated. Returns the same model, modified in place; its forward and generate() run as
+    before (KV cache included). Nothing is changed when a layer is refused (every layer is wrapped
+    before any is swapped). Inference only. Not combinable with apply_sequence_parallel."""
+    if getattr(model, "ringattn_plan", None) is not None:
+        raise ValueError("apply_tokenweave: this model runs ringattn sequence parallelism (apply_sequence_parallel); "
+                         "tensor-parallel TokenWeave layers are not combined with it")
+    base = getattr(model, "base_model", model)
+    layers = getattr(base, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise TypeError(f"apply_tokenweave: {type(model).__name__} has no decoder layers at base_model.layers")
+    group = group if group is not None else (dist.group.WORLD if dist.is_initialized() else None)
+    done = [isinstance(l, TokenWeaveDecoderLayer) for l in layers]
+    if all(done) and all(l.group is group for l in layers):
+        return model  # applied before, with this group
+    if any(done):
+        raise ValueError("apply_tokenweave: the model's layers are already (partly) TokenWeave layers of another group")
+    wrapped = [TokenWeaveDecoderLayer(l, group, token_split=token_split, split_min_tokens=split_min_tokens, config=config)
+               for l in layers]  # fmt: skip
+    for i, w in enumerate(wrapped):
+        layers[i] = w
+    model.tokenweave_group = group
+    return model
