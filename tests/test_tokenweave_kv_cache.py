@@ -307,6 +307,34 @@ def test_apply_tokenweave_one_call():
         assert "sequence parallelism" in o["sp"], o
 
 
+def _w_check_inputs():
+    """check_inputs: ranks fed different tokens (sampling with unequal seeds) get a ValueError on
+    every rank; equal seeds sample the same tokens and pass."""
+    from ringattn.tokenweave import TokenWeaveConfig
+
+    model = _swap(_lm("llama", 18), True, TokenWeaveConfig(check_inputs=True))
+    ids, _ = _ids(19, 2, 6)
+    kw = dict(max_new_tokens=4, do_sample=True, top_k=0, pad_token_id=0, eos_token_id=None)
+    out = {}
+    with torch.no_grad():
+        torch.manual_seed(123)  # every rank alike
+        out["same_seed"] = model.generate(ids, **kw).tolist()
+        torch.manual_seed(1000 + dist.get_rank())  # ranks sample differently
+        try:
+            model.generate(ids, **kw)
+            out["rank_seed"] = "ran"
+        except ValueError as e:
+            out["rank_seed"] = str(e)
+    return out
+
+
+def test_check_inputs_catches_ranks_sampling_differently():
+    res = get_pool(2).run(_w_check_inputs, timeout=240)
+    assert res[0]["same_seed"] == res[1]["same_seed"], res
+    for o in res:
+        assert "differ from rank 0's" in o["rank_seed"] and "seed every rank alike" in o["rank_seed"], o
+
+
 # ---- refusals ----------------------------------------------------------------------------------------
 
 

@@ -87,6 +87,10 @@ class TokenWeaveConfig:
     debug: bool = False
     validate: bool = True  # collective paths: check (T, H, dtype, layout) agree across ranks per call
     symm_backend: str = "cuda"  # "cuda" (torch symmetric memory) or "host-sim" (CPU test vehicle)
+    # TokenWeave layers: check each call's input hidden states are identical on every rank (one small
+    # host-read all_gather per call; on in debug mode). Ranks fed different tokens (e.g. sampling
+    # with unequal seeds) otherwise sum partials of different inputs: silently wrong.
+    check_inputs: bool = False
 
     @staticmethod
     def from_env(**overrides) -> "TokenWeaveConfig":
@@ -98,6 +102,7 @@ class TokenWeaveConfig:
             timeout_s=_env_float("RINGATTN_TW_TIMEOUT_S", 10.0 if debug else 600.0),
             debug=debug,
             validate=os.environ.get("RINGATTN_TW_VALIDATE", "1") not in ("", "0"),
+            check_inputs=debug or os.environ.get("RINGATTN_TW_CHECK_INPUTS", "0") not in ("", "0"),
         )
         kw.update({k: v for k, v in overrides.items() if v is not None})
         cfg = TokenWeaveConfig(**kw)

@@ -490,6 +490,8 @@ def run_tokenweave_layers(layers, hidden_states, position_embeddings, attention_
     cos = cos.expand(B, S, cos.shape[-1]).reshape(N, -1)
     sin = sin.expand(B, S, sin.shape[-1]).reshape(N, -1)
     handle = first.handle(device)
+    if handle.config.check_inputs and first.world_size > 1:
+        _check_replicated(hidden_states, first.group)
     with torch.no_grad():
         ranges = split_ranges(N, token_split, split_min_tokens, first.gemm_cols, num_sms(device))
         side = SideStream(device) if len(ranges) > 1 else None
@@ -548,6 +550,24 @@ def run_tokenweave_layers(layers, hidden_states, position_embeddings, attention_
     if torch.is_grad_enabled() and hidden_states.requires_grad:  # in a graph: a backward through it must fail loudly
         out = _NoBackward.apply(hidden_states, out)
     return out
+
+
+def _check_replicated(hidden_states: torch.Tensor, group) -> None:
+    """ValueError on every rank when the ranks' input hidden states differ (TokenWeaveConfig.check_inputs)."""
+    from ringattn.comm import control_group
+
+    pg, dev = control_group(group, hidden_states.device)
+    h = hidden_states.detach().double()
+    local = torch.stack([h.sum(), h.square().sum(), h.new_tensor(float(h.numel()))]).to(dev)
+    got = [torch.empty_like(local) for _ in range(dist.get_world_size(pg))]
+    dist.all_gather(got, local, group=pg)
+    rows = torch.stack(got).cpu()
+    bad = [r for r in range(rows.shape[0]) if not torch.equal(rows[r], rows[0])]
+    if bad:
+        raise ValueError(
+            f"TokenWeave layers: the input hidden states of rank(s) {bad} differ from rank 0's (sum, sum of squares, "
+            f"numel: {rows.tolist()}); tensor-parallel ranks must run the same tokens (when sampling, seed every "
+            "rank alike or sample on one rank and broadcast)")
 
 
 class _NoBackward(torch.autograd.Function):
