@@ -277,17 +277,21 @@ class TokenWeaveDecoderLayer(nn.Module):
             b0, nb = full[0], len(full)  # consecutive sequences
             rows = slice(b0 * seqlen - t0, (b0 + nb) * seqlen - t0)
             qb = q[rows].reshape(nb, seqlen, self.hq, D).transpose(1, 2)
-            kb, vb = (self._kv_heads(t) for t in kv.keys(b0, nb, seqlen))  # nb x hq x (P + S) x D
-            if mask is not None:
-                o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=self._windowed(mask[b0 : b0 + nb], P, P + seqlen),
-                                                   scale=self.scaling)
-            elif seqlen == 1 and (self.window is None or self.window > P):  # a decode step sees every kept key
-                o = F.scaled_dot_product_attention(qb, kb, vb, scale=self.scaling)
-            elif P > 0 or (self.window is not None and self.window < seqlen):
-                o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=self._band(P, P + seqlen, q.device),
-                                                   scale=self.scaling)
+            kr, vr = kv.keys(b0, nb, seqlen)  # nb x Hkv_local x (P + S) x D
+            if mask is None and seqlen == 1 and (self.window is None or self.window > P):
+                # a decode step sees every kept key: no mask, and the KV heads shared in place (no copy
+                # of the whole cache per query head group)
+                o = F.scaled_dot_product_attention(qb, kr, vr, scale=self.scaling, enable_gqa=self.n_rep > 1)
             else:
-                o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=self.scaling)
+                kb, vb = self._kv_heads(kr), self._kv_heads(vr)  # nb x hq x (P + S) x D
+                if mask is not None:
+                    o = F.scaled_dot_product_attention(qb, kb, vb, scale=self.scaling,
+                                                       attn_mask=self._windowed(mask[b0 : b0 + nb], P, P + seqlen))
+                elif P > 0 or (self.window is not None and self.window < seqlen):
+                    o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=self._band(P, P + seqlen, q.device),
+                                                       scale=self.scaling)
+                else:
+                    o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=self.scaling)
             attn[rows] = o.transpose(1, 2).reshape(nb * seqlen, self.hq, D)
         a = attn.reshape(n, self.hq * D)
         if self.o_bias is not None:
