@@ -5,7 +5,7 @@ model running with its own cache.
 Every rank builds the same tiny random model from a seed (transformers on CPU, no downloads),
 swaps its decoder layers for TokenWeaveDecoderLayer (each rank's cache then holds its own KV-head
 shard) and compares, step by step, with the unsharded float64 model:
-- greedy generate(): the same tokens, and per-step logits within tolerance, with left padding
+- greedy generate() (and beam search): the same tokens, and per-step logits within tolerance, with left padding
   (the model's 4-D masks over cached + new keys), token splitting on (prefill halves inside a
   sequence: the past is read, then this call's keys appended after every half) and off (one range:
   the keys appended first, attention reads what the cache returns);
@@ -100,6 +100,12 @@ def _w_generate(split: bool, family: str, window):
     assert a.sequences.tolist() == b.sequences.tolist(), f"{tag}: tokens {b.sequences.tolist()} != {a.sequences.tolist()}"
     errs = [_rel(y, x) for x, y in zip(a.logits, b.logits)]
     assert len(errs) == 6 and max(errs) < _TOL64, f"{tag}: per-step logits rel err {errs}"
+    # beam search: HF expands the batch and reorders the cache's rows every step
+    beam = dict(attention_mask=am, max_new_tokens=5, num_beams=3, num_return_sequences=2, pad_token_id=0,
+                eos_token_id=None, do_sample=False)
+    with torch.no_grad():
+        a_b, b_b = ref.generate(ids, **beam), tw.generate(ids, **beam)
+    assert a_b.tolist() == b_b.tolist(), f"{tag}: beam search {b_b.tolist()} != {a_b.tolist()}"
     return b.sequences.tolist()
 
 
