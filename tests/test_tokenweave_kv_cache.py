@@ -166,6 +166,88 @@ def test_every_tokenweave_family_generates_like_the_unsharded_model():
         assert not bad, f"families whose TP generate differs (same tokens, max logits rel err): {bad}"
 
 
+# ---- flash-attention-style models: 2-D padding masks, packing by position_ids / cu_seq_lens ----------
+
+
+def _fa2_sim(model):
+    """Make `model` hand its layers what a flash-attention model does (no flash_attn on CPU): its mask
+    function is transformers' flash_attention_mask (a 2-D padding mask sliced to the keys, or None;
+    packed sequences only as position_ids), so the swapped layers see exactly those inputs."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    AttentionInterface.register("tw_fa2_sim", sdpa_attention_forward)
+    AttentionMaskInterface.register("tw_fa2_sim", flash_attention_mask)
+    if hasattr(model, "set_attn_implementation"):  # transformers >= 4.54
+        model.set_attn_implementation("tw_fa2_sim")
+    else:
+        model.config._attn_implementation = "tw_fa2_sim"
+    return model
+
+
+def _w_flash_style(family, window):
+    ref = _lm(family, 20, window=window)
+    tw = _fa2_sim(_swap(_lm(family, 20, window=window), True))
+    seen = []  # the masks the layers were handed
+    tag = f"rank {dist.get_rank()} {family} window={window}"
+    # generate with left padding: 2-D masks over cached + new keys reach the layers
+    ids, am = _ids(21, 3, 9, pad_row=3)
+    kw = dict(attention_mask=am, max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None,
+              return_dict_in_generate=True, output_logits=True)
+    layer0 = tw.model.layers[0]
+    hook = layer0.register_forward_pre_hook(
+        lambda m, a, k: seen.append(None if k.get("attention_mask") is None else k["attention_mask"].dim()),
+        with_kwargs=True)
+    with torch.no_grad():
+        a, b = ref.generate(ids, **kw), tw.generate(ids, **kw)
+    hook.remove()
+    assert 2 in seen and 4 not in seen, f"{tag}: the layers were handed masks of dims {seen}"
+    assert a.sequences.tolist() == b.sequences.tolist(), f"{tag}: {b.sequences.tolist()} != {a.sequences.tolist()}"
+    errs = [_rel(y, x) for x, y in zip(a.logits, b.logits)]
+    assert max(errs) < _TOL64, f"{tag}: per-step logits rel err {errs}"
+    # packed rows by position_ids (no cache): row 0 = documents of 5 and 7 tokens, row 1 = one of 12
+    ids, _ = _ids(22, 2, 12)
+    pos = torch.cat([torch.arange(5), torch.arange(7)])[None].repeat(2, 1)
+    pos[1] = torch.arange(12)
+    with torch.no_grad():
+        want = ref.model(ids, position_ids=pos, use_cache=False).last_hidden_state
+        got = tw.model(ids, position_ids=pos, use_cache=False).last_hidden_state
+        whole = ref.model(ids, position_ids=torch.arange(12)[None].repeat(2, 1), use_cache=False).last_hidden_state
+    assert _rel(got, want) < _TOL64, f"{tag}: packed by position_ids, rel err {_rel(got, want):.3e}"
+    assert _rel(want[0, 5:], whole[0, 5:]) > 1e-3, "the packing must change row 0's second document"
+    # packed by cu_seq_lens alone (one flattened row: documents of 4, 6, 5; positions 0..14 on both
+    # sides, so only the boundaries separate the documents): against the block-diagonal causal mask
+    ids, _ = _ids(23, 1, 15)
+    pos = torch.arange(15)[None]
+    cu = torch.tensor([0, 4, 10, 15], dtype=torch.int32)
+    doc = torch.tensor([0] * 4 + [1] * 6 + [2] * 5)
+    d = torch.arange(15)[:, None] - torch.arange(15)[None, :]
+    block = (doc[:, None] == doc[None, :]) & (d >= 0) & (d < (window or 15))  # (a given 4-D mask holds the window)
+    with torch.no_grad():
+        want = ref.model(ids, attention_mask=block[None, None], use_cache=False).last_hidden_state
+        got = tw.model(ids, use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=6,
+                       max_length_k=6).last_hidden_state
+    assert _rel(got, want) < _TOL64, f"{tag}: packed by cu_seq_lens, rel err {_rel(got, want):.3e}"
+    out = {}
+    with torch.no_grad():
+        for name, extra in (("batch", dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu)),
+                            ("q_ne_k", dict(cu_seq_lens_q=cu, cu_seq_lens_k=torch.tensor([0, 5, 10, 15])))):
+            x = ids.repeat(2, 1) if name == "batch" else ids
+            try:
+                tw.model(x, position_ids=pos.expand(x.shape[0], -1), use_cache=False, **extra)
+                out[name] = "ran"
+            except NotImplementedError as e:
+                out[name] = str(e)
+    return out
+
+
+@pytest.mark.parametrize("family, window", [("llama", None), ("mistral", 4)])
+def test_flash_attention_style_masks_and_packing(family, window):
+    for o in get_pool(2).run(_w_flash_style, family, window, timeout=240):
+        assert all("one flattened row (batch 1), q and k boundaries equal" in v for v in o.values()), o
+
+
 # ---- manual schedule: prefill, chunk on top of the cache, decode steps ---------------------------------
 
 

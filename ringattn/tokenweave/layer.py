@@ -32,8 +32,10 @@ Mistral, Qwen2, Qwen3, SmolLM3 (its NoPE layers skip RoPE), Gemma, Granite: rota
 optional q/k norms and biases; Gemma's (1 + w) norms and Granite's residual_multiplier folded into
 the weights), each checked against the HF layer; other families' layers are refused (their
 sandwich norms, interleaved RoPE or other blocks would otherwise be silently dropped). Causal
-attention with an optional 4-D mask; sliding-window layers apply their window (the module's or its config's
-sliding_window, AND-ed into any mask); dynamic KV caches (a static cache is refused); no training.
+attention with an optional mask: 4-D (sdpa/eager), or a flash-attention model's 2-D padding mask,
+packing by position_ids or cu_seq_lens_q/k (_packed_mask); sliding-window layers apply their window
+(the module's or its config's sliding_window, AND-ed into any mask); dynamic KV caches (a static
+cache is refused); inference only (a backward through the layers raises).
 """
 from __future__ import annotations
 
@@ -253,6 +255,8 @@ class TokenWeaveDecoderLayer(nn.Module):
         if kv.commit_early:  # one range holds the whole call: append it to the cache now, attend to what it returns
             kv.commit()
         P = kv.past
+        if mask is not None and mask.dim() == 2:  # (B, P + S) key padding of a flash-attention-style model
+            mask = self._padding_mask(mask, P, seqlen)
         if mask is not None and mask.shape[-1] != P + seqlen:
             raise ValueError(
                 f"attention_mask has {mask.shape[-1]} key columns; this layer attends to {P} cached + {seqlen} new keys "
@@ -299,6 +303,16 @@ class TokenWeaveDecoderLayer(nn.Module):
         else:
             torch.mm(a, self.o_weight.t(), out=out)
 
+    def _padding_mask(self, pad: torch.Tensor, P: int, S: int) -> torch.Tensor:
+        """(B, P + S) 0/1 key padding -> (B, 1, S, P + S) bool: causal from position P, real keys only; a
+        query with no real key in reach (a padded position) sees itself, so no row is empty (no NaN)."""
+        if pad.shape[-1] != P + S:
+            raise ValueError(f"attention_mask (2-D) has {pad.shape[-1]} columns; this layer attends to {P} cached + "
+                             f"{S} new keys (expected (B, {P + S}))")
+        keep = pad.bool()[:, None, None, :] & self._band(P, P + S, pad.device)[None, None]
+        own = torch.arange(P + S, device=pad.device)[None, :] == (P + torch.arange(S, device=pad.device))[:, None]
+        return keep | (~keep.any(-1, keepdim=True) & own)
+
     def _kv_heads(self, t: torch.Tensor) -> torch.Tensor:
         """(nb, Hkv_local, m, D) -> (nb, Hq_local, m, D): GQA heads repeated to the query heads."""
         return t.repeat_interleave(self.n_rep, dim=1) if self.n_rep > 1 else t
@@ -319,7 +333,8 @@ class TokenWeaveDecoderLayer(nn.Module):
         out = run_tokenweave_layers(
             [self], hidden_states, position_embeddings, attention_mask, None, None,
             token_split=self.token_split, split_min_tokens=self.split_min_tokens,
-            past_key_values=_layer_cache(past_key_values, kwargs),
+            past_key_values=_layer_cache(past_key_values, kwargs), position_ids=position_ids,
+            flash_kwargs={k: kwargs[k] for k in _FLASH_KWARGS if kwargs.get(k) is not None},
         )  # fmt: skip
         return (out,) if self.returns_tuple else out
 
@@ -350,14 +365,56 @@ class TokenWeaveDecoderStack(nn.Module):
         if device is not None and self.final_norm_weight is not None:
             self.final_norm_weight.data = self.final_norm_weight.data.to(device)
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
+                position_ids=None, **kwargs):
         first = self.layers[0]
         return run_tokenweave_layers(
             list(self.layers), hidden_states, position_embeddings, attention_mask,
             self.final_norm_weight, self.final_norm_eps,
             token_split=first.token_split, split_min_tokens=first.split_min_tokens,
-            past_key_values=_layer_cache(past_key_values, kwargs),
+            past_key_values=_layer_cache(past_key_values, kwargs), position_ids=position_ids,
+            flash_kwargs={k: kwargs[k] for k in _FLASH_KWARGS if kwargs.get(k) is not None},
         )  # fmt: skip
+
+
+# transformers' padding-free names (FlashAttentionKwargs), handed to every layer by the model's forward
+_FLASH_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def _packed_mask(mask, position_ids, flash_kwargs, B: int, S: int, cache, device):
+    """The 4-D bool mask of packed sequences that a flash-attention-style model hands its layers only
+    as position_ids restarting at 0 (mask None or 2-D) or as cu_seq_lens_q/k: causal inside each
+    document (AND the 2-D padding); else the mask unchanged. The sdpa / eager masks (4-D) already
+    hold the packing. Without a cache only, as transformers detects packing."""
+    if flash_kwargs:
+        cu_q, cu_k = flash_kwargs.get("cu_seq_lens_q"), flash_kwargs.get("cu_seq_lens_k")
+        if cache is not None or B != 1 or cu_q is None or (cu_k is not None and not torch.equal(
+                torch.as_tensor(cu_q).cpu(), torch.as_tensor(cu_k).cpu())):
+            raise NotImplementedError(
+                "TokenWeave layers take packed sequences (cu_seq_lens_q/k) for one flattened row (batch 1), q and k "
+                "boundaries equal, without a KV cache")
+        cu = torch.as_tensor(cu_q).to(device=device, dtype=torch.long)
+        if cu.dim() != 1 or int(cu[0]) != 0 or int(cu[-1]) != S or bool((cu[1:] <= cu[:-1]).any()):
+            raise ValueError(f"cu_seq_lens_q must be 0, then strictly increasing document ends up to {S}, got {cu.tolist()}")
+        doc = torch.bucketize(torch.arange(S, device=device), cu[1:-1], right=True)[None]  # (1, S)
+    elif cache is not None or position_ids is None or S == 1 or (mask is not None and mask.dim() == 4):
+        return mask
+    else:
+        pos = position_ids.to(device).expand(B, S)
+        step = pos[:, 1:] - pos[:, :-1]
+        new = step != 1
+        if mask is not None:  # left padding: only a restart between two real tokens starts a document
+            real = mask[:, -S:].bool()
+            new = new & real[:, 1:] & real[:, :-1]
+        if not bool(new.any()):
+            return mask
+        doc = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=device), new.long().cumsum(-1)], dim=1)  # (B, S)
+    i = torch.arange(S, device=device)
+    keep = (doc[:, :, None] == doc[:, None, :]) & (i[None, :, None] >= i[None, None, :])  # (B, S, S)
+    if mask is not None:  # 2-D padding
+        keep = keep & mask[:, None, -S:].bool()
+        keep = keep | torch.eye(S, dtype=torch.bool, device=device)[None]  # padded queries: themselves (no NaN)
+    return keep[:, None]
 
 
 class _LayerKV:
@@ -465,7 +522,8 @@ class _Half:
 @torch.compiler.disable(reason="ringattn TokenWeave layers: the token-split overlap schedule (side streams, "
                                "events, symmetric-memory buffers) runs eagerly, in the order written")
 def run_tokenweave_layers(layers, hidden_states, position_embeddings, attention_mask, final_weight, final_eps, *,
-                          token_split=True, split_min_tokens=1024, past_key_values=None):
+                          token_split=True, split_min_tokens=1024, past_key_values=None, position_ids=None,
+                          flash_kwargs=None):
     """The TokenWeave schedule over `layers` (see the module docstring). Returns the last layer's
     output hidden states, or final_norm(them) when final_weight is given. past_key_values: a HF
     Cache this call's keys/values are appended to (each layer at its layer_idx) and attended after
@@ -482,10 +540,12 @@ def run_tokenweave_layers(layers, hidden_states, position_embeddings, attention_
             raise ValueError(f"layers {missing} have no layer_idx (their HF self_attn.layer_idx), needed to use a KV cache")
     if position_embeddings is None:
         raise ValueError("position_embeddings=(cos, sin) are required (as HF Llama models pass them to their layers)")
-    if attention_mask is not None and (not torch.is_tensor(attention_mask) or attention_mask.dim() != 4):
-        raise NotImplementedError("attention_mask must be None or a 4-D (B, 1|H, S, S) tensor mask")
+    if attention_mask is not None and (not torch.is_tensor(attention_mask) or attention_mask.dim() not in (2, 4)):
+        raise NotImplementedError("attention_mask must be None, a 2-D (B, cached + S) padding mask (flash-attention "
+                                  "models) or a 4-D (B, 1|H, S, cached + S) tensor mask")
     first = layers[0]
     B, S, H = hidden_states.shape
+    attention_mask = _packed_mask(attention_mask, position_ids, flash_kwargs or {}, B, S, cache, hidden_states.device)
     if H != first.hidden:
         raise ValueError(f"hidden_states must be (B, S, {first.hidden}), got {tuple(hidden_states.shape)}")
     N, dtype, device = B * S, hidden_states.dtype, hidden_states.device
