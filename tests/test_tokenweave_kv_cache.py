@@ -383,6 +383,21 @@ def _w_apply():
     except ValueError as e:
         out["sp"] = str(e)
     out["layer_types"] = sorted({type(l).__name__ for l in model.model.layers})
+    # attention weights: refused; hidden states: the reference's (transformers 4.x, recorded by the
+    # model's loop) or refused (versions recording them by hooks on their own layer class)
+    model.eval()
+    with torch.no_grad():
+        try:
+            model(ids, output_attentions=True)
+            out["attentions"] = "ran"
+        except NotImplementedError as e:
+            out["attentions"] = str(e)
+        try:
+            hs = model(ids, output_hidden_states=True).hidden_states
+            want_hs = ref(ids, output_hidden_states=True).hidden_states
+            out["hidden"] = max(_rel(a, b) for a, b in zip(hs, want_hs)) if len(hs) == len(want_hs) == 3 else len(hs)
+        except NotImplementedError as e:
+            out["hidden"] = str(e)
     return out
 
 
@@ -393,6 +408,8 @@ def test_apply_tokenweave_one_call():
         assert o["train_forward_err"] < _TOL64, o
         assert "inference-only" in o["backward"], o
         assert "sequence parallelism" in o["sp"], o
+        assert "compute no attention weights" in o["attentions"], o
+        assert (isinstance(o["hidden"], float) and o["hidden"] < _TOL64) or "recorded 0 hidden states" in str(o["hidden"]), o
 
 
 def _w_check_inputs():

@@ -677,4 +677,28 @@ def apply_tokenweave(model: nn.Module, group=None, *, token_split: bool | None =
     for i, w in enumerate(wrapped):
         layers[i] = w
     model.tokenweave_group = group
+    model.register_forward_pre_hook(_refuse_attention_outputs, with_kwargs=True)
+    model.register_forward_hook(_check_hidden_state_outputs, with_kwargs=True)
     return model
+
+
+def _wants(module, kwargs, name: str) -> bool:
+    v = kwargs.get(name)
+    return bool(getattr(getattr(module, "config", None), name, False) if v is None else v)
+
+
+def _refuse_attention_outputs(module, args, kwargs):
+    if _wants(module, kwargs, "output_attentions"):
+        raise NotImplementedError("output_attentions: TokenWeave layers compute no attention weights (SDPA); "
+                                  "call without output_attentions")
+
+
+def _check_hidden_state_outputs(module, args, kwargs, output):
+    """output_hidden_states: the model's own loop records them on transformers 4.x; versions that record
+    by hooks on their decoder-layer class find none on TokenWeave layers -- raised, not returned short."""
+    hs = getattr(output, "hidden_states", None)
+    n = getattr(getattr(module, "config", None), "num_hidden_layers", None)
+    if _wants(module, kwargs, "output_hidden_states") and (hs is None or (n is not None and len(hs) != n + 1)):
+        raise NotImplementedError(
+            f"output_hidden_states: this transformers version recorded {0 if hs is None else len(hs)} hidden states "
+            f"through TokenWeave layers (expected {n} + 1: it records them by hooks on its own decoder-layer class)")
