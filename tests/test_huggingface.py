@@ -447,6 +447,19 @@ def greedy_reference(model, input_ids, steps):
     return tokens, logits
 
 
+def processed_reference(model, input_ids, steps, processors, generator=None):
+    """The single-process model step by step on the full sequence, its next-token logits through
+    `processors` (transformers' LogitsProcessorList), then argmax, or a draw with `generator`."""
+    tokens = input_ids
+    with torch.no_grad():
+        for _ in range(steps):
+            scores = processors(tokens, model(input_ids=tokens).logits[:, -1].float())
+            nxt = (scores.argmax(-1) if generator is None else
+                   torch.multinomial(scores.softmax(-1), 1, generator=generator).flatten())
+            tokens = torch.cat([tokens, nxt[:, None]], 1)
+    return tokens
+
+
 def _check_generate(world):
     prompt, _ = global_batch(SEQ[world])
     steps = 7
@@ -468,6 +481,22 @@ def _check_generate(world):
     gathered = [torch.empty_like(sampled) for _ in range(world)]
     dist.all_gather(gathered, sampled)
     out["sampled_same_on_every_rank"] = all(torch.equal(g, sampled) for g in gathered)
+    # transformers' logits processors (they see every token so far) and top_p: against a loop of the
+    # single-process model through the same processors / warpers and the same generator
+    from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, \
+        TopPLogitsWarper
+
+    pen = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.5)])
+    out["repetition_penalty"] = torch.equal(
+        rhf.generate(m, prompt, max_new_tokens=steps, logits_processor=pen),
+        processed_reference(copy.deepcopy(model), prompt, steps, pen))
+    warp = LogitsProcessorList([TemperatureLogitsWarper(0.7), TopPLogitsWarper(0.8)])
+    out["top_p"] = torch.equal(
+        rhf.generate(m, prompt, max_new_tokens=steps, do_sample=True, temperature=0.7, top_p=0.8,
+                     generator=torch.Generator().manual_seed(11)),
+        processed_reference(copy.deepcopy(model), prompt, steps, warp, torch.Generator().manual_seed(11)))
+    out["penalty_changes_tokens"] = not torch.equal(processed_reference(copy.deepcopy(model), prompt, steps, pen),
+                                                    ref_tokens)
     # eos: row 0 stops at its 2nd token, pads with eos after it; generation goes on for row 1
     eos = int(ref_tokens[0, prompt.shape[1] + 1])
     row1_hits = (ref_tokens[1, prompt.shape[1]:] == eos).nonzero()
@@ -490,6 +519,7 @@ def test_generate_matches_single_process_greedy(dist_pool, world):
             assert r["tokens_equal"] and r["steps"] == 7 and r["logits"] < 2e-5, (rank, case, r)
         assert out["top_k=1"], rank
         assert out["sampled_same_on_every_rank"], rank
+        assert out["repetition_penalty"] and out["top_p"] and out["penalty_changes_tokens"], (rank, out)
         assert out["eos"][0], (rank, out["eos"])
         assert_close([{"train_after": out["train_after"]}])
 

@@ -958,8 +958,9 @@ def _decode_attention(plan, q, k, v, scale, window=None, sinks=None):
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, *, max_new_tokens: int, eos_token_id: int | None = None,
              pad_token_id: int | None = None, do_sample: bool = False, temperature: float = 1.0,
-             top_k: int | None = None, generator: torch.Generator | None = None,
-             return_logits: bool = False, attention_mask: torch.Tensor | None = None, cu_seqlens=None):
+             top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
+             logits_processor=None, return_logits: bool = False, attention_mask: torch.Tensor | None = None,
+             cu_seqlens=None):
     """Generate with a sequence-parallel prefill and a KV cache that stays sharded.
 
     input_ids: (batch, prompt_len) GLOBAL prompt, the same on every rank. Prompts of different
@@ -973,8 +974,11 @@ def generate(model, input_ids: torch.Tensor, *, max_new_tokens: int, eos_token_i
     TokenRing attention, as in training) and keeps ITS shard of every layer's keys/values. Then
     each step feeds every rank the same new token at its global position; attention runs
     sharded_kv_attention over all ranks' caches (two small all-reduces per layer, no cache moves).
-    Tokens are chosen on group rank 0 (greedy argmax, or sampling with temperature / top_k and
-    `generator`) and broadcast, so every rank returns the same (batch, prompt_len + n) tokens.
+    Tokens are chosen on group rank 0 (greedy argmax, or sampling with temperature, top_k, top_p
+    (transformers' TopPLogitsWarper) and `generator`, in transformers' order) and broadcast, so every
+    rank returns the same (batch, prompt_len + n) tokens. logits_processor: transformers'
+    LogitsProcessorList (or any callable (tokens so far (B, prompt_len + t), scores (B, vocab)) ->
+    scores, e.g. RepetitionPenaltyLogitsProcessor), applied before the sampling warpers.
     Rows that emitted eos_token_id continue with pad_token_id (default: eos); generation stops
     when every row has, or after max_new_tokens. With return_logits=True also returns the list of
     each step's (batch, vocab) fp32 next-token logits.
@@ -991,6 +995,16 @@ def generate(model, input_ids: torch.Tensor, *, max_new_tokens: int, eos_token_i
         raise ValueError(f"ringattn: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if do_sample and not (temperature > 0):
         raise ValueError(f"ringattn: temperature must be > 0 when sampling, got {temperature}")
+    if top_p is not None and not (0.0 < top_p <= 1.0):
+        raise ValueError(f"ringattn: top_p must be in (0, 1], got {top_p}")
+    if logits_processor is not None and not callable(logits_processor):
+        raise ValueError(f"ringattn: logits_processor must be callable (input_ids, scores) -> scores, got "
+                         f"{type(logits_processor).__name__}")
+    top_p_warper = None
+    if do_sample and top_p is not None and top_p < 1.0:
+        from transformers import TopPLogitsWarper
+
+        top_p_warper = TopPLogitsWarper(top_p)
     from ringattn.layout import collective_device
 
     B, L = input_ids.shape
@@ -1063,14 +1077,17 @@ def generate(model, input_ids: torch.Tensor, *, max_new_tokens: int, eos_token_i
         done = torch.zeros(B, dtype=torch.bool, device=cdev)
         for step in range(max_new_tokens):
             all_logits.append(logits.to(dev))
+            scores = logits if logits_processor is None else logits_processor(tokens.to(cdev), logits)
             if do_sample:
-                scaled = logits / temperature
+                scaled = scores / temperature
                 if top_k is not None:
                     kth = scaled.topk(min(top_k, scaled.shape[-1]), dim=-1).values[:, -1:]
                     scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+                if top_p_warper is not None:
+                    scaled = top_p_warper(tokens.to(cdev), scaled)
                 nxt = torch.multinomial(scaled.softmax(-1).cpu(), 1, generator=generator).flatten().to(cdev)
             else:
-                nxt = logits.argmax(-1)
+                nxt = scores.argmax(-1)
             if eos_token_id is not None:
                 nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             dist.broadcast(nxt, src=root, group=plan.group)  # group rank 0 decides, every rank follows
