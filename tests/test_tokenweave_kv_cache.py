@@ -36,8 +36,10 @@ _TOL64 = 1e-5
 def _lm(family: str, seed: int, dtype=torch.float64, attn: str = "sdpa", window: int | None = None, hidden=64, inter=96):
     """A tiny random causal LM (Llama, or Mistral with `window`), weights scaled so attention and the
     MLP matter next to the residual."""
-    cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig}[family]
-    extra = dict(sliding_window=window) if family == "mistral" else {}
+    cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config}[family]
+    # Mistral: every layer windowed; Qwen2: layer 0 full, layer 1 windowed
+    extra = {"mistral": dict(sliding_window=window), "llama": {},
+             "qwen2": dict(use_sliding_window=window is not None, sliding_window=window, max_window_layers=1)}[family]
     cfg = cls(hidden_size=hidden, intermediate_size=inter, num_attention_heads=8, num_key_value_heads=4, num_hidden_layers=2,
               vocab_size=40, max_position_embeddings=256, rms_norm_eps=1e-5, pad_token_id=0, bos_token_id=1,
               eos_token_id=None, **extra)  # fmt: skip
@@ -61,12 +63,16 @@ def _dynamic_cache(model):
         return transformers.DynamicCache()  # 4.x
 
 
-def _swap(model, split: bool, config=None):
-    """Every decoder layer swapped for a TokenWeaveDecoderLayer over the world (the one-call API)."""
+def _swap(model, split: bool, config=None, fuse: bool = False):
+    """Every decoder layer swapped for a TokenWeaveDecoderLayer over the world (the one-call API);
+    fuse: all of them as one fused module (apply_tokenweave(fuse_layers=True))."""
     from ringattn.tokenweave import TokenWeaveDecoderLayer, apply_tokenweave
 
-    assert apply_tokenweave(model, token_split=split, split_min_tokens=0, config=config) is model
-    assert all(isinstance(l, TokenWeaveDecoderLayer) for l in model.model.layers)
+    n = len(model.model.layers)
+    assert apply_tokenweave(model, token_split=split, split_min_tokens=0, config=config, fuse_layers=fuse) is model
+    layers = model.model.layers[0].layers if fuse else model.model.layers
+    assert len(model.model.layers) == (1 if fuse else n) and len(layers) == n
+    assert all(isinstance(l, TokenWeaveDecoderLayer) for l in layers)
     return model
 
 
@@ -87,16 +93,16 @@ def _rel(a, b) -> float:
 # ---- generate() --------------------------------------------------------------------------------------
 
 
-def _w_generate(split: bool, family: str, window):
+def _w_generate(split: bool, family: str, window, fuse=False):
     ref = _lm(family, 5, window=window)
-    tw = _swap(_lm(family, 5, window=window), split)
+    tw = _swap(_lm(family, 5, window=window), split, fuse=fuse)
     ids, am = _ids(6, 3, 9, pad_row=3)  # 27 prompt tokens: the prefill split falls inside sequence 1
     kw = dict(attention_mask=am, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None,
               return_dict_in_generate=True, output_logits=True)
     with torch.no_grad():
         a = ref.generate(ids, **kw)
         b = tw.generate(ids, **kw)
-    tag = f"rank {dist.get_rank()} split={split} {family} window={window}"
+    tag = f"rank {dist.get_rank()} split={split} {family} window={window} fuse={fuse}"
     assert a.sequences.tolist() == b.sequences.tolist(), f"{tag}: tokens {b.sequences.tolist()} != {a.sequences.tolist()}"
     errs = [_rel(y, x) for x, y in zip(a.logits, b.logits)]
     assert len(errs) == 6 and max(errs) < _TOL64, f"{tag}: per-step logits rel err {errs}"
@@ -109,16 +115,19 @@ def _w_generate(split: bool, family: str, window):
     return b.sequences.tolist()
 
 
-@pytest.mark.parametrize("world, split", [(1, True), (2, True), (2, False), (4, True)])
-def test_generate_matches_unsharded_model(world, split):
-    seqs = get_pool(world).run(_w_generate, split, "llama", None, timeout=240)
+@pytest.mark.parametrize("world, split, fuse", [(1, True, False), (2, True, False), (2, False, False),
+                                               (4, True, False), (2, True, True), (4, False, True)])
+def test_generate_matches_unsharded_model(world, split, fuse):
+    seqs = get_pool(world).run(_w_generate, split, "llama", None, fuse, timeout=240)
     assert all(s == seqs[0] for s in seqs), "ranks generated different tokens"
 
 
-def test_generate_sliding_window_past_the_window():
-    """Mistral, window 4 < 9 prompt + 6 new tokens: the cache keeps (transformers 5) or masks (4.x)
-    what the window drops."""
-    get_pool(2).run(_w_generate, True, "mistral", 4, timeout=240)
+@pytest.mark.parametrize("family, fuse", [("mistral", False), ("mistral", True), ("qwen2", True)])
+def test_generate_sliding_window_past_the_window(family, fuse):
+    """Window 4 < 9 prompt + 6 new tokens: the cache keeps (transformers 5) or masks (4.x) what the
+    window drops. Qwen2: layer 0 full, layer 1 windowed; fused, both get layer 0's mask (layer 1's
+    cache keeps fewer keys than it covers: its last columns)."""
+    get_pool(2).run(_w_generate, True, family, 4, fuse, timeout=240)
 
 
 def _w_families_generate():
@@ -186,16 +195,16 @@ def _fa2_sim(model):
     return model
 
 
-def _w_flash_style(family, window):
+def _w_flash_style(family, window, fuse=False):
     ref = _lm(family, 20, window=window)
-    tw = _fa2_sim(_swap(_lm(family, 20, window=window), True))
+    tw = _fa2_sim(_swap(_lm(family, 20, window=window), True, fuse=fuse))
     seen = []  # the masks the layers were handed
     tag = f"rank {dist.get_rank()} {family} window={window}"
     # generate with left padding: 2-D masks over cached + new keys reach the layers
     ids, am = _ids(21, 3, 9, pad_row=3)
     kw = dict(attention_mask=am, max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None,
               return_dict_in_generate=True, output_logits=True)
-    layer0 = tw.model.layers[0]
+    layer0 = tw.model.layers[0]  # (the fused module when fuse)
     hook = layer0.register_forward_pre_hook(
         lambda m, a, k: seen.append(None if k.get("attention_mask") is None else k["attention_mask"].dim()),
         with_kwargs=True)
@@ -216,14 +225,14 @@ def _w_flash_style(family, window):
         whole = ref.model(ids, position_ids=torch.arange(12)[None].repeat(2, 1), use_cache=False).last_hidden_state
     assert _rel(got, want) < _TOL64, f"{tag}: packed by position_ids, rel err {_rel(got, want):.3e}"
     assert _rel(want[0, 5:], whole[0, 5:]) > 1e-3, "the packing must change row 0's second document"
-    # packed by cu_seq_lens alone (one flattened row: documents of 4, 6, 5; positions 0..14 on both
-    # sides, so only the boundaries separate the documents): against the block-diagonal causal mask
+    # packed by cu_seq_lens alone (one flattened row: documents of 4, 4, 3, 4 -- none longer than
+    # the windows, so one mask serves every layer; positions 0..14 on both sides, so only the
+    # boundaries separate the documents): against the block-diagonal causal mask
     ids, _ = _ids(23, 1, 15)
     pos = torch.arange(15)[None]
-    cu = torch.tensor([0, 4, 10, 15], dtype=torch.int32)
-    doc = torch.tensor([0] * 4 + [1] * 6 + [2] * 5)
-    d = torch.arange(15)[:, None] - torch.arange(15)[None, :]
-    block = (doc[:, None] == doc[None, :]) & (d >= 0) & (d < (window or 15))  # (a given 4-D mask holds the window)
+    cu = torch.tensor([0, 4, 8, 11, 15], dtype=torch.int32)
+    doc = torch.tensor([0] * 4 + [1] * 4 + [2] * 3 + [3] * 4)
+    block = (doc[:, None] == doc[None, :]) & torch.ones(15, 15, dtype=torch.bool).tril()
     with torch.no_grad():
         want = ref.model(ids, attention_mask=block[None, None], use_cache=False).last_hidden_state
         got = tw.model(ids, use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=6,
@@ -232,7 +241,7 @@ def _w_flash_style(family, window):
     out = {}
     with torch.no_grad():
         for name, extra in (("batch", dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu)),
-                            ("q_ne_k", dict(cu_seq_lens_q=cu, cu_seq_lens_k=torch.tensor([0, 5, 10, 15])))):
+                            ("q_ne_k", dict(cu_seq_lens_q=cu, cu_seq_lens_k=torch.tensor([0, 5, 8, 11, 15])))):
             x = ids.repeat(2, 1) if name == "batch" else ids
             try:
                 tw.model(x, position_ids=pos.expand(x.shape[0], -1), use_cache=False, **extra)
@@ -242,22 +251,22 @@ def _w_flash_style(family, window):
     return out
 
 
-@pytest.mark.parametrize("family, window", [("llama", None), ("mistral", 4)])
-def test_flash_attention_style_masks_and_packing(family, window):
-    for o in get_pool(2).run(_w_flash_style, family, window, timeout=240):
+@pytest.mark.parametrize("family, window, fuse", [("llama", None, False), ("mistral", 4, False), ("qwen2", 4, True)])
+def test_flash_attention_style_masks_and_packing(family, window, fuse):
+    for o in get_pool(2).run(_w_flash_style, family, window, fuse, timeout=240):
         assert all("one flattened row (batch 1), q and k boundaries equal" in v for v in o.values()), o
 
 
 # ---- manual schedule: prefill, chunk on top of the cache, decode steps ---------------------------------
 
 
-def _w_chunks(family: str, attn: str, window, dtype, split: bool, path, symm_backend):
+def _w_chunks(family: str, attn: str, window, dtype, split: bool, path, symm_backend, fuse=False):
     from ringattn.tokenweave import TokenWeaveConfig
 
     config = TokenWeaveConfig(path=path, symm_backend=symm_backend or "cuda", one_shot_max_tokens=4, timeout_s=20) if path else None
     ref = _lm(family, 8, attn=attn, window=window)
     same = _lm(family, 8, dtype, attn=attn, window=window)
-    tw = _swap(_lm(family, 8, dtype, attn=attn, window=window), split, config)
+    tw = _swap(_lm(family, 8, dtype, attn=attn, window=window), split, config, fuse)
     B = 3  # 21 and 27 tokens: each split falls inside sequence 1
     ids, _ = _ids(9, B, 19)
     steps = [(0, 7), (7, 16), (16, 17), (17, 18), (18, 19)]  # prefill, a chunk of 9, three decode steps
@@ -267,7 +276,8 @@ def _w_chunks(family: str, attn: str, window, dtype, split: bool, path, symm_bac
         for s0, s1 in steps:
             h = {m: m.model(ids[:, s0:s1], past_key_values=caches[m], use_cache=True).last_hidden_state
                  for m in (ref, same, tw)}  # fmt: skip
-            tag = f"rank {dist.get_rank()} {family}/{attn} window={window} {dtype} split={split} path={path} step [{s0},{s1})"
+            tag = (f"rank {dist.get_rank()} {family}/{attn} window={window} {dtype} split={split} path={path} "
+                   f"fuse={fuse} step [{s0},{s1})")
             assert h[tw].shape == (B, s1 - s0, 64) and h[tw].dtype == dtype, tag
             err = _rel(h[tw], h[ref])
             if dtype == torch.float64:
@@ -294,6 +304,12 @@ def test_chunked_prefill_and_decode_match(family, attn, window):
     get_pool(2).run(_w_chunks, family, attn, window, torch.float64, True, None, None, timeout=240)
 
 
+@pytest.mark.parametrize("family, attn, window", [("llama", "eager", None), ("mistral", "sdpa", 4),
+                                                  ("qwen2", "eager", 5), ("qwen2", "sdpa", 4)])
+def test_chunked_prefill_and_decode_match_fused_layers(family, attn, window):
+    get_pool(2).run(_w_chunks, family, attn, window, torch.float64, True, None, None, True, timeout=240)
+
+
 def test_chunked_prefill_and_decode_match_four_ranks_no_split():
     get_pool(4).run(_w_chunks, "llama", "sdpa", None, torch.float64, False, None, None, timeout=240)
 
@@ -306,10 +322,11 @@ def test_chunked_prefill_and_decode_rs_ag_path():
     not __import__("ringattn.tokenweave.fused_allreduce_rmsnorm", fromlist=["_op_has_kernel"])._op_has_kernel("cpu"),
     reason="ringattn._C predates the tw op (rebuild the extension)",
 )
-def test_chunked_prefill_and_decode_fused_kernel_protocol_host_sim():
+@pytest.mark.parametrize("fuse", [False, True])
+def test_chunked_prefill_and_decode_fused_kernel_protocol_host_sim(fuse):
     """The symm path (host-simulation kernel, fp32): two-shot for the prefill chunks, one-shot for
-    the decode steps (one_shot_max_tokens=4 > 2 tokens)."""
-    get_pool(2).run(_w_chunks, "llama", "eager", None, torch.float32, True, "symm", "host-sim", timeout=240)
+    the decode steps (one_shot_max_tokens=4 > 3 tokens); fused layers keep the residual sharded."""
+    get_pool(2).run(_w_chunks, "llama", "eager", None, torch.float32, True, "symm", "host-sim", fuse, timeout=240)
 
 
 # ---- the stack ---------------------------------------------------------------------------------------
@@ -398,6 +415,23 @@ def _w_apply():
             out["hidden"] = max(_rel(a, b) for a, b in zip(hs, want_hs)) if len(hs) == len(want_hs) == 3 else len(hs)
         except NotImplementedError as e:
             out["hidden"] = str(e)
+    # fused layers: one module in the model's loop; per-layer hidden states refused on every version
+    fused = apply_tokenweave(_lm("llama", 17), fuse_layers=True)
+    with torch.no_grad():
+        out["fused_err"] = _rel(fused(ids).logits, want)
+        try:
+            fused(ids, output_hidden_states=True)
+            out["fused_hidden"] = "ran"
+        except NotImplementedError as e:
+            out["fused_hidden"] = str(e)
+    # fused layers get layer 0's mask: a windowed layer 0 with other windows elsewhere is refused
+    odd = _lm("llama", 17)
+    odd.model.layers[0].self_attn.sliding_window = 3
+    try:
+        apply_tokenweave(odd, fuse_layers=True)
+        out["fused_window"] = "applied"
+    except ValueError as e:
+        out["fused_window"] = str(e) if not isinstance(odd.model.layers[0], TokenWeaveDecoderLayer) else "changed: " + str(e)
     return out
 
 
@@ -409,6 +443,8 @@ def test_apply_tokenweave_one_call():
         assert "inference-only" in o["backward"], o
         assert "sequence parallelism" in o["sp"], o
         assert "compute no attention weights" in o["attentions"], o
+        assert o["fused_err"] < _TOL64 and "hidden states through TokenWeave layers (expected 2 + 1" in o["fused_hidden"], o
+        assert "layer 0's mask, a sliding-window one (window 3)" in o["fused_window"], o
         assert (isinstance(o["hidden"], float) and o["hidden"] < _TOL64) or "recorded 0 hidden states" in str(o["hidden"]), o
 
 
@@ -501,9 +537,10 @@ def test_cache_refusals():
 # ---- GPU tier ----------------------------------------------------------------------------------------
 
 
-def _gpu_chunks(window):
+def _gpu_chunks(window, fuse=False):
     """2 ranks on cuda:0 (MPS), the fused symm path, bf16: a split prefill of 2 x 700, a chunk of 37
-    on top of the cache, four decode steps; each step against the float64 model (the 2x rule)."""
+    on top of the cache, four decode steps; each step against the float64 model (the 2x rule);
+    fuse: the layers as one fused module (residual sharded between them)."""
     from ringattn.tokenweave import TokenWeaveConfig
 
     dev = torch.device("cuda", 0)
@@ -511,7 +548,7 @@ def _gpu_chunks(window):
     kw = dict(window=window, hidden=512, inter=1024)
     ref = _lm(family, 14, **kw).to(dev)
     same = _lm(family, 14, torch.bfloat16, **kw).to(dev)
-    tw = _swap(_lm(family, 14, torch.bfloat16, **kw).to(dev), True, TokenWeaveConfig(path="symm", timeout_s=30))
+    tw = _swap(_lm(family, 14, torch.bfloat16, **kw).to(dev), True, TokenWeaveConfig(path="symm", timeout_s=30), fuse)
     ids = _ids(15, 2, 741)[0].to(dev)
     caches = {m: _dynamic_cache(m) for m in (ref, same, tw)}
     errs = []
@@ -523,7 +560,7 @@ def _gpu_chunks(window):
             err, base = _rel(h[tw], h[ref]), _rel(h[same], h[ref])
             assert err <= 2 * base + 64 * 2.0**-8, f"rank {dist.get_rank()} window={window} [{s0},{s1}): {err:.3e} > 2 x {base:.3e}"
             errs.append(round(err, 5))
-    handle = tw.model.layers[0].handle(dev)
+    handle = (tw.model.layers[0].layers[0] if fuse else tw.model.layers[0]).handle(dev)
     dist.barrier()  # every rank's last call done before any pad is read
     assert handle.signal_pads_zero()
     return errs
@@ -531,8 +568,8 @@ def _gpu_chunks(window):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("window", [None, 256])
-def test_gpu_chunked_prefill_and_decode_symm(window):
+@pytest.mark.parametrize("window, fuse", [(None, False), (256, True)])
+def test_gpu_chunked_prefill_and_decode_symm(window, fuse):
     from test_fused_allreduce_rmsnorm import run_gpu_world
 
-    print(run_gpu_world(2, "test_tokenweave_kv_cache:_gpu_chunks", window))
+    print(run_gpu_world(2, "test_tokenweave_kv_cache:_gpu_chunks", window, fuse))

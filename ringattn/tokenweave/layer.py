@@ -255,6 +255,10 @@ class TokenWeaveDecoderLayer(nn.Module):
         if kv.commit_early:  # one range holds the whole call: append it to the cache now, attend to what it returns
             kv.commit()
         P = kv.past
+        if mask is not None and mask.shape[-1] > P + seqlen:
+            # a mask over more keys than this layer's cache keeps (layer 0's mask in a fused model, for a
+            # sliding layer): the kept keys are the most recent, i.e. its last columns
+            mask = mask[..., -(P + seqlen):]
         if mask is not None and mask.dim() == 2:  # (B, P + S) key padding of a flash-attention-style model
             mask = self._padding_mask(mask, P, seqlen)
         if mask is not None and mask.shape[-1] != P + seqlen:
@@ -503,6 +507,31 @@ def _layer_cache(cache, kwargs):
     return cache
 
 
+class _FusedDecoderLayers(nn.Module):
+    """All of a HF model's TokenWeave layers as the one entry of its layer list (apply_tokenweave's
+    fuse_layers): the model's loop calls it once with layer 0's arguments; it runs the layers as
+    TokenWeaveDecoderStack does (without the final norm: the model applies its own) and answers
+    like a HF layer (a tuple on transformers 4.x)."""
+
+    def __init__(self, layers: list):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        first = layers[0]
+        if hasattr(first, "attention_type"):  # 4.x Qwen2 picks the mask by it: layer 0's
+            self.attention_type = first.attention_type
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
+                position_embeddings=None, **kwargs):
+        first = self.layers[0]
+        out = run_tokenweave_layers(
+            list(self.layers), hidden_states, position_embeddings, attention_mask, None, None,
+            token_split=first.token_split, split_min_tokens=first.split_min_tokens,
+            past_key_values=_layer_cache(past_key_values, kwargs), position_ids=position_ids,
+            flash_kwargs={k: kwargs[k] for k in _FLASH_KWARGS if kwargs.get(k) is not None},
+        )  # fmt: skip
+        return (out,) if first.returns_tuple else out
+
+
 class _Half:
     """A token range [t0, t1) moving through the layers: its normed input y, its residual (full
     rows or this rank's token shard of the range), the event its last fused op finished on."""
@@ -650,7 +679,7 @@ class _NoBackward(torch.autograd.Function):
             "torch.inference_mode() to keep autograd from recording it")
 
 
-def apply_tokenweave(model: nn.Module, group=None, *, token_split: bool | None = None,
+def apply_tokenweave(model: nn.Module, group=None, *, fuse_layers: bool = False, token_split: bool | None = None,
                      split_min_tokens: int | None = None, config: TokenWeaveConfig | None = None) -> nn.Module:
     """Swap every decoder layer of a Hugging Face Llama-style model (a *ForCausalLM or the bare
     model) for a TokenWeaveDecoderLayer tensor-parallel over `group` (default: the world). Every
@@ -658,7 +687,16 @@ def apply_tokenweave(model: nn.Module, group=None, *, token_split: bool | None =
     layers' weights and the originals are dropped. Embeddings, the final norm and lm_head stay
     replicated. Returns the same model, modified in place; its forward and generate() run as
     before (KV cache included). Nothing is changed when a layer is refused (every layer is wrapped
-    before any is swapped). Inference only. Not combinable with apply_sequence_parallel."""
+    before any is swapped). Inference only. Not combinable with apply_sequence_parallel.
+
+    fuse_layers=True: the model's layer list becomes ONE module that runs all layers as
+    TokenWeaveDecoderStack does -- each MLP all-reduce fused with the next layer's input norm, the
+    residual token-sharded between layers, the token halves overlapping across layer boundaries --
+    so only the last layer gathers a full residual for the model's final norm (per layer one
+    all-gather of the residual less than the per-layer swap). The model's loop then sees one
+    layer: its masks are layer 0's (each sliding-window layer ANDs its own window in), so layer 0
+    must be a full-attention layer or every layer have the same window; per-layer hidden states
+    are not recorded (output_hidden_states raises)."""
     if getattr(model, "ringattn_plan", None) is not None:
         raise ValueError("apply_tokenweave: this model runs ringattn sequence parallelism (apply_sequence_parallel); "
                          "tensor-parallel TokenWeave layers are not combined with it")
@@ -667,15 +705,26 @@ def apply_tokenweave(model: nn.Module, group=None, *, token_split: bool | None =
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
         raise TypeError(f"apply_tokenweave: {type(model).__name__} has no decoder layers at base_model.layers")
     group = group if group is not None else (dist.group.WORLD if dist.is_initialized() else None)
-    done = [isinstance(l, TokenWeaveDecoderLayer) for l in layers]
-    if all(done) and all(l.group is group for l in layers):
-        return model  # applied before, with this group
+    present = list(layers[0].layers) if isinstance(layers[0], _FusedDecoderLayers) else list(layers)
+    done = [isinstance(l, TokenWeaveDecoderLayer) for l in present]
+    if all(done) and all(l.group is group for l in present) and isinstance(layers[0], _FusedDecoderLayers) == fuse_layers:
+        return model  # applied before, with this group and mode
     if any(done):
-        raise ValueError("apply_tokenweave: the model's layers are already (partly) TokenWeave layers of another group")
+        raise ValueError("apply_tokenweave: the model's layers are already (partly) TokenWeave layers of another group "
+                         "or fuse_layers mode")
     wrapped = [TokenWeaveDecoderLayer(l, group, token_split=token_split, split_min_tokens=split_min_tokens, config=config)
                for l in layers]  # fmt: skip
-    for i, w in enumerate(wrapped):
-        layers[i] = w
+    if fuse_layers:
+        windows = [w.window for w in wrapped]
+        if windows[0] is not None and len(set(windows)) > 1:
+            raise ValueError(
+                f"apply_tokenweave(fuse_layers=True): the fused layers get layer 0's mask, a sliding-window one "
+                f"(window {windows[0]}), while other layers' windows are {sorted(set(windows), key=str)}; use "
+                "fuse_layers=False")
+        base.layers = nn.ModuleList([_FusedDecoderLayers(wrapped)])
+    else:
+        for i, w in enumerate(wrapped):
+            layers[i] = w
     model.tokenweave_group = group
     model.register_forward_pre_hook(_refuse_attention_outputs, with_kwargs=True)
     model.register_forward_hook(_check_hidden_state_outputs, with_kwargs=True)
