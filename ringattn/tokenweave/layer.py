@@ -266,12 +266,13 @@ class TokenWeaveDecoderLayer(nn.Module):
                 f"attention_mask has {mask.shape[-1]} key columns; this layer attends to {P} cached + {seqlen} new keys "
                 f"(expected (B, 1|H, {seqlen}, {P + seqlen}))")
         attn = q.new_empty(n, self.hq, D)
-        full = []  # whole sequences inside [t0, t1): one batched call
-        for b in range(t0 // seqlen, -(-t1 // seqlen)):
+        # whole sequences inside [t0, t1) (one batched call) and at most two partial ones at its ends,
+        # found without a Python loop over the batch (a decode step of B sequences is B whole ones)
+        b_lo, b_hi = -(-t0 // seqlen), t1 // seqlen  # whole: [b_lo, b_hi)
+        ends = [b for b in sorted({t0 // seqlen, (t1 - 1) // seqlen}) if not b_lo <= b < b_hi]
+        full = range(b_lo, b_hi) if b_lo < b_hi else []
+        for b in ends:
             qs, qe = max(t0, b * seqlen) - b * seqlen, min(t1, (b + 1) * seqlen) - b * seqlen
-            if qs == 0 and qe == seqlen:
-                full.append(b)
-                continue
             rows = slice(b * seqlen + qs - t0, b * seqlen + qe - t0)
             qb = q[rows].transpose(0, 1)[None]  # 1 x hq x m x D
             kb, vb = (self._kv_heads(t) for t in kv.keys(b, 1, qe))  # 1 x hq x (P + qe) x D
@@ -282,7 +283,7 @@ class TokenWeaveDecoderLayer(nn.Module):
             o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=m, scale=self.scaling)
             attn[rows] = o[0].transpose(0, 1)
         if full:
-            b0, nb = full[0], len(full)  # consecutive sequences
+            b0, nb = b_lo, b_hi - b_lo  # consecutive sequences
             rows = slice(b0 * seqlen - t0, (b0 + nb) * seqlen - t0)
             qb = q[rows].reshape(nb, seqlen, self.hq, D).transpose(1, 2)
             kr, vr = kv.keys(b0, nb, seqlen)  # nb x Hkv_local x (P + S) x D
