@@ -33,14 +33,15 @@ transformers = pytest.importorskip("transformers")
 _TOL64 = 1e-5
 
 
-def _lm(family: str, seed: int, dtype=torch.float64, attn: str = "sdpa", window: int | None = None, hidden=64, inter=96):
+def _lm(family: str, seed: int, dtype=torch.float64, attn: str = "sdpa", window: int | None = None, hidden=64, inter=96,
+        kv_heads=4):
     """A tiny random causal LM (Llama, or Mistral with `window`), weights scaled so attention and the
     MLP matter next to the residual."""
     cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config}[family]
     # Mistral: every layer windowed; Qwen2: layer 0 full, layer 1 windowed
     extra = {"mistral": dict(sliding_window=window), "llama": {},
              "qwen2": dict(use_sliding_window=window is not None, sliding_window=window, max_window_layers=1)}[family]
-    cfg = cls(hidden_size=hidden, intermediate_size=inter, num_attention_heads=8, num_key_value_heads=4, num_hidden_layers=2,
+    cfg = cls(hidden_size=hidden, intermediate_size=inter, num_attention_heads=8, num_key_value_heads=kv_heads, num_hidden_layers=2,
               vocab_size=40, max_position_embeddings=256, rms_norm_eps=1e-5, pad_token_id=0, bos_token_id=1,
               eos_token_id=None, **extra)  # fmt: skip
     cfg._attn_implementation = attn
@@ -255,6 +256,42 @@ def _w_flash_style(family, window, fuse=False):
 def test_flash_attention_style_masks_and_packing(family, window, fuse):
     for o in get_pool(2).run(_w_flash_style, family, window, fuse, timeout=240):
         assert all("one flattened row (batch 1), q and k boundaries equal" in v for v in o.values()), o
+
+
+def _w_replicated_kv():
+    """Fewer KV heads than ranks (MQA, or 2 KV heads at 4 ranks): each KV head replicated on W / Hkv
+    ranks; greedy generate() (split prefill, decode) equals the unsharded model, and each rank's cache
+    holds exactly its KV head r // (W / Hkv)."""
+    W, r = dist.get_world_size(), dist.get_rank()
+    out = {}
+    for hkv in (1, 2):
+        if W % hkv or W <= hkv:
+            continue
+        ref = _lm("llama", 24, kv_heads=hkv)
+        tw = _swap(_lm("llama", 24, kv_heads=hkv), True)
+        ids, am = _ids(25, 3, 9, pad_row=2)
+        kw = dict(attention_mask=am, max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None,
+                  return_dict_in_generate=True, output_logits=True)
+        with torch.no_grad():
+            a, b = ref.generate(ids, **kw), tw.generate(ids, **kw)
+            c_ref, c_tw = _dynamic_cache(ref), _dynamic_cache(tw)
+            ref.model(ids, past_key_values=c_ref, use_cache=True)
+            tw.model(ids, past_key_values=c_tw, use_cache=True)
+        k_ref = c_ref.update(torch.zeros(3, hkv, 0, 8, dtype=torch.float64), torch.zeros(3, hkv, 0, 8, dtype=torch.float64), 0)[0]
+        k_tw = c_tw.update(torch.zeros(3, 1, 0, 8, dtype=torch.float64), torch.zeros(3, 1, 0, 8, dtype=torch.float64), 0)[0]
+        head = r // (W // hkv)
+        out[hkv] = dict(tokens=a.sequences.tolist() == b.sequences.tolist(),
+                        logits=max(_rel(y, x) for x, y in zip(a.logits, b.logits)),
+                        cache=_rel(k_tw, k_ref[:, head : head + 1]), heads=k_tw.shape[1])
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_kv_heads_replicated_when_fewer_than_ranks(world):
+    for o in get_pool(world).run(_w_replicated_kv, timeout=240):
+        assert set(o) == ({1, 2} if world == 4 else {1}), o
+        for hkv, v in o.items():
+            assert v["tokens"] and v["logits"] < _TOL64 and v["cache"] < _TOL64 and v["heads"] == 1, (hkv, v)
 
 
 # ---- manual schedule: prefill, chunk on top of the cache, decode steps ---------------------------------

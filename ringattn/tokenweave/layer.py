@@ -9,7 +9,8 @@
 
 Sharding (Megatron-style, over `group`): q/k/v and gate/up projections column-wise by heads /
 intermediate rows, o_proj and down_proj row-wise; rank r keeps heads [r*Hq/W, (r+1)*Hq/W) and the
-matching KV heads. Row-parallel GEMMs write their partial sums straight into the symmetric
+matching KV heads (Hkv/W of them; with fewer KV heads than ranks, Hkv | W, the one KV head its
+query heads read, replicated on W/Hkv ranks, as Megatron and vLLM do). Row-parallel GEMMs write their partial sums straight into the symmetric
 buffer (`torch.mm(..., out=handle.input_buffer(...))`: no copy), and each partial is reduced by
 the fused AllReduce + residual + RMSNorm (fused_allreduce_rmsnorm.py):
     attention partial  -> fused(+ residual, post_attention_layernorm)
@@ -152,25 +153,31 @@ class TokenWeaveDecoderLayer(nn.Module):
         D = int(getattr(attn, "head_dim", 0) or attn.q_proj.out_features // attn.config.num_attention_heads)
         hq, hkv = attn.q_proj.out_features // D, attn.k_proj.out_features // D
         inter = mlp.gate_proj.out_features
-        if hq % W or hkv % W or inter % W:
+        if hq % W or inter % W or (hkv % W and W % hkv):
             raise ValueError(
-                f"tensor parallelism over {W} ranks needs {W} | query heads ({hq}), KV heads ({hkv}) and "
-                f"intermediate size ({inter})"
+                f"tensor parallelism over {W} ranks needs {W} | query heads ({hq}) and intermediate size ({inter}), "
+                f"and {W} | KV heads ({hkv}) or KV heads | {W} (then each KV head is replicated on {W} / KV heads "
+                "ranks)"
             )
-        self.head_dim, self.hq, self.hkv = D, hq // W, hkv // W
-        self.n_rep = hq // hkv
+        # KV heads: sharded (W | hkv: rank r keeps hkv/W of them), or replicated (hkv | W, e.g. MQA:
+        # rank r keeps KV head r // (W / hkv), the one its hq/W query heads all read)
+        self.kv_replicas = max(1, W // hkv)
+        self.head_dim, self.hq, self.hkv = D, hq // W, max(1, hkv // W)
+        self.n_rep = self.hq // self.hkv
         self.hidden = attn.o_proj.out_features
         self.scaling = float(getattr(attn, "scaling", D**-0.5))
         il = inter // W
 
-        def rows(lin: nn.Linear, n: int):
-            w = lin.weight[r * n : (r + 1) * n]
-            b = lin.bias[r * n : (r + 1) * n] if lin.bias is not None else None
+        def rows(lin: nn.Linear, n: int, shard: int | None = None):
+            i = r if shard is None else shard
+            w = lin.weight[i * n : (i + 1) * n]
+            b = lin.bias[i * n : (i + 1) * n] if lin.bias is not None else None
             return w, b
 
+        kv_shard = r // self.kv_replicas
         qw, qb = rows(attn.q_proj, self.hq * D)
-        kw, kb = rows(attn.k_proj, self.hkv * D)
-        vw, vb = rows(attn.v_proj, self.hkv * D)
+        kw, kb = rows(attn.k_proj, self.hkv * D, kv_shard)
+        vw, vb = rows(attn.v_proj, self.hkv * D, kv_shard)
         self.qkv_weight = _param(torch.cat([qw, kw, vw]))
         self.qkv_bias = _param(torch.cat([qb, kb, vb])) if qb is not None else None
         # Granite: residual + out * residual_multiplier after attention and MLP -> folded into the
