@@ -294,6 +294,35 @@ def test_kv_heads_replicated_when_fewer_than_ranks(world):
             assert v["tokens"] and v["logits"] < _TOL64 and v["cache"] < _TOL64 and v["heads"] == 1, (hkv, v)
 
 
+def _w_per_head_mask():
+    """A (B, Hq, S, S) mask (a different key hidden from each head) reaches each rank as its query
+    heads' slice: the layer equals the unsharded HF layer given the whole mask."""
+    from ringattn.tokenweave import TokenWeaveDecoderLayer
+
+    model = _lm("llama", 26, attn="eager")
+    B, S = 2, 7
+    g = torch.Generator().manual_seed(27)
+    h = torch.randn(B, S, 64, generator=g, dtype=torch.float64)
+    pe = model.model.rotary_emb(h, torch.arange(S)[None])
+    keep = torch.ones(S, S, dtype=torch.bool).tril()[None, None].repeat(B, 8, 1, 1)
+    for head in range(8):
+        keep[:, head, head % (S - 1) + 1 :, head % (S - 1)] = False  # each head loses one earlier key
+    m = torch.zeros(B, 8, S, S, dtype=torch.float64).masked_fill(~keep, torch.finfo(torch.float64).min)
+    layer = model.model.layers[0]
+    with torch.no_grad():
+        want = layer(h, attention_mask=m, position_embeddings=pe)
+        got = TokenWeaveDecoderLayer(layer, dist.group.WORLD, token_split=True, split_min_tokens=0)(
+            h, attention_mask=m, position_embeddings=pe)
+        plain = layer(h, attention_mask=m[:, :1], position_embeddings=pe)
+    want, got, plain = (x[0] if isinstance(x, tuple) else x for x in (want, got, plain))
+    return _rel(got, want), _rel(plain, want)
+
+
+def test_per_head_mask_is_sliced_to_each_ranks_heads():
+    for err, differs in get_pool(2).run(_w_per_head_mask, timeout=240):
+        assert err < _TOL64 and differs > 1e-3, (err, differs)
+
+
 # ---- manual schedule: prefill, chunk on top of the cache, decode steps ---------------------------------
 
 

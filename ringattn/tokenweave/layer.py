@@ -268,6 +268,11 @@ class TokenWeaveDecoderLayer(nn.Module):
             mask = mask[..., -(P + seqlen):]
         if mask is not None and mask.dim() == 2:  # (B, P + S) key padding of a flash-attention-style model
             mask = self._padding_mask(mask, P, seqlen)
+        if mask is not None and mask.shape[1] not in (1, self.hq):  # a per-head mask: this rank's query heads
+            if mask.shape[1] != self.hq * self.world_size:
+                raise ValueError(f"attention_mask has {mask.shape[1]} heads; expected 1 or the model's "
+                                 f"{self.hq * self.world_size} query heads")
+            mask = mask[:, self.rank * self.hq : (self.rank + 1) * self.hq]
         if mask is not None and mask.shape[-1] != P + seqlen:
             raise ValueError(
                 f"attention_mask has {mask.shape[-1]} key columns; this layer attends to {P} cached + {seqlen} new keys "
