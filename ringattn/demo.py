@@ -293,7 +293,43 @@ def serve(args, model, info, dtype) -> bool:
               f"{len(new)} new tokens in {took:.2f} s; {agree}/{len(new)} equal to the unsharded model's "
               f"generate(){'' if dtype == torch.float32 else ' (bf16: reported, not required)'}")
         print(f"  tokens: {new.tolist()}")
-    return ok
+    return serve_tensor_parallel(args, model, info, dtype, prompt, ref) and ok
+
+
+def serve_tensor_parallel(args, model, info, dtype, prompt, ref) -> bool:
+    """The same trained weights served tensor-parallel over every rank: each decoder layer a
+    TokenWeave layer (ringattn.apply_tokenweave, fuse_layers=True: fused AllReduce + residual +
+    RMSNorm, the residual sharded between layers; 1/W of the layers' weights and of the KV cache
+    per rank), transformers' own generate() on every rank. Its tokens must equal the unsharded
+    model's in fp32 (bf16: reported)."""
+    import copy
+
+    import ringattn.integrations.huggingface as rhf
+    from ringattn.tokenweave import apply_tokenweave, fused_allreduce_rmsnorm_path
+
+    rank, world, cfg = info.rank, info.world_size, model.config
+    hkv = cfg.num_key_value_heads
+    if cfg.num_attention_heads % world or cfg.intermediate_size % world or (hkv % world and world % hkv):
+        if rank == 0:
+            print(f"tensor-parallel generate: skipped ({world} ranks do not divide the heads / MLP width)")
+        return True
+    tp = apply_tokenweave(copy.deepcopy(rhf.remove_sequence_parallel(model)), fuse_layers=True)
+    tp.generation_config.eos_token_id = None
+    tp.generation_config.pad_token_id = 0
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        tokens = tp.generate(prompt, max_new_tokens=args.generate, do_sample=False, use_cache=True)
+    if info.device.type == "cuda":
+        torch.cuda.synchronize()
+    took = time.perf_counter() - t0
+    new, ref_new = tokens[0, prompt.shape[1]:], ref[0, prompt.shape[1]:]
+    agree = int((new == ref_new).cumprod(0).sum())
+    path = fused_allreduce_rmsnorm_path(prompt.shape[1], cfg.hidden_size, dtype, device=info.device)
+    if rank == 0:
+        print(f"generate (tensor parallel, TokenWeave layers over {world} ranks, fused path {path}): "
+              f"{len(new)} new tokens in {took:.2f} s; {agree}/{len(new)} equal to the unsharded model's "
+              f"generate(){'' if dtype == torch.float32 else ' (bf16: reported, not required)'}")
+    return agree == len(new) or dtype != torch.float32
 
 
 def _spawned_main(rank, world, port, argv, conn):

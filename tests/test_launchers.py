@@ -34,6 +34,10 @@ def _demo_ok(p, nranks, launcher):
     assert "tokens/s" in p.stdout and "peak mem" in p.stdout  # the report the main job prints
     if launcher != "deepspeed":  # then generation: sharded prefill + decode == the unsharded generate()
         assert f"prefilled over {nranks} ranks" in p.stdout and "8/8 equal to the unsharded model" in p.stdout, p.stdout
+        # and tensor-parallel (TokenWeave layers, transformers' generate()) where the ranks divide the heads
+        tp = [l for l in p.stdout.splitlines() if l.startswith("generate (tensor parallel")]
+        assert len(tp) == 1 and f"over {nranks} ranks" in tp[0] and "8/8 equal" in tp[0] or \
+            "tensor-parallel generate: skipped" in p.stdout, p.stdout
 
 
 def _bytes_columns(stdout):
