@@ -350,8 +350,7 @@ class TokenWeaveDecoderLayer(nn.Module):
         out = run_tokenweave_layers(
             [self], hidden_states, position_embeddings, attention_mask, None, None,
             token_split=self.token_split, split_min_tokens=self.split_min_tokens,
-            past_key_values=_layer_cache(past_key_values, kwargs), position_ids=position_ids,
-            flash_kwargs={k: kwargs[k] for k in _FLASH_KWARGS if kwargs.get(k) is not None},
+            **_model_call(past_key_values, position_ids, kwargs),
         )  # fmt: skip
         return (out,) if self.returns_tuple else out
 
@@ -389,8 +388,7 @@ class TokenWeaveDecoderStack(nn.Module):
             list(self.layers), hidden_states, position_embeddings, attention_mask,
             self.final_norm_weight, self.final_norm_eps,
             token_split=first.token_split, split_min_tokens=first.split_min_tokens,
-            past_key_values=_layer_cache(past_key_values, kwargs), position_ids=position_ids,
-            flash_kwargs={k: kwargs[k] for k in _FLASH_KWARGS if kwargs.get(k) is not None},
+            **_model_call(past_key_values, position_ids, kwargs),
         )  # fmt: skip
 
 
@@ -512,12 +510,13 @@ def _held_keys(cache, layer_idx: int):
     return None
 
 
-def _layer_cache(cache, kwargs):
-    """The HF Cache a layer call appends to (transformers 5: past_key_values; 4.x: past_key_value), or
-    None. use_cache without a cache object caches nothing, as in the HF layers."""
-    if cache is None:
-        cache = kwargs.get("past_key_value")
-    return cache
+def _model_call(past_key_values, position_ids, kwargs) -> dict:
+    """run_tokenweave_layers' keywords from what a HF model's loop passes a layer: the Cache it appends
+    to (transformers 5: past_key_values; 4.x: past_key_value; use_cache without a cache object caches
+    nothing, as in the HF layers), position_ids, and the padding-free FlashAttentionKwargs."""
+    return dict(past_key_values=past_key_values if past_key_values is not None else kwargs.get("past_key_value"),
+                position_ids=position_ids,
+                flash_kwargs={k: kwargs[k] for k in _FLASH_KWARGS if kwargs.get(k) is not None})
 
 
 class _FusedDecoderLayers(nn.Module):
@@ -539,8 +538,7 @@ class _FusedDecoderLayers(nn.Module):
         out = run_tokenweave_layers(
             list(self.layers), hidden_states, position_embeddings, attention_mask, None, None,
             token_split=first.token_split, split_min_tokens=first.split_min_tokens,
-            past_key_values=_layer_cache(past_key_values, kwargs), position_ids=position_ids,
-            flash_kwargs={k: kwargs[k] for k in _FLASH_KWARGS if kwargs.get(k) is not None},
+            **_model_call(past_key_values, position_ids, kwargs),
         )  # fmt: skip
         return (out,) if first.returns_tuple else out
 
