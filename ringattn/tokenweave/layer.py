@@ -168,8 +168,7 @@ class TokenWeaveDecoderLayer(nn.Module):
         self.scaling = float(getattr(attn, "scaling", D**-0.5))
         il = inter // W
 
-        def rows(lin: nn.Linear, n: int, shard: int | None = None):
-            i = r if shard is None else shard
+        def rows(lin: nn.Linear, n: int, i: int = r):
             w = lin.weight[i * n : (i + 1) * n]
             b = lin.bias[i * n : (i + 1) * n] if lin.bias is not None else None
             return w, b
@@ -262,21 +261,7 @@ class TokenWeaveDecoderLayer(nn.Module):
         if kv.commit_early:  # one range holds the whole call: append it to the cache now, attend to what it returns
             kv.commit()
         P = kv.past
-        if mask is not None and mask.shape[-1] > P + seqlen:
-            # a mask over more keys than this layer's cache keeps (layer 0's mask in a fused model, for a
-            # sliding layer): the kept keys are the most recent, i.e. its last columns
-            mask = mask[..., -(P + seqlen):]
-        if mask is not None and mask.dim() == 2:  # (B, P + S) key padding of a flash-attention-style model
-            mask = self._padding_mask(mask, P, seqlen)
-        if mask is not None and mask.shape[1] not in (1, self.hq):  # a per-head mask: this rank's query heads
-            if mask.shape[1] != self.hq * self.world_size:
-                raise ValueError(f"attention_mask has {mask.shape[1]} heads; expected 1 or the model's "
-                                 f"{self.hq * self.world_size} query heads")
-            mask = mask[:, self.rank * self.hq : (self.rank + 1) * self.hq]
-        if mask is not None and mask.shape[-1] != P + seqlen:
-            raise ValueError(
-                f"attention_mask has {mask.shape[-1]} key columns; this layer attends to {P} cached + {seqlen} new keys "
-                f"(expected (B, 1|H, {seqlen}, {P + seqlen}))")
+        mask = kv.layer_mask(self, mask)
         attn = q.new_empty(n, self.hq, D)
         # whole sequences inside [t0, t1) (one batched call) and at most two partial ones at its ends,
         # found without a Python loop over the batch (a decode step of B sequences is B whole ones)
@@ -320,6 +305,27 @@ class TokenWeaveDecoderLayer(nn.Module):
         else:
             torch.mm(a, self.o_weight.t(), out=out)
 
+    def _layer_mask(self, mask, P: int, S: int):
+        """The caller's mask as this layer attends with it: (B, 1|Hq_local, S, P + S), or None."""
+        if mask is None:
+            return None
+        if mask.shape[-1] > P + S:
+            # a mask over more keys than this layer's cache keeps (layer 0's mask in a fused model, for a
+            # sliding layer): the kept keys are the most recent, i.e. its last columns
+            mask = mask[..., -(P + S):]
+        if mask.dim() == 2:  # (B, P + S) key padding of a flash-attention-style model
+            mask = self._padding_mask(mask, P, S)
+        if mask.shape[1] not in (1, self.hq):  # a per-head mask: this rank's query heads
+            if mask.shape[1] != self.hq * self.world_size:
+                raise ValueError(f"attention_mask has {mask.shape[1]} heads; expected 1 or the model's "
+                                 f"{self.hq * self.world_size} query heads")
+            mask = mask[:, self.rank * self.hq : (self.rank + 1) * self.hq]
+        if mask.shape[-1] != P + S:
+            raise ValueError(
+                f"attention_mask has {mask.shape[-1]} key columns; this layer attends to {P} cached + {S} new keys "
+                f"(expected (B, 1|H, {S}, {P + S}))")
+        return mask
+
     def _padding_mask(self, pad: torch.Tensor, P: int, S: int) -> torch.Tensor:
         """(B, P + S) 0/1 key padding -> (B, 1, S, P + S) bool: causal from position P, real keys only; a
         query with no real key in reach (a padded position) sees itself, so no row is empty (no NaN)."""
@@ -347,12 +353,8 @@ class TokenWeaveDecoderLayer(nn.Module):
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
                 position_embeddings=None, **kwargs):
-        out = run_tokenweave_layers(
-            [self], hidden_states, position_embeddings, attention_mask, None, None,
-            token_split=self.token_split, split_min_tokens=self.split_min_tokens,
-            **_model_call(past_key_values, position_ids, kwargs),
-        )  # fmt: skip
-        return (out,) if self.returns_tuple else out
+        return _hf_layer_forward([self], hidden_states, attention_mask, position_ids, past_key_values,
+                                 position_embeddings, kwargs)
 
 
 def split_min_tokens_default() -> int:
@@ -448,10 +450,12 @@ class _LayerKV:
         self.k_store, self.v_store, self.batch, self.seqlen = k_store, v_store, batch, seqlen
         self.commit_early = cache is not None and commit_early
         self.past, self.pk, self.pv, self.full = 0, None, None, None
+        self._mask = None  # (the caller's mask, as this layer attends with it): prepared once per layer call
         if cache is not None and (held := _held_keys(cache, layer_idx)) is not None:
             self._check(held, 0)  # before any update: a mismatched cache is refused unchanged
         if cache is not None and not commit_early:
-            self.pk, self.pv = cache.update(self._new()[0][:, :, :0], self._new()[1][:, :, :0], layer_idx)
+            k, v = self._new()
+            self.pk, self.pv = cache.update(k[:, :, :0], v[:, :, :0], layer_idx)
             self._check(self.pk, 0)
             self.past = self.pk.shape[-2]
 
@@ -480,6 +484,12 @@ class _LayerKV:
                 f"the KV cache of layer {self.layer_idx} returned {k.shape[-2]} positions after appending {S} to the "
                 f"{self.past} it returned before; TokenWeaveDecoderLayer needs a cache that keeps a suffix of the "
                 "keys (DynamicCache)")
+
+    def layer_mask(self, layer, mask):
+        """layer._layer_mask(mask) for this call's kept past, once for all of the call's token ranges."""
+        if self._mask is None or self._mask[0] is not mask:
+            self._mask = (mask, layer._layer_mask(mask, self.past, self.seqlen))
+        return self._mask[1]
 
     def keys(self, b0: int, nb: int, qe: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(nb, Hkv_local, P + qe, D) keys and values of sequences [b0, b0 + nb): the kept past, then
@@ -519,6 +529,19 @@ def _model_call(past_key_values, position_ids, kwargs) -> dict:
                 flash_kwargs={k: kwargs[k] for k in _FLASH_KWARGS if kwargs.get(k) is not None})
 
 
+def _hf_layer_forward(layers, hidden_states, attention_mask, position_ids, past_key_values, position_embeddings,
+                      kwargs):
+    """`layers` called from a HF model's own loop, answering like its decoder layer (a tuple on
+    transformers 4.x): the TokenWeave schedule without a final norm (the model applies its own)."""
+    first = layers[0]
+    out = run_tokenweave_layers(
+        layers, hidden_states, position_embeddings, attention_mask, None, None,
+        token_split=first.token_split, split_min_tokens=first.split_min_tokens,
+        **_model_call(past_key_values, position_ids, kwargs),
+    )  # fmt: skip
+    return (out,) if first.returns_tuple else out
+
+
 class _FusedDecoderLayers(nn.Module):
     """All of a HF model's TokenWeave layers as the one entry of its layer list (apply_tokenweave's
     fuse_layers): the model's loop calls it once with layer 0's arguments; it runs the layers as
@@ -534,13 +557,8 @@ class _FusedDecoderLayers(nn.Module):
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
                 position_embeddings=None, **kwargs):
-        first = self.layers[0]
-        out = run_tokenweave_layers(
-            list(self.layers), hidden_states, position_embeddings, attention_mask, None, None,
-            token_split=first.token_split, split_min_tokens=first.split_min_tokens,
-            **_model_call(past_key_values, position_ids, kwargs),
-        )  # fmt: skip
-        return (out,) if first.returns_tuple else out
+        return _hf_layer_forward(list(self.layers), hidden_states, attention_mask, position_ids, past_key_values,
+                                 position_embeddings, kwargs)
 
 
 class _Half:
