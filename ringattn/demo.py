@@ -261,6 +261,12 @@ def train(args, info) -> int:
     return 0 if ok and gen_ok else 1
 
 
+def _agreement(tokens, ref, prompt_len: int):
+    """(row 0's generated tokens, how many of them from the start equal the reference's)."""
+    new, ref_new = tokens[0, prompt_len:], ref[0, prompt_len:]
+    return new, int((new == ref_new).cumprod(0).sum())
+
+
 def serve(args, model, info, dtype) -> bool:
     """Generate args.generate tokens after a prompt of half the sequence with the trained model:
     sequence-parallel prefill, the KV cache sharded over the ranks, each decode step's attention
@@ -285,8 +291,7 @@ def serve(args, model, info, dtype) -> bool:
         with torch.no_grad():
             ref.copy_(model.generate(prompt, max_new_tokens=args.generate, do_sample=False, use_cache=True))
     dist.broadcast(ref, src=0)
-    new, ref_new = tokens[0, prompt.shape[1]:], ref[0, prompt.shape[1]:]
-    agree = int((new == ref_new).cumprod(0).sum())
+    new, agree = _agreement(tokens, ref, prompt.shape[1])
     ok = agree == len(new) or dtype != torch.float32
     if rank == 0:
         print(f"generate: prompt {prompt.shape[1]} tokens prefilled over {info.world_size} ranks (KV cache sharded), "
@@ -308,12 +313,12 @@ def serve_tensor_parallel(args, model, info, dtype, prompt, ref) -> bool:
     from ringattn.tokenweave import apply_tokenweave, fused_allreduce_rmsnorm_path
 
     rank, world, cfg = info.rank, info.world_size, model.config
-    hkv = cfg.num_key_value_heads
-    if cfg.num_attention_heads % world or cfg.intermediate_size % world or (hkv % world and world % hkv):
+    try:  # refused alike on every rank when the ranks do not divide the heads / MLP width
+        tp = apply_tokenweave(copy.deepcopy(rhf.remove_sequence_parallel(model)), fuse_layers=True)
+    except ValueError as e:
         if rank == 0:
-            print(f"tensor-parallel generate: skipped ({world} ranks do not divide the heads / MLP width)")
+            print(f"tensor-parallel generate: skipped ({e})")
         return True
-    tp = apply_tokenweave(copy.deepcopy(rhf.remove_sequence_parallel(model)), fuse_layers=True)
     tp.generation_config.eos_token_id = None
     tp.generation_config.pad_token_id = 0
     t0 = time.perf_counter()
@@ -322,8 +327,7 @@ def serve_tensor_parallel(args, model, info, dtype, prompt, ref) -> bool:
     if info.device.type == "cuda":
         torch.cuda.synchronize()
     took = time.perf_counter() - t0
-    new, ref_new = tokens[0, prompt.shape[1]:], ref[0, prompt.shape[1]:]
-    agree = int((new == ref_new).cumprod(0).sum())
+    new, agree = _agreement(tokens, ref, prompt.shape[1])
     path = fused_allreduce_rmsnorm_path(prompt.shape[1], cfg.hidden_size, dtype, device=info.device)
     if rank == 0:
         print(f"generate (tensor parallel, TokenWeave layers over {world} ranks, fused path {path}): "

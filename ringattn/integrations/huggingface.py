@@ -1077,14 +1077,15 @@ def generate(model, input_ids: torch.Tensor, *, max_new_tokens: int, eos_token_i
         done = torch.zeros(B, dtype=torch.bool, device=cdev)
         for step in range(max_new_tokens):
             all_logits.append(logits.to(dev))
-            scores = logits if logits_processor is None else logits_processor(tokens.to(cdev), logits)
+            seen = tokens.to(cdev) if logits_processor is not None or top_p_warper is not None else None
+            scores = logits if logits_processor is None else logits_processor(seen, logits)
             if do_sample:
                 scaled = scores / temperature
                 if top_k is not None:
                     kth = scaled.topk(min(top_k, scaled.shape[-1]), dim=-1).values[:, -1:]
                     scaled = scaled.masked_fill(scaled < kth, float("-inf"))
                 if top_p_warper is not None:
-                    scaled = top_p_warper(tokens.to(cdev), scaled)
+                    scaled = top_p_warper(seen, scaled)
                 nxt = torch.multinomial(scaled.softmax(-1).cpu(), 1, generator=generator).flatten().to(cdev)
             else:
                 nxt = scores.argmax(-1)
