@@ -118,9 +118,11 @@ def _check_qkv(fn: str, q, k, v, softmax_scale) -> float:
                 f"got shape {tuple(t.shape)}")
         if not t.is_floating_point():
             raise ValueError(f"{fn}: {name} must be a floating-point tensor, got {t.dtype}")
-    if k.shape != v.shape:
-        raise ValueError(f"{fn}: k and v must have the same shape (B, Sk, Hkv, D), "
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"{fn}: k and v must agree on (B, Sk, Hkv) (v's head dim Dv may differ), "
                          f"got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if v.shape[3] <= 0:
+        raise ValueError(f"{fn}: v's head dim must be > 0, got v {tuple(v.shape)}")
     if q.shape[0] != k.shape[0]:
         raise ValueError(f"{fn}: batch size mismatch: q has B={q.shape[0]}, k/v have B={k.shape[0]}")
     if q.shape[3] != k.shape[3]:
@@ -368,16 +370,33 @@ def _resolve(fn: str, backend: str, case: _Case) -> str:
 # Public entry points
 
 
-def block_attn_forward(q, k, v, *, causal=False, softmax_scale=None, backend="auto"):
-    """Attention of q over this K/V block. Returns (out (B,Sq,Hq,D) q.dtype, lse (B,Hq,Sq) fp32)."""
-    fn = "block_attn_forward"
+def _kernel_dims(fn: str, q, k, v, softmax_scale, causal, backend):
+    """(scale, case, backend, widened (q, k, v) or None). v's head dim Dv may differ from q/k's D
+    (MLA): math computes it as is; a kernel (FA2 and flash_attn need one head dim) runs on the
+    tensors zero-padded to max(D, Dv), which is exact (ringattn.head_dims), and is chosen for
+    that head dim."""
     scale = _check_qkv(fn, q, k, v, softmax_scale)
-    case = _make_case(q, k, _normalize_causal(causal))
+    wide = None
+    if v.shape[3] != q.shape[3]:
+        from ringattn.head_dims import widen
+        wide = widen(q, k, v)[:3]
+    case = _make_case(*(wide or (q, k))[:2], _normalize_causal(causal))
     backend = _resolve(fn, backend, case)
+    return scale, case, backend, (None if backend == "math" else wide)
+
+
+def block_attn_forward(q, k, v, *, causal=False, softmax_scale=None, backend="auto"):
+    """Attention of q over this K/V block. Returns (out (B,Sq,Hq,Dv) q.dtype, lse (B,Hq,Sq) fp32).
+    v's head dim Dv may differ from q/k's (MLA; kernels then run zero-padded: _kernel_dims)."""
+    fn = "block_attn_forward"
+    scale, case, backend, wide = _kernel_dims(fn, q, k, v, softmax_scale, causal, backend)
+    if wide is not None:
+        out, lse = block_attn_forward(*wide, causal=causal, softmax_scale=scale, backend=backend)
+        return out[..., :v.shape[3]].contiguous(), lse
     B, Sq, Hq, D = q.shape
     if Sq == 0 or k.shape[1] == 0:
         # Nothing to attend to (or nobody asking): out 0, lse -inf.
-        return (torch.zeros_like(q, memory_format=torch.contiguous_format),
+        return (q.new_zeros((B, Sq, Hq, v.shape[3])),
                 torch.full((B, Hq, Sq), _NEG_INF, dtype=torch.float32, device=q.device))
     out, lse = _FORWARD[backend](q, k, v, scale, case)
     masked = _num_masked_rows(case.alignment, Sq, k.shape[1])
@@ -392,23 +411,32 @@ def block_attn_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=
                         dq_out=None, dk_out=None, dv_out=None):
     """This block's share (dq, dk, dv) of the gradient, given the FINAL out and lse.
 
-    dout, out: (B, Sq, Hq, D) any float dtype; lse: (B, Hq, Sq) (fp32, -inf for empty rows).
-    Returns (dq (B,Sq,Hq,D), dk (B,Sk,Hkv,D), dv (B,Sk,Hkv,D)) in q.dtype -- or, for each of
+    dout, out: (B, Sq, Hq, Dv) any float dtype; lse: (B, Hq, Sq) (fp32, -inf for empty rows).
+    Returns (dq (B,Sq,Hq,D), dk (B,Sk,Hkv,D), dv (B,Sk,Hkv,Dv)) in q.dtype -- or, for each of
     dq_out/dk_out/dv_out given, that tensor after adding this block's gradient into it in place.
     """
     fn = "block_attn_backward"
-    scale = _check_qkv(fn, q, k, v, softmax_scale)
+    scale, case, backend, wide = _kernel_dims(fn, q, k, v, softmax_scale, causal, backend)
     B, Sq, Hq, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
-    _check_like(fn, "dout", dout, q.shape, q.device)
-    _check_like(fn, "out", out, q.shape, q.device)
+    o_shape = (B, Sq, Hq, v.shape[3])
+    _check_like(fn, "dout", dout, o_shape, q.device)
+    _check_like(fn, "out", out, o_shape, q.device)
     _check_like(fn, "lse", lse, (B, Hq, Sq), q.device)
     for name, acc, shape in (("dq_out", dq_out, q.shape), ("dk_out", dk_out, k.shape),
-                             ("dv_out", dv_out, k.shape)):
+                             ("dv_out", dv_out, v.shape)):
         if acc is not None:
             _check_like(fn, name, acc, shape, q.device)
-    case = _make_case(q, k, _normalize_causal(causal))
-    backend = _resolve(fn, backend, case)
+    if wide is not None:  # a kernel on the zero-padded tensors; the padding's gradients dropped
+        from ringattn.head_dims import pad_to
+        dm = wide[0].shape[3]
+        grads = block_attn_backward(pad_to(dout, dm), *wide, pad_to(out, dm), lse, causal=causal,
+                                    softmax_scale=scale, backend=backend)
+        result = []
+        for g, acc, ref in zip(grads, (dq_out, dk_out, dv_out), (q, k, v)):
+            g = g[..., :ref.shape[3]]
+            result.append(g.contiguous() if acc is None else acc.add_(g))
+        return tuple(result)
     if Sq == 0 or Sk == 0:
         grads = (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v))
     else:
@@ -504,7 +532,7 @@ def _math_forward(q, k, v, scale, case):
     ct = torch.promote_types(q.dtype, torch.float32)
     kf = k.to(ct).transpose(1, 2)  # B, Hkv, Sk, D
     vf = v.to(ct).transpose(1, 2)
-    out = torch.zeros(B, Sq, Hq, D, dtype=q.dtype, device=q.device)
+    out = torch.zeros(B, Sq, Hq, v.shape[3], dtype=q.dtype, device=q.device)  # (v's head dim: MLA)
     lse = torch.full((B, Hq, Sq), _NEG_INF, dtype=torch.float32, device=q.device)
     rows = _math_rows_per_chunk(B, Hq, case.sk, case)
     for r0 in range(0, Sq, rows):
@@ -534,7 +562,7 @@ def _math_backward(dout, q, k, v, out, lse, scale, case, accs):
     full = lambda acc: acc is not None and torch.promote_types(acc.dtype, ct) == acc.dtype  # noqa: E731
     dq = dq_out if full(dq_out) else torch.zeros(B, Sq, Hq, D, dtype=ct, device=q.device)
     dk = torch.zeros(B, Hkv, Sk, D, dtype=ct, device=q.device)
-    dv = torch.zeros(B, Hkv, Sk, D, dtype=ct, device=q.device)
+    dv = torch.zeros(B, Hkv, Sk, v.shape[3], dtype=ct, device=q.device)
     rows = _math_rows_per_chunk(B, Hq, Sk, case)
     for r0 in range(0, Sq, rows):
         r1 = min(Sq, r0 + rows)

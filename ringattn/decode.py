@@ -47,7 +47,7 @@ from ringattn.layout import collective_device, dtype_code, group_rank_and_size, 
 from ringattn.ops import merge_attn_states_
 from ringattn.sinks import apply_sinks, sinks_problem
 
-_MAGIC = 0x4B56_5348_02  # "KVSH", version 2 (sinks)
+_MAGIC = 0x4B56_5348_03  # "KVSH", version 3 (2: sinks, 3: v's head dim may differ)
 _DEVICE_CODE = {"cpu": 1, "cuda": 2, "meta": 3, "xpu": 4, "mps": 5}
 # Problem categories: one bit each in the signature, so every rank names every rank's problems.
 _PROBLEMS = (
@@ -66,13 +66,14 @@ _PROBLEMS = (
 _P_Q, _P_SHAPE, _P_DTYPE, _P_DEVICE, _P_HEADS, _P_SCALE, _P_GRAD, _P_BACKEND, _P_SINKS = (
     1 << i for i in range(len(_PROBLEMS)))
 _FIELDS = ("magic", "group_size", "group_ranks", "batch", "tq", "hq", "hkv", "d", "dtype", "device",
-           "scale", "new", "sinks", "problems")
+           "scale", "new", "sinks", "dv", "problems")
 _IX = {f: i for i, f in enumerate(_FIELDS)}
 _AGREE = (("the call (ranks called different ringattn functions or versions)", "magic"),
           ("group size", "group_size"), ("group ranks (crc32)", "group_ranks"), ("batch", "batch"),
           ("number of queries Tq", "tq"), ("heads_q", "hq"), ("heads_kv", "hkv"), ("head_dim", "d"),
           ("dtype (codes)", "dtype"), ("device type (codes)", "device"), ("softmax_scale (float bits)", "scale"),
-          ("whether k_new/v_new were given", "new"), ("sinks (number of logits; -1: none)", "sinks"))
+          ("whether k_new/v_new were given", "new"), ("sinks (number of logits; -1: none)", "sinks"),
+          ("v's head_dim", "dv"))
 
 
 def _pieces(x, name: str) -> tuple:
@@ -92,6 +93,7 @@ def _local_problems(q, ks, vs, k_new, v_new, scale, sinks=None) -> tuple[int, li
     B, Tq, Hq, D = q.shape
     bits, detail = 0, []
     hkv = ks[0].shape[2] if ks[0].dim() == 4 else None
+    dv = vs[0].shape[3] if vs[0].dim() == 4 else None  # v's head dim (MLA: may differ from q/k's)
     named = [(f"k_cache[{i}]", k) for i, k in enumerate(ks)] + [(f"v_cache[{i}]", v) for i, v in enumerate(vs)]
     if k_new is not None or v_new is not None:
         named += [("k_new", k_new), ("v_new", v_new)]
@@ -104,10 +106,11 @@ def _local_problems(q, ks, vs, k_new, v_new, scale, sinks=None) -> tuple[int, li
             detail.append(f"{name} is {type(t).__name__}")
             continue
         want_s = Tq if name.endswith("new") else (t.shape[1] if t.dim() == 4 else -1)
-        if t.dim() != 4 or tuple(t.shape) != (B, want_s, hkv, D):
+        want_d = dv if name.startswith("v") else D
+        if t.dim() != 4 or tuple(t.shape) != (B, want_s, hkv, want_d) or not want_d:
             bits |= _P_SHAPE
             seq = f"Tq={Tq}" if name.endswith("new") else "seq"
-            detail.append(f"{name} {tuple(t.shape)}, expected (batch={B}, {seq}, heads_kv={hkv}, head_dim={D})")
+            detail.append(f"{name} {tuple(t.shape)}, expected (batch={B}, {seq}, heads_kv={hkv}, head_dim={want_d})")
         if t.dtype != q.dtype:
             bits |= _P_DTYPE
             detail.append(f"{name} is {t.dtype}, q is {q.dtype}")
@@ -115,7 +118,7 @@ def _local_problems(q, ks, vs, k_new, v_new, scale, sinks=None) -> tuple[int, li
             bits |= _P_DEVICE
             detail.append(f"{name} is on {t.device}, q on {q.device}")
     for i, (k, v) in enumerate(zip(ks, vs)):
-        if k.shape != v.shape:
+        if k.shape[:3] != v.shape[:3]:
             bits |= _P_SHAPE
             detail.append(f"k_cache[{i}] {tuple(k.shape)} and v_cache[{i}] {tuple(v.shape)} differ")
     if hkv and Hq % hkv:
@@ -171,7 +174,8 @@ def _check(q, ks, vs, k_new, v_new, *, group, softmax_scale, backend, sinks=None
            dtype_code(q.dtype) if isinstance(q, torch.Tensor) else -1,
            _DEVICE_CODE.get(q.device.type, 99) if isinstance(q, torch.Tensor) else -1,
            struct.unpack("<q", struct.pack("<d", scale))[0], int(k_new is not None),
-           sinks.shape[0] if sinks is not None and not bits & _P_SINKS else -1, bits]
+           sinks.shape[0] if sinks is not None and not bits & _P_SINKS else -1,
+           vs[0].shape[3] if vs[0].dim() == 4 else -1, bits]
     if world > 1:
         sig[_IX["group_ranks"]] = zlib.crc32(",".join(map(str, dist.get_process_group_ranks(
             group or dist.GroupMember.WORLD))).encode())
@@ -224,10 +228,11 @@ def sharded_kv_attention(q, k_cache, v_cache, *, k_new=None, v_new=None, group=N
     else:
         rank, world = group_rank_and_size(group)
         scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[3])
-    B, Tq, Hq, D = q.shape
+    B, Tq, Hq, _ = q.shape
+    D = vs[0].shape[3]  # the output's head dim: v's (MLA: may differ from q/k's)
     with no_autocast(q.device):
         # 1. local: fp32 accumulator over this rank's pieces (+ the new keys' causal block on the last rank)
-        acc = torch.zeros(B, Tq, Hq, D, dtype=torch.float32, device=q.device)                  # (B, Tq, Hq, D)
+        acc = torch.zeros(B, Tq, Hq, D, dtype=torch.float32, device=q.device)                  # (B, Tq, Hq, Dv)
         acc_lse = torch.full((B, Hq, Tq), float("-inf"), dtype=torch.float32, device=q.device)  # (B, Hq, Tq)
         blocks = [(k, v, False) for k, v in zip(ks, vs) if k.shape[1] > 0]
         if k_new is not None and rank == world - 1:

@@ -43,6 +43,7 @@ import torch.distributed as dist
 from ringattn.accounting import CommStats, comm_stats  # noqa: F401  (re-exported)
 from ringattn.block_attention import block_attn_forward
 from ringattn import hardware as auto_hw
+from ringattn.head_dims import narrow, widen
 from ringattn.documents import (as_documents, documents_count, documents_crc, documents_length,
                                 documents_rows_problem, packed, per_row)
 from ringattn.layout import (LAYOUTS, RingPlan, SequenceLayout, collective_device, dtype_code,  # noqa: F401
@@ -58,8 +59,8 @@ MESH_MAX_WORLD = auto_hw.MESH_MAX_WORLD
 
 ALGORITHMS = ("ring", "token_ring")
 
-_MAGIC = 0x52494E47_06  # "RING", signature version 6 (2: lse_grad, 3: cu_seqlens, 4: sliding_window, 5: sinks,
-#                          6: the hardware auto assumes)
+_MAGIC = 0x52494E47_07  # "RING", signature version 7 (2: lse_grad, 3: cu_seqlens, 4: sliding_window, 5: sinks,
+#                          6: the hardware auto assumes, 7: v's head dim may differ from q/k's)
 _ALG_CODE = {"auto": 0, "ring": 1, "token_ring": 2, "ulysses": 3}
 _LAYOUT_CODE = {"contiguous": 1, "zigzag": 2}
 _DEVICE_CODE = {"cpu": 1, "cuda": 2, "meta": 3, "xpu": 4, "mps": 5}
@@ -72,8 +73,8 @@ _PROBLEMS = (
     "q, k and v must all be torch.Tensors",
     "q, k and v must be 4-D: q (batch, seq_local, heads_q, head_dim), k/v (batch, seq_local, heads_kv, head_dim)",
     "q, k and v must be floating point",
-    "k and v must have the same shape",
-    "q and k/v must agree on batch, seq_local and head_dim",
+    "k and v must agree on batch, seq_local and heads_kv (v's head dim may differ: MLA)",
+    "q and k/v must agree on batch and seq_local, and q and k on head_dim",
     "heads_q must be a positive multiple of heads_kv",
     "q, k and v must have the same dtype",
     "q, k and v must be on the same device",
@@ -198,11 +199,11 @@ def _local_signature(fn, q, k, v, *, algorithm, layout, causal, softmax_scale, b
         if any(t.dim() != 4 for t in tensors):
             problems |= _P_NOT_4D
         else:
-            if k.shape != v.shape:
+            if k.shape[:3] != v.shape[:3]:
                 problems |= _P_KV_SHAPE
             if (q.shape[0], q.shape[1], q.shape[3]) != (k.shape[0], k.shape[1], k.shape[3]):
                 problems |= _P_QK_SHAPE
-            if min(q.shape[0], q.shape[2], q.shape[3], k.shape[2]) <= 0:
+            if min(q.shape[0], q.shape[2], q.shape[3], k.shape[2], v.shape[3]) <= 0:
                 problems |= _P_EMPTY
             elif q.shape[2] % k.shape[2] != 0:
                 problems |= _P_HEADS
@@ -225,8 +226,8 @@ def _local_signature(fn, q, k, v, *, algorithm, layout, causal, softmax_scale, b
             problems |= _P_SCALE
     if not problems & ~(_P_DOCS | _P_WINDOW | _P_SINKS) and backend != "auto":
         try:  # zero-length probe: the backend's support checks run, nothing is computed
-            block_attn_forward(q[:, :0], k[:, :0], v[:, :0], causal=bool(causal), softmax_scale=scale,
-                               backend=backend)
+            block_attn_forward(*widen(q[:, :0], k[:, :0], v[:, :0])[:3], causal=bool(causal), softmax_scale=scale,
+                               backend=backend)  # (on the head dim the algorithms run: ringattn.head_dims)
         except (ValueError, RuntimeError) as e:
             problems |= _P_BACKEND
             error = error or e
@@ -259,6 +260,7 @@ _AGREE = (
     ("algorithm", ("algorithm",)), ("layout", ("layout",)), ("causal", ("causal",)),
     ("group size", ("group_size",)), ("group ranks (crc32)", ("group_ranks",)),
     ("batch size", ("q0",)), ("heads_q", ("q2",)), ("heads_kv", ("k2",)), ("head_dim", ("q3",)),
+    ("v's head_dim", ("v3",)),
     ("dtype (dtype codes q, k, v)", ("q_dtype", "k_dtype", "v_dtype")), ("device type", ("device",)),
     ("softmax_scale", ("scale",)),
     ("whether a backward follows (requires_grad with grad mode on)", ("grad",)),
@@ -424,13 +426,18 @@ def _elem_size(dtype) -> int:
 def predict_comm_bytes(algorithm: str, *, seq_len: int, world_size: int, layout: str = "contiguous",
                        causal: bool = False, batch: int, heads_q: int, heads_kv: int, head_dim: int,
                        dtype=torch.bfloat16, backward: bool = True, lse_grad: bool = False,
-                       cu_seqlens=None, sliding_window=None) -> list[dict[str, tuple[int, int]]]:
+                       cu_seqlens=None, sliding_window=None,
+                       v_head_dim: int | None = None) -> list[dict[str, tuple[int, int]]]:
     """Bytes each rank sends and receives per channel in one call (forward, plus backward when
     `backward`): a list indexed by group rank of {channel: (sent, received)}. The formulas are
     ring_attention.ring_comm_bytes and token_ring.token_ring_comm_bytes (docs/sequence_parallel.md).
     dtype: of q/k/v (or its element size in bytes). lse_grad: the call had lse_grad=True.
     cu_seqlens: the call's packed-sequence boundaries (TokenRing skips pairs sharing no document).
-    sliding_window: the call's causal sliding window (TokenRing skips pairs it never reaches)."""
+    sliding_window: the call's causal sliding window (TokenRing skips pairs it never reaches).
+    v_head_dim: v's head dim when it differs from q/k's head_dim (MLA): every algorithm moves
+    tensors padded to the larger of the two (ringattn.head_dims)."""
+    if v_head_dim is not None:
+        head_dim = max(head_dim, v_head_dim)
     lay = SequenceLayout.build(seq_len, world_size, layout)
     docs = _documents_arg(cu_seqlens, seq_len, batch)
     window = _window_arg(sliding_window, causal, seq_len)
@@ -671,7 +678,10 @@ def _run(fn, q, k, v, *, algorithm, causal, softmax_scale, group, layout, backen
     plan, q, k, v, grad = _prepare(fn, q, k, v, algorithm=algorithm, causal=causal, softmax_scale=softmax_scale,
                                    group=group, layout=layout, backend=backend, lse_grad=lse_grad,
                                    cu_seqlens=cu_seqlens, sliding_window=sliding_window, sinks=sinks)
-    algorithm = _resolve_algorithm(algorithm, plan, q, k, grad)
+    # v's head dim may differ from q/k's (MLA): the algorithms run on zero-padded tensors of one
+    # head dim and out's extra columns (exact zeros) are dropped (ringattn.head_dims)
+    q, k, v, dv = widen(q, k, v)
+    algorithm = _resolve_algorithm(algorithm, plan, q, k, grad)  # (auto: on the head dim that runs)
     # The kernels run with autocast off: their fp32 accumulation (math backend, merges, deltas)
     # must not be cast down by an enclosing autocast region (the backward does the same).
     with no_autocast(q.device):
@@ -682,7 +692,7 @@ def _run(fn, q, k, v, *, algorithm, causal, softmax_scale, group, layout, backen
             out, lse = UlyssesAttention.apply(q, k, v, plan, lse_grad, sinks)
         else:
             out, lse = TokenRingAttention.apply(q, k, v, plan, lse_grad, sinks)
-    return finish(out, lse, sinks=sinks, lse_grad=lse_grad, return_lse=return_lse)
+    return finish(narrow(out, dv), lse, sinks=sinks, lse_grad=lse_grad, return_lse=return_lse)
 
 
 def finish(out, lse, *, sinks, lse_grad, return_lse):

@@ -292,6 +292,45 @@ def test_backward_accumulates_into_outputs(dtype):
     assert rk is acc_k and rq.dtype == dtype and rv.dtype == dtype
 
 
+# v's head dim Dv differs from q/k's D (MLA: DeepSeek's 192 / 128): math computes it as is.
+MLA_CASES = [(1, 33, 50, 6, 2, 24, 16, "bottom_right"), (2, 21, 21, 4, 4, 8, 20, True),
+             (1, 50, 33, 6, 3, 16, 8, "bottom_right"), (1, 9, 30, 4, 1, 12, 32, False)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", MLA_CASES, ids=["x".join(map(str, c[:7])) + f"-{c[7]}" for c in MLA_CASES])
+def test_v_head_dim_differs_from_qk(case, dtype, math_chunking):
+    B, Sq, Sk, Hq, Hkv, D, Dv, causal = case
+    q, k, _, _ = make_inputs(B, Sq, Sk, Hq, Hkv, D, dtype, seed=5)
+    _, _, v, dout = make_inputs(B, Sq, Sk, Hq, Hkv, Dv, dtype, seed=6)
+    out, lse = block_attn_forward(q, k, v, causal=causal)
+    ref_out, ref_lse, ref_dq, ref_dk, ref_dv = reference_grads(q, k, v, dout, causal)
+    assert out.shape == (B, Sq, Hq, Dv) and out.dtype == dtype and out.is_contiguous()
+    torch.testing.assert_close(out.double(), ref_out, **FWD_TOL[dtype])
+    assert_close_finite(lse, ref_lse, **LSE_TOL[dtype])
+    lse_in = ref_lse if dtype == torch.float64 else ref_lse.float()
+    grads = block_attn_backward(dout, q, k, v, ref_out, lse_in, causal=causal)
+    accs = [torch.zeros(x.shape, dtype=torch.float64) for x in (q, k, v)]
+    block_attn_backward(dout, q, k, v, ref_out, lse_in, causal=causal, dq_out=accs[0], dk_out=accs[1],
+                        dv_out=accs[2])
+    for name, got, acc, want, like in zip(("dq", "dk", "dv"), grads, accs, (ref_dq, ref_dk, ref_dv), (q, k, v)):
+        assert got.shape == like.shape and got.dtype == dtype, name
+        torch.testing.assert_close(got.double(), want, **BWD_TOL[dtype], msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(acc, want, **BWD_TOL[dtype], msg=lambda m: f"{name} (accumulated): {m}")
+
+
+def test_v_head_dim_bad_shapes():
+    q, k, v, dout = make_inputs(1, 8, 8, 4, 2, 16, torch.float32)
+    with pytest.raises(ValueError, match=r"k and v must agree on \(B, Sk, Hkv\)"):
+        block_attn_forward(q, k, v[:, :, :1, :8])
+    v8 = v[..., :8].contiguous()
+    out, lse = block_attn_forward(q, k, v8)
+    with pytest.raises(ValueError, match=r"dout must have shape \(1, 8, 4, 8\)"):
+        block_attn_backward(dout, q, k, v8, out, lse)  # dout has q's head dim, not v's
+    with pytest.raises(ValueError, match=r"dv_out must have shape \(1, 8, 2, 8\)"):
+        block_attn_backward(out, q, k, v8, out, lse, dv_out=torch.zeros(k.shape))
+
+
 def test_non_contiguous_inputs():
     # q/k/v as views of packed tensors (B, S, 3, H, D) and of a head-major buffer.
     qkv = torch.randn(2, 19, 3, 4, 16, dtype=torch.float64)
@@ -327,7 +366,7 @@ def _qkv(Sq=8, Sk=8, Hq=4, Hkv=2, D=8, dtype=torch.float32):
 BAD_FORWARD = [
     ("q 3-D", lambda q, k, v: ((q[0], k, v), {}), r"q must be 4-D"),
     ("k 5-D", lambda q, k, v: ((q, k[None], v), {}), r"k must be 4-D"),
-    ("v shape", lambda q, k, v: ((q, k, v[:, :4]), {}), r"k and v must have the same shape"),
+    ("v shape", lambda q, k, v: ((q, k, v[:, :4]), {}), r"k and v must agree on \(B, Sk, Hkv\)"),
     ("batch", lambda q, k, v: ((q, torch.cat([k, k]), torch.cat([v, v])), {}), r"batch size mismatch"),
     ("head dim", lambda q, k, v: ((q, k[..., :4], v[..., :4]), {}), r"head dim mismatch.*D=8.*D=4"),
     ("heads", lambda q, k, v: ((q, k[:, :, :1].expand(-1, -1, 3, -1), v[:, :, :1].expand(-1, -1, 3, -1)), {}),
@@ -560,6 +599,32 @@ def test_gpu_backend_matches_reference(backend, case, packed):
         assert got.shape == like.shape and got.dtype == dtype, name
         assert torch.isfinite(got).all(), f"{chosen} {name} has non-finite values"
         _assert_within_2x(f"{chosen} {name}", got, ref, lowp, 1e-4)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dims", [(192, 128), (64, 128)], ids=["deepseek", "v_wider"])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_v_head_dim_differs(backend, dims):
+    """MLA head dims through each kernel (run zero-padded to max(D, Dv): exact) vs fp64, within 2x
+    of plain PyTorch in bf16; gradients accumulated into fp32 buffers as the rings do."""
+    D, Dv = dims
+    q, k, _, _ = make_inputs(1, 200, 300, 8, 8, D, torch.bfloat16, device="cuda", seed=21)
+    _, _, v, dout = make_inputs(1, 200, 300, 8, 8, Dv, torch.bfloat16, device="cuda", seed=22)
+    wide = ba._make_case(q if D >= Dv else v, k if D >= Dv else v, "bottom_right")
+    if backend != "auto" and (backend not in available_backends(q.device) or ba._case_problem(backend, wide)):
+        pytest.skip(f"{backend} cannot run head dim {max(D, Dv)} here")
+    out, lse = block_attn_forward(q, k, v, causal="bottom_right", backend=backend)
+    ref_out, ref_lse, ref_dq, ref_dk, ref_dv = reference_grads(q, k, v, dout, "bottom_right")
+    lp = reference_grads(q, k, v, dout, "bottom_right", compute_dtype=torch.bfloat16)
+    assert out.shape == (1, 200, 8, Dv) and out.dtype == torch.bfloat16
+    _assert_within_2x(f"{backend} out", out, ref_out, lp[0], 1e-5)
+    _assert_within_2x(f"{backend} lse", lse, ref_lse, lp[1], 1e-4)
+    accs = [torch.zeros(x.shape, dtype=torch.float32, device="cuda") for x in (q, k, v)]
+    block_attn_backward(dout, q, k, v, ref_out.float(), ref_lse.float(), causal="bottom_right", backend=backend,
+                        dq_out=accs[0], dk_out=accs[1], dv_out=accs[2])
+    for name, got, ref, lowp in zip(("dq", "dk", "dv"), accs, (ref_dq, ref_dk, ref_dv), lp[2:]):
+        _assert_within_2x(f"{backend} {name}", got, ref, lowp, 1e-4)
 
 
 @gpu

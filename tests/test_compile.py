@@ -38,11 +38,34 @@ def _reset():
 # --------------------------------------------------------------------------------------------
 # opcheck (world of one: torch.distributed is not initialised in the test process)
 
-def _qkv(B=2, S=9, Hq=4, Hkv=2, D=8, dtype=torch.float64, grad=True):
+def _qkv(B=2, S=9, Hq=4, Hkv=2, D=8, dtype=torch.float64, grad=True, Dv=None):
     g = torch.Generator().manual_seed(0)
     q = torch.randn(B, S, Hq, D, generator=g, dtype=dtype)
-    k, v = (torch.randn(B, S, Hkv, D, generator=g, dtype=dtype) for _ in range(2))
+    k, v = (torch.randn(B, S, Hkv, d, generator=g, dtype=dtype) for d in (D, Dv or D))
     return [t.requires_grad_(grad) for t in (q, k, v)]
+
+
+@pytest.mark.parametrize("Dv", [4, 12], ids=["v_narrower", "v_wider"])
+def test_opcheck_v_head_dim_differs(Dv):
+    """MLA head dims through the traced ops: out (and its fake) has v's head dim, the backward
+    ops return dq/dk with q/k's and dv with v's (ringattn.head_dims)."""
+    q, k, v = _qkv(Dv=Dv)
+    args = (q, k, v, "", "ring", True, None, "zigzag", "auto", True, False)
+    torch.library.opcheck(torch.ops.ringattn.sp_attention.default, args)
+    out, lse, meta = torch.ops.ringattn.sp_attention(*args)
+    assert out.shape == (2, 9, 4, Dv)
+    bwd = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), None, meta, "",
+           True, "zigzag", "auto", False)
+    torch.library.opcheck(torch.ops.ringattn.sp_attention_backward.default, bwd)
+    assert [t.shape[3] for t in torch.ops.ringattn.sp_attention_backward(*bwd)] == [8, 8, Dv]
+    uargs = (q, k, v, "", True, None, "zigzag", "auto", True, False)
+    torch.library.opcheck(torch.ops.ringattn.ulysses_attention.default, uargs)
+    out, lse, meta, *heads = torch.ops.ringattn.ulysses_attention(*uargs)
+    assert out.shape == (2, 9, 4, Dv) and heads[0].shape[3] == max(8, Dv)
+    ubwd = (torch.randn_like(out), None, *(t.detach() for t in heads), meta, "", True, "zigzag", "auto", 2,
+            None, 8, Dv)
+    torch.library.opcheck(torch.ops.ringattn.ulysses_attention_backward.default, ubwd)
+    assert [t.shape[3] for t in torch.ops.ringattn.ulysses_attention_backward(*ubwd)] == [8, 8, Dv]
 
 
 @pytest.mark.parametrize("algorithm", ["ring", "token_ring", "auto"])
@@ -122,15 +145,16 @@ def _compiled_case(c, backend="aot_eager"):
     kw = dict(causal=c["causal"], layout=c["layout"], return_lse=c["return_lse"])
     compiled = torch.compile(lambda q, k, v: fn(q, k, v, **kw), fullgraph=True, backend=backend)
     B, L, Hq, Hkv, D, dtype = c["batch"], c["seq_len"], c["hq"], c["hkv"], c["head_dim"], c["dtype"]
+    Dv = c.get("v_head_dim", D)
     gen = torch.Generator().manual_seed(1000 + c["seed"])
-    q, dout = (torch.randn(B, L, Hq, D, generator=gen).to(dtype) for _ in range(2))
-    k, v = (torch.randn(B, L, Hkv, D, generator=gen).to(dtype) for _ in range(2))
+    q, dout = (torch.randn(B, L, Hq, d, generator=gen).to(dtype) for d in (D, Dv))
+    k, v = (torch.randn(B, L, Hkv, d, generator=gen).to(dtype) for d in (D, Dv))
     pos = positions(L, world, c["layout"], rank)
     eager_kw = dict(kw)
     if c["alg"] == "auto":  # compiled, auto weighs the two rings only (the op is fixed at trace time):
         eager_kw["algorithm"] = sp.choose_algorithm(  # the eager twin runs that ring explicitly
             seq_len=L, world_size=world, layout=c["layout"], causal=c["causal"], batch=B, heads_q=Hq, heads_kv=Hkv,
-            head_dim=D, dtype=dtype, backward=True, candidates=sp.ALGORITHMS).algorithm
+            head_dim=max(D, Dv), dtype=dtype, backward=True, candidates=sp.ALGORITHMS).algorithm
     results = {}
     for mode, f in (("compiled", compiled), ("eager", lambda q, k, v: fn(q, k, v, **eager_kw))):
         loc = [t[:, pos].clone().requires_grad_() for t in (q, k, v)]
@@ -162,6 +186,8 @@ def _compiled_cases(world):
                 i += 1
     cases.append(dict(cases[3], dtype=torch.bfloat16, seed=950))
     cases.append(dict(cases[8], dtype=torch.bfloat16, seed=951))
+    cases.append(dict(cases[1], v_head_dim=12, seed=952))  # MLA-style v head dims (ringattn.head_dims)
+    cases.append(dict(cases[6], v_head_dim=4, seed=953))
     return cases
 
 

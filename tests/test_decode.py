@@ -50,11 +50,12 @@ def _run_matrix(world):
                         case += 1
                         g = torch.Generator().manual_seed(100 + case)
                         B, D = 2, 16
+                        Dv = (16, 24, 8)[case % 3]  # v's head dim: q/k's, or MLA-style wider / narrower
                         q = torch.randn(B, tq, hq, D, generator=g).to(dtype)
                         k = torch.randn(B, L, hkv, D, generator=g).to(dtype)
-                        v = torch.randn(B, L, hkv, D, generator=g).to(dtype)
+                        v = torch.randn(B, L, hkv, Dv, generator=g).to(dtype)
                         kn = torch.randn(B, tq, hkv, D, generator=g).to(dtype) if new else None
-                        vn = torch.randn(B, tq, hkv, D, generator=g).to(dtype) if new else None
+                        vn = torch.randn(B, tq, hkv, Dv, generator=g).to(dtype) if new else None
                         lens = split_lengths(L, world, case)
                         s0 = sum(lens[:rank])
                         mine_k, mine_v = k[:, s0:s0 + lens[rank]], v[:, s0:s0 + lens[rank]]
@@ -78,7 +79,7 @@ def _run_matrix(world):
                         results.append(dict(case=(str(dtype), hq, hkv, tq, new, L, lens), dtype=dtype,
                                             out=(out.double() - ref_out).abs().max().item(), lse=err_lse,
                                             same=same, lse_inf_ok=lse_inf_ok, shape=tuple(out.shape),
-                                            out_dtype=out.dtype))
+                                            want_shape=(B, tq, hq, Dv), out_dtype=out.dtype))
     return results
 
 
@@ -90,7 +91,7 @@ def test_sharded_kv_attention_against_float64(dist_pool, world):
         for r in results:
             atol, _ = tolerance(r["dtype"], world)
             if not (r["out"] <= atol and r["lse"] <= atol and r["same"] and r["lse_inf_ok"]
-                    and r["out_dtype"] == r["dtype"]):
+                    and r["out_dtype"] == r["dtype"] and r["shape"] == r["want_shape"]):
                 bad.append(f"rank {rank} {r['case']}: out {r['out']:.2e} lse {r['lse']:.2e} same {r['same']} "
                            f"-inf rows {r['lse_inf_ok']} dtype {r['out_dtype']}")
     assert not bad, "\n".join(bad)
@@ -119,6 +120,8 @@ def _run_bad():
                                                          v_new=torch.randn(1, 2, 2, 16)))
     attempt("heads", lambda: sharded_kv_attention(torch.randn(1, 1, 3, 16), k, k))
     attempt("scale", lambda: sharded_kv_attention(q, k, k, softmax_scale=-1.0))
+    attempt("v_head_dim", lambda: sharded_kv_attention(q, k, k[..., :8] if rank == 1 else k))  # MLA-style, not alike
+    attempt("v_heads", lambda: sharded_kv_attention(q, k, k[:, :, :1]))
     with torch.no_grad():  # the group still works, and the result is right
         out = sharded_kv_attention(q, k, k)
         ref, _ = reference(q, torch.cat([k] * dist.get_world_size(), 1), torch.cat([k] * dist.get_world_size(), 1),
@@ -135,6 +138,8 @@ BAD = {
     "k_new_length": ["with Tq tokens"],
     "heads": ["heads_q must be a multiple of heads_kv"],
     "scale": ["softmax_scale must be a finite number > 0"],
+    "v_head_dim": ["ranks disagree on v's head_dim: [16, 8]"],
+    "v_heads": ["v_cache[0] (1, 5, 1, 16), expected (batch=1, seq, heads_kv=2, head_dim=16)"],
 }
 
 

@@ -9,7 +9,8 @@ single-process float64 attention with an explicit boolean mask, forward AND back
 - world 1..4 (world = 1 + seed % 4), global length L from the smallest legal one (W contiguous,
   2W zigzag) to 64, lengths not divisible by W / 2W included; layout contiguous / zigzag;
 - batch 1-2 (3 now and then, for per-row packings with repeated rows); MHA / GQA / MQA
-  (heads_q <= 8); head_dim 8, 16, 32, 64; float32, bfloat16 and float64 inputs; default or random
+  (heads_q <= 8); head_dim 8, 16, 32, 64, v's head dim the same or (1/4 of the cases, MLA-style)
+  4, 8, 16, 24 or 48; float32, bfloat16 and float64 inputs; default or random
   softmax_scale; q of random magnitude;
 - causal or not; sliding_window (causal only) of 1, 2, small, about a chunk, L - 1, L, beyond L;
 - cu_seqlens: random boundaries (documents of one token, documents spanning several ranks, every
@@ -145,13 +146,21 @@ def draw_config(seed: int) -> dict:
         requires = sorted(rng.sample(names, rng.randint(1, len(names) - 1)), key=names.index)
     else:
         requires = []
-    return dict(seed=seed, world=world, alg=alg, layout=layout, seq_len=L, causal=causal, batch=batch,
-                heads_q=hq, heads_kv=hkv, head_dim=head_dim, dtype=dtype, softmax_scale=scale,
-                sliding_window=window, docs=docs, sinks=sinks, return_lse=return_lse, lse_grad=lse_grad,
-                requires_grad=requires, noncontiguous=rng.random() < 0.15,
-                loss_via_gather=bool(requires) and rng.random() < 0.15,
-                q_magnitude=rng.choice((1.0, 1.0, 1.0, 0.3, 2.5)),
-                tiles=rng.choice(("auto", "auto", "batched", "per_tile")) if window or docs else "auto")
+    cfg = dict(seed=seed, world=world, alg=alg, layout=layout, seq_len=L, causal=causal, batch=batch,
+               heads_q=hq, heads_kv=hkv, head_dim=head_dim, dtype=dtype, softmax_scale=scale,
+               sliding_window=window, docs=docs, sinks=sinks, return_lse=return_lse, lse_grad=lse_grad,
+               requires_grad=requires, noncontiguous=rng.random() < 0.15,
+               loss_via_gather=bool(requires) and rng.random() < 0.15,
+               q_magnitude=rng.choice((1.0, 1.0, 1.0, 0.3, 2.5)),
+               tiles=rng.choice(("auto", "auto", "batched", "per_tile")) if window or docs else "auto")
+    # v's head dim (drawn last: the earlier draws of a seed stay what they were): MLA-style, narrower
+    # or wider than q/k's in 1/4 of the cases (ringattn.head_dims)
+    cfg["v_head_dim"] = rng.choice((4, 8, 16, 24, 48)) if rng.random() < 0.25 else head_dim
+    return cfg
+
+
+def v_head_dim(cfg: dict) -> int:
+    return cfg.get("v_head_dim", cfg["head_dim"])  # (configs written before it existed: q/k's)
 
 
 def describe(cfg: dict) -> str:
@@ -181,9 +190,9 @@ def reference_mask(cfg: dict) -> torch.Tensor:
 
 
 def reference_attention(q, k, v, mask, scale, sinks=None):
-    """Plain float64 softmax attention: q (B, L, Hq, D), k/v (B, L, Hkv, D), mask (B, 1, L, L),
+    """Plain float64 softmax attention: q (B, L, Hq, D), k (B, L, Hkv, D), v (B, L, Hkv, Dv), mask (B, 1, L, L),
     sinks (Hq,) or None (one extra logit per head in every row's softmax, no value).
-    Returns out (B, L, Hq, D) and lse (B, Hq, L) over the keys and the sink."""
+    Returns out (B, L, Hq, Dv) and lse (B, Hq, L) over the keys and the sink."""
     g = q.shape[2] // k.shape[2]
     kk, vv = k.repeat_interleave(g, 2), v.repeat_interleave(g, 2)    # query head h uses K/V head h // g
     s = torch.einsum("bqhd,bkhd->bhqk", q, kk) * scale                 # (B, Hq, L, L)
@@ -210,7 +219,7 @@ def plain_attention(q, k, v, dout, dlse, mask, scale, sinks=None, owners=None, g
     f = torch.float32 if given_out is None else torch.float64
     dt = (q.dtype if q.dtype != torch.float64 else torch.float32) if given_out is None else f
     B, L, Hq, D = q.shape
-    Hkv = k.shape[2]
+    Hkv, Dv = k.shape[2], v.shape[3]
     g = Hq // Hkv
     qf, kf, vf = q.to(f), k.to(f).repeat_interleave(g, 2), v.to(f).repeat_interleave(g, 2)
     s = torch.einsum("bqhd,bkhd->bhqk", qf, kf) * scale                # (B, Hq, L, L)
@@ -225,7 +234,7 @@ def plain_attention(q, k, v, dout, dlse, mask, scale, sinks=None, owners=None, g
     elif owners is None or dt == f:
         out = torch.einsum("bhqk,bkhd->bqhd", pk, vf).to(dt)            # (B, L, Hq, D)
     else:  # per-rank partials (their own softmax) rounded to dt, merged in fp32 with their weights
-        out = torch.zeros(B, L, Hq, D, dtype=f)
+        out = torch.zeros(B, L, Hq, Dv, dtype=f)
         for r in owners.unique().tolist():
             pr = pk * (owners == r).to(f)                               # (B, Hq, L, L): rank r's keys
             wr = pr.sum(-1)                                             # (B, Hq, L): their share of the row
@@ -238,7 +247,7 @@ def plain_attention(q, k, v, dout, dlse, mask, scale, sinks=None, owners=None, g
     ds = pk * (torch.einsum("bqhd,bkhd->bhqk", do, vf) - delta.unsqueeze(-1) + extra.unsqueeze(-1))
     dq = torch.einsum("bhqk,bkhd->bqhd", ds, kf) * scale                # (B, L, Hq, D)
     dk = (torch.einsum("bhqk,bqhd->bkhd", ds, qf) * scale).view(B, L, Hkv, g, D).sum(3)  # (B, L, Hkv, D)
-    dv = torch.einsum("bhqk,bqhd->bkhd", pk, do).view(B, L, Hkv, g, D).sum(3)
+    dv = torch.einsum("bhqk,bqhd->bkhd", pk, do).view(B, L, Hkv, g, Dv).sum(3)
     dsinks = None
     if sinks is not None:
         dsinks = (p[..., L] * (extra - delta)).sum((0, 2)).to(sinks.dtype if given_out is None else f)  # (Hq,)
@@ -246,14 +255,16 @@ def plain_attention(q, k, v, dout, dlse, mask, scale, sinks=None, owners=None, g
 
 
 def make_inputs(cfg: dict):
-    """Global tensors, the same on every rank: q, dout (B, L, Hq, D), k, v (B, L, Hkv, D) in the
+    """Global tensors, the same on every rank: q (B, L, Hq, D), dout (B, L, Hq, Dv), k (B, L, Hkv, D),
+    v (B, L, Hkv, Dv) (Dv = v_head_dim(cfg)) in the
     input dtype, dlse (B, Hq, L) fp32, sinks (Hq,) or None."""
     B, L, Hq, Hkv, D = cfg["batch"], cfg["seq_len"], cfg["heads_q"], cfg["heads_kv"], cfg["head_dim"]
     dtype = _DTYPES[cfg["dtype"]]
     gen = torch.Generator().manual_seed(10_000 + cfg["seed"])
+    Dv = v_head_dim(cfg)
     q = (torch.randn(B, L, Hq, D, generator=gen) * cfg["q_magnitude"]).to(dtype)
-    k, v = (torch.randn(B, L, Hkv, D, generator=gen).to(dtype) for _ in range(2))
-    dout = torch.randn(B, L, Hq, D, generator=gen).to(dtype)
+    k, v = (torch.randn(B, L, Hkv, d, generator=gen).to(dtype) for d in (D, Dv))
+    dout = torch.randn(B, L, Hq, Dv, generator=gen).to(dtype)
     dlse = torch.randn(B, Hq, L, generator=gen)
     sinks = None
     if cfg["sinks"]:
@@ -352,9 +363,10 @@ def _run_case(cfg: dict) -> dict:
     with torch.set_grad_enabled(bool(requires)):
         res = fn(args["q"], args["k"], args["v"], **kw)
         out, lse = res if cfg["return_lse"] else (res, None)
-        # out (B, S_local, Hq, D) in the input dtype; lse (B, Hq, S_local) fp32
-        if out.dtype != dtype or out.shape != (B, len(pos), Hq, D):
-            errors.append(f"out: {out.dtype} {tuple(out.shape)}, want {dtype} {(B, len(pos), Hq, D)}")
+        # out (B, S_local, Hq, Dv) in the input dtype; lse (B, Hq, S_local) fp32
+        want = (B, len(pos), Hq, v_head_dim(cfg))
+        if out.dtype != dtype or out.shape != want:
+            errors.append(f"out: {out.dtype} {tuple(out.shape)}, want {dtype} {want}")
         if lse is not None:
             if lse.dtype != torch.float32 or lse.shape != (B, Hq, len(pos)):
                 errors.append(f"lse: {lse.dtype} {tuple(lse.shape)}, want float32 {(B, Hq, len(pos))}")
@@ -491,7 +503,7 @@ def test_draw_config_is_deterministic_and_legal():
     """The same seed gives the same config; every drawn config is legal input (the length fits the
     layout, windows only with causal, boundaries end at L); and the draws do cover the features."""
     seen = {k: set() for k in ("world", "alg", "layout", "dtype", "head_dim", "form", "window", "sinks",
-                               "lse_grad", "grad", "odd", "tiles", "batch")}
+                               "lse_grad", "grad", "odd", "tiles", "batch", "mla")}
     for s in range(400):
         c = draw_config(s)
         assert c == draw_config(s) and json.loads(json.dumps(c)) == c
@@ -509,6 +521,7 @@ def test_draw_config_is_deterministic_and_legal():
         seen["sinks"].add(None if not c["sinks"] else "-inf" if "-inf" in c["sinks"]["values"] else "finite")
         seen["grad"].add(len(c["requires_grad"]))
         seen["odd"].add(L % (W if c["layout"] == "contiguous" else 2 * W) != 0)
+        seen["mla"].add((c["v_head_dim"] > c["head_dim"]) - (c["v_head_dim"] < c["head_dim"]))
         for k in ("world", "alg", "layout", "dtype", "head_dim", "lse_grad", "tiles", "batch"):
             seen[k].add(c[k])
     assert seen["world"] == {1, 2, 3, 4} and len(seen["alg"]) == 6 and len(seen["dtype"]) == 3
@@ -516,6 +529,7 @@ def test_draw_config_is_deterministic_and_legal():
     assert seen["window"] == {None, "1", ">=L", "<L"} and seen["sinks"] == {None, "-inf", "finite"}
     assert 0 in seen["grad"] and seen["lse_grad"] == {True, False}
     assert seen["tiles"] == {"auto", "batched", "per_tile"} and seen["batch"] == {1, 2, 3}
+    assert seen["mla"] == {-1, 0, 1}  # v's head dim narrower, equal, wider
 
 
 def test_reference_matches_sdpa_and_the_appended_sink_column():

@@ -53,6 +53,16 @@ FAMILY_CONFIGS = {
                                      sliding_window=4096, rope_parameters=dict(
                                          rope_type="yarn", factor=8.0, original_max_position_embeddings=32,
                                          rope_theta=150000.0, beta_fast=32.0, beta_slow=1.0, truncate=False))),
+    # MLA (multi-head latent attention): q/k head dim 24 (16 nope + 8 RoPE), v head dim 16 -- v's
+    # head dim differs (ringattn.head_dims); LoRA'd queries (v3) or not (v2), MoE after layer 0
+    "deepseek_v2": ("DeepseekV2Config", dict(kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+                                             qk_nope_head_dim=16, v_head_dim=16, head_dim=8, n_routed_experts=4,
+                                             num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+                                             first_k_dense_replace=1, num_key_value_heads=4, pad_token_id=0)),
+    "deepseek_v3": ("DeepseekV3Config", dict(kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=16,
+                                             v_head_dim=16, head_dim=8, n_routed_experts=4, num_experts_per_tok=2,
+                                             n_group=2, topk_group=1, moe_intermediate_size=32, n_shared_experts=1,
+                                             first_k_dense_replace=1, num_key_value_heads=4, pad_token_id=0)),
 }
 
 
@@ -66,7 +76,8 @@ def tiny_config(family: str, **overrides):
     cls, extra = FAMILY_CONFIGS[family]
     kw = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-              attn_implementation="eager", **extra)
+              attn_implementation="eager")
+    kw.update(extra)  # (a family's own sizes win: MLA has as many KV heads as query heads)
     kw.update(overrides)
     return getattr(transformers, cls)(**kw)
 

@@ -85,9 +85,10 @@ def run_case(c, group=None, check_bytes=True, device="cpu"):
     """One case on this rank (its shard on `device`); returns a failure string or None."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     B, L, Hq, Hkv, D, dtype = c["batch"], c["seq_len"], c["hq"], c["hkv"], c["head_dim"], c["dtype"]
+    Dv = c.get("v_head_dim", D)  # v's head dim (MLA: may differ from q/k's)
     gen = torch.Generator().manual_seed(1000 + c["seed"])
-    q, dout = (torch.randn(B, L, Hq, D, generator=gen).to(dtype) for _ in range(2))
-    k, v = (torch.randn(B, L, Hkv, D, generator=gen).to(dtype) for _ in range(2))
+    q, dout = (torch.randn(B, L, Hq, d, generator=gen).to(dtype) for d in (D, Dv))
+    k, v = (torch.randn(B, L, Hkv, d, generator=gen).to(dtype) for d in (D, Dv))
     scale = 1.0 / math.sqrt(D)
     ref = [t.double().requires_grad_() for t in (q, k, v)]
     ref_out, ref_lse = reference(*ref, c["causal"], scale)
@@ -119,7 +120,7 @@ def run_case(c, group=None, check_bytes=True, device="cpu"):
     if check_bytes:
         want_bytes = sp.predict_comm_bytes(c["alg"], seq_len=L, world_size=world, layout=c["layout"],
                                            causal=c["causal"], batch=B, heads_q=Hq, heads_kv=Hkv, head_dim=D,
-                                           dtype=dtype, backward=True)[rank]
+                                           dtype=dtype, backward=True, v_head_dim=Dv)[rank]
         got_bytes = {ch: (st.sent_by_channel[ch], st.recv_by_channel[ch])
                      for ch in set(st.sent_by_channel) | set(st.recv_by_channel)}
         if {ch: b for ch, b in got_bytes.items() if b != (0, 0)} != {ch: b for ch, b in want_bytes.items() if b != (0, 0)}:
@@ -140,6 +141,29 @@ def test_matrix_against_float64_reference(dist_pool, world):
     results = dist_pool(world).run(_run_all, world, timeout=240)
     failures = [f for per_rank in results for f in per_rank]
     assert not failures, f"{len(failures)} failing (rank, case)s:\n" + "\n".join(failures[:40])
+
+
+# --- v's head dim differs from q/k's (MLA: DeepSeek's 192 / 128; ringattn.head_dims) -----------
+def _run_mla(world):
+    cases, i = [], 0
+    for dtype in DTYPES:
+        for alg in ALGORITHMS + ("ulysses",):
+            for layout in LAYOUTS:
+                for d, dv in ((24, 16), (8, 16)):  # v narrower (DeepSeek) and wider
+                    hq, hkv = (6, 3) if world == 3 else (4, 2)  # (Ulysses splits heads over the group)
+                    cases.append(dict(alg=alg, causal=i % 4 != 3, layout=layout, hq=hq, hkv=hkv,
+                                      seq_len=5 * world + 1, batch=1 + i % 2, dtype=dtype, head_dim=d,
+                                      v_head_dim=dv, return_lse=i % 2 == 0, seed=900 + i))
+                    i += 1
+    return [f for c in cases if (f := run_case(c)) is not None]
+
+
+@pytest.mark.parametrize("world", (2, 3))
+def test_v_head_dim_differs_from_qk(dist_pool, world):
+    """out (B, n, Hq, Dv), lse, dq, dk, dv against float64 with random upstream gradients, every
+    algorithm, both layouts, v narrower and wider than q/k; bytes = the formula on the padded dim."""
+    failures = [f for r in dist_pool(world).run(_run_mla, world, timeout=180) for f in r]
+    assert not failures, "\n".join(failures)
 
 
 # --- edge lengths: the shortest sequences (chunks of one token), uneven by one ------------------

@@ -32,6 +32,11 @@ def _scenario(name, rank):
         q, k, v = _inputs(rank, D=8 if rank == 0 else 16)
     elif name == "dtype":
         q, k, v = _inputs(rank, dtype=torch.float32 if rank == 0 else torch.bfloat16)
+    elif name == "v_head_dim":  # MLA-style v head dims (may differ from q/k's), but not across ranks
+        v = torch.randn(*v.shape[:3], 4 if rank == 0 else 12)
+    elif name == "v_heads":
+        if rank == 1:
+            v = v[:, :, :1]
     elif name == "heads_q":
         q, k, v = _inputs(rank, hq=4 if rank == 0 else 2)
     elif name == "heads_kv":
@@ -162,7 +167,17 @@ def test_sequence_too_short(dist_pool):
 
 
 def test_q_and_k_hold_different_lengths(dist_pool):
-    _check(dist_pool, "q_k_lengths", "rank 1: q and k/v must agree on batch, seq_local and head_dim")
+    _check(dist_pool, "q_k_lengths", "rank 1: q and k/v must agree on batch and seq_local")
+
+
+def test_disagree_v_head_dim(dist_pool):
+    # v's head dim may differ from q/k's (MLA), so it is agreed on by itself: a rank whose v is
+    # narrower would otherwise attend to zero-padded columns of its peers' v (silently wrong)
+    _check(dist_pool, "v_head_dim", "ranks disagree on v's head_dim", "rank 0: 4", "rank 1: 12")
+
+
+def test_k_and_v_with_different_heads(dist_pool):
+    _check(dist_pool, "v_heads", "rank 1: k and v must agree on batch, seq_local and heads_kv")
 
 
 def test_heads_q_not_a_multiple_of_heads_kv(dist_pool):

@@ -62,7 +62,7 @@ ATTN_IMPLEMENTATION = "ringattn_sp"
 # on a tiny random config (tests/test_huggingface.py; the first three across the whole matrix).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gemma", "phi3", "olmo",
                          "olmo2", "granite", "cohere", "starcoder2", "glm", "helium", "smollm3", "gemma3_text",
-                         "gpt_oss")
+                         "gpt_oss", "deepseek_v2", "deepseek_v3")
 # Families whose attention modules pass sliding_window= to the attention function (checked per
 # layer against the config at every call, _attention_forward): their windows run exactly.
 SLIDING_WINDOW_MODEL_TYPES = ("mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "phi3", "starcoder2", "smollm3",
