@@ -16,6 +16,9 @@ Shapes (B = batch, Sq/Sk = block lengths, Hq/Hkv = heads, D = head dim):
   q: (B, Sq, Hq, D); k, v: (B, Sk, Hkv, D) with Hq % Hkv == 0 (GQA/MQA: query head h uses
   K/V head h // (Hq // Hkv); K/V are never repeated outside this module);
   out: (B, Sq, Hq, D) in q.dtype; lse: (B, Hq, Sq) fp32, contiguous, natural log.
+  v may have its own head dim Dv (MLA): out and dv then have Dv; math computes it as is, a kernel
+  runs on the tensors zero-padded to max(D, Dv) (exact; ringattn.head_dims) and is chosen, and
+  checked, for that head dim.
 
 causal: False | "top_left" | "bottom_right" (True means "top_left").
   top_left:     query i sees keys j <= i                 (torch SDPA's is_causal)

@@ -5,7 +5,8 @@ every rank's queries (the same new token(s) everywhere) to attend over ALL ranks
 moving any cache:
 
     q:            (B, Tq, Hq, D)     the same on every rank (decode: Tq = 1; chunks / drafts: more)
-    k/v_cache:    (B, S_r, Hkv, D)   rank r's cached keys/values (any S_r, 0 included), or a tuple
+    k/v_cache:    (B, S_r, Hkv, D)   rank r's cached keys/values (any S_r, 0 included; v may have
+                                     its own head dim Dv, MLA, and then so does out), or a tuple
                                      of such pieces (e.g. a prefill shard and a slice of later
                                      tokens; no concatenation copy); every query sees every one
     k/v_new:      (B, Tq, Hkv, D)    optional, the same on every rank: the queries' own keys,
