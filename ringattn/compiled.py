@@ -51,7 +51,6 @@ from ringattn.layout import RingPlan, SequenceLayout, group_rank_and_size, no_au
 from ringattn.sinks import rescale, sinks_backward, sinks_problem
 from ringattn.ring_attention import ring_backward, ring_forward
 from ringattn.token_ring import reply_for, token_ring_backward, token_ring_forward
-from ringattn.head_dims import narrow, pad_to, widen
 from ringattn.ulysses import _Saved, head_blocks, seq_dim, ulysses_backward, ulysses_forward
 
 # Runs of each op's implementation in this process (tests check that compiled code took the op).
@@ -101,8 +100,7 @@ def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name: 
                                       backend=backend, grad=grad, lse_grad=lse_grad, cu_seqlens=cu_seqlens,
                                       sliding_window=None if sliding_window == -1 else sliding_window,
                                       sinks=sinks)
-    q, k, v, dv = widen(q, k, v)  # v's head dim may differ (MLA): ringattn.head_dims
-    alg = sp._resolve_algorithm(algorithm, plan, q, k, grad, sp.ALGORITHMS)  # auto: the rings (see traced_attention)
+    alg = sp._resolve_algorithm(algorithm, plan, q, k, grad, sp.ALGORITHMS, v=v)  # auto: the rings (see traced_attention)
     if alg == "ulysses":
         raise ValueError(f"ringattn::sp_attention runs 'ring', 'token_ring' or 'auto', not {alg!r} "
                          "(algorithm='ulysses' is ringattn::ulysses_attention)")
@@ -116,7 +114,7 @@ def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name: 
             out = rescale(out, lse, sinks).to(q.dtype)
     meta = torch.tensor([_ALG[alg], sp._float_bits(plan.softmax_scale), plan.layout.seq_len,
                          -1 if plan.window is None else plan.window], dtype=torch.int64)
-    return narrow(out, dv).contiguous(), lse.contiguous(), meta
+    return out.contiguous(), lse.contiguous(), meta
 
 
 @sp_attention.register_fake
@@ -137,16 +135,10 @@ def sp_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     plan, alg = _plan_from_meta(resolve_group(group_name), meta, causal, layout, backend, cu_seqlens)
     dout, q, k, v, out, lse = (t.contiguous() for t in (dout, q, k, v, out, lse))
     dlse = dlse.contiguous() if lse_grad and dlse is not None else None
-    d = q.shape[3]
-    q, k, v, dv = widen(q, k, v)  # as the forward ran (ringattn.head_dims)
-    dout, out = pad_to(dout, q.shape[3]), pad_to(out, q.shape[3])
     with no_autocast(q.device):
         if alg == "ring":
-            dq, dk, dv_ = ring_backward(plan, dout, q, k, v, out, lse, dlse)
-        else:
-            dq, dk, dv_ = token_ring_backward(plan, dout, q, k, v, out, lse, reply_for(plan, q.device), dlse,
-                                              lse_grad)
-    return narrow(dq, d), narrow(dk, d), narrow(dv_, dv)
+            return ring_backward(plan, dout, q, k, v, out, lse, dlse)
+        return token_ring_backward(plan, dout, q, k, v, out, lse, reply_for(plan, q.device), dlse, lse_grad)
 
 
 @sp_attention_backward.register_fake
@@ -245,10 +237,8 @@ def ulysses_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grou
                                    cu_seqlens=cu_seqlens, sliding_window=None if sliding_window == -1 else sliding_window,
                                    sinks=sinks)
     pad = _Padded(ulysses_rows(q.shape[1], plan.world_size)) if grad else None
-    q, k, v, dv = widen(q, k, v)  # v's head dim may differ (MLA): ringattn.head_dims
     with no_autocast(q.device):
         out, lse, saved = ulysses_forward(plan, q, k, v, sinks, pad)
-        out = narrow(out, dv)
     meta = torch.tensor([_ALG["ulysses"], sp._float_bits(plan.softmax_scale), plan.layout.seq_len,
                          -1 if plan.window is None else plan.window], dtype=torch.int64)
     if grad:
@@ -265,9 +255,9 @@ def ulysses_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grou
 @ulysses_attention_op.register_fake
 def _(q, k, v, group_name, causal, softmax_scale, layout, backend, grad, lse_grad, cu_seqlens=None,
       sliding_window=-1, sinks=None):
-    B, n, Hq, _ = q.shape
-    D = max(q.shape[3], v.shape[3])  # the head-layout tensors' (padded: ringattn.head_dims)
-    out = (q.new_empty((B, n, Hq, v.shape[3])),
+    B, n, Hq, D = q.shape
+    Dv = v.shape[3]  # v's head dim (MLA: may differ from q/k's)
+    out = (q.new_empty((B, n, Hq, Dv)),
            q.new_empty((B, Hq, n), dtype=torch.float32), torch.empty(4, dtype=torch.int64, device="cpu"))
     if not grad:
         return out + _no_heads(q, k, v)
@@ -275,7 +265,7 @@ def _(q, k, v, group_name, causal, softmax_scale, layout, backend, grad, lse_gra
     rows = ulysses_rows(n, world)
     lo, hi, klo, khi = head_blocks(Hq, k.shape[2], world)[rank]  # (heads Ulysses cannot split: the op raises)
     return out + (q.new_empty((B, rows, hi - lo, D)), k.new_empty((B, rows, khi - klo, D)),
-                  v.new_empty((B, rows, khi - klo, D)), q.new_empty((B, rows, hi - lo, D)),
+                  v.new_empty((B, rows, khi - klo, Dv)), q.new_empty((B, rows, hi - lo, Dv)),
                   q.new_empty((B, hi - lo, rows), dtype=torch.float32))
 
 
@@ -283,30 +273,22 @@ def _(q, k, v, group_name, causal, softmax_scale, layout, backend, grad, lse_gra
 def ulysses_attention_backward(dout: torch.Tensor, dlse: torch.Tensor | None, q_h: torch.Tensor, k_h: torch.Tensor,
                                v_h: torch.Tensor, out_h: torch.Tensor, lse_h: torch.Tensor, meta: torch.Tensor,
                                group_name: str, causal: bool, layout: str, backend: str, heads_kv: int,
-                               cu_seqlens: torch.Tensor | None = None, d_qk: int = -1, d_v: int = -1
+                               cu_seqlens: torch.Tensor | None = None
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """d_qk, d_v: the inputs' head dims when they differ (the head-layout tensors are padded to the
-    larger: ringattn.head_dims); -1: both are the head-layout tensors'."""
     CALLS["ulysses_attention_backward"] += 1
     plan, _ = _plan_from_meta(resolve_group(group_name), meta, causal, layout, backend, cu_seqlens)
     L = plan.layout.seq_len
     saved = _Saved(*(_prefix(t, L) for t in (q_h, k_h, v_h, out_h, lse_h)), heads_kv)
-    dm = q_h.shape[3]
     with no_autocast(dout.device):
-        dq, dk, dv = ulysses_backward(plan, saved, pad_to(dout.contiguous(), dm),
-                                      None if dlse is None else dlse.contiguous())
-    if d_qk > 0:
-        dq, dk, dv = narrow(dq, d_qk), narrow(dk, d_qk), narrow(dv, d_v)
-    return dq, dk, dv
+        return ulysses_backward(plan, saved, dout.contiguous(), None if dlse is None else dlse.contiguous())
 
 
 @ulysses_attention_backward.register_fake
-def _(dout, dlse, q_h, k_h, v_h, out_h, lse_h, meta, group_name, causal, layout, backend, heads_kv, cu_seqlens=None,
-      d_qk=-1, d_v=-1):
-    B, n, Hq, D = dout.shape
-    dk_, dv_ = (d_qk, d_v) if d_qk > 0 else (D, D)
-    return (dout.new_empty((B, n, Hq, dk_), dtype=q_h.dtype), dout.new_empty((B, n, heads_kv, dk_), dtype=k_h.dtype),
-            dout.new_empty((B, n, heads_kv, dv_), dtype=v_h.dtype))
+def _(dout, dlse, q_h, k_h, v_h, out_h, lse_h, meta, group_name, causal, layout, backend, heads_kv, cu_seqlens=None):
+    B, n, Hq, _ = dout.shape  # (dout and dv: v's head dim; dq, dk: q/k's -- MLA)
+    return (dout.new_empty((B, n, Hq, q_h.shape[3]), dtype=q_h.dtype),
+            dout.new_empty((B, n, heads_kv, k_h.shape[3]), dtype=k_h.dtype),
+            dout.new_empty((B, n, heads_kv, v_h.shape[3]), dtype=v_h.dtype))
 
 
 def _ulysses_setup(ctx, inputs, output):
@@ -315,12 +297,12 @@ def _ulysses_setup(ctx, inputs, output):
     sinks = inputs[12] if len(inputs) > 12 else None
     out, lse, meta, *heads = output
     ctx.save_for_backward(out, lse, meta, cu_seqlens, sinks, *heads)
-    ctx.args = (name, causal, layout, backend, lse_grad, k.shape[2], k.shape[3], _v.shape[3])
+    ctx.args = (name, causal, layout, backend, lse_grad, k.shape[2])
 
 
 def _ulysses_backward(ctx, dout, dlse, *_unused):
     out, lse, meta, cu_seqlens, sinks, *heads = ctx.saved_tensors
-    name, causal, layout, backend, lse_grad, heads_kv, d_qk, d_v = ctx.args
+    name, causal, layout, backend, lse_grad, heads_kv = ctx.args
     if heads[0].dim() != 4:
         raise RuntimeError("ringattn::ulysses_attention ran with grad=False (no head-layout tensors kept), "
                            "so it has no backward; pass grad=True when its inputs require grad")
@@ -328,9 +310,8 @@ def _ulysses_backward(ctx, dout, dlse, *_unused):
     if sinks is not None:  # (traced into the backward graph, as for the rings)
         with no_autocast(out.device):
             dout, dsinks = sinks_backward(dout, out, lse, sinks)
-    dims = (d_qk, d_v) if d_qk != d_v else (-1, -1)
     dq, dk, dv = torch.ops.ringattn.ulysses_attention_backward(dout, dlse if lse_grad else None, *heads, meta, name,
-                                                               causal, layout, backend, heads_kv, cu_seqlens, *dims)
+                                                               causal, layout, backend, heads_kv, cu_seqlens)
     return dq, dk, dv, None, None, None, None, None, None, None, None, None, dsinks
 
 

@@ -416,14 +416,15 @@ def _zeros_like_rows(t, T: int = 1):
 
 
 def block_forward(blk, q, k, v, *, softmax_scale, backend):
-    """(out (B, q_len, Hq, D) q.dtype, lse (B, Hq, q_len) fp32) of block `blk`; q, k, v are its rows."""
+    """(out (B, q_len, Hq, Dv) q.dtype, lse (B, Hq, q_len) fp32) of block `blk`; q, k, v are its rows
+    (Dv: v's head dim, MLA; D otherwise)."""
     if not blk.pieces:
         return block_attn_forward(q, k, v, causal=blk.causal, softmax_scale=softmax_scale, backend=backend)
     if len(blk.pieces) == 1 and _whole(blk, blk.pieces[0]):
         return block_attn_forward(q, k, v, causal=blk.pieces[0].causal, softmax_scale=softmax_scale,
                                   backend=backend)
-    B, n, Hq, D = q.shape
-    out = torch.zeros((B, n, Hq, D), dtype=_F32, device=q.device)
+    B, n, Hq, _ = q.shape
+    out = torch.zeros((B, n, Hq, v.shape[3]), dtype=_F32, device=q.device)
     lse = torch.full((B, Hq, n), float("-inf"), dtype=_F32, device=q.device)
     for p in run_pieces(blk, q.device):
         T, Bp = p.tiles, p.nb or B

@@ -1,21 +1,19 @@
 """A value head dim that differs from the query/key head dim (MLA: DeepSeek-V2/V3, Kimi-K2 --
-qk_head_dim 192 = 128 nope + 64 rope, v_head_dim 128).
+qk_head_dim 192 = 128 nope + 64 rope, v_head_dim 128), for the fused kernels.
 
-The sequence-parallel algorithms move and merge one head dim D per call, and the fused kernels
-they call (FA2 in torch, flash_attn) need q, k and v to share it. A call whose v has Dv != D
-(q and k must still share D: the scores are q.k) runs them on zero-padded tensors of
-Dm = max(D, Dv) columns:
+The sequence-parallel algorithms carry v's head dim Dv natively (v, dv, out, dout and the partial
+outputs travel and merge with Dv columns; q, k, dq, dk with D), and the math backend computes it
+as is. The fused kernels (FA2 in torch and flash_attn need one head dim for q, k and v) get the
+block's tensors zero-padded to Dm = max(D, Dv) (block_attention._kernel_dims):
 
     Dv < D   v gets D - Dv zero columns: every output row is a convex combination of v rows, so
              its last D - Dv columns are exactly 0 and are dropped (out: (B, n, Hq, Dv))
     Dv > D   q and k get Dv - D zero columns: q.k is unchanged (the zeros add exact zeros);
-             softmax_scale defaults to 1/sqrt(D), the real qk head dim, as it does unpadded
+             softmax_scale is the caller's (default 1/sqrt(D), the real qk head dim)
 
-Exact in every dtype (the padded columns contribute exact zeros to every dot product, sum and
-merge). The gradients are those of the pad (a slice) and the slice (a zero pad). Cost: what
-travels and what the kernels compute is Dm wide: for DeepSeek's 192 / 128, K/V rotation moves
-(192+192)/(192+128) = 1.2x the bytes of unpadded K/V, TokenRing's partial outputs 1.5x; the
-attention FLOPs grow by the same ratio on the P.V side. Native Dv buffers are not implemented.
+Exact in every dtype (the padded columns contribute exact zeros to every dot product and sum).
+Cost on a GPU: one copy of the block's v (and, in the backward, of dout and out) per block call,
+O(n * H * Dm) next to the block's O(n^2 * H * Dm) attention, and the P.V side computed Dm wide.
 """
 from __future__ import annotations
 
@@ -32,11 +30,6 @@ def widen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     if dv < d:
         return q, k, F.pad(v, (0, d - dv)), dv
     return F.pad(q, (0, dv - d)), F.pad(k, (0, dv - d)), v, dv
-
-
-def narrow(x: torch.Tensor, d: int) -> torch.Tensor:
-    """The first d head-dim columns of x, contiguous (x itself when it has d)."""
-    return x if x.shape[-1] == d else x.narrow(-1, 0, d).contiguous()
 
 
 def pad_to(x: torch.Tensor | None, d: int) -> torch.Tensor | None:

@@ -81,22 +81,22 @@ def _q_side(blk: Block, q, out=None, dout=None, lse=None):
 
 
 def ring_forward(plan: RingPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_dtype=None):
-    """q: (B, n_r, Hq, D); k, v: (B, n_r, Hkv, D) contiguous, this rank's tokens.
-    Returns out (B, n_r, Hq, D) in q.dtype (out_dtype when given: fp32 keeps the merged rows
-    unrounded for the sinks' rescale) and lse (B, Hq, n_r) fp32."""
+    """q: (B, n_r, Hq, D); k: (B, n_r, Hkv, D), v: (B, n_r, Hkv, Dv) contiguous, this rank's tokens
+    (Dv: v's head dim, MLA; D otherwise). Returns out (B, n_r, Hq, Dv) in q.dtype (out_dtype when
+    given: fp32 keeps the merged rows unrounded for the sinks' rescale) and lse (B, Hq, n_r) fp32."""
     W, r, d = plan.world_size, plan.rank, plan.direction  # K/V go to r + d (plan.next)
-    B, _, Hq, D = q.shape
-    Hkv = k.shape[2]
+    B, n_r, Hq, D = q.shape
+    Hkv, Dv = k.shape[2], v.shape[3]
     S = plan.ring_steps       # last step any rank has a block at (W - 1 unless windows/documents)
     H = plan.kv_hops          # H[j][h-1]: (start, rows) of rank j's K/V that hop h carries
     R = plan.kv_ranges        # H[j][0]: the most of j's rows that travel
-    numel = B * max(m for _, m in R) * Hkv * D
-    comm = P2PComm(plan.group, "fwd.kv", numel * k.element_size()) if S > 0 else None
-    k_bufs = [torch.empty(numel, dtype=k.dtype, device=k.device) for _ in range(2 if S > 0 else 0)]
-    v_bufs = [torch.empty(numel, dtype=v.dtype, device=v.device) for _ in range(2 if S > 0 else 0)]
+    rows = B * max(m for _, m in R) * Hkv  # (the most (token, head) rows of K/V one hop carries)
+    comm = P2PComm(plan.group, "fwd.kv", rows * max(D, Dv) * k.element_size()) if S > 0 else None
+    k_bufs = [torch.empty(rows * D, dtype=k.dtype, device=k.device) for _ in range(2 if S > 0 else 0)]
+    v_bufs = [torch.empty(rows * Dv, dtype=v.dtype, device=v.device) for _ in range(2 if S > 0 else 0)]
 
-    out_acc = lse_acc = None  # (B, n_r, Hq, D) fp32, (B, Hq, n_r) fp32
-    k_cur = v_cur = None      # (B, rows, Hkv, D): rows H[j][s-1] of rank j = (r - d*s) mod W, received
+    out_acc = lse_acc = None  # (B, n_r, Hq, Dv) fp32, (B, Hq, n_r) fp32
+    k_cur = v_cur = None      # (B, rows, Hkv, D / Dv): rows H[j][s-1] of rank j = (r - d*s) mod W, received
     for s in range(S + 1):
         j = (r - d * s) % W
         held = (0, k.shape[1]) if s == 0 else H[j][s - 1]
@@ -105,7 +105,7 @@ def ring_forward(plan: RingPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
             # pass block j on: the rows of it that hop s+1 carries (copies unless contiguous)
             k_out, v_out = _travelling(k_have, H[j][s], held[0]), _travelling(v_have, H[j][s], held[0])
             shape = (B, H[(r - d * (s + 1)) % W][s][1], Hkv, D)
-            k_next, v_next = flat_view(k_bufs[(s + 1) % 2], shape), flat_view(v_bufs[(s + 1) % 2], shape)
+            k_next, v_next = flat_view(k_bufs[(s + 1) % 2], shape), flat_view(v_bufs[(s + 1) % 2], shape[:3] + (Dv,))
             if k_out.shape[1]:  # (no rows: nobody downstream needs them; the receiver knows)
                 comm.send(k_out, plan.next)
                 comm.send(v_out, plan.next)
@@ -120,7 +120,7 @@ def ring_forward(plan: RingPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                 blk, q_rows, _rows(k_have, blk.kv_start, blk.kv_len), _rows(v_have, blk.kv_start, blk.kv_len),
                 softmax_scale=plan.softmax_scale, backend=plan.backend)
             if s == 0:  # the diagonal block covers every row: it initialises the accumulator
-                out_acc = torch.empty(q.shape, dtype=_F32, device=q.device).copy_(out_p)
+                out_acc = torch.empty((B, n_r, Hq, Dv), dtype=_F32, device=q.device).copy_(out_p)
                 lse_acc = lse_p.to(_F32).contiguous()
             else:
                 merge_attn_states_(_rows(out_acc, blk.q_start, blk.q_len),
@@ -132,7 +132,7 @@ def ring_forward(plan: RingPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
 
 def ring_backward(plan: RingPlan, dout, q, k, v, out, lse, dlse=None, kv_grad_dtype=None):
-    """Gradients of the local shards. dout, out: (B, n_r, Hq, D); lse: (B, Hq, n_r) fp32 (the
+    """Gradients of the local shards. dout, out: (B, n_r, Hq, Dv) (v's head dim); lse: (B, Hq, n_r) fp32 (the
     final, merged forward results); dlse: lse's gradient (B, Hq, n_r) or None. Returns dq, dk, dv
     in the input dtypes (fp32 accumulation); dk, dv in kv_grad_dtype when given (Ulysses sums the
     partial dK/dV of a KV head that several ranks hold: fp32, rounded once after the sum).
@@ -141,7 +141,7 @@ def ring_backward(plan: RingPlan, dout, q, k, v, out, lse, dlse=None, kv_grad_dt
     only: the ring moves the same messages, so ranks with and without a dlse stay in lockstep."""
     W, r, d = plan.world_size, plan.rank, plan.direction  # K/V and the sums go to r + d (plan.next)
     B, n_r, Hq, D = q.shape
-    Hkv = k.shape[2]
+    Hkv, Dv = k.shape[2], v.shape[3]
     dq_acc = torch.zeros(q.shape, dtype=_F32, device=q.device)
     kw = dict(softmax_scale=plan.softmax_scale, backend=plan.backend)
 
@@ -166,18 +166,21 @@ def ring_backward(plan: RingPlan, dout, q, k, v, out, lse, dlse=None, kv_grad_dt
 
     H = plan.kv_hops    # H[j][h-1]: (start, rows) of rank j's K/V that hop h carries
     R = plan.kv_ranges  # H[j][0]: the rows of j's dK/dV sums (every contributor's rows)
-    numel = B * max(m for _, m in R) * Hkv * D
-    kv_comm = P2PComm(plan.group, "bwd.kv", numel * k.element_size())
-    dkv_comm = P2PComm(plan.group, "bwd.dkv", numel * 4)
+    rows = B * max(m for _, m in R) * Hkv  # (the most (token, head) rows of K/V one hop carries)
+    kv_comm = P2PComm(plan.group, "bwd.kv", rows * max(D, Dv) * k.element_size())
+    dkv_comm = P2PComm(plan.group, "bwd.dkv", rows * max(D, Dv) * 4)
     dev = k.device
-    k_bufs = [torch.empty(numel, dtype=k.dtype, device=dev) for _ in range(2)]
-    v_bufs = [torch.empty(numel, dtype=v.dtype, device=dev) for _ in range(2)]
-    dk_bufs = [torch.empty(numel, dtype=_F32, device=dev) for _ in range(2)]  # travelling sums
-    dv_bufs = [torch.empty(numel, dtype=_F32, device=dev) for _ in range(2)]
-    dk_part, dv_part = (torch.empty(numel, dtype=_F32, device=dev) for _ in range(2))  # scratch
+    k_bufs = [torch.empty(rows * D, dtype=k.dtype, device=dev) for _ in range(2)]
+    v_bufs = [torch.empty(rows * Dv, dtype=v.dtype, device=dev) for _ in range(2)]
+    dk_bufs = [torch.empty(rows * D, dtype=_F32, device=dev) for _ in range(2)]  # travelling sums
+    dv_bufs = [torch.empty(rows * Dv, dtype=_F32, device=dev) for _ in range(2)]
+    dk_part, dv_part = torch.empty(rows * D, dtype=_F32, device=dev), torch.empty(rows * Dv, dtype=_F32, device=dev)
+
+    def vd(shape):  # a K-side shape with v's head dim
+        return shape[:3] + (Dv,)
     a_r, m_r = R[r]
     # Our rows outside R[r] never travel: their dK/dV (our own diagonal block's) stay here, in
-    # dk_home / dv_home (B, n_r, Hkv, D) fp32, and the sums of R[r] come home into them at the end.
+    # dk_home / dv_home (B, n_r, Hkv, D / Dv) fp32, and the sums of R[r] come home into them at the end.
     # With the whole chunk travelling (no windows / documents) there is nothing to keep.
     keep = (a_r, m_r) != (0, n_r)
 
@@ -190,7 +193,7 @@ def ring_backward(plan: RingPlan, dout, q, k, v, out, lse, dlse=None, kv_grad_dt
         if s < S:
             k_out, v_out = _travelling(k_have, H[j][s], held[0]), _travelling(v_have, H[j][s], held[0])
             shape = (B, H[(r - d * (s + 1)) % W][s][1], Hkv, D)
-            k_next, v_next = flat_view(k_bufs[(s + 1) % 2], shape), flat_view(v_bufs[(s + 1) % 2], shape)
+            k_next, v_next = flat_view(k_bufs[(s + 1) % 2], shape), flat_view(v_bufs[(s + 1) % 2], vd(shape))
             if k_out.shape[1]:
                 kv_comm.send(k_out, plan.next)
                 kv_comm.send(v_out, plan.next)
@@ -203,21 +206,21 @@ def ring_backward(plan: RingPlan, dout, q, k, v, out, lse, dlse=None, kv_grad_dt
                 dk_home, dv_home = (torch.zeros(t.shape, dtype=_F32, device=dev) for t in (k, v))
                 block_backward(plan.block(r, r), k, v, dk_home, dv_home)
                 dk_run = flat_view(dk_bufs[0], shape_j).copy_(_rows(dk_home, a_r, m_r))
-                dv_run = flat_view(dv_bufs[0], shape_j).copy_(_rows(dv_home, a_r, m_r))
+                dv_run = flat_view(dv_bufs[0], vd(shape_j)).copy_(_rows(dv_home, a_r, m_r))
             else:
-                dk_run, dv_run = flat_view(dk_bufs[0], shape_j).zero_(), flat_view(dv_bufs[0], shape_j).zero_()
+                dk_run, dv_run = flat_view(dk_bufs[0], shape_j).zero_(), flat_view(dv_bufs[0], vd(shape_j)).zero_()
                 block_backward(plan.block(r, r), k, v, dk_run, dv_run)
         else:
             blk = _shifted(plan.block(r, j), held[0])  # kv rows into what we hold of j
             off = held[0] - R[j][0]  # the held rows inside the sums' rows
             if blk is not None:  # scratch over the held rows
                 pk = _rows(flat_view(dk_part, shape_j), off, held[1])
-                pv = _rows(flat_view(dv_part, shape_j), off, held[1])
+                pv = _rows(flat_view(dv_part, vd(shape_j)), off, held[1])
                 _rows(pk, blk.kv_start, blk.kv_len).zero_()
                 _rows(pv, blk.kv_start, blk.kv_len).zero_()
                 block_backward(blk, k_have, v_have, pk, pv)
             dkv_comm.wait()  # block j's running sums (ranks j .. r - d) are here; our last send is done
-            dk_run, dv_run = flat_view(dk_bufs[s % 2], shape_j), flat_view(dv_bufs[s % 2], shape_j)
+            dk_run, dv_run = flat_view(dk_bufs[s % 2], shape_j), flat_view(dv_bufs[s % 2], vd(shape_j))
             if blk is not None:
                 _rows(dk_run, off + blk.kv_start, blk.kv_len).add_(_rows(pk, blk.kv_start, blk.kv_len))
                 _rows(dv_run, off + blk.kv_start, blk.kv_len).add_(_rows(pv, blk.kv_start, blk.kv_len))
@@ -230,7 +233,7 @@ def ring_backward(plan: RingPlan, dout, q, k, v, out, lse, dlse=None, kv_grad_dt
             dkv_comm.send(dv_run, to)
         if shape_in[1]:
             dkv_comm.recv(flat_view(dk_bufs[(s + 1) % 2], shape_in), frm)
-            dkv_comm.recv(flat_view(dv_bufs[(s + 1) % 2], shape_in), frm)
+            dkv_comm.recv(flat_view(dv_bufs[(s + 1) % 2], vd(shape_in)), frm)
         dkv_comm.commit()
         if s < S:
             kv_comm.wait()
@@ -239,10 +242,10 @@ def ring_backward(plan: RingPlan, dout, q, k, v, out, lse, dlse=None, kv_grad_dt
     sums = (B, m_r, Hkv, D)  # our travelling rows' sums, home from rank r + S
     if not keep:
         dk = flat_view(dk_bufs[(S + 1) % 2], sums).to(kv_grad_dtype or k.dtype, copy=True)
-        dv = flat_view(dv_bufs[(S + 1) % 2], sums).to(kv_grad_dtype or v.dtype, copy=True)
+        dv = flat_view(dv_bufs[(S + 1) % 2], vd(sums)).to(kv_grad_dtype or v.dtype, copy=True)
         return dq_acc.to(q.dtype), dk, dv
     _rows(dk_home, a_r, m_r).copy_(flat_view(dk_bufs[(S + 1) % 2], sums))
-    _rows(dv_home, a_r, m_r).copy_(flat_view(dv_bufs[(S + 1) % 2], sums))
+    _rows(dv_home, a_r, m_r).copy_(flat_view(dv_bufs[(S + 1) % 2], vd(sums)))
     dk, dv = dk_home.to(kv_grad_dtype or k.dtype), dv_home.to(kv_grad_dtype or v.dtype)
     return dq_acc.to(q.dtype), dk, dv
 
@@ -277,15 +280,17 @@ class RingAttention(torch.autograd.Function):
 
 def ring_comm_bytes(lay: SequenceLayout, rank: int, *, batch: int, heads_kv: int, head_dim: int,
                     elem_size: int, backward: bool, steps: int | None = None,
-                    hops: tuple | None = None, direction: int = 1) -> dict[str, tuple[int, int]]:
+                    hops: tuple | None = None, direction: int = 1,
+                    v_head_dim: int | None = None) -> dict[str, tuple[int, int]]:
     """Bytes (sent, received) by `rank` per channel, in closed form (docs/sequence_parallel.md),
     with S = steps (RingPlan.ring_steps; None: W - 1, the full ring) and h_j(t) = the rows of
     rank j's K/V that hop t carries (hops[j][t-1], RingPlan.kv_hops' lengths; None: n_j, the
     whole chunk, every hop); m_j = h_j(1), the rows of j's dK/dV sums:
 
-      fwd.kv, bwd.kv  sent 2*B*Hkv*D*e * sum_{s=0}^{S-1} h_{r-s}(s+1)
-                      recv 2*B*Hkv*D*e * sum_{s=0}^{S-1} h_{r-s-1}(s+1)
-      bwd.dkv         sent = recv = 2*B*Hkv*D*4 * sum_{s=0}^{S} m_{r-s}
+      fwd.kv, bwd.kv  sent B*Hkv*(D+Dv)*e * sum_{s=0}^{S-1} h_{r-s}(s+1)
+                      recv B*Hkv*(D+Dv)*e * sum_{s=0}^{S-1} h_{r-s-1}(s+1)
+      bwd.dkv         sent = recv = B*Hkv*(D+Dv)*4 * sum_{s=0}^{S} m_{r-s}
+    (Dv = v_head_dim, v's head dim: MLA; None: D.)
     Whole chunks, S = W - 1 (non-causal): sent L - n_{r+1}, received L - n_r, dK/dV L. Causal
     contiguous: a block stops after rank W-1; causal zigzag (direction -1, W > 2): a block hops
     whole while earlier ranks are ahead, then as its first chunk (RingPlan.kv_hops). S = 0: nothing.
@@ -296,7 +301,7 @@ def ring_comm_bytes(lay: SequenceLayout, rank: int, *, batch: int, heads_kv: int
         return {}
     if hops is None:
         hops = tuple((n,) * S for n in lay.local_lengths)
-    per_token = 2 * batch * heads_kv * head_dim
+    per_token = batch * heads_kv * (head_dim + (head_dim if v_head_dim is None else v_head_dim))
     d = direction  # (RingPlan.direction: K/V go to rank + d; r-s below means r - d*s)
     sent = sum(hops[(rank - d * s) % W][s] for s in range(S))
     recv = sum(hops[(rank - d * (s + 1)) % W][s] for s in range(S))

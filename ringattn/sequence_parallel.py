@@ -43,7 +43,6 @@ import torch.distributed as dist
 from ringattn.accounting import CommStats, comm_stats  # noqa: F401  (re-exported)
 from ringattn.block_attention import block_attn_forward
 from ringattn import hardware as auto_hw
-from ringattn.head_dims import narrow, widen
 from ringattn.documents import (as_documents, documents_count, documents_crc, documents_length,
                                 documents_rows_problem, packed, per_row)
 from ringattn.layout import (LAYOUTS, RingPlan, SequenceLayout, collective_device, dtype_code,  # noqa: F401
@@ -226,8 +225,8 @@ def _local_signature(fn, q, k, v, *, algorithm, layout, causal, softmax_scale, b
             problems |= _P_SCALE
     if not problems & ~(_P_DOCS | _P_WINDOW | _P_SINKS) and backend != "auto":
         try:  # zero-length probe: the backend's support checks run, nothing is computed
-            block_attn_forward(*widen(q[:, :0], k[:, :0], v[:, :0])[:3], causal=bool(causal), softmax_scale=scale,
-                               backend=backend)  # (on the head dim the algorithms run: ringattn.head_dims)
+            block_attn_forward(q[:, :0], k[:, :0], v[:, :0], causal=bool(causal), softmax_scale=scale,
+                               backend=backend)
         except (ValueError, RuntimeError) as e:
             problems |= _P_BACKEND
             error = error or e
@@ -434,10 +433,8 @@ def predict_comm_bytes(algorithm: str, *, seq_len: int, world_size: int, layout:
     dtype: of q/k/v (or its element size in bytes). lse_grad: the call had lse_grad=True.
     cu_seqlens: the call's packed-sequence boundaries (TokenRing skips pairs sharing no document).
     sliding_window: the call's causal sliding window (TokenRing skips pairs it never reaches).
-    v_head_dim: v's head dim when it differs from q/k's head_dim (MLA): every algorithm moves
-    tensors padded to the larger of the two (ringattn.head_dims)."""
-    if v_head_dim is not None:
-        head_dim = max(head_dim, v_head_dim)
+    v_head_dim: v's head dim when it differs from q/k's head_dim (MLA): v, dv, out and dout
+    travel with it."""
     lay = SequenceLayout.build(seq_len, world_size, layout)
     docs = _documents_arg(cu_seqlens, seq_len, batch)
     window = _window_arg(sliding_window, causal, seq_len)
@@ -446,18 +443,20 @@ def predict_comm_bytes(algorithm: str, *, seq_len: int, world_size: int, layout:
         plan = RingPlan(None, 0, world_size, lay, bool(causal), 1.0, "auto", docs, window)
         hops = tuple(tuple(m for _, m in h) for h in plan.kv_hops)
         return [ring_comm_bytes(lay, r, batch=batch, heads_kv=heads_kv, head_dim=head_dim, elem_size=e,
-                                backward=backward, steps=plan.ring_steps, hops=hops, direction=plan.direction)
+                                backward=backward, steps=plan.ring_steps, hops=hops, direction=plan.direction,
+                                v_head_dim=v_head_dim)
                 for r in range(world_size)]
     if algorithm == "ulysses":
         problem = heads_problem(heads_q, heads_kv, world_size)
         if problem:
             raise ValueError(problem)
         return [ulysses_comm_bytes(lay, r, batch=batch, heads_q=heads_q, heads_kv=heads_kv, head_dim=head_dim,
-                                   elem_size=e, backward=backward, lse_grad=lse_grad) for r in range(world_size)]
+                                   elem_size=e, backward=backward, lse_grad=lse_grad, v_head_dim=v_head_dim)
+                for r in range(world_size)]
     if algorithm == "token_ring":
         return [token_ring_comm_bytes(lay, r, causal=causal, batch=batch, heads_q=heads_q, head_dim=head_dim,
                                       elem_size=e, backward=backward, lse_grad=lse_grad, documents=docs,
-                                      window=window)
+                                      window=window, v_head_dim=v_head_dim)
                 for r in range(world_size)]
     raise ValueError(f"algorithm must be one of {ALGORITHMS + ('ulysses',)}, got {algorithm!r}")
 
@@ -511,7 +510,8 @@ AUTO_CANDIDATES = ALGORITHMS + ("ulysses",)
 def choose_algorithm(*, seq_len: int, world_size: int, layout: str = "contiguous", causal: bool = False,
                      batch: int, heads_q: int, heads_kv: int, head_dim: int, dtype=torch.bfloat16,
                      backward: bool = True, topology=None, cu_seqlens=None, sliding_window=None,
-                     candidates=AUTO_CANDIDATES, hardware=None, device="cuda") -> AlgorithmChoice:
+                     candidates=AUTO_CANDIDATES, hardware=None, device="cuda",
+                     v_head_dim: int | None = None) -> AlgorithmChoice:
     """algorithm="auto": the algorithm ringattn.cost_model predicts faster (docs/cost_model.md).
 
     hardware: what the prediction assumes (a ringattn.hardware.Hardware, or anything
@@ -546,6 +546,9 @@ def choose_algorithm(*, seq_len: int, world_size: int, layout: str = "contiguous
     W <= cost_model.AUTO_MAX_WORLD_DOCUMENTS (16; ~25 ms per new packing there), above which bytes
     decide (TokenRing's bytes count only the pairs that share a document / that the window
     reaches; O(W^2) block cuts, cached for the last 8 masks only).
+    v_head_dim: v's head dim where it differs from head_dim (MLA): the bytes are exact
+    (predict_comm_bytes); the time model, which has one head dim, runs at (D + Dv) / 2 (the
+    attention FLOPs exactly; K/V bytes exactly; Q and partial-output bytes in sum).
     Deterministic in its arguments, so every rank picks the same. Cached per distinct set of
     arguments (it runs on every call: uncached, the per-rank byte formulas alone cost ~1 ms at
     W = 32, and the model's first run up to a second at W = 64).
@@ -563,8 +566,9 @@ def choose_algorithm(*, seq_len: int, world_size: int, layout: str = "contiguous
         hw = auto_hw.resolve_profile(hardware)
     if hw is not None and topology is not None:
         hw = hw.with_topology(auto_hw.resolve_topology(topology))
+    v_dim = None if v_head_dim in (None, head_dim) else int(v_head_dim)
     args = (seq_len, world_size, layout, bool(causal), batch, heads_q, heads_kv, head_dim, _elem_size(dtype),
-            bool(backward), hw, cands)
+            bool(backward), hw, cands, v_dim)
     docs = _documents_arg(cu_seqlens, seq_len, batch)
     window = _window_arg(sliding_window, causal, seq_len)
     if docs is not None or window is not None:  # a small cache of its own: every packed batch brings new
@@ -595,13 +599,16 @@ def auto_rule(secs: dict, nbytes: dict) -> tuple[str, str]:
 
 @functools.lru_cache(maxsize=4096)
 def _choose_algorithm(seq_len, world_size, layout, causal, batch, heads_q, heads_kv, head_dim, elem_size, backward,
-                      hw, candidates, documents=None, window=None) -> AlgorithmChoice:
+                      hw, candidates, v_head_dim=None, documents=None, window=None) -> AlgorithmChoice:
     per_alg = {}
     for alg in candidates:
         ranks = predict_comm_bytes(alg, seq_len=seq_len, world_size=world_size, layout=layout, causal=causal,
                                    batch=batch, heads_q=heads_q, heads_kv=heads_kv, head_dim=head_dim,
-                                   dtype=elem_size, backward=backward, cu_seqlens=documents, sliding_window=window)
+                                   dtype=elem_size, backward=backward, cu_seqlens=documents, sliding_window=window,
+                                   v_head_dim=v_head_dim)
         per_alg[alg] = bottleneck_bytes(ranks)
+    if v_head_dim is not None:  # the time model has one head dim (see choose_algorithm)
+        head_dim = (head_dim + v_head_dim + 1) // 2
     if world_size == 1:
         return AlgorithmChoice("ring", per_alg, "world size 1: no communication")
     from ringattn import cost_model  # pure Python; imported here to keep this module's imports as they are
@@ -639,14 +646,14 @@ _choose_algorithm_packed = functools.lru_cache(maxsize=8)(_choose_algorithm.__wr
 # Public entry points
 
 
-def _resolve_algorithm(algorithm: str, plan: RingPlan, q, k, grad: bool, candidates=AUTO_CANDIDATES) -> str:
+def _resolve_algorithm(algorithm: str, plan: RingPlan, q, k, grad: bool, candidates=AUTO_CANDIDATES, v=None) -> str:
     if algorithm != "auto":
         return algorithm
     return choose_algorithm(
         seq_len=plan.layout.seq_len, world_size=plan.world_size, layout=plan.layout.layout, causal=plan.causal,
         batch=q.shape[0], heads_q=q.shape[2], heads_kv=k.shape[2], head_dim=q.shape[3], dtype=q.dtype,
         backward=grad, cu_seqlens=plan.documents, sliding_window=plan.window, candidates=candidates,
-        device=q.device.type).algorithm
+        device=q.device.type, v_head_dim=None if v is None else v.shape[3]).algorithm
 
 
 def _autocast(q, k, v):
@@ -678,10 +685,7 @@ def _run(fn, q, k, v, *, algorithm, causal, softmax_scale, group, layout, backen
     plan, q, k, v, grad = _prepare(fn, q, k, v, algorithm=algorithm, causal=causal, softmax_scale=softmax_scale,
                                    group=group, layout=layout, backend=backend, lse_grad=lse_grad,
                                    cu_seqlens=cu_seqlens, sliding_window=sliding_window, sinks=sinks)
-    # v's head dim may differ from q/k's (MLA): the algorithms run on zero-padded tensors of one
-    # head dim and out's extra columns (exact zeros) are dropped (ringattn.head_dims)
-    q, k, v, dv = widen(q, k, v)
-    algorithm = _resolve_algorithm(algorithm, plan, q, k, grad)  # (auto: on the head dim that runs)
+    algorithm = _resolve_algorithm(algorithm, plan, q, k, grad, v=v)
     # The kernels run with autocast off: their fp32 accumulation (math backend, merges, deltas)
     # must not be cast down by an enclosing autocast region (the backward does the same).
     with no_autocast(q.device):
@@ -692,7 +696,7 @@ def _run(fn, q, k, v, *, algorithm, causal, softmax_scale, group, layout, backen
             out, lse = UlyssesAttention.apply(q, k, v, plan, lse_grad, sinks)
         else:
             out, lse = TokenRingAttention.apply(q, k, v, plan, lse_grad, sinks)
-    return finish(narrow(out, dv), lse, sinks=sinks, lse_grad=lse_grad, return_lse=return_lse)
+    return finish(out, lse, sinks=sinks, lse_grad=lse_grad, return_lse=return_lse)
 
 
 def finish(out, lse, *, sinks, lse_grad, return_lse):

@@ -83,16 +83,18 @@ class _QExchange:
     """One double-buffered Q-side channel: post(s) sends our rows to r+s and receives src=r-s's."""
 
     def __init__(self, plan: RingPlan, channel: str, payload: _Payload, seq_dtypes, head_count: int,
-                 B: int, Hq: int, D: int, device):
+                 B: int, Hq: int, dims, device):
+        """dims: the head dim of each seq tensor (q's D; dout's Dv: v's head dim, MLA)."""
         self.plan, self.payload = plan, payload
-        numel = B * max(plan.layout.local_lengths) * Hq * D
-        biggest = max([numel * torch.empty(0, dtype=dt).element_size() for dt in seq_dtypes]
-                      + ([numel // D * 4] if head_count else []))
+        rows = B * max(plan.layout.local_lengths) * Hq  # (token, head) rows of the longest shard
+        biggest = max([rows * d * torch.empty(0, dtype=dt).element_size() for dt, d in zip(seq_dtypes, dims)]
+                      + ([rows * 4] if head_count else []))
         self.comm = P2PComm(plan.group, channel, biggest)
-        self.seq_bufs = [[torch.empty(numel, dtype=dt, device=device) for dt in seq_dtypes] for _ in range(2)]
-        self.head_bufs = [[torch.empty(numel // D, dtype=_F32, device=device) for _ in range(head_count)]
+        self.seq_bufs = [[torch.empty(rows * d, dtype=dt, device=device) for dt, d in zip(seq_dtypes, dims)]
+                         for _ in range(2)]
+        self.head_bufs = [[torch.empty(rows, dtype=_F32, device=device) for _ in range(head_count)]
                           for _ in range(2)]
-        self.B, self.Hq, self.D = B, Hq, D
+        self.B, self.Hq, self.dims = B, Hq, tuple(dims)
 
     def post(self, s: int):
         """Returns (received tensors or None, block of src's rows that meet our K/V)."""
@@ -106,7 +108,7 @@ class _QExchange:
         received = None
         if recv_blk is not None:
             n = recv_blk.q_len
-            received = ([flat_view(b, (self.B, n, self.Hq, self.D)) for b in self.seq_bufs[s % 2]]
+            received = ([flat_view(b, (self.B, n, self.Hq, d)) for b, d in zip(self.seq_bufs[s % 2], self.dims)]
                         + [flat_view(b, (self.B, self.Hq, n)) for b in self.head_bufs[s % 2]])
             for t in received:
                 self.comm.recv(t, src)
@@ -115,24 +117,25 @@ class _QExchange:
 
 
 def token_ring_forward(plan: RingPlan, q, k, v, reply, out_dtype=None):
-    """q: (B, n_r, Hq, D); k, v: (B, n_r, Hkv, D), this rank's tokens. Returns out (B, n_r, Hq, D)
-    in q.dtype and lse (B, Hq, n_r) fp32."""
+    """q: (B, n_r, Hq, D); k: (B, n_r, Hkv, D), v: (B, n_r, Hkv, Dv), this rank's tokens (Dv: v's
+    head dim, MLA; D otherwise). Returns out (B, n_r, Hq, Dv) in q.dtype and lse (B, Hq, n_r) fp32."""
     W, r = plan.world_size, plan.rank
     B, n_r, Hq, D = q.shape
+    Dv = v.shape[3]
     kw = dict(softmax_scale=plan.softmax_scale, backend=plan.backend)
     if W > 1:  # the first Q transfer is posted before the diagonal block, which then hides it
-        q_x = _QExchange(plan, "fwd.q", _Payload([q], []), [q.dtype], 0, B, Hq, D, q.device)
+        q_x = _QExchange(plan, "fwd.q", _Payload([q], []), [q.dtype], 0, B, Hq, [D], q.device)
         nxt = q_x.post(1)
     diag = plan.block(r, r)
     out_p, lse_p = block_forward(diag, q, k, v, **kw)  # covers every row (documents: each row meets itself)
-    out_acc = torch.empty(q.shape, dtype=_F32, device=q.device).copy_(out_p)  # (B, n_r, Hq, D)
+    out_acc = torch.empty((B, n_r, Hq, Dv), dtype=_F32, device=q.device).copy_(out_p)  # (B, n_r, Hq, Dv)
     lse_acc = lse_p.to(_F32).contiguous()                                      # (B, Hq, n_r)
     if W == 1:
         return out_acc.to(out_dtype or q.dtype), lse_acc
 
-    numel = B * max(plan.layout.local_lengths) * Hq * D
-    part_comm = P2PComm(reply, "fwd.partial", max(numel * q.element_size(), numel // D * 4))  # out, lse
-    part_out_bufs = [torch.empty(q.numel(), dtype=q.dtype, device=q.device) for _ in range(2)]
+    rows = B * max(plan.layout.local_lengths) * Hq
+    part_comm = P2PComm(reply, "fwd.partial", max(rows * Dv * q.element_size(), rows * 4))  # out, lse
+    part_out_bufs = [torch.empty(B * n_r * Hq * Dv, dtype=q.dtype, device=q.device) for _ in range(2)]
     part_lse_bufs = [torch.empty(lse_acc.numel(), dtype=_F32, device=q.device) for _ in range(2)]
 
     pending = None  # (block, out, lse) of our partial in flight on fwd.partial
@@ -158,7 +161,7 @@ def token_ring_forward(plan: RingPlan, q, k, v, reply, out_dtype=None):
             part_comm.send(lse_p, src)
         own = plan.block(r, dst)  # our Q rows that dst computed with its K/V
         if own is not None:
-            o = flat_view(part_out_bufs[s % 2], (B, own.q_len, Hq, D))
+            o = flat_view(part_out_bufs[s % 2], (B, own.q_len, Hq, Dv))
             l = flat_view(part_lse_bufs[s % 2], (B, Hq, own.q_len))
             part_comm.recv(o, dst)
             part_comm.recv(l, dst)
@@ -205,7 +208,8 @@ def token_ring_backward(plan: RingPlan, dout, q, k, v, out, lse, reply, dlse=Non
         delta = (dout.to(_F32) * out.to(_F32)).sum(-1).transpose(1, 2).contiguous()  # (B, Hq, n_r)
         heads = [lse, delta] + ([g] if lse_grad else [])
         payload = _Payload([q, dout], heads)
-        q_x = _QExchange(plan, "bwd.q", payload, [q.dtype, q.dtype], len(heads), B, Hq, D, q.device)
+        q_x = _QExchange(plan, "bwd.q", payload, [q.dtype, q.dtype], len(heads), B, Hq, [D, dout.shape[3]],
+                         q.device)
         nxt = q_x.post(1)
     diag = plan.block(r, r)
     block_backward(diag, dout, q, k, v, out, lse, dq_out=dq_acc, dk_out=dk_acc, dv_out=dv_acc, **kw)
@@ -327,12 +331,12 @@ def token_ring_q_tokens(lay: SequenceLayout, rank: int, causal: bool, documents:
 def token_ring_comm_bytes(lay: SequenceLayout, rank: int, *, causal: bool, batch: int, heads_q: int,
                           head_dim: int, elem_size: int, backward: bool,
                           lse_grad: bool = False, documents: tuple | None = None,
-                          window: int | None = None) -> dict[str, tuple[int, int]]:
+                          window: int | None = None, v_head_dim: int | None = None) -> dict[str, tuple[int, int]]:
     """Bytes (sent, received) by `rank` per channel (docs/sequence_parallel.md), with
-    (Qs, Qr) = token_ring_q_tokens and t = B*Hq:
+    (Qs, Qr) = token_ring_q_tokens, t = B*Hq and Dv = v_head_dim (v's head dim, MLA; None: D):
       fwd.q        t*D*e * (Qs, Qr)
-      fwd.partial  t*(D*e + 4) * (Qr, Qs)              out in q.dtype + fp32 lse
-      bwd.q        t*(2*D*e + 8) * (Qs, Qr)            q, dout + fp32 lse, delta (+4: lse's
+      fwd.partial  t*(Dv*e + 4) * (Qr, Qs)             out in q.dtype + fp32 lse
+      bwd.q        t*((D+Dv)*e + 8) * (Qs, Qr)         q, dout + fp32 lse, delta (+4: lse's
                                                        gradient, with lse_grad)
       bwd.dq       t*D*4 * (Qr, Qs)                    fp32 dq partials
     documents: packed sequences (global boundaries), window: a causal sliding window; see
@@ -342,10 +346,11 @@ def token_ring_comm_bytes(lay: SequenceLayout, rank: int, *, causal: bool, batch
         return {}
     qs, qr = token_ring_q_tokens(lay, rank, causal, documents, window)
     t, D, e = batch * heads_q, head_dim, elem_size
+    Dv = D if v_head_dim is None else v_head_dim
     result = {"fwd.q": (t * D * e * qs, t * D * e * qr),
-              "fwd.partial": (t * (D * e + 4) * qr, t * (D * e + 4) * qs)}
+              "fwd.partial": (t * (Dv * e + 4) * qr, t * (Dv * e + 4) * qs)}
     if backward:
-        per = 2 * D * e + 8 + (4 if lse_grad else 0)
+        per = (D + Dv) * e + 8 + (4 if lse_grad else 0)
         result["bwd.q"] = (t * per * qs, t * per * qr)
         result["bwd.dq"] = (t * D * 4 * qr, t * D * 4 * qs)
     return result

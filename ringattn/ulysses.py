@@ -259,12 +259,15 @@ class UlyssesAttention(torch.autograd.Function):
 
 
 def ulysses_comm_bytes(lay: SequenceLayout, rank: int, *, batch: int, heads_q: int, heads_kv: int, head_dim: int,
-                       elem_size: int, backward: bool, lse_grad: bool = False) -> dict[str, tuple[int, int]]:
+                       elem_size: int, backward: bool, lse_grad: bool = False,
+                       v_head_dim: int | None = None) -> dict[str, tuple[int, int]]:
     """Bytes (sent, received) by `rank` per channel (docs/sequence_parallel.md, "Ulysses"), with
-    n_j the tokens of rank j, hq = Hq/W, hkv_j = the KV heads of rank j, e the element size:
+    n_j the tokens of rank j, hq = Hq/W, hkv_j = the KV heads of rank j, e the element size, and
+    per head c_j = hq*D + hkv_j*(D + Dv) the q, k, v columns rank j's heads hold (Dv = v_head_dim,
+    v's head dim, MLA; None: D):
 
-      fwd.a2a   sent B*D*e * n_r * sum_{j!=r} (hq + 2 hkv_j)    recv B*D*e * (hq + 2 hkv_r) * sum_{j!=r} n_j
-      fwd.out   sent B*hq*(D*e + 4) * sum_{j!=r} n_j            recv B*hq*(D*e + 4) * (W-1) * n_r
+      fwd.a2a   sent B*e * n_r * sum_{j!=r} c_j                 recv B*e * c_r * sum_{j!=r} n_j
+      fwd.out   sent B*hq*(Dv*e + 4) * sum_{j!=r} n_j           recv B*hq*(Dv*e + 4) * (W-1) * n_r
       bwd.dout  as fwd.out reversed (dout; + 4 B per row and head for dlse with lse_grad)
       bwd.dqkv  as fwd.a2a reversed, dk/dv in fp32 (4 bytes) when W > Hkv (ranks share a KV head)"""
     W = lay.world_size
@@ -276,14 +279,17 @@ def ulysses_comm_bytes(lay: SequenceLayout, rank: int, *, batch: int, heads_q: i
     n = lay.local_lengths
     others = sum(n) - n[rank]
     B, D, e = batch, head_dim, elem_size
-    a2a = (B * D * e * n[rank] * sum(hq + 2 * kv[j] for j in range(W) if j != rank),
-           B * D * e * (hq + 2 * kv[rank]) * others)
-    out = (B * hq * (D * e + 4) * others, B * hq * (D * e + 4) * (W - 1) * n[rank])
+    Dv = D if v_head_dim is None else v_head_dim
+    cols = [hq * D + kv[j] * (D + Dv) for j in range(W)]
+    a2a = (B * e * n[rank] * sum(cols[j] for j in range(W) if j != rank), B * e * cols[rank] * others)
+    out = (B * hq * (Dv * e + 4) * others, B * hq * (Dv * e + 4) * (W - 1) * n[rank])
     result = {"fwd.a2a": a2a, "fwd.out": out}
     if backward:
-        per = D * e + (4 if lse_grad else 0)
+        per = Dv * e + (4 if lse_grad else 0)
         result["bwd.dout"] = (B * hq * per * n[rank] * (W - 1), B * hq * per * others)
         kv_e = 4 if heads_kv < W else e
-        result["bwd.dqkv"] = (B * D * others * (hq * e + 2 * kv[rank] * kv_e),
-                              B * D * n[rank] * sum(hq * e + 2 * kv[j] * kv_e for j in range(W) if j != rank))
+
+        def grads(j):  # bytes per token of rank j's head block of dq, dk, dv
+            return hq * D * e + kv[j] * (D + Dv) * kv_e
+        result["bwd.dqkv"] = (B * others * grads(rank), B * n[rank] * sum(grads(j) for j in range(W) if j != rank))
     return result
