@@ -48,25 +48,27 @@ def test_ulysses_ring_2d_matches_single_process(dist_pool, use_deepspeed, seq_le
     th.assert_close(dist_pool(4).run(_check_2d, use_deepspeed, seq_len, timeout=240))
 
 
-def _check_2d_mla(use_deepspeed):
+def _check_2d_families(use_deepspeed):
     """MLA (DeepSeek-V3: v's head dim 16, q/k's 24) in 2-D mode: the all-to-alls move each tensor
-    with its own head dim, then the ring / TokenRing carry v's."""
+    with its own head dim, then the ring / TokenRing carry v's. Llama 4: its chunked layers' chunk
+    boundaries and its NoPE layer's temperature positions hold for the 2-D shards."""
     out = {}
     input_ids, labels = th.global_batch(29)
-    for algorithm, layout in (("ulysses+ring", "zigzag"), ("ulysses+token_ring", "contiguous")):
-        model = th.tiny_model("deepseek_v3")
-        ref = th.reference(model, input_ids, labels)
-        rhf.apply_sequence_parallel(model, algorithm=algorithm, layout=layout, ulysses_size=2,
-                                    use_deepspeed=use_deepspeed)
-        out[("deepseek_v3", algorithm, layout)] = th.compare(model.ringattn_plan, ref,
-                                                             th.sp_step(model, input_ids, labels))
+    for family in (f for f in ("deepseek_v3", "llama4_text") if th.family_available(f)):
+        for algorithm, layout in (("ulysses+ring", "zigzag"), ("ulysses+token_ring", "contiguous")):
+            model = th.tiny_model(family)
+            ref = th.reference(model, input_ids, labels)
+            rhf.apply_sequence_parallel(model, algorithm=algorithm, layout=layout, ulysses_size=2,
+                                        use_deepspeed=use_deepspeed)
+            out[(family, algorithm, layout)] = th.compare(model.ringattn_plan, ref,
+                                                          th.sp_step(model, input_ids, labels))
     return out
 
 
 @pytest.mark.parametrize("use_deepspeed", [pytest.param(True, marks=needs_deepspeed), False],
                          ids=["deepspeed_a2a", "ringattn_a2a"])
-def test_ulysses_ring_2d_mla_matches_single_process(dist_pool, use_deepspeed):
-    th.assert_close(dist_pool(4).run(_check_2d_mla, use_deepspeed, timeout=240))
+def test_ulysses_ring_2d_mla_and_chunked_match_single_process(dist_pool, use_deepspeed):
+    th.assert_close(dist_pool(4).run(_check_2d_families, use_deepspeed, timeout=240))
 
 
 def _check_2d_packed(use_deepspeed):

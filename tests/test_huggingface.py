@@ -63,12 +63,29 @@ FAMILY_CONFIGS = {
                                              v_head_dim=16, head_dim=8, n_routed_experts=4, num_experts_per_tok=2,
                                              n_group=2, topk_group=1, moe_intermediate_size=32, n_shared_experts=1,
                                              first_k_dense_replace=1, num_key_value_heads=4, pad_token_id=0)),
+    # Llama 4 (text): chunked-attention layers (chunks of 5 tokens, so chunks span ranks) and a
+    # NoPE full-attention layer with attention-temperature tuning (floor_scale 4: the scale
+    # changes every 4 positions), L2 q/k norms, MoE every other layer
+    "llama4_text": ("Llama4TextConfig", dict(num_hidden_layers=4, head_dim=16, intermediate_size_mlp=128,
+                                             num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2,
+                                             layer_types=["chunked_attention"] * 3 + ["full_attention"],
+                                             no_rope_layers=[1, 1, 1, 0], attention_chunk_size=5, floor_scale=4,
+                                             attn_scale=0.5, attn_temperature_tuning=True, pad_token_id=0)),
 }
 
 
+# Families ringattn runs from a later transformers than MIN_TRANSFORMERS on (refused before it).
+FAMILY_MIN_MAJOR = {"llama4_text": 5}
+
+
 def family_available(family: str) -> bool:
-    """Whether the installed transformers has this family's config class."""
-    return hasattr(transformers, FAMILY_CONFIGS[family][0])
+    """Whether the installed transformers has this family's config class (and ringattn runs it there)."""
+    return (hasattr(transformers, FAMILY_CONFIGS[family][0])
+            and rhf._transformers_major() >= FAMILY_MIN_MAJOR.get(family, 0))
+
+
+needs_llama4 = pytest.mark.skipif(not family_available("llama4_text"),
+                                  reason="Llama 4 runs under ringattn from transformers 5 on")
 
 
 def tiny_config(family: str, **overrides):
@@ -283,7 +300,8 @@ def _check_packed(family, world):
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
-@pytest.mark.parametrize("family", ("llama", "qwen2"))
+@pytest.mark.parametrize("family", ("llama", "qwen2", pytest.param("llama4_text", marks=needs_llama4)))
+# (Llama 4: chunks from each document's start)
 def test_packed_sequences_match_each_document_alone(dist_pool, family, world):
     assert_close(dist_pool(world).run(_check_packed, family, world, timeout=180))
 
@@ -392,12 +410,12 @@ ROW_CASES = (("ring", "zigzag", "padded"), ("token_ring", "contiguous", "padded_
              ("auto", "contiguous", "per_row_padded"))
 
 
-def _check_rows(world, cases=ROW_CASES, **apply_kw):
+def _check_rows(world, cases=ROW_CASES, family="llama", **apply_kw):
     out = {}
     L = SEQ.get(world, 29)
     per_row = [list(r) for r in PER_ROW[world]]
     for algorithm, layout, variant in cases:
-        model = tiny_model("llama")
+        model = tiny_model(family)
         ids, labels, mask = padded_batch(L, packed=variant in ("padded_packed", "per_row_padded"))
         pos = None
         kw = {}
@@ -442,6 +460,16 @@ def _check_rows(world, cases=ROW_CASES, **apply_kw):
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_padded_and_per_row_batches_match_single_process(dist_pool, world):
     assert_close(dist_pool(world).run(_check_rows, world, timeout=240))
+
+
+@needs_llama4
+def test_llama4_padded_and_per_row_batches(dist_pool):
+    """Llama 4's chunked layers count chunks from each row's first real token (transformers'
+    chunked mask) and from each packed document's start; its temperature tuning counts positions
+    with the padding (as transformers does) and inside each document: == the single-process model."""
+    cases = (("ring", "zigzag", "padded"), ("token_ring", "zigzag", "padded_packed"),
+             ("ring", "contiguous", "per_row_cu_seqlens"), ("token_ring", "contiguous", "per_row_padded"))
+    assert_close(dist_pool(3).run(_check_rows, 3, cases, "llama4_text", timeout=240))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -550,7 +578,7 @@ def padded_greedy_reference(model, input_ids, mask, steps):
 
 
 def _check_generate_padded(world, cases=(("ring", "zigzag"), ("token_ring", "contiguous"), ("auto", "zigzag")),
-                           **apply_kw):
+                           family="llama", **apply_kw):
     """Left-padded prompts of 3 lengths (pads 0, 3, 3 + a whole chunk's worth) through generate()."""
     L = SEQ.get(world, 29)
     prompt, _ = global_batch(L, batch=4)
@@ -559,7 +587,7 @@ def _check_generate_padded(world, cases=(("ring", "zigzag"), ("token_ring", "con
     mask[2, :L // 2] = 0
     mask[3, :3] = 0
     steps = 6
-    model = tiny_model("llama")
+    model = tiny_model(family)
     ref_tokens, ref_logits = padded_greedy_reference(copy.deepcopy(model), prompt, mask, steps)
     hf = copy.deepcopy(model).generate(prompt, attention_mask=mask, max_new_tokens=steps, do_sample=False,
                                        pad_token_id=0)
@@ -581,7 +609,7 @@ def test_generate_left_padded_prompts_match_single_process(dist_pool, world):
             assert r["tokens_equal"] and r["steps"] == 6 and r["logits"] < 2e-5, (rank, case, r)
 
 
-def _check_generate_packed(world):
+def _check_generate_packed(world, family="llama"):
     """Packed prompts (per-row packings, one row also left-padded inside its last document): each
     row's generation equals the single-process model continuing that row's last document alone."""
     L = SEQ[world]
@@ -591,7 +619,7 @@ def _check_generate_packed(world):
     mask[1, 10:13] = 0  # left padding of row 1's last document
     mask[2, :2] = 0
     steps = 5
-    model = tiny_model("llama")
+    model = tiny_model(family)
     want_tokens, want_logits = [], []
     for b, r in enumerate(docs):
         s = r[-2]
@@ -617,6 +645,38 @@ def test_generate_packed_prompts_continue_each_rows_last_document(dist_pool, wor
     for rank, out in enumerate(dist_pool(world).run(_check_generate_packed, world, timeout=180)):
         for case, r in out.items():
             assert r["prompt_kept"] and r["tokens_equal"] and r["steps"] == 5 and r["logits"] < 2e-5, (rank, case, r)
+
+
+@needs_llama4
+def test_llama4_chunked_attention_and_temperature_generate(dist_pool):
+    """Llama 4: chunked layers (chunks of 5 tokens, from each row's first real token / each packed
+    document's start) and the NoPE layer's temperature tuning (from global positions) in generate():
+    left-padded and packed prompts equal the single-process model (transformers' own generate()
+    for the padded ones), token for token, logits to 2e-5."""
+    world = 2
+    for rank, out in enumerate(dist_pool(world).run(_check_generate_padded, world, (("ring", "zigzag"),
+                                                    ("token_ring", "contiguous")), "llama4_text", timeout=180)):
+        assert out.pop("hf_generate_agrees"), "the reference loop is not transformers' generate()"
+        for case, r in out.items():
+            assert r["tokens_equal"] and r["steps"] == 6 and r["logits"] < 2e-5, (rank, case, r)
+    for rank, out in enumerate(dist_pool(world).run(_check_generate_packed, world, "llama4_text", timeout=180)):
+        for case, r in out.items():
+            assert r["prompt_kept"] and r["tokens_equal"] and r["steps"] == 5 and r["logits"] < 2e-5, (rank, case, r)
+
+
+def _llama4_refusal():
+    try:
+        rhf.apply_sequence_parallel(tiny_model("llama4_text"))
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+@pytest.mark.skipif(rhf._transformers_major() >= 5 or not hasattr(transformers, "Llama4TextConfig"),
+                    reason="transformers >= 5 runs Llama 4")
+def test_llama4_refused_before_transformers_5(dist_pool):
+    for msg in dist_pool(2).run(_llama4_refusal, timeout=60):
+        assert "needs transformers >= 5" in msg and "first real token" in msg, msg
 
 
 def _generate_every_family():

@@ -399,6 +399,6 @@ def test_tokenweave_families_match_or_are_refused():
             if r[0] == "ran":
                 assert r[1] < 1e-5 and r[2], (rank, family, r)  # fp32 rounding only
             elif family not in ("qwen3_moe", "mixtral", "phi3", "olmo2", "cohere", "starcoder2", "glm", "gpt_oss",
-                                "deepseek_v2", "deepseek_v3"):  # (MLA: no k_proj / v_proj)
+                                "deepseek_v2", "deepseek_v3", "llama4_text"):  # (MLA: no k_proj / v_proj; Llama 4: no mlp)
                 # (those lack a Llama part by name: "lacks [...]"); the rest are refused by model_type
                 assert f"model_type='{family}'" in r[1], (rank, family, r)

@@ -35,7 +35,10 @@ Sliding-window layers (Mistral, Mixtral, Qwen2/3, Qwen3-MoE, Phi-3, StarCoder2, 
 gpt-oss: the families in ``SLIDING_WINDOW_MODEL_TYPES``, whose attention passes its window to the
 attention function) run ringattn's causal sliding window, training and generate() alike; each
 layer's call is checked against the window its config gives it. gpt-oss's attention sinks
-(``s_aux``) run as ringattn's ``sinks=`` (ringattn.sinks).
+(``s_aux``) run as ringattn's ``sinks=`` (ringattn.sinks). DeepSeek-V2/V3's multi-head latent
+attention (v's head dim differs from q/k's) runs with v's own head dim. Llama 4's chunked layers
+run as documents cut into chunks (``chunked_documents``) and its NoPE layers' attention-temperature
+tuning with global positions (``temperature_scaled``; ``CHUNKED_MODEL_TYPES``).
 
 Refused with an error instead of computed wrongly: model families other than the ones listed in
 ``SUPPORTED_MODEL_TYPES``, sliding windows in other families, attention-logit softcapping, attention sinks
@@ -62,7 +65,7 @@ ATTN_IMPLEMENTATION = "ringattn_sp"
 # on a tiny random config (tests/test_huggingface.py; the first three across the whole matrix).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gemma", "phi3", "olmo",
                          "olmo2", "granite", "cohere", "starcoder2", "glm", "helium", "smollm3", "gemma3_text",
-                         "gpt_oss", "deepseek_v2", "deepseek_v3")
+                         "gpt_oss", "deepseek_v2", "deepseek_v3", "llama4_text")
 # Families whose attention modules pass sliding_window= to the attention function (checked per
 # layer against the config at every call, _attention_forward): their windows run exactly.
 SLIDING_WINDOW_MODEL_TYPES = ("mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "phi3", "starcoder2", "smollm3",
@@ -70,6 +73,12 @@ SLIDING_WINDOW_MODEL_TYPES = ("mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral
 # Families whose attention passes per-head attention-sink logits (s_aux=) to the attention
 # function: they run as ringattn's sinks= (ringattn.sinks), training and generate() alike.
 SINK_MODEL_TYPES = ("gpt_oss",)
+# Families with chunked-attention layers (config.layer_types "chunked_attention": causal inside
+# fixed chunks of config.attention_chunk_size tokens, Llama 4): they run as packed documents cut
+# into chunks (chunked_documents), so blocks of different chunks are skipped and K/V rotation
+# stops early. Their NoPE layers' attention-temperature tuning (a per-position query scale) is
+# applied here with each token's GLOBAL position (the module computes it from local indices).
+CHUNKED_MODEL_TYPES = ("llama4_text",)
 ALGORITHMS = ("auto", "ring", "token_ring", "ulysses", "ulysses+ring", "ulysses+token_ring", "ulysses+auto")
 LAYOUTS = ("contiguous", "zigzag")
 # RoPE variants whose frequencies depend only on the position (not on the sequence length seen
@@ -177,6 +186,9 @@ class SequenceParallelPlan:
         self.ring_algorithm = self.algorithm.split("+")[-1]
         self._seq_len = None  # global length of the forward in flight (set by the pre-hook)
         self._documents = None  # its packed-sequence boundaries (int64 CPU tensor) or None
+        self._chunk = None  # chunked-attention layers' chunk size (Llama 4), else None
+        self._chunk_documents = None  # the forward's boundaries cut into chunks (chunked layers)
+        self._positions = None  # the forward's (batch | 1, seq_local) global positions (temperature tuning)
         self._serve = None  # generate(): _Serving state of the generation in flight, else None
 
     @property
@@ -222,19 +234,22 @@ class SequenceParallelPlan:
 
     # -- attention ---------------------------------------------------------------------------
     def attention(self, q, k, v, *, causal: bool, softmax_scale: float | None, sliding_window: int | None = None,
-                  sinks=None):
+                  sinks=None, chunked: bool = False):
         """q: (batch, seq_local, heads_q, head_dim); k, v: (batch, seq_local, heads_kv, head_dim).
         sliding_window: the layer's causal window (each query sees its w most recent keys).
-        sinks: the layer's (heads_q,) attention-sink logits (ringattn.sinks), or None."""
+        sinks: the layer's (heads_q,) attention-sink logits (ringattn.sinks), or None.
+        chunked: a chunked-attention layer (Llama 4): the forward's boundaries cut into chunks."""
+        docs = self._chunk_documents if chunked else self._documents
         if self.is_2d:
             from ringattn.integrations.deepspeed import ulysses_ring_attention
 
             return ulysses_ring_attention(q, k, v, plan=self, causal=causal, softmax_scale=softmax_scale,
-                                          sliding_window=sliding_window, sinks=sinks)
+                                          sliding_window=sliding_window, sinks=sinks,
+                                          cu_seqlens=docs if chunked else None)
         sequence_parallel_attention, _, _ = _sp_module()
         return sequence_parallel_attention(
             q, k, v, causal=causal, softmax_scale=softmax_scale, group=self.group,
-            layout=self.layout, backend=self.backend, algorithm=self.algorithm, cu_seqlens=self._documents,
+            layout=self.layout, backend=self.backend, algorithm=self.algorithm, cu_seqlens=docs,
             sliding_window=sliding_window, sinks=sinks,
         )
 
@@ -312,6 +327,19 @@ def check_supported(model) -> None:
     layer_types = getattr(cfg, "layer_types", None)
     windows = mt in SLIDING_WINDOW_MODEL_TYPES
     allowed = ("full_attention", "sliding_attention") if windows else ("full_attention",)
+    if mt in CHUNKED_MODEL_TYPES:
+        if _transformers_major() < 5:
+            raise ValueError(
+                f"ringattn: {name} (model_type={mt!r}) needs transformers >= 5 under ringattn (found "
+                f"{_transformers_version()}): from 5.0 its chunked-attention mask counts chunks from each row's "
+                "first real token, which ringattn follows; 4.x counted them from index 0, so a left-padded row "
+                "would differ from the unsharded model. pip install -U 'transformers>=5'")
+        allowed = ("full_attention", "chunked_attention")
+        chunk = getattr(cfg, "attention_chunk_size", None)
+        if layer_types is not None and "chunked_attention" in layer_types and (
+                not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
+            raise ValueError(f"ringattn: {name} has chunked-attention layers but config.attention_chunk_size="
+                             f"{chunk!r}; expected an int >= 1")
     if layer_types is not None and any(t not in allowed for t in layer_types):
         raise ValueError(
             f"ringattn: {name} has attention layers of types {sorted(set(layer_types) - set(allowed))} "
@@ -395,8 +423,14 @@ def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, s
         raise ValueError("ringattn: output_attentions=True needs the full L x L matrix, which is never formed")
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # -> (batch, seq_local, heads, head_dim)
-    if plan._serve is not None and plan._serve.phase == "decode":
-        return _decode_attention(plan, q, k, v, scaling, window, sinks), None
+    chunk = getattr(module, "_ringattn_chunk", None)
+    temperature = getattr(module, "_ringattn_temperature", None)
+    decode = plan._serve is not None and plan._serve.phase == "decode"
+    if temperature is not None:  # Llama 4's NoPE layers: q scaled by its token's GLOBAL position
+        pos = _decode_positions(plan, k.shape[1], q.shape[1]) if decode else plan._positions
+        q = temperature_scaled(q, pos, *temperature)
+    if decode:
+        return _decode_attention(plan, q, k, v, scaling, window, sinks, chunk), None
     if k.shape[1] != q.shape[1]:
         raise ValueError(f"ringattn: attention got {k.shape[1]} keys for {q.shape[1]} queries on rank {plan.rank}: "
                          "a KV cache outside ringattn.integrations.huggingface.generate() is not supported")
@@ -404,8 +438,50 @@ def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, s
         expected = plan.local_lengths(plan._seq_len)[plan.rank]
         if q.shape[1] != expected:
             raise ValueError(f"ringattn: attention got {q.shape[1]} tokens on rank {plan.rank}, expected {expected}")
-    out = plan.attention(q, k, v, causal=bool(causal), softmax_scale=scaling, sliding_window=window, sinks=sinks)
+    out = plan.attention(q, k, v, causal=bool(causal), softmax_scale=scaling, sliding_window=window, sinks=sinks,
+                         chunked=chunk is not None)
     return out, None
+
+
+def _decode_positions(plan, n_keys: int, tq: int) -> torch.Tensor:
+    """(batch, Tq) positions of a decode step's new tokens for the temperature tuning: their index
+    in the row (L + generated so far + i) minus the start of the row's last packed document (as
+    the prefill counts them: padding included, each packed document from 0)."""
+    n_past = n_keys - plan._serve.prefill_local - tq
+    first = torch.tensor(plan._serve.doc_start, dtype=torch.int64)[:, None]
+    return plan._serve.prompt_len + n_past + torch.arange(tq)[None, :] - first
+
+
+def temperature_scaled(q: torch.Tensor, positions: torch.Tensor, floor_scale: float, attn_scale: float) -> torch.Tensor:
+    """Llama 4's attention-temperature tuning (arXiv 2501.19399) on q (batch, seq_local, heads, head_dim):
+    q * (log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1) with pos (batch | 1, seq_local) the
+    tokens' global positions, in fp32 and cast back, as transformers' Llama4TextAttention does with
+    its local indices (which under sequence parallelism are not the positions)."""
+    scales = torch.log1p(torch.floor((positions.to(q.device).float() + 1.0) / floor_scale)) * attn_scale + 1.0
+    return (q * scales[:, :, None, None]).to(q.dtype)
+
+
+def chunked_documents(docs, seq_len: int, chunk: int):
+    """Chunked attention (Llama 4's chunked layers: causal inside chunks of `chunk` tokens) as
+    document boundaries: every segment of `docs` (as_documents' form: the packing and padding runs;
+    None: the whole sequence) cut into `chunk`-token pieces from its own start. So a packed document
+    is chunked as when run alone, and a left-padded row from its first real token (transformers'
+    chunked mask counts chunks after the left padding). Returns as_documents' form (None: one
+    document, i.e. plain causal attention)."""
+    from ringattn.documents import packed, per_row
+
+    def cut(row):
+        out = [0]
+        for a, b in zip(row, row[1:]):
+            out.extend(range(a + chunk, b, chunk))
+            out.append(b)
+        return tuple(out)
+
+    if docs is None:
+        return packed(cut((0, seq_len)))
+    if per_row(docs):
+        return tuple(cut(r) for r in docs)
+    return packed(cut(docs))
 
 
 def _mask_forward(batch_size=None, q_length=None, kv_length=None, attention_mask=None, **kwargs):
@@ -429,6 +505,11 @@ def _transformers_version() -> str:
     import transformers
 
     return transformers.__version__
+
+
+def _transformers_major() -> int:
+    digits = "".join(itertools.takewhile(str.isdigit, _transformers_version().split(".")[0]))
+    return int(digits or 0)
 
 
 def _check_transformers_version() -> None:
@@ -718,6 +799,10 @@ def _base_pre_hook(plan: SequenceParallelPlan):
             _raise_flags([[int(b)] for b in bads], 0)
         plan._seq_len = seq_len
         plan._documents = None if attend is None else documents_tensor(attend)
+        plan._positions = pos  # (the temperature tuning's: inside each packed document, padding counted)
+        if plan._chunk is not None:
+            cut = chunked_documents(attend, seq_len, plan._chunk)
+            plan._chunk_documents = None if cut is None else documents_tensor(cut)
         return args, kwargs
 
     return hook
@@ -825,6 +910,13 @@ def apply_sequence_parallel(model, group=None, algorithm: str = "auto", layout: 
             m._ringattn_window = layer_window(m, cfg)
             # sinks are accepted only from families checked with them (SINK_MODEL_TYPES)
             m._ringattn_sinks = cfg.model_type in SINK_MODEL_TYPES
+            if cfg.model_type in CHUNKED_MODEL_TYPES:
+                types = getattr(cfg, "layer_types", None)
+                if types is not None and types[m.layer_idx] == "chunked_attention":
+                    m._ringattn_chunk = plan._chunk = cfg.attention_chunk_size
+                if getattr(m, "attn_temperature_tuning", False) and not getattr(m, "use_rope", True):
+                    m._ringattn_temperature = (float(m.floor_scale), float(m.attn_scale))
+                    m.attn_temperature_tuning = False  # (ringattn applies it with global positions)
             n_attn += 1
     if n_attn != cfg.num_hidden_layers:
         raise ValueError(f"ringattn: found {n_attn} attention modules in {type(model).__name__}, expected {cfg.num_hidden_layers}")
@@ -860,6 +952,11 @@ def remove_sequence_parallel(model, attn_implementation: str | None = None):
             del m._ringattn_window
         if hasattr(m, "_ringattn_sinks"):
             del m._ringattn_sinks
+        if hasattr(m, "_ringattn_chunk"):
+            del m._ringattn_chunk
+        if hasattr(m, "_ringattn_temperature"):
+            del m._ringattn_temperature
+            m.attn_temperature_tuning = True
     impl = attn_implementation or getattr(model, "_ringattn_previous_attn", None) or "sdpa"
     _set_attn_implementation(model, impl)
     for attr in ("_ringattn_hooks", "_ringattn_previous_attn", "ringattn_plan"):
@@ -891,16 +988,19 @@ class _Serving:
     key_start: list | None = None  # left-padded prompts: each row's first real token (global), else None
     prompt_pos: torch.Tensor | None = None  # (S_r,) global positions of this rank's prompt tokens
     prompt_len: int = 0      # L, the (padded) prompt's global length: generated token t sits at index L + t
+    doc_start: list | None = None  # each row's last packed document's start (0 unpacked): temperature positions
 
 
-def _decode_attention(plan, q, k, v, scale, window=None, sinks=None):
+def _decode_attention(plan, q, k, v, scale, window=None, sinks=None, chunk=None):
     """One decode step of one layer. q: (B, Tq, Hq, D), the same on every rank; k, v: (B, S_r + n,
     Hkv, D), what the rank's DynamicCache returned: its prompt shard (S_r) then every generated
     token so far, the Tq new ones last (the generated ones are in every rank's cache). Each rank
     attends to its shard plus its 1/W slice of the earlier generated tokens; the new ones' causal
     block is sharded_kv_attention's. window: the layer's sliding window (keys older than the
     window are left out, like a left-padded row's padding). sinks: the layer's attention-sink
-    logits, or None. Returns (B, Tq, Hq, D)."""
+    logits, or None. chunk: a chunked-attention layer's chunk size (Llama 4): the new token sees the
+    keys of its chunk only, chunks counted from each row's first real token of its last document
+    (keys before the chunk's start are left out, like a window's). Returns (B, Tq, Hq, D)."""
     from ringattn.decode import sharded_kv_attention
 
     s_r, tq = plan._serve.prefill_local, q.shape[1]
@@ -919,6 +1019,15 @@ def _decode_attention(plan, q, k, v, scale, window=None, sinks=None):
                              "reaches the prompt's start: one token per step only")
         lo_w = L + n_past + tq - window  # the first cache index the new token sees
         starts = [max(s, lo_w) for s in (starts or [0] * q.shape[0])]
+    if chunk is not None:
+        first = L + n_past  # index of the step's first new token
+        base = plan._serve.key_start or [0] * q.shape[0]
+        los = [b + (first - b) // chunk * chunk for b in base]  # its chunk's first index, per row
+        if tq > 1 and any((first + tq - 1 - b) // chunk * chunk + b != lo for b, lo in zip(base, los)):
+            raise ValueError(f"ringattn: a decode step of {tq} tokens crosses a chunk boundary of a chunked-attention "
+                             f"layer (chunk {chunk}): one token per step there")
+        if any(los):
+            starts = [max(s, lo) for s, lo in zip(starts or [0] * q.shape[0], los)]
     # Steps after the first repeat its shapes exactly (same batch, heads, dtype; one token), so the
     # cross-rank check (an all_gather and a host sync per layer) runs in the first step only.
     check = not plan._serve.checked
@@ -1027,6 +1136,7 @@ def generate(model, input_ids: torch.Tensor, *, max_new_tokens: int, eos_token_i
             raise ValueError(f"ringattn: generate() cu_seqlens {_show(docs)} must be the prompt's global boundaries: "
                              f"ending at its length {L}" + (f", one row per prompt row ({B})" if per_row(docs) else ""))
     starts = [(docs[b] if per_row(docs) else docs)[-2] if docs is not None else 0 for b in range(B)]
+    doc_start = list(starts)  # (the temperature tuning counts positions from here: padding included)
     attend, mask = docs, None
     if attention_mask is not None:
         if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (B, L):
@@ -1056,6 +1166,7 @@ def generate(model, input_ids: torch.Tensor, *, max_new_tokens: int, eos_token_i
     plan._serve = _Serving()
     plan._serve.prompt_len = L
     plan._serve.prompt_pos = plan.shard(torch.arange(L).unsqueeze(0), dim=1)[0]
+    plan._serve.doc_start = doc_start
     if starts:
         plan._serve.key_start = starts
     tokens, all_logits = input_ids, []
