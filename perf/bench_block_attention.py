@@ -2,6 +2,7 @@
 
     python perf/bench_block_attention.py --out DIR
     python perf/bench_block_attention.py --out DIR --quick      # tiny sizes: a smoke run, CPU too
+    python perf/bench_block_attention.py --out DIR --head-dim 192 --v-head-dim 128   # MLA (DeepSeek)
 
 What it measures (CUDA): bf16, B=1, Hq=32 with Hkv=32 (MHA) and Hkv=8 (GQA), D=128,
 S = Sq = Sk in {4096, 16384}, causal and non-causal; for every backend that supports the case
@@ -17,6 +18,9 @@ of CUDA events, one synchronize at the end (GPU time; time.perf_counter on CPU);
 reported (min too in the CSV).
 FLOPs (dense-equivalent, as flash-attention reports them): forward 4*B*Hq*S*S*D (two GEMMs,
 QK^T and PV, 2 flops per multiply-add), halved for causal; backward 2.5 x forward (five GEMMs).
+--v-head-dim Dv (MLA): v and the output get their own head dim; FLOPs 2*B*Hq*S*S*(D + Dv). ringattn's
+kernels then run each block zero-padded to max(D, Dv) (ringattn.head_dims), SDPA its own way:
+the ratio is the cost of that padding.
 
 Writes DIR/bench_block_attention.csv and .json (date, device, torch/CUDA/cuDNN versions, the
 command line), and prints the full table, then a short TFLOP/s summary last.
@@ -41,8 +45,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ringattn import block_attention as ba  # noqa: E402
 
 
-def attention_flops(B, Hq, Sq, Sk, D, causal, op):
-    fwd = 4 * B * Hq * Sq * Sk * D
+def attention_flops(B, Hq, Sq, Sk, D, causal, op, Dv=None):
+    fwd = 2 * B * Hq * Sq * Sk * (D + (D if Dv is None else Dv))
     if causal:
         fwd //= 2
     return fwd if op == "fwd" else int(2.5 * fwd)
@@ -80,17 +84,19 @@ def configs(args, device):
         seqs, hq, kvs, d = [256, 512], 4, [4, 2], 64
     else:
         seqs, hq, kvs, d = args.seqs, args.heads, args.kv_heads, args.head_dim
+    dv = args.v_head_dim or d
     for S in seqs:
         for hkv in kvs:
             for causal in (False, True):
-                yield dict(B=args.batch, S=S, Hq=hq, Hkv=hkv, D=d, causal=causal)
+                yield dict(B=args.batch, S=S, Hq=hq, Hkv=hkv, D=d, Dv=dv, causal=causal)
 
 
 def bench_config(cfg, dtype, device, args):
     B, S, Hq, Hkv, D, causal = cfg["B"], cfg["S"], cfg["Hq"], cfg["Hkv"], cfg["D"], cfg["causal"]
+    Dv = cfg.get("Dv", D)
     gen = torch.Generator(device=device).manual_seed(0)
     mk = lambda *shape: torch.randn(*shape, generator=gen, device=device, dtype=dtype)  # noqa: E731
-    q, k, v, dout = mk(B, S, Hq, D), mk(B, S, Hkv, D), mk(B, S, Hkv, D), mk(B, S, Hq, D)
+    q, k, v, dout = mk(B, S, Hq, D), mk(B, S, Hkv, D), mk(B, S, Hkv, Dv), mk(B, S, Hq, Dv)
     impls = [b for b in ba.available_backends(device) if b != "math" or args.quick]
     impls.append("auto")
     rows = []
@@ -100,7 +106,7 @@ def bench_config(cfg, dtype, device, args):
                    ms_median="", ms_min="", tflops="", error="")
         try:
             med, mn = time_it(fn, device, args.warmup, args.iters)
-            flops = attention_flops(B, Hq, S, S, D, causal, op)
+            flops = attention_flops(B, Hq, S, S, D, causal, op, Dv)
             row.update(ms_median=round(med, 4), ms_min=round(mn, 4), tflops=float(f"{flops / med / 1e9:.3g}"))
         except Exception as e:  # a kernel refusing a size must not end the sweep
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
@@ -163,6 +169,7 @@ def main(argv=None):
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, nargs="+", default=[32, 8])
     p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--v-head-dim", type=int, default=None, help="v's own head dim (MLA); default: --head-dim")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
@@ -181,7 +188,7 @@ def main(argv=None):
         torch=torch.__version__, cuda=torch.version.cuda,
         cudnn=torch.backends.cudnn.version() if device.type == "cuda" else None,
         available_backends=ba.available_backends(device), dtype=str(dtype),
-        flops="fwd 4*B*Hq*S*S*D (halved if causal); bwd 2.5 x fwd",
+        flops="fwd 2*B*Hq*S*S*(D + Dv) (halved if causal); bwd 2.5 x fwd",
         timing=(f"median of {args.iters} back-to-back CUDA-event-timed calls after {args.warmup} "
                 "warm-up calls"),
     )
@@ -194,7 +201,7 @@ def main(argv=None):
     for r in rows:
         r["date"], r["device"], r["torch"] = meta["date"], meta["device"], meta["torch"]
 
-    fields = ["date", "device", "torch", "B", "S", "Hq", "Hkv", "D", "causal", "dtype", "impl", "picked",
+    fields = ["date", "device", "torch", "B", "S", "Hq", "Hkv", "D", "Dv", "causal", "dtype", "impl", "picked",
               "op", "ms_median", "ms_min", "tflops", "error"]
     csv_path = os.path.join(args.out, "bench_block_attention.csv")
     with open(csv_path, "w", newline="") as f:
