@@ -461,7 +461,9 @@ def _run_hf(mode):
     import ringattn.integrations.huggingface as rhf
     _reset()
     ids, labels = th.global_batch(23 if dist.get_world_size() == 2 else 29)
-    model = th.tiny_model("llama")
+    # (Llama 4: chunked layers' boundaries and the NoPE layer's temperature from global positions
+    # inside the compiled body; DeepSeek-V3: MLA, v's head dim differs)
+    model = th.tiny_model("llama4_text" if "llama4" in mode else "deepseek_v3" if "deepseek" in mode else "llama")
     docs = th.PACKED.get(dist.get_world_size())
     packed = "packed" in mode
     if "padded" in mode:  # left/right padding + a per-row packing padded inside a document
@@ -503,7 +505,8 @@ def _has_deepspeed():
     return importlib.util.find_spec("deepspeed") is not None
 
 
-@pytest.mark.parametrize("mode", ["compile", "compile_packed", "compile_padded", "ckpt_reentrant", "ckpt", "compile_ckpt", "compile_ulysses",
+@pytest.mark.parametrize("mode", ["compile", "compile_packed", "compile_padded", "compile_llama4_padded", "compile_deepseek",
+                                  "ckpt_reentrant", "ckpt", "compile_ckpt", "compile_ulysses",
                                   "compile_ulysses_packed", "compile_ulysses_padded",
                                   pytest.param("compile_ulysses_deepspeed", marks=[
                                       pytest.mark.skipif(not _has_deepspeed(), reason="deepspeed not installed")])])
@@ -512,6 +515,8 @@ def test_hf_model_compiled_or_checkpointed_matches_single_process(dist_pool, mod
     if mode.endswith("deepspeed"):  # its JIT op built here, not in the ranks (conftest.py: on torch
         request.getfixturevalue("deepspeed_cpu_ops")  # 2.11 in CI a build killed in a rank hung later ones)
     import test_huggingface as th
+    if "llama4" in mode and not th.family_available("llama4_text"):
+        pytest.skip("Llama 4 runs under ringattn from transformers 5 on")
     results = dist_pool(4 if "ulysses" in mode else 2).run(_run_hf, mode, timeout=240)
     th.assert_close([{mode: err} for err, _, _, _ in results])
     for _, ran, layers, (graphs, breaks) in results:  # compiled: every layer's attention (its ring part)
@@ -524,7 +529,12 @@ def test_hf_model_compiled_or_checkpointed_matches_single_process(dist_pool, mod
         # One graph break only, the HF pre-hook's (2 graphs: before it, the model body after it),
         # in the 2-D modes too (the Ulysses all-to-alls are custom ops)
         if mode.startswith("compile") and not eager_ds:
-            assert graphs == 2 and len(breaks) == 1, (mode, graphs, breaks)
+            if "llama4" in mode or "deepseek" in mode:
+                # their model code has breaks of its own (4.53's DeepSeek MoE: a dynamic-shape op);
+                # ringattn's part: no more than the pre-hook's
+                assert sum("disable" in b for b in breaks) <= 1, (mode, graphs, breaks)
+            else:
+                assert graphs == 2 and len(breaks) == 1, (mode, graphs, breaks)
 
 
 # --------------------------------------------------------------------------------------------
