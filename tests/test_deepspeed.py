@@ -65,10 +65,10 @@ def _check_2d_families(use_deepspeed):
     return out
 
 
-@pytest.mark.parametrize("use_deepspeed", [pytest.param(True, marks=needs_deepspeed), False],
-                         ids=["deepspeed_a2a", "ringattn_a2a"])
-def test_ulysses_ring_2d_mla_and_chunked_match_single_process(dist_pool, use_deepspeed):
-    th.assert_close(dist_pool(4).run(_check_2d_families, use_deepspeed, timeout=240))
+def test_ulysses_ring_2d_mla_and_chunked_match_single_process(dist_pool):
+    # (ringattn's all-to-all only: DeepSpeed's also passed with DeepSeek-V3 when run by hand on
+    # 2026-12-07; CI time goes to the family-specific parts)
+    th.assert_close(dist_pool(4).run(_check_2d_families, False, timeout=240))
 
 
 def _check_2d_packed(use_deepspeed):

@@ -303,6 +303,8 @@ def _check_packed(family, world):
 @pytest.mark.parametrize("family", ("llama", "qwen2", pytest.param("llama4_text", marks=needs_llama4)))
 # (Llama 4: chunks from each document's start)
 def test_packed_sequences_match_each_document_alone(dist_pool, family, world):
+    if family == "llama4_text" and world == 1:
+        pytest.skip("Llama 4 packed: 2 and 3 ranks (its chunk rule is the same on one)")
     assert_close(dist_pool(world).run(_check_packed, family, world, timeout=180))
 
 
@@ -469,7 +471,7 @@ def test_llama4_padded_and_per_row_batches(dist_pool):
     with the padding (as transformers does) and inside each document: == the single-process model."""
     cases = (("ring", "zigzag", "padded"), ("token_ring", "zigzag", "padded_packed"),
              ("ring", "contiguous", "per_row_cu_seqlens"), ("token_ring", "contiguous", "per_row_padded"))
-    assert_close(dist_pool(3).run(_check_rows, 3, cases, "llama4_text", timeout=240))
+    assert_close(dist_pool(2).run(_check_rows, 2, cases, "llama4_text", timeout=240))
 
 
 # ---------------------------------------------------------------------------------------------
