@@ -379,13 +379,14 @@ def _kernel_dims(fn: str, q, k, v, softmax_scale, causal, backend):
     tensors zero-padded to max(D, Dv), which is exact (ringattn.head_dims), and is chosen for
     that head dim."""
     scale = _check_qkv(fn, q, k, v, softmax_scale)
-    wide = None
-    if v.shape[3] != q.shape[3]:
-        from ringattn.head_dims import widen
-        wide = widen(q, k, v)[:3]
-    case = _make_case(*(wide or (q, k))[:2], _normalize_causal(causal))
+    case = _make_case(q, k, _normalize_causal(causal))
+    if v.shape[3] != q.shape[3]:  # chosen for the head dim a kernel would run with
+        case = case._replace(d=max(q.shape[3], v.shape[3]))
     backend = _resolve(fn, backend, case)
-    return scale, case, backend, (None if backend == "math" else wide)
+    if backend == "math" or v.shape[3] == q.shape[3]:
+        return scale, case, backend, None
+    from ringattn.head_dims import widen  # (only now: math never needs the padded copies)
+    return scale, case, backend, widen(q, k, v)
 
 
 def block_attn_forward(q, k, v, *, causal=False, softmax_scale=None, backend="auto"):

@@ -22,14 +22,10 @@ import torch.nn.functional as F
 
 
 def widen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    """(q, k, v) padded with zero columns to one head dim max(D, Dv), and Dv (v's own head dim).
-    Returns the inputs themselves when the head dims already agree. Differentiable."""
-    d, dv = q.shape[3], v.shape[3]
-    if dv == d:
-        return q, k, v, dv
-    if dv < d:
-        return q, k, F.pad(v, (0, d - dv)), dv
-    return F.pad(q, (0, dv - d)), F.pad(k, (0, dv - d)), v, dv
+    """(q, k, v) padded with zero columns to one head dim max(D, Dv) (a tensor that has it is
+    returned as is). Differentiable."""
+    dm = max(q.shape[3], v.shape[3])
+    return pad_to(q, dm), pad_to(k, dm), pad_to(v, dm)
 
 
 def pad_to(x: torch.Tensor | None, d: int) -> torch.Tensor | None:

@@ -547,8 +547,8 @@ def choose_algorithm(*, seq_len: int, world_size: int, layout: str = "contiguous
     decide (TokenRing's bytes count only the pairs that share a document / that the window
     reaches; O(W^2) block cuts, cached for the last 8 masks only).
     v_head_dim: v's head dim where it differs from head_dim (MLA): the bytes are exact
-    (predict_comm_bytes); the time model, which has one head dim, runs at (D + Dv) / 2 (the
-    attention FLOPs exactly; K/V bytes exactly; Q and partial-output bytes in sum).
+    (predict_comm_bytes); the time model, which has one head dim, runs at (D + Dv) / 2, rounded up
+    (for an even D + Dv: the attention FLOPs and K/V bytes exactly; Q and partial-output bytes in sum).
     Deterministic in its arguments, so every rank picks the same. Cached per distinct set of
     arguments (it runs on every call: uncached, the per-rank byte formulas alone cost ~1 ms at
     W = 32, and the model's first run up to a second at W = 64).

@@ -507,18 +507,19 @@ def _transformers_version() -> str:
     return transformers.__version__
 
 
+def _transformers_release() -> tuple[int, int]:
+    """(major, minor) of the installed transformers ("5.0.0rc1" -> (5, 0))."""
+    parts = [int("".join(itertools.takewhile(str.isdigit, p)) or 0) for p in _transformers_version().split(".")[:2]]
+    return tuple(parts + [0] * (2 - len(parts)))
+
+
 def _transformers_major() -> int:
-    digits = "".join(itertools.takewhile(str.isdigit, _transformers_version().split(".")[0]))
-    return int(digits or 0)
+    return _transformers_release()[0]
 
 
 def _check_transformers_version() -> None:
     found = _transformers_version()
-    parts = []
-    for p in found.split(".")[:2]:
-        digits = "".join(itertools.takewhile(str.isdigit, p))
-        parts.append(int(digits or 0))
-    if tuple(parts) < MIN_TRANSFORMERS:
+    if _transformers_release() < MIN_TRANSFORMERS:
         raise ImportError(
             f"ringattn's Hugging Face integration needs transformers >= "
             f"{'.'.join(map(str, MIN_TRANSFORMERS))} (its AttentionInterface / AttentionMaskInterface "
