@@ -23,7 +23,9 @@ TOL = {"logits": 2e-6, "loss": 1e-5, "grad": 2e-5}
 # in the other families (max |ref logits| 1.28 there): measured 2.03e-6 at W=3 (transformers
 # 4.53.3, 2026-12-07, AMD EPYC VM; 1.6e-6 with ring) against <= 4.8e-7 for every other family --
 # and 1.1e-6 with the whole model in float64, since the merge accumulators are fp32 either way.
-FAMILY_TOL = {"gemma3_text": {"logits": 1e-5}}
+# MiniCPM3's tiny model has logits ~45x larger than Llama's (max |ref logits| 26.8 vs 0.61: its
+# embedding / depth scales), so the same relative rounding is 3.8e-6 absolute (W=2, 2026-12-07).
+FAMILY_TOL = {"gemma3_text": {"logits": 1e-5}, "minicpm3": {"logits": 1e-5}}
 FAMILIES = ("llama", "mistral", "qwen2")
 # Uneven global lengths on purpose: chunks differ by one token.
 SEQ = {1: 20, 2: 23, 3: 29}
@@ -71,11 +73,72 @@ FAMILY_CONFIGS = {
                                              layer_types=["chunked_attention"] * 3 + ["full_attention"],
                                              no_rope_layers=[1, 1, 1, 0], attention_chunk_size=5, floor_scale=4,
                                              attn_scale=0.5, attn_temperature_tuning=True, pad_token_id=0)),
+    # -- added 2026-12-07: the same checks on the model's own code around the attention call --
+    "apertus": ("ApertusConfig", {}), "arcee": ("ArceeConfig", dict(head_dim=16)),
+    "dots1": ("Dots1Config", dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                  n_shared_experts=1, first_k_dense_replace=1)),
+    "ernie4_5": ("Ernie4_5Config", dict(head_dim=16)),
+    "ernie4_5_moe": ("Ernie4_5_MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)),
+    "glm4": ("Glm4Config", dict(head_dim=16, pad_token_id=0)),
+    "glm4_moe": ("Glm4MoeConfig", dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                       n_shared_experts=1, first_k_dense_replace=1)),
+    # MLA (v's head dim 16, q/k 24) with MoE
+    "glm4_moe_lite": ("Glm4MoeLiteConfig", dict(kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, num_key_value_heads=4, head_dim=8, n_routed_experts=4,
+                                                num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1)),
+    "granitemoe": ("GraniteMoeConfig", dict(num_local_experts=4, num_experts_per_tok=2, attention_multiplier=0.3,
+                                            embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=2.0)),
+    "granitemoeshared": ("GraniteMoeSharedConfig", dict(num_local_experts=4, num_experts_per_tok=2,
+                                                        shared_intermediate_size=32, attention_multiplier=0.3)),
+    "hunyuan_v1_dense": ("HunYuanDenseV1Config", dict(head_dim=16)),
+    "hunyuan_v1_moe": ("HunYuanMoEV1Config", dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_topk=2)),
+    # mixture of attention heads (query / output projections are experts)
+    "jetmoe": ("JetMoeConfig", dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2)),
+    "minimax_m2": ("MiniMaxM2Config", dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2)),
+    "nemotron": ("NemotronConfig", dict(head_dim=16)),  # partial rotary
+    "olmoe": ("OlmoeConfig", dict(num_experts=4, num_experts_per_tok=2)),
+    "phi": ("PhiConfig", {}),  # partial rotary, parallel attention + MLP
+    "phimoe": ("PhimoeConfig", dict(num_local_experts=4, num_experts_per_tok=2, router_jitter_noise=0.0,
+                                    input_jitter_noise=0.0, sliding_window=None)),
+    "stablelm": ("StableLmConfig", dict(qk_layernorm=True)),
+    "flex_olmo": ("FlexOlmoConfig", dict(num_experts=4, num_experts_per_tok=2, pad_token_id=0)),
+    "nanochat": ("NanoChatConfig", {}), "jais2": ("Jais2Config", dict(head_dim=16)),
+    "mellum": ("MellumConfig", dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)),
+    "solar_open": ("SolarOpenConfig", dict(head_dim=16, n_routed_experts=4, num_experts_per_tok=2,
+                                           moe_intermediate_size=32, n_shared_experts=1)),
+    # YaRN and Llama-4-style query scaling by position (original 4 positions: the scale changes
+    # within the test sequences, so local positions would be caught)
+    "ministral3": ("Ministral3Config", dict(head_dim=16, pad_token_id=0, rope_parameters=dict(
+        rope_type="yarn", rope_theta=1000000.0, factor=16.0, original_max_position_embeddings=4, beta_fast=32.0,
+        beta_slow=1.0, mscale_all_dim=1.0, mscale=1.0, llama_4_scaling_beta=0.5))),
+    "hyperclovax": ("HyperCLOVAXConfig", dict(head_dim=16)),
+    "minicpm3": ("MiniCPM3Config", dict(kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, num_key_value_heads=4, head_dim=16)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                         shared_expert_intermediate_size=32)),
+    "seed_oss": ("SeedOssConfig", dict(head_dim=16, attention_dropout=0.0, residual_dropout=0.0)),
+    # multi-head attention without num_key_value_heads in the config (fused qkv projection)
+    "gpt_neox": ("GPTNeoXConfig", dict(num_key_value_heads=None)),
+    "persimmon": ("PersimmonConfig", dict(num_key_value_heads=None, qk_layernorm=True)),
+    # sliding-window families (windows longer than the sequence here; test_hf_sliding_window.py
+    # runs them at 5)
+    "cohere2": ("Cohere2Config", dict(head_dim=16, pad_token_id=0, sliding_window=4096)),
+    "cohere2_moe": ("Cohere2MoeConfig", dict(head_dim=16, pad_token_id=0, num_experts=4, num_experts_per_tok=2,
+                                             sliding_window=4096)),
+    "olmo3": ("Olmo3Config", dict(sliding_window=4096)), "exaone4": ("Exaone4Config", dict(sliding_window=4096)),
+    "exaone_moe": ("ExaoneMoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                           num_shared_experts=1, first_k_dense_replace=1, sliding_window=4096)),
+    "ministral": ("MinistralConfig", dict(head_dim=16, sliding_window=4096)),
+    "cwm": ("CwmConfig", dict(head_dim=16, sliding_window=4096)),
+    "afmoe": ("AfmoeConfig", dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                  num_shared_experts=1, sliding_window=4096)),
+    "laguna": ("LagunaConfig", dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                    shared_expert_intermediate_size=32, sliding_window=4096)),
+    # attention sinks (a sigmoid(lse - sink) output scale) and sliding layers
+    "granite_swa": ("GraniteSWAConfig", dict(sliding_window=4096)),
 }
 
 
 # Families ringattn runs from a later transformers than MIN_TRANSFORMERS on (refused before it).
-FAMILY_MIN_MAJOR = {"llama4_text": 5}
+FAMILY_MIN_MAJOR = {**rhf.MIN_TRANSFORMERS_MAJOR, "llama4_text": 5}
 
 
 def family_available(family: str) -> bool:
@@ -123,7 +186,13 @@ def reference(model, input_ids, labels):
     ref = copy.deepcopy(model)
     out = ref(input_ids=input_ids, labels=labels)
     out.loss.backward()
-    return out.logits.detach(), out.loss.detach(), {n: p.grad for n, p in ref.named_parameters()}
+    return out.logits.detach(), out.loss.detach(), {n: _grad(p) for n, p in ref.named_parameters()}
+
+
+def _grad(p):
+    """p's gradient, zeros where backward left none (a MoE expert no token chose, a parameter
+    outside the loss's graph such as a router's score bias): the same in both runs."""
+    return p.grad if p.grad is not None else torch.zeros_like(p)
 
 
 def sp_step(model, input_ids, labels):
@@ -139,7 +208,7 @@ def summed_grads(model) -> dict:
     """Every parameter's gradient summed over the ranks (each rank's covers its own tokens)."""
     grads = {}
     for n, p in model.named_parameters():
-        g = p.grad.clone()
+        g = _grad(p).clone()  # (every rank reduces every parameter, with or without a gradient)
         dist.all_reduce(g)
         grads[n] = g
     return grads
@@ -903,3 +972,40 @@ def test_refuses_transformers_older_than_the_registries(monkeypatch):
         rhf.apply_sequence_parallel(tiny_model("llama"))
     monkeypatch.setattr(rhf, "_transformers_version", lambda: "4.53.0.dev0")
     rhf._check_transformers_version()  # accepted
+
+
+@pytest.mark.skipif(not family_available("nemotron"), reason="this transformers has no Nemotron ringattn runs")
+def test_families_checked_on_transformers_5_only_are_refused_before_it(monkeypatch):
+    """Families whose 4.x attention bypassed AttentionInterface (MIN_TRANSFORMERS_MAJOR) are refused
+    there, by name, before anything runs; on 5.x the same model is accepted."""
+    model = tiny_model("nemotron")
+    rhf.check_supported(model)
+    monkeypatch.setattr(rhf, "_transformers_version", lambda: "4.53.3")
+    with pytest.raises(ValueError, match=r"model_type='nemotron'\) needs transformers >= 5.*found 4\.53\.3"):
+        rhf.check_supported(model)
+    assert set(rhf.MIN_TRANSFORMERS_MAJOR) <= set(rhf.SUPPORTED_MODEL_TYPES)
+
+
+def _bypassing_layer(seq_len):
+    """Layer 1's attention is made to dispatch to transformers' eager attention (its own config
+    copy): it attends over this rank's shard alone. The wrapped model must raise, not return."""
+    model = tiny_model("llama")
+    rhf.apply_sequence_parallel(model, algorithm="ring", layout="zigzag")
+    input_ids, labels = global_batch(seq_len)
+    batch = rhf.shard_batch(model, input_ids, labels)
+    ok = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits.shape[1]
+    attn = model.model.layers[1].self_attn
+    attn.config = copy.copy(attn.config)
+    attn.config._attn_implementation = "eager"
+    try:
+        model(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
+        return ok, "no error"
+    except RuntimeError as e:
+        return ok, str(e)
+
+
+def test_attention_that_bypasses_ringattn_raises(dist_pool):
+    for rank, (ok, msg) in enumerate(dist_pool(2).run(_bypassing_layer, SEQ[2], timeout=60)):
+        assert ok > 0, rank
+        assert "1 of the 2 attention layers of LlamaModel reached ringattn" in msg and "output is wrong" in msg, \
+            (rank, msg)

@@ -65,14 +65,30 @@ ATTN_IMPLEMENTATION = "ringattn_sp"
 # on a tiny random config (tests/test_huggingface.py; the first three across the whole matrix).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gemma", "phi3", "olmo",
                          "olmo2", "granite", "cohere", "starcoder2", "glm", "helium", "smollm3", "gemma3_text",
-                         "gpt_oss", "deepseek_v2", "deepseek_v3", "llama4_text")
+                         "gpt_oss", "deepseek_v2", "deepseek_v3", "llama4_text",
+                         # added 2026-12-07 (the same checks; most need transformers 5):
+                         "apertus", "arcee", "dots1", "ernie4_5", "ernie4_5_moe", "glm4", "glm4_moe",
+                         "glm4_moe_lite", "granitemoe", "granitemoeshared", "hunyuan_v1_dense", "hunyuan_v1_moe",
+                         "jetmoe", "minimax_m2", "nemotron", "olmoe", "phi", "phimoe", "stablelm", "flex_olmo",
+                         "nanochat", "mellum", "jais2", "solar_open", "ministral3", "hyperclovax", "minicpm3",
+                         "qwen2_moe", "seed_oss", "gpt_neox", "persimmon",
+                         "cohere2", "cohere2_moe", "olmo3", "exaone4", "exaone_moe", "ministral", "cwm", "afmoe",
+                         "laguna", "granite_swa")
 # Families whose attention modules pass sliding_window= to the attention function (checked per
 # layer against the config at every call, _attention_forward): their windows run exactly.
 SLIDING_WINDOW_MODEL_TYPES = ("mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "phi3", "starcoder2", "smollm3",
-                              "gemma3_text", "gpt_oss")
+                              "gemma3_text", "gpt_oss", "cohere2", "cohere2_moe", "olmo3", "exaone4", "exaone_moe",
+                              "ministral", "cwm", "afmoe", "laguna", "granite_swa")
 # Families whose attention passes per-head attention-sink logits (s_aux=) to the attention
 # function: they run as ringattn's sinks= (ringattn.sinks), training and generate() alike.
-SINK_MODEL_TYPES = ("gpt_oss",)
+# (Granite SWA's sigmoid(lse - sink) output scale is the same extra softmax-denominator logit.)
+SINK_MODEL_TYPES = ("gpt_oss", "granite_swa")
+# Families checked only against transformers 5's implementation. On 4.x these families' attention
+# modules did not dispatch through AttentionInterface (one class per implementation chosen when the
+# model was built, or a 4-D mask of their own), so the wrapped model attended over each rank's shard
+# alone -- a silent wrong answer, found 2026-12-07 on 4.53.3 -- or raised. Refused there with why.
+MIN_TRANSFORMERS_MAJOR = {f: 5 for f in ("granitemoe", "granitemoeshared", "jetmoe", "nemotron", "olmoe", "phimoe",
+                                         "stablelm", "qwen2_moe", "persimmon")}
 # Families with chunked-attention layers (config.layer_types "chunked_attention": causal inside
 # fixed chunks of config.attention_chunk_size tokens, Llama 4): they run as packed documents cut
 # into chunks (chunked_documents), so blocks of different chunks are skipped and K/V rotation
@@ -88,10 +104,17 @@ _POSITION_ONLY_ROPE = ("default", "linear", "llama3", "yarn")
 
 def layer_window(attn_module, config=None):
     """The causal sliding window a Hugging Face attention module applies (None: full attention):
-    its own `sliding_window` attribute (set per layer by Mistral/Qwen2-style modules, None on
-    full-attention layers), else its config's. apply_sequence_parallel and
-    TokenWeaveDecoderLayer both read a layer's window with this one rule."""
+    None where config.layer_types marks the layer "full_attention" (EXAONE 4 keeps the window in
+    every layer's `sliding_window` attribute and passes it only on sliding layers; Qwen2-MoE keeps
+    config.sliding_window=0 then), else the module's own `sliding_window` attribute (set per layer
+    by Mistral/Qwen2-style modules), else its config's. apply_sequence_parallel and
+    TokenWeaveDecoderLayer both read a layer's window with this rule; the attention call checks
+    it against the window the module passes (a mismatch is an error, never a silent window)."""
     cfg = config if config is not None else getattr(attn_module, "config", None)
+    types, idx = getattr(cfg, "layer_types", None), getattr(attn_module, "layer_idx", None)
+    if isinstance(types, (list, tuple)) and isinstance(idx, int) and 0 <= idx < len(types) \
+            and types[idx] == "full_attention":
+        return None
     return getattr(attn_module, "sliding_window", getattr(cfg, "sliding_window", None))
 
 
@@ -190,6 +213,11 @@ class SequenceParallelPlan:
         self._chunk_documents = None  # the forward's boundaries cut into chunks (chunked layers)
         self._positions = None  # the forward's (batch | 1, seq_local) global positions (temperature tuning)
         self._serve = None  # generate(): _Serving state of the generation in flight, else None
+        # eager forwards count the attention calls that reached ringattn (reset by the pre-hook,
+        # checked against the prepared modules by the post-hook: _base_post_hook)
+        self._attn_calls = 0
+        self._op_calls = 0
+        self._attn_layers = 0
 
     @property
     def is_2d(self) -> bool:
@@ -318,6 +346,12 @@ def check_supported(model) -> None:
             f"{', '.join(SUPPORTED_MODEL_TYPES)}. Other architectures are refused rather than run "
             f"unchecked (different masks, position schemes or attention variants)."
         )
+    if _transformers_major() < MIN_TRANSFORMERS_MAJOR.get(mt, 0):
+        raise ValueError(
+            f"ringattn: {name} (model_type={mt!r}) needs transformers >= {MIN_TRANSFORMERS_MAJOR[mt]} under ringattn "
+            f"(found {_transformers_version()}): that version's {mt} code picks its own attention class or builds "
+            "its own 4-D mask instead of dispatching through transformers' AttentionInterface / mask registry, so "
+            "the wrapped model would attend over each rank's shard only (or fail). pip install -U 'transformers>=5'")
     if getattr(cfg, "use_bidirectional_attention", False):
         raise ValueError(f"ringattn: {name} has config.use_bidirectional_attention=True; ringattn runs causal "
                          "decoder attention only")
@@ -356,7 +390,8 @@ def check_supported(model) -> None:
             "config.sliding_window=None (exact when every sequence is at most the window long) or don't "
             "wrap this model."
         )
-    if sw is not None and (not isinstance(sw, int) or isinstance(sw, bool) or sw < 1):
+    if sw is not None and (layer_types is None or "sliding_attention" in layer_types) and (
+            not isinstance(sw, int) or isinstance(sw, bool) or sw < 1):  # (unused when no layer slides)
         raise ValueError(f"ringattn: {name} has config.sliding_window={sw!r}; expected None or an int >= 1")
     for attr in ("attn_logit_softcapping", "attention_logit_softcapping"):
         if getattr(cfg, attr, None) is not None:
@@ -393,6 +428,8 @@ def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, s
             f"ringattn: {type(module).__name__} dispatched to {ATTN_IMPLEMENTATION!r} but was not prepared "
             "by ringattn.integrations.huggingface.apply_sequence_parallel (call it on the whole model)"
         )
+    if not torch.compiler.is_compiling():
+        plan._attn_calls += 1
     if attention_mask is not None:
         raise ValueError(
             "ringattn: a custom attention mask reached the sequence-parallel attention; only causal attention "
@@ -692,6 +729,7 @@ def _base_pre_hook(plan: SequenceParallelPlan):
     @torch.compiler.disable(reason="ringattn: the sequence-parallel pre-hook checks the shards across ranks "
                                    "on the host (one small all_gather) before the model body runs")
     def hook(module, args, kwargs):
+        plan._attn_calls, plan._op_calls = 0, _op_attention_calls()
         x = args[0] if args else kwargs.get("input_ids")
         if x is None:
             x = kwargs.get("inputs_embeds")
@@ -862,7 +900,7 @@ def apply_sequence_parallel(model, group=None, algorithm: str = "auto", layout: 
         raise ValueError(f"ringattn: layout={layout!r}; choose one of {LAYOUTS}")
     check_supported(model)
     cfg = model.config
-    hkv = cfg.num_key_value_heads or cfg.num_attention_heads
+    hkv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads  # (MHA families have none)
     plan_kwargs = {}
     if algorithm.startswith("ulysses+"):
         from ringattn.integrations.deepspeed import make_ulysses_ring_groups
@@ -905,7 +943,7 @@ def apply_sequence_parallel(model, group=None, algorithm: str = "auto", layout: 
 
     n_attn = 0
     for m in model.modules():
-        if hasattr(m, "num_key_value_groups") and hasattr(m, "layer_idx"):  # the attention modules
+        if _is_attention_module(m):
             m._ringattn_plan = plan
             # the window this layer's attention passes (its own attribute, else the config's)
             m._ringattn_window = layer_window(m, cfg)
@@ -924,13 +962,55 @@ def apply_sequence_parallel(model, group=None, algorithm: str = "auto", layout: 
     for h in getattr(model, "_ringattn_hooks", []):
         h.remove()
     base = model.base_model
-    hooks = [base.register_forward_pre_hook(_base_pre_hook(plan), with_kwargs=True)]
+    plan._attn_layers = n_attn
+    hooks = [base.register_forward_pre_hook(_base_pre_hook(plan), with_kwargs=True),
+             base.register_forward_hook(_base_post_hook(plan), with_kwargs=True)]
     if base is not model:
         hooks.append(model.register_forward_pre_hook(_top_pre_hook, with_kwargs=True))
     model._ringattn_hooks = hooks
     model._ringattn_previous_attn = previous
     model.ringattn_plan = plan
     return model
+
+
+def _op_attention_calls() -> int:
+    """Runs of the traced attention ops' implementations in this process (ringattn.compiled.CALLS):
+    a compiled model body's attention calls, which the Python count in _attention_forward (run at
+    trace time only) does not see."""
+    from ringattn.compiled import CALLS
+
+    return CALLS["sp_attention"] + CALLS["ulysses_attention"]
+
+
+def _base_post_hook(plan: SequenceParallelPlan):
+    """After a forward of the wrapped model's body: every prepared attention module must have
+    called ringattn's attention once -- eagerly (_attention_forward's count) or through the traced
+    op (compiled bodies) -- since the pre-hook reset the counts. One that did not (code that picks
+    its attention class when the model is built, or calls a kernel itself) attended over this
+    rank's shard alone: a wrong answer, raised here on every rank instead of returned. Traced by
+    torch.compile (the hook compiled with its module), it is nothing: no check, no graph break."""
+    def hook(module, args, kwargs, output):
+        if torch.compiler.is_compiling():
+            return None
+        calls = plan._attn_calls + _op_attention_calls() - plan._op_calls
+        if calls == plan._attn_layers:
+            return None
+        raise RuntimeError(
+            f"ringattn: {calls} of the {plan._attn_layers} attention layers of {type(module).__name__} "
+            f"reached ringattn's sequence-parallel attention in this forward (transformers {_transformers_version()}); "
+            "the others attended over this rank's shard only, so the output is wrong. That attention code does not "
+            "dispatch through transformers' AttentionInterface: not supported (try a newer transformers)")
+    return hook
+
+
+def _is_attention_module(m) -> bool:
+    """A decoder layer's attention module: it has a layer_idx and either GQA's
+    num_key_value_groups or (MHA families such as GPT-NeoX, Persimmon) an is_causal flag and a
+    class name ending in "Attention". apply_sequence_parallel counts them against
+    config.num_hidden_layers, so a family where this rule misses or over-counts is refused."""
+    if not hasattr(m, "layer_idx"):
+        return False
+    return hasattr(m, "num_key_value_groups") or (hasattr(m, "is_causal") and type(m).__name__.endswith("Attention"))
 
 
 def _set_attn_implementation(model, impl: str) -> None:
