@@ -46,8 +46,11 @@ outside ``SINK_MODEL_TYPES``, bidirectional attention (Gemma 3's use_bidirection
 attention dropout, RoPE variants that depend on the sequence length (dynamic, longrope),
 padding masks with zeros between real tokens (only left/right padding, or padding at the ends
 of packed documents), custom 4-D masks, KV caches outside
-``generate()`` (which prefills sequence-parallel and decodes over the sharded cache), and
-``labels=`` passed to the model (its built-in loss would shift labels inside each shard).
+``generate()`` (which prefills sequence-parallel and decodes over the sharded cache),
+``labels=`` passed to the model (its built-in loss would shift labels inside each shard), and
+families on transformers versions whose code bypasses the attention registry
+(``MIN_TRANSFORMERS_MAJOR``). After every forward the attention calls that reached ringattn are
+counted against the attention layers: a layer that bypassed it raises (``_base_post_hook``).
 """
 from __future__ import annotations
 
