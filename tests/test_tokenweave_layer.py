@@ -245,6 +245,25 @@ def test_refuses_missing_rotary_and_non_llama_layers():
         TokenWeaveDecoderLayer(torch.nn.Linear(3, 3), None)
 
 
+def test_refuses_training_with_dropout_it_would_skip():
+    """A HF layer whose config has dropout (Seed-OSS defaults: 0.1 on attention and residuals) runs
+    in eval mode; in training mode it is refused, naming the dropouts, instead of run without them."""
+    from ringattn.tokenweave import TokenWeaveDecoderLayer
+
+    model = build_model(2, torch.float32)
+    model.config.attention_dropout = 0.1
+    layer = TokenWeaveDecoderLayer(model.layers[0], None)
+    assert layer.dropouts["attention_dropout"] == 0.1
+    h, pe, _ = inputs(model, 3, 1, 5, torch.float32)
+    layer.eval()
+    with torch.no_grad():
+        out = layer(h, position_embeddings=pe)
+        assert torch.isfinite(out[0] if isinstance(out, tuple) else out).all()  # (a tuple on transformers 4.x)
+    layer.train()
+    with pytest.raises(ValueError, match=r"dropout \{'attention_dropout': 0\.1\}.*training mode"):
+        layer(h, position_embeddings=pe)
+
+
 # ---- GPU tier -----------------------------------------------------------------------------------------
 
 

@@ -63,7 +63,9 @@ from ringattn.tokenweave.token_split import SideStream, num_sms, split_min_token
 # RoPE, gate/up/down MLP); Gemma's RMSNorm x * (1 + w) and Granite's residual_multiplier are
 # folded into the weights. Anything else (Gemma 3's sandwich norms, Helium's interleaved RoPE,
 # Cohere's parallel block, ...) is refused by name rather than computed as a Llama block.
-TOKENWEAVE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma", "granite")
+# Ministral, CWM and Seed-OSS (added 2026-12-07) are the Llama block; Helium, ERNIE 4.5, HunYuan,
+# Ministral 3 and HyperCLOVA X, tried the same day, were not (0.12-0.57 off) and stay refused.
+TOKENWEAVE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma", "granite", "ministral", "cwm", "seed_oss")
 # RMSNorms that scale by (1 + weight) (Gemma's): their weight enters the fused kernel as 1 + w.
 _ONE_PLUS_NORMS = ("GemmaRMSNorm",)
 
@@ -145,6 +147,11 @@ class TokenWeaveDecoderLayer(nn.Module):
             raise ValueError(f"TokenWeaveDecoderLayer: sliding_window must be None or an int >= 1, got {window!r}")
         self.window = window
         self.layer_idx = getattr(attn, "layer_idx", None)  # where a KV cache keeps this layer's keys
+        # dropouts the HF layer applies in training mode (Seed-OSS: 0.1 on attention and residuals by
+        # default); these layers apply none, so training with any of them non-zero is refused
+        cfg = getattr(attn, "config", None)
+        self.dropouts = {n: float(getattr(cfg, n, 0.0) or 0.0)
+                         for n in ("attention_dropout", "residual_dropout", "hidden_dropout") if hasattr(cfg, n)}
         # SmolLM3's NoPE layers (every 4th by default) skip the rotary embedding the model still passes
         self.use_rope = bool(getattr(attn, "use_rope", True))
         if hasattr(hf_layer, "attention_type"):  # models that pick each layer's mask by it (Qwen2 on 4.x)
@@ -596,6 +603,11 @@ def run_tokenweave_layers(layers, hidden_states, position_embeddings, attention_
                 "unfilled slots; use DynamicCache (generate's default) or cache_implementation='dynamic'")
         if missing := [i for i, l in enumerate(layers) if l.layer_idx is None]:
             raise ValueError(f"layers {missing} have no layer_idx (their HF self_attn.layer_idx), needed to use a KV cache")
+    for l in layers:
+        if l.training and (drops := {n: p for n, p in l.dropouts.items() if p}):
+            raise ValueError(
+                f"TokenWeaveDecoderLayer (layer {l.layer_idx}): the HF layer's config has dropout {drops} and the layer "
+                "is in training mode; the TokenWeave layers apply no dropout, so set those to 0.0 (or call .eval())")
     if position_embeddings is None:
         raise ValueError("position_embeddings=(cos, sin) are required (as HF Llama models pass them to their layers)")
     if attention_mask is not None and (not torch.is_tensor(attention_mask) or attention_mask.dim() not in (2, 4)):
