@@ -87,6 +87,7 @@ class _Case(NamedTuple):
     hkv: int
     d: int
     alignment: str | None  # None | "top_left" | "bottom_right"
+    softcap: float = 0.0  # logit softcapping c (scores -> c * tanh(scores / c)); 0: off
 
 
 def _normalize_causal(causal) -> str | None:
@@ -156,8 +157,18 @@ def _check_like(fn: str, name: str, t, shape: tuple, device) -> None:
         raise ValueError(f"{fn}: {name} is on {t.device} but q is on {device}")
 
 
-def _make_case(q, k, alignment) -> _Case:
-    return _Case(q.device, q.dtype, q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], alignment)
+def _make_case(q, k, alignment, softcap: float = 0.0) -> _Case:
+    return _Case(q.device, q.dtype, q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], alignment, softcap)
+
+
+def check_softcap(fn: str, softcap) -> float:
+    """softcap as the float the kernels take: None or 0 -> 0.0 (off), else a finite number > 0."""
+    if softcap is None or (isinstance(softcap, (int, float)) and not isinstance(softcap, bool) and softcap == 0):
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not (0 < softcap < math.inf):
+        raise ValueError(f"{fn}: softcap must be None, 0 (off) or a finite number > 0 (scores -> softcap * "
+                         f"tanh(scores / softcap), Gemma 2's attn_logit_softcapping), got {softcap!r}")
+    return float(softcap)
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,6 +302,11 @@ def _case_problem(backend: str, case: _Case) -> str | None:
     problem = _device_problem(backend, *_device_key(case.device))
     if problem or backend == "math":
         return problem
+    if case.softcap:
+        if backend != "flash_attn":
+            return "has no logit softcapping (softcap= runs on 'math' or the flash_attn package)"
+        if "softcap" not in {p.name for p in _fa_parameters(_flash_attn_interface()[0]._flash_attn_forward)}:
+            return "this flash_attn version has no softcap parameter (2.6+ has)"
     half = (torch.float16, torch.bfloat16)
     if backend == "efficient":
         if case.dtype not in half + (torch.float32,):
@@ -336,7 +352,7 @@ def _sdp_flag_allows(backend: str) -> bool:
     return flag is None or getattr(torch.backends.cuda, flag, lambda: True)()
 
 
-def select_backend(q, k, v, *, causal=False) -> str:
+def select_backend(q, k, v, *, causal=False, softcap=None) -> str:
     """The backend backend="auto" uses for these inputs.
 
     CUDA: cudnn, then flash, flash_attn, efficient, math -- the first that supports the case
@@ -344,7 +360,7 @@ def select_backend(q, k, v, *, causal=False) -> str:
     torch's SDPA flags. Anything else: math.
     """
     _check_qkv("select_backend", q, k, v, None)
-    case = _make_case(q, k, _normalize_causal(causal))
+    case = _make_case(q, k, _normalize_causal(causal), check_softcap("select_backend", softcap))
     return _auto(case)
 
 
@@ -365,7 +381,7 @@ def _resolve(fn: str, backend: str, case: _Case) -> str:
         raise ValueError(
             f"{fn}: backend={backend!r} cannot run this case (q {case.dtype} on {case.device}, "
             f"Sq={case.sq}, Sk={case.sk}, Hq={case.hq}, Hkv={case.hkv}, D={case.d}, "
-            f"causal={case.alignment!r}): {problem}")
+            f"causal={case.alignment!r}{f', softcap={case.softcap}' if case.softcap else ''}): {problem}")
     return backend
 
 
@@ -373,13 +389,13 @@ def _resolve(fn: str, backend: str, case: _Case) -> str:
 # Public entry points
 
 
-def _kernel_dims(fn: str, q, k, v, softmax_scale, causal, backend):
+def _kernel_dims(fn: str, q, k, v, softmax_scale, causal, backend, softcap=None):
     """(scale, case, backend, widened (q, k, v) or None). v's head dim Dv may differ from q/k's D
     (MLA): math computes it as is; a kernel (FA2 and flash_attn need one head dim) runs on the
     tensors zero-padded to max(D, Dv), which is exact (ringattn.head_dims), and is chosen for
     that head dim."""
     scale = _check_qkv(fn, q, k, v, softmax_scale)
-    case = _make_case(q, k, _normalize_causal(causal))
+    case = _make_case(q, k, _normalize_causal(causal), check_softcap(fn, softcap))
     if v.shape[3] != q.shape[3]:  # chosen for the head dim a kernel would run with
         case = case._replace(d=max(q.shape[3], v.shape[3]))
     backend = _resolve(fn, backend, case)
@@ -389,13 +405,15 @@ def _kernel_dims(fn: str, q, k, v, softmax_scale, causal, backend):
     return scale, case, backend, widen(q, k, v)
 
 
-def block_attn_forward(q, k, v, *, causal=False, softmax_scale=None, backend="auto"):
+def block_attn_forward(q, k, v, *, causal=False, softmax_scale=None, backend="auto", softcap=None):
     """Attention of q over this K/V block. Returns (out (B,Sq,Hq,Dv) q.dtype, lse (B,Hq,Sq) fp32).
-    v's head dim Dv may differ from q/k's (MLA; kernels then run zero-padded: _kernel_dims)."""
+    v's head dim Dv may differ from q/k's (MLA; kernels then run zero-padded: _kernel_dims).
+    softcap=c: logit softcapping, scores -> c * tanh(scores / c) after the scale, before the mask
+    (Gemma 2); lse is of the capped scores. Runs on math or the flash_attn package."""
     fn = "block_attn_forward"
-    scale, case, backend, wide = _kernel_dims(fn, q, k, v, softmax_scale, causal, backend)
+    scale, case, backend, wide = _kernel_dims(fn, q, k, v, softmax_scale, causal, backend, softcap)
     if wide is not None:
-        out, lse = block_attn_forward(*wide, causal=causal, softmax_scale=scale, backend=backend)
+        out, lse = block_attn_forward(*wide, causal=causal, softmax_scale=scale, backend=backend, softcap=softcap)
         return out[..., :v.shape[3]].contiguous(), lse
     B, Sq, Hq, D = q.shape
     if Sq == 0 or k.shape[1] == 0:
@@ -412,15 +430,16 @@ def block_attn_forward(q, k, v, *, causal=False, softmax_scale=None, backend="au
 
 
 def block_attn_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=None, backend="auto",
-                        dq_out=None, dk_out=None, dv_out=None):
+                        dq_out=None, dk_out=None, dv_out=None, softcap=None):
     """This block's share (dq, dk, dv) of the gradient, given the FINAL out and lse.
 
     dout, out: (B, Sq, Hq, Dv) any float dtype; lse: (B, Hq, Sq) (fp32, -inf for empty rows).
     Returns (dq (B,Sq,Hq,D), dk (B,Sk,Hkv,D), dv (B,Sk,Hkv,Dv)) in q.dtype -- or, for each of
     dq_out/dk_out/dv_out given, that tensor after adding this block's gradient into it in place.
+    softcap: as in block_attn_forward (the gradient goes through the tanh: dS_raw = dS (1 - t^2)).
     """
     fn = "block_attn_backward"
-    scale, case, backend, wide = _kernel_dims(fn, q, k, v, softmax_scale, causal, backend)
+    scale, case, backend, wide = _kernel_dims(fn, q, k, v, softmax_scale, causal, backend, softcap)
     B, Sq, Hq, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     o_shape = (B, Sq, Hq, v.shape[3])
@@ -435,7 +454,7 @@ def block_attn_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=
         from ringattn.head_dims import pad_to
         dm = wide[0].shape[3]
         grads = block_attn_backward(pad_to(dout, dm), *wide, pad_to(out, dm), lse, causal=causal,
-                                    softmax_scale=scale, backend=backend)
+                                    softmax_scale=scale, backend=backend, softcap=softcap)
         result = []
         for g, acc, ref in zip(grads, (dq_out, dk_out, dv_out), (q, k, v)):
             g = g[..., :ref.shape[3]]
@@ -462,7 +481,7 @@ def block_attn_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=
 
 
 def block_lse_backward(dlse, q, k, lse, *, causal=False, softmax_scale=None, backend="auto", dq_out=None,
-                       dk_out=None):
+                       dk_out=None, softcap=None):
     """This block's share (dq, dk) of the gradient of the FINAL lse, given its gradient dlse.
 
     dlse, lse: (B, Hq, Sq) (fp32); q: (B, Sq, Hq, D); k: (B, Sk, Hkv, D). d lse_i / d s_ij = P_ij,
@@ -475,7 +494,8 @@ def block_lse_backward(dlse, q, k, lse, *, causal=False, softmax_scale=None, bac
     out_g = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     out_g[..., 0] = -dlse.transpose(1, 2).to(q.dtype)
     dq, dk, _ = block_attn_backward(e0, q, k, torch.zeros_like(k), out_g, lse, causal=causal,
-                                    softmax_scale=softmax_scale, backend=backend, dq_out=dq_out, dk_out=dk_out)
+                                    softmax_scale=softmax_scale, backend=backend, dq_out=dq_out, dk_out=dk_out,
+                                    softcap=softcap)
     return dq, dk
 
 
@@ -511,8 +531,11 @@ def _ungrouped(x, g: int, n: int):
 
 
 def _math_scores(qg, kf, r0: int, n: int, kend: int, g: int, scale: float, case: _Case):
-    """Scores of query rows r0..r0+n (grouped layout) against keys 0..kend: (B, Hkv, g*n, kend)."""
+    """Scores of query rows r0..r0+n (grouped layout) against keys 0..kend: (B, Hkv, g*n, kend);
+    softcapped (c * tanh(s / c)) before the mask when case.softcap."""
     s = torch.matmul(qg, kf[:, :, :kend].transpose(-1, -2)).mul_(scale)
+    if case.softcap:
+        s.div_(case.softcap).tanh_().mul_(case.softcap)
     if case.alignment is not None:
         off = _causal_offset(case.alignment, case.sq, case.sk)
         i = torch.arange(r0, r0 + n, device=s.device)[:, None]
@@ -580,9 +603,14 @@ def _math_backward(dout, q, k, v, out, lse, scale, case, accs):
         delta = (dog * og).sum(-1, keepdim=True)  # B, Hkv, g*n, 1
         l = lse[:, :, r0:r1].to(ct).reshape(B, Hkv, g * n, 1)
         s = _math_scores(qg, kf, r0, n, kend, g, scale, case)
+        # softcap: d(c tanh(x / c))/dx = 1 - t^2 with t = s / c (masked entries: -inf -> clamped to
+        # -1 -> 0, where p is 0 too)
+        dcap = s.div(case.softcap).clamp_(-1.0, 1.0).square_().neg_().add_(1.0) if case.softcap else None
         p = s.sub_(l.masked_fill(l == _NEG_INF, _POS_INF)).exp_()  # B, Hkv, g*n, kend
         dv[:, :, :kend] += torch.matmul(p.transpose(-1, -2), dog)
         ds = torch.matmul(dog, vf[:, :, :kend].transpose(-1, -2)).sub_(delta).mul_(p)
+        if dcap is not None:
+            ds.mul_(dcap)
         dqg = torch.matmul(ds, kf[:, :, :kend]).mul_(scale)
         dk[:, :, :kend] += torch.matmul(ds.transpose(-1, -2), qg).mul_(scale)
         if dq is dq_out:
@@ -790,7 +818,7 @@ def _flash_attn_forward(q, k, v, scale, case, interface=None):
     B, Sq, Hq, D = q.shape
     fa = interface or _flash_attn_interface()[0]
     values = dict(q=_lastdim_contiguous(q), k=_lastdim_contiguous(k), v=_lastdim_contiguous(v),
-                  dropout_p=0.0, softmax_scale=scale, causal=_is_causal(case))
+                  dropout_p=0.0, softmax_scale=scale, causal=_is_causal(case), softcap=case.softcap)
     out, lse = _fa_forward_outputs(_fa_call(fa._flash_attn_forward, values))
     lse = lse.reshape(B, Hq, -1)
     if lse.shape[-1] != Sq:
@@ -804,7 +832,7 @@ def _flash_attn_backward(dout, q, k, v, out, lse, scale, case, accs, interface=N
     q, k, v = _lastdim_contiguous(q), _lastdim_contiguous(k), _lastdim_contiguous(v)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     values = dict(dout=dout, q=q, k=k, v=v, out=out, softmax_lse=lse, dq=dq, dk=dk, dv=dv,
-                  dropout_p=0.0, softmax_scale=scale, causal=_is_causal(case))
+                  dropout_p=0.0, softmax_scale=scale, causal=_is_causal(case), softcap=case.softcap)
     _fa_call(fa._flash_attn_backward, values)  # writes dq, dk, dv (dk/dv: Hkv heads)
     return dq, dk, dv
 

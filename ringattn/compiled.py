@@ -8,11 +8,12 @@ included:
 
     ringattn::sp_attention(q, k, v, group_name, algorithm, causal, softmax_scale, layout,
                            backend, grad, lse_grad, cu_seqlens=None, sliding_window=-1,
-                           sinks=None) -> (out, lse, meta)
+                           sinks=None, softcap=0.0) -> (out, lse, meta)
         q: (B, S_local, Hq, D); k, v: (B, S_local, Hkv, D); out like q (contiguous);
-        lse: (B, Hq, S_local) fp32; meta: int64 (4,) on CPU = [algorithm code (1 ring,
+        lse: (B, Hq, S_local) fp32; meta: int64 (5,) on CPU = [algorithm code (1 ring,
         2 token_ring), softmax_scale as float64 bits, global seq_len, the plan's sliding window
-        (-1: none)] -- what the backward needs to rebuild the plan without communicating again.
+        (-1: none), softcap as float64 bits (0: off)] -- what the backward needs to rebuild the
+        plan without communicating again. softcap: logit softcapping (0.0: off).
         sliding_window: -1 for none. sinks: (Hq,) attention-sink logits or None: out is then the
         sinked out' and lse the attention's own (ringattn.sinks; lse' = logaddexp(lse, s) is
         traced outside the op), and the autograd formula folds the sinks into the backward op's
@@ -74,15 +75,24 @@ def resolve_group(name: str):
     return _resolve_process_group(name)
 
 
+def _meta(alg: str, plan: RingPlan) -> torch.Tensor:
+    """The forward ops' meta output (module docstring): what the backward rebuilds the plan from."""
+    return torch.tensor([_ALG[alg], sp._float_bits(plan.softmax_scale), plan.layout.seq_len,
+                         -1 if plan.window is None else plan.window, sp._float_bits(plan.softcap)], dtype=torch.int64)
+
+
+_META_LEN = 5
+
+
 def _plan_from_meta(group, meta: torch.Tensor, causal: bool, layout: str, backend: str,
                     cu_seqlens=None) -> tuple[RingPlan, str]:
-    alg, scale_bits, seq_len, window = (int(x) for x in meta.tolist())
+    alg, scale_bits, seq_len, window, cap_bits = (int(x) for x in meta.tolist())
     rank, world = group_rank_and_size(group)
     lay = SequenceLayout.build(seq_len, world, layout)
     docs, _ = as_documents(cu_seqlens)  # checked by the forward's signature exchange
     docs = packed(docs)
     return (RingPlan(group, rank, world, lay, bool(causal), sp._bits_float(scale_bits), backend, docs,
-                     None if window < 0 else window),
+                     None if window < 0 else window, sp._bits_float(cap_bits)),
             _ALG_NAME[alg])
 
 
@@ -92,14 +102,15 @@ def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name: 
                  grad: bool, lse_grad: bool,
                  cu_seqlens: torch.Tensor | None = None,
                  sliding_window: int = -1,
-                 sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 sinks: torch.Tensor | None = None,
+                 softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     CALLS["sp_attention"] += 1
     group = resolve_group(group_name)
     plan, q, k, v, grad = sp._prepare("ringattn sequence-parallel attention", q, k, v, algorithm=algorithm,
                                       causal=causal, softmax_scale=softmax_scale, group=group, layout=layout,
                                       backend=backend, grad=grad, lse_grad=lse_grad, cu_seqlens=cu_seqlens,
                                       sliding_window=None if sliding_window == -1 else sliding_window,
-                                      sinks=sinks)
+                                      sinks=sinks, softcap=softcap)
     alg = sp._resolve_algorithm(algorithm, plan, q, k, grad, sp.ALGORITHMS, v=v)  # auto: the rings (see traced_attention)
     if alg == "ulysses":
         raise ValueError(f"ringattn::sp_attention runs 'ring', 'token_ring' or 'auto', not {alg!r} "
@@ -112,17 +123,15 @@ def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name: 
             out, lse = token_ring_forward(plan, q, k, v, reply_for(plan, q.device), f32)
         if sinks is not None:
             out = rescale(out, lse, sinks).to(q.dtype)
-    meta = torch.tensor([_ALG[alg], sp._float_bits(plan.softmax_scale), plan.layout.seq_len,
-                         -1 if plan.window is None else plan.window], dtype=torch.int64)
-    return out.contiguous(), lse.contiguous(), meta
+    return out.contiguous(), lse.contiguous(), _meta(alg, plan)
 
 
 @sp_attention.register_fake
 def _(q, k, v, group_name, algorithm, causal, softmax_scale, layout, backend, grad, lse_grad, cu_seqlens=None,
-      sliding_window=-1, sinks=None):
+      sliding_window=-1, sinks=None, softcap=0.0):
     B, S, Hq, _ = q.shape
     return (q.new_empty((B, S, Hq, v.shape[3])),
-            q.new_empty((B, Hq, S), dtype=torch.float32), torch.empty(4, dtype=torch.int64, device="cpu"))
+            q.new_empty((B, Hq, S), dtype=torch.float32), torch.empty(_META_LEN, dtype=torch.int64, device="cpu"))
 
 
 @torch.library.custom_op("ringattn::sp_attention_backward", mutates_args=())
@@ -168,7 +177,7 @@ def _backward(ctx, dout, dlse, _dmeta):
             dout, dsinks = sinks_backward(dout, out, lse, sinks)
     dq, dk, dv = torch.ops.ringattn.sp_attention_backward(dout, q, k, v, out, lse, dlse if lse_grad else None,
                                                           meta, name, causal, layout, backend, lse_grad, cu_seqlens)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, dsinks
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, dsinks, None
 
 
 sp_attention.register_autograd(_backward, setup_context=_setup_context)
@@ -181,7 +190,7 @@ sp_attention.register_autograd(_backward, setup_context=_setup_context)
 # local shard implies (ulysses_rows), and the backward op takes the first L tokens (L from meta).
 #
 #   ringattn::ulysses_attention(q, k, v, group_name, causal, softmax_scale, layout, backend, grad,
-#                               lse_grad, cu_seqlens=None, sliding_window=-1, sinks=None)
+#                               lse_grad, cu_seqlens=None, sliding_window=-1, sinks=None, softcap=0.0)
 #       -> out, lse, meta, q_h, k_h, v_h, out_h, lse_h   (the last five: 0-size unless grad)
 #   ringattn::ulysses_attention_backward(dout, dlse, q_h, k_h, v_h, out_h, lse_h, meta, group_name,
 #                                        causal, layout, backend, heads_kv, cu_seqlens=None) -> dq, dk, dv
@@ -227,7 +236,7 @@ class _Padded:
 def ulysses_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name: str, causal: bool,
                          softmax_scale: float | None, layout: str, backend: str, grad: bool, lse_grad: bool,
                          cu_seqlens: torch.Tensor | None = None, sliding_window: int = -1,
-                         sinks: torch.Tensor | None = None
+                         sinks: torch.Tensor | None = None, softcap: float = 0.0
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                     torch.Tensor, torch.Tensor, torch.Tensor]:
     CALLS["ulysses_attention"] += 1
@@ -235,12 +244,11 @@ def ulysses_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grou
                                    causal=causal, softmax_scale=softmax_scale, group=resolve_group(group_name),
                                    layout=layout, backend=backend, grad=grad, lse_grad=lse_grad,
                                    cu_seqlens=cu_seqlens, sliding_window=None if sliding_window == -1 else sliding_window,
-                                   sinks=sinks)
+                                   sinks=sinks, softcap=softcap)
     pad = _Padded(ulysses_rows(q.shape[1], plan.world_size)) if grad else None
     with no_autocast(q.device):
         out, lse, saved = ulysses_forward(plan, q, k, v, sinks, pad)
-    meta = torch.tensor([_ALG["ulysses"], sp._float_bits(plan.softmax_scale), plan.layout.seq_len,
-                         -1 if plan.window is None else plan.window], dtype=torch.int64)
+    meta = _meta("ulysses", plan)
     if grad:
         heads = list(pad.buffers)  # q_h, k_h, v_h (written in place by the forward)
         for t in saved.tensors[3:]:  # out_h, lse_h: copied into buffers of the same kind
@@ -254,11 +262,11 @@ def ulysses_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grou
 
 @ulysses_attention_op.register_fake
 def _(q, k, v, group_name, causal, softmax_scale, layout, backend, grad, lse_grad, cu_seqlens=None,
-      sliding_window=-1, sinks=None):
+      sliding_window=-1, sinks=None, softcap=0.0):
     B, n, Hq, D = q.shape
     Dv = v.shape[3]  # v's head dim (MLA: may differ from q/k's)
     out = (q.new_empty((B, n, Hq, Dv)),
-           q.new_empty((B, Hq, n), dtype=torch.float32), torch.empty(4, dtype=torch.int64, device="cpu"))
+           q.new_empty((B, Hq, n), dtype=torch.float32), torch.empty(_META_LEN, dtype=torch.int64, device="cpu"))
     if not grad:
         return out + _no_heads(q, k, v)
     rank, world = group_rank_and_size(resolve_group(group_name))
@@ -312,7 +320,7 @@ def _ulysses_backward(ctx, dout, dlse, *_unused):
             dout, dsinks = sinks_backward(dout, out, lse, sinks)
     dq, dk, dv = torch.ops.ringattn.ulysses_attention_backward(dout, dlse if lse_grad else None, *heads, meta, name,
                                                                causal, layout, backend, heads_kv, cu_seqlens)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, dsinks
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, dsinks, None
 
 
 ulysses_attention_op.register_autograd(_ulysses_backward, setup_context=_ulysses_setup)
@@ -322,6 +330,15 @@ ulysses_attention_op.register_autograd(_ulysses_backward, setup_context=_ulysses
                                "(non-tensors or not 4-D, for which the eager path raises the error) run eagerly")
 def _eager(fn, q, k, v, **kw):
     return sp._run(fn, q, k, v, **kw)
+
+
+def _softcap_ok(softcap) -> bool:
+    """Whether the traced op can carry softcap (else the eager path raises its error on every rank)."""
+    try:
+        sp.check_softcap("", softcap)
+        return True
+    except ValueError:
+        return False
 
 
 def _docs_tensor(cu_seqlens):
@@ -336,7 +353,7 @@ def _docs_tensor(cu_seqlens):
 
 
 def traced_attention(fn, q, k, v, *, algorithm, causal, softmax_scale, group, layout, backend, return_lse,
-                     lse_grad=False, cu_seqlens=None, sliding_window=None, sinks=None):
+                     lse_grad=False, cu_seqlens=None, sliding_window=None, sinks=None, softcap=None):
     """sequence_parallel._run under torch.compile (see the module docstring)."""
     docs = _docs_tensor(cu_seqlens)
     window_ok = sliding_window is None or (isinstance(sliding_window, int) and not isinstance(sliding_window, bool)
@@ -344,10 +361,10 @@ def traced_attention(fn, q, k, v, *, algorithm, causal, softmax_scale, group, la
     four_d = all(isinstance(t, torch.Tensor) for t in (q, k, v)) and q.dim() == k.dim() == v.dim() == 4
     if docs is False or not window_ok or not (
             four_d and isinstance(algorithm, str) and isinstance(layout, str) and isinstance(backend, str)) or (
-            sinks_problem(sinks, q.shape[2], q.device) is not None):
+            sinks_problem(sinks, q.shape[2], q.device) is not None) or not _softcap_ok(softcap):
         return _eager(fn, q, k, v, algorithm=algorithm, causal=causal, softmax_scale=softmax_scale, group=group,
                       layout=layout, backend=backend, return_lse=return_lse, lse_grad=lse_grad,
-                      cu_seqlens=cu_seqlens, sliding_window=sliding_window, sinks=sinks)
+                      cu_seqlens=cu_seqlens, sliding_window=sliding_window, sinks=sinks, softcap=softcap)
     if softmax_scale is not None:
         try:
             softmax_scale = float(softmax_scale)
@@ -359,7 +376,8 @@ def traced_attention(fn, q, k, v, *, algorithm, causal, softmax_scale, group, la
     op = torch.ops.ringattn.ulysses_attention if algorithm == "ulysses" else torch.ops.ringattn.sp_attention
     args = () if algorithm == "ulysses" else (algorithm,)
     out, lse = op(q, k, v, group_name(group), *args, bool(causal), softmax_scale, layout, backend, bool(grad),
-                  lse_grad, docs, -1 if sliding_window is None else sliding_window, sinks)[:2]
+                  lse_grad, docs, -1 if sliding_window is None else sliding_window, sinks,
+                  float(softcap or 0.0))[:2]
     if not lse_grad:
         lse = lse.detach()
     return sp.finish(out, lse, sinks=sinks, lse_grad=lse_grad, return_lse=return_lse)

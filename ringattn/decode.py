@@ -43,12 +43,12 @@ import zlib
 import torch
 import torch.distributed as dist
 
-from ringattn.block_attention import block_attn_forward
+from ringattn.block_attention import block_attn_forward, check_softcap
 from ringattn.layout import collective_device, dtype_code, group_rank_and_size, no_autocast
 from ringattn.ops import merge_attn_states_
 from ringattn.sinks import apply_sinks, sinks_problem
 
-_MAGIC = 0x4B56_5348_03  # "KVSH", version 3 (2: sinks, 3: v's head dim may differ)
+_MAGIC = 0x4B56_5348_04  # "KVSH", version 4 (2: sinks, 3: v's head dim may differ, 4: softcap)
 _DEVICE_CODE = {"cpu": 1, "cuda": 2, "meta": 3, "xpu": 4, "mps": 5}
 # Problem categories: one bit each in the signature, so every rank names every rank's problems.
 _PROBLEMS = (
@@ -63,18 +63,19 @@ _PROBLEMS = (
     "ring_attention / token_ring_attention",
     "the requested block-attention backend cannot run these inputs",
     "sinks must be None or a 1-D floating tensor of heads_q logits on q's device",
+    "softcap must be None, 0 (off) or a finite number > 0",
 )
-_P_Q, _P_SHAPE, _P_DTYPE, _P_DEVICE, _P_HEADS, _P_SCALE, _P_GRAD, _P_BACKEND, _P_SINKS = (
+_P_Q, _P_SHAPE, _P_DTYPE, _P_DEVICE, _P_HEADS, _P_SCALE, _P_GRAD, _P_BACKEND, _P_SINKS, _P_SOFTCAP = (
     1 << i for i in range(len(_PROBLEMS)))
 _FIELDS = ("magic", "group_size", "group_ranks", "batch", "tq", "hq", "hkv", "d", "dtype", "device",
-           "scale", "new", "sinks", "dv", "problems")
+           "scale", "new", "sinks", "dv", "softcap", "problems")
 _IX = {f: i for i, f in enumerate(_FIELDS)}
 _AGREE = (("the call (ranks called different ringattn functions or versions)", "magic"),
           ("group size", "group_size"), ("group ranks (crc32)", "group_ranks"), ("batch", "batch"),
           ("number of queries Tq", "tq"), ("heads_q", "hq"), ("heads_kv", "hkv"), ("head_dim", "d"),
           ("dtype (codes)", "dtype"), ("device type (codes)", "device"), ("softmax_scale (float bits)", "scale"),
           ("whether k_new/v_new were given", "new"), ("sinks (number of logits; -1: none)", "sinks"),
-          ("v's head_dim", "dv"))
+          ("v's head_dim", "dv"), ("softcap (float bits; -1: none)", "softcap"))
 
 
 def _pieces(x, name: str) -> tuple:
@@ -153,8 +154,9 @@ def _exchange(sig: list[int], group, world: int, device) -> list[list[int]]:
     return [row[:len(sig)] for row in table]
 
 
-def _check(q, ks, vs, k_new, v_new, *, group, softmax_scale, backend, sinks=None) -> tuple[int, int, float]:
-    """Validate across the group; (rank, world, scale) or the same ValueError on every rank."""
+def _check(q, ks, vs, k_new, v_new, *, group, softmax_scale, backend, sinks=None,
+           softcap=None) -> tuple[int, int, float, float]:
+    """Validate across the group; (rank, world, scale, softcap) or the same ValueError on every rank."""
     rank, world = group_rank_and_size(group)
     scale = softmax_scale
     if scale is None and isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[3] > 0:
@@ -164,9 +166,15 @@ def _check(q, ks, vs, k_new, v_new, *, group, softmax_scale, backend, sinks=None
     except (TypeError, ValueError):
         scale = float("nan")
     bits, detail = _local_problems(q, ks, vs, k_new, v_new, scale, sinks)
+    try:
+        cap = check_softcap("softcap", softcap)
+    except ValueError as e:
+        cap, bits = 0.0, bits | _P_SOFTCAP
+        detail.append(str(e))
     if not bits and backend != "auto":
         try:  # zero-length probe: the backend's support checks, nothing computed
-            block_attn_forward(q[:, :0], ks[0][:, :0], vs[0][:, :0], softmax_scale=scale, backend=backend)
+            block_attn_forward(q[:, :0], ks[0][:, :0], vs[0][:, :0], softmax_scale=scale, backend=backend,
+                               softcap=cap)
         except (ValueError, RuntimeError) as e:
             bits |= _P_BACKEND
             detail.append(f"backend {backend!r}: {e}")
@@ -176,7 +184,8 @@ def _check(q, ks, vs, k_new, v_new, *, group, softmax_scale, backend, sinks=None
            _DEVICE_CODE.get(q.device.type, 99) if isinstance(q, torch.Tensor) else -1,
            struct.unpack("<q", struct.pack("<d", scale))[0], int(k_new is not None),
            sinks.shape[0] if sinks is not None and not bits & _P_SINKS else -1,
-           vs[0].shape[3] if vs[0].dim() == 4 else -1, bits]
+           vs[0].shape[3] if vs[0].dim() == 4 else -1,
+           struct.unpack("<q", struct.pack("<d", cap))[0] if cap else -1, bits]
     if world > 1:
         sig[_IX["group_ranks"]] = zlib.crc32(",".join(map(str, dist.get_process_group_ranks(
             group or dist.GroupMember.WORLD))).encode())
@@ -204,11 +213,11 @@ def _check(q, ks, vs, k_new, v_new, *, group, softmax_scale, backend, sinks=None
     if lines:
         raise ValueError("\n  - ".join([f"ringattn sharded_kv_attention: inconsistent or invalid inputs across "
                                         f"the {world} ranks of the group (nothing was computed)"] + lines))
-    return rank, world, scale
+    return rank, world, scale, cap
 
 
 def sharded_kv_attention(q, k_cache, v_cache, *, k_new=None, v_new=None, group=None, softmax_scale=None,
-                         backend="auto", return_lse=False, check=True, sinks=None):
+                         backend="auto", return_lse=False, check=True, sinks=None, softcap=None):
     """Attention of the same queries on every rank over a KV cache sharded across `group`.
 
     See the module docstring for shapes and phases. Returns out (B, Tq, Hq, D) in q.dtype, or
@@ -221,14 +230,16 @@ def sharded_kv_attention(q, k_cache, v_cache, *, k_new=None, v_new=None, group=N
     inputs that disagree then give a wrong answer or a hang instead of an error.
 
     sinks: (Hq,) attention-sink logits (ringattn.sinks), applied to the merged fp32 result after
-    phase 4 (identically on every rank); the returned lse includes them."""
+    phase 4 (identically on every rank); the returned lse includes them. softcap: logit
+    softcapping of every score (as in ringattn.ring_attention; Gemma 2)."""
     ks, vs = _pieces(k_cache, "k_cache"), _pieces(v_cache, "v_cache")
     if check:
-        rank, world, scale = _check(q, ks, vs, k_new, v_new, group=group, softmax_scale=softmax_scale,
-                                    backend=backend, sinks=sinks)
+        rank, world, scale, cap = _check(q, ks, vs, k_new, v_new, group=group, softmax_scale=softmax_scale,
+                                         backend=backend, sinks=sinks, softcap=softcap)
     else:
         rank, world = group_rank_and_size(group)
         scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[3])
+        cap = check_softcap("ringattn sharded_kv_attention", softcap)
     B, Tq, Hq, _ = q.shape
     D = vs[0].shape[3]  # the output's head dim: v's (MLA: may differ from q/k's)
     with no_autocast(q.device):
@@ -239,7 +250,7 @@ def sharded_kv_attention(q, k_cache, v_cache, *, k_new=None, v_new=None, group=N
         if k_new is not None and rank == world - 1:
             blocks.append((k_new, v_new, "top_left"))
         for k, v, causal in blocks:
-            out_b, lse_b = block_attn_forward(q, k, v, causal=causal, softmax_scale=scale, backend=backend)
+            out_b, lse_b = block_attn_forward(q, k, v, causal=causal, softmax_scale=scale, backend=backend, softcap=cap)
             merge_attn_states_(acc, acc_lse, out_b, lse_b)
         if world > 1:
             # 2. max

@@ -415,14 +415,15 @@ def _zeros_like_rows(t, T: int = 1):
     return torch.zeros((t.shape[0] * T, t.shape[1] // T, *t.shape[2:]), dtype=t.dtype, device=t.device)
 
 
-def block_forward(blk, q, k, v, *, softmax_scale, backend):
+def block_forward(blk, q, k, v, *, softmax_scale, backend, softcap=None):
     """(out (B, q_len, Hq, Dv) q.dtype, lse (B, Hq, q_len) fp32) of block `blk`; q, k, v are its rows
     (Dv: v's head dim, MLA; D otherwise)."""
     if not blk.pieces:
-        return block_attn_forward(q, k, v, causal=blk.causal, softmax_scale=softmax_scale, backend=backend)
+        return block_attn_forward(q, k, v, causal=blk.causal, softmax_scale=softmax_scale, backend=backend,
+                                  softcap=softcap)
     if len(blk.pieces) == 1 and _whole(blk, blk.pieces[0]):
         return block_attn_forward(q, k, v, causal=blk.pieces[0].causal, softmax_scale=softmax_scale,
-                                  backend=backend)
+                                  backend=backend, softcap=softcap)
     B, n, Hq, _ = q.shape
     out = torch.zeros((B, n, Hq, v.shape[3]), dtype=_F32, device=q.device)
     lse = torch.full((B, Hq, n), float("-inf"), dtype=_F32, device=q.device)
@@ -431,17 +432,18 @@ def block_forward(blk, q, k, v, *, softmax_scale, backend):
         qp, kp, vp = _tile(_q(q, p), T), _tile(_kv(k, p), T), _tile(_kv(v, p), T)
         if p.flip:  # anti-causal: the causal square of the reversed rows and keys, reversed back
             o, l = block_attn_forward(_rev(qp), _rev(kp), _rev(vp), causal=True,
-                                      softmax_scale=softmax_scale, backend=backend)
+                                      softmax_scale=softmax_scale, backend=backend, softcap=softcap)
             o, l = _rev(o), _rev(l, 2)
         else:
-            o, l = block_attn_forward(qp, kp, vp, causal=p.causal, softmax_scale=softmax_scale, backend=backend)
+            o, l = block_attn_forward(qp, kp, vp, causal=p.causal, softmax_scale=softmax_scale, backend=backend,
+                                      softcap=softcap)
         merge_attn_states_(_q(out, p), _lse(lse, p), _untile(o, Bp), _untile_lse(l, Bp).contiguous())
     return out.to(q.dtype), lse
 
 
-def block_backward(blk, dout, q, k, v, out, lse, *, dq_out, dk_out, dv_out, softmax_scale, backend):
+def block_backward(blk, dout, q, k, v, out, lse, *, dq_out, dk_out, dv_out, softmax_scale, backend, softcap=None):
     """Adds block `blk`'s share of dq, dk, dv into dq_out (q rows), dk_out / dv_out (k/v rows)."""
-    kw = dict(softmax_scale=softmax_scale, backend=backend)
+    kw = dict(softmax_scale=softmax_scale, backend=backend, softcap=softcap)
     if not blk.pieces:
         block_attn_backward(dout, q, k, v, out, lse, causal=blk.causal, dq_out=dq_out, dk_out=dk_out,
                             dv_out=dv_out, **kw)
@@ -471,9 +473,9 @@ def block_backward(blk, dout, q, k, v, out, lse, *, dq_out, dk_out, dv_out, soft
                             dq_out=_q(dq_out, p), dk_out=_kv(dk_out, p), dv_out=_kv(dv_out, p), **kw)
 
 
-def block_lse_backward_(blk, dlse, q, k, lse, *, dq_out, dk_out, softmax_scale, backend):
+def block_lse_backward_(blk, dlse, q, k, lse, *, dq_out, dk_out, softmax_scale, backend, softcap=None):
     """Adds block `blk`'s share of the FINAL lse's gradient into dq_out and dk_out."""
-    kw = dict(softmax_scale=softmax_scale, backend=backend)
+    kw = dict(softmax_scale=softmax_scale, backend=backend, softcap=softcap)
     if not blk.pieces:
         block_lse_backward(dlse, q, k, lse, causal=blk.causal, dq_out=dq_out, dk_out=dk_out, **kw)
         return

@@ -333,6 +333,8 @@ class RingPlan:
     documents: tuple | None = None
     # Causal sliding window (each query sees its `window` most recent keys, itself included), or None.
     window: int | None = None
+    # Logit softcapping c of every block (scores -> c * tanh(scores / c); Gemma 2), 0.0: off.
+    softcap: float = 0.0
     _blocks: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @functools.cached_property

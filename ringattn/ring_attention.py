@@ -118,7 +118,7 @@ def ring_forward(plan: RingPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
             q_rows = _rows(q, blk.q_start, blk.q_len)
             out_p, lse_p = block_forward(
                 blk, q_rows, _rows(k_have, blk.kv_start, blk.kv_len), _rows(v_have, blk.kv_start, blk.kv_len),
-                softmax_scale=plan.softmax_scale, backend=plan.backend)
+                softmax_scale=plan.softmax_scale, backend=plan.backend, softcap=plan.softcap)
             if s == 0:  # the diagonal block covers every row: it initialises the accumulator
                 out_acc = torch.empty((B, n_r, Hq, Dv), dtype=_F32, device=q.device).copy_(out_p)
                 lse_acc = lse_p.to(_F32).contiguous()
@@ -143,7 +143,7 @@ def ring_backward(plan: RingPlan, dout, q, k, v, out, lse, dlse=None, kv_grad_dt
     B, n_r, Hq, D = q.shape
     Hkv, Dv = k.shape[2], v.shape[3]
     dq_acc = torch.zeros(q.shape, dtype=_F32, device=q.device)
-    kw = dict(softmax_scale=plan.softmax_scale, backend=plan.backend)
+    kw = dict(softmax_scale=plan.softmax_scale, backend=plan.backend, softcap=plan.softcap)
 
     def block_backward(blk: Block, k_blk, v_blk, dk_into, dv_into):
         qr, outr, doutr, lser = _q_side(blk, q, out, dout, lse)

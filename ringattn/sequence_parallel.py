@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 from ringattn.accounting import CommStats, comm_stats  # noqa: F401  (re-exported)
-from ringattn.block_attention import block_attn_forward
+from ringattn.block_attention import block_attn_forward, check_softcap
 from ringattn import hardware as auto_hw
 from ringattn.documents import (as_documents, documents_count, documents_crc, documents_length,
                                 documents_rows_problem, packed, per_row)
@@ -58,8 +58,8 @@ MESH_MAX_WORLD = auto_hw.MESH_MAX_WORLD
 
 ALGORITHMS = ("ring", "token_ring")
 
-_MAGIC = 0x52494E47_07  # "RING", signature version 7 (2: lse_grad, 3: cu_seqlens, 4: sliding_window, 5: sinks,
-#                          6: the hardware auto assumes, 7: v's head dim may differ from q/k's)
+_MAGIC = 0x52494E47_08  # "RING", signature version 8 (2: lse_grad, 3: cu_seqlens, 4: sliding_window, 5: sinks,
+#                          6: the hardware auto assumes, 7: v's head dim may differ from q/k's, 8: softcap)
 _ALG_CODE = {"auto": 0, "ring": 1, "token_ring": 2, "ulysses": 3}
 _LAYOUT_CODE = {"contiguous": 1, "zigzag": 2}
 _DEVICE_CODE = {"cpu": 1, "cuda": 2, "meta": 3, "xpu": 4, "mps": 5}
@@ -88,10 +88,11 @@ _PROBLEMS = (
     "sinks must be None or a 1-D floating tensor of heads_q logits (one per query head) on q's device",
     "algorithm='auto' cannot use the hardware description set by RINGATTN_AUTO_PROFILE / "
     "RINGATTN_AUTO_TOPOLOGY (ringattn.hardware)",
+    "softcap must be None, 0 (off) or a finite number > 0",
 )
 (_P_NOT_TENSOR, _P_NOT_4D, _P_NOT_FLOAT, _P_KV_SHAPE, _P_QK_SHAPE, _P_HEADS, _P_DTYPES, _P_DEVICES,
  _P_BACKEND, _P_SCALE, _P_LAYOUT, _P_ALGORITHM, _P_EMPTY, _P_DOCS, _P_WINDOW, _P_SINKS,
- _P_HARDWARE) = (1 << i for i in range(len(_PROBLEMS)))
+ _P_HARDWARE, _P_SOFTCAP) = (1 << i for i in range(len(_PROBLEMS)))
 
 
 def _float_bits(x: float) -> int:
@@ -105,7 +106,7 @@ def _bits_float(b: int) -> float:
 _FIELDS = ("magic", "algorithm", "layout", "causal", "group_size", "group_ranks",
            "q0", "q1", "q2", "q3", "k0", "k1", "k2", "k3", "v0", "v1", "v2", "v3",
            "q_dtype", "k_dtype", "v_dtype", "device", "scale", "grad", "lse_grad", "docs_n", "docs_crc",
-           "window", "sinks", "hardware", "problems")
+           "window", "sinks", "hardware", "softcap", "problems")
 _IX = {f: i for i, f in enumerate(_FIELDS)}
 
 
@@ -134,7 +135,7 @@ def window_problem(sliding_window, causal) -> str | None:
 
 def _local_signature(fn, q, k, v, *, algorithm, layout, causal, softmax_scale, backend, world,
                      global_ranks, grad=None, lse_grad=False, cu_seqlens=None, sliding_window=None,
-                     sinks=None) -> _Local:
+                     sinks=None, softcap=None) -> _Local:
     sig = [-1] * len(_FIELDS)
     sig[_IX["magic"]] = _MAGIC
     sig[_IX["group_size"]] = world
@@ -158,6 +159,13 @@ def _local_signature(fn, q, k, v, *, algorithm, layout, causal, softmax_scale, b
         error = error or ValueError(f"{fn}: {w_problem}")
     elif sliding_window is not None:
         sig[_IX["window"]] = min(sliding_window, 1 << 62)  # (an int64 field; >= any sequence length)
+    try:
+        cap = check_softcap(fn, softcap)
+        sig[_IX["softcap"]] = _float_bits(cap) if cap else -1
+    except ValueError as e:
+        cap = 0.0
+        problems |= _P_SOFTCAP
+        error = error or e
     if sinks is not None:
         four_d = isinstance(q, torch.Tensor) and q.dim() == 4
         s_problem = sinks_problem(sinks, q.shape[2] if four_d else None, q.device if four_d else None)
@@ -223,10 +231,10 @@ def _local_signature(fn, q, k, v, *, algorithm, layout, causal, softmax_scale, b
             sig[_IX["scale"]] = _float_bits(scale)
         except (TypeError, ValueError):
             problems |= _P_SCALE
-    if not problems & ~(_P_DOCS | _P_WINDOW | _P_SINKS) and backend != "auto":
+    if not problems & ~(_P_DOCS | _P_WINDOW | _P_SINKS | _P_SOFTCAP) and backend != "auto":
         try:  # zero-length probe: the backend's support checks run, nothing is computed
             block_attn_forward(q[:, :0], k[:, :0], v[:, :0], causal=bool(causal), softmax_scale=scale,
-                               backend=backend)
+                               backend=backend, softcap=cap)
         except (ValueError, RuntimeError) as e:
             problems |= _P_BACKEND
             error = error or e
@@ -239,6 +247,8 @@ def _local_signature(fn, q, k, v, *, algorithm, layout, causal, softmax_scale, b
 def _describe(field: str, value: int) -> str:
     if field == "scale":
         return f"{_bits_float(value):.6g}" if value != -1 else "?"
+    if field == "softcap":
+        return f"{_bits_float(value):.6g}" if value != -1 else "none"
     if field == "algorithm":
         return {v: k for k, v in _ALG_CODE.items()}.get(value, "?")
     if field == "layout":
@@ -267,6 +277,7 @@ _AGREE = (
     ("cu_seqlens (number of documents, crc32 of the boundaries; -1: none)", ("docs_n", "docs_crc")),
     ("sliding_window (-1: none)", ("window",)),
     ("sinks (number of sink logits; -1: none)", ("sinks",)),
+    ("softcap", ("softcap",)),
     ("the hardware algorithm='auto' assumes (crc32 of its cost-model profile and topology: set it alike on "
      "every rank with ringattn.set_auto_hardware or RINGATTN_AUTO_PROFILE / RINGATTN_AUTO_TOPOLOGY)", ("hardware",)),
 )
@@ -385,7 +396,7 @@ def effective_window(sliding_window, seq_len: int) -> int | None:
 
 
 def _prepare(fn: str, q, k, v, *, algorithm, causal, softmax_scale, group, layout, backend, grad=None,
-             lse_grad=False, cu_seqlens=None, sliding_window=None, sinks=None):
+             lse_grad=False, cu_seqlens=None, sliding_window=None, sinks=None, softcap=None):
     """Validate across ranks; return (plan, q, k, v contiguous, requires backward)."""
     rank, world = group_rank_and_size(group)
     if world > 1:
@@ -395,7 +406,7 @@ def _prepare(fn: str, q, k, v, *, algorithm, causal, softmax_scale, group, layou
     local = _local_signature(fn, q, k, v, algorithm=algorithm, layout=layout, causal=causal,
                              softmax_scale=softmax_scale, backend=backend, world=world,
                              global_ranks=global_ranks, grad=grad, lse_grad=lse_grad, cu_seqlens=cu_seqlens,
-                             sliding_window=sliding_window, sinks=sinks)
+                             sliding_window=sliding_window, sinks=sinks, softcap=softcap)
     device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
     sigs = _exchange(fn, group, world, global_ranks, local,
                      collective_device(group, device) if world > 1 else device)
@@ -407,8 +418,9 @@ def _prepare(fn: str, q, k, v, *, algorithm, causal, softmax_scale, group, layou
         raise ValueError(f"ringattn sequence-parallel attention: {problem}")  # (every rank: they agree on heads)
     scale = _bits_float(sigs[0][_IX["scale"]])
     docs = packed(local.documents)  # one document: plain attention
+    cap = sigs[0][_IX["softcap"]]
     plan = RingPlan(group, rank, world, lay, bool(causal), scale, backend, docs,
-                    effective_window(sliding_window, lay.seq_len))
+                    effective_window(sliding_window, lay.seq_len), _bits_float(cap) if cap != -1 else 0.0)
     # Non-contiguous inputs (e.g. a transposed (B, H, S, D) view) are accepted: one copy here,
     # since what travels must be contiguous.
     return plan, q.contiguous(), k.contiguous(), v.contiguous(), bool(sigs[0][_IX["grad"]])
@@ -670,7 +682,7 @@ def _autocast(q, k, v):
 
 
 def _run(fn, q, k, v, *, algorithm, causal, softmax_scale, group, layout, backend, return_lse, lse_grad=False,
-         cu_seqlens=None, sliding_window=None, sinks=None):
+         cu_seqlens=None, sliding_window=None, sinks=None, softcap=None):
     q, k, v = _autocast(q, k, v)
     if isinstance(sinks, torch.Tensor) and sinks.dtype in (torch.bfloat16, torch.float16):
         # One fp32 copy for both uses (the Function's rescale and finish's lse'): their gradients
@@ -680,11 +692,12 @@ def _run(fn, q, k, v, *, algorithm, causal, softmax_scale, group, layout, backen
         from ringattn.compiled import traced_attention
         return traced_attention(fn, q, k, v, algorithm=algorithm, causal=causal, softmax_scale=softmax_scale,
                                 group=group, layout=layout, backend=backend, return_lse=return_lse,
-                                lse_grad=lse_grad, cu_seqlens=cu_seqlens, sliding_window=sliding_window, sinks=sinks)
+                                lse_grad=lse_grad, cu_seqlens=cu_seqlens, sliding_window=sliding_window, sinks=sinks,
+                                softcap=softcap)
     lse_grad = bool(lse_grad)
     plan, q, k, v, grad = _prepare(fn, q, k, v, algorithm=algorithm, causal=causal, softmax_scale=softmax_scale,
                                    group=group, layout=layout, backend=backend, lse_grad=lse_grad,
-                                   cu_seqlens=cu_seqlens, sliding_window=sliding_window, sinks=sinks)
+                                   cu_seqlens=cu_seqlens, sliding_window=sliding_window, sinks=sinks, softcap=softcap)
     algorithm = _resolve_algorithm(algorithm, plan, q, k, grad, v=v)
     # The kernels run with autocast off: their fp32 accumulation (math backend, merges, deltas)
     # must not be cast down by an enclosing autocast region (the backward does the same).
@@ -712,7 +725,7 @@ def finish(out, lse, *, sinks, lse_grad, return_lse):
 
 def ring_attention(q, k, v, *, causal=False, softmax_scale=None, group=None, layout="contiguous",
                    backend="auto", return_lse=False, lse_grad=False, cu_seqlens=None, sliding_window=None,
-                   sinks=None):
+                   sinks=None, softcap=None):
     """Ring Self-Attention: K/V rotate one hop per step, Q stays (ringattn.ring_attention).
     lse_grad=True: the returned lse is differentiable (docs/sequence_parallel.md).
     cu_seqlens: packed sequences, the GLOBAL document boundaries (0, ..., L), the same on every rank:
@@ -721,15 +734,19 @@ def ring_attention(q, k, v, *, causal=False, softmax_scale=None, group=None, lay
     (0 <= q - k < w, Hugging Face's config.sliding_window); blocks the window never reaches are
     skipped, and K/V rotation stops once no rank has a block further back (RingPlan.ring_steps).
     sinks: (heads_q,) attention-sink logits, one per query head, that join every row's softmax
-    (gpt-oss; ringattn.sinks); differentiable, returned lse includes them."""
+    (gpt-oss; ringattn.sinks); differentiable, returned lse includes them.
+    softcap=c: logit softcapping, every score s -> c * tanh(s / c) after softmax_scale (Gemma 2's
+    attn_logit_softcapping); the returned lse is of the capped scores. The blocks then run on the
+    math backend or the flash_attn package (SDPA's kernels have no softcap; backend="auto" picks)."""
     return _run("ringattn.ring_attention", q, k, v, algorithm="ring", causal=causal,
                 softmax_scale=softmax_scale, group=group, layout=layout, backend=backend, return_lse=return_lse,
-                lse_grad=lse_grad, cu_seqlens=cu_seqlens, sliding_window=sliding_window, sinks=sinks)
+                lse_grad=lse_grad, cu_seqlens=cu_seqlens, sliding_window=sliding_window, sinks=sinks,
+                softcap=softcap)
 
 
 def token_ring_attention(q, k, v, *, causal=False, softmax_scale=None, group=None, layout="contiguous",
                          backend="auto", return_lse=False, lse_grad=False, cu_seqlens=None, sliding_window=None,
-                         sinks=None):
+                         sinks=None, softcap=None):
     """TokenRing: K/V stay, Q travels one way and partials come straight back (ringattn.token_ring).
     lse_grad=True: the returned lse is differentiable (docs/sequence_parallel.md).
     cu_seqlens: packed sequences, as in ring_attention; Q rows travel only to ranks holding keys of
@@ -737,12 +754,13 @@ def token_ring_attention(q, k, v, *, causal=False, softmax_scale=None, group=Non
     keys inside their window. sinks: as in ring_attention."""
     return _run("ringattn.token_ring_attention", q, k, v, algorithm="token_ring", causal=causal,
                 softmax_scale=softmax_scale, group=group, layout=layout, backend=backend, return_lse=return_lse,
-                lse_grad=lse_grad, cu_seqlens=cu_seqlens, sliding_window=sliding_window, sinks=sinks)
+                lse_grad=lse_grad, cu_seqlens=cu_seqlens, sliding_window=sliding_window, sinks=sinks,
+                softcap=softcap)
 
 
 def ulysses_attention(q, k, v, *, causal=False, softmax_scale=None, group=None, layout="contiguous",
                       backend="auto", return_lse=False, lse_grad=False, cu_seqlens=None, sliding_window=None,
-                      sinks=None):
+                      sinks=None, softcap=None):
     """Ulysses (DeepSpeed-Ulysses' schedule, ringattn.ulysses): all-to-all from sequence shards to
     head shards, one attention over the whole sequence per rank for heads_q/W heads, all-to-all
     back. Same inputs, layouts, lengths, masks (cu_seqlens, sliding_window, sinks), lse and
@@ -753,12 +771,13 @@ def ulysses_attention(q, k, v, *, causal=False, softmax_scale=None, group=None, 
     (ringattn::ulysses_attention, ringattn.compiled)."""
     return _run("ringattn.ulysses_attention", q, k, v, algorithm="ulysses", causal=causal,
                 softmax_scale=softmax_scale, group=group, layout=layout, backend=backend, return_lse=return_lse,
-                lse_grad=lse_grad, cu_seqlens=cu_seqlens, sliding_window=sliding_window, sinks=sinks)
+                lse_grad=lse_grad, cu_seqlens=cu_seqlens, sliding_window=sliding_window, sinks=sinks,
+                softcap=softcap)
 
 
 def sequence_parallel_attention(q, k, v, *, causal=False, softmax_scale=None, group=None, layout="contiguous",
                                 backend="auto", return_lse=False, algorithm="auto", lse_grad=False,
-                                cu_seqlens=None, sliding_window=None, sinks=None):
+                                cu_seqlens=None, sliding_window=None, sinks=None, softcap=None):
     """ring_attention, token_ring_attention or ulysses_attention (algorithm="ulysses"); "auto"
     picks by ringattn.cost_model (choose_algorithm): the ring or token_ring predicted faster,
     bytes deciding inside its 5% margin, and Ulysses instead where the group size splits the
@@ -766,4 +785,5 @@ def sequence_parallel_attention(q, k, v, *, causal=False, softmax_scale=None, gr
     rings only)."""
     return _run("ringattn.sequence_parallel_attention", q, k, v, algorithm=algorithm, causal=causal,
                 softmax_scale=softmax_scale, group=group, layout=layout, backend=backend, return_lse=return_lse,
-                lse_grad=lse_grad, cu_seqlens=cu_seqlens, sliding_window=sliding_window, sinks=sinks)
+                lse_grad=lse_grad, cu_seqlens=cu_seqlens, sliding_window=sliding_window, sinks=sinks,
+                softcap=softcap)

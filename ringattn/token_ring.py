@@ -122,7 +122,7 @@ def token_ring_forward(plan: RingPlan, q, k, v, reply, out_dtype=None):
     W, r = plan.world_size, plan.rank
     B, n_r, Hq, D = q.shape
     Dv = v.shape[3]
-    kw = dict(softmax_scale=plan.softmax_scale, backend=plan.backend)
+    kw = dict(softmax_scale=plan.softmax_scale, backend=plan.backend, softcap=plan.softcap)
     if W > 1:  # the first Q transfer is posted before the diagonal block, which then hides it
         q_x = _QExchange(plan, "fwd.q", _Payload([q], []), [q.dtype], 0, B, Hq, [D], q.device)
         nxt = q_x.post(1)
@@ -196,7 +196,7 @@ def token_ring_backward(plan: RingPlan, dout, q, k, v, out, lse, reply, dlse=Non
     gets a second, lse-only backward (block_lse_backward) where its K/V live."""
     W, r = plan.world_size, plan.rank
     B, n_r, Hq, D = q.shape
-    kw = dict(softmax_scale=plan.softmax_scale, backend=plan.backend)
+    kw = dict(softmax_scale=plan.softmax_scale, backend=plan.backend, softcap=plan.softcap)
     dq_acc = torch.zeros(q.shape, dtype=_F32, device=q.device)
     dk_acc = torch.zeros(k.shape, dtype=_F32, device=k.device)
     dv_acc = torch.zeros(v.shape, dtype=_F32, device=v.device)

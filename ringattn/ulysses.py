@@ -73,7 +73,8 @@ def _global_order(lay: SequenceLayout) -> list[tuple[int, int, int, int]]:
 def _single(plan: RingPlan) -> RingPlan:
     """The world-1 plan over the whole sequence: the attention one head owner runs."""
     lay1 = SequenceLayout.build(plan.layout.seq_len, 1, "contiguous")
-    return RingPlan(None, 0, 1, lay1, plan.causal, plan.softmax_scale, plan.backend, plan.documents, plan.window)
+    return RingPlan(None, 0, 1, lay1, plan.causal, plan.softmax_scale, plan.backend, plan.documents, plan.window,
+                    plan.softcap)
 
 
 def _exchange(plan: RingPlan, channel: str, send, recv_shapes, device) -> list:

@@ -31,7 +31,7 @@ NEG_INF = float("-inf")
 # Reference
 
 
-def reference(q, k, v, causal=False, softmax_scale=None, compute_dtype=torch.float64):
+def reference(q, k, v, causal=False, softmax_scale=None, compute_dtype=torch.float64, softcap=None):
     """Naive attention in `compute_dtype` (fp64: the ground truth; the input dtype: "what plain
     PyTorch gets in that precision"). Returns (out (B,Sq,Hq,D), lse (B,Hq,Sq)); empty rows give
     out 0 and lse -inf without NaNs, so autograd through it is clean."""
@@ -43,6 +43,8 @@ def reference(q, k, v, causal=False, softmax_scale=None, compute_dtype=torch.flo
     kc = k.to(compute_dtype).repeat_interleave(g, dim=2)
     vc = v.to(compute_dtype).repeat_interleave(g, dim=2)
     s = torch.einsum("bqhd,bkhd->bhqk", qc, kc) * scale
+    if softcap:  # logit softcapping (Gemma 2), before the mask
+        s = softcap * torch.tanh(s / softcap)
     alignment = ba._normalize_causal(causal)
     visible = torch.ones(Sq, Sk, dtype=torch.bool, device=q.device)
     if alignment is not None:
@@ -58,10 +60,11 @@ def reference(q, k, v, causal=False, softmax_scale=None, compute_dtype=torch.flo
     return out, lse
 
 
-def reference_grads(q, k, v, dout, causal=False, softmax_scale=None, compute_dtype=torch.float64):
+def reference_grads(q, k, v, dout, causal=False, softmax_scale=None, compute_dtype=torch.float64, softcap=None):
     """(out, lse, dq, dk, dv) of `reference` by autograd (dk/dv summed over GQA groups)."""
     leaves = [x.detach().to(compute_dtype).requires_grad_() for x in (q, k, v)]
-    out, lse = reference(*leaves, causal=causal, softmax_scale=softmax_scale, compute_dtype=compute_dtype)
+    out, lse = reference(*leaves, causal=causal, softmax_scale=softmax_scale, compute_dtype=compute_dtype,
+                         softcap=softcap)
     out.backward(dout.to(compute_dtype))
     return (out.detach(), lse.detach()) + tuple(x.grad for x in leaves)
 
@@ -412,19 +415,79 @@ def test_backward_rejects_bad_input(name, change, match):
 
 
 # ------------------------------------------------------------------------------------------
+# Logit softcapping (Gemma 2): scores -> c * tanh(scores / c) before the mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES[1:6] + CASES[8:], ids=CASE_IDS[1:6] + CASE_IDS[8:])
+def test_softcap_forward_and_backward_match_reference(case, dtype, math_chunking):
+    """math with softcap against autograd through the capped float64 reference (empty rows and
+    both alignments included), into fp32 accumulators too; and the cap changes the result."""
+    B, Sq, Sk, Hq, Hkv, D, causal = case
+    q, k, v, dout = make_inputs(B, Sq, Sk, Hq, Hkv, D, dtype, seed=3)
+    q = q * 2  # scores ~ N(0, 4): the tanh bends most of them
+    ref_out, ref_lse, ref_dq, ref_dk, ref_dv = reference_grads(q, k, v, dout, causal, softcap=1.5)
+    out, lse = block_attn_forward(q, k, v, causal=causal, softcap=1.5)
+    torch.testing.assert_close(out.double(), ref_out, **FWD_TOL[dtype])
+    assert_close_finite(lse, ref_lse, **LSE_TOL[dtype])
+    plain, _ = reference(q, k, v, causal)
+    assert (plain - ref_out).abs().max() > 0.05  # the cap matters here
+    lse_in = ref_lse if dtype == torch.float64 else ref_lse.float()
+    dq, dk, dv = block_attn_backward(dout, q, k, v, ref_out, lse_in, causal=causal, softcap=1.5)
+    accs = [torch.zeros(t.shape, dtype=torch.float64 if dtype == torch.float64 else torch.float32) for t in (q, k, v)]
+    block_attn_backward(dout, q, k, v, ref_out, lse_in, causal=causal, softcap=1.5,
+                        dq_out=accs[0], dk_out=accs[1], dv_out=accs[2])
+    for name, got, acc, want in zip(("dq", "dk", "dv"), (dq, dk, dv), accs, (ref_dq, ref_dk, ref_dv)):
+        torch.testing.assert_close(got.double(), want, **BWD_TOL[dtype], msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(acc.double(), want, **BWD_TOL[torch.float32 if dtype != torch.float64 else dtype],
+                                   msg=lambda m: f"{name} (accumulated): {m}")
+    # the lse-only backward goes through the cap as well (bf16 left out: block_lse_backward hands
+    # dlse to the kernel through q's dtype, one more bf16 rounding than this bound allows)
+    if dtype == torch.bfloat16:
+        return
+    dlse = torch.randn(lse.shape, dtype=torch.float64)
+    leaves = [x.detach().double().requires_grad_() for x in (q, k)]
+    _, l_ref = reference(leaves[0], leaves[1], v.double(), causal, softcap=1.5)
+    (l_ref.masked_fill(torch.isinf(l_ref), 0) * dlse).sum().backward()
+    dq_l, dk_l = ba.block_lse_backward(dlse if dtype == torch.float64 else dlse.float(), q, k, lse_in, causal=causal,
+                                       softcap=1.5)
+    torch.testing.assert_close(dq_l.double(), leaves[0].grad, **BWD_TOL[dtype])
+    torch.testing.assert_close(dk_l.double(), leaves[1].grad, **BWD_TOL[dtype])
+
+
+def test_softcap_arguments_and_backend_choice():
+    q, k, v, _ = make_inputs(1, 5, 5, 2, 1, 8, torch.float32)
+    for bad in (-1.0, float("inf"), float("nan"), "2", True):
+        with pytest.raises(ValueError, match="softcap must be None, 0"):
+            block_attn_forward(q, k, v, softcap=bad)
+    a, _ = block_attn_forward(q, k, v, softcap=0)  # 0 and None: off
+    b, _ = block_attn_forward(q, k, v)
+    assert torch.equal(a, b)
+    assert select_backend(q, k, v, softcap=2.0) == "math"
+    # SDPA's kernels have no softcap: refused by name (the device is checked first, so this case is CUDA)
+    case = ba._Case(torch.device("cuda", 0), torch.bfloat16, 64, 64, 8, 8, 64, None, 30.0)
+    problem = ba._case_problem.__wrapped__
+    import unittest.mock as um
+    with um.patch.object(ba, "_device_problem", lambda *a: None):
+        for backend in ("cudnn", "flash", "efficient"):
+            assert "no logit softcapping" in problem(backend, case), backend
+        assert problem("math", case) is None
+
+
+# ------------------------------------------------------------------------------------------
 # flash_attn adapter (the package itself needs CUDA; its signature handling is checked here with
 # fakes of the two interface generations, computing with the math backend)
 
 
-def _fake_fa_forward(q, k, v, softmax_scale, causal):
+def _fake_fa_forward(q, k, v, softmax_scale, causal, softcap=0.0):
     out, lse = block_attn_forward(q, k, v, causal="bottom_right" if causal else False,
-                                  softmax_scale=softmax_scale, backend="math")
+                                  softmax_scale=softmax_scale, backend="math", softcap=softcap)
     return out, torch.where(lse == NEG_INF, float("inf"), lse)  # FA2 marks empty rows +inf
 
 
-def _fake_fa_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_scale, causal):
+def _fake_fa_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_scale, causal, softcap=0.0):
     grads = block_attn_backward(dout, q, k, v, out, softmax_lse, softmax_scale=softmax_scale,
-                                causal="bottom_right" if causal else False, backend="math")
+                                causal="bottom_right" if causal else False, backend="math", softcap=softcap)
     for dst, src in zip((dq, dk, dv), grads):
         dst.copy_(src)
     return None
@@ -436,15 +499,15 @@ class FakeFlashAttn26:
     @staticmethod
     def _flash_attn_forward(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
                             alibi_slopes, return_softmax):
-        assert dropout_p == 0.0 and window_size == (-1, -1) and softcap == 0.0 and not return_softmax
-        out, lse = _fake_fa_forward(q, k, v, softmax_scale, causal)
+        assert dropout_p == 0.0 and window_size == (-1, -1) and not return_softmax
+        out, lse = _fake_fa_forward(q, k, v, softmax_scale, causal, softcap)
         return out, q, k, v, out, lse, None, None
 
     @staticmethod
     def _flash_attn_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p, softmax_scale,
                              causal, window_size, softcap, alibi_slopes, deterministic, rng_state=None):
         assert window_size == (-1, -1) and alibi_slopes is None and rng_state is None
-        return _fake_fa_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_scale, causal)
+        return _fake_fa_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_scale, causal, softcap)
 
 
 class _CustomOpLike:
@@ -460,7 +523,7 @@ class _CustomOpLike:
 def _fa27_forward(q, k, v, dropout_p, softmax_scale, causal, window_size_left, window_size_right,
                   softcap, alibi_slopes, return_softmax):
     assert (window_size_left, window_size_right) == (-1, -1)
-    out, lse = _fake_fa_forward(q, k, v, softmax_scale, causal)
+    out, lse = _fake_fa_forward(q, k, v, softmax_scale, causal, softcap)
     return out, lse, None, None
 
 
@@ -468,7 +531,7 @@ def _fa27_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p, softm
                    window_size_left, window_size_right, softcap, alibi_slopes, deterministic,
                    rng_state=None):
     assert (window_size_left, window_size_right) == (-1, -1) and not deterministic
-    return _fake_fa_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_scale, causal)
+    return _fake_fa_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_scale, causal, softcap)
 
 
 class FakeFlashAttn27:
@@ -480,13 +543,15 @@ class FakeFlashAttn27:
 
 @pytest.mark.parametrize("fake", [FakeFlashAttn26, FakeFlashAttn27], ids=["2.6", "2.7"])
 @pytest.mark.parametrize("causal", [False, "bottom_right"])
-def test_flash_attn_adapter(fake, causal):
+@pytest.mark.parametrize("softcap", [0.0, 0.7])
+def test_flash_attn_adapter(fake, causal, softcap):
     q, k, v, dout = make_inputs(1, 20, 12, 4, 2, 8, torch.float32, seed=5)
-    case = ba._make_case(q, k, ba._normalize_causal(causal))
+    case = ba._make_case(q, k, ba._normalize_causal(causal), softcap)  # (softcap: passed by name)
     out, lse = ba._flash_attn_forward(q, k, v, 0.25, case, interface=fake)
     if causal:  # the public wrapper turns the kernel's +inf empty-row lse into -inf
         lse[:, :, :8] = NEG_INF
-    ref_out, ref_lse, ref_dq, ref_dk, ref_dv = reference_grads(q, k, v, dout, causal, softmax_scale=0.25)
+    ref_out, ref_lse, ref_dq, ref_dk, ref_dv = reference_grads(q, k, v, dout, causal, softmax_scale=0.25,
+                                                               softcap=softcap or None)
     torch.testing.assert_close(out.double(), ref_out, **FWD_TOL[torch.float32])
     assert_close_finite(lse, ref_lse, **LSE_TOL[torch.float32])
     grads = ba._flash_attn_backward(dout, q, k, v, ref_out.float(), ref_lse.float(), 0.25, case,

@@ -67,6 +67,27 @@ def test_opcheck_v_head_dim_differs(Dv):
     assert [t.shape[3] for t in torch.ops.ringattn.ulysses_attention_backward(*ubwd)] == [8, 8, Dv]
 
 
+def test_opcheck_softcap():
+    """softcap through the traced ops: the forward carries it in meta for the backward op, and the
+    ops' results differ from the uncapped call's."""
+    q, k, v = _qkv()
+    args = (q, k, v, "", "ring", True, None, "zigzag", "auto", True, False, None, -1, None, 1.5)
+    torch.library.opcheck(torch.ops.ringattn.sp_attention.default, args)
+    out, lse, meta = torch.ops.ringattn.sp_attention(*args)
+    assert meta.tolist()[4] == sp._float_bits(1.5)
+    plain = torch.ops.ringattn.sp_attention(*args[:-1])[0]
+    assert (plain - out).abs().max() > 1e-3
+    bwd = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), None, meta, "",
+           True, "zigzag", "auto", False)
+    torch.library.opcheck(torch.ops.ringattn.sp_attention_backward.default, bwd)
+    uargs = (q, k, v, "", True, None, "zigzag", "auto", True, False, None, -1, None, 1.5)
+    torch.library.opcheck(torch.ops.ringattn.ulysses_attention.default, uargs)
+    out_u, lse_u, meta_u, *heads = torch.ops.ringattn.ulysses_attention(*uargs)
+    torch.testing.assert_close(out_u, out)
+    ubwd = (torch.randn_like(out), None, *(t.detach() for t in heads), meta_u, "", True, "zigzag", "auto", 2)
+    torch.library.opcheck(torch.ops.ringattn.ulysses_attention_backward.default, ubwd)
+
+
 @pytest.mark.parametrize("algorithm", ["ring", "token_ring", "auto"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_opcheck_sp_attention(algorithm, causal):
@@ -142,6 +163,8 @@ def _compiled_case(c, backend="aot_eager"):
     if c["alg"] == "auto":
         fn = sp.sequence_parallel_attention
     kw = dict(causal=c["causal"], layout=c["layout"], return_lse=c["return_lse"])
+    if c.get("softcap") is not None:
+        kw["softcap"] = c["softcap"]
     compiled = torch.compile(lambda q, k, v: fn(q, k, v, **kw), fullgraph=True, backend=backend)
     B, L, Hq, Hkv, D, dtype = c["batch"], c["seq_len"], c["hq"], c["hkv"], c["head_dim"], c["dtype"]
     Dv = c.get("v_head_dim", D)
@@ -187,6 +210,8 @@ def _compiled_cases(world):
     cases.append(dict(cases[8], dtype=torch.bfloat16, seed=951))
     cases.append(dict(cases[1], v_head_dim=12, seed=952))  # MLA-style v head dims (ringattn.head_dims)
     cases.append(dict(cases[6], v_head_dim=4, seed=953))
+    cases.append(dict(cases[3], softcap=1.5, seed=954))  # logit softcapping (Gemma 2)
+    cases.append(dict(cases[4], softcap=2.0, seed=955))
     return cases
 
 

@@ -13,8 +13,9 @@ from test_sequence_parallel import tolerance
 HEADS = ((4, 4), (4, 2), (4, 1))
 
 
-def reference(q, k, v, k_new, v_new, scale):
-    """float64: q (B,Tq,Hq,D) over cache keys k (B,L,Hkv,D) (all visible) + new keys (causal)."""
+def reference(q, k, v, k_new, v_new, scale, softcap=None):
+    """float64: q (B,Tq,Hq,D) over cache keys k (B,L,Hkv,D) (all visible) + new keys (causal);
+    softcap: scores -> softcap * tanh(scores / softcap)."""
     q, k, v = q.double(), k.double(), v.double()
     tq = q.shape[1]
     mask = torch.ones(tq, k.shape[1], dtype=torch.bool)
@@ -24,6 +25,8 @@ def reference(q, k, v, k_new, v_new, scale):
     g = q.shape[2] // k.shape[2]
     kk, vv = k.repeat_interleave(g, 2), v.repeat_interleave(g, 2)
     s = torch.einsum("bqhd,bkhd->bhqk", q, kk) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
     s = s.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(s, -1)
     p = torch.nan_to_num(torch.softmax(s, -1))  # rows with no key: 0
@@ -63,10 +66,11 @@ def _run_matrix(world):
                             h = lens[rank] // 2
                             mine_k, mine_v = (mine_k[:, :h], mine_k[:, h:]), (mine_v[:, :h], mine_v[:, h:])
                         scale = 0.3
+                        cap = 0.8 if case % 4 == 1 else None  # logit softcapping in a quarter of the cases
                         with torch.no_grad():
                             out, lse = sharded_kv_attention(q, mine_k, mine_v, k_new=kn, v_new=vn,
-                                                            softmax_scale=scale, return_lse=True)
-                        ref_out, ref_lse = reference(q, k, v, kn, vn, scale)
+                                                            softmax_scale=scale, return_lse=True, softcap=cap)
+                        ref_out, ref_lse = reference(q, k, v, kn, vn, scale, cap)
                         # the same on every rank, bitwise
                         both = torch.cat([out.float().flatten(), lse.flatten()])
                         gathered = [torch.empty_like(both) for _ in range(world)]
@@ -122,6 +126,8 @@ def _run_bad():
     attempt("scale", lambda: sharded_kv_attention(q, k, k, softmax_scale=-1.0))
     attempt("v_head_dim", lambda: sharded_kv_attention(q, k, k[..., :8] if rank == 1 else k))  # MLA-style, not alike
     attempt("v_heads", lambda: sharded_kv_attention(q, k, k[:, :, :1]))
+    attempt("softcap_disagree", lambda: sharded_kv_attention(q, k, k, softcap=2.0 if rank == 1 else None))
+    attempt("softcap_bad", lambda: sharded_kv_attention(q, k, k, softcap=-2.0))
     with torch.no_grad():  # the group still works, and the result is right
         out = sharded_kv_attention(q, k, k)
         ref, _ = reference(q, torch.cat([k] * dist.get_world_size(), 1), torch.cat([k] * dist.get_world_size(), 1),
@@ -140,6 +146,8 @@ BAD = {
     "scale": ["softmax_scale must be a finite number > 0"],
     "v_head_dim": ["ranks disagree on v's head_dim: [16, 8]"],
     "v_heads": ["v_cache[0] (1, 5, 1, 16), expected (batch=1, seq, heads_kv=2, head_dim=16)"],
+    "softcap_disagree": ["ranks disagree on softcap"],
+    "softcap_bad": ["softcap must be None, 0 (off) or a finite number > 0"],
 }
 
 

@@ -36,11 +36,14 @@ WINDOWED = {
        for f in ("cohere2", "cohere2_moe", "olmo3", "exaone4", "exaone_moe", "ministral", "afmoe", "laguna",
                  "granite_swa")},
     "cwm": dict(sliding_window=WINDOW, layer_types=["full_attention", "sliding_attention"]),
+    # with attention-logit softcapping (Gemma 2)
+    "gemma2": dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]),
+    "vaultgemma": dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]),
 }
 # Families whose caches need an int window on sliding layers: "no window" = every layer full.
 NO_WINDOW = {f: dict(layer_types=["full_attention", "full_attention"])
              for f in ("gemma3_text", "gpt_oss", "cohere2", "cohere2_moe", "olmo3", "exaone4", "exaone_moe", "ministral",
-                       "afmoe", "laguna", "granite_swa", "cwm")}
+                       "afmoe", "laguna", "granite_swa", "cwm", "gemma2", "vaultgemma")}
 
 
 def test_every_window_family_is_tested():
@@ -98,7 +101,7 @@ def _generate_windowed(world):
     steps = 2 * WINDOW  # decode runs past the window: the oldest keys drop out step by step
     # (+ Cohere 2: NoPE full layers; EXAONE 4: the window only on sliding layers; Granite SWA: sinks)
     for family in ("mistral", "qwen2", "phi3", "gemma3_text") + tuple(
-            f for f in ("gpt_oss", "cohere2", "exaone4", "granite_swa") if family_available(f)):
+            f for f in ("gpt_oss", "cohere2", "exaone4", "granite_swa", "gemma2") if family_available(f)):
         model = tiny_model(family, **WINDOWED[family])
         ref_tokens, ref_logits = greedy_reference(copy.deepcopy(model), prompt, steps)
         for algorithm, layout in (("ring", "zigzag"), ("token_ring", "contiguous")):

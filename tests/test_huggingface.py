@@ -134,6 +134,13 @@ FAMILY_CONFIGS = {
                                     shared_expert_intermediate_size=32, sliding_window=4096)),
     # attention sinks (a sigmoid(lse - sink) output scale) and sliding layers
     "granite_swa": ("GraniteSWAConfig", dict(sliding_window=4096)),
+    # attention-logit softcapping (cap 5, with q/k projections x10 in tiny_model so the scores
+    # reach it and the tanh bends them -- test_softcap_matters), alternating sliding / full layers,
+    # final-logit softcapping
+    "gemma2": ("Gemma2Config", dict(head_dim=16, query_pre_attn_scalar=16, pad_token_id=0, sliding_window=4096,
+                                    attn_logit_softcapping=5.0)),
+    "vaultgemma": ("VaultGemmaConfig", dict(head_dim=16, query_pre_attn_scalar=16, pad_token_id=0,
+                                            sliding_window=4096, attn_logit_softcapping=5.0)),
 }
 
 
@@ -169,6 +176,8 @@ def tiny_model(family: str, seed: int = 0, **overrides):
         for name, p in model.named_parameters():
             if name.endswith(".sinks"):  # initialised near 0: made large enough to matter, seeded
                 p.normal_(0.0, 2.0)
+            if family in rhf.SOFTCAP_MODEL_TYPES and name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(10.0)  # scores of O(10): the attention-logit cap (5) bends them
     return model
 
 
@@ -1009,3 +1018,15 @@ def test_attention_that_bypasses_ringattn_raises(dist_pool):
         assert ok > 0, rank
         assert "1 of the 2 attention layers of LlamaModel reached ringattn" in msg and "output is wrong" in msg, \
             (rank, msg)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "vaultgemma"])
+def test_softcap_matters(family):
+    """The softcapped families' tiny configs are sensitive to the cap (so a wrapped model that
+    dropped it would fail the family tests): without it the single-process logits differ."""
+    if not family_available(family):
+        pytest.skip(f"this transformers has no {family}")
+    ids, labels = global_batch(23)
+    capped = reference(tiny_model(family), ids, labels)[0]
+    plain = reference(tiny_model(family, attn_logit_softcapping=None), ids, labels)[0]
+    assert (capped - plain).abs().max() > 0.05 * capped.abs().max()

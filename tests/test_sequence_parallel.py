@@ -47,11 +47,14 @@ def positions(seq_len, world, layout, rank):
     return torch.cat([torch.arange(starts[c], starts[c] + sizes[c]) for c in chunks])
 
 
-def reference(q, k, v, causal, scale):
-    """Plain softmax attention over the full sequence in float64: out (B,L,Hq,D), lse (B,Hq,L)."""
+def reference(q, k, v, causal, scale, softcap=None):
+    """Plain softmax attention over the full sequence in float64: out (B,L,Hq,D), lse (B,Hq,L).
+    softcap: scores -> softcap * tanh(scores / softcap) before the mask (Gemma 2)."""
     g = q.shape[2] // k.shape[2]
     kk, vv = k.repeat_interleave(g, 2), v.repeat_interleave(g, 2)
     s = torch.einsum("bqhd,bkhd->bhqk", q, kk) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
     if causal:
         L = q.shape[1]
         s = s.masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf"))
@@ -91,14 +94,15 @@ def run_case(c, group=None, check_bytes=True, device="cpu"):
     k, v = (torch.randn(B, L, Hkv, d, generator=gen).to(dtype) for d in (D, Dv))
     scale = 1.0 / math.sqrt(D)
     ref = [t.double().requires_grad_() for t in (q, k, v)]
-    ref_out, ref_lse = reference(*ref, c["causal"], scale)
+    ref_out, ref_lse = reference(*ref, c["causal"], scale, c.get("softcap"))
     ref_out.backward(dout.double())
 
     pos = positions(L, world, c["layout"], rank)
     loc = [t[:, pos].to(device).requires_grad_() for t in (q, k, v)]
     fn = {"ring": sp.ring_attention, "token_ring": sp.token_ring_attention, "ulysses": sp.ulysses_attention}[c["alg"]]
     with comm_stats() as st:
-        res = fn(*loc, causal=c["causal"], group=group, layout=c["layout"], return_lse=c["return_lse"])
+        extra = {"softcap": c["softcap"]} if c.get("softcap") is not None else {}
+        res = fn(*loc, causal=c["causal"], group=group, layout=c["layout"], return_lse=c["return_lse"], **extra)
         out, lse = res if c["return_lse"] else (res, None)
         out.backward(dout[:, pos].to(device))
 
@@ -164,6 +168,41 @@ def test_v_head_dim_differs_from_qk(dist_pool, world):
     algorithm, both layouts, v narrower and wider than q/k; bytes = the formula on the padded dim."""
     failures = [f for r in dist_pool(world).run(_run_mla, world, timeout=180) for f in r]
     assert not failures, "\n".join(failures)
+
+
+# --- logit softcapping (Gemma 2): every score s -> c * tanh(s / c) ------------------------------
+def _run_softcap(world):
+    cases, i = [], 0
+    for dtype in DTYPES:
+        for alg in ALGORITHMS + ("ulysses",):
+            for layout in LAYOUTS:
+                for causal in (True, False):
+                    hq, hkv = (6, 3) if world == 3 else (4, 2)
+                    # c = 1.5: scores ~ N(0, 1) after the scale, so the tanh bends most of them
+                    cases.append(dict(alg=alg, causal=causal, layout=layout, hq=hq, hkv=hkv, seq_len=5 * world + 1,
+                                      batch=1 + i % 2, dtype=dtype, head_dim=8, return_lse=i % 2 == 0,
+                                      softcap=1.5 if i % 3 else 2, seed=700 + i))
+                    i += 1
+    cases.append(dict(cases[1], head_dim=24, v_head_dim=16, seed=799))  # with MLA's head dims
+    return [f for c in cases if (f := run_case(c)) is not None]
+
+
+@pytest.mark.parametrize("world", (2, 3))
+def test_softcap_matches_float64(dist_pool, world):
+    """softcap= against float64 softcapped attention with random upstream gradients: out, lse, dq,
+    dk, dv, every algorithm and layout, causal or not, fp32 / bf16; bytes unchanged (the formula)."""
+    failures = [f for r in dist_pool(world).run(_run_softcap, world, timeout=180) for f in r]
+    assert not failures, "\n".join(failures)
+
+
+def test_softcap_reference_differs_from_plain_attention():
+    """At the sizes above the cap matters (so a ring that dropped it would fail them): the capped
+    float64 reference is far from the plain one, out and lse."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 11, h, 8, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+    a, la = reference(q, k, v, True, 8 ** -0.5, 1.5)
+    b, lb = reference(q, k, v, True, 8 ** -0.5)
+    assert (a - b).abs().max() > 0.05 and (la - lb).abs().max() > 0.1
 
 
 # --- edge lengths: the shortest sequences (chunks of one token), uneven by one ------------------

@@ -80,6 +80,10 @@ def _scenario(name, rank):
             q = q.to(torch.int32)
     elif name == "bad_scale":
         kw["softmax_scale"] = -1.0
+    elif name == "softcap":
+        kw["softcap"] = 30.0 if rank == 0 else None
+    elif name == "bad_softcap":
+        kw["softcap"] = float("nan") if rank == 1 else 2.0
     return fn, (q, k, v), kw
 
 
@@ -146,6 +150,14 @@ def test_disagree_algorithm(dist_pool):
 
 def test_disagree_softmax_scale(dist_pool):
     _check(dist_pool, "softmax_scale", "ranks disagree on softmax_scale", "rank 0: 0.3", "rank 1: 0.353553")
+
+
+def test_disagree_softcap(dist_pool):
+    _check(dist_pool, "softcap", "ranks disagree on softcap", "rank 0: 30", "rank 1: none")
+
+
+def test_bad_softcap_on_one_rank(dist_pool):
+    _check(dist_pool, "bad_softcap", "rank 1: softcap must be None, 0 (off) or a finite number > 0")
 
 
 def test_disagree_requires_grad(dist_pool):

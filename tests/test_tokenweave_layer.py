@@ -414,7 +414,7 @@ LATER_FAMILIES = ("apertus", "arcee", "dots1", "ernie4_5", "ernie4_5_moe", "glm4
                   "nemotron", "olmoe", "phi", "phimoe", "stablelm", "flex_olmo", "nanochat", "mellum", "jais2",
                   "solar_open", "ministral3", "hyperclovax", "minicpm3", "qwen2_moe", "seed_oss", "gpt_neox",
                   "persimmon", "cohere2", "cohere2_moe", "olmo3", "exaone4", "exaone_moe", "ministral", "cwm",
-                  "afmoe", "laguna", "granite_swa")
+                  "afmoe", "laguna", "granite_swa", "gemma2", "vaultgemma")
 
 
 def test_tokenweave_families_match_or_are_refused():

@@ -250,7 +250,7 @@ def _piece_lengths(plan, seg_len_local: int) -> list[int]:
 
 def ulysses_ring_attention(q, k, v, *, plan, causal: bool = True, softmax_scale: float | None = None,
                            use_deepspeed: bool | None = None, cu_seqlens=None, sliding_window: int | None = None,
-                           sinks=None):
+                           sinks=None, softcap=None):
     """2-D sequence-parallel attention. q: (batch, piece, heads_q, head_dim); k, v: (batch, piece,
     heads_kv, head_dim), this rank's piece as laid out by plan.shard. Returns (batch, piece,
     heads_q, head_dim). Differentiable. `plan` is a SequenceParallelPlan with ulysses_size > 1.
@@ -291,7 +291,7 @@ def ulysses_ring_attention(q, k, v, *, plan, causal: bool = True, softmax_scale:
         return sequence_parallel_attention(
             qs, ks, vs, causal=causal, softmax_scale=softmax_scale, group=plan.ring_group,
             layout=plan.layout, backend=plan.backend, algorithm=plan.ring_algorithm, cu_seqlens=docs,
-            sliding_window=sliding_window, sinks=sinks,
+            sliding_window=sliding_window, sinks=sinks, softcap=softcap,
         )
 
     want_ds = plan.use_deepspeed if use_deepspeed is None else use_deepspeed

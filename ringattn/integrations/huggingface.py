@@ -41,8 +41,8 @@ run as documents cut into chunks (``chunked_documents``) and its NoPE layers' at
 tuning with global positions (``temperature_scaled``; ``CHUNKED_MODEL_TYPES``).
 
 Refused with an error instead of computed wrongly: model families other than the ones listed in
-``SUPPORTED_MODEL_TYPES``, sliding windows in other families, attention-logit softcapping, attention sinks
-outside ``SINK_MODEL_TYPES``, bidirectional attention (Gemma 3's use_bidirectional_attention),
+``SUPPORTED_MODEL_TYPES``, sliding windows in other families, attention-logit softcapping outside
+``SOFTCAP_MODEL_TYPES`` (Gemma 2's runs as ringattn's ``softcap=``), attention sinks outside ``SINK_MODEL_TYPES``, bidirectional attention (Gemma 3's use_bidirectional_attention),
 attention dropout, RoPE variants that depend on the sequence length (dynamic, longrope),
 padding masks with zeros between real tokens (only left/right padding, or padding at the ends
 of packed documents), custom 4-D masks, KV caches outside
@@ -76,16 +76,21 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mix
                          "nanochat", "mellum", "jais2", "solar_open", "ministral3", "hyperclovax", "minicpm3",
                          "qwen2_moe", "seed_oss", "gpt_neox", "persimmon",
                          "cohere2", "cohere2_moe", "olmo3", "exaone4", "exaone_moe", "ministral", "cwm", "afmoe",
-                         "laguna", "granite_swa")
+                         "laguna", "granite_swa",
+                         # attention-logit softcapping (SOFTCAP_MODEL_TYPES) and sliding layers
+                         "gemma2", "vaultgemma")
 # Families whose attention modules pass sliding_window= to the attention function (checked per
 # layer against the config at every call, _attention_forward): their windows run exactly.
 SLIDING_WINDOW_MODEL_TYPES = ("mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "phi3", "starcoder2", "smollm3",
                               "gemma3_text", "gpt_oss", "cohere2", "cohere2_moe", "olmo3", "exaone4", "exaone_moe",
-                              "ministral", "cwm", "afmoe", "laguna", "granite_swa")
+                              "ministral", "cwm", "afmoe", "laguna", "granite_swa", "gemma2", "vaultgemma")
 # Families whose attention passes per-head attention-sink logits (s_aux=) to the attention
 # function: they run as ringattn's sinks= (ringattn.sinks), training and generate() alike.
 # (Granite SWA's sigmoid(lse - sink) output scale is the same extra softmax-denominator logit.)
 SINK_MODEL_TYPES = ("gpt_oss", "granite_swa")
+# Families whose attention passes softcap= (config.attn_logit_softcapping: every score s ->
+# c * tanh(s / c)) to the attention function: run as ringattn's softcap= on every block.
+SOFTCAP_MODEL_TYPES = ("gemma2", "vaultgemma")
 # Families checked only against transformers 5's implementation. On 4.x these families' attention
 # modules did not dispatch through AttentionInterface (one class per implementation chosen when the
 # model was built, or a 4-D mask of their own), so the wrapped model attended over each rank's shard
@@ -265,23 +270,24 @@ class SequenceParallelPlan:
 
     # -- attention ---------------------------------------------------------------------------
     def attention(self, q, k, v, *, causal: bool, softmax_scale: float | None, sliding_window: int | None = None,
-                  sinks=None, chunked: bool = False):
+                  sinks=None, chunked: bool = False, softcap=None):
         """q: (batch, seq_local, heads_q, head_dim); k, v: (batch, seq_local, heads_kv, head_dim).
         sliding_window: the layer's causal window (each query sees its w most recent keys).
         sinks: the layer's (heads_q,) attention-sink logits (ringattn.sinks), or None.
-        chunked: a chunked-attention layer (Llama 4): the forward's boundaries cut into chunks."""
+        chunked: a chunked-attention layer (Llama 4): the forward's boundaries cut into chunks.
+        softcap: the layer's attention-logit softcapping (Gemma 2), or None."""
         docs = self._chunk_documents if chunked else self._documents
         if self.is_2d:
             from ringattn.integrations.deepspeed import ulysses_ring_attention
 
             return ulysses_ring_attention(q, k, v, plan=self, causal=causal, softmax_scale=softmax_scale,
                                           sliding_window=sliding_window, sinks=sinks,
-                                          cu_seqlens=docs if chunked else None)
+                                          cu_seqlens=docs if chunked else None, softcap=softcap)
         sequence_parallel_attention, _, _ = _sp_module()
         return sequence_parallel_attention(
             q, k, v, causal=causal, softmax_scale=softmax_scale, group=self.group,
             layout=self.layout, backend=self.backend, algorithm=self.algorithm, cu_seqlens=docs,
-            sliding_window=sliding_window, sinks=sinks,
+            sliding_window=sliding_window, sinks=sinks, softcap=softcap,
         )
 
 
@@ -397,8 +403,9 @@ def check_supported(model) -> None:
             not isinstance(sw, int) or isinstance(sw, bool) or sw < 1):  # (unused when no layer slides)
         raise ValueError(f"ringattn: {name} has config.sliding_window={sw!r}; expected None or an int >= 1")
     for attr in ("attn_logit_softcapping", "attention_logit_softcapping"):
-        if getattr(cfg, attr, None) is not None:
-            raise ValueError(f"ringattn: {name} uses attention-logit softcapping (config.{attr}); not supported")
+        if getattr(cfg, attr, None) is not None and mt not in SOFTCAP_MODEL_TYPES:
+            raise ValueError(f"ringattn: {name} uses attention-logit softcapping (config.{attr}); ringattn runs it "
+                             f"for {', '.join(SOFTCAP_MODEL_TYPES)} only")
     if getattr(cfg, "attention_dropout", 0.0):
         raise ValueError(
             f"ringattn: {name} has config.attention_dropout={cfg.attention_dropout}; dropout on "
@@ -451,8 +458,10 @@ def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, s
         raise ValueError(f"ringattn: {type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) asks for "
                          f"sliding_window={window!r}, but its config gives this layer {want_window!r} (config."
                          "sliding_window / layer_types changed after apply_sequence_parallel? apply it again)")
-    if kwargs.get("softcap") is not None:
-        raise ValueError(f"ringattn: {type(module).__name__} asks for softcap={kwargs['softcap']!r}; not supported")
+    softcap = kwargs.get("softcap")
+    if softcap is not None and not getattr(module, "_ringattn_softcap", False):
+        raise ValueError(f"ringattn: {type(module).__name__} asks for softcap={softcap!r}, but its family is not one "
+                         f"ringattn checked with softcapping ({', '.join(SOFTCAP_MODEL_TYPES)})")
     sinks = kwargs.get("s_aux", kwargs.get("sinks"))
     if sinks is not None and not getattr(module, "_ringattn_sinks", False):
         raise ValueError(f"ringattn: {type(module).__name__} passes attention sinks, but its family is not one "
@@ -470,7 +479,7 @@ def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, s
         pos = _decode_positions(plan, k.shape[1], q.shape[1]) if decode else plan._positions
         q = temperature_scaled(q, pos, *temperature)
     if decode:
-        return _decode_attention(plan, q, k, v, scaling, window, sinks, chunk), None
+        return _decode_attention(plan, q, k, v, scaling, window, sinks, chunk, softcap), None
     if k.shape[1] != q.shape[1]:
         raise ValueError(f"ringattn: attention got {k.shape[1]} keys for {q.shape[1]} queries on rank {plan.rank}: "
                          "a KV cache outside ringattn.integrations.huggingface.generate() is not supported")
@@ -479,7 +488,7 @@ def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, s
         if q.shape[1] != expected:
             raise ValueError(f"ringattn: attention got {q.shape[1]} tokens on rank {plan.rank}, expected {expected}")
     out = plan.attention(q, k, v, causal=bool(causal), softmax_scale=scaling, sliding_window=window, sinks=sinks,
-                         chunked=chunk is not None)
+                         chunked=chunk is not None, softcap=softcap)
     return out, None
 
 
@@ -952,6 +961,7 @@ def apply_sequence_parallel(model, group=None, algorithm: str = "auto", layout: 
             m._ringattn_window = layer_window(m, cfg)
             # sinks are accepted only from families checked with them (SINK_MODEL_TYPES)
             m._ringattn_sinks = cfg.model_type in SINK_MODEL_TYPES
+            m._ringattn_softcap = cfg.model_type in SOFTCAP_MODEL_TYPES
             if cfg.model_type in CHUNKED_MODEL_TYPES:
                 types = getattr(cfg, "layer_types", None)
                 if types is not None and types[m.layer_idx] == "chunked_attention":
@@ -1036,6 +1046,8 @@ def remove_sequence_parallel(model, attn_implementation: str | None = None):
             del m._ringattn_window
         if hasattr(m, "_ringattn_sinks"):
             del m._ringattn_sinks
+        if hasattr(m, "_ringattn_softcap"):
+            del m._ringattn_softcap
         if hasattr(m, "_ringattn_chunk"):
             del m._ringattn_chunk
         if hasattr(m, "_ringattn_temperature"):
@@ -1075,7 +1087,7 @@ class _Serving:
     doc_start: list | None = None  # each row's last packed document's start (0 unpacked): temperature positions
 
 
-def _decode_attention(plan, q, k, v, scale, window=None, sinks=None, chunk=None):
+def _decode_attention(plan, q, k, v, scale, window=None, sinks=None, chunk=None, softcap=None):
     """One decode step of one layer. q: (B, Tq, Hq, D), the same on every rank; k, v: (B, S_r + n,
     Hkv, D), what the rank's DynamicCache returned: its prompt shard (S_r) then every generated
     token so far, the Tq new ones last (the generated ones are in every rank's cache). Each rank
@@ -1118,7 +1130,7 @@ def _decode_attention(plan, q, k, v, scale, window=None, sinks=None, chunk=None)
     if not starts or not any(starts):
         return sharded_kv_attention(q, (k[:, :s_r], k[:, gen]), (v[:, :s_r], v[:, gen]), k_new=k[:, -tq:],
                                     v_new=v[:, -tq:], group=plan.group, softmax_scale=scale, backend=plan.backend,
-                                    check=check, sinks=sinks)
+                                    check=check, sinks=sinks, softcap=softcap)
     # Left-padded prompts: a row's padded prompt keys (global position < its first real token) are
     # left out; a sliding window leaves out every key before its start the same way. Rows with the
     # same first key share the pieces (this rank's runs of prompt keys at or after it, and its
@@ -1141,7 +1153,7 @@ def _decode_attention(plan, q, k, v, scale, window=None, sinks=None, chunk=None)
         pv = tuple(vb[:, a:b] for a, b in runs) + (vb[:, g],)
         res = sharded_kv_attention(q if whole else q.index_select(0, idx), pk, pv, k_new=kb[:, -tq:],
                                    v_new=vb[:, -tq:], group=plan.group, softmax_scale=scale, backend=plan.backend,
-                                   check=check, sinks=sinks)
+                                   check=check, sinks=sinks, softcap=softcap)
         if whole:
             return res
         out[idx] = res
