@@ -668,6 +668,32 @@ def test_gpu_backend_matches_reference(backend, case, packed):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gpu_softcap(dtype):
+    """softcap= on CUDA: auto takes flash_attn when installed, else math (SDPA's kernels have no
+    softcap and refuse it by name); against the capped fp64 reference within 2x of plain PyTorch in
+    that precision, forward and backward (into fp32 accumulators, as the rings do)."""
+    q, k, v, dout = make_inputs(1, 200, 300, 8, 4, 128, dtype, device="cuda", seed=23)
+    q = q * 4  # scores of O(4): the cap (Gemma 2's 50 scaled down to 2) bends them
+    picked = select_backend(q, k, v, causal="bottom_right", softcap=2.0)
+    assert picked in ("flash_attn", "math"), picked
+    for backend in ("cudnn", "flash", "efficient"):
+        with pytest.raises(ValueError, match="no logit softcapping"):
+            block_attn_forward(q, k, v, causal="bottom_right", backend=backend, softcap=2.0)
+    out, lse = block_attn_forward(q, k, v, causal="bottom_right", softcap=2.0)
+    ref_out, ref_lse, ref_dq, ref_dk, ref_dv = reference_grads(q, k, v, dout, "bottom_right", softcap=2.0)
+    lp = reference_grads(q, k, v, dout, "bottom_right", compute_dtype=dtype, softcap=2.0)
+    _assert_within_2x(f"{picked} out", out, ref_out, lp[0], 1e-5)
+    _assert_within_2x(f"{picked} lse", lse, ref_lse, lp[1], 1e-4)
+    accs = [torch.zeros(x.shape, dtype=torch.float32, device="cuda") for x in (q, k, v)]
+    block_attn_backward(dout, q, k, v, ref_out.to(dtype), ref_lse.float(), causal="bottom_right", softcap=2.0,
+                        dq_out=accs[0], dk_out=accs[1], dv_out=accs[2])
+    for name, got, ref, lowp in zip(("dq", "dk", "dv"), accs, (ref_dq, ref_dk, ref_dv), lp[2:]):
+        _assert_within_2x(f"{picked} {name}", got, ref, lowp, 1e-4)
+
+
+@gpu
+@needs_cuda
 @pytest.mark.parametrize("dims", [(192, 128), (64, 128)], ids=["deepseek", "v_wider"])
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_gpu_v_head_dim_differs(backend, dims):

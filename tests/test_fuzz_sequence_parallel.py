@@ -11,7 +11,7 @@ single-process float64 attention with an explicit boolean mask, forward AND back
 - batch 1-2 (3 now and then, for per-row packings with repeated rows); MHA / GQA / MQA
   (heads_q <= 8); head_dim 8, 16, 32, 64, v's head dim the same or (1/4 of the cases, MLA-style)
   4, 8, 16, 24 or 48; float32, bfloat16 and float64 inputs; default or random
-  softmax_scale; q of random magnitude;
+  softmax_scale; q of random magnitude; attention-logit softcapping (1/5 of the cases: 0.5 - 30);
 - causal or not; sliding_window (causal only) of 1, 2, small, about a chunk, L - 1, L, beyond L;
 - cu_seqlens: random boundaries (documents of one token, documents spanning several ranks, every
   token its own document, one document), in every accepted form (list, tuple, int64 / int32
@@ -156,6 +156,8 @@ def draw_config(seed: int) -> dict:
     # v's head dim (drawn last: the earlier draws of a seed stay what they were): MLA-style, narrower
     # or wider than q/k's in 1/4 of the cases (ringattn.head_dims)
     cfg["v_head_dim"] = rng.choice((4, 8, 16, 24, 48)) if rng.random() < 0.25 else head_dim
+    # attention-logit softcapping (Gemma 2), drawn after it for the same reason, in 1/5 of the cases
+    cfg["softcap"] = rng.choice((0.5, 1.0, 2.0, 5.0, 30.0)) if rng.random() < 0.2 else None
     return cfg
 
 
@@ -189,13 +191,15 @@ def reference_mask(cfg: dict) -> torch.Tensor:
     return torch.stack(masks).unsqueeze(1)
 
 
-def reference_attention(q, k, v, mask, scale, sinks=None):
+def reference_attention(q, k, v, mask, scale, sinks=None, softcap=None):
     """Plain float64 softmax attention: q (B, L, Hq, D), k (B, L, Hkv, D), v (B, L, Hkv, Dv), mask (B, 1, L, L),
     sinks (Hq,) or None (one extra logit per head in every row's softmax, no value).
     Returns out (B, L, Hq, Dv) and lse (B, Hq, L) over the keys and the sink."""
     g = q.shape[2] // k.shape[2]
     kk, vv = k.repeat_interleave(g, 2), v.repeat_interleave(g, 2)    # query head h uses K/V head h // g
     s = torch.einsum("bqhd,bkhd->bhqk", q, kk) * scale                 # (B, Hq, L, L)
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)                          # (the sinks are not capped)
     s = s.masked_fill(~mask, float("-inf"))
     if sinks is not None:
         s = torch.cat([s, sinks.view(1, -1, 1, 1).expand(*s.shape[:3], 1)], dim=-1)  # (B, Hq, L, L+1)
@@ -203,7 +207,7 @@ def reference_attention(q, k, v, mask, scale, sinks=None):
     return torch.einsum("bhqk,bkhd->bqhd", p, vv), torch.logsumexp(s, -1)
 
 
-def plain_attention(q, k, v, dout, dlse, mask, scale, sinks=None, owners=None, given_out=None):
+def plain_attention(q, k, v, dout, dlse, mask, scale, sinks=None, owners=None, given_out=None, softcap=None):
     """What one device computes in the inputs' precision (the flash-attention recipe): fp32 scores,
     softmax and products from the given q, k, v; out rounded once to q's dtype; the backward in
     fp32 from that ROUNDED out (delta = rowsum(dout * out)); gradients rounded once. Its error
@@ -223,6 +227,10 @@ def plain_attention(q, k, v, dout, dlse, mask, scale, sinks=None, owners=None, g
     g = Hq // Hkv
     qf, kf, vf = q.to(f), k.to(f).repeat_interleave(g, 2), v.to(f).repeat_interleave(g, 2)
     s = torch.einsum("bqhd,bkhd->bhqk", qf, kf) * scale                # (B, Hq, L, L)
+    dcap = 1.0
+    if softcap:  # capped scores; d cap / d s = 1 - tanh^2
+        t = torch.tanh(s / softcap)
+        s, dcap = softcap * t, 1 - t * t
     s = s.masked_fill(~mask, float("-inf"))
     if sinks is not None:
         s = torch.cat([s, sinks.to(f).view(1, -1, 1, 1).expand(B, Hq, L, 1)], -1)  # (B, Hq, L, L+1)
@@ -244,7 +252,7 @@ def plain_attention(q, k, v, dout, dlse, mask, scale, sinks=None, owners=None, g
     do = dout.to(f)
     delta = (do * out.to(f)).sum(-1).transpose(1, 2)                    # (B, Hq, L)
     extra = dlse.to(f) if dlse is not None else torch.zeros_like(delta)
-    ds = pk * (torch.einsum("bqhd,bkhd->bhqk", do, vf) - delta.unsqueeze(-1) + extra.unsqueeze(-1))
+    ds = pk * (torch.einsum("bqhd,bkhd->bhqk", do, vf) - delta.unsqueeze(-1) + extra.unsqueeze(-1)) * dcap
     dq = torch.einsum("bhqk,bkhd->bqhd", ds, kf) * scale                # (B, L, Hq, D)
     dk = (torch.einsum("bhqk,bqhd->bkhd", ds, qf) * scale).view(B, L, Hkv, g, D).sum(3)  # (B, L, Hkv, D)
     dv = torch.einsum("bhqk,bqhd->bkhd", pk, do).view(B, L, Hkv, g, Dv).sum(3)
@@ -324,14 +332,15 @@ def _run_case(cfg: dict) -> dict:
     if sinks is not None:
         ref["sinks"] = sinks.detach().clone().double().requires_grad_()
     mask = reference_mask(cfg)                                         # (B, 1, L, L)
-    ref_out, ref_lse = reference_attention(ref["q"], ref["k"], ref["v"], mask, scale, ref.get("sinks"))
+    cap = cfg.get("softcap")  # (configs written before it existed: none)
+    ref_out, ref_lse = reference_attention(ref["q"], ref["k"], ref["v"], mask, scale, ref.get("sinks"), cap)
     if requires:
         loss = (ref_out * dout.double()).sum() + ((ref_lse * dlse.double()).sum() if lse_used else 0)
         loss.backward()
     owners = torch.empty(L, dtype=torch.long)                          # (L,) the rank holding each token
     for r in range(world):
         owners[positions(L, world, cfg["layout"], r)] = r
-    plain = plain_attention(q, k, v, dout, dlse if lse_used else None, mask, scale, sinks, owners)
+    plain = plain_attention(q, k, v, dout, dlse if lse_used else None, mask, scale, sinks, owners, softcap=cap)
 
     # this rank's shard: ringattn.shard_sequence, checked against positions computed here
     pos = positions(L, world, layout, rank)                            # (S_local,) global positions
@@ -353,7 +362,7 @@ def _run_case(cfg: dict) -> dict:
         loc_sinks = sinks.clone().requires_grad_("sinks" in requires)
     kw = dict(causal=cfg["causal"], softmax_scale=cfg["softmax_scale"], layout=layout,
               return_lse=cfg["return_lse"], lse_grad=cfg["lse_grad"], cu_seqlens=cu_seqlens_arg(cfg),
-              sliding_window=cfg["sliding_window"], sinks=loc_sinks)
+              sliding_window=cfg["sliding_window"], sinks=loc_sinks, softcap=cap)
     fn = {"ring": ringattn.ring_attention, "token_ring": ringattn.token_ring_attention,
           "auto": lambda *a, **k_: ringattn.sequence_parallel_attention(*a, algorithm="auto", **k_),
           "sp_ring": lambda *a, **k_: ringattn.sequence_parallel_attention(*a, algorithm="ring", **k_),
@@ -386,7 +395,7 @@ def _run_case(cfg: dict) -> dict:
     atol, rtol = tolerance(torch.float32 if dtype == torch.float64 else dtype, world)
     fed = plain_attention(*(t.double() for t in (q, k, v, dout)), dlse.double() if lse_used else None,
                           mask, scale, sinks.double() if sinks is not None else None,
-                          given_out=full.detach().double())
+                          given_out=full.detach().double(), softcap=cap)
     # (name, got, float64 reference, [same-precision baselines: plain_attention, and for gradients
     # the exact backward of ringattn's own out])
     pairs = [("out", out, ref_out[:, pos], [plain["out"][:, pos]]), ("gathered out", full, ref_out, [plain["out"]])]
