@@ -51,10 +51,11 @@ def test_ulysses_ring_2d_matches_single_process(dist_pool, use_deepspeed, seq_le
 def _check_2d_families(use_deepspeed):
     """MLA (DeepSeek-V3: v's head dim 16, q/k's 24) in 2-D mode: the all-to-alls move each tensor
     with its own head dim, then the ring / TokenRing carry v's. Llama 4: its chunked layers' chunk
-    boundaries and its NoPE layer's temperature positions hold for the 2-D shards."""
+    boundaries and its NoPE layer's temperature positions hold for the 2-D shards. Gemma 2: the
+    attention-logit softcap reaches the ring inside the all-to-alls."""
     out = {}
     input_ids, labels = th.global_batch(29)
-    for family in (f for f in ("deepseek_v3", "llama4_text") if th.family_available(f)):
+    for family in (f for f in ("deepseek_v3", "llama4_text", "gemma2") if th.family_available(f)):
         for algorithm, layout in (("ulysses+ring", "zigzag"), ("ulysses+token_ring", "contiguous")):
             model = th.tiny_model(family)
             ref = th.reference(model, input_ids, labels)
