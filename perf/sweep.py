@@ -259,14 +259,14 @@ class NullTransport:
         return [_DoneWork() for _ in ops]
 
 
-def _stub_forward(q, k, v, *, causal=False, softmax_scale=None, backend="auto"):
+def _stub_forward(q, k, v, *, causal=False, softmax_scale=None, backend="auto", softcap=None):
     B, Sq, Hq, _ = q.shape
-    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+    return (torch.empty((B, Sq, Hq, v.shape[3]), dtype=q.dtype, device=q.device),  # (v's head dim: MLA)
             torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device))
 
 
 def _stub_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=None, backend="auto",
-                   dq_out=None, dk_out=None, dv_out=None):
+                   dq_out=None, dk_out=None, dv_out=None, softcap=None):
     return (dq_out if dq_out is not None else torch.empty_like(q),
             dk_out if dk_out is not None else torch.empty_like(k),
             dv_out if dv_out is not None else torch.empty_like(v))
