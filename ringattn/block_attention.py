@@ -163,12 +163,12 @@ def _make_case(q, k, alignment, softcap: float = 0.0) -> _Case:
 
 def check_softcap(fn: str, softcap) -> float:
     """softcap as the float the kernels take: None or 0 -> 0.0 (off), else a finite number > 0."""
-    if softcap is None or (isinstance(softcap, (int, float)) and not isinstance(softcap, bool) and softcap == 0):
+    if softcap is None:
         return 0.0
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not (0 < softcap < math.inf):
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not (0 <= softcap < math.inf):
         raise ValueError(f"{fn}: softcap must be None, 0 (off) or a finite number > 0 (scores -> softcap * "
                          f"tanh(scores / softcap), Gemma 2's attn_logit_softcapping), got {softcap!r}")
-    return float(softcap)
+    return float(softcap) or 0.0  # (0 and -0.0: off)
 
 
 # --------------------------------------------------------------------------------------------

@@ -332,13 +332,13 @@ def _eager(fn, q, k, v, **kw):
     return sp._run(fn, q, k, v, **kw)
 
 
-def _softcap_ok(softcap) -> bool:
-    """Whether the traced op can carry softcap (else the eager path raises its error on every rank)."""
+def _softcap_arg(softcap) -> float | None:
+    """softcap as the traced op's float (0.0: off), or None when the op cannot carry it (the eager
+    path then raises its error on every rank)."""
     try:
-        sp.check_softcap("", softcap)
-        return True
+        return sp.check_softcap("", softcap)
     except ValueError:
-        return False
+        return None
 
 
 def _docs_tensor(cu_seqlens):
@@ -356,12 +356,13 @@ def traced_attention(fn, q, k, v, *, algorithm, causal, softmax_scale, group, la
                      lse_grad=False, cu_seqlens=None, sliding_window=None, sinks=None, softcap=None):
     """sequence_parallel._run under torch.compile (see the module docstring)."""
     docs = _docs_tensor(cu_seqlens)
+    cap = _softcap_arg(softcap)
     window_ok = sliding_window is None or (isinstance(sliding_window, int) and not isinstance(sliding_window, bool)
                                            and 1 <= sliding_window < (1 << 62))
     four_d = all(isinstance(t, torch.Tensor) for t in (q, k, v)) and q.dim() == k.dim() == v.dim() == 4
     if docs is False or not window_ok or not (
             four_d and isinstance(algorithm, str) and isinstance(layout, str) and isinstance(backend, str)) or (
-            sinks_problem(sinks, q.shape[2], q.device) is not None) or not _softcap_ok(softcap):
+            sinks_problem(sinks, q.shape[2], q.device) is not None) or cap is None:
         return _eager(fn, q, k, v, algorithm=algorithm, causal=causal, softmax_scale=softmax_scale, group=group,
                       layout=layout, backend=backend, return_lse=return_lse, lse_grad=lse_grad,
                       cu_seqlens=cu_seqlens, sliding_window=sliding_window, sinks=sinks, softcap=softcap)
@@ -376,8 +377,7 @@ def traced_attention(fn, q, k, v, *, algorithm, causal, softmax_scale, group, la
     op = torch.ops.ringattn.ulysses_attention if algorithm == "ulysses" else torch.ops.ringattn.sp_attention
     args = () if algorithm == "ulysses" else (algorithm,)
     out, lse = op(q, k, v, group_name(group), *args, bool(causal), softmax_scale, layout, backend, bool(grad),
-                  lse_grad, docs, -1 if sliding_window is None else sliding_window, sinks,
-                  float(softcap or 0.0))[:2]
+                  lse_grad, docs, -1 if sliding_window is None else sliding_window, sinks, cap)[:2]
     if not lse_grad:
         lse = lse.detach()
     return sp.finish(out, lse, sinks=sinks, lse_grad=lse_grad, return_lse=return_lse)

@@ -37,7 +37,6 @@ the host); the Hugging Face generate() feeds every rank the same tokens.
 from __future__ import annotations
 
 import math
-import struct
 import zlib
 
 import torch
@@ -157,6 +156,7 @@ def _exchange(sig: list[int], group, world: int, device) -> list[list[int]]:
 def _check(q, ks, vs, k_new, v_new, *, group, softmax_scale, backend, sinks=None,
            softcap=None) -> tuple[int, int, float, float]:
     """Validate across the group; (rank, world, scale, softcap) or the same ValueError on every rank."""
+    from ringattn.sequence_parallel import _float_bits
     rank, world = group_rank_and_size(group)
     scale = softmax_scale
     if scale is None and isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[3] > 0:
@@ -167,7 +167,7 @@ def _check(q, ks, vs, k_new, v_new, *, group, softmax_scale, backend, sinks=None
         scale = float("nan")
     bits, detail = _local_problems(q, ks, vs, k_new, v_new, scale, sinks)
     try:
-        cap = check_softcap("softcap", softcap)
+        cap = check_softcap("ringattn sharded_kv_attention", softcap)
     except ValueError as e:
         cap, bits = 0.0, bits | _P_SOFTCAP
         detail.append(str(e))
@@ -182,10 +182,10 @@ def _check(q, ks, vs, k_new, v_new, *, group, softmax_scale, backend, sinks=None
     sig = [_MAGIC, world, 0, B, Tq, Hq, ks[0].shape[2] if ks[0].dim() == 4 else -1, D,
            dtype_code(q.dtype) if isinstance(q, torch.Tensor) else -1,
            _DEVICE_CODE.get(q.device.type, 99) if isinstance(q, torch.Tensor) else -1,
-           struct.unpack("<q", struct.pack("<d", scale))[0], int(k_new is not None),
+           _float_bits(scale), int(k_new is not None),
            sinks.shape[0] if sinks is not None and not bits & _P_SINKS else -1,
            vs[0].shape[3] if vs[0].dim() == 4 else -1,
-           struct.unpack("<q", struct.pack("<d", cap))[0] if cap else -1, bits]
+           _float_bits(cap) if cap else -1, bits]
     if world > 1:
         sig[_IX["group_ranks"]] = zlib.crc32(",".join(map(str, dist.get_process_group_ranks(
             group or dist.GroupMember.WORLD))).encode())
