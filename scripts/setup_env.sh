@@ -5,6 +5,8 @@
 #   RINGATTN_TORCH   torch requirement to install (default torch==2.14.1: a CUDA 13 build, so the
 #                    CUDA kernels compile even on a machine without a GPU; any torch>=2.11 works)
 #   RINGATTN_CUDA    auto|0|1 (see setup.py)
+#   RINGATTN_SETUP_INSTALL_ONLY=1  install the packages, skip the build (.ci/run starts a second
+#                    environment's downloads this way while the first one builds and tests)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -40,6 +42,10 @@ fi
 if ! "$VPY" -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('ring_flash_attn') and u.find_spec('yunchang') else 1)"; then
   echo "[setup] installing ring-flash-attn==0.1.8 yunchang==0.6.4 (--no-deps)"
   pip_q --no-deps ring-flash-attn==0.1.8 yunchang==0.6.4
+fi
+if [ "${RINGATTN_SETUP_INSTALL_ONLY:-0}" = 1 ]; then
+  echo "[setup] packages installed (RINGATTN_SETUP_INSTALL_ONLY=1: ringattn._C not built)"
+  exit 0
 fi
 # Skip the (minutes-long with CUDA) build when sources and switches are unchanged since the last one.
 stamp="$( (echo "${RINGATTN_CUDA:-auto} ${TORCH_CUDA_ARCH_LIST:-}"; bash scripts/source_hash.sh) | sha256sum | cut -d' ' -f1)"
