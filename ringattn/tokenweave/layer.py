@@ -29,10 +29,12 @@ the cache keeps before them: prefill, chunked prefill and decode, so generate() 
 whose layers are swapped (each rank's cache holds its KV-head shard). See _LayerKV.
 
 Scope: forward (inference prefill and decode) of the decoder layers of TOKENWEAVE_MODEL_TYPES (Llama,
-Mistral, Qwen2, Qwen3, SmolLM3 (its NoPE layers skip RoPE), Gemma, Granite: rotary position_embeddings given by the model,
-optional q/k norms and biases; Gemma's (1 + w) norms and Granite's residual_multiplier folded into
-the weights), each checked against the HF layer; other families' layers are refused (their
-sandwich norms, interleaved RoPE or other blocks would otherwise be silently dropped). Causal
+Mistral, Qwen2, Qwen3, SmolLM3 (its NoPE layers skip RoPE), Gemma, Granite, Ministral, CWM, Seed-OSS,
+Helium and ERNIE 4.5 (interleaved RoPE: their own apply_rotary_pos_emb), HunYuan (q/k norms after
+RoPE): rotary position_embeddings given by the model, optional q/k norms and biases; Gemma's (1 + w)
+norms and Granite's residual_multiplier folded into the weights), each checked against the HF layer;
+other families' layers are refused (their sandwich norms, post-norms or other blocks would otherwise
+be silently dropped). Causal
 attention with an optional mask: 4-D (sdpa/eager), or a flash-attention model's 2-D padding mask,
 packing by position_ids or cu_seq_lens_q/k (_packed_mask); sliding-window layers apply their window
 (the module's or its config's sliding_window, AND-ed into any mask); dynamic KV caches (a static
@@ -42,6 +44,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -63,9 +66,16 @@ from ringattn.tokenweave.token_split import SideStream, num_sms, split_min_token
 # RoPE, gate/up/down MLP); Gemma's RMSNorm x * (1 + w) and Granite's residual_multiplier are
 # folded into the weights. Anything else (Gemma 3's sandwich norms, Helium's interleaved RoPE,
 # Cohere's parallel block, ...) is refused by name rather than computed as a Llama block.
-# Ministral, CWM and Seed-OSS (added 2026-12-07) are the Llama block; Helium, ERNIE 4.5, HunYuan,
-# Ministral 3 and HyperCLOVA X, tried the same day, were not (0.12-0.57 off) and stay refused.
-TOKENWEAVE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma", "granite", "ministral", "cwm", "seed_oss")
+# Ministral, CWM and Seed-OSS (added 2026-12-07) are the Llama block. Ministral 3 (a per-position query
+# scale), HyperCLOVA X (post-norms), Granite SWA (attention sinks), Gemma 2/3 (sandwich norms) and
+# Laguna (per-layer head counts) are not (0.14-0.92 off when run as one) and stay refused.
+# Helium, ERNIE 4.5 and HunYuan (dense) were added 2026-12-08: the Llama block with RoPE on interleaved
+# pairs (_OWN_ROPE_TYPES: the module's own apply_rotary_pos_emb is called) or with q/k norms after RoPE.
+TOKENWEAVE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma", "granite", "ministral", "cwm",
+                          "seed_oss", "helium", "ernie4_5", "hunyuan_v1_dense")
+_OWN_ROPE_TYPES = ("helium", "ernie4_5")
+# families whose per-head q/k RMSNorms follow RoPE: {model_type: (q norm, k norm attribute names)}
+_QK_NORMS_AFTER_ROPE = {"hunyuan_v1_dense": ("query_layernorm", "key_layernorm")}
 # RMSNorms that scale by (1 + weight) (Gemma's): their weight enters the fused kernel as 1 + w.
 _ONE_PLUS_NORMS = ("GemmaRMSNorm",)
 
@@ -154,6 +164,13 @@ class TokenWeaveDecoderLayer(nn.Module):
                          for n in ("attention_dropout", "residual_dropout", "hidden_dropout") if hasattr(cfg, n)}
         # SmolLM3's NoPE layers (every 4th by default) skip the rotary embedding the model still passes
         self.use_rope = bool(getattr(attn, "use_rope", True))
+        # Helium / ERNIE 4.5 rotate interleaved pairs: their module's own apply_rotary_pos_emb is applied
+        self.rope_fn = None
+        if model_type in _OWN_ROPE_TYPES:
+            self.rope_fn = getattr(sys.modules.get(type(attn).__module__), "apply_rotary_pos_emb", None)
+            if self.rope_fn is None:
+                raise TypeError(f"TokenWeaveDecoderLayer: {type(attn).__module__} has no apply_rotary_pos_emb "
+                                f"(model_type={model_type!r} applies its own RoPE)")
         if hasattr(hf_layer, "attention_type"):  # models that pick each layer's mask by it (Qwen2 on 4.x)
             self.attention_type = hf_layer.attention_type
         W, r = self.world_size, self.rank
@@ -203,8 +220,12 @@ class TokenWeaveDecoderLayer(nn.Module):
         self.down_weight = _param(scaled(mlp.down_proj.weight[:, r * il : (r + 1) * il]))
         self.down_bias = _param(scaled(mlp.down_proj.bias)) if mlp.down_proj.bias is not None and r == 0 else None
         self.act_fn = mlp.act_fn
-        self.q_norm = copy.deepcopy(attn.q_norm) if getattr(attn, "q_norm", None) is not None else None
-        self.k_norm = copy.deepcopy(attn.k_norm) if getattr(attn, "k_norm", None) is not None else None
+        # per-head q/k RMSNorms: before RoPE (Qwen3's q_norm / k_norm), or after it (HunYuan's
+        # query_layernorm / key_layernorm)
+        qn, kn = _QK_NORMS_AFTER_ROPE.get(model_type, ("q_norm", "k_norm"))
+        self.qk_norm_after_rope = model_type in _QK_NORMS_AFTER_ROPE
+        self.q_norm = copy.deepcopy(getattr(attn, qn)) if getattr(attn, qn, None) is not None else None
+        self.k_norm = copy.deepcopy(getattr(attn, kn)) if getattr(attn, kn, None) is not None else None
         self.input_norm_weight = _param(_norm_weight(hf_layer.input_layernorm))
         self.input_norm_eps = _norm_eps(hf_layer.input_layernorm)
         self.post_norm_weight = _param(_norm_weight(hf_layer.post_attention_layernorm))
@@ -256,13 +277,16 @@ class TokenWeaveDecoderLayer(nn.Module):
         qkv = F.linear(y, self.qkv_weight, self.qkv_bias)
         q, k, v = qkv.split([self.hq * D, self.hkv * D, self.hkv * D], dim=-1)
         q, k, v = q.reshape(n, self.hq, D), k.reshape(n, self.hkv, D), v.reshape(n, self.hkv, D)
-        if self.q_norm is not None:
-            q = self.q_norm(q)
-        if self.k_norm is not None:
-            k = self.k_norm(k)
-        if self.use_rope:
+        if not self.qk_norm_after_rope:
+            q, k = self._qk_norms(q, k)
+        if self.use_rope and self.rope_fn is not None:  # the family's own RoPE (interleaved pairs)
+            q, k = self.rope_fn(q, k, cos[t0:t1], sin[t0:t1], unsqueeze_dim=1)
+            q, k = q.to(y.dtype), k.to(y.dtype)
+        elif self.use_rope:
             c, s = cos[t0:t1, None, :], sin[t0:t1, None, :]
             q, k = (q * c + _rotate_half(q) * s).to(y.dtype), (k * c + _rotate_half(k) * s).to(y.dtype)
+        if self.qk_norm_after_rope:
+            q, k = self._qk_norms(q, k)
         k_store[t0:t1] = k
         v_store[t0:t1] = v
         if kv.commit_early:  # one range holds the whole call: append it to the cache now, attend to what it returns
@@ -311,6 +335,10 @@ class TokenWeaveDecoderLayer(nn.Module):
             torch.addmm(self.o_bias, a, self.o_weight.t(), out=out)
         else:
             torch.mm(a, self.o_weight.t(), out=out)
+
+    def _qk_norms(self, q: torch.Tensor, k: torch.Tensor):
+        """The layer's per-head q/k RMSNorms, where it has them ((n, heads, D) each)."""
+        return (self.q_norm(q) if self.q_norm is not None else q), (self.k_norm(k) if self.k_norm is not None else k)
 
     def _layer_mask(self, mask, P: int, S: int):
         """The caller's mask as this layer attends with it: (B, 1|Hq_local, S, P + S), or None."""
