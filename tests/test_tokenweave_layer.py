@@ -245,6 +245,33 @@ def test_refuses_missing_rotary_and_non_llama_layers():
         TokenWeaveDecoderLayer(torch.nn.Linear(3, 3), None)
 
 
+def test_position_scaled_queries_need_position_ids():
+    """Ministral 3 scales its queries by position: a call without position_ids is refused by name
+    (the HF model always passes them; the scale is checked against the HF layer in the families test)."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_huggingface import family_available, tiny_config
+
+    from ringattn.tokenweave import TokenWeaveDecoderLayer
+
+    if not family_available("ministral3"):
+        pytest.skip("this transformers has no Ministral 3")
+    torch.manual_seed(0)
+    model = transformers.AutoModel.from_config(tiny_config("ministral3")).float().eval()
+    layer = TokenWeaveDecoderLayer(model.layers[0], None)
+    h = torch.randn(1, 9, model.config.hidden_size)
+    pos = torch.arange(9)[None]
+    pe = model.rotary_emb(h, pos)
+    with torch.no_grad(), pytest.raises(ValueError, match="position_ids are required"):
+        layer(h, position_embeddings=pe)
+    mask = torch.zeros(1, 1, 9, 9).masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1), float("-inf"))
+    with torch.no_grad():
+        ref = _t(model.layers[0](h, position_embeddings=pe, position_ids=pos, attention_mask=mask))
+        got = _t(layer(h, position_embeddings=pe, position_ids=pos))
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
 def test_refuses_training_with_dropout_it_would_skip():
     """A HF layer whose config has dropout (Seed-OSS defaults: 0.1 on attention and residuals) runs
     in eval mode; in training mode it is refused, naming the dropouts, instead of run without them."""
@@ -403,7 +430,7 @@ def _w_families():
         mask = torch.zeros(B, 1, S, S).masked_fill(torch.ones(S, S, dtype=torch.bool).triu(1), float("-inf"))
         with torch.no_grad():
             ref = _t(layer(h, position_embeddings=pe, attention_mask=mask, position_ids=pos))
-            got = _t(tw(h, position_embeddings=pe, attention_mask=mask))
+            got = _t(tw(h, position_embeddings=pe, attention_mask=mask, position_ids=pos))
         out[family] = ("ran", (got - ref).abs().max().item() / ref.abs().max().item(), family in TOKENWEAVE_MODEL_TYPES)
     return out
 

@@ -31,11 +31,11 @@ whose layers are swapped (each rank's cache holds its KV-head shard). See _Layer
 Scope: forward (inference prefill and decode) of the decoder layers of TOKENWEAVE_MODEL_TYPES (Llama,
 Mistral, Qwen2, Qwen3, SmolLM3 (its NoPE layers skip RoPE), Gemma, Granite, Ministral, CWM, Seed-OSS,
 Helium and ERNIE 4.5 (interleaved RoPE: their own apply_rotary_pos_emb), HunYuan (q/k norms after
-RoPE): rotary position_embeddings given by the model, optional q/k norms and biases; Gemma's (1 + w)
-norms and Granite's residual_multiplier folded into the weights), each checked against the HF layer;
-other families' layers are refused (their sandwich norms, post-norms or other blocks would otherwise
-be silently dropped). Causal
-attention with an optional mask: 4-D (sdpa/eager), or a flash-attention model's 2-D padding mask,
+RoPE), Ministral 3 (queries scaled by position; position_ids required): rotary position_embeddings
+given by the model, optional q/k norms and biases; Gemma's (1 + w) norms and Granite's
+residual_multiplier folded into the weights), each checked against the HF layer; other families'
+layers are refused (their sandwich norms, post-norms or other blocks would otherwise be silently
+dropped). Causal attention with an optional mask: 4-D (sdpa/eager), or a flash-attention model's 2-D padding mask,
 packing by position_ids or cu_seq_lens_q/k (_packed_mask); sliding-window layers apply their window
 (the module's or its config's sliding_window, AND-ed into any mask); dynamic KV caches (a static
 cache is refused); inference only (a backward through the layers raises).
@@ -66,14 +66,17 @@ from ringattn.tokenweave.token_split import SideStream, num_sms, split_min_token
 # RoPE, gate/up/down MLP); Gemma's RMSNorm x * (1 + w) and Granite's residual_multiplier are
 # folded into the weights. Anything else (Gemma 3's sandwich norms, Helium's interleaved RoPE,
 # Cohere's parallel block, ...) is refused by name rather than computed as a Llama block.
-# Ministral, CWM and Seed-OSS (added 2026-12-07) are the Llama block. Ministral 3 (a per-position query
-# scale), HyperCLOVA X (post-norms), Granite SWA (attention sinks), Gemma 2/3 (sandwich norms) and
-# Laguna (per-layer head counts) are not (0.14-0.92 off when run as one) and stay refused.
-# Helium, ERNIE 4.5 and HunYuan (dense) were added 2026-12-08: the Llama block with RoPE on interleaved
-# pairs (_OWN_ROPE_TYPES: the module's own apply_rotary_pos_emb is called) or with q/k norms after RoPE.
+# Ministral, CWM and Seed-OSS (added 2026-12-07) are the Llama block. HyperCLOVA X (post-norms),
+# Granite SWA (attention sinks), Gemma 2/3 (sandwich norms) and Laguna (per-layer head counts) are
+# not (0.37-0.92 off when run as one) and stay refused.
+# Helium, ERNIE 4.5, HunYuan (dense) and Ministral 3 were added 2026-12-08: the Llama block with RoPE on
+# interleaved pairs (_OWN_ROPE_TYPES: the module's own apply_rotary_pos_emb is called), with q/k norms
+# after RoPE, or with queries scaled by position (_QUERY_POSITION_SCALE_TYPES).
 TOKENWEAVE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma", "granite", "ministral", "cwm",
-                          "seed_oss", "helium", "ernie4_5", "hunyuan_v1_dense")
+                          "seed_oss", "helium", "ernie4_5", "hunyuan_v1_dense", "ministral3")
 _OWN_ROPE_TYPES = ("helium", "ernie4_5")
+# families that scale queries by position after RoPE (Llama 4's attention temperature)
+_QUERY_POSITION_SCALE_TYPES = ("ministral3",)
 # families whose per-head q/k RMSNorms follow RoPE: {model_type: (q norm, k norm attribute names)}
 _QK_NORMS_AFTER_ROPE = {"hunyuan_v1_dense": ("query_layernorm", "key_layernorm")}
 # RMSNorms that scale by (1 + weight) (Gemma's): their weight enters the fused kernel as 1 + w.
@@ -164,6 +167,17 @@ class TokenWeaveDecoderLayer(nn.Module):
                          for n in ("attention_dropout", "residual_dropout", "hidden_dropout") if hasattr(cfg, n)}
         # SmolLM3's NoPE layers (every 4th by default) skip the rotary embedding the model still passes
         self.use_rope = bool(getattr(attn, "use_rope", True))
+        # Ministral 3: queries scaled by 1 + beta * log(1 + floor(position / original max positions)) after
+        # RoPE (Llama 4's attention temperature), with its module's own get_llama_4_attn_scale
+        self.query_pos_scale = None
+        if model_type in _QUERY_POSITION_SCALE_TYPES:
+            rp = getattr(cfg, "rope_parameters", None) or {}
+            fn = getattr(sys.modules.get(type(attn).__module__), "get_llama_4_attn_scale", None)
+            if fn is None or rp.get("llama_4_scaling_beta") is None:
+                raise TypeError(f"TokenWeaveDecoderLayer: model_type={model_type!r} scales its queries by position, but "
+                                "its module has no get_llama_4_attn_scale or its config no rope_parameters"
+                                "['llama_4_scaling_beta']")
+            self.query_pos_scale = (fn, rp["llama_4_scaling_beta"], rp.get("original_max_position_embeddings"))
         # Helium / ERNIE 4.5 rotate interleaved pairs: their module's own apply_rotary_pos_emb is applied
         self.rope_fn = None
         if model_type in _OWN_ROPE_TYPES:
@@ -264,14 +278,16 @@ class TokenWeaveDecoderLayer(nn.Module):
             return m & ~far
         return m.masked_fill(far, torch.finfo(m.dtype).min)
 
-    def attention_into(self, y, t0, t1, cos, sin, mask, batch, seqlen, k_store, v_store, out, kv=None) -> None:
+    def attention_into(self, y, t0, t1, cos, sin, mask, batch, seqlen, k_store, v_store, out, kv=None,
+                       pos=None) -> None:
         """Row-parallel attention partial of tokens [t0, t1) (flattened B*S order) into `out` (n x H).
 
         y: (n, H) normed input of those tokens; cos/sin: (B*S, D); k_store/v_store: (B*S, Hkv_local, D),
         this call's keys/values, filled here for [t0, t1) and read for earlier tokens of the same
         sequences (a split inside a sequence); kv: the layer's _LayerKV (a KV cache's kept past
         keys in front of this call's; None: no cache). mask: (B, 1|H, S, P + S) over the kept past
-        P keys and this call's S, or None (causal from position P, within the window)."""
+        P keys and this call's S, or None (causal from position P, within the window). pos: (B*S,) the
+        tokens' position_ids (needed by layers that scale queries by position: query_pos_scale)."""
         n, D = t1 - t0, self.head_dim
         kv = kv if kv is not None else _LayerKV(None, None, k_store, v_store, batch, seqlen)
         qkv = F.linear(y, self.qkv_weight, self.qkv_bias)
@@ -287,6 +303,9 @@ class TokenWeaveDecoderLayer(nn.Module):
             q, k = (q * c + _rotate_half(q) * s).to(y.dtype), (k * c + _rotate_half(k) * s).to(y.dtype)
         if self.qk_norm_after_rope:
             q, k = self._qk_norms(q, k)
+        if self.query_pos_scale is not None:
+            fn, beta, max_pos = self.query_pos_scale
+            q = q * fn(pos[None, t0:t1], beta, max_pos).reshape(n, 1, 1).to(q.dtype)
         k_store[t0:t1] = k
         v_store[t0:t1] = v
         if kv.commit_early:  # one range holds the whole call: append it to the cache now, attend to what it returns
@@ -648,6 +667,12 @@ def run_tokenweave_layers(layers, hidden_states, position_embeddings, attention_
         raise ValueError(f"hidden_states must be (B, S, {first.hidden}), got {tuple(hidden_states.shape)}")
     N, dtype, device = B * S, hidden_states.dtype, hidden_states.device
     h = hidden_states.reshape(N, H).contiguous()
+    pos = None
+    if any(l.query_pos_scale is not None for l in layers):
+        if position_ids is None:
+            raise ValueError(f"position_ids are required: {type(layers[0]).__name__}s of this model_type scale their "
+                             "queries by position (as the HF model passes them to its layers)")
+        pos = torch.as_tensor(position_ids, device=hidden_states.device).expand(B, S).reshape(N)
     cos, sin = position_embeddings
     cos = cos.expand(B, S, cos.shape[-1]).reshape(N, -1)
     sin = sin.expand(B, S, sin.shape[-1]).reshape(N, -1)
@@ -687,7 +712,8 @@ def run_tokenweave_layers(layers, hidden_states, position_embeddings, attention_
                 if side is not None:
                     side.join(half.done)
                 buf = handle.input_buffer(half.n, H, dtype, slot=half.slot)
-                layer.attention_into(half.y, half.t0, half.t1, cos, sin, attention_mask, B, S, k_store, v_store, buf, kv)
+                layer.attention_into(half.y, half.t0, half.t1, cos, sin, attention_mask, B, S, k_store, v_store, buf, kv,
+                                     pos)
                 fused(half, buf, layer.post_norm_weight, layer.post_norm_eps, shard_between(half))
             if cache is not None and not kv.commit_early:  # a split: every half's keys are in k_store now
                 kv.commit()
