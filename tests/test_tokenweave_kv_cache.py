@@ -142,7 +142,7 @@ def _w_families_generate():
     sys.path.insert(0, os.path.dirname(__file__))
     from test_huggingface import FAMILY_CONFIGS, family_available, tiny_config
 
-    from ringattn.tokenweave.layer import TOKENWEAVE_MODEL_TYPES
+    from ringattn.tokenweave.layer import _MOE_TYPES, TOKENWEAVE_MODEL_TYPES
 
     out = {}
     for family in TOKENWEAVE_MODEL_TYPES:
@@ -151,7 +151,10 @@ def _w_families_generate():
         models = []
         for _ in range(2):
             torch.manual_seed(0)
-            m = transformers.AutoModelForCausalLM.from_config(tiny_config(family, num_hidden_layers=4, attn_implementation="sdpa")).double().eval()
+            # (MoE: transformers 5's default grouped_mm experts take no float64)
+            moe = dict(experts_implementation="eager") if family in _MOE_TYPES else {}
+            m = transformers.AutoModelForCausalLM.from_config(
+                tiny_config(family, num_hidden_layers=4, attn_implementation="sdpa", **moe)).double().eval()
             g = torch.Generator().manual_seed(1)
             with torch.no_grad():  # norms away from 1 (Gemma's 1 + w must show), weights that matter
                 for name, p in m.named_parameters():
@@ -180,7 +183,8 @@ def test_every_tokenweave_family_generates_like_the_unsharded_model():
 
     want = {f for f in TOKENWEAVE_MODEL_TYPES if f in FAMILY_CONFIGS and family_available(f)}
     for o in get_pool(2).run(_w_families_generate, timeout=300):
-        assert {"llama", "mistral", "qwen2", "gemma", "granite", "helium"} <= set(o) == want, (sorted(o), sorted(want))
+        assert {"llama", "mistral", "qwen2", "gemma", "granite", "helium", "qwen3_moe", "mixtral"} <= set(o) == want, \
+            (sorted(o), sorted(want))
         bad = {f: v for f, v in o.items() if not v[0] or v[1] > _TOL64}
         assert not bad, f"families whose TP generate differs (same tokens, max logits rel err): {bad}"
 

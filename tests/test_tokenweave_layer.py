@@ -245,6 +245,61 @@ def test_refuses_missing_rotary_and_non_llama_layers():
         TokenWeaveDecoderLayer(torch.nn.Linear(3, 3), None)
 
 
+def _w_moe_shards():
+    """The MoE families' layers on this world: which parameters the sharded block copy holds, and
+    whether the HF block was left untouched (same tensors, same values) and shares no storage with it."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_huggingface import family_available, tiny_config
+
+    from ringattn.tokenweave import TokenWeaveDecoderLayer
+
+    out = {}
+    for family in ("qwen3_moe", "mixtral", "qwen2_moe"):
+        if not family_available(family):
+            continue
+        torch.manual_seed(0)
+        model = transformers.AutoModel.from_config(tiny_config(family)).float().eval()
+        layer = model.layers[0]
+        block = getattr(layer, "mlp", None) or layer.block_sparse_moe  # (Mixtral on 4.x)
+        before = {n: (p, p.detach().clone()) for n, p in block.named_parameters()}
+        try:
+            tw = TokenWeaveDecoderLayer(layer, dist.group.WORLD)
+        except ValueError as e:
+            out[family] = ("refused", str(e))
+            continue
+        after = dict(block.named_parameters())
+        untouched = after.keys() == before.keys() and all(after[n] is p and torch.equal(p, v) for n, (p, v) in before.items())
+        ptrs = {p.data_ptr() for p in block.parameters()}
+        shared = [n for n, p in tw.moe.named_parameters() if p.data_ptr() in ptrs]
+        full = {n: p.numel() for n, p in block.named_parameters()}
+        out[family] = ("ran", {n: (p.numel(), full.get(n)) for n, p in tw.moe.named_parameters()}, untouched, shared,
+                       not tw.moe.training)
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_moe_layers_shard_the_experts_and_leave_the_hf_block_alone(world):
+    """MoE families (Qwen3-MoE, Mixtral, Qwen2-MoE with its shared expert): each rank's copy of the
+    block keeps 1/W of every expert's intermediate dimension and the whole router; the HF block is not
+    modified and shares no storage with it. At 3 ranks the expert intermediate size (not divisible) is
+    refused by name. (Outputs against the HF layer: test_tokenweave_families_match_or_are_refused.)"""
+    for rank, out in enumerate(get_pool(world).run(_w_moe_shards, timeout=240)):
+        assert "qwen3_moe" in out and "mixtral" in out, (rank, out)
+        for family, r in out.items():
+            if world == 3:
+                assert r[0] == "refused" and "expert intermediate size (" in r[1], (rank, family, r)
+                continue
+            assert r[0] == "ran", (rank, family, r)
+            params, untouched, shared, eval_mode = r[1:]
+            assert untouched and not shared and eval_mode, (rank, family, untouched, shared)
+            for name, (n, full) in params.items():
+                router = "experts" not in name and "shared_expert." not in name  # the router, the shared-expert gate
+                assert n == full if router else 2 * n == full, (rank, family, name, n, full)
+            assert any("experts" in name for name in params), (rank, family, params)
+
+
 def test_position_scaled_queries_need_position_ids():
     """Ministral 3 scales its queries by position: a call without position_ids is refused by name
     (the HF model always passes them; the scale is checked against the HF layer in the families test)."""
@@ -453,7 +508,7 @@ def test_tokenweave_families_match_or_are_refused():
         for family, r in out.items():
             if r[0] == "ran":
                 assert r[1] < 1e-5 and r[2], (rank, family, r)  # fp32 rounding only
-            elif family in ("qwen3_moe", "mixtral", "phi3", "olmo2", "cohere", "starcoder2", "glm", "gpt_oss",
+            elif family in ("phi3", "olmo2", "cohere", "starcoder2", "glm", "gpt_oss",
                             "deepseek_v2", "deepseek_v3", "llama4_text"):  # (MLA: no k_proj / v_proj; Llama 4: no mlp)
                 assert " lacks [" in r[1], (rank, family, r)  # a Llama part missing by name
             else:  # refused by model_type, or (families added later) for a part it lacks: named either way

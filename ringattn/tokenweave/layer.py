@@ -31,7 +31,8 @@ whose layers are swapped (each rank's cache holds its KV-head shard). See _Layer
 Scope: forward (inference prefill and decode) of the decoder layers of TOKENWEAVE_MODEL_TYPES (Llama,
 Mistral, Qwen2, Qwen3, SmolLM3 (its NoPE layers skip RoPE), Gemma, Granite, Ministral, CWM, Seed-OSS,
 Helium and ERNIE 4.5 (interleaved RoPE: their own apply_rotary_pos_emb), HunYuan (q/k norms after
-RoPE), Ministral 3 (queries scaled by position; position_ids required): rotary position_embeddings
+RoPE), Ministral 3 (queries scaled by position; position_ids required), and the sparse-MoE
+Qwen3-MoE, Mixtral and Qwen2-MoE (tensor-parallel experts, _shard_moe): rotary position_embeddings
 given by the model, optional q/k norms and biases; Gemma's (1 + w) norms and Granite's
 residual_multiplier folded into the weights), each checked against the HF layer; other families'
 layers are refused (their sandwich norms, post-norms or other blocks would otherwise be silently
@@ -71,10 +72,14 @@ from ringattn.tokenweave.token_split import SideStream, num_sms, split_min_token
 # not (0.37-0.92 off when run as one) and stay refused.
 # Helium, ERNIE 4.5, HunYuan (dense) and Ministral 3 were added 2026-12-08: the Llama block with RoPE on
 # interleaved pairs (_OWN_ROPE_TYPES: the module's own apply_rotary_pos_emb is called), with q/k norms
-# after RoPE, or with queries scaled by position (_QUERY_POSITION_SCALE_TYPES).
+# after RoPE, or with queries scaled by position (_QUERY_POSITION_SCALE_TYPES); and the same day the
+# sparse-MoE Qwen3-MoE, Mixtral and Qwen2-MoE (_MOE_TYPES).
 TOKENWEAVE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma", "granite", "ministral", "cwm",
-                          "seed_oss", "helium", "ernie4_5", "hunyuan_v1_dense", "ministral3")
+                          "seed_oss", "helium", "ernie4_5", "hunyuan_v1_dense", "ministral3", "qwen3_moe", "mixtral",
+                          "qwen2_moe")
 _OWN_ROPE_TYPES = ("helium", "ernie4_5")
+# sparse-MoE families whose blocks are run with tensor-parallel experts (_shard_moe)
+_MOE_TYPES = ("qwen3_moe", "mixtral", "qwen2_moe")
 # families that scale queries by position after RoPE (Llama 4's attention temperature)
 _QUERY_POSITION_SCALE_TYPES = ("ministral3",)
 # families whose per-head q/k RMSNorms follow RoPE: {model_type: (q norm, k norm attribute names)}
@@ -113,6 +118,109 @@ def _param(t: torch.Tensor | None) -> nn.Parameter | None:
     return None if t is None else nn.Parameter(t.detach().clone().contiguous(), requires_grad=False)
 
 
+# -- sparse-MoE blocks (_MOE_TYPES), tensor-parallel ----------------------------------------------------
+# Every expert's (and a shared expert's) intermediate dimension is sharded over the ranks as a dense
+# MLP's is: gate/up rows, down columns. The router stays whole on every rank: all ranks see the same
+# (replicated) normed input, so they route every token to the same experts, and each rank's block
+# output is its partial sum of the same weighted expert outputs -- reduced by the fused all-reduce.
+# The HF block itself runs on the sharded copy (its routing, top-k and weighting are its own code).
+
+
+def _is_moe_block(mlp) -> bool:
+    return mlp is not None and hasattr(mlp, "experts") and hasattr(mlp, "gate") and not hasattr(mlp, "gate_proj")
+
+
+def _expert_projs(e: nn.Module):
+    """(gate, up, down) nn.Linear of one transformers-4.x expert MLP (gate_proj/up_proj/down_proj, or
+    Mixtral's w1/w3/w2)."""
+    for names in (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2")):
+        if all(isinstance(getattr(e, n, None), nn.Linear) for n in names):
+            return tuple(getattr(e, n) for n in names), names
+    raise TypeError(f"TokenWeaveDecoderLayer: expert {type(e).__name__} has neither gate_proj/up_proj/down_proj nor "
+                    "w1/w3/w2 linear layers")
+
+
+def _fused_experts_check(ex: nn.Module) -> None:
+    """transformers 5's fused experts: gate_up_proj (E, 2I, H) (gate rows, then up rows) and down_proj
+    (E, H, I), no biases; other layouts are refused by name."""
+    gu, dp = getattr(ex, "gate_up_proj", None), getattr(ex, "down_proj", None)
+    if (not isinstance(gu, torch.Tensor) or not isinstance(dp, torch.Tensor) or gu.dim() != 3 or dp.dim() != 3
+            or getattr(ex, "is_transposed", False) or not getattr(ex, "has_gate", True) or getattr(ex, "has_bias", False)
+            or any(n.endswith("bias") for n, _ in ex.named_parameters()) or gu.shape[1] != 2 * dp.shape[2]):
+        raise TypeError(f"TokenWeaveDecoderLayer: {type(ex).__name__} is not the (E, 2I, H) gate_up_proj / (E, H, I) "
+                        "down_proj expert layout without biases that the MoE layers shard")
+
+
+def _moe_intermediate_sizes(block) -> dict:
+    """{what: intermediate size} of a sparse-MoE block's experts (and shared expert): each must split
+    over the ranks."""
+    ex = block.experts
+    if isinstance(ex, nn.ModuleList):
+        sizes = {_expert_projs(e)[0][0].out_features for e in ex}
+        if len(sizes) != 1:
+            raise TypeError(f"TokenWeaveDecoderLayer: experts of different intermediate sizes {sorted(sizes)}")
+        out = {"expert intermediate size": sizes.pop()}
+    else:
+        _fused_experts_check(ex)
+        out = {"expert intermediate size": ex.down_proj.shape[2]}
+    shared = getattr(block, "shared_expert", None)
+    if shared is not None:
+        out["shared expert intermediate size"] = _expert_projs(shared)[0][0].out_features
+    return out
+
+
+def _sliced_linear(lin: nn.Linear, rows: slice | None = None, cols: slice | None = None) -> nn.Linear:
+    """A new Linear holding rows (column-parallel) or columns (row-parallel) of `lin`'s weight."""
+    if lin.bias is not None:
+        raise TypeError("TokenWeaveDecoderLayer: MoE expert projections with a bias are not sharded")
+    w = lin.weight[rows] if rows is not None else lin.weight[:, cols]
+    new = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+    new.weight = _param(w)
+    return new
+
+
+def _shard_moe(block: nn.Module, W: int, r: int) -> nn.Module:
+    """A copy of the HF sparse-MoE `block` whose experts (and shared expert) keep this rank's 1/W of
+    their intermediate dimension; the router (and any shared-expert gate) is copied whole. The full
+    expert weights are never copied (they are left out of the deep copy, then sliced)."""
+    ex = block.experts
+    shared = getattr(block, "shared_expert", None)
+    dense = list(ex) if isinstance(ex, nn.ModuleList) else []
+    if shared is not None:
+        dense.append(shared)
+    big = [p for m in dense for p in m.parameters()] + ([] if isinstance(ex, nn.ModuleList) else list(ex.parameters()))
+    copy_ = copy.deepcopy(block, {id(p): None for p in big})  # (the big weights deep-copy as None)
+
+    def shard_mlp(src: nn.Module, dst: nn.Module) -> None:
+        (g, u, d), names = _expert_projs(src)
+        i = g.out_features // W
+        part = slice(r * i, (r + 1) * i)
+        for lin, name, kw in ((g, names[0], dict(rows=part)), (u, names[1], dict(rows=part)),
+                              (d, names[2], dict(cols=part))):
+            setattr(dst, name, _sliced_linear(lin, **kw))
+
+    if isinstance(ex, nn.ModuleList):
+        for src, dst in zip(ex, copy_.experts):
+            shard_mlp(src, dst)
+    else:
+        I = ex.down_proj.shape[2]
+        i = I // W
+        gu = ex.gate_up_proj
+        copy_.experts.gate_up_proj = _param(torch.cat([gu[:, r * i : (r + 1) * i], gu[:, I + r * i : I + (r + 1) * i]], 1))
+        copy_.experts.down_proj = _param(ex.down_proj[:, :, r * i : (r + 1) * i])
+        if hasattr(copy_.experts, "intermediate_dim"):
+            copy_.experts.intermediate_dim = i
+    if shared is not None:
+        shard_mlp(shared, copy_.shared_expert)
+    for m in copy_.modules():
+        for n, p in list(m._parameters.items()):
+            if p is None and n in ("weight", "gate_up_proj", "down_proj"):
+                raise RuntimeError(f"TokenWeaveDecoderLayer: MoE parameter {type(m).__name__}.{n} was not sharded")
+            if p is not None:
+                p.requires_grad_(False)
+    return copy_.eval()
+
+
 class TokenWeaveDecoderLayer(nn.Module):
     """One HF Llama-style decoder layer, sharded tensor-parallel over `group` (see module doc).
 
@@ -140,12 +248,16 @@ class TokenWeaveDecoderLayer(nn.Module):
         self.token_split = (os.environ.get("RINGATTN_TW_SPLIT", "1") != "0") if token_split is None else bool(token_split)
         self.split_min_tokens = split_min_tokens if split_min_tokens is not None else split_min_tokens_default()
         attn = getattr(hf_layer, "self_attn", None)
-        mlp = getattr(hf_layer, "mlp", None)
+        # (Mixtral's sparse-MoE block is block_sparse_moe on transformers 4.x)
+        mlp = getattr(hf_layer, "mlp", None) or getattr(hf_layer, "block_sparse_moe", None)
         need = [(attn, "self_attn"), (mlp, "mlp"), (getattr(hf_layer, "input_layernorm", None), "input_layernorm"),
                 (getattr(hf_layer, "post_attention_layernorm", None), "post_attention_layernorm")]
         missing = [n for m, n in need if m is None]
         missing += [f"self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj", "o_proj") if attn is not None and not hasattr(attn, n)]
-        missing += [f"mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj", "act_fn") if mlp is not None and not hasattr(mlp, n)]
+        # an MLP: gate/up/down; or (the MoE families) a sparse-MoE block: router `gate` and `experts`
+        moe = _is_moe_block(mlp)
+        parts = ("gate", "experts") if moe else ("gate_proj", "up_proj", "down_proj", "act_fn")
+        missing += [f"mlp.{n}" for n in parts if mlp is not None and not hasattr(mlp, n)]
         if missing:
             raise TypeError(f"TokenWeaveDecoderLayer needs a Llama-style decoder layer; {type(hf_layer).__name__} lacks {missing}")
         model_type = getattr(getattr(attn, "config", None), "model_type", None)
@@ -154,6 +266,9 @@ class TokenWeaveDecoderLayer(nn.Module):
                 f"TokenWeaveDecoderLayer: {type(hf_layer).__name__} (model_type={model_type!r}) is not one of the "
                 f"decoder layers it reproduces exactly ({', '.join(TOKENWEAVE_MODEL_TYPES)}); refused rather than "
                 "run as a Llama block (its norms, RoPE or block structure may differ)")
+        if moe and model_type not in _MOE_TYPES:
+            raise TypeError(f"TokenWeaveDecoderLayer: {type(hf_layer).__name__} (model_type={model_type!r}) has a "
+                            f"sparse-MoE block, which is run tensor-parallel for {', '.join(_MOE_TYPES)} only")
         # Sliding-window layers (Mistral/Qwen2-style): the window this layer's attention applies
         window = layer_window(attn)
         if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
@@ -163,8 +278,10 @@ class TokenWeaveDecoderLayer(nn.Module):
         # dropouts the HF layer applies in training mode (Seed-OSS: 0.1 on attention and residuals by
         # default); these layers apply none, so training with any of them non-zero is refused
         cfg = getattr(attn, "config", None)
+        # (and Mixtral's router jitter: noise on the MoE input in training mode)
         self.dropouts = {n: float(getattr(cfg, n, 0.0) or 0.0)
-                         for n in ("attention_dropout", "residual_dropout", "hidden_dropout") if hasattr(cfg, n)}
+                         for n in ("attention_dropout", "residual_dropout", "hidden_dropout", "router_jitter_noise")
+                         if hasattr(cfg, n)}
         # SmolLM3's NoPE layers (every 4th by default) skip the rotary embedding the model still passes
         self.use_rope = bool(getattr(attn, "use_rope", True))
         # Ministral 3: queries scaled by 1 + beta * log(1 + floor(position / original max positions)) after
@@ -190,10 +307,12 @@ class TokenWeaveDecoderLayer(nn.Module):
         W, r = self.world_size, self.rank
         D = int(getattr(attn, "head_dim", 0) or attn.q_proj.out_features // attn.config.num_attention_heads)
         hq, hkv = attn.q_proj.out_features // D, attn.k_proj.out_features // D
-        inter = mlp.gate_proj.out_features
-        if hq % W or inter % W or (hkv % W and W % hkv):
+        inters = _moe_intermediate_sizes(mlp) if moe else {"intermediate size": mlp.gate_proj.out_features}
+        bad = {k: v for k, v in inters.items() if v % W}
+        if hq % W or bad or (hkv % W and W % hkv):
+            sizes = " and ".join(f"{k} ({v})" for k, v in inters.items())
             raise ValueError(
-                f"tensor parallelism over {W} ranks needs {W} | query heads ({hq}) and intermediate size ({inter}), "
+                f"tensor parallelism over {W} ranks needs {W} | query heads ({hq}) and {sizes}, "
                 f"and {W} | KV heads ({hkv}) or KV heads | {W} (then each KV head is replicated on {W} / KV heads "
                 "ranks)"
             )
@@ -204,7 +323,6 @@ class TokenWeaveDecoderLayer(nn.Module):
         self.n_rep = self.hq // self.hkv
         self.hidden = attn.o_proj.out_features
         self.scaling = float(getattr(attn, "scaling", D**-0.5))
-        il = inter // W
 
         def rows(lin: nn.Linear, n: int, i: int = r):
             w = lin.weight[i * n : (i + 1) * n]
@@ -227,13 +345,20 @@ class TokenWeaveDecoderLayer(nn.Module):
         self.o_weight = _param(scaled(attn.o_proj.weight[:, r * self.hq * D : (r + 1) * self.hq * D]))
         # Row-parallel biases are added once, by rank 0, to its partial sum.
         self.o_bias = _param(scaled(attn.o_proj.bias)) if attn.o_proj.bias is not None and r == 0 else None
-        gw, gb = rows(mlp.gate_proj, il)
-        uw, ub = rows(mlp.up_proj, il)
-        self.gate_up_weight = _param(torch.cat([gw, uw]))
-        self.gate_up_bias = _param(torch.cat([gb, ub])) if gb is not None else None
-        self.down_weight = _param(scaled(mlp.down_proj.weight[:, r * il : (r + 1) * il]))
-        self.down_bias = _param(scaled(mlp.down_proj.bias)) if mlp.down_proj.bias is not None and r == 0 else None
-        self.act_fn = mlp.act_fn
+        self.moe = None  # the MoE families: a copy of the HF block, its experts sharded (_shard_moe)
+        self.res_mult = res_mult
+        if moe:
+            self.moe = _shard_moe(mlp, W, r)
+            self.gate_up_weight = self.gate_up_bias = self.down_weight = self.down_bias = self.act_fn = None
+        else:
+            il = inters["intermediate size"] // W
+            gw, gb = rows(mlp.gate_proj, il)
+            uw, ub = rows(mlp.up_proj, il)
+            self.gate_up_weight = _param(torch.cat([gw, uw]))
+            self.gate_up_bias = _param(torch.cat([gb, ub])) if gb is not None else None
+            self.down_weight = _param(scaled(mlp.down_proj.weight[:, r * il : (r + 1) * il]))
+            self.down_bias = _param(scaled(mlp.down_proj.bias)) if mlp.down_proj.bias is not None and r == 0 else None
+            self.act_fn = mlp.act_fn
         # per-head q/k RMSNorms: before RoPE (Qwen3's q_norm / k_norm), or after it (HunYuan's
         # query_layernorm / key_layernorm)
         qn, kn = _QK_NORMS_AFTER_ROPE.get(model_type, ("q_norm", "k_norm"))
@@ -256,7 +381,8 @@ class TokenWeaveDecoderLayer(nn.Module):
     @property
     def gemm_cols(self) -> int:
         """Output columns of the layer's widest GEMM (what the wave-aware split is shaped for)."""
-        return max(self.qkv_weight.shape[0], self.gate_up_weight.shape[0])
+        # (an MoE layer's expert GEMMs take a varying number of tokens each: the QKV GEMM shapes the split)
+        return max(self.qkv_weight.shape[0], self.gate_up_weight.shape[0] if self.moe is None else 0)
 
     def handle(self, device: torch.device) -> AllReduceRMSNorm:
         return get_allreduce_rmsnorm(self.group, device, self.config)
@@ -396,6 +522,13 @@ class TokenWeaveDecoderLayer(nn.Module):
 
     def mlp_into(self, y: torch.Tensor, out: torch.Tensor) -> None:
         """Row-parallel MLP partial of y (n x H) into `out` (n x H)."""
+        if self.moe is not None:  # the HF block on sharded experts: this rank's partial sum of every expert
+            o = self.moe(y[None])
+            o = (o[0] if isinstance(o, tuple) else o).reshape(out.shape)  # (4.x blocks also return router logits)
+            if self.res_mult != 1.0:
+                o = o * self.res_mult
+            out.copy_(o)
+            return
         g, u = F.linear(y, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
         a = self.act_fn(g) * u
         if self.down_bias is not None:
