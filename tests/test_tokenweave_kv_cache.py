@@ -131,45 +131,103 @@ def test_generate_sliding_window_past_the_window(family, fuse):
     get_pool(2).run(_w_generate, True, family, 4, fuse, timeout=240)
 
 
-def _w_families_generate():
-    """Every TokenWeave family the installed transformers has (the HF tests' tiny configs with 4
-    layers, so SmolLM3's NoPE layer 3 is in it; sdpa, as HF's eager float64 turns left-padded rows
-    into NaN), float64, every layer swapped: greedy generate() with left padding gives the unsharded
-    model's tokens and per-step logits. (Before 2026-12-07 SmolLM3's NoPE layers got RoPE: 6.6%.)"""
+def _family_lm(family: str, **over):
+    """The HF tests' tiny config of `family` with 4 layers, float64, weights that matter (norms away
+    from 1, so Gemma's 1 + w shows; Gemma 2's q/k x10 so its attention-logit cap bends the scores).
+    Returns (model, attn implementation). sdpa, as HF's eager float64 turns left-padded rows into NaN;
+    eager for Gemma 2, whose softcap has no sdpa path in transformers 5."""
     import os
     import sys
 
     sys.path.insert(0, os.path.dirname(__file__))
-    from test_huggingface import FAMILY_CONFIGS, family_available, tiny_config
+    from test_huggingface import tiny_config
 
-    from ringattn.tokenweave.layer import _MOE_TYPES, TOKENWEAVE_MODEL_TYPES
+    import ringattn.integrations.huggingface as rhf
+    from ringattn.tokenweave.layer import _MOE_TYPES
 
+    torch.manual_seed(0)
+    moe = dict(experts_implementation="eager") if family in _MOE_TYPES else {}  # (grouped_mm takes no float64)
+    attn = "eager" if family in rhf.SOFTCAP_MODEL_TYPES else "sdpa"
+    kw = dict(num_hidden_layers=4, attn_implementation=attn, **moe)
+    kw.update(over)
+    m = transformers.AutoModelForCausalLM.from_config(tiny_config(family, **kw)).double().eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            p.copy_((1 + 0.3 * torch.randn(p.shape, generator=g)) if "norm" in name and p.dim() == 1
+                    else torch.randn(p.shape, generator=g) / (p.shape[-1] ** 0.5 if p.dim() == 2 else 5))
+            if family in rhf.SOFTCAP_MODEL_TYPES and name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(10.0)
+    return m, attn
+
+
+def _generate_both(ref, tw, pad_row: int):
+    """Greedy generate() of both models (a batch of 2, 7 prompt tokens, 5 new): (same tokens, max
+    per-step logits relative error)."""
+    ids, am = _ids(3, 2, 7, pad_row=pad_row)
+    kw = dict(attention_mask=am, max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None,
+              return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        a, b = ref.generate(ids, **kw), tw.generate(ids, **kw)
+    return a.sequences.tolist() == b.sequences.tolist(), max(_rel(y, x) for x, y in zip(a.logits, b.logits))
+
+
+def _w_families_generate():
+    """Every TokenWeave family the installed transformers has (_family_lm: 4 layers, so SmolLM3's
+    NoPE layer 3 is in it), float64, every layer swapped: greedy generate() with left padding (sdpa
+    models) gives the unsharded model's tokens and per-step logits. (Before 2026-12-07 SmolLM3's
+    NoPE layers got RoPE: 6.6%.) Gemma 2 / 3: sliding and full layers alternating with a window of 4
+    (shorter than the 12 tokens), so Gemma 3's two rotary tables (local and global) are both in play."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_huggingface import FAMILY_CONFIGS, family_available
+
+    from ringattn.tokenweave.layer import TOKENWEAVE_MODEL_TYPES
+
+    win = {"gemma2": dict(sliding_window=4),
+           "gemma3_text": dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"] * 2)}
     out = {}
     for family in TOKENWEAVE_MODEL_TYPES:
         if family not in FAMILY_CONFIGS or not family_available(family):
             continue
-        models = []
-        for _ in range(2):
-            torch.manual_seed(0)
-            # (MoE: transformers 5's default grouped_mm experts take no float64)
-            moe = dict(experts_implementation="eager") if family in _MOE_TYPES else {}
-            m = transformers.AutoModelForCausalLM.from_config(
-                tiny_config(family, num_hidden_layers=4, attn_implementation="sdpa", **moe)).double().eval()
-            g = torch.Generator().manual_seed(1)
-            with torch.no_grad():  # norms away from 1 (Gemma's 1 + w must show), weights that matter
-                for name, p in m.named_parameters():
-                    p.copy_((1 + 0.3 * torch.randn(p.shape, generator=g)) if "norm" in name and p.dim() == 1
-                            else torch.randn(p.shape, generator=g) / (p.shape[-1] ** 0.5 if p.dim() == 2 else 5))
-            models.append(m)
-        ref, tw = models[0], _swap(models[1], True)
-        ids, am = _ids(3, 2, 7, pad_row=2)
-        kw = dict(attention_mask=am, max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None,
-                  return_dict_in_generate=True, output_logits=True)
-        with torch.no_grad():
-            a, b = ref.generate(ids, **kw), tw.generate(ids, **kw)
-        err = max(_rel(y, x) for x, y in zip(a.logits, b.logits))
-        out[family] = (a.sequences.tolist() == b.sequences.tolist(), err)
+        (ref, attn), (tw, _) = (_family_lm(family, **win.get(family, {})) for _ in range(2))
+        out[family] = _generate_both(ref, _swap(tw, True), pad_row=2 if attn == "sdpa" else 0)  # (eager: no padding)
     return out
+
+
+def _w_gemma3_fused():
+    """Gemma 3 with apply_tokenweave(fuse_layers=True): all-sliding layers (one rotary table) generate
+    like the unsharded model, the sandwich norms fused across layer boundaries; with full and sliding
+    layers mixed (two tables) it is refused and the model left unchanged."""
+    ref, _ = _family_lm("gemma3_text", layer_types=["sliding_attention"] * 4)
+    tw, _ = _family_lm("gemma3_text", layer_types=["sliding_attention"] * 4)
+    same, err = _generate_both(ref, _swap(tw, True, fuse=True), pad_row=2)
+    mixed, _ = _family_lm("gemma3_text", layer_types=["full_attention", "sliding_attention"] * 2)
+    before = list(mixed.model.layers)
+    from ringattn.tokenweave import apply_tokenweave
+
+    try:
+        apply_tokenweave(mixed, fuse_layers=True)
+        refusal = None
+    except ValueError as e:
+        refusal = str(e)
+    return same, err, refusal, list(mixed.model.layers) == before
+
+
+def test_gemma3_fused_layers_generate_or_are_refused():
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_huggingface import family_available
+
+    if not family_available("gemma3_text"):
+        pytest.skip("this transformers has no Gemma 3")
+    for same, err, refusal, unchanged in get_pool(2).run(_w_gemma3_fused, timeout=240):
+        assert same and err < _TOL64, (same, err)
+        assert refusal and "rotary tables differ" in refusal and unchanged, refusal
 
 
 def test_every_tokenweave_family_generates_like_the_unsharded_model():
@@ -183,7 +241,8 @@ def test_every_tokenweave_family_generates_like_the_unsharded_model():
 
     want = {f for f in TOKENWEAVE_MODEL_TYPES if f in FAMILY_CONFIGS and family_available(f)}
     for o in get_pool(2).run(_w_families_generate, timeout=300):
-        assert {"llama", "mistral", "qwen2", "gemma", "granite", "helium", "qwen3_moe", "mixtral"} <= set(o) == want, \
+        assert {"llama", "mistral", "qwen2", "gemma", "granite", "helium", "qwen3_moe", "mixtral", "gemma2",
+                "gemma3_text"} <= set(o) == want, \
             (sorted(o), sorted(want))
         bad = {f: v for f, v in o.items() if not v[0] or v[1] > _TOL64}
         assert not bad, f"families whose TP generate differs (same tokens, max logits rel err): {bad}"

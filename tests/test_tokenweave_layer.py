@@ -456,6 +456,9 @@ def _w_families():
     sys.path.insert(0, os.path.dirname(__file__))
     from test_huggingface import FAMILY_CONFIGS, family_available, tiny_config
 
+    import inspect
+
+    import ringattn.integrations.huggingface as rhf
     from ringattn.tokenweave import TokenWeaveDecoderLayer
     from ringattn.tokenweave.layer import TOKENWEAVE_MODEL_TYPES
 
@@ -470,6 +473,8 @@ def _w_families():
             for name, p in model.named_parameters():
                 p.copy_((1 + 0.3 * torch.randn(p.shape, generator=g)) if "norm" in name and p.dim() == 1
                         else torch.randn(p.shape, generator=g) / (p.shape[-1] ** 0.5 if p.dim() == 2 else 5))
+                if family in rhf.SOFTCAP_MODEL_TYPES and name.endswith(("q_proj.weight", "k_proj.weight")):
+                    p.mul_(10.0)  # scores of O(10): Gemma 2's attention-logit cap bends them
         layer = model.layers[0]
         try:
             tw = TokenWeaveDecoderLayer(layer, token_split=False)
@@ -482,10 +487,13 @@ def _w_families():
         rope = model.rotary_emb
         lt = getattr(model.config, "layer_types", None)
         pe = rope(h, pos) if not isinstance(getattr(rope, "rope_type", None), dict) else rope(h, pos, lt[0])
+        kw = dict(position_embeddings=pe)
+        if "position_embeddings_global" in inspect.signature(type(layer).forward).parameters:  # Gemma 3 on 4.x
+            kw = dict(position_embeddings_global=pe, position_embeddings_local=model.rotary_emb_local(h, pos))
         mask = torch.zeros(B, 1, S, S).masked_fill(torch.ones(S, S, dtype=torch.bool).triu(1), float("-inf"))
         with torch.no_grad():
-            ref = _t(layer(h, position_embeddings=pe, attention_mask=mask, position_ids=pos))
-            got = _t(tw(h, position_embeddings=pe, attention_mask=mask, position_ids=pos))
+            ref = _t(layer(h, attention_mask=mask, position_ids=pos, **kw))
+            got = _t(tw(h, attention_mask=mask, position_ids=pos, **kw))
         out[family] = ("ran", (got - ref).abs().max().item() / ref.abs().max().item(), family in TOKENWEAVE_MODEL_TYPES)
     return out
 

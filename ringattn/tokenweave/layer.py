@@ -32,11 +32,11 @@ Scope: forward (inference prefill and decode) of the decoder layers of TOKENWEAV
 Mistral, Qwen2, Qwen3, SmolLM3 (its NoPE layers skip RoPE), Gemma, Granite, Ministral, CWM, Seed-OSS,
 Helium and ERNIE 4.5 (interleaved RoPE: their own apply_rotary_pos_emb), HunYuan (q/k norms after
 RoPE), Ministral 3 (queries scaled by position; position_ids required), and the sparse-MoE
-Qwen3-MoE, Mixtral and Qwen2-MoE (tensor-parallel experts, _shard_moe): rotary position_embeddings
+Qwen3-MoE, Mixtral and Qwen2-MoE (tensor-parallel experts, _shard_moe), Gemma 2 / 3 (sandwich norms:
+an output norm before each residual add; Gemma 2's logit softcap in eager math): rotary position_embeddings
 given by the model, optional q/k norms and biases; Gemma's (1 + w) norms and Granite's
 residual_multiplier folded into the weights), each checked against the HF layer; other families'
-layers are refused (their sandwich norms, post-norms or other blocks would otherwise be silently
-dropped). Causal attention with an optional mask: 4-D (sdpa/eager), or a flash-attention model's 2-D padding mask,
+layers are refused (their post-norms, sinks or other blocks would otherwise be silently dropped). Causal attention with an optional mask: 4-D (sdpa/eager), or a flash-attention model's 2-D padding mask,
 packing by position_ids or cu_seq_lens_q/k (_packed_mask); sliding-window layers apply their window
 (the module's or its config's sliding_window, AND-ed into any mask); dynamic KV caches (a static
 cache is refused); inference only (a backward through the layers raises).
@@ -53,9 +53,10 @@ from torch import nn
 
 import torch.distributed as dist
 
-from ringattn.integrations.huggingface import layer_window
+from ringattn.integrations.huggingface import _transformers_major, layer_window
 from ringattn.tokenweave.fused_allreduce_rmsnorm import (
     AllReduceRMSNorm,
+    _add_rmsnorm,
     TokenWeaveConfig,
     get_allreduce_rmsnorm,
 )
@@ -68,24 +69,29 @@ from ringattn.tokenweave.token_split import SideStream, num_sms, split_min_token
 # folded into the weights. Anything else (Gemma 3's sandwich norms, Helium's interleaved RoPE,
 # Cohere's parallel block, ...) is refused by name rather than computed as a Llama block.
 # Ministral, CWM and Seed-OSS (added 2026-12-07) are the Llama block. HyperCLOVA X (post-norms),
-# Granite SWA (attention sinks), Gemma 2/3 (sandwich norms) and Laguna (per-layer head counts) are
-# not (0.37-0.92 off when run as one) and stay refused.
+# Granite SWA (attention sinks) and Laguna (per-layer head counts) are not (0.37-0.57 off when run
+# as one) and stay refused.
 # Helium, ERNIE 4.5, HunYuan (dense) and Ministral 3 were added 2026-12-08: the Llama block with RoPE on
 # interleaved pairs (_OWN_ROPE_TYPES: the module's own apply_rotary_pos_emb is called), with q/k norms
 # after RoPE, or with queries scaled by position (_QUERY_POSITION_SCALE_TYPES); and the same day the
-# sparse-MoE Qwen3-MoE, Mixtral and Qwen2-MoE (_MOE_TYPES).
+# sparse-MoE Qwen3-MoE, Mixtral and Qwen2-MoE (_MOE_TYPES), and Gemma 2 / 3 (sandwich norms, Gemma 2's
+# softcap, Gemma 3's per-layer-type rotary tables).
 TOKENWEAVE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma", "granite", "ministral", "cwm",
                           "seed_oss", "helium", "ernie4_5", "hunyuan_v1_dense", "ministral3", "qwen3_moe", "mixtral",
-                          "qwen2_moe")
+                          "qwen2_moe", "gemma2", "gemma3_text")
 _OWN_ROPE_TYPES = ("helium", "ernie4_5")
 # sparse-MoE families whose blocks are run with tensor-parallel experts (_shard_moe)
 _MOE_TYPES = ("qwen3_moe", "mixtral", "qwen2_moe")
+# sandwich-norm families: attention and MLP outputs normed before the residual add (Gemma 2 / 3)
+_SANDWICH_TYPES = ("gemma2", "gemma3_text")
+# families whose sliding and full layers use different rotary tables: one call's layers must share a type
+_PER_TYPE_ROPE_TYPES = ("gemma3_text",)
 # families that scale queries by position after RoPE (Llama 4's attention temperature)
 _QUERY_POSITION_SCALE_TYPES = ("ministral3",)
 # families whose per-head q/k RMSNorms follow RoPE: {model_type: (q norm, k norm attribute names)}
 _QK_NORMS_AFTER_ROPE = {"hunyuan_v1_dense": ("query_layernorm", "key_layernorm")}
 # RMSNorms that scale by (1 + weight) (Gemma's): their weight enters the fused kernel as 1 + w.
-_ONE_PLUS_NORMS = ("GemmaRMSNorm",)
+_ONE_PLUS_NORMS = ("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm")
 
 
 def _norm_weight(norm: nn.Module) -> torch.Tensor:
@@ -266,6 +272,7 @@ class TokenWeaveDecoderLayer(nn.Module):
                 f"TokenWeaveDecoderLayer: {type(hf_layer).__name__} (model_type={model_type!r}) is not one of the "
                 f"decoder layers it reproduces exactly ({', '.join(TOKENWEAVE_MODEL_TYPES)}); refused rather than "
                 "run as a Llama block (its norms, RoPE or block structure may differ)")
+        self.model_type = model_type
         if moe and model_type not in _MOE_TYPES:
             raise TypeError(f"TokenWeaveDecoderLayer: {type(hf_layer).__name__} (model_type={model_type!r}) has a "
                             f"sparse-MoE block, which is run tensor-parallel for {', '.join(_MOE_TYPES)} only")
@@ -302,7 +309,7 @@ class TokenWeaveDecoderLayer(nn.Module):
             if self.rope_fn is None:
                 raise TypeError(f"TokenWeaveDecoderLayer: {type(attn).__module__} has no apply_rotary_pos_emb "
                                 f"(model_type={model_type!r} applies its own RoPE)")
-        if hasattr(hf_layer, "attention_type"):  # models that pick each layer's mask by it (Qwen2 on 4.x)
+        if hasattr(hf_layer, "attention_type"):  # models that pick each layer's mask by it (Qwen2, Gemma 3 on 4.x)
             self.attention_type = hf_layer.attention_type
         W, r = self.world_size, self.rank
         D = int(getattr(attn, "head_dim", 0) or attn.q_proj.out_features // attn.config.num_attention_heads)
@@ -367,12 +374,35 @@ class TokenWeaveDecoderLayer(nn.Module):
         self.k_norm = copy.deepcopy(getattr(attn, kn)) if getattr(attn, kn, None) is not None else None
         self.input_norm_weight = _param(_norm_weight(hf_layer.input_layernorm))
         self.input_norm_eps = _norm_eps(hf_layer.input_layernorm)
-        self.post_norm_weight = _param(_norm_weight(hf_layer.post_attention_layernorm))
-        self.post_norm_eps = _norm_eps(hf_layer.post_attention_layernorm)
+        # Sandwich norms (Gemma 2 / 3): the all-reduced attention and MLP outputs are normed before each
+        # residual add (post_attention_layernorm / post_feedforward_layernorm), and the MLP's input norm is
+        # pre_feedforward_layernorm. post_norm_*: the MLP's input norm either way; attn_out_norm /
+        # mlp_out_norm: (weight, eps) of the output norms, or None.
+        self.attn_out_norm = self.mlp_out_norm = None
+        mlp_in = hf_layer.post_attention_layernorm
+        if model_type in _SANDWICH_TYPES:
+            pre, post = (getattr(hf_layer, n, None) for n in ("pre_feedforward_layernorm", "post_feedforward_layernorm"))
+            if pre is None or post is None:
+                raise TypeError(f"TokenWeaveDecoderLayer: {type(hf_layer).__name__} (model_type={model_type!r}) lacks its "
+                                "pre_feedforward_layernorm / post_feedforward_layernorm")
+            self.attn_out_norm = (_param(_norm_weight(mlp_in)), _norm_eps(mlp_in))
+            self.mlp_out_norm = (_param(_norm_weight(post)), _norm_eps(post))
+            mlp_in = pre
+        self.post_norm_weight = _param(_norm_weight(mlp_in))
+        self.post_norm_eps = _norm_eps(mlp_in)
+        # Gemma 2: attention-logit softcapping, every score s -> c * tanh(s / c) (SDPA has none: _sdpa's math)
+        cap = getattr(attn, "attn_logit_softcapping", None) if hasattr(attn, "attn_logit_softcapping") else \
+            getattr(cfg, "attn_logit_softcapping", None)
+        self.softcap = float(cap) if cap else None
+        # Gemma 3: sliding and full layers take different rotary tables (the model passes each its own)
+        types = getattr(cfg, "layer_types", None)
+        self.layer_type = types[self.layer_idx] if types and self.layer_idx is not None else None
+        self.is_sliding = bool(getattr(attn, "is_sliding", self.window is not None))
         # transformers 4.x layers return a tuple (hidden_states, ...), 5.x a tensor: answer alike so
         # the wrapper drops into the model's own layer loop.
         ann = getattr(type(hf_layer).forward, "__annotations__", {}).get("return", "")
-        self.returns_tuple = "tuple" in str(ann).lower()
+        # (transformers 5 layers all return the tensor; some keep a stale tuple annotation: Gemma 3's)
+        self.returns_tuple = "tuple" in str(ann).lower() and _transformers_major() < 5
         if device is not None:
             self.to(device)
 
@@ -453,7 +483,7 @@ class TokenWeaveDecoderLayer(nn.Module):
                 m = self._windowed(mask[b : b + 1, :, qs:qe, : P + qe], P + qs, P + qe)
             else:  # query at position P+qs+i sees keys 0..P+qs+i (bottom-right causal), within the window
                 m = self._band(P + qs, P + qe, q.device)
-            o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=m, scale=self.scaling)
+            o = self._sdpa(qb, kb, vb, attn_mask=m)
             attn[rows] = o[0].transpose(0, 1)
         if full:
             b0, nb = b_lo, b_hi - b_lo  # consecutive sequences
@@ -463,23 +493,38 @@ class TokenWeaveDecoderLayer(nn.Module):
             if mask is None and seqlen == 1 and (self.window is None or self.window > P):
                 # a decode step sees every kept key: no mask, and the KV heads shared in place (no copy
                 # of the whole cache per query head group)
-                o = F.scaled_dot_product_attention(qb, kr, vr, scale=self.scaling, enable_gqa=self.n_rep > 1)
+                o = self._sdpa(qb, kr, vr, enable_gqa=self.n_rep > 1)
             else:
                 kb, vb = self._kv_heads(kr), self._kv_heads(vr)  # nb x hq x (P + S) x D
                 if mask is not None:
-                    o = F.scaled_dot_product_attention(qb, kb, vb, scale=self.scaling,
-                                                       attn_mask=self._windowed(mask[b0 : b0 + nb], P, P + seqlen))
+                    o = self._sdpa(qb, kb, vb, attn_mask=self._windowed(mask[b0 : b0 + nb], P, P + seqlen))
                 elif P > 0 or (self.window is not None and self.window < seqlen):
-                    o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=self._band(P, P + seqlen, q.device),
-                                                       scale=self.scaling)
+                    o = self._sdpa(qb, kb, vb, attn_mask=self._band(P, P + seqlen, q.device))
                 else:
-                    o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=self.scaling)
+                    o = self._sdpa(qb, kb, vb, is_causal=True)
             attn[rows] = o.transpose(1, 2).reshape(nb * seqlen, self.hq, D)
         a = attn.reshape(n, self.hq * D)
         if self.o_bias is not None:
             torch.addmm(self.o_bias, a, self.o_weight.t(), out=out)
         else:
             torch.mm(a, self.o_weight.t(), out=out)
+
+    def _sdpa(self, q, k, v, attn_mask=None, is_causal=False, enable_gqa=False):
+        """F.scaled_dot_product_attention at the layer's scale; with a softcap (Gemma 2), the same in
+        eager math (scores in fp32, float64 for float64), the cap applied before the mask."""
+        if self.softcap is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scaling,
+                                                  enable_gqa=enable_gqa)
+        if enable_gqa and k.shape[-3] != q.shape[-3]:
+            k, v = (t.repeat_interleave(q.shape[-3] // t.shape[-3], dim=-3) for t in (k, v))
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * self.scaling
+        s = self.softcap * torch.tanh(s / self.softcap)
+        if is_causal:  # (SDPA's top-left causal; only used with as many queries as keys)
+            attn_mask = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril()
+        if attn_mask is not None:
+            s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask.to(acc)
+        return torch.matmul(torch.softmax(s, dim=-1), v.to(acc)).to(q.dtype)
 
     def _qk_norms(self, q: torch.Tensor, k: torch.Tensor):
         """The layer's per-head q/k RMSNorms, where it has them ((n, heads, D) each)."""
@@ -540,8 +585,19 @@ class TokenWeaveDecoderLayer(nn.Module):
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
                 position_embeddings=None, **kwargs):
+        position_embeddings = _pick_position_embeddings(self, position_embeddings, kwargs)
         return _hf_layer_forward([self], hidden_states, attention_mask, position_ids, past_key_values,
                                  position_embeddings, kwargs)
+
+
+def _pick_position_embeddings(layer, position_embeddings, kwargs: dict):
+    """Gemma 3 on transformers 4.x hands every layer both rotary tables (position_embeddings_global /
+    _local, popped from kwargs here): the layer's own, by whether it slides."""
+    if "position_embeddings_global" in kwargs:
+        glob, loc = kwargs.pop("position_embeddings_global"), kwargs.pop("position_embeddings_local", None)
+        if position_embeddings is None:
+            position_embeddings = loc if layer.is_sliding else glob
+    return position_embeddings
 
 
 def split_min_tokens_default() -> int:
@@ -744,6 +800,8 @@ class _FusedDecoderLayers(nn.Module):
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
                 position_embeddings=None, **kwargs):
+        # (one table for all: apply_tokenweave refused layers whose rotary tables differ)
+        position_embeddings = _pick_position_embeddings(self.layers[0], position_embeddings, kwargs)
         return _hf_layer_forward(list(self.layers), hidden_states, attention_mask, position_ids, past_key_values,
                                  position_embeddings, kwargs)
 
@@ -790,6 +848,8 @@ def run_tokenweave_layers(layers, hidden_states, position_embeddings, attention_
                 "is in training mode; the TokenWeave layers apply no dropout, so set those to 0.0 (or call .eval())")
     if position_embeddings is None:
         raise ValueError("position_embeddings=(cos, sin) are required (as HF Llama models pass them to their layers)")
+    if problem := _rope_types_problem(layers):
+        raise ValueError(problem)
     if attention_mask is not None and (not torch.is_tensor(attention_mask) or attention_mask.dim() not in (2, 4)):
         raise NotImplementedError("attention_mask must be None, a 2-D (B, cached + S) padding mask (flash-attention "
                                   "models) or a 4-D (B, 1|H, S, cached + S) tensor mask")
@@ -818,22 +878,34 @@ def run_tokenweave_layers(layers, hidden_states, position_embeddings, attention_
         halves = [_Half(t0, t1, s, _rmsnorm(h[t0:t1], first.input_norm_weight, first.input_norm_eps), h[t0:t1])
                   for s, (t0, t1) in enumerate(ranges)]  # fmt: skip
 
-        def fused(half: _Half, partial, weight, eps, shard_out: bool):
-            """half.(y, residual) <- fused(partial + residual, weight), on the side stream if split."""
-            kw = dict(shard_residual_in=half.sharded, shard_residual_out=shard_out, slot=half.slot, copy_out=False)
+        def reduce_norm_add(half: _Half, partial, weight, eps, shard_out: bool, out_norm):
+            if out_norm is None:  # the fused op: y = norm(all_reduce(partial) + residual)
+                kw = dict(shard_residual_in=half.sharded, shard_residual_out=shard_out, slot=half.slot, copy_out=False)
+                return handle(partial, half.residual, weight, eps, **kw)
+            # sandwich norms: z = out_norm(all_reduce(partial)) (the fused op on a zero residual), then
+            # residual += z and y = norm(residual) locally (the residual stays full: shard_out is False)
+            z, _ = handle(partial, torch.zeros_like(half.residual), out_norm[0], out_norm[1], slot=half.slot,
+                          copy_out=False)
+            return _add_rmsnorm(z, half.residual, weight, eps)
+
+        def fused(half: _Half, partial, weight, eps, shard_out: bool, out_norm=None):
+            """half.(y, residual) <- fused(partial + residual, weight), on the side stream if split.
+            out_norm: (weight, eps) of a sandwich norm applied to the all-reduced partial first."""
             if side is None:
-                half.y, half.residual = handle(partial, half.residual, weight, eps, **kw)
+                half.y, half.residual = reduce_norm_add(half, partial, weight, eps, shard_out, out_norm)
             else:
                 side.launch()  # the side stream waits for the partial (an event, not the whole stream)
                 with side.run():
-                    half.y, half.residual = handle(partial, half.residual, weight, eps, **kw)
+                    half.y, half.residual = reduce_norm_add(half, partial, weight, eps, shard_out, out_norm)
                     half.done = side.done()
-                side.hand_to_main(half.residual)
+                side.hand_to_main(half.residual, half.y if out_norm is not None else None)
             half.sharded = shard_out
 
-        def shard_between(half: _Half) -> bool:
-            # keep the residual token-sharded when the call runs two-shot / rs_ag (agreed values only)
-            return handle.path_for(half.n, H, dtype) in ("symm_twoshot", "multimem", "rs_ag")
+        def shard_between(half: _Half, *ls) -> bool:
+            # keep the residual token-sharded when the call runs two-shot / rs_ag (agreed values only);
+            # never around sandwich-norm layers (their residual add is local, on full rows)
+            return (all(l.attn_out_norm is None for l in ls)
+                    and handle.path_for(half.n, H, dtype) in ("symm_twoshot", "multimem", "rs_ag"))
 
         hkv, D = first.hkv, first.head_dim
         for li, layer in enumerate(layers):
@@ -847,7 +919,7 @@ def run_tokenweave_layers(layers, hidden_states, position_embeddings, attention_
                 buf = handle.input_buffer(half.n, H, dtype, slot=half.slot)
                 layer.attention_into(half.y, half.t0, half.t1, cos, sin, attention_mask, B, S, k_store, v_store, buf, kv,
                                      pos)
-                fused(half, buf, layer.post_norm_weight, layer.post_norm_eps, shard_between(half))
+                fused(half, buf, layer.post_norm_weight, layer.post_norm_eps, shard_between(half, layer), layer.attn_out_norm)
             if cache is not None and not kv.commit_early:  # a split: every half's keys are in k_store now
                 kv.commit()
             for half in halves:
@@ -857,11 +929,12 @@ def run_tokenweave_layers(layers, hidden_states, position_embeddings, attention_
                 layer.mlp_into(half.y, buf)
                 if not last:
                     nxt = layers[li + 1]
-                    fused(half, buf, nxt.input_norm_weight, nxt.input_norm_eps, shard_between(half))
+                    fused(half, buf, nxt.input_norm_weight, nxt.input_norm_eps, shard_between(half, layer, nxt),
+                          layer.mlp_out_norm)
                 elif final_weight is not None:
-                    fused(half, buf, final_weight, final_eps, False)
+                    fused(half, buf, final_weight, final_eps, False, layer.mlp_out_norm)
                 else:  # a lone layer: only the new residual (full) is wanted; y is a by-product
-                    fused(half, buf, layer.post_norm_weight, layer.post_norm_eps, False)
+                    fused(half, buf, layer.post_norm_weight, layer.post_norm_eps, False, layer.mlp_out_norm)
         out = torch.empty(N, H, dtype=dtype, device=device)
         for half in halves:
             if side is not None:
@@ -871,6 +944,16 @@ def run_tokenweave_layers(layers, hidden_states, position_embeddings, attention_
     if torch.is_grad_enabled() and hidden_states.requires_grad:  # in a graph: a backward through it must fail loudly
         out = _NoBackward.apply(hidden_states, out)
     return out
+
+
+def _rope_types_problem(layers) -> str | None:
+    """Layers run in one call share its rotary tables: refused where a family's layer types take different ones."""
+    rope_types = {l.layer_type for l in layers if l.model_type in _PER_TYPE_ROPE_TYPES}
+    if len(rope_types) > 1:
+        return (f"TokenWeave layers of types {sorted(rope_types, key=str)} in one call: their rotary tables differ "
+                "(Gemma 3's sliding and full layers) and one call takes one; run them one layer per call "
+                "(apply_tokenweave(fuse_layers=False))")
+    return None
 
 
 def _check_replicated(hidden_states: torch.Tensor, group) -> None:
@@ -929,6 +1012,8 @@ def apply_tokenweave(model: nn.Module, group=None, *, fuse_layers: bool = False,
         raise ValueError("apply_tokenweave: this model runs ringattn sequence parallelism (apply_sequence_parallel); "
                          "tensor-parallel TokenWeave layers are not combined with it")
     base = getattr(model, "base_model", model)
+    if not isinstance(getattr(base, "layers", None), nn.ModuleList) and isinstance(getattr(model, "model", None), nn.Module):
+        base = model.model  # (Gemma 3's causal LM on transformers 4.x names a base model prefix it does not have)
     layers = getattr(base, "layers", None)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
         raise TypeError(f"apply_tokenweave: {type(model).__name__} has no decoder layers at base_model.layers")
@@ -949,6 +1034,8 @@ def apply_tokenweave(model: nn.Module, group=None, *, fuse_layers: bool = False,
                 f"apply_tokenweave(fuse_layers=True): the fused layers get layer 0's mask, a sliding-window one "
                 f"(window {windows[0]}), while other layers' windows are {sorted(set(windows), key=str)}; use "
                 "fuse_layers=False")
+        if problem := _rope_types_problem(wrapped):
+            raise ValueError(f"apply_tokenweave(fuse_layers=True): {problem}")
         base.layers = nn.ModuleList([_FusedDecoderLayers(wrapped)])
     else:
         for i, w in enumerate(wrapped):
