@@ -327,6 +327,42 @@ def test_position_scaled_queries_need_position_ids():
     assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
+@pytest.mark.parametrize("post_norm", [True, False])
+def test_hyperclovax_with_and_without_post_norms(post_norm):
+    """HyperCLOVA X: with use_post_norm its attention / MLP outputs are normed before the residual add
+    (post_norm1 / post_norm2, a sandwich) and residual_multiplier is folded into those norms' weights;
+    without, its post norms are nn.Identity and the multiplier is folded into o_proj / down_proj, as
+    Granite's. Both against the HF layer (the families test runs the default, post norms on, at 2 ranks)."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_huggingface import family_available, tiny_config
+
+    from ringattn.tokenweave import TokenWeaveDecoderLayer
+
+    if not family_available("hyperclovax"):
+        pytest.skip("this transformers has no HyperCLOVA X")
+    torch.manual_seed(0)
+    cfg = tiny_config("hyperclovax", use_post_norm=post_norm, residual_multiplier=0.5, attention_multiplier=0.3)
+    model = transformers.AutoModel.from_config(cfg).float().eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_((1 + 0.3 * torch.randn(p.shape, generator=g)) if "norm" in name and p.dim() == 1
+                    else torch.randn(p.shape, generator=g) / (p.shape[-1] ** 0.5 if p.dim() == 2 else 5))
+    layer = model.layers[0]
+    tw = TokenWeaveDecoderLayer(layer, None)
+    assert (tw.attn_out_norm is not None) == post_norm
+    h = torch.randn(2, 9, model.config.hidden_size, generator=g)
+    pos = torch.arange(9)[None].expand(2, 9)
+    pe = model.rotary_emb(h, pos)
+    mask = torch.zeros(2, 1, 9, 9).masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1), float("-inf"))
+    with torch.no_grad():
+        ref = _t(layer(h, position_embeddings=pe, attention_mask=mask, position_ids=pos))
+        got = _t(tw(h, position_embeddings=pe, attention_mask=mask, position_ids=pos))
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
 def test_refuses_training_with_dropout_it_would_skip():
     """A HF layer whose config has dropout (Seed-OSS defaults: 0.1 on attention and residuals) runs
     in eval mode; in training mode it is refused, naming the dropouts, instead of run without them."""

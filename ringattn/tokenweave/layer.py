@@ -32,7 +32,7 @@ Scope: forward (inference prefill and decode) of the decoder layers of TOKENWEAV
 Mistral, Qwen2, Qwen3, SmolLM3 (its NoPE layers skip RoPE), Gemma, Granite, Ministral, CWM, Seed-OSS,
 Helium and ERNIE 4.5 (interleaved RoPE: their own apply_rotary_pos_emb), HunYuan (q/k norms after
 RoPE), Ministral 3 (queries scaled by position; position_ids required), and the sparse-MoE
-Qwen3-MoE, Mixtral and Qwen2-MoE (tensor-parallel experts, _shard_moe), Gemma 2 / 3 (sandwich norms:
+Qwen3-MoE, Mixtral and Qwen2-MoE (tensor-parallel experts, _shard_moe), Gemma 2 / 3, HyperCLOVA X (sandwich norms:
 an output norm before each residual add; Gemma 2's logit softcap in eager math): rotary position_embeddings
 given by the model, optional q/k norms and biases; Gemma's (1 + w) norms and Granite's
 residual_multiplier folded into the weights), each checked against the HF layer; other families'
@@ -68,22 +68,26 @@ from ringattn.tokenweave.token_split import SideStream, num_sms, split_min_token
 # RoPE, gate/up/down MLP); Gemma's RMSNorm x * (1 + w) and Granite's residual_multiplier are
 # folded into the weights. Anything else (Gemma 3's sandwich norms, Helium's interleaved RoPE,
 # Cohere's parallel block, ...) is refused by name rather than computed as a Llama block.
-# Ministral, CWM and Seed-OSS (added 2026-12-07) are the Llama block. HyperCLOVA X (post-norms),
-# Granite SWA (attention sinks) and Laguna (per-layer head counts) are not (0.37-0.57 off when run
-# as one) and stay refused.
+# Ministral, CWM and Seed-OSS (added 2026-12-07) are the Llama block. Granite SWA (attention sinks)
+# and Laguna (per-layer head counts) are not (about 0.4 off when run as one) and stay refused.
 # Helium, ERNIE 4.5, HunYuan (dense) and Ministral 3 were added 2026-12-08: the Llama block with RoPE on
 # interleaved pairs (_OWN_ROPE_TYPES: the module's own apply_rotary_pos_emb is called), with q/k norms
 # after RoPE, or with queries scaled by position (_QUERY_POSITION_SCALE_TYPES); and the same day the
-# sparse-MoE Qwen3-MoE, Mixtral and Qwen2-MoE (_MOE_TYPES), and Gemma 2 / 3 (sandwich norms, Gemma 2's
-# softcap, Gemma 3's per-layer-type rotary tables).
+# sparse-MoE Qwen3-MoE, Mixtral and Qwen2-MoE (_MOE_TYPES), and Gemma 2 / 3 and HyperCLOVA X (sandwich
+# norms, Gemma 2's softcap, Gemma 3's per-layer-type rotary tables).
 TOKENWEAVE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma", "granite", "ministral", "cwm",
                           "seed_oss", "helium", "ernie4_5", "hunyuan_v1_dense", "ministral3", "qwen3_moe", "mixtral",
-                          "qwen2_moe", "gemma2", "gemma3_text")
+                          "qwen2_moe", "gemma2", "gemma3_text", "hyperclovax")
 _OWN_ROPE_TYPES = ("helium", "ernie4_5")
 # sparse-MoE families whose blocks are run with tensor-parallel experts (_shard_moe)
 _MOE_TYPES = ("qwen3_moe", "mixtral", "qwen2_moe")
-# sandwich-norm families: attention and MLP outputs normed before the residual add (Gemma 2 / 3)
-_SANDWICH_TYPES = ("gemma2", "gemma3_text")
+# sandwich-norm families: attention and MLP outputs normed before the residual add: {model_type:
+# (attention output norm, MLP input norm, MLP output norm)} (HyperCLOVA X: when use_post_norm)
+_SANDWICH_TYPES = {
+    "gemma2": ("post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
+    "gemma3_text": ("post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
+    "hyperclovax": ("post_norm1", "post_attention_layernorm", "post_norm2"),
+}
 # families whose sliding and full layers use different rotary tables: one call's layers must share a type
 _PER_TYPE_ROPE_TYPES = ("gemma3_text",)
 # families that scale queries by position after RoPE (Llama 4's attention temperature)
@@ -122,6 +126,22 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def _param(t: torch.Tensor | None) -> nn.Parameter | None:
     return None if t is None else nn.Parameter(t.detach().clone().contiguous(), requires_grad=False)
+
+
+def _sandwich_norms(hf_layer: nn.Module, model_type: str):
+    """(attention output norm, MLP input norm, MLP output norm) of a sandwich-norm layer, or None."""
+    names = _SANDWICH_TYPES.get(model_type)
+    if names is None:
+        return None
+    norms = [getattr(hf_layer, n, None) for n in names]
+    if any(n is None for n in norms):
+        raise TypeError(f"TokenWeaveDecoderLayer: {type(hf_layer).__name__} (model_type={model_type!r}) lacks one of its "
+                        f"norms {names}")
+    if isinstance(norms[0], nn.Identity) and isinstance(norms[2], nn.Identity):  # (HyperCLOVA X without post norms)
+        return None
+    if any(isinstance(n, nn.Identity) for n in norms):
+        raise TypeError(f"TokenWeaveDecoderLayer: {type(hf_layer).__name__} has only some of its sandwich norms {names}")
+    return tuple(norms)
 
 
 # -- sparse-MoE blocks (_MOE_TYPES), tensor-parallel ----------------------------------------------------
@@ -343,8 +363,11 @@ class TokenWeaveDecoderLayer(nn.Module):
         self.qkv_weight = _param(torch.cat([qw, kw, vw]))
         self.qkv_bias = _param(torch.cat([qb, kb, vb])) if qb is not None else None
         # Granite: residual + out * residual_multiplier after attention and MLP -> folded into the
-        # row-parallel weights and biases (1.0 elsewhere: unchanged)
+        # row-parallel weights and biases (1.0 elsewhere: unchanged); with sandwich norms (HyperCLOVA X)
+        # into the output norms' weights instead (a norm would undo it on the weights)
         res_mult = float(getattr(hf_layer, "residual_multiplier", 1.0))
+        sandwich = _sandwich_norms(hf_layer, model_type)
+        norms_res_mult, res_mult = (res_mult, 1.0) if sandwich else (1.0, res_mult)
 
         def scaled(t):
             return t if t is None or res_mult == 1.0 else t * res_mult
@@ -380,14 +403,14 @@ class TokenWeaveDecoderLayer(nn.Module):
         # mlp_out_norm: (weight, eps) of the output norms, or None.
         self.attn_out_norm = self.mlp_out_norm = None
         mlp_in = hf_layer.post_attention_layernorm
-        if model_type in _SANDWICH_TYPES:
-            pre, post = (getattr(hf_layer, n, None) for n in ("pre_feedforward_layernorm", "post_feedforward_layernorm"))
-            if pre is None or post is None:
-                raise TypeError(f"TokenWeaveDecoderLayer: {type(hf_layer).__name__} (model_type={model_type!r}) lacks its "
-                                "pre_feedforward_layernorm / post_feedforward_layernorm")
-            self.attn_out_norm = (_param(_norm_weight(mlp_in)), _norm_eps(mlp_in))
-            self.mlp_out_norm = (_param(_norm_weight(post)), _norm_eps(post))
-            mlp_in = pre
+        if sandwich:
+            attn_out, mlp_in, mlp_out = sandwich
+
+            def out_norm(m):
+                w = _norm_weight(m)
+                return _param(w if norms_res_mult == 1.0 else (w.float() * norms_res_mult).to(w.dtype)), _norm_eps(m)
+
+            self.attn_out_norm, self.mlp_out_norm = out_norm(attn_out), out_norm(mlp_out)
         self.post_norm_weight = _param(_norm_weight(mlp_in))
         self.post_norm_eps = _norm_eps(mlp_in)
         # Gemma 2: attention-logit softcapping, every score s -> c * tanh(s / c) (SDPA has none: _sdpa's math)
