@@ -1009,15 +1009,18 @@ def auto_seq_len(seq_len: int, world_size: int, layout: str) -> int:
 @functools.lru_cache(maxsize=4096)
 def predicted_times(seq_len: int, world_size: int, layout: str, causal: bool, batch: int, heads_q: int,
                     heads_kv: int, head_dim: int, elem_size: int, backward: bool, topology,
-                    window: int | None = None, documents: tuple | None = None, hardware=None) -> dict:
+                    window: int | None = None, documents: tuple | None = None, hardware=None,
+                    backend: str = "auto") -> dict:
     """{algorithm: predicted seconds} for ring, token_ring and (where the world size splits the
     heads) ulysses; cached (choose_algorithm calls it on every call). window / documents: the
     sliding window / packed documents (normalised, as sequence_parallel._window_arg /
     _documents_arg give them). hardware: a ringattn.hardware.Hardware (hashed by its
-    fingerprint) whose compute profile is used (None: H100_BF16); `topology` is passed apart."""
+    fingerprint) whose compute profile is used (None: H100_BF16); `topology` is passed apart.
+    backend: the profile's curve the blocks are timed with (predict's backend)."""
     kw = dict(seq_len=seq_len, world_size=world_size, layout=layout, causal=causal, batch=batch, heads_q=heads_q,
               heads_kv=heads_kv, head_dim=head_dim, dtype=elem_size, backward=backward, topology=topology,
-              cu_seqlens=documents, sliding_window=window, profile=hardware.profile if hardware else None)
+              cu_seqlens=documents, sliding_window=window, profile=hardware.profile if hardware else None,
+              backend=backend)
     return {alg: p.total_s for alg, p in compare(**kw).items()}
 
 

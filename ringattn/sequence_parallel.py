@@ -180,6 +180,9 @@ def _local_signature(fn, q, k, v, *, algorithm, layout, causal, softmax_scale, b
             try:
                 hw = auto_hw.current(q.device.type, q.device) if isinstance(q, torch.Tensor) else auto_hw.current("cpu")
                 sig[_IX["hardware"]] = hw.fingerprint
+                if cap:  # softcapped blocks are timed as what they run on here (flash_attn or math): alike too
+                    blocks = _softcap_blocks(cap, q.device.type if isinstance(q, torch.Tensor) else "cpu", hw)
+                    sig[_IX["hardware"]] = zlib.crc32(f"{hw.fingerprint}/{blocks}".encode())
             except ValueError as e:
                 problems |= _P_HARDWARE
                 error = error or ValueError(f"{fn}: {e}")
@@ -259,7 +262,8 @@ def _describe(field: str, value: int) -> str:
         return str(bool(value))
     if field == "hardware":
         name = auto_hw.builtin_name(value)  # (only the built-ins: every rank knows their names)
-        return f"{value:#010x}" + (f" (built-in {name!r})" if name else " (set by the user)")
+        return f"{value:#010x}" + (f" (built-in {name!r})" if name else
+                                   " (set by the user, or with softcap= combined with the blocks' backend)")
     return str(value)
 
 
@@ -279,7 +283,8 @@ _AGREE = (
     ("sinks (number of sink logits; -1: none)", ("sinks",)),
     ("softcap", ("softcap",)),
     ("the hardware algorithm='auto' assumes (crc32 of its cost-model profile and topology: set it alike on "
-     "every rank with ringattn.set_auto_hardware or RINGATTN_AUTO_PROFILE / RINGATTN_AUTO_TOPOLOGY)", ("hardware",)),
+     "every rank with ringattn.set_auto_hardware or RINGATTN_AUTO_PROFILE / RINGATTN_AUTO_TOPOLOGY; with softcap=, "
+     "also whether the flash_attn package, which takes it, is installed)", ("hardware",)),
 )
 
 
@@ -523,7 +528,7 @@ def choose_algorithm(*, seq_len: int, world_size: int, layout: str = "contiguous
                      batch: int, heads_q: int, heads_kv: int, head_dim: int, dtype=torch.bfloat16,
                      backward: bool = True, topology=None, cu_seqlens=None, sliding_window=None,
                      candidates=AUTO_CANDIDATES, hardware=None, device="cuda",
-                     v_head_dim: int | None = None) -> AlgorithmChoice:
+                     v_head_dim: int | None = None, softcap=None) -> AlgorithmChoice:
     """algorithm="auto": the algorithm ringattn.cost_model predicts faster (docs/cost_model.md).
 
     hardware: what the prediction assumes (a ringattn.hardware.Hardware, or anything
@@ -561,6 +566,11 @@ def choose_algorithm(*, seq_len: int, world_size: int, layout: str = "contiguous
     v_head_dim: v's head dim where it differs from head_dim (MLA): the bytes are exact
     (predict_comm_bytes); the time model, which has one head dim, runs at (D + Dv) / 2, rounded up
     (for an even D + Dv: the attention FLOPs and K/V bytes exactly; Q and partial-output bytes in sum).
+    softcap: the call's logit softcap (Gemma 2). Its blocks cannot run on SDPA's kernels, so on GPUs
+    the model times them as what they run on: the flash_attn package (2.6+) with the profile's
+    "flash" curve (SDPA's flash backend is the same FlashAttention-2 kernels: an approximation), else
+    the math backend, which the GPU profiles have not measured -- there bytes decide between the
+    rings (the reason says so). On CPU the blocks are math with or without it.
     Deterministic in its arguments, so every rank picks the same. Cached per distinct set of
     arguments (it runs on every call: uncached, the per-rank byte formulas alone cost ~1 ms at
     W = 32, and the model's first run up to a second at W = 64).
@@ -579,13 +589,31 @@ def choose_algorithm(*, seq_len: int, world_size: int, layout: str = "contiguous
     if hw is not None and topology is not None:
         hw = hw.with_topology(auto_hw.resolve_topology(topology))
     v_dim = None if v_head_dim in (None, head_dim) else int(v_head_dim)
+    blocks = _softcap_blocks(softcap, getattr(device, "type", device), hw)
     args = (seq_len, world_size, layout, bool(causal), batch, heads_q, heads_kv, head_dim, _elem_size(dtype),
-            bool(backward), hw, cands, v_dim)
+            bool(backward), hw, cands, v_dim, blocks)
     docs = _documents_arg(cu_seqlens, seq_len, batch)
     window = _window_arg(sliding_window, causal, seq_len)
     if docs is not None or window is not None:  # a small cache of its own: every packed batch brings new
         return _choose_algorithm_packed(*args, docs, window)  # boundaries, but one forward's layers ask the same
     return _choose_algorithm(*args)
+
+
+def _softcap_blocks(softcap, device: str, hw) -> str:
+    """The backend the cost model times softcapped blocks with ("auto": as without a softcap; "" :
+    none of the profile's curves fits, so bytes decide). See choose_algorithm."""
+    if not softcap or hw is None or device != "cuda":
+        return "auto"
+    from ringattn.block_attention import _fa_parameters, _flash_attn_interface
+
+    fa = _flash_attn_interface()[0]  # (what block_attention's auto takes for softcapped blocks, device aside)
+    takes = fa is not None and "softcap" in {p.name for p in _fa_parameters(fa._flash_attn_forward)}
+    backend = "flash" if takes else "math"
+    try:
+        hw.profile.backend(backend)
+    except ValueError:
+        return ""
+    return backend
 
 
 def auto_rule(secs: dict, nbytes: dict) -> tuple[str, str]:
@@ -611,7 +639,7 @@ def auto_rule(secs: dict, nbytes: dict) -> tuple[str, str]:
 
 @functools.lru_cache(maxsize=4096)
 def _choose_algorithm(seq_len, world_size, layout, causal, batch, heads_q, heads_kv, head_dim, elem_size, backward,
-                      hw, candidates, v_head_dim=None, documents=None, window=None) -> AlgorithmChoice:
+                      hw, candidates, v_head_dim=None, blocks="auto", documents=None, window=None) -> AlgorithmChoice:
     per_alg = {}
     for alg in candidates:
         ranks = predict_comm_bytes(alg, seq_len=seq_len, world_size=world_size, layout=layout, causal=causal,
@@ -635,6 +663,11 @@ def _choose_algorithm(seq_len, world_size, layout, causal, batch, heads_q, heads
     topo = hw.topology_for(world_size)
     name = topo if isinstance(topo, str) else topo.kind
     limit = cost_model.AUTO_MAX_WORLD if documents is None else cost_model.AUTO_MAX_WORLD_DOCUMENTS
+    if not blocks:  # softcapped blocks on a backend the profile has not measured
+        alg = "token_ring" if per_alg["token_ring"] < per_alg["ring"] else "ring"
+        return AlgorithmChoice(alg, per_alg, f"{mask}softcap: its blocks run on math, which {hw.profile.name} has not "
+                               "measured: cost model not run; fewer bottleneck bytes between the rings (ties: ring)",
+                               {}, name, hw.name)
     if world_size > limit:  # the simulation would take seconds (documents: on every new packing)
         alg = "token_ring" if per_alg["token_ring"] < per_alg["ring"] else "ring"
         return AlgorithmChoice(alg, per_alg, f"{mask}world size {world_size} > {limit}: cost model not run; "
@@ -642,13 +675,15 @@ def _choose_algorithm(seq_len, world_size, layout, causal, batch, heads_q, heads
     if documents is None:  # the rounded length: one prediction serves nearby lengths
         secs = cost_model.predicted_times(cost_model.auto_seq_len(seq_len, world_size, layout), world_size,
                                           layout, causal, batch, heads_q, heads_kv, head_dim,
-                                          elem_size, backward, topo, window, None, hw)
+                                          elem_size, backward, topo, window, None, hw, blocks)
     else:  # the boundaries fix the length
         secs = cost_model.predicted_times_packed(seq_len, world_size, layout, causal, batch, heads_q,
-                                                 heads_kv, head_dim, elem_size, backward, topo, window, documents, hw)
+                                                 heads_kv, head_dim, elem_size, backward, topo, window, documents, hw,
+                                                 blocks)
     secs = {a: t for a, t in secs.items() if a in candidates}
     alg, why = auto_rule(secs, per_alg)
-    return AlgorithmChoice(alg, per_alg, f"{mask}cost model ({hw.profile.name}, {name}): {why}", secs, name, hw.name)
+    on = f", softcap blocks timed as {blocks!r}" if blocks != "auto" else ""
+    return AlgorithmChoice(alg, per_alg, f"{mask}cost model ({hw.profile.name}, {name}{on}): {why}", secs, name, hw.name)
 
 
 _choose_algorithm_packed = functools.lru_cache(maxsize=8)(_choose_algorithm.__wrapped__)
@@ -665,7 +700,7 @@ def _resolve_algorithm(algorithm: str, plan: RingPlan, q, k, grad: bool, candida
         seq_len=plan.layout.seq_len, world_size=plan.world_size, layout=plan.layout.layout, causal=plan.causal,
         batch=q.shape[0], heads_q=q.shape[2], heads_kv=k.shape[2], head_dim=q.shape[3], dtype=q.dtype,
         backward=grad, cu_seqlens=plan.documents, sliding_window=plan.window, candidates=candidates,
-        device=q.device.type, v_head_dim=None if v is None else v.shape[3]).algorithm
+        device=q.device.type, v_head_dim=None if v is None else v.shape[3], softcap=plan.softcap).algorithm
 
 
 def _autocast(q, k, v):

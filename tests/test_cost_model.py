@@ -522,3 +522,67 @@ def test_auto_follows_the_model_under_masks():
     assert d.algorithm == ("token_ring" if d.predicted_bytes["token_ring"] < d.predicted_bytes["ring"] else "ring")
     w = sp.choose_algorithm(seq_len=1 << 17, world_size=big, sliding_window=4096, **kw)  # windows: up to 64
     assert set(w.predicted_s) == {"ring", "token_ring", "ulysses"}, w
+
+
+# --- softcap: the blocks' backend ----------------------------------------------------------------
+def test_auto_with_softcap_times_the_blocks_it_runs(monkeypatch):
+    """Softcapped blocks never run on SDPA's kernels: on GPUs auto times them with the profile's
+    "flash" curve when the flash_attn package takes softcap=, and otherwise (math, which the H100
+    profile has not measured) lets bytes decide between the rings; on CPU it changes nothing."""
+    import ringattn.block_attention as ba
+
+    kw = dict(seq_len=32768, world_size=4, layout="zigzag", causal=True, batch=1, heads_q=32, heads_kv=8, head_dim=128,
+              dtype=torch.bfloat16, backward=True)
+    plain = sp.choose_algorithm(**kw)
+    monkeypatch.setattr(ba, "_flash_attn_interface", lambda: (None, "not installed"))
+    capped = sp.choose_algorithm(**kw, softcap=50.0)
+    assert capped.predicted_s == {} and "softcap" in capped.reason and "has not measured" in capped.reason, capped
+    assert capped.algorithm == ("token_ring" if capped.predicted_bytes["token_ring"] < capped.predicted_bytes["ring"]
+                                else "ring")
+
+    class FakeFlashAttn:  # flash_attn 2.6+'s interface: _flash_attn_forward takes softcap=
+        @staticmethod
+        def _flash_attn_forward(q, k, v, dropout_p, softmax_scale, causal, window_size_left, window_size_right,
+                                softcap, alibi_slopes, return_softmax):
+            raise AssertionError("not called: auto only asks whether it takes softcap")
+
+    monkeypatch.setattr(ba, "_flash_attn_interface", lambda: (FakeFlashAttn, "2.7.4"))
+    flash = sp.choose_algorithm(**kw, softcap=50.0)
+    want = cm.compare(**dict(kw, seq_len=cm.auto_seq_len(32768, 4, "zigzag")), topology="nvswitch", backend="flash")
+    assert flash.predicted_s == {a: p.total_s for a, p in want.items()}, flash
+    assert "softcap blocks timed as 'flash'" in flash.reason, flash.reason
+    assert all(flash.predicted_s[a] > plain.predicted_s[a] for a in plain.predicted_s)  # FA2 is slower than cuDNN
+    cpu = sp.choose_algorithm(**kw, device="cpu")
+    assert sp.choose_algorithm(**kw, softcap=50.0, device="cpu") is cpu  # math either way: the same choice
+
+
+def test_auto_call_passes_its_softcap_to_the_choice(monkeypatch):
+    seen = []
+    real = sp.choose_algorithm
+
+    def spy(**kw):
+        seen.append(kw.get("softcap"))
+        return real(**kw)
+
+    monkeypatch.setattr(sp, "choose_algorithm", spy)
+    q, k, v = (torch.randn(1, 8, 2, 16) for _ in range(3))
+    sp.sequence_parallel_attention(q, k, v, causal=True, algorithm="auto", softcap=30.0)
+    sp.sequence_parallel_attention(q, k, v, causal=True, algorithm="auto")
+    assert seen == [30.0, 0.0], seen
+
+
+def test_auto_signature_holds_the_softcap_blocks_backend(monkeypatch):
+    """Ranks timing softcapped blocks differently (flash_attn installed on some ranks only) would pick
+    different algorithms: the hardware field of the signature every rank exchanges covers it, so they
+    raise together instead (real processes: test_auto_hardware; the field itself here)."""
+    q = k = v = torch.randn(1, 6, 4, 8)
+
+    def sig(softcap, blocks):
+        monkeypatch.setattr(sp, "_softcap_blocks", lambda cap, device, hw: blocks)
+        return sp._local_signature("t", q, k, v, algorithm="auto", layout="contiguous", causal=True, softmax_scale=None,
+                                   backend="auto", world=2, global_ranks=[0, 1], softcap=softcap).sig[sp._IX["hardware"]]
+
+    plain = sig(None, "flash")  # (no softcap: the blocks' backend plays no part)
+    assert plain == sig(None, "") and sig(30.0, "flash") != sig(30.0, "") and plain not in (sig(30.0, "flash"),
+                                                                                           sig(30.0, ""))
+    assert sig(30.0, "flash") == sig(50.0, "flash")  # (the cap's value is a field of its own)
