@@ -135,7 +135,7 @@ def _family_lm(family: str, **over):
     """The HF tests' tiny config of `family` with 4 layers, float64, weights that matter (norms away
     from 1, so Gemma's 1 + w shows; Gemma 2's q/k x10 so its attention-logit cap bends the scores).
     Returns (model, attn implementation). sdpa, as HF's eager float64 turns left-padded rows into NaN;
-    eager for Gemma 2, whose softcap has no sdpa path in transformers 5."""
+    eager for Gemma 2 and gpt-oss, whose softcap / attention sinks have no sdpa path in transformers 5."""
     import os
     import sys
 
@@ -147,7 +147,7 @@ def _family_lm(family: str, **over):
 
     torch.manual_seed(0)
     moe = dict(experts_implementation="eager") if family in _MOE_TYPES else {}  # (grouped_mm takes no float64)
-    attn = "eager" if family in rhf.SOFTCAP_MODEL_TYPES else "sdpa"
+    attn = "eager" if family in rhf.SOFTCAP_MODEL_TYPES + ("gpt_oss",) else "sdpa"  # (no sdpa path: softcap, sinks)
     kw = dict(num_hidden_layers=4, attn_implementation=attn, **moe)
     kw.update(over)
     m = transformers.AutoModelForCausalLM.from_config(tiny_config(family, **kw)).double().eval()
@@ -156,6 +156,8 @@ def _family_lm(family: str, **over):
         for name, p in m.named_parameters():
             p.copy_((1 + 0.3 * torch.randn(p.shape, generator=g)) if "norm" in name and p.dim() == 1
                     else torch.randn(p.shape, generator=g) / (p.shape[-1] ** 0.5 if p.dim() == 2 else 5))
+            if name.endswith(".sinks"):  # gpt-oss's attention sinks: large enough to matter
+                p.copy_(2.0 * torch.randn(p.shape, generator=g))
             if family in rhf.SOFTCAP_MODEL_TYPES and name.endswith(("q_proj.weight", "k_proj.weight")):
                 p.mul_(10.0)
     return m, attn
@@ -242,7 +244,7 @@ def test_every_tokenweave_family_generates_like_the_unsharded_model():
     want = {f for f in TOKENWEAVE_MODEL_TYPES if f in FAMILY_CONFIGS and family_available(f)}
     for o in get_pool(2).run(_w_families_generate, timeout=300):
         assert {"llama", "mistral", "qwen2", "gemma", "granite", "helium", "qwen3_moe", "mixtral", "gemma2",
-                "gemma3_text"} <= set(o) == want, \
+                "gemma3_text", "gpt_oss"} <= set(o) == want, \
             (sorted(o), sorted(want))
         bad = {f: v for f, v in o.items() if not v[0] or v[1] > _TOL64}
         assert not bad, f"families whose TP generate differs (same tokens, max logits rel err): {bad}"

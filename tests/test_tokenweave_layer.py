@@ -256,13 +256,16 @@ def _w_moe_shards():
     from ringattn.tokenweave import TokenWeaveDecoderLayer
 
     out = {}
-    for family in ("qwen3_moe", "mixtral", "qwen2_moe"):
+    for family in ("qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss"):
         if not family_available(family):
             continue
         torch.manual_seed(0)
         model = transformers.AutoModel.from_config(tiny_config(family)).float().eval()
         layer = model.layers[0]
         block = getattr(layer, "mlp", None) or layer.block_sparse_moe  # (Mixtral on 4.x)
+        if family == "gpt_oss":
+            with torch.no_grad():
+                block.experts.down_proj_bias.fill_(0.5)  # (initialised to zeros)
         before = {n: (p, p.detach().clone()) for n, p in block.named_parameters()}
         try:
             tw = TokenWeaveDecoderLayer(layer, dist.group.WORLD)
@@ -276,12 +279,14 @@ def _w_moe_shards():
         full = {n: p.numel() for n, p in block.named_parameters()}
         out[family] = ("ran", {n: (p.numel(), full.get(n)) for n, p in tw.moe.named_parameters()}, untouched, shared,
                        not tw.moe.training)
+        if family == "gpt_oss":  # the down bias, inside each weighted expert output: rank 0's partial only
+            out[family] += (bool(tw.moe.experts.down_proj_bias.abs().sum() > 0),)
     return out
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_moe_layers_shard_the_experts_and_leave_the_hf_block_alone(world):
-    """MoE families (Qwen3-MoE, Mixtral, Qwen2-MoE with its shared expert): each rank's copy of the
+    """MoE families (Qwen3-MoE, Mixtral, Qwen2-MoE with its shared expert, gpt-oss with its biases): each rank's copy of the
     block keeps 1/W of every expert's intermediate dimension and the whole router; the HF block is not
     modified and shares no storage with it. At 3 ranks the expert intermediate size (not divisible) is
     refused by name. (Outputs against the HF layer: test_tokenweave_families_match_or_are_refused.)"""
@@ -292,11 +297,14 @@ def test_moe_layers_shard_the_experts_and_leave_the_hf_block_alone(world):
                 assert r[0] == "refused" and "expert intermediate size (" in r[1], (rank, family, r)
                 continue
             assert r[0] == "ran", (rank, family, r)
-            params, untouched, shared, eval_mode = r[1:]
+            params, untouched, shared, eval_mode = r[1:5]
             assert untouched and not shared and eval_mode, (rank, family, untouched, shared)
             for name, (n, full) in params.items():
-                router = "experts" not in name and "shared_expert." not in name  # the router, the shared-expert gate
-                assert n == full if router else 2 * n == full, (rank, family, name, n, full)
+                # whole: the router, the shared-expert gate, gpt-oss's down bias (zero but on rank 0)
+                whole = ("experts" not in name and "shared_expert." not in name) or name.endswith("down_proj_bias")
+                assert n == full if whole else 2 * n == full, (rank, family, name, n, full)
+            if family == "gpt_oss":
+                assert r[5] == (rank == 0), (rank, r[5])
             assert any("experts" in name for name in params), (rank, family, params)
 
 
@@ -509,6 +517,8 @@ def _w_families():
             for name, p in model.named_parameters():
                 p.copy_((1 + 0.3 * torch.randn(p.shape, generator=g)) if "norm" in name and p.dim() == 1
                         else torch.randn(p.shape, generator=g) / (p.shape[-1] ** 0.5 if p.dim() == 2 else 5))
+                if name.endswith(".sinks"):  # gpt-oss's attention sinks: large enough to matter
+                    p.copy_(2.0 * torch.randn(p.shape, generator=g))
                 if family in rhf.SOFTCAP_MODEL_TYPES and name.endswith(("q_proj.weight", "k_proj.weight")):
                     p.mul_(10.0)  # scores of O(10): Gemma 2's attention-logit cap bends them
         layer = model.layers[0]
@@ -552,7 +562,7 @@ def test_tokenweave_families_match_or_are_refused():
         for family, r in out.items():
             if r[0] == "ran":
                 assert r[1] < 1e-5 and r[2], (rank, family, r)  # fp32 rounding only
-            elif family in ("phi3", "olmo2", "cohere", "starcoder2", "glm", "gpt_oss",
+            elif family in ("phi3", "olmo2", "cohere", "starcoder2", "glm",
                             "deepseek_v2", "deepseek_v3", "llama4_text"):  # (MLA: no k_proj / v_proj; Llama 4: no mlp)
                 assert " lacks [" in r[1], (rank, family, r)  # a Llama part missing by name
             else:  # refused by model_type, or (families added later) for a part it lacks: named either way

@@ -77,10 +77,11 @@ from ringattn.tokenweave.token_split import SideStream, num_sms, split_min_token
 # norms, Gemma 2's softcap, Gemma 3's per-layer-type rotary tables).
 TOKENWEAVE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma", "granite", "ministral", "cwm",
                           "seed_oss", "helium", "ernie4_5", "hunyuan_v1_dense", "ministral3", "qwen3_moe", "mixtral",
-                          "qwen2_moe", "gemma2", "gemma3_text", "hyperclovax")
-_OWN_ROPE_TYPES = ("helium", "ernie4_5")
+                          "qwen2_moe", "gemma2", "gemma3_text", "hyperclovax",
+                          "gpt_oss")
+_OWN_ROPE_TYPES = ("helium", "ernie4_5", "gpt_oss")
 # sparse-MoE families whose blocks are run with tensor-parallel experts (_shard_moe)
-_MOE_TYPES = ("qwen3_moe", "mixtral", "qwen2_moe")
+_MOE_TYPES = ("qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss")
 # sandwich-norm families: attention and MLP outputs normed before the residual add: {model_type:
 # (attention output norm, MLP input norm, MLP output norm)} (HyperCLOVA X: when use_post_norm)
 _SANDWICH_TYPES = {
@@ -153,7 +154,8 @@ def _sandwich_norms(hf_layer: nn.Module, model_type: str):
 
 
 def _is_moe_block(mlp) -> bool:
-    return mlp is not None and hasattr(mlp, "experts") and hasattr(mlp, "gate") and not hasattr(mlp, "gate_proj")
+    return (mlp is not None and hasattr(mlp, "experts") and (hasattr(mlp, "gate") or hasattr(mlp, "router"))
+            and not hasattr(mlp, "gate_proj"))
 
 
 def _expert_projs(e: nn.Module):
@@ -177,6 +179,17 @@ def _fused_experts_check(ex: nn.Module) -> None:
                         "down_proj expert layout without biases that the MoE layers shard")
 
 
+def _gpt_oss_experts(ex: nn.Module) -> bool:
+    """gpt-oss's experts: gate_up_proj (E, H, 2I) with gate and up interleaved along the last dim, its
+    bias (E, 2I), down_proj (E, I, H) and its bias (E, H)."""
+    names = {n for n, _ in ex.named_parameters()}
+    if names != {"gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"} or not hasattr(ex, "_apply_gate"):
+        return False
+    E, H, I2 = ex.gate_up_proj.shape
+    return (I2 % 2 == 0 and tuple(ex.gate_up_proj_bias.shape) == (E, I2) and tuple(ex.down_proj.shape) == (E, I2 // 2, H)
+            and tuple(ex.down_proj_bias.shape) == (E, H))
+
+
 def _moe_intermediate_sizes(block) -> dict:
     """{what: intermediate size} of a sparse-MoE block's experts (and shared expert): each must split
     over the ranks."""
@@ -186,6 +199,8 @@ def _moe_intermediate_sizes(block) -> dict:
         if len(sizes) != 1:
             raise TypeError(f"TokenWeaveDecoderLayer: experts of different intermediate sizes {sorted(sizes)}")
         out = {"expert intermediate size": sizes.pop()}
+    elif _gpt_oss_experts(ex):
+        out = {"expert intermediate size": ex.down_proj.shape[1]}
     else:
         _fused_experts_check(ex)
         out = {"expert intermediate size": ex.down_proj.shape[2]}
@@ -228,6 +243,17 @@ def _shard_moe(block: nn.Module, W: int, r: int) -> nn.Module:
     if isinstance(ex, nn.ModuleList):
         for src, dst in zip(ex, copy_.experts):
             shard_mlp(src, dst)
+    elif _gpt_oss_experts(ex):  # interleaved (gate, up) pairs: a contiguous slice keeps whole pairs
+        I = ex.down_proj.shape[1]
+        i = I // W
+        pairs = slice(2 * r * i, 2 * (r + 1) * i)
+        copy_.experts.gate_up_proj = _param(ex.gate_up_proj[:, :, pairs])
+        copy_.experts.gate_up_proj_bias = _param(ex.gate_up_proj_bias[:, pairs])
+        copy_.experts.down_proj = _param(ex.down_proj[:, r * i : (r + 1) * i])
+        # the down bias is inside each expert's weighted output: added once, by rank 0's partial
+        copy_.experts.down_proj_bias = _param(ex.down_proj_bias if r == 0 else torch.zeros_like(ex.down_proj_bias))
+        if hasattr(copy_.experts, "intermediate_size"):
+            copy_.experts.intermediate_size = i
     else:
         I = ex.down_proj.shape[2]
         i = I // W
@@ -240,7 +266,7 @@ def _shard_moe(block: nn.Module, W: int, r: int) -> nn.Module:
         shard_mlp(shared, copy_.shared_expert)
     for m in copy_.modules():
         for n, p in list(m._parameters.items()):
-            if p is None and n in ("weight", "gate_up_proj", "down_proj"):
+            if p is None and n in ("weight", "gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):
                 raise RuntimeError(f"TokenWeaveDecoderLayer: MoE parameter {type(m).__name__}.{n} was not sharded")
             if p is not None:
                 p.requires_grad_(False)
@@ -282,7 +308,8 @@ class TokenWeaveDecoderLayer(nn.Module):
         missing += [f"self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj", "o_proj") if attn is not None and not hasattr(attn, n)]
         # an MLP: gate/up/down; or (the MoE families) a sparse-MoE block: router `gate` and `experts`
         moe = _is_moe_block(mlp)
-        parts = ("gate", "experts") if moe else ("gate_proj", "up_proj", "down_proj", "act_fn")
+        parts = (("router" if hasattr(mlp, "router") else "gate"), "experts") if moe else \
+            ("gate_proj", "up_proj", "down_proj", "act_fn")
         missing += [f"mlp.{n}" for n in parts if mlp is not None and not hasattr(mlp, n)]
         if missing:
             raise TypeError(f"TokenWeaveDecoderLayer needs a Llama-style decoder layer; {type(hf_layer).__name__} lacks {missing}")
@@ -417,6 +444,10 @@ class TokenWeaveDecoderLayer(nn.Module):
         cap = getattr(attn, "attn_logit_softcapping", None) if hasattr(attn, "attn_logit_softcapping") else \
             getattr(cfg, "attn_logit_softcapping", None)
         self.softcap = float(cap) if cap else None
+        # gpt-oss: a learned per-head attention sink (an extra logit in each softmax denominator): this
+        # rank's query heads' (SDPA has none: _sdpa's math)
+        sinks = getattr(attn, "sinks", None)
+        self.sinks = _param(sinks[r * self.hq : (r + 1) * self.hq]) if isinstance(sinks, torch.Tensor) else None
         # Gemma 3: sliding and full layers take different rotary tables (the model passes each its own)
         types = getattr(cfg, "layer_types", None)
         self.layer_type = types[self.layer_idx] if types and self.layer_idx is not None else None
@@ -533,20 +564,25 @@ class TokenWeaveDecoderLayer(nn.Module):
             torch.mm(a, self.o_weight.t(), out=out)
 
     def _sdpa(self, q, k, v, attn_mask=None, is_causal=False, enable_gqa=False):
-        """F.scaled_dot_product_attention at the layer's scale; with a softcap (Gemma 2), the same in
-        eager math (scores in fp32, float64 for float64), the cap applied before the mask."""
-        if self.softcap is None:
+        """F.scaled_dot_product_attention at the layer's scale; with a softcap (Gemma 2) or attention sinks
+        (gpt-oss), the same in eager math (scores in fp32, float64 for float64), the cap applied before
+        the mask, the sink as one more logit per row of the softmax."""
+        if self.softcap is None and self.sinks is None:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scaling,
                                                   enable_gqa=enable_gqa)
         if enable_gqa and k.shape[-3] != q.shape[-3]:
             k, v = (t.repeat_interleave(q.shape[-3] // t.shape[-3], dim=-3) for t in (k, v))
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * self.scaling
-        s = self.softcap * torch.tanh(s / self.softcap)
+        if self.softcap is not None:
+            s = self.softcap * torch.tanh(s / self.softcap)
         if is_causal:  # (SDPA's top-left causal; only used with as many queries as keys)
             attn_mask = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril()
         if attn_mask is not None:
             s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask.to(acc)
+        if self.sinks is not None:  # one more logit per row, dropped after the softmax
+            sink = self.sinks.to(acc).reshape(-1, 1, 1).expand(*s.shape[:-1], 1)
+            return torch.matmul(torch.softmax(torch.cat([s, sink], dim=-1), dim=-1)[..., :-1], v.to(acc)).to(q.dtype)
         return torch.matmul(torch.softmax(s, dim=-1), v.to(acc)).to(q.dtype)
 
     def _qk_norms(self, q: torch.Tensor, k: torch.Tensor):
