@@ -135,7 +135,8 @@ def _family_lm(family: str, **over):
     """The HF tests' tiny config of `family` with 4 layers, float64, weights that matter (norms away
     from 1, so Gemma's 1 + w shows; Gemma 2's q/k x10 so its attention-logit cap bends the scores).
     Returns (model, attn implementation). sdpa, as HF's eager float64 turns left-padded rows into NaN;
-    eager for Gemma 2 and gpt-oss, whose softcap / attention sinks have no sdpa path in transformers 5."""
+    eager for Gemma 2, gpt-oss and Granite SWA, whose softcap / attention sinks have no sdpa path in
+    transformers 5."""
     import os
     import sys
 
@@ -147,7 +148,7 @@ def _family_lm(family: str, **over):
 
     torch.manual_seed(0)
     moe = dict(experts_implementation="eager") if family in _MOE_TYPES else {}  # (grouped_mm takes no float64)
-    attn = "eager" if family in rhf.SOFTCAP_MODEL_TYPES + ("gpt_oss",) else "sdpa"  # (no sdpa path: softcap, sinks)
+    attn = "eager" if family in rhf.SOFTCAP_MODEL_TYPES + ("gpt_oss", "granite_swa") else "sdpa"  # (no sdpa: softcap, sinks)
     kw = dict(num_hidden_layers=4, attn_implementation=attn, **moe)
     kw.update(over)
     m = transformers.AutoModelForCausalLM.from_config(tiny_config(family, **kw)).double().eval()
@@ -179,7 +180,8 @@ def _w_families_generate():
     NoPE layer 3 is in it), float64, every layer swapped: greedy generate() with left padding (sdpa
     models) gives the unsharded model's tokens and per-step logits. (Before 2026-12-07 SmolLM3's
     NoPE layers got RoPE: 6.6%.) Gemma 2 / 3: sliding and full layers alternating with a window of 4
-    (shorter than the 12 tokens), so Gemma 3's two rotary tables (local and global) are both in play."""
+    (shorter than the 12 tokens), so Gemma 3's two rotary tables (local and global) are both in play;
+    Granite SWA: two RoPE bases and NoPE layers, windowed, attention sinks."""
     import os
     import sys
 
@@ -189,7 +191,9 @@ def _w_families_generate():
     from ringattn.tokenweave.layer import TOKENWEAVE_MODEL_TYPES
 
     win = {"gemma2": dict(sliding_window=4),
-           "gemma3_text": dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"] * 2)}
+           "gemma3_text": dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"] * 2),
+           # Granite SWA: layer 0 full, the rest sliding; RoPE bases per layer, 0 for NoPE layers (no table)
+           "granite_swa": dict(sliding_window=4, layer_rope_theta=[10000.0, 0, 500000.0, 0], residual_multiplier=0.5)}
     out = {}
     for family in TOKENWEAVE_MODEL_TYPES:
         if family not in FAMILY_CONFIGS or not family_available(family):
@@ -218,6 +222,31 @@ def _w_gemma3_fused():
     return same, err, refusal, list(mixed.model.layers) == before
 
 
+def _w_granite_swa_fused_refused():
+    from ringattn.tokenweave import apply_tokenweave
+
+    model, _ = _family_lm("granite_swa", layer_rope_theta=[10000.0, 0, 500000.0, 0])
+    before = list(model.model.layers)
+    try:
+        apply_tokenweave(model, fuse_layers=True)
+    except ValueError as e:
+        return str(e), list(model.model.layers) == before
+    return None, False
+
+
+def test_granite_swa_layers_of_different_rope_bases_are_not_fused():
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_huggingface import family_available
+
+    if not family_available("granite_swa"):
+        pytest.skip("this transformers has no Granite SWA")
+    for msg, unchanged in get_pool(2).run(_w_granite_swa_fused_refused, timeout=120):
+        assert msg and "rotary tables [10000.0, 500000.0]" in msg and unchanged, msg
+
+
 def test_gemma3_fused_layers_generate_or_are_refused():
     import os
     import sys
@@ -229,7 +258,7 @@ def test_gemma3_fused_layers_generate_or_are_refused():
         pytest.skip("this transformers has no Gemma 3")
     for same, err, refusal, unchanged in get_pool(2).run(_w_gemma3_fused, timeout=240):
         assert same and err < _TOL64, (same, err)
-        assert refusal and "rotary tables differ" in refusal and unchanged, refusal
+        assert refusal and "their tables differ" in refusal and unchanged, refusal
 
 
 def test_every_tokenweave_family_generates_like_the_unsharded_model():
@@ -244,7 +273,7 @@ def test_every_tokenweave_family_generates_like_the_unsharded_model():
     want = {f for f in TOKENWEAVE_MODEL_TYPES if f in FAMILY_CONFIGS and family_available(f)}
     for o in get_pool(2).run(_w_families_generate, timeout=300):
         assert {"llama", "mistral", "qwen2", "gemma", "granite", "helium", "qwen3_moe", "mixtral", "gemma2",
-                "gemma3_text", "gpt_oss"} <= set(o) == want, \
+                "gemma3_text", "gpt_oss", "granite_swa"} <= set(o) == want, \
             (sorted(o), sorted(want))
         bad = {f: v for f, v in o.items() if not v[0] or v[1] > _TOL64}
         assert not bad, f"families whose TP generate differs (same tokens, max logits rel err): {bad}"

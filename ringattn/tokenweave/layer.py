@@ -68,17 +68,18 @@ from ringattn.tokenweave.token_split import SideStream, num_sms, split_min_token
 # RoPE, gate/up/down MLP); Gemma's RMSNorm x * (1 + w) and Granite's residual_multiplier are
 # folded into the weights. Anything else (Gemma 3's sandwich norms, Helium's interleaved RoPE,
 # Cohere's parallel block, ...) is refused by name rather than computed as a Llama block.
-# Ministral, CWM and Seed-OSS (added 2026-12-07) are the Llama block. Granite SWA (attention sinks)
-# and Laguna (per-layer head counts) are not (about 0.4 off when run as one) and stay refused.
+# Ministral, CWM and Seed-OSS (added 2026-12-07) are the Llama block. Laguna (per-layer head counts)
+# is not (about 0.4 off when run as one) and stays refused.
 # Helium, ERNIE 4.5, HunYuan (dense) and Ministral 3 were added 2026-12-08: the Llama block with RoPE on
 # interleaved pairs (_OWN_ROPE_TYPES: the module's own apply_rotary_pos_emb is called), with q/k norms
 # after RoPE, or with queries scaled by position (_QUERY_POSITION_SCALE_TYPES); and the same day the
 # sparse-MoE Qwen3-MoE, Mixtral and Qwen2-MoE (_MOE_TYPES), and Gemma 2 / 3 and HyperCLOVA X (sandwich
-# norms, Gemma 2's softcap, Gemma 3's per-layer-type rotary tables).
+# norms, Gemma 2's softcap, Gemma 3's per-layer-type rotary tables), gpt-oss and Granite SWA (attention
+# sinks; Granite SWA's per-layer RoPE bases and NoPE layers).
 TOKENWEAVE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma", "granite", "ministral", "cwm",
                           "seed_oss", "helium", "ernie4_5", "hunyuan_v1_dense", "ministral3", "qwen3_moe", "mixtral",
                           "qwen2_moe", "gemma2", "gemma3_text", "hyperclovax",
-                          "gpt_oss")
+                          "gpt_oss", "granite_swa")
 _OWN_ROPE_TYPES = ("helium", "ernie4_5", "gpt_oss")
 # sparse-MoE families whose blocks are run with tensor-parallel experts (_shard_moe)
 _MOE_TYPES = ("qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss")
@@ -451,6 +452,14 @@ class TokenWeaveDecoderLayer(nn.Module):
         # Gemma 3: sliding and full layers take different rotary tables (the model passes each its own)
         types = getattr(cfg, "layer_types", None)
         self.layer_type = types[self.layer_idx] if types and self.layer_idx is not None else None
+        # the rotary table this layer takes, where a model has several (None: the one every layer takes):
+        # Gemma 3's per layer type; Granite SWA's per-layer RoPE base (layer_rope_theta; 0: NoPE, no table)
+        self.rope_key = self.layer_type if model_type in _PER_TYPE_ROPE_TYPES else None
+        thetas = getattr(cfg, "layer_rope_theta", None)
+        if thetas and self.layer_idx is not None:
+            self.rope_key = float(thetas[self.layer_idx])
+            if self.rope_key == 0:
+                self.use_rope = False
         self.is_sliding = bool(getattr(attn, "is_sliding", self.window is not None))
         # transformers 4.x layers return a tuple (hidden_states, ...), 5.x a tensor: answer alike so
         # the wrapper drops into the model's own layer loop.
@@ -905,7 +914,7 @@ def run_tokenweave_layers(layers, hidden_states, position_embeddings, attention_
             raise ValueError(
                 f"TokenWeaveDecoderLayer (layer {l.layer_idx}): the HF layer's config has dropout {drops} and the layer "
                 "is in training mode; the TokenWeave layers apply no dropout, so set those to 0.0 (or call .eval())")
-    if position_embeddings is None:
+    if position_embeddings is None and any(l.use_rope for l in layers):
         raise ValueError("position_embeddings=(cos, sin) are required (as HF Llama models pass them to their layers)")
     if problem := _rope_types_problem(layers):
         raise ValueError(problem)
@@ -925,9 +934,11 @@ def run_tokenweave_layers(layers, hidden_states, position_embeddings, attention_
             raise ValueError(f"position_ids are required: {type(layers[0]).__name__}s of this model_type scale their "
                              "queries by position (as the HF model passes them to its layers)")
         pos = torch.as_tensor(position_ids, device=hidden_states.device).expand(B, S).reshape(N)
-    cos, sin = position_embeddings
-    cos = cos.expand(B, S, cos.shape[-1]).reshape(N, -1)
-    sin = sin.expand(B, S, sin.shape[-1]).reshape(N, -1)
+    cos = sin = None  # (NoPE layers only: none given, none needed)
+    if position_embeddings is not None:
+        cos, sin = position_embeddings
+        cos = cos.expand(B, S, cos.shape[-1]).reshape(N, -1)
+        sin = sin.expand(B, S, sin.shape[-1]).reshape(N, -1)
     handle = first.handle(device)
     if handle.config.check_inputs and first.world_size > 1:
         _check_replicated(hidden_states, first.group)
@@ -1007,10 +1018,11 @@ def run_tokenweave_layers(layers, hidden_states, position_embeddings, attention_
 
 def _rope_types_problem(layers) -> str | None:
     """Layers run in one call share its rotary tables: refused where a family's layer types take different ones."""
-    rope_types = {l.layer_type for l in layers if l.model_type in _PER_TYPE_ROPE_TYPES}
+    rope_types = {l.rope_key for l in layers if l.use_rope}
     if len(rope_types) > 1:
-        return (f"TokenWeave layers of types {sorted(rope_types, key=str)} in one call: their rotary tables differ "
-                "(Gemma 3's sliding and full layers) and one call takes one; run them one layer per call "
+        return (f"TokenWeave layers of rotary tables {sorted(rope_types, key=str)} in one call: their tables differ "
+                "(Gemma 3's sliding and full layers, Granite SWA's per-layer RoPE bases) and one call takes one; run "
+                "them one layer per call "
                 "(apply_tokenweave(fuse_layers=False))")
     return None
 
