@@ -256,12 +256,12 @@ def _w_moe_shards():
     from ringattn.tokenweave import TokenWeaveDecoderLayer
 
     out = {}
-    for family in ("qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss"):
+    for family in ("qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss", "glm4_moe"):
         if not family_available(family):
             continue
         torch.manual_seed(0)
         model = transformers.AutoModel.from_config(tiny_config(family)).float().eval()
-        layer = model.layers[0]
+        layer = model.layers[-1]  # (GLM-4-MoE's first layer is dense)
         block = getattr(layer, "mlp", None) or layer.block_sparse_moe  # (Mixtral on 4.x)
         if family == "gpt_oss":
             with torch.no_grad():
@@ -301,7 +301,8 @@ def test_moe_layers_shard_the_experts_and_leave_the_hf_block_alone(world):
             assert untouched and not shared and eval_mode, (rank, family, untouched, shared)
             for name, (n, full) in params.items():
                 # whole: the router, the shared-expert gate, gpt-oss's down bias (zero but on rank 0)
-                whole = ("experts" not in name and "shared_expert." not in name) or name.endswith("down_proj_bias")
+                whole = (("experts" not in name and not name.startswith("shared_expert."))
+                         or name.endswith("down_proj_bias"))
                 assert n == full if whole else 2 * n == full, (rank, family, name, n, full)
             if family == "gpt_oss":
                 assert r[5] == (rank == 0), (rank, r[5])

@@ -28,15 +28,16 @@ loop passes it), each layer appends this call's keys/values at its layer_idx and
 the cache keeps before them: prefill, chunked prefill and decode, so generate() runs on a model
 whose layers are swapped (each rank's cache holds its KV-head shard). See _LayerKV.
 
-Scope: forward (inference prefill and decode) of the decoder layers of TOKENWEAVE_MODEL_TYPES (Llama,
-Mistral, Qwen2, Qwen3, SmolLM3 (its NoPE layers skip RoPE), Gemma, Granite, Ministral, CWM, Seed-OSS,
-Helium and ERNIE 4.5 (interleaved RoPE: their own apply_rotary_pos_emb), HunYuan (q/k norms after
-RoPE), Ministral 3 (queries scaled by position; position_ids required), and the sparse-MoE
-Qwen3-MoE, Mixtral and Qwen2-MoE (tensor-parallel experts, _shard_moe), Gemma 2 / 3, HyperCLOVA X (sandwich norms:
-an output norm before each residual add; Gemma 2's logit softcap in eager math): rotary position_embeddings
-given by the model, optional q/k norms and biases; Gemma's (1 + w) norms and Granite's
-residual_multiplier folded into the weights), each checked against the HF layer; other families'
-layers are refused (their post-norms, sinks or other blocks would otherwise be silently dropped). Causal attention with an optional mask: 4-D (sdpa/eager), or a flash-attention model's 2-D padding mask,
+Scope: forward (inference prefill and decode) of the decoder layers of TOKENWEAVE_MODEL_TYPES, each
+checked against the HF layer (docs/tokenweave.md lists them): the Llama block (rotary
+position_embeddings given by the model, optional q/k norms and biases; Gemma's (1 + w) norms and
+Granite's residual_multiplier folded into the weights; SmolLM3's NoPE layers skip RoPE); families'
+own RoPE (interleaved, partial, half-width: their module's apply_rotary_pos_emb), q/k norms after
+RoPE (HunYuan), queries scaled by position (Ministral 3; position_ids required); sandwich norms (an
+output norm before each residual add: Gemma 2 / 3, HyperCLOVA X); attention softcap (Gemma 2) and
+sinks (gpt-oss, Granite SWA) in eager math; sparse MoE with tensor-parallel experts (Qwen3-MoE,
+Mixtral, Qwen2-MoE, gpt-oss, GLM-4-MoE: _shard_moe). Other families' layers are refused (their
+blocks would otherwise be silently dropped). Causal attention with an optional mask: 4-D (sdpa/eager), or a flash-attention model's 2-D padding mask,
 packing by position_ids or cu_seq_lens_q/k (_packed_mask); sliding-window layers apply their window
 (the module's or its config's sliding_window, AND-ed into any mask); dynamic KV caches (a static
 cache is refused); inference only (a backward through the layers raises).
@@ -68,21 +69,21 @@ from ringattn.tokenweave.token_split import SideStream, num_sms, split_min_token
 # RoPE, gate/up/down MLP); Gemma's RMSNorm x * (1 + w) and Granite's residual_multiplier are
 # folded into the weights. Anything else (Gemma 3's sandwich norms, Helium's interleaved RoPE,
 # Cohere's parallel block, ...) is refused by name rather than computed as a Llama block.
-# Ministral, CWM and Seed-OSS (added 2026-12-07) are the Llama block. Laguna (per-layer head counts)
-# is not (about 0.4 off when run as one) and stays refused.
+# Ministral, CWM and Seed-OSS (added 2026-12-07) are the Llama block. Laguna (a softplus output gate
+# on its attention) is not (about 0.4 off when run as one) and stays refused.
 # Helium, ERNIE 4.5, HunYuan (dense) and Ministral 3 were added 2026-12-08: the Llama block with RoPE on
 # interleaved pairs (_OWN_ROPE_TYPES: the module's own apply_rotary_pos_emb is called), with q/k norms
 # after RoPE, or with queries scaled by position (_QUERY_POSITION_SCALE_TYPES); and the same day the
 # sparse-MoE Qwen3-MoE, Mixtral and Qwen2-MoE (_MOE_TYPES), and Gemma 2 / 3 and HyperCLOVA X (sandwich
 # norms, Gemma 2's softcap, Gemma 3's per-layer-type rotary tables), gpt-oss and Granite SWA (attention
-# sinks; Granite SWA's per-layer RoPE bases and NoPE layers).
+# sinks; Granite SWA's per-layer RoPE bases and NoPE layers), GLM-4-MoE (shared experts, partial RoPE).
 TOKENWEAVE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma", "granite", "ministral", "cwm",
                           "seed_oss", "helium", "ernie4_5", "hunyuan_v1_dense", "ministral3", "qwen3_moe", "mixtral",
                           "qwen2_moe", "gemma2", "gemma3_text", "hyperclovax",
-                          "gpt_oss", "granite_swa")
-_OWN_ROPE_TYPES = ("helium", "ernie4_5", "gpt_oss")
+                          "gpt_oss", "granite_swa", "glm4_moe")
+_OWN_ROPE_TYPES = ("helium", "ernie4_5", "gpt_oss", "glm4_moe")
 # sparse-MoE families whose blocks are run with tensor-parallel experts (_shard_moe)
-_MOE_TYPES = ("qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss")
+_MOE_TYPES = ("qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss", "glm4_moe")
 # sandwich-norm families: attention and MLP outputs normed before the residual add: {model_type:
 # (attention output norm, MLP input norm, MLP output norm)} (HyperCLOVA X: when use_post_norm)
 _SANDWICH_TYPES = {
@@ -191,6 +192,15 @@ def _gpt_oss_experts(ex: nn.Module) -> bool:
             and tuple(ex.down_proj_bias.shape) == (E, H))
 
 
+def _shared_experts(block) -> tuple[str | None, nn.Module | None]:
+    """(attribute name, module) of a sparse-MoE block's dense shared expert MLP (Qwen2-MoE's
+    shared_expert, GLM-4-MoE's shared_experts), or (None, None)."""
+    for name in ("shared_expert", "shared_experts"):
+        if isinstance(getattr(block, name, None), nn.Module):
+            return name, getattr(block, name)
+    return None, None
+
+
 def _moe_intermediate_sizes(block) -> dict:
     """{what: intermediate size} of a sparse-MoE block's experts (and shared expert): each must split
     over the ranks."""
@@ -205,7 +215,7 @@ def _moe_intermediate_sizes(block) -> dict:
     else:
         _fused_experts_check(ex)
         out = {"expert intermediate size": ex.down_proj.shape[2]}
-    shared = getattr(block, "shared_expert", None)
+    shared = _shared_experts(block)[1]
     if shared is not None:
         out["shared expert intermediate size"] = _expert_projs(shared)[0][0].out_features
     return out
@@ -226,7 +236,7 @@ def _shard_moe(block: nn.Module, W: int, r: int) -> nn.Module:
     their intermediate dimension; the router (and any shared-expert gate) is copied whole. The full
     expert weights are never copied (they are left out of the deep copy, then sliced)."""
     ex = block.experts
-    shared = getattr(block, "shared_expert", None)
+    shared_name, shared = _shared_experts(block)
     dense = list(ex) if isinstance(ex, nn.ModuleList) else []
     if shared is not None:
         dense.append(shared)
@@ -264,7 +274,7 @@ def _shard_moe(block: nn.Module, W: int, r: int) -> nn.Module:
         if hasattr(copy_.experts, "intermediate_dim"):
             copy_.experts.intermediate_dim = i
     if shared is not None:
-        shard_mlp(shared, copy_.shared_expert)
+        shard_mlp(shared, getattr(copy_, shared_name))
     for m in copy_.modules():
         for n, p in list(m._parameters.items()):
             if p is None and n in ("weight", "gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):
