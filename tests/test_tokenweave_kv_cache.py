@@ -247,6 +247,31 @@ def test_granite_swa_layers_of_different_rope_bases_are_not_fused():
         assert msg and "rotary tables [10000.0, 500000.0]" in msg and unchanged, msg
 
 
+def _w_fused_family(family):
+    # (fused layers take layer 0's mask: gpt-oss's sliding and full layers could not be fused)
+    over = dict(layer_types=["full_attention"] * 4) if family == "gpt_oss" else {}
+    ref, attn = _family_lm(family, **over)
+    tw, _ = _family_lm(family, **over)
+    return _generate_both(ref, _swap(tw, True, fuse=True), pad_row=2 if attn == "sdpa" else 0)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "hyperclovax"])
+def test_fused_layers_of_moe_and_sandwich_families_generate_like_the_unsharded_model(family):
+    """apply_tokenweave(fuse_layers=True) (each MLP all-reduce fused with the next layer's input norm,
+    the token halves overlapping across layers) on an MoE family, gpt-oss (MoE with attention sinks;
+    full-attention layers only: fused layers take layer 0's mask) and a sandwich-norm family."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_huggingface import family_available
+
+    if not family_available(family):
+        pytest.skip(f"this transformers has no {family}")
+    for same, err in get_pool(2).run(_w_fused_family, family, timeout=240):
+        assert same and err < _TOL64, (family, same, err)
+
+
 def test_gemma3_fused_layers_generate_or_are_refused():
     import os
     import sys
