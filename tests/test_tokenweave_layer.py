@@ -428,6 +428,62 @@ def test_gpu_layer_matches_hf_symm(split):
     print(run_gpu_world(2, "test_tokenweave_layer:_gpu_layer", split))
 
 
+def _gpu_family_layer(family):
+    """A layer of `family` (the HF tests' tiny config widened to hidden 256, 8 heads) on the GPU in
+    fp32 through the symmetric-memory path with token splitting, against the HF layer: the sandwich
+    norms' zero-residual fused op and local add_rmsnorm (gemma3_text), MoE blocks copied into the
+    symmetric buffer (qwen3_moe), sinks in eager math with MoE (gpt_oss)."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_huggingface import tiny_config
+
+    from ringattn.tokenweave import TokenWeaveConfig, TokenWeaveDecoderLayer
+
+    dev = torch.device("cuda", 0)
+    torch.manual_seed(0)
+    over = dict(hidden_size=256, num_attention_heads=8, num_key_value_heads=4, head_dim=32, attn_implementation="eager")
+    model = transformers.AutoModel.from_config(tiny_config(family, **over)).float().eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_((1 + 0.3 * torch.randn(p.shape, generator=g)) if "norm" in name and p.dim() == 1
+                    else torch.randn(p.shape, generator=g) / (p.shape[-1] ** 0.5 if p.dim() == 2 else 5))
+            if name.endswith(".sinks"):
+                p.copy_(2.0 * torch.randn(p.shape, generator=g))
+    model = model.to(dev)
+    layer = model.layers[-1]
+    tw = TokenWeaveDecoderLayer(layer, dist.group.WORLD, token_split=True, split_min_tokens=0,
+                                config=TokenWeaveConfig(path="symm", timeout_s=30))
+    B, S = 2, 300
+    h = torch.randn(B, S, 256, generator=g).to(dev)
+    pos = torch.arange(S, device=dev)[None].expand(B, S)
+    lt = getattr(model.config, "layer_types", None)
+    rope = model.rotary_emb
+    pe = rope(h, pos) if not isinstance(getattr(rope, "rope_type", None), dict) else rope(h, pos, lt[-1])
+    mask = torch.zeros(B, 1, S, S, device=dev).masked_fill(torch.ones(S, S, dtype=torch.bool, device=dev).triu(1),
+                                                           float("-inf"))
+    with torch.no_grad():
+        ref = _t(layer(h, position_embeddings=pe, attention_mask=mask, position_ids=pos))
+        got = _t(tw(h, position_embeddings=pe, attention_mask=mask, position_ids=pos))
+        again = _t(tw(h, position_embeddings=pe, attention_mask=mask, position_ids=pos))
+    torch.cuda.synchronize()
+    err = ((got - ref).abs().max() / ref.abs().max()).item()
+    assert err < 1e-4, f"rank {dist.get_rank()} {family}: rel err {err}"
+    assert torch.equal(got, again), "not deterministic across calls"
+    assert tw.handle(dev).signal_pads_zero()
+    return err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family", ["gemma3_text", "qwen3_moe", "gpt_oss"])
+def test_gpu_sandwich_and_moe_layers_match_hf(family):
+    from test_fused_allreduce_rmsnorm import run_gpu_world
+
+    print(run_gpu_world(2, "test_tokenweave_layer:_gpu_family_layer", family))
+
+
 def _w_sliding_window_drop_in(family, attn):
     """Sliding-window models (Mistral: every layer; Qwen2: layer 0 full, layer 1 sliding) with every
     layer swapped for TokenWeaveDecoderLayer: the model's own (sliding) masks, or none (the layer's
