@@ -169,6 +169,23 @@ def tiny_config(family: str, **overrides):
     return getattr(transformers, cls)(**kw)
 
 
+def weights_that_matter(model, family: str, seed: int = 1):
+    """Re-draw a tiny model's weights so every part shows in the output (the TokenWeave tests): norms
+    away from 1 (Gemma's 1 + w must show), matrices ~ 1/sqrt(fan-in), vectors ~ N(0, 1/25); attention
+    sinks ~ N(0, 4) (gpt-oss, Granite SWA: initialised near 0); Gemma 2's q/k x10 (scores of O(10),
+    which its attention-logit cap bends)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_((1 + 0.3 * torch.randn(p.shape, generator=g)) if "norm" in name and p.dim() == 1
+                    else torch.randn(p.shape, generator=g) / (p.shape[-1] ** 0.5 if p.dim() == 2 else 5))
+            if name.endswith(".sinks"):
+                p.copy_(2.0 * torch.randn(p.shape, generator=g))
+            if family in rhf.SOFTCAP_MODEL_TYPES and name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(10.0)
+    return g
+
+
 def tiny_model(family: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)  # same weights on every rank
     model = transformers.AutoModelForCausalLM.from_config(tiny_config(family, **overrides)).float()

@@ -132,8 +132,8 @@ def test_generate_sliding_window_past_the_window(family, fuse):
 
 
 def _family_lm(family: str, **over):
-    """The HF tests' tiny config of `family` with 4 layers, float64, weights that matter (norms away
-    from 1, so Gemma's 1 + w shows; Gemma 2's q/k x10 so its attention-logit cap bends the scores).
+    """The HF tests' tiny config of `family` with 4 layers, float64, weights that matter
+    (test_huggingface.weights_that_matter).
     Returns (model, attn implementation). sdpa, as HF's eager float64 turns left-padded rows into NaN;
     eager for Gemma 2, gpt-oss and Granite SWA, whose softcap / attention sinks have no sdpa path in
     transformers 5."""
@@ -141,7 +141,7 @@ def _family_lm(family: str, **over):
     import sys
 
     sys.path.insert(0, os.path.dirname(__file__))
-    from test_huggingface import tiny_config
+    from test_huggingface import tiny_config, weights_that_matter
 
     import ringattn.integrations.huggingface as rhf
     from ringattn.tokenweave.layer import _MOE_TYPES
@@ -152,15 +152,7 @@ def _family_lm(family: str, **over):
     kw = dict(num_hidden_layers=4, attn_implementation=attn, **moe)
     kw.update(over)
     m = transformers.AutoModelForCausalLM.from_config(tiny_config(family, **kw)).double().eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            p.copy_((1 + 0.3 * torch.randn(p.shape, generator=g)) if "norm" in name and p.dim() == 1
-                    else torch.randn(p.shape, generator=g) / (p.shape[-1] ** 0.5 if p.dim() == 2 else 5))
-            if name.endswith(".sinks"):  # gpt-oss's attention sinks: large enough to matter
-                p.copy_(2.0 * torch.randn(p.shape, generator=g))
-            if family in rhf.SOFTCAP_MODEL_TYPES and name.endswith(("q_proj.weight", "k_proj.weight")):
-                p.mul_(10.0)
+    weights_that_matter(m, family)
     return m, attn
 
 

@@ -345,7 +345,7 @@ def test_hyperclovax_with_and_without_post_norms(post_norm):
     import sys
 
     sys.path.insert(0, os.path.dirname(__file__))
-    from test_huggingface import family_available, tiny_config
+    from test_huggingface import family_available, tiny_config, weights_that_matter
 
     from ringattn.tokenweave import TokenWeaveDecoderLayer
 
@@ -354,11 +354,7 @@ def test_hyperclovax_with_and_without_post_norms(post_norm):
     torch.manual_seed(0)
     cfg = tiny_config("hyperclovax", use_post_norm=post_norm, residual_multiplier=0.5, attention_multiplier=0.3)
     model = transformers.AutoModel.from_config(cfg).float().eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_((1 + 0.3 * torch.randn(p.shape, generator=g)) if "norm" in name and p.dim() == 1
-                    else torch.randn(p.shape, generator=g) / (p.shape[-1] ** 0.5 if p.dim() == 2 else 5))
+    g = weights_that_matter(model, "hyperclovax")
     layer = model.layers[0]
     tw = TokenWeaveDecoderLayer(layer, None)
     assert (tw.attn_out_norm is not None) == post_norm
@@ -436,7 +432,7 @@ def _gpu_family_layer(family):
     import sys
 
     sys.path.insert(0, os.path.dirname(__file__))
-    from test_huggingface import tiny_config
+    from test_huggingface import tiny_config, weights_that_matter
 
     from ringattn.tokenweave import TokenWeaveConfig, TokenWeaveDecoderLayer
 
@@ -444,13 +440,7 @@ def _gpu_family_layer(family):
     torch.manual_seed(0)
     over = dict(hidden_size=256, num_attention_heads=8, num_key_value_heads=4, head_dim=32, attn_implementation="eager")
     model = transformers.AutoModel.from_config(tiny_config(family, **over)).float().eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_((1 + 0.3 * torch.randn(p.shape, generator=g)) if "norm" in name and p.dim() == 1
-                    else torch.randn(p.shape, generator=g) / (p.shape[-1] ** 0.5 if p.dim() == 2 else 5))
-            if name.endswith(".sinks"):
-                p.copy_(2.0 * torch.randn(p.shape, generator=g))
+    g = weights_that_matter(model, family)
     model = model.to(dev)
     layer = model.layers[-1]
     tw = TokenWeaveDecoderLayer(layer, dist.group.WORLD, token_split=True, split_min_tokens=0,
@@ -552,14 +542,12 @@ def _w_families():
     """Every family of the HF tests' FAMILY_CONFIGS the installed transformers has: a layer of the
     TOKENWEAVE_MODEL_TYPES, tensor-parallel over this world, against the unsharded HF layer
     (fp32, causal mask); any other family's layer must be refused, naming its model_type."""
+    import inspect
     import sys
 
     sys.path.insert(0, os.path.dirname(__file__))
-    from test_huggingface import FAMILY_CONFIGS, family_available, tiny_config
+    from test_huggingface import FAMILY_CONFIGS, family_available, tiny_config, weights_that_matter
 
-    import inspect
-
-    import ringattn.integrations.huggingface as rhf
     from ringattn.tokenweave import TokenWeaveDecoderLayer
     from ringattn.tokenweave.layer import TOKENWEAVE_MODEL_TYPES
 
@@ -569,15 +557,7 @@ def _w_families():
             continue
         torch.manual_seed(0)
         model = transformers.AutoModel.from_config(tiny_config(family, attn_implementation="eager")).float().eval()
-        g = torch.Generator().manual_seed(1)
-        with torch.no_grad():  # norms away from 1 (Gemma's 1 + w must show), weights that matter
-            for name, p in model.named_parameters():
-                p.copy_((1 + 0.3 * torch.randn(p.shape, generator=g)) if "norm" in name and p.dim() == 1
-                        else torch.randn(p.shape, generator=g) / (p.shape[-1] ** 0.5 if p.dim() == 2 else 5))
-                if name.endswith(".sinks"):  # gpt-oss's attention sinks: large enough to matter
-                    p.copy_(2.0 * torch.randn(p.shape, generator=g))
-                if family in rhf.SOFTCAP_MODEL_TYPES and name.endswith(("q_proj.weight", "k_proj.weight")):
-                    p.mul_(10.0)  # scores of O(10): Gemma 2's attention-logit cap bends them
+        g = weights_that_matter(model, family)
         layer = model.layers[0]
         try:
             tw = TokenWeaveDecoderLayer(layer, token_split=False)
