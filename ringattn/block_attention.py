@@ -305,7 +305,7 @@ def _case_problem(backend: str, case: _Case) -> str | None:
     if case.softcap:
         if backend != "flash_attn":
             return "has no logit softcapping (softcap= runs on 'math' or the flash_attn package)"
-        if "softcap" not in {p.name for p in _fa_parameters(_flash_attn_interface()[0]._flash_attn_forward)}:
+        if not flash_attn_takes_softcap():
             return "this flash_attn version has no softcap parameter (2.6+ has)"
     half = (torch.float16, torch.bfloat16)
     if backend == "efficient":
@@ -784,6 +784,13 @@ _FA_DEFAULTS = {
     "window_size": (-1, -1), "window_size_left": -1, "window_size_right": -1, "softcap": 0.0,
     "alibi_slopes": None, "return_softmax": False, "deterministic": False, "rng_state": None,
 }
+
+
+def flash_attn_takes_softcap() -> bool:
+    """Whether the installed flash_attn package (if any) takes softcap= (2.6+): where softcapped
+    blocks run on GPUs (else math). Also what auto's cost model times them as."""
+    fa = _flash_attn_interface()[0]
+    return fa is not None and "softcap" in {p.name for p in _fa_parameters(fa._flash_attn_forward)}
 
 
 def _fa_parameters(fn) -> list[inspect.Parameter]:

@@ -604,11 +604,9 @@ def _softcap_blocks(softcap, device: str, hw) -> str:
     none of the profile's curves fits, so bytes decide). See choose_algorithm."""
     if not softcap or hw is None or device != "cuda":
         return "auto"
-    from ringattn.block_attention import _fa_parameters, _flash_attn_interface
+    from ringattn.block_attention import flash_attn_takes_softcap
 
-    fa = _flash_attn_interface()[0]  # (what block_attention's auto takes for softcapped blocks, device aside)
-    takes = fa is not None and "softcap" in {p.name for p in _fa_parameters(fa._flash_attn_forward)}
-    backend = "flash" if takes else "math"
+    backend = "flash" if flash_attn_takes_softcap() else "math"  # (where block_attention's auto runs them)
     try:
         hw.profile.backend(backend)
     except ValueError:

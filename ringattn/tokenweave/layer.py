@@ -360,7 +360,8 @@ class TokenWeaveDecoderLayer(nn.Module):
                                 "its module has no get_llama_4_attn_scale or its config no rope_parameters"
                                 "['llama_4_scaling_beta']")
             self.query_pos_scale = (fn, rp["llama_4_scaling_beta"], rp.get("original_max_position_embeddings"))
-        # Helium / ERNIE 4.5 rotate interleaved pairs: their module's own apply_rotary_pos_emb is applied
+        # families with their own RoPE (Helium / ERNIE 4.5: interleaved pairs; GLM-4-MoE: partial;
+        # gpt-oss: half-width tables): their module's own apply_rotary_pos_emb is applied
         self.rope_fn = None
         if model_type in _OWN_ROPE_TYPES:
             self.rope_fn = getattr(sys.modules.get(type(attn).__module__), "apply_rotary_pos_emb", None)
@@ -435,10 +436,10 @@ class TokenWeaveDecoderLayer(nn.Module):
         self.k_norm = copy.deepcopy(getattr(attn, kn)) if getattr(attn, kn, None) is not None else None
         self.input_norm_weight = _param(_norm_weight(hf_layer.input_layernorm))
         self.input_norm_eps = _norm_eps(hf_layer.input_layernorm)
-        # Sandwich norms (Gemma 2 / 3): the all-reduced attention and MLP outputs are normed before each
-        # residual add (post_attention_layernorm / post_feedforward_layernorm), and the MLP's input norm is
-        # pre_feedforward_layernorm. post_norm_*: the MLP's input norm either way; attn_out_norm /
-        # mlp_out_norm: (weight, eps) of the output norms, or None.
+        # Sandwich norms (_SANDWICH_TYPES: Gemma 2 / 3, HyperCLOVA X): the all-reduced attention and MLP
+        # outputs are normed before each residual add, and the MLP's input norm is another one.
+        # post_norm_*: the MLP's input norm either way; attn_out_norm / mlp_out_norm: (weight, eps) of
+        # the output norms, or None.
         self.attn_out_norm = self.mlp_out_norm = None
         mlp_in = hf_layer.post_attention_layernorm
         if sandwich:
@@ -452,8 +453,7 @@ class TokenWeaveDecoderLayer(nn.Module):
         self.post_norm_weight = _param(_norm_weight(mlp_in))
         self.post_norm_eps = _norm_eps(mlp_in)
         # Gemma 2: attention-logit softcapping, every score s -> c * tanh(s / c) (SDPA has none: _sdpa's math)
-        cap = getattr(attn, "attn_logit_softcapping", None) if hasattr(attn, "attn_logit_softcapping") else \
-            getattr(cfg, "attn_logit_softcapping", None)
+        cap = getattr(attn, "attn_logit_softcapping", getattr(cfg, "attn_logit_softcapping", None))
         self.softcap = float(cap) if cap else None
         # gpt-oss: a learned per-head attention sink (an extra logit in each softmax denominator): this
         # rank's query heads' (SDPA has none: _sdpa's math)
@@ -524,7 +524,7 @@ class TokenWeaveDecoderLayer(nn.Module):
         q, k, v = q.reshape(n, self.hq, D), k.reshape(n, self.hkv, D), v.reshape(n, self.hkv, D)
         if not self.qk_norm_after_rope:
             q, k = self._qk_norms(q, k)
-        if self.use_rope and self.rope_fn is not None:  # the family's own RoPE (interleaved pairs)
+        if self.use_rope and self.rope_fn is not None:  # the family's own RoPE
             q, k = self.rope_fn(q, k, cos[t0:t1], sin[t0:t1], unsqueeze_dim=1)
             q, k = q.to(y.dtype), k.to(y.dtype)
         elif self.use_rope:
@@ -1032,8 +1032,7 @@ def _rope_types_problem(layers) -> str | None:
     if len(rope_types) > 1:
         return (f"TokenWeave layers of rotary tables {sorted(rope_types, key=str)} in one call: their tables differ "
                 "(Gemma 3's sliding and full layers, Granite SWA's per-layer RoPE bases) and one call takes one; run "
-                "them one layer per call "
-                "(apply_tokenweave(fuse_layers=False))")
+                "them one layer per call (apply_tokenweave(fuse_layers=False))")
     return None
 
 
