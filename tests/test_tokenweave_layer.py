@@ -88,6 +88,25 @@ def inputs(model, seed, B, S, dtype, mask=False):
     return h, (cos, sin), m
 
 
+def _causal_mask(B: int, S: int, device=None) -> torch.Tensor:
+    """(B, 1, S, S) additive causal mask, as a HF model hands its layers (0 or -inf)."""
+    upper = torch.ones(S, S, dtype=torch.bool, device=device).triu(1)
+    return torch.zeros(B, 1, S, S, device=device).masked_fill(upper, float("-inf"))
+
+
+def _hf_layer_kwargs(model, layer, h, pos) -> dict:
+    """What a HF model hands `layer` for hidden states h at positions pos: its rotary table (by layer
+    type where the model has several; Gemma 3 on transformers 4.x: both), position_ids and a causal mask."""
+    import inspect
+
+    rope, lt = model.rotary_emb, getattr(model.config, "layer_types", None)
+    pe = rope(h, pos) if not isinstance(getattr(rope, "rope_type", None), dict) else rope(h, pos, lt[layer.self_attn.layer_idx])
+    kw = dict(position_embeddings=pe)
+    if "position_embeddings_global" in inspect.signature(type(layer).forward).parameters:  # Gemma 3 on 4.x
+        kw = dict(position_embeddings_global=pe, position_embeddings_local=model.rotary_emb_local(h, pos))
+    return dict(kw, position_ids=pos, attention_mask=_causal_mask(h.shape[0], h.shape[1], h.device))
+
+
 def _t(x):
     """HF decoder layers return a tensor (transformers 5) or a tuple (4.x)."""
     return x[0] if isinstance(x, tuple) else x
@@ -325,14 +344,12 @@ def test_position_scaled_queries_need_position_ids():
     model = transformers.AutoModel.from_config(tiny_config("ministral3")).float().eval()
     layer = TokenWeaveDecoderLayer(model.layers[0], None)
     h = torch.randn(1, 9, model.config.hidden_size)
-    pos = torch.arange(9)[None]
-    pe = model.rotary_emb(h, pos)
+    kw = _hf_layer_kwargs(model, model.layers[0], h, torch.arange(9)[None])
     with torch.no_grad(), pytest.raises(ValueError, match="position_ids are required"):
-        layer(h, position_embeddings=pe)
-    mask = torch.zeros(1, 1, 9, 9).masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1), float("-inf"))
+        layer(h, position_embeddings=kw["position_embeddings"])
     with torch.no_grad():
-        ref = _t(model.layers[0](h, position_embeddings=pe, position_ids=pos, attention_mask=mask))
-        got = _t(layer(h, position_embeddings=pe, position_ids=pos))
+        ref = _t(model.layers[0](h, **kw))
+        got = _t(layer(h, position_embeddings=kw["position_embeddings"], position_ids=kw["position_ids"]))
     assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
@@ -359,12 +376,9 @@ def test_hyperclovax_with_and_without_post_norms(post_norm):
     tw = TokenWeaveDecoderLayer(layer, None)
     assert (tw.attn_out_norm is not None) == post_norm
     h = torch.randn(2, 9, model.config.hidden_size, generator=g)
-    pos = torch.arange(9)[None].expand(2, 9)
-    pe = model.rotary_emb(h, pos)
-    mask = torch.zeros(2, 1, 9, 9).masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1), float("-inf"))
+    kw = _hf_layer_kwargs(model, layer, h, torch.arange(9)[None].expand(2, 9))
     with torch.no_grad():
-        ref = _t(layer(h, position_embeddings=pe, attention_mask=mask, position_ids=pos))
-        got = _t(tw(h, position_embeddings=pe, attention_mask=mask, position_ids=pos))
+        ref, got = _t(layer(h, **kw)), _t(tw(h, **kw))
     assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
@@ -447,16 +461,9 @@ def _gpu_family_layer(family):
                                 config=TokenWeaveConfig(path="symm", timeout_s=30))
     B, S = 2, 300
     h = torch.randn(B, S, 256, generator=g).to(dev)
-    pos = torch.arange(S, device=dev)[None].expand(B, S)
-    lt = getattr(model.config, "layer_types", None)
-    rope = model.rotary_emb
-    pe = rope(h, pos) if not isinstance(getattr(rope, "rope_type", None), dict) else rope(h, pos, lt[-1])
-    mask = torch.zeros(B, 1, S, S, device=dev).masked_fill(torch.ones(S, S, dtype=torch.bool, device=dev).triu(1),
-                                                           float("-inf"))
+    kw = _hf_layer_kwargs(model, layer, h, torch.arange(S, device=dev)[None].expand(B, S))
     with torch.no_grad():
-        ref = _t(layer(h, position_embeddings=pe, attention_mask=mask, position_ids=pos))
-        got = _t(tw(h, position_embeddings=pe, attention_mask=mask, position_ids=pos))
-        again = _t(tw(h, position_embeddings=pe, attention_mask=mask, position_ids=pos))
+        ref, got, again = _t(layer(h, **kw)), _t(tw(h, **kw)), _t(tw(h, **kw))
     torch.cuda.synchronize()
     err = ((got - ref).abs().max() / ref.abs().max()).item()
     assert err < 1e-4, f"rank {dist.get_rank()} {family}: rel err {err}"
@@ -542,7 +549,6 @@ def _w_families():
     """Every family of the HF tests' FAMILY_CONFIGS the installed transformers has: a layer of the
     TOKENWEAVE_MODEL_TYPES, tensor-parallel over this world, against the unsharded HF layer
     (fp32, causal mask); any other family's layer must be refused, naming its model_type."""
-    import inspect
     import sys
 
     sys.path.insert(0, os.path.dirname(__file__))
@@ -566,17 +572,9 @@ def _w_families():
             continue
         B, S = 2, 11
         h = torch.randn(B, S, model.config.hidden_size, generator=g)
-        pos = torch.arange(S)[None].expand(B, S)
-        rope = model.rotary_emb
-        lt = getattr(model.config, "layer_types", None)
-        pe = rope(h, pos) if not isinstance(getattr(rope, "rope_type", None), dict) else rope(h, pos, lt[0])
-        kw = dict(position_embeddings=pe)
-        if "position_embeddings_global" in inspect.signature(type(layer).forward).parameters:  # Gemma 3 on 4.x
-            kw = dict(position_embeddings_global=pe, position_embeddings_local=model.rotary_emb_local(h, pos))
-        mask = torch.zeros(B, 1, S, S).masked_fill(torch.ones(S, S, dtype=torch.bool).triu(1), float("-inf"))
+        kw = _hf_layer_kwargs(model, layer, h, torch.arange(S)[None].expand(B, S))
         with torch.no_grad():
-            ref = _t(layer(h, attention_mask=mask, position_ids=pos, **kw))
-            got = _t(tw(h, attention_mask=mask, position_ids=pos, **kw))
+            ref, got = _t(layer(h, **kw)), _t(tw(h, **kw))
         out[family] = ("ran", (got - ref).abs().max().item() / ref.abs().max().item(), family in TOKENWEAVE_MODEL_TYPES)
     return out
 
